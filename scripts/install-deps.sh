@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what Weir needs on a fresh Debian machine, and only what is missing.
+#   scripts/install-deps.sh build   what building the server needs
+#   scripts/install-deps.sh test    that, plus the real clients the tests drive
+set -euo pipefail
+
+mode=${1:-build}
+
+# Building: C toolchain pieces for -sys crates.
+build_pkgs=(pkg-config)
+# Testing: real clients (more arrive with the media issues: ffmpeg, chromium).
+test_pkgs=()
+
+pkgs=("${build_pkgs[@]}")
+if [ "$mode" = test ]; then
+  pkgs+=("${test_pkgs[@]}")
+fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "install-deps: cargo is missing; install Rust with rustup (https://rustup.rs)" >&2
+  exit 1
+fi

@@ -1,0 +1,230 @@
+//! Weir's configuration: one typed struct with embedded defaults, loaded once.
+//!
+//! Sources, later ones winning: the embedded defaults, a TOML file (`--config` or
+//! `WEIR_CONFIG`), then environment variables `WEIR_<KEY>` for every key of the
+//! `[server]` table (values are read as TOML, falling back to plain strings, so
+//! `WEIR_HTTP_ADDR=0.0.0.0:9000` and `WEIR_MAX_ROOMS=50` both work).
+//!
+//! With no file at all, [`Config::development`] makes a development app with fresh
+//! keys of every kind and writes it next to the server so tokens can be issued for it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Apps known by `sdk_app_id` (`[[app]]` tables).
+    #[serde(default, rename = "app")]
+    pub apps: Vec<AppConfig>,
+}
+
+/// Where the server listens and how it behaves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// HTTP: websocket signaling, metrics, health, demo page.
+    pub http_addr: String,
+    /// Development mode: `/dev/credentials` exists and the log says so loudly.
+    pub dev_mode: bool,
+    /// `pretty` for people, `json` for log pipelines.
+    pub log_format: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: "0.0.0.0:8080".into(),
+            dev_mode: false,
+            log_format: "pretty".into(),
+        }
+    }
+}
+
+/// One app: what verifies and issues its credentials.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub sdk_app_id: u64,
+    /// v2 (HMAC-SHA256) SDKSecretKey.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key: Option<String>,
+    /// v1 (ECDSA) public key, PEM `BEGIN PUBLIC KEY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_pem: Option<String>,
+    /// v1 private key for issuing, PKCS#8 or SEC1 PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key_pem: Option<String>,
+    /// ES256 JWT verifying keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwt_keys: Vec<JwtKeyConfig>,
+    /// ES256 JWT signing keys (the first one issues).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwt_private_keys: Vec<JwtPrivateKeyConfig>,
+    /// Hotlink-protection key for push URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_push_key: Option<String>,
+    /// Hotlink-protection key for play URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_play_key: Option<String>,
+    /// How long a play URL stays valid after its `txTime`.
+    #[serde(default)]
+    pub play_url_validity_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKeyConfig {
+    pub kid: String,
+    pub public_key_pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtPrivateKeyConfig {
+    pub kid: String,
+    pub private_key_pem: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid configuration: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The SDKAppID of the generated development app.
+pub const DEV_SDK_APP_ID: u64 = 1_400_000_000;
+
+impl Config {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Defaults plus one development app with freshly generated keys.
+    pub fn development() -> Self {
+        Self {
+            server: ServerConfig {
+                dev_mode: true,
+                ..ServerConfig::default()
+            },
+            apps: vec![crate::auth::AppKeys::generate_config(DEV_SDK_APP_ID)],
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configuration always serializes")
+    }
+
+    pub fn write(&self, path: &Path) -> Result<(), ConfigError> {
+        std::fs::write(path, self.to_toml()).map_err(|source| ConfigError::Write {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Applies `WEIR_<KEY>` overrides to the `[server]` table.
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        let mut table = toml::Table::try_from(&self.server).expect("server config serializes");
+        let keys: Vec<String> = table.keys().cloned().collect();
+        let mut changed = false;
+        for (var, value) in vars {
+            let Some(key) = var.strip_prefix("WEIR_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if !keys.contains(&key) {
+                continue;
+            }
+            let parsed = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value));
+            table.insert(key, parsed);
+            changed = true;
+        }
+        if changed {
+            self.server = table
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Env {
+                    var: "WEIR_*".into(),
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn development_config_round_trips_through_toml() {
+        let dev = Config::development();
+        let again = Config::from_toml(&dev.to_toml(), Path::new("x")).unwrap();
+        assert_eq!(again.apps, dev.apps);
+        assert!(again.server.dev_mode);
+        crate::auth::Keyring::from_configs(&again.apps).unwrap();
+    }
+
+    #[test]
+    fn env_overrides_server_keys_only() {
+        let mut c = Config::development();
+        c.apply_env([
+            ("WEIR_HTTP_ADDR".to_string(), "127.0.0.1:9999".to_string()),
+            ("WEIR_DEV_MODE".to_string(), "false".to_string()),
+            ("WEIR_UNRELATED".to_string(), "x".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(c.server.http_addr, "127.0.0.1:9999");
+        assert!(!c.server.dev_mode);
+        let err = c
+            .apply_env([("WEIR_DEV_MODE".to_string(), "\"maybe\"".to_string())])
+            .unwrap_err();
+        assert!(err.to_string().contains("WEIR_"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_the_path() {
+        let err =
+            Config::from_toml("[server]\nhttp_adr = \"x\"", Path::new("weir.toml")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("weir.toml") && text.contains("http_adr"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,8 @@
+//! Weir: a self-hosted WebRTC SFU and RTMP⇄WebRTC gateway.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the map.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod server;
