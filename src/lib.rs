@@ -5,4 +5,5 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod room;
 pub mod server;

@@ -1,0 +1,655 @@
+//! Rooms: who is where, what they publish, who receives what, and who may.
+//!
+//! A sans-I/O state machine. Callers hand it commands from sessions whose credentials
+//! were already verified (a [`RoomTicket`] per session) and drain its [`Output`]:
+//! messages for sessions, sessions to close, and [`MediaCommand`]s for the media plane.
+//! No socket, task or clock lives here, so every rule is a plain unit test.
+//!
+//! Rules (issue 3, from the privateMapKey bits): entering needs 0x02, creating a room
+//! that does not exist needs 0x01, publishing audio/video needs 0x04/0x10, receiving
+//! audio/video needs 0x08/0x20. A refused action is an error for that request only.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use weir_signaling::{
+    ErrorCode, Kind, LeaveReason, MemberInfo, PlayUrls, ServerMessage, StreamInfo,
+};
+
+use crate::auth::{AuthError, Privileges, RoomId, RoomTicket};
+
+/// One websocket (or RTMP) session, unique for the life of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+/// A room is scoped to its app: room 1234 of two apps are two rooms.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RoomKey {
+    pub sdk_app_id: u64,
+    pub room: RoomId,
+}
+
+impl RoomKey {
+    /// The room as clients name it: digits for a `roomID`, the string for a `strRoomID`.
+    pub fn name(&self) -> String {
+        match &self.room {
+            RoomId::Num(n) => n.to_string(),
+            RoomId::Str(s) => s.clone(),
+        }
+    }
+}
+
+/// What a refused command tells its session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoomError {
+    #[error("{0}")]
+    Privilege(AuthError),
+    #[error("not in a room: send `join` first")]
+    NotJoined,
+    #[error("already in a room: one session joins one room")]
+    AlreadyJoined,
+    #[error("stream {0:?} does not exist in this room")]
+    NoSuchStream(String),
+    #[error("nothing to publish: ask for audio, video or both")]
+    EmptyPublish,
+    #[error("already publishing: unpublish first")]
+    AlreadyPublishing,
+    #[error("not publishing")]
+    NotPublishing,
+    #[error("this node has {0} rooms, its limit")]
+    TooManyRooms(usize),
+    #[error("room {room} has {limit} members, its limit")]
+    RoomFull { room: String, limit: usize },
+    #[error("text message is {len} bytes, more than {limit}")]
+    TextTooLong { len: usize, limit: usize },
+}
+
+impl RoomError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RoomError::Privilege(_) => ErrorCode::MissingPrivilege,
+            RoomError::NotJoined | RoomError::AlreadyJoined => ErrorCode::NotJoined,
+            RoomError::NoSuchStream(_) => ErrorCode::NotFound,
+            RoomError::EmptyPublish
+            | RoomError::AlreadyPublishing
+            | RoomError::NotPublishing => ErrorCode::BadRequest,
+            RoomError::TooManyRooms(_)
+            | RoomError::RoomFull { .. }
+            | RoomError::TextTooLong { .. } => ErrorCode::LimitExceeded,
+        }
+    }
+}
+
+/// Instructions for the media plane. The room decides; the media plane moves packets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediaCommand {
+    /// Forward `stream`'s tracks of these kinds to `subscriber`.
+    Subscribe {
+        subscriber: SessionId,
+        stream_id: String,
+        kinds: Vec<Kind>,
+    },
+    /// Stop forwarding `stream` to `subscriber`.
+    Unsubscribe {
+        subscriber: SessionId,
+        stream_id: String,
+    },
+    /// `session` may now send these kinds on its publisher connection as `stream_id`.
+    AllowPublish {
+        session: SessionId,
+        stream_id: String,
+        kinds: Vec<Kind>,
+    },
+    /// The stream ended: tear down its tracks and every subscription to it.
+    EndStream { stream_id: String },
+    /// The session is gone: close its peer connections.
+    CloseSession { session: SessionId },
+}
+
+/// What the room core asks the shell to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Send(SessionId, ServerMessage),
+    /// Tell the session why and close it (replaced, shutdown).
+    Close(SessionId, LeaveReason),
+    Media(MediaCommand),
+}
+
+/// Node-wide bounds.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_rooms: usize,
+    pub max_members_per_room: usize,
+}
+
+/// How play URLs are spelled for this node.
+#[derive(Debug, Clone)]
+pub struct UrlBase {
+    /// e.g. `rtmp://203.0.113.7:1935/live`
+    pub rtmp: String,
+    /// e.g. `http://203.0.113.7:8080/live`
+    pub flv: String,
+    /// e.g. `webrtc://203.0.113.7:8080/live`
+    pub webrtc: String,
+}
+
+impl UrlBase {
+    fn urls(&self, stream_id: &str) -> PlayUrls {
+        PlayUrls {
+            rtmp: format!("{}/{stream_id}", self.rtmp),
+            flv: format!("{}/{stream_id}.flv", self.flv),
+            webrtc: format!("{}/{stream_id}", self.webrtc),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Stream {
+    id: String,
+    source: &'static str,
+    audio: bool,
+    video: bool,
+    audio_muted: bool,
+    video_muted: bool,
+}
+
+#[derive(Debug)]
+struct Member {
+    session: SessionId,
+    privileges: Privileges,
+    auto_subscribe: bool,
+    stream: Option<Stream>,
+    /// Streams this member receives.
+    subscriptions: HashSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct Room {
+    /// By userID; ordered so member lists are stable.
+    members: BTreeMap<String, Member>,
+}
+
+#[derive(Debug, Clone)]
+struct SessionEntry {
+    room: RoomKey,
+    user_id: String,
+}
+
+/// All rooms of this node.
+pub struct Rooms {
+    limits: Limits,
+    urls: UrlBase,
+    rooms: HashMap<RoomKey, Room>,
+    sessions: HashMap<SessionId, SessionEntry>,
+    /// Every live stream by id: stream ids are unique on the node (they are URL paths).
+    streams: HashMap<String, (RoomKey, String)>,
+    out: VecDeque<Output>,
+}
+
+fn receive_privileges(kind: Kind) -> Privileges {
+    match kind {
+        Kind::Audio => Privileges::RECV_AUDIO,
+        Kind::Video => Privileges::RECV_VIDEO,
+    }
+}
+
+/// A stream name safe in URL paths: TRTC's `{sdkappid}_{room}_{userid}_main` shape,
+/// with anything but `[A-Za-z0-9_.-]` replaced by `-`.
+pub fn stream_id_for(room: &RoomKey, user_id: &str) -> String {
+    let raw = format!("{}_{}_{}_main", room.sdk_app_id, room.name(), user_id);
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+impl Rooms {
+    pub fn new(limits: Limits, urls: UrlBase) -> Self {
+        Self {
+            limits,
+            urls,
+            rooms: HashMap::new(),
+            sessions: HashMap::new(),
+            streams: HashMap::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn participant_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn send(&mut self, to: SessionId, msg: ServerMessage) {
+        self.out.push_back(Output::Send(to, msg));
+    }
+
+    fn info(&self, user_id: &str, s: &Stream) -> StreamInfo {
+        StreamInfo {
+            stream_id: s.id.clone(),
+            user_id: user_id.to_owned(),
+            source: s.source.to_owned(),
+            audio: s.audio,
+            video: s.video,
+            audio_muted: s.audio_muted,
+            video_muted: s.video_muted,
+            urls: self.urls.urls(&s.id),
+        }
+    }
+
+    /// Admits a verified session to the ticket's room.
+    pub fn join(
+        &mut self,
+        session: SessionId,
+        sdk_app_id: u64,
+        ticket: &RoomTicket,
+        auto_subscribe: bool,
+    ) -> Result<(), RoomError> {
+        if self.sessions.contains_key(&session) {
+            return Err(RoomError::AlreadyJoined);
+        }
+        ticket
+            .require(Privileges::ENTER_ROOM)
+            .map_err(RoomError::Privilege)?;
+        let key = RoomKey {
+            sdk_app_id,
+            room: ticket.room.clone(),
+        };
+        let user_id = ticket.identity.user_id.clone();
+        let exists = self.rooms.contains_key(&key);
+        if !exists {
+            ticket
+                .require(Privileges::CREATE_ROOM)
+                .map_err(RoomError::Privilege)?;
+            if self.rooms.len() >= self.limits.max_rooms {
+                return Err(RoomError::TooManyRooms(self.limits.max_rooms));
+            }
+        }
+        // The same user joining again replaces the old session (a reconnect).
+        let replaced = self
+            .rooms
+            .get(&key)
+            .and_then(|r| r.members.get(&user_id))
+            .map(|m| m.session);
+        if let Some(old) = replaced {
+            self.remove(old, LeaveReason::Replaced, false);
+            self.out.push_back(Output::Close(old, LeaveReason::Replaced));
+        } else if let Some(room) = self.rooms.get(&key) {
+            if room.members.len() >= self.limits.max_members_per_room {
+                return Err(RoomError::RoomFull {
+                    room: key.name(),
+                    limit: self.limits.max_members_per_room,
+                });
+            }
+        }
+        let room = self.rooms.entry(key.clone()).or_default();
+        let others: Vec<(String, SessionId, Option<Stream>)> = room
+            .members
+            .iter()
+            .map(|(u, m)| (u.clone(), m.session, m.stream.clone()))
+            .collect();
+        room.members.insert(
+            user_id.clone(),
+            Member {
+                session,
+                privileges: ticket.privileges,
+                auto_subscribe,
+                stream: None,
+                subscriptions: HashSet::new(),
+            },
+        );
+        self.sessions.insert(
+            session,
+            SessionEntry {
+                room: key.clone(),
+                user_id: user_id.clone(),
+            },
+        );
+        let members = others
+            .iter()
+            .map(|(u, _, s)| MemberInfo {
+                user_id: u.clone(),
+                streams: s.iter().map(|s| self.info(u, s)).collect(),
+            })
+            .collect();
+        self.send(
+            session,
+            ServerMessage::Joined {
+                protocol: weir_signaling::PROTOCOL_VERSION,
+                user_id: user_id.clone(),
+                room: key.name(),
+                privileges: ticket.privileges.0,
+                members,
+                ice_servers: Vec::new(),
+            },
+        );
+        for (_, other, _) in &others {
+            self.send(
+                *other,
+                ServerMessage::MemberJoined {
+                    user_id: user_id.clone(),
+                },
+            );
+        }
+        if auto_subscribe {
+            for (publisher, _, stream) in others {
+                if let Some(s) = stream {
+                    self.subscribe_one(session, &key, &user_id, &publisher, &s);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts forwarding `stream` (published by `publisher`) to `subscriber`, limited to
+    /// the kinds the subscriber may receive. Quietly does nothing when it may receive none.
+    fn subscribe_one(
+        &mut self,
+        subscriber: SessionId,
+        key: &RoomKey,
+        subscriber_user: &str,
+        publisher: &str,
+        stream: &Stream,
+    ) {
+        let Some(member) = self
+            .rooms
+            .get_mut(key)
+            .and_then(|r| r.members.get_mut(subscriber_user))
+        else {
+            return;
+        };
+        if publisher == subscriber_user || member.subscriptions.contains(&stream.id) {
+            return;
+        }
+        let kinds: Vec<Kind> = [(stream.audio, Kind::Audio), (stream.video, Kind::Video)]
+            .into_iter()
+            .filter(|&(has, kind)| has && member.privileges.contains(receive_privileges(kind)))
+            .map(|(_, kind)| kind)
+            .collect();
+        if kinds.is_empty() {
+            return;
+        }
+        member.subscriptions.insert(stream.id.clone());
+        self.out.push_back(Output::Media(MediaCommand::Subscribe {
+            subscriber,
+            stream_id: stream.id.clone(),
+            kinds,
+        }));
+    }
+
+    fn entry(&self, session: SessionId) -> Result<SessionEntry, RoomError> {
+        self.sessions
+            .get(&session)
+            .cloned()
+            .ok_or(RoomError::NotJoined)
+    }
+
+    fn member_mut(&mut self, e: &SessionEntry) -> &mut Member {
+        self.rooms
+            .get_mut(&e.room)
+            .and_then(|r| r.members.get_mut(&e.user_id))
+            .expect("a registered session has a member")
+    }
+
+    /// Declares the session's stream; the media plane then accepts those kinds.
+    pub fn publish(
+        &mut self,
+        session: SessionId,
+        audio: bool,
+        video: bool,
+    ) -> Result<StreamInfo, RoomError> {
+        let e = self.entry(session)?;
+        if !audio && !video {
+            return Err(RoomError::EmptyPublish);
+        }
+        let key = e.room.clone();
+        let member = self.member_mut(&e);
+        if member.stream.is_some() {
+            return Err(RoomError::AlreadyPublishing);
+        }
+        let mut needed = Privileges(0);
+        if audio {
+            needed = needed | Privileges::SEND_AUDIO;
+        }
+        if video {
+            needed = needed | Privileges::SEND_VIDEO;
+        }
+        member
+            .privileges
+            .require(needed)
+            .map_err(RoomError::Privilege)?;
+        let stream = Stream {
+            id: stream_id_for(&key, &e.user_id),
+            source: "webrtc",
+            audio,
+            video,
+            audio_muted: false,
+            video_muted: false,
+        };
+        member.stream = Some(stream.clone());
+        self.streams
+            .insert(stream.id.clone(), (key.clone(), e.user_id.clone()));
+        let info = self.info(&e.user_id, &stream);
+        let kinds = [(audio, Kind::Audio), (video, Kind::Video)]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, k)| k)
+            .collect();
+        self.out.push_back(Output::Media(MediaCommand::AllowPublish {
+            session,
+            stream_id: stream.id.clone(),
+            kinds,
+        }));
+        self.send(
+            session,
+            ServerMessage::Published {
+                stream: info.clone(),
+            },
+        );
+        let others: Vec<(String, SessionId, bool)> = self.rooms[&key]
+            .members
+            .iter()
+            .filter(|(u, _)| **u != e.user_id)
+            .map(|(u, m)| (u.clone(), m.session, m.auto_subscribe))
+            .collect();
+        for (user, other, auto) in others {
+            self.send(
+                other,
+                ServerMessage::StreamAdded {
+                    stream: info.clone(),
+                },
+            );
+            if auto {
+                self.subscribe_one(other, &key, &user, &e.user_id, &stream);
+            }
+        }
+        Ok(info)
+    }
+
+    pub fn unpublish(&mut self, session: SessionId) -> Result<(), RoomError> {
+        let e = self.entry(session)?;
+        let member = self.member_mut(&e);
+        let stream = member.stream.take().ok_or(RoomError::NotPublishing)?;
+        self.end_stream(&e.room, &e.user_id, &stream.id);
+        Ok(())
+    }
+
+    fn end_stream(&mut self, key: &RoomKey, user_id: &str, stream_id: &str) {
+        self.streams.remove(stream_id);
+        self.out.push_back(Output::Media(MediaCommand::EndStream {
+            stream_id: stream_id.to_owned(),
+        }));
+        let others: Vec<SessionId> = match self.rooms.get_mut(key) {
+            Some(room) => room
+                .members
+                .iter_mut()
+                .filter(|(u, _)| u.as_str() != user_id)
+                .map(|(_, m)| {
+                    m.subscriptions.remove(stream_id);
+                    m.session
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        for other in others {
+            self.send(
+                other,
+                ServerMessage::StreamRemoved {
+                    stream_id: stream_id.to_owned(),
+                    user_id: user_id.to_owned(),
+                },
+            );
+        }
+    }
+
+    pub fn subscribe(&mut self, session: SessionId, stream_ids: &[String]) -> Result<(), RoomError> {
+        let e = self.entry(session)?;
+        for id in stream_ids {
+            let publisher = match self.streams.get(id) {
+                Some((room, user)) if *room == e.room => user.clone(),
+                _ => return Err(RoomError::NoSuchStream(id.clone())),
+            };
+            let stream = self.rooms[&e.room].members[&publisher]
+                .stream
+                .clone()
+                .expect("a registered stream has a publisher");
+            let member = self.member_mut(&e);
+            let wants: Vec<Kind> = [(stream.audio, Kind::Audio), (stream.video, Kind::Video)]
+                .into_iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, k)| k)
+                .collect();
+            // Asking explicitly for a kind one may not receive is an error, naming the bit.
+            for kind in wants {
+                member
+                    .privileges
+                    .require(receive_privileges(kind))
+                    .map_err(RoomError::Privilege)?;
+            }
+            self.subscribe_one(session, &e.room, &e.user_id, &publisher, &stream);
+        }
+        Ok(())
+    }
+
+    pub fn unsubscribe(&mut self, session: SessionId, stream_ids: &[String]) -> Result<(), RoomError> {
+        let e = self.entry(session)?;
+        for id in stream_ids {
+            if self.member_mut(&e).subscriptions.remove(id) {
+                self.out.push_back(Output::Media(MediaCommand::Unsubscribe {
+                    subscriber: session,
+                    stream_id: id.clone(),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn mute(&mut self, session: SessionId, kind: Kind, muted: bool) -> Result<(), RoomError> {
+        let e = self.entry(session)?;
+        let member = self.member_mut(&e);
+        let stream = member.stream.as_mut().ok_or(RoomError::NotPublishing)?;
+        match kind {
+            Kind::Audio => stream.audio_muted = muted,
+            Kind::Video => stream.video_muted = muted,
+        }
+        let id = stream.id.clone();
+        let everyone: Vec<SessionId> = self.rooms[&e.room].members.values().map(|m| m.session).collect();
+        for s in everyone {
+            self.send(
+                s,
+                ServerMessage::StreamMuted {
+                    stream_id: id.clone(),
+                    kind,
+                    muted,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// A room text message (what the room components call sendTextMsg), to everyone else.
+    pub fn text(&mut self, session: SessionId, text: &str, now_ms: u64) -> Result<(), RoomError> {
+        let e = self.entry(session)?;
+        if text.len() > weir_signaling::MAX_TEXT_BYTES {
+            return Err(RoomError::TextTooLong {
+                len: text.len(),
+                limit: weir_signaling::MAX_TEXT_BYTES,
+            });
+        }
+        let others: Vec<SessionId> = self.rooms[&e.room]
+            .members
+            .iter()
+            .filter(|(u, _)| **u != e.user_id)
+            .map(|(_, m)| m.session)
+            .collect();
+        for s in others {
+            self.send(
+                s,
+                ServerMessage::TextMessage {
+                    user_id: e.user_id.clone(),
+                    text: text.to_owned(),
+                    ts: now_ms,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The session left (or its socket closed, or it timed out). Idempotent.
+    pub fn leave(&mut self, session: SessionId, reason: LeaveReason) {
+        self.remove(session, reason, true);
+    }
+
+    fn remove(&mut self, session: SessionId, reason: LeaveReason, tell_self: bool) {
+        let Some(e) = self.sessions.remove(&session) else {
+            return;
+        };
+        let member = self
+            .rooms
+            .get_mut(&e.room)
+            .and_then(|r| r.members.remove(&e.user_id));
+        if let Some(stream) = member.and_then(|m| m.stream) {
+            self.end_stream(&e.room, &e.user_id, &stream.id);
+        }
+        self.out.push_back(Output::Media(MediaCommand::CloseSession { session }));
+        if tell_self && reason == LeaveReason::Left {
+            self.send(session, ServerMessage::Left { reason });
+        }
+        let remaining: Vec<SessionId> = self.rooms[&e.room].members.values().map(|m| m.session).collect();
+        for s in &remaining {
+            self.send(
+                *s,
+                ServerMessage::MemberLeft {
+                    user_id: e.user_id.clone(),
+                    reason,
+                },
+            );
+        }
+        if remaining.is_empty() {
+            self.rooms.remove(&e.room);
+        }
+    }
+
+    /// Ends every session (graceful shutdown).
+    pub fn close_all(&mut self, reason: LeaveReason) {
+        let all: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for s in all {
+            self.remove(s, reason, false);
+            self.out.push_back(Output::Close(s, reason));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,229 @@
+use super::*;
+use crate::auth::{Identity, TokenKind};
+
+const APP: u64 = 1_400_000_000;
+
+fn ticket(user: &str, room: u32, privileges: u32) -> RoomTicket {
+    RoomTicket {
+        identity: Identity {
+            kind: TokenKind::V2,
+            sdk_app_id: APP,
+            user_id: user.into(),
+            issued_at: 0,
+            expires_at: u64::MAX,
+        },
+        room: RoomId::Num(room),
+        privileges: Privileges(privileges),
+        privilege_names: Vec::new(),
+        room_expires_at: u64::MAX,
+    }
+}
+
+fn rooms() -> Rooms {
+    Rooms::new(
+        Limits {
+            max_rooms: 2,
+            max_members_per_room: 3,
+        },
+        UrlBase {
+            rtmp: "rtmp://h:1935/live".into(),
+            flv: "http://h:8080/live".into(),
+            webrtc: "webrtc://h:8080/live".into(),
+        },
+    )
+}
+
+fn drain(r: &mut Rooms) -> Vec<Output> {
+    std::iter::from_fn(|| r.poll_output()).collect()
+}
+
+fn sent_to(out: &[Output], to: SessionId) -> Vec<&ServerMessage> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send(s, m) if *s == to => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+fn media(out: &[Output]) -> Vec<&MediaCommand> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Media(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+const A: SessionId = SessionId(1);
+const B: SessionId = SessionId(2);
+const C: SessionId = SessionId(3);
+
+#[test]
+fn creating_a_room_needs_0x01_entering_needs_0x02() {
+    let mut r = rooms();
+    let e = r.join(A, APP, &ticket("alice", 1, 0x02), true).unwrap_err();
+    assert!(e.to_string().contains("create room (0x01)"), "{e}");
+    let e = r.join(A, APP, &ticket("alice", 1, 0x01), true).unwrap_err();
+    assert!(e.to_string().contains("enter room (0x02)"), "{e}");
+    r.join(A, APP, &ticket("alice", 1, 0x03), true).unwrap();
+    // the room exists now: entering alone is enough
+    r.join(B, APP, &ticket("bob", 1, 0x02), true).unwrap();
+    assert_eq!(r.participant_count(), 2);
+    assert_eq!(r.room_count(), 1);
+}
+
+#[test]
+fn join_answer_lists_members_and_their_streams_and_others_are_told() {
+    let mut r = rooms();
+    r.join(A, APP, &ticket("alice", 7, 0xff), true).unwrap();
+    r.publish(A, true, true).unwrap();
+    drain(&mut r);
+    r.join(B, APP, &ticket("bob", 7, 0xff), true).unwrap();
+    let out = drain(&mut r);
+    let ServerMessage::Joined { members, room, .. } = sent_to(&out, B)[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(room, "7");
+    assert_eq!(members.len(), 1);
+    let s = &members[0].streams[0];
+    assert_eq!(s.stream_id, "1400000000_7_alice_main");
+    assert_eq!(s.urls.rtmp, "rtmp://h:1935/live/1400000000_7_alice_main");
+    assert_eq!(s.urls.flv, "http://h:8080/live/1400000000_7_alice_main.flv");
+    assert!(matches!(sent_to(&out, A)[0], ServerMessage::MemberJoined { user_id } if user_id == "bob"));
+    // auto-subscribe: bob receives alice's audio and video
+    assert_eq!(
+        media(&out),
+        vec![&MediaCommand::Subscribe {
+            subscriber: B,
+            stream_id: "1400000000_7_alice_main".into(),
+            kinds: vec![Kind::Audio, Kind::Video]
+        }]
+    );
+}
+
+#[test]
+fn publishing_needs_send_bits_and_names_the_missing_one() {
+    let mut r = rooms();
+    // enter + create + send audio + receive both, but no send video
+    r.join(A, APP, &ticket("alice", 1, 0x01 | 0x02 | 0x04 | 0x08 | 0x20), true).unwrap();
+    drain(&mut r);
+    let e = r.publish(A, true, true).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::MissingPrivilege);
+    assert!(e.to_string().contains("send video (0x10)"), "{e}");
+    assert!(drain(&mut r).is_empty(), "a refusal changes nothing");
+    // the session is still fine: audio alone is allowed
+    r.publish(A, true, false).unwrap();
+}
+
+#[test]
+fn subscribers_get_only_the_kinds_they_may_receive() {
+    let mut r = rooms();
+    r.join(A, APP, &ticket("alice", 1, 0xff), true).unwrap();
+    // bob may receive audio only
+    r.join(B, APP, &ticket("bob", 1, 0x02 | 0x08), true).unwrap();
+    drain(&mut r);
+    r.publish(A, true, true).unwrap();
+    let out = drain(&mut r);
+    assert_eq!(
+        media(&out)[1],
+        &MediaCommand::Subscribe {
+            subscriber: B,
+            stream_id: "1400000000_1_alice_main".into(),
+            kinds: vec![Kind::Audio]
+        }
+    );
+    // asking explicitly for the video is refused with the bit named
+    r.unsubscribe(B, &["1400000000_1_alice_main".into()]).unwrap();
+    let e = r.subscribe(B, &["1400000000_1_alice_main".into()]).unwrap_err();
+    assert!(e.to_string().contains("receive video (0x20)"), "{e}");
+    assert!(matches!(
+        r.subscribe(B, &["nope".into()]),
+        Err(RoomError::NoSuchStream(_))
+    ));
+}
+
+#[test]
+fn leaving_ends_streams_tells_everyone_and_empty_rooms_disappear() {
+    let mut r = rooms();
+    r.join(A, APP, &ticket("alice", 1, 0xff), true).unwrap();
+    r.join(B, APP, &ticket("bob", 1, 0xff), true).unwrap();
+    r.publish(A, true, true).unwrap();
+    drain(&mut r);
+    r.leave(A, LeaveReason::Disconnected);
+    let out = drain(&mut r);
+    let to_b = sent_to(&out, B);
+    assert!(matches!(to_b[0], ServerMessage::StreamRemoved { stream_id, .. } if stream_id == "1400000000_1_alice_main"));
+    assert!(matches!(to_b[1], ServerMessage::MemberLeft { user_id, reason: LeaveReason::Disconnected } if user_id == "alice"));
+    assert!(media(&out).contains(&&MediaCommand::EndStream {
+        stream_id: "1400000000_1_alice_main".into()
+    }));
+    assert!(media(&out).contains(&&MediaCommand::CloseSession { session: A }));
+    r.leave(A, LeaveReason::Disconnected); // idempotent
+    r.leave(B, LeaveReason::Left);
+    let out = drain(&mut r);
+    assert!(matches!(sent_to(&out, B)[0], ServerMessage::Left { .. }));
+    assert_eq!(r.room_count(), 0);
+    assert_eq!(r.participant_count(), 0);
+}
+
+#[test]
+fn same_user_again_replaces_the_old_session() {
+    let mut r = rooms();
+    r.join(A, APP, &ticket("alice", 1, 0xff), true).unwrap();
+    r.join(B, APP, &ticket("bob", 1, 0xff), true).unwrap();
+    drain(&mut r);
+    r.join(C, APP, &ticket("alice", 1, 0xff), true).unwrap();
+    let out = drain(&mut r);
+    assert!(out.contains(&Output::Close(A, LeaveReason::Replaced)));
+    assert!(out.contains(&Output::Media(MediaCommand::CloseSession { session: A })));
+    assert_eq!(r.participant_count(), 2);
+    assert!(matches!(r.publish(A, true, false), Err(RoomError::NotJoined)));
+    r.publish(C, true, false).unwrap();
+}
+
+#[test]
+fn limits_are_enforced() {
+    let mut r = rooms();
+    r.join(SessionId(10), APP, &ticket("a", 1, 0xff), true).unwrap();
+    r.join(SessionId(11), APP, &ticket("b", 2, 0xff), true).unwrap();
+    assert!(matches!(
+        r.join(SessionId(12), APP, &ticket("c", 3, 0xff), true),
+        Err(RoomError::TooManyRooms(2))
+    ));
+    r.join(SessionId(13), APP, &ticket("d", 1, 0xff), true).unwrap();
+    r.join(SessionId(14), APP, &ticket("e", 1, 0xff), true).unwrap();
+    assert!(matches!(
+        r.join(SessionId(15), APP, &ticket("f", 1, 0xff), true),
+        Err(RoomError::RoomFull { limit: 3, .. })
+    ));
+    let e = r.text(SessionId(10), &"x".repeat(5000), 0).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LimitExceeded);
+}
+
+#[test]
+fn text_and_mute_reach_the_room() {
+    let mut r = rooms();
+    r.join(A, APP, &ticket("alice", 1, 0xff), true).unwrap();
+    r.join(B, APP, &ticket("bob", 1, 0xff), true).unwrap();
+    drain(&mut r);
+    r.text(A, "hello", 42).unwrap();
+    let out = drain(&mut r);
+    assert!(sent_to(&out, A).is_empty());
+    assert!(matches!(sent_to(&out, B)[0], ServerMessage::TextMessage { user_id, text, ts: 42 } if user_id == "alice" && text == "hello"));
+    assert!(matches!(r.mute(A, Kind::Audio, true), Err(RoomError::NotPublishing)));
+    r.publish(A, true, true).unwrap();
+    drain(&mut r);
+    r.mute(A, Kind::Video, true).unwrap();
+    let out = drain(&mut r);
+    assert!(matches!(sent_to(&out, B)[0], ServerMessage::StreamMuted { muted: true, kind: Kind::Video, .. }));
+}
+
+#[test]
+fn strange_room_names_make_url_safe_stream_ids() {
+    let key = RoomKey {
+        sdk_app_id: 1,
+        room: RoomId::Str("会议 #7/a".into()),
+    };
+    assert_eq!(stream_id_for(&key, "u"), "1_----7-a_u_main");
+}
