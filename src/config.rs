@@ -33,6 +33,25 @@ pub struct ServerConfig {
     pub dev_mode: bool,
     /// `pretty` for people, `json` for log pipelines.
     pub log_format: String,
+    /// WebRTC media for every peer arrives on this one UDP port.
+    pub udp_addr: String,
+    /// ICE over TCP (RFC 6544 passive), for networks that block UDP.
+    pub tcp_addr: String,
+    /// The addresses put into ICE candidates: what clients can reach. Behind NAT this
+    /// must be the public address. Empty: every non-loopback interface address, or
+    /// 127.0.0.1 when there is none. Getting this wrong is the first support problem
+    /// of every SFU, so the startup log prints what is announced.
+    pub announce_ips: Vec<String>,
+    /// Host name or address used in play URLs (defaults to the first announced IP).
+    pub public_host: String,
+    /// RTMP port named in play URLs.
+    pub rtmp_port: u16,
+    pub max_rooms: usize,
+    pub max_members_per_room: usize,
+    /// Seconds a signaling session may stay silent before it is closed (clients ping).
+    pub signaling_idle_timeout_s: u64,
+    /// Seconds given to sessions to drain on SIGTERM.
+    pub shutdown_grace_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +60,15 @@ impl Default for ServerConfig {
             http_addr: "0.0.0.0:8080".into(),
             dev_mode: false,
             log_format: "pretty".into(),
+            udp_addr: "0.0.0.0:7882".into(),
+            tcp_addr: "0.0.0.0:7881".into(),
+            announce_ips: Vec::new(),
+            public_host: String::new(),
+            rtmp_port: 1935,
+            max_rooms: 1000,
+            max_members_per_room: 50,
+            signaling_idle_timeout_s: 30,
+            shutdown_grace_s: 5,
         }
     }
 }

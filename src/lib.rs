@@ -5,5 +5,6 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod room;
 pub mod server;

@@ -199,12 +199,21 @@ pub enum ClientMessage {
     /// Declare what will be published; the server checks privileges and answers
     /// `published` (then the client offers on its publisher connection).
     #[serde(rename_all = "camelCase")]
-    Publish { audio: bool, video: bool },
+    Publish {
+        audio: bool,
+        video: bool,
+    },
     Unpublish,
     #[serde(rename_all = "camelCase")]
-    Offer { target: Target, sdp: String },
+    Offer {
+        target: Target,
+        sdp: String,
+    },
     #[serde(rename_all = "camelCase")]
-    Answer { target: Target, sdp: String },
+    Answer {
+        target: Target,
+        sdp: String,
+    },
     /// A trickled candidate; `candidate: null` ends the candidates of that connection.
     #[serde(rename_all = "camelCase")]
     Candidate {
@@ -212,16 +221,27 @@ pub enum ClientMessage {
         candidate: Option<IceCandidate>,
     },
     #[serde(rename_all = "camelCase")]
-    Subscribe { stream_ids: Vec<String> },
+    Subscribe {
+        stream_ids: Vec<String>,
+    },
     #[serde(rename_all = "camelCase")]
-    Unsubscribe { stream_ids: Vec<String> },
+    Unsubscribe {
+        stream_ids: Vec<String>,
+    },
     #[serde(rename_all = "camelCase")]
-    Mute { kind: Kind, muted: bool },
+    Mute {
+        kind: Kind,
+        muted: bool,
+    },
     #[serde(rename_all = "camelCase")]
-    TextMessage { text: String },
+    TextMessage {
+        text: String,
+    },
     Leave,
     #[serde(rename_all = "camelCase")]
-    Ping { ts: u64 },
+    Ping {
+        ts: u64,
+    },
 }
 
 /// Why a member left.
@@ -431,7 +451,12 @@ mod tests {
         assert!(ClientMessage::parse("").is_err());
         assert!(ClientMessage::parse("{\"type\":\"fly\"}").is_err());
         assert!(ClientMessage::parse("[1]").is_err());
-        let big = format!("{{\"type\":\"textMessage\",\"text\":\"{}\"}}", "x".repeat(MAX_MESSAGE_BYTES));
-        assert!(ClientMessage::parse(&big).unwrap_err().contains("more than"));
+        let big = format!(
+            "{{\"type\":\"textMessage\",\"text\":\"{}\"}}",
+            "x".repeat(MAX_MESSAGE_BYTES)
+        );
+        assert!(ClientMessage::parse(&big)
+            .unwrap_err()
+            .contains("more than"));
     }
 }

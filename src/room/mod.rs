@@ -69,9 +69,9 @@ impl RoomError {
             RoomError::Privilege(_) => ErrorCode::MissingPrivilege,
             RoomError::NotJoined | RoomError::AlreadyJoined => ErrorCode::NotJoined,
             RoomError::NoSuchStream(_) => ErrorCode::NotFound,
-            RoomError::EmptyPublish
-            | RoomError::AlreadyPublishing
-            | RoomError::NotPublishing => ErrorCode::BadRequest,
+            RoomError::EmptyPublish | RoomError::AlreadyPublishing | RoomError::NotPublishing => {
+                ErrorCode::BadRequest
+            }
             RoomError::TooManyRooms(_)
             | RoomError::RoomFull { .. }
             | RoomError::TextTooLong { .. } => ErrorCode::LimitExceeded,
@@ -227,6 +227,10 @@ impl Rooms {
         self.rooms.len()
     }
 
+    pub fn is_joined(&self, session: SessionId) -> bool {
+        self.sessions.contains_key(&session)
+    }
+
     pub fn participant_count(&self) -> usize {
         self.sessions.len()
     }
@@ -284,7 +288,8 @@ impl Rooms {
             .map(|m| m.session);
         if let Some(old) = replaced {
             self.remove(old, LeaveReason::Replaced, false);
-            self.out.push_back(Output::Close(old, LeaveReason::Replaced));
+            self.out
+                .push_back(Output::Close(old, LeaveReason::Replaced));
         } else if let Some(room) = self.rooms.get(&key) {
             if room.members.len() >= self.limits.max_members_per_room {
                 return Err(RoomError::RoomFull {
@@ -446,11 +451,12 @@ impl Rooms {
             .filter(|(on, _)| *on)
             .map(|(_, k)| k)
             .collect();
-        self.out.push_back(Output::Media(MediaCommand::AllowPublish {
-            session,
-            stream_id: stream.id.clone(),
-            kinds,
-        }));
+        self.out
+            .push_back(Output::Media(MediaCommand::AllowPublish {
+                session,
+                stream_id: stream.id.clone(),
+                kinds,
+            }));
         self.send(
             session,
             ServerMessage::Published {
@@ -513,7 +519,11 @@ impl Rooms {
         }
     }
 
-    pub fn subscribe(&mut self, session: SessionId, stream_ids: &[String]) -> Result<(), RoomError> {
+    pub fn subscribe(
+        &mut self,
+        session: SessionId,
+        stream_ids: &[String],
+    ) -> Result<(), RoomError> {
         let e = self.entry(session)?;
         for id in stream_ids {
             let publisher = match self.streams.get(id) {
@@ -542,7 +552,11 @@ impl Rooms {
         Ok(())
     }
 
-    pub fn unsubscribe(&mut self, session: SessionId, stream_ids: &[String]) -> Result<(), RoomError> {
+    pub fn unsubscribe(
+        &mut self,
+        session: SessionId,
+        stream_ids: &[String],
+    ) -> Result<(), RoomError> {
         let e = self.entry(session)?;
         for id in stream_ids {
             if self.member_mut(&e).subscriptions.remove(id) {
@@ -564,7 +578,11 @@ impl Rooms {
             Kind::Video => stream.video_muted = muted,
         }
         let id = stream.id.clone();
-        let everyone: Vec<SessionId> = self.rooms[&e.room].members.values().map(|m| m.session).collect();
+        let everyone: Vec<SessionId> = self.rooms[&e.room]
+            .members
+            .values()
+            .map(|m| m.session)
+            .collect();
         for s in everyone {
             self.send(
                 s,
@@ -622,11 +640,16 @@ impl Rooms {
         if let Some(stream) = member.and_then(|m| m.stream) {
             self.end_stream(&e.room, &e.user_id, &stream.id);
         }
-        self.out.push_back(Output::Media(MediaCommand::CloseSession { session }));
+        self.out
+            .push_back(Output::Media(MediaCommand::CloseSession { session }));
         if tell_self && reason == LeaveReason::Left {
             self.send(session, ServerMessage::Left { reason });
         }
-        let remaining: Vec<SessionId> = self.rooms[&e.room].members.values().map(|m| m.session).collect();
+        let remaining: Vec<SessionId> = self.rooms[&e.room]
+            .members
+            .values()
+            .map(|m| m.session)
+            .collect();
         for s in &remaining {
             self.send(
                 *s,

@@ -90,7 +90,9 @@ fn join_answer_lists_members_and_their_streams_and_others_are_told() {
     assert_eq!(s.stream_id, "1400000000_7_alice_main");
     assert_eq!(s.urls.rtmp, "rtmp://h:1935/live/1400000000_7_alice_main");
     assert_eq!(s.urls.flv, "http://h:8080/live/1400000000_7_alice_main.flv");
-    assert!(matches!(sent_to(&out, A)[0], ServerMessage::MemberJoined { user_id } if user_id == "bob"));
+    assert!(
+        matches!(sent_to(&out, A)[0], ServerMessage::MemberJoined { user_id } if user_id == "bob")
+    );
     // auto-subscribe: bob receives alice's audio and video
     assert_eq!(
         media(&out),
@@ -106,7 +108,13 @@ fn join_answer_lists_members_and_their_streams_and_others_are_told() {
 fn publishing_needs_send_bits_and_names_the_missing_one() {
     let mut r = rooms();
     // enter + create + send audio + receive both, but no send video
-    r.join(A, APP, &ticket("alice", 1, 0x01 | 0x02 | 0x04 | 0x08 | 0x20), true).unwrap();
+    r.join(
+        A,
+        APP,
+        &ticket("alice", 1, 0x01 | 0x02 | 0x04 | 0x08 | 0x20),
+        true,
+    )
+    .unwrap();
     drain(&mut r);
     let e = r.publish(A, true, true).unwrap_err();
     assert_eq!(e.code(), ErrorCode::MissingPrivilege);
@@ -121,7 +129,8 @@ fn subscribers_get_only_the_kinds_they_may_receive() {
     let mut r = rooms();
     r.join(A, APP, &ticket("alice", 1, 0xff), true).unwrap();
     // bob may receive audio only
-    r.join(B, APP, &ticket("bob", 1, 0x02 | 0x08), true).unwrap();
+    r.join(B, APP, &ticket("bob", 1, 0x02 | 0x08), true)
+        .unwrap();
     drain(&mut r);
     r.publish(A, true, true).unwrap();
     let out = drain(&mut r);
@@ -134,8 +143,11 @@ fn subscribers_get_only_the_kinds_they_may_receive() {
         }
     );
     // asking explicitly for the video is refused with the bit named
-    r.unsubscribe(B, &["1400000000_1_alice_main".into()]).unwrap();
-    let e = r.subscribe(B, &["1400000000_1_alice_main".into()]).unwrap_err();
+    r.unsubscribe(B, &["1400000000_1_alice_main".into()])
+        .unwrap();
+    let e = r
+        .subscribe(B, &["1400000000_1_alice_main".into()])
+        .unwrap_err();
     assert!(e.to_string().contains("receive video (0x20)"), "{e}");
     assert!(matches!(
         r.subscribe(B, &["nope".into()]),
@@ -153,8 +165,12 @@ fn leaving_ends_streams_tells_everyone_and_empty_rooms_disappear() {
     r.leave(A, LeaveReason::Disconnected);
     let out = drain(&mut r);
     let to_b = sent_to(&out, B);
-    assert!(matches!(to_b[0], ServerMessage::StreamRemoved { stream_id, .. } if stream_id == "1400000000_1_alice_main"));
-    assert!(matches!(to_b[1], ServerMessage::MemberLeft { user_id, reason: LeaveReason::Disconnected } if user_id == "alice"));
+    assert!(
+        matches!(to_b[0], ServerMessage::StreamRemoved { stream_id, .. } if stream_id == "1400000000_1_alice_main")
+    );
+    assert!(
+        matches!(to_b[1], ServerMessage::MemberLeft { user_id, reason: LeaveReason::Disconnected } if user_id == "alice")
+    );
     assert!(media(&out).contains(&&MediaCommand::EndStream {
         stream_id: "1400000000_1_alice_main".into()
     }));
@@ -178,21 +194,28 @@ fn same_user_again_replaces_the_old_session() {
     assert!(out.contains(&Output::Close(A, LeaveReason::Replaced)));
     assert!(out.contains(&Output::Media(MediaCommand::CloseSession { session: A })));
     assert_eq!(r.participant_count(), 2);
-    assert!(matches!(r.publish(A, true, false), Err(RoomError::NotJoined)));
+    assert!(matches!(
+        r.publish(A, true, false),
+        Err(RoomError::NotJoined)
+    ));
     r.publish(C, true, false).unwrap();
 }
 
 #[test]
 fn limits_are_enforced() {
     let mut r = rooms();
-    r.join(SessionId(10), APP, &ticket("a", 1, 0xff), true).unwrap();
-    r.join(SessionId(11), APP, &ticket("b", 2, 0xff), true).unwrap();
+    r.join(SessionId(10), APP, &ticket("a", 1, 0xff), true)
+        .unwrap();
+    r.join(SessionId(11), APP, &ticket("b", 2, 0xff), true)
+        .unwrap();
     assert!(matches!(
         r.join(SessionId(12), APP, &ticket("c", 3, 0xff), true),
         Err(RoomError::TooManyRooms(2))
     ));
-    r.join(SessionId(13), APP, &ticket("d", 1, 0xff), true).unwrap();
-    r.join(SessionId(14), APP, &ticket("e", 1, 0xff), true).unwrap();
+    r.join(SessionId(13), APP, &ticket("d", 1, 0xff), true)
+        .unwrap();
+    r.join(SessionId(14), APP, &ticket("e", 1, 0xff), true)
+        .unwrap();
     assert!(matches!(
         r.join(SessionId(15), APP, &ticket("f", 1, 0xff), true),
         Err(RoomError::RoomFull { limit: 3, .. })
@@ -210,13 +233,25 @@ fn text_and_mute_reach_the_room() {
     r.text(A, "hello", 42).unwrap();
     let out = drain(&mut r);
     assert!(sent_to(&out, A).is_empty());
-    assert!(matches!(sent_to(&out, B)[0], ServerMessage::TextMessage { user_id, text, ts: 42 } if user_id == "alice" && text == "hello"));
-    assert!(matches!(r.mute(A, Kind::Audio, true), Err(RoomError::NotPublishing)));
+    assert!(
+        matches!(sent_to(&out, B)[0], ServerMessage::TextMessage { user_id, text, ts: 42 } if user_id == "alice" && text == "hello")
+    );
+    assert!(matches!(
+        r.mute(A, Kind::Audio, true),
+        Err(RoomError::NotPublishing)
+    ));
     r.publish(A, true, true).unwrap();
     drain(&mut r);
     r.mute(A, Kind::Video, true).unwrap();
     let out = drain(&mut r);
-    assert!(matches!(sent_to(&out, B)[0], ServerMessage::StreamMuted { muted: true, kind: Kind::Video, .. }));
+    assert!(matches!(
+        sent_to(&out, B)[0],
+        ServerMessage::StreamMuted {
+            muted: true,
+            kind: Kind::Video,
+            ..
+        }
+    ));
 }
 
 #[test]

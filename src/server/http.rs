@@ -1,42 +1,55 @@
-//! HTTP: health, readiness and metrics (signaling joins in the SFU work).
+//! HTTP routes: websocket signaling, metrics, health and readiness.
 
-use anyhow::{Context, Result};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use tracing::info;
+use tokio::sync::watch;
 
-use crate::auth::Keyring;
-use crate::config::Config;
+use super::AppState;
 
-pub async fn serve(config: Config, _keyring: Keyring) -> Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    mut stop: watch::Receiver<bool>,
+) {
     let app = Router::new()
+        .route("/ws", get(websocket))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }));
-    let listener = tokio::net::TcpListener::bind(&config.server.http_addr)
-        .await
-        .with_context(|| format!("binding HTTP on {}", config.server.http_addr))?;
-    info!(addr = %listener.local_addr()?, "HTTP listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    info!("stopped");
-    Ok(())
+        .route("/readyz", get(ready))
+        .with_state(state);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+async fn websocket(ws: WebSocketUpgrade, State(state): State<Arc<AppState>>) -> Response {
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    info!("shutdown requested");
+    ws.max_message_size(weir_signaling::MAX_MESSAGE_BYTES)
+        .max_frame_size(weir_signaling::MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| super::ws::session(socket, state))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.shutting_down.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
 }

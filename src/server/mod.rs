@@ -1,14 +1,117 @@
 //! The async shell: sockets, tasks and signals around the sans-I/O cores.
+//!
+//! `start` wires the parts and returns a handle (tests run whole servers in-process on
+//! port 0); `main` is the binary's entry: start, wait for SIGTERM/Ctrl-C, drain.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::auth::Keyring;
 use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::room::{Limits, Rooms, UrlBase};
 
+pub mod control;
 mod http;
+mod ws;
+
+use control::{Control, ControlCommand};
+
+/// What every connection handler shares.
+pub struct AppState {
+    pub keyring: Arc<Keyring>,
+    pub control: mpsc::Sender<ControlCommand>,
+    pub metrics: Arc<Metrics>,
+    pub next_session: AtomicU64,
+    pub shutting_down: AtomicBool,
+    pub idle_timeout_s: u64,
+    pub dev_mode: bool,
+}
+
+/// A running server.
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub state: Arc<AppState>,
+    stop: watch::Sender<bool>,
+    http: tokio::task::JoinHandle<()>,
+    control: tokio::task::JoinHandle<()>,
+    grace: Duration,
+}
+
+impl Server {
+    /// Graceful shutdown: stop admitting, tell every session, drain, stop.
+    pub async fn shutdown(self) {
+        self.state.shutting_down.store(true, Ordering::Relaxed);
+        let _ = self.state.control.send(ControlCommand::Shutdown).await;
+        let _ = tokio::time::timeout(self.grace, self.control).await;
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(self.grace, self.http).await;
+        info!("stopped");
+    }
+}
+
+/// The host named in play URLs.
+fn public_host(config: &Config) -> String {
+    if !config.server.public_host.is_empty() {
+        return config.server.public_host.clone();
+    }
+    config
+        .server
+        .announce_ips
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "127.0.0.1".into())
+}
+
+pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(&config.server.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP on {}", config.server.http_addr))?;
+    let http_addr = listener.local_addr()?;
+    let host = public_host(&config);
+    let urls = UrlBase {
+        rtmp: format!("rtmp://{host}:{}/live", config.server.rtmp_port),
+        flv: format!("http://{host}:{}/live", http_addr.port()),
+        webrtc: format!("webrtc://{host}:{}/live", http_addr.port()),
+    };
+    let rooms = Rooms::new(
+        Limits {
+            max_rooms: config.server.max_rooms,
+            max_members_per_room: config.server.max_members_per_room,
+        },
+        urls,
+    );
+    let (control_tx, control_rx) = mpsc::channel(4096);
+    let control = tokio::spawn(Control::new(rooms, None, metrics.clone()).run(control_rx));
+    let state = Arc::new(AppState {
+        keyring: Arc::new(keyring),
+        control: control_tx,
+        metrics,
+        next_session: AtomicU64::new(1),
+        shutting_down: AtomicBool::new(false),
+        idle_timeout_s: config.server.signaling_idle_timeout_s,
+        dev_mode: config.server.dev_mode,
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let http = tokio::spawn(http::serve(listener, state.clone(), stop_rx));
+    info!(addr = %http_addr, "HTTP listening (signaling at /ws, /metrics, /healthz, /readyz)");
+    Ok(Server {
+        http_addr,
+        state,
+        stop,
+        http,
+        control,
+        grace: Duration::from_secs(config.server.shutdown_grace_s),
+    })
+}
 
 /// Loads the configuration (or makes a development one) and runs until SIGTERM/Ctrl-C.
 pub fn main(config_path: Option<PathBuf>) -> Result<()> {
@@ -28,7 +131,30 @@ pub fn main(config_path: Option<PathBuf>) -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(http::serve(config, keyring))
+        .block_on(async {
+            let server = start(config, keyring).await?;
+            shutdown_signal().await;
+            server.shutdown().await;
+            Ok(())
+        })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    info!("shutdown requested: no new joins, telling clients, draining");
 }
 
 fn init_logging(format: &str) {

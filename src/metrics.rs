@@ -1,0 +1,140 @@
+//! Prometheus metrics: one registry per server, passed around (no globals), rendered
+//! at `/metrics` in the text format.
+//!
+//! Names follow `weir_<what>_<unit>`; every event a user may ask about ("why did my
+//! join fail?", "why is this stream black?") has a counter or gauge here.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub rooms: IntGauge,
+    pub participants: IntGauge,
+    /// Join attempts by outcome (`ok`, `invalid_user_sig`, `invalid_private_map_key`,
+    /// `missing_privilege`, `limit`, `bad_request`).
+    pub joins: IntCounterVec,
+    /// Signaling messages received, by `type` (`invalid` for unparsable frames).
+    pub signaling_messages: IntCounterVec,
+    /// Refusals sent to clients, by error code.
+    pub signaling_errors: IntCounterVec,
+    /// Sessions closed because they could not keep up with their outgoing messages.
+    pub slow_sessions: IntGauge,
+    pub published_tracks: IntGaugeVec,
+    pub subscribed_tracks: IntGaugeVec,
+    pub rtp_packets: IntCounterVec,
+    pub rtp_bytes: IntCounterVec,
+    pub nacks: IntCounterVec,
+    pub plis: IntCounterVec,
+    /// Arrival of a publisher's packet to its send to a subscriber.
+    pub forward_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let forward_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "weir_forward_latency_seconds",
+                "Time from a publisher's RTP packet arriving to its copy leaving for a subscriber",
+            )
+            .buckets(vec![
+                0.000_02, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02,
+                0.05,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(forward_latency.clone()))
+            .expect("unique metric");
+        Self {
+            rooms: gauge("weir_rooms", "Rooms on this node"),
+            participants: gauge("weir_participants", "Participants on this node"),
+            joins: counter_vec("weir_joins_total", "Join attempts by outcome", &["outcome"]),
+            signaling_messages: counter_vec(
+                "weir_signaling_messages_total",
+                "Signaling messages received, by type",
+                &["type"],
+            ),
+            signaling_errors: counter_vec(
+                "weir_signaling_errors_total",
+                "Errors sent to clients, by code",
+                &["code"],
+            ),
+            slow_sessions: gauge(
+                "weir_slow_sessions_closed",
+                "Signaling sessions closed because their outgoing queue was full",
+            ),
+            published_tracks: gauge_vec(
+                "weir_published_tracks",
+                "Tracks being published, by kind",
+                &["kind"],
+            ),
+            subscribed_tracks: gauge_vec(
+                "weir_subscribed_tracks",
+                "Tracks being forwarded to subscribers, by kind",
+                &["kind"],
+            ),
+            rtp_packets: counter_vec(
+                "weir_rtp_packets_total",
+                "RTP packets, by direction (in/out) and kind",
+                &["direction", "kind"],
+            ),
+            rtp_bytes: counter_vec(
+                "weir_rtp_bytes_total",
+                "RTP payload bytes, by direction (in/out) and kind",
+                &["direction", "kind"],
+            ),
+            nacks: counter_vec(
+                "weir_nacks_total",
+                "NACKs: received from subscribers, retransmissions sent, misses",
+                &["event"],
+            ),
+            plis: counter_vec(
+                "weir_plis_total",
+                "Keyframe requests: received from subscribers, sent to publishers",
+                &["direction"],
+            ),
+            forward_latency,
+            registry,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

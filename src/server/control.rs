@@ -1,0 +1,264 @@
+//! The control task: the one owner of [`Rooms`], fed by signaling sessions.
+//!
+//! Sessions verify credentials themselves (in parallel, ECDSA costs ~0.3 ms) and send
+//! the control task verified commands; it applies them to the room core and routes the
+//! output: messages to sessions over bounded queues, commands to the media plane.
+//! A session whose queue is full is closed rather than allowed to grow memory.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use weir_signaling::{ClientMessage, ErrorCode, LeaveReason, ServerMessage};
+
+use crate::auth::RoomTicket;
+use crate::metrics::Metrics;
+use crate::room::{MediaCommand, Output, RoomError, Rooms, SessionId};
+
+/// Outgoing messages a session may have queued before it counts as too slow.
+pub const SESSION_QUEUE: usize = 256;
+
+/// What the control task tells a session task.
+#[derive(Debug)]
+pub enum SessionEvent {
+    Send(ServerMessage),
+    /// Send `left` with this reason and close.
+    Close(LeaveReason),
+}
+
+/// What the control task is asked to do.
+#[derive(Debug)]
+pub enum ControlCommand {
+    Open {
+        session: SessionId,
+        tx: mpsc::Sender<SessionEvent>,
+    },
+    Join {
+        session: SessionId,
+        sdk_app_id: u64,
+        ticket: Box<RoomTicket>,
+        auto_subscribe: bool,
+    },
+    Message {
+        session: SessionId,
+        msg: ClientMessage,
+    },
+    Closed {
+        session: SessionId,
+        reason: LeaveReason,
+    },
+    /// From the media plane: something to tell a session (SDP, candidates, errors).
+    MediaSignal {
+        session: SessionId,
+        msg: ServerMessage,
+    },
+    /// From the media plane: the session's media connection failed.
+    MediaGone {
+        session: SessionId,
+    },
+    Shutdown,
+}
+
+/// The media plane's side of the narrow interface.
+#[derive(Debug)]
+pub enum MediaInput {
+    Command(MediaCommand),
+    /// SDP or a candidate from a session.
+    Signal {
+        session: SessionId,
+        msg: ClientMessage,
+    },
+}
+
+pub struct Control {
+    rooms: Rooms,
+    sessions: HashMap<SessionId, mpsc::Sender<SessionEvent>>,
+    media: Option<mpsc::Sender<MediaInput>>,
+    metrics: Arc<Metrics>,
+}
+
+fn error_msg(e: &RoomError, request: &str) -> ServerMessage {
+    ServerMessage::Error {
+        code: e.code(),
+        message: e.to_string(),
+        request: Some(request.to_owned()),
+        tencent_code: None,
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Control {
+    pub fn new(
+        rooms: Rooms,
+        media: Option<mpsc::Sender<MediaInput>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            rooms,
+            sessions: HashMap::new(),
+            media,
+            metrics,
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::Receiver<ControlCommand>) {
+        while let Some(cmd) = rx.recv().await {
+            let shutdown = matches!(cmd, ControlCommand::Shutdown);
+            self.apply(cmd).await;
+            self.flush().await;
+            self.metrics.rooms.set(self.rooms.room_count() as i64);
+            self.metrics
+                .participants
+                .set(self.rooms.participant_count() as i64);
+            if shutdown {
+                break;
+            }
+        }
+        debug!("control task stopped");
+    }
+
+    fn tell(&mut self, session: SessionId, msg: ServerMessage) {
+        if let ServerMessage::Error { code, .. } = &msg {
+            self.metrics
+                .signaling_errors
+                .with_label_values(&[&u16::from(*code).to_string()])
+                .inc();
+        }
+        let Some(tx) = self.sessions.get(&session) else {
+            return;
+        };
+        if tx.try_send(SessionEvent::Send(msg)).is_err() {
+            warn!(
+                session = session.0,
+                "signaling session cannot keep up; closing it"
+            );
+            self.metrics.slow_sessions.inc();
+            self.sessions.remove(&session);
+            self.rooms.leave(session, LeaveReason::Timeout);
+        }
+    }
+
+    async fn to_media(&mut self, input: MediaInput) {
+        if let Some(media) = &self.media {
+            if media.send(input).await.is_err() {
+                warn!("media plane is gone");
+                self.media = None;
+            }
+        }
+    }
+
+    async fn apply(&mut self, cmd: ControlCommand) {
+        match cmd {
+            ControlCommand::Open { session, tx } => {
+                self.sessions.insert(session, tx);
+            }
+            ControlCommand::Join {
+                session,
+                sdk_app_id,
+                ticket,
+                auto_subscribe,
+            } => match self
+                .rooms
+                .join(session, sdk_app_id, &ticket, auto_subscribe)
+            {
+                Ok(()) => {
+                    self.metrics.joins.with_label_values(&["ok"]).inc();
+                    info!(session = session.0, user = %ticket.identity.user_id, room = %ticket.room, "joined");
+                }
+                Err(e) => {
+                    let outcome = match e {
+                        RoomError::Privilege(_) => "missing_privilege",
+                        RoomError::TooManyRooms(_) | RoomError::RoomFull { .. } => "limit",
+                        _ => "bad_request",
+                    };
+                    self.metrics.joins.with_label_values(&[outcome]).inc();
+                    info!(session = session.0, user = %ticket.identity.user_id, room = %ticket.room, error = %e, "join refused");
+                    self.tell(session, error_msg(&e, "join"));
+                }
+            },
+            ControlCommand::Message { session, msg } => self.message(session, msg).await,
+            ControlCommand::Closed { session, reason } => {
+                self.sessions.remove(&session);
+                self.rooms.leave(session, reason);
+            }
+            ControlCommand::MediaSignal { session, msg } => self.tell(session, msg),
+            ControlCommand::MediaGone { session } => {
+                self.rooms.leave(session, LeaveReason::Timeout);
+                if let Some(tx) = self.sessions.remove(&session) {
+                    let _ = tx.try_send(SessionEvent::Close(LeaveReason::Timeout));
+                }
+            }
+            ControlCommand::Shutdown => {
+                info!(
+                    sessions = self.sessions.len(),
+                    "telling every session the server is shutting down"
+                );
+                self.rooms.close_all(LeaveReason::ServerShutdown);
+            }
+        }
+    }
+
+    async fn message(&mut self, session: SessionId, msg: ClientMessage) {
+        let request = msg.type_name();
+        let result = match msg {
+            ClientMessage::Publish { audio, video } => {
+                self.rooms.publish(session, audio, video).map(|_| ())
+            }
+            ClientMessage::Unpublish => self.rooms.unpublish(session),
+            ClientMessage::Subscribe { stream_ids } => self.rooms.subscribe(session, &stream_ids),
+            ClientMessage::Unsubscribe { stream_ids } => {
+                self.rooms.unsubscribe(session, &stream_ids)
+            }
+            ClientMessage::Mute { kind, muted } => self.rooms.mute(session, kind, muted),
+            ClientMessage::TextMessage { text } => self.rooms.text(session, &text, now_ms()),
+            ClientMessage::Leave => {
+                self.rooms.leave(session, LeaveReason::Left);
+                Ok(())
+            }
+            m @ (ClientMessage::Offer { .. }
+            | ClientMessage::Answer { .. }
+            | ClientMessage::Candidate { .. }) => {
+                if !self.rooms.is_joined(session) {
+                    Err(RoomError::NotJoined)
+                } else if self.media.is_none() {
+                    self.tell(
+                        session,
+                        ServerMessage::error(
+                            ErrorCode::Unavailable,
+                            "the media plane is not running",
+                        ),
+                    );
+                    Ok(())
+                } else {
+                    self.to_media(MediaInput::Signal { session, msg: m }).await;
+                    Ok(())
+                }
+            }
+            ClientMessage::Join(_) | ClientMessage::Ping { .. } => Ok(()),
+        };
+        if let Err(e) = result {
+            self.tell(session, error_msg(&e, request));
+        }
+    }
+
+    async fn flush(&mut self) {
+        while let Some(out) = self.rooms.poll_output() {
+            match out {
+                Output::Send(session, msg) => self.tell(session, msg),
+                Output::Close(session, reason) => {
+                    if let Some(tx) = self.sessions.remove(&session) {
+                        let _ = tx.try_send(SessionEvent::Close(reason));
+                    }
+                }
+                Output::Media(cmd) => self.to_media(MediaInput::Command(cmd)).await,
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! One websocket signaling session: parse frames, verify credentials, forward verified
+//! commands to the control task, and write what it sends back.
+//!
+//! A misbehaving peer (oversized frames, binary frames, a stream of unparsable
+//! messages, silence past the idle timeout) is disconnected; nothing it sends reaches
+//! the room unless it parsed and, for `join`, verified.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+use weir_signaling::{
+    ClientMessage, ErrorCode, Join, LeaveReason, ServerMessage, PROTOCOL_VERSION,
+};
+
+use super::control::{ControlCommand, SessionEvent, SESSION_QUEUE};
+use super::AppState;
+use crate::auth::{AuthError, RoomId, RoomTicket};
+use crate::room::SessionId;
+
+/// Unparsable messages tolerated before the peer is disconnected.
+const MAX_BAD_MESSAGES: u32 = 8;
+
+pub async fn session(socket: WebSocket, state: Arc<AppState>) {
+    let id = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
+    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+    if state
+        .control
+        .send(ControlCommand::Open { session: id, tx })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let (mut sink, mut stream) = socket.split();
+    let idle = Duration::from_secs(state.idle_timeout_s);
+    let mut bad = 0u32;
+    let reason = loop {
+        tokio::select! {
+            frame = tokio::time::timeout(idle, stream.next()) => {
+                let text = match frame {
+                    Err(_) => break LeaveReason::Timeout,
+                    Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break LeaveReason::Disconnected,
+                    Ok(Some(Ok(Message::Text(t)))) => t,
+                    Ok(Some(Ok(Message::Binary(_)))) => {
+                        bad += 1;
+                        let e = ServerMessage::error(ErrorCode::BadRequest, "binary frames are not part of the protocol; send JSON text");
+                        if sink.send(Message::Text(e.to_json().into())).await.is_err() || bad > MAX_BAD_MESSAGES {
+                            break LeaveReason::Disconnected;
+                        }
+                        continue;
+                    }
+                    Ok(Some(Ok(_))) => continue, // ping/pong frames
+                };
+                match ClientMessage::parse(&text) {
+                    Err(e) => {
+                        bad += 1;
+                        state.metrics.signaling_messages.with_label_values(&["invalid"]).inc();
+                        let e = ServerMessage::error(ErrorCode::BadRequest, format!("not a valid message: {e}"));
+                        if sink.send(Message::Text(e.to_json().into())).await.is_err() || bad > MAX_BAD_MESSAGES {
+                            info!(session = id.0, "disconnecting a peer that keeps sending invalid messages");
+                            break LeaveReason::Disconnected;
+                        }
+                    }
+                    Ok(msg) => {
+                        state.metrics.signaling_messages.with_label_values(&[msg.type_name()]).inc();
+                        let reply = match msg {
+                            ClientMessage::Ping { ts } => Some(ServerMessage::Pong { ts }),
+                            ClientMessage::Join(join) => join_command(&state, id, join).await,
+                            other => {
+                                let _ = state.control.send(ControlCommand::Message { session: id, msg: other }).await;
+                                None
+                            }
+                        };
+                        if let Some(reply) = reply {
+                            if sink.send(Message::Text(reply.to_json().into())).await.is_err() {
+                                break LeaveReason::Disconnected;
+                            }
+                        }
+                    }
+                }
+            }
+            event = rx.recv() => match event {
+                Some(SessionEvent::Send(msg)) => {
+                    let last = matches!(msg, ServerMessage::Left { .. });
+                    if sink.send(Message::Text(msg.to_json().into())).await.is_err() {
+                        break LeaveReason::Disconnected;
+                    }
+                    if last {
+                        break LeaveReason::Left;
+                    }
+                }
+                Some(SessionEvent::Close(reason)) => {
+                    let _ = sink.send(Message::Text(ServerMessage::Left { reason }.to_json().into())).await;
+                    break reason;
+                }
+                None => break LeaveReason::Disconnected,
+            },
+        }
+    };
+    let _ = sink.close().await;
+    debug!(session = id.0, ?reason, "signaling session ended");
+    let _ = state
+        .control
+        .send(ControlCommand::Closed {
+            session: id,
+            reason,
+        })
+        .await;
+}
+
+fn credential_error(code: ErrorCode, e: &AuthError) -> ServerMessage {
+    ServerMessage::Error {
+        code,
+        message: e.to_string(),
+        request: Some("join".into()),
+        tencent_code: e.tencent_code(),
+    }
+}
+
+/// Verifies a `join`; on success hands the control task the ticket and returns nothing,
+/// otherwise returns the error to send.
+async fn join_command(state: &AppState, id: SessionId, join: Join) -> Option<ServerMessage> {
+    let refuse = |outcome: &str, msg: ServerMessage| {
+        state.metrics.joins.with_label_values(&[outcome]).inc();
+        Some(msg)
+    };
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return refuse(
+            "unavailable",
+            ServerMessage::error(ErrorCode::Unavailable, "the server is shutting down"),
+        );
+    }
+    if join.protocol != PROTOCOL_VERSION {
+        return refuse(
+            "bad_request",
+            ServerMessage::error(
+                ErrorCode::UnsupportedProtocol,
+                format!(
+                    "protocol {} is not spoken here; this server speaks {PROTOCOL_VERSION}",
+                    join.protocol
+                ),
+            ),
+        );
+    }
+    let room = match (join.room_id, join.str_room_id) {
+        (Some(0), None) => None,
+        (Some(n), None) => Some(RoomId::Num(n)),
+        (None, Some(s)) if !s.is_empty() && s.len() <= 64 => Some(RoomId::Str(s)),
+        _ => None,
+    };
+    let Some(room) = room else {
+        return refuse(
+            "bad_request",
+            ServerMessage::error(
+                ErrorCode::BadRequest,
+                "give exactly one of roomID (1..=4294967295) or strRoomID (1 to 64 bytes)",
+            ),
+        );
+    };
+    let now = crate::auth::unix_now();
+    let app = match state.keyring.app(join.sdk_app_id) {
+        Ok(app) => app,
+        Err(e) => {
+            return refuse(
+                "invalid_user_sig",
+                credential_error(ErrorCode::InvalidUserSig, &e),
+            )
+        }
+    };
+    if let Err(e) = app.verify_user_sig(&join.user_sig, &join.user_id, now) {
+        info!(session = id.0, user = %join.user_id, error = %e, "join refused: userSig");
+        return refuse(
+            "invalid_user_sig",
+            credential_error(ErrorCode::InvalidUserSig, &e),
+        );
+    }
+    let ticket: RoomTicket = match app.verify_private_map_key(
+        &join.private_map_key,
+        &join.user_id,
+        &room,
+        now,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            info!(session = id.0, user = %join.user_id, error = %e, "join refused: privateMapKey");
+            return refuse(
+                "invalid_private_map_key",
+                credential_error(ErrorCode::InvalidPrivateMapKey, &e),
+            );
+        }
+    };
+    let _ = state
+        .control
+        .send(ControlCommand::Join {
+            session: id,
+            sdk_app_id: join.sdk_app_id,
+            ticket: Box::new(ticket),
+            auto_subscribe: join.auto_subscribe,
+        })
+        .await;
+    None
+}

@@ -1,0 +1,158 @@
+//! Shared helpers for integration tests: an in-process server with a fresh app, and a
+//! signaling client speaking the real websocket protocol.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use weir::auth::{AppKeys, Privileges, RoomId, TokenKind};
+use weir::config::{AppConfig, Config};
+use weir_signaling::{ClientMessage, Join, ServerMessage, PROTOCOL_VERSION};
+
+pub const APP: u64 = 1_400_000_000;
+
+pub struct TestServer {
+    pub server: weir::server::Server,
+    pub app: AppKeys,
+    pub config: Config,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let app_config: AppConfig = AppKeys::generate_config(APP);
+        let mut config = Config::development();
+        config.apps = vec![app_config.clone()];
+        config.server.http_addr = "127.0.0.1:0".into();
+        config.server.udp_addr = "127.0.0.1:0".into();
+        config.server.tcp_addr = "127.0.0.1:0".into();
+        config.server.announce_ips = vec!["127.0.0.1".into()];
+        config.server.shutdown_grace_s = 2;
+        tweak(&mut config);
+        let keyring = weir::auth::Keyring::from_configs(&config.apps).unwrap();
+        let server = weir::server::start(config.clone(), keyring).await.unwrap();
+        Self {
+            server,
+            app: AppKeys::from_config(&app_config).unwrap(),
+            config,
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.server.http_addr)
+    }
+
+    /// A join message with valid v2 credentials for `user` in numeric `room`.
+    pub fn join(&self, user: &str, room: u32, privileges: u32) -> Join {
+        let now = weir::auth::unix_now();
+        Join {
+            protocol: PROTOCOL_VERSION,
+            sdk_app_id: APP,
+            user_id: user.into(),
+            user_sig: self
+                .app
+                .issue_user_sig(TokenKind::V2, user, now, 3600)
+                .unwrap(),
+            room_id: Some(room),
+            str_room_id: None,
+            private_map_key: self
+                .app
+                .issue_private_map_key(
+                    TokenKind::V2,
+                    user,
+                    &RoomId::Num(room),
+                    Privileges(privileges),
+                    now,
+                    3600,
+                )
+                .unwrap(),
+            auto_subscribe: true,
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.server.http_addr, "/metrics").await
+    }
+}
+
+/// A minimal HTTP/1.0 GET, enough for /metrics and /healthz.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Self { ws }
+    }
+
+    pub async fn send(&mut self, msg: &ClientMessage) {
+        self.ws
+            .send(Message::Text(serde_json::to_string(msg).unwrap().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    /// The next server message, within 10 s.
+    pub async fn recv(&mut self) -> ServerMessage {
+        self.try_recv(Duration::from_secs(10))
+            .await
+            .expect("a server message within 10 s")
+    }
+
+    /// The next server message, or None if the socket closed or nothing came in time.
+    pub async fn try_recv(&mut self, wait: Duration) -> Option<ServerMessage> {
+        loop {
+            match tokio::time::timeout(wait, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => return Some(ServerMessage::parse(&t).unwrap()),
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
+                    return None
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Skips messages until one matches.
+    pub async fn expect<T>(&mut self, mut pick: impl FnMut(&ServerMessage) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let msg = self
+                .try_recv(left)
+                .await
+                .expect("the expected message within 10 s");
+            if let Some(v) = pick(&msg) {
+                return v;
+            }
+        }
+    }
+
+    pub async fn join(url: &str, join: Join) -> (Self, ServerMessage) {
+        let mut c = Self::connect(url).await;
+        c.send(&ClientMessage::Join(join)).await;
+        let answer = c.recv().await;
+        (c, answer)
+    }
+}

@@ -1,0 +1,282 @@
+//! Signaling through the real websocket with real credentials: joins, room events,
+//! refusals that leave the room undisturbed, misbehaving peers, reconnects, shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, TestServer};
+use weir_signaling::{ClientMessage, ErrorCode, Kind, LeaveReason, ServerMessage};
+
+fn text(t: &str) -> ClientMessage {
+    ClientMessage::TextMessage { text: t.into() }
+}
+
+#[tokio::test]
+async fn members_streams_and_text_flow_through_a_room() {
+    let t = TestServer::start().await;
+    let (mut alice, joined) = Client::join(&t.ws_url(), t.join("alice", 1234, 0xff)).await;
+    assert!(
+        matches!(joined, ServerMessage::Joined { ref members, ref room, privileges: 0xff, .. } if members.is_empty() && room == "1234"),
+        "{joined:?}"
+    );
+    let (mut bob, joined) = Client::join(&t.ws_url(), t.join("bob", 1234, 0xff)).await;
+    let ServerMessage::Joined { members, .. } = joined else {
+        panic!("{joined:?}")
+    };
+    assert_eq!(members[0].user_id, "alice");
+    assert!(
+        matches!(alice.recv().await, ServerMessage::MemberJoined { user_id } if user_id == "bob")
+    );
+
+    alice
+        .send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+        })
+        .await;
+    let ServerMessage::Published { stream } = alice.recv().await else {
+        panic!()
+    };
+    assert_eq!(stream.stream_id, "1400000000_1234_alice_main");
+    let added = bob
+        .expect(|m| match m {
+            ServerMessage::StreamAdded { stream } => Some(stream.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(added, stream);
+    assert!(added
+        .urls
+        .rtmp
+        .starts_with("rtmp://127.0.0.1:1935/live/1400000000_1234_alice_main"));
+    assert!(added
+        .urls
+        .flv
+        .ends_with("/live/1400000000_1234_alice_main.flv"));
+
+    bob.send(&text("hello alice")).await;
+    let got = alice
+        .expect(|m| match m {
+            ServerMessage::TextMessage { user_id, text, .. } => {
+                Some((user_id.clone(), text.clone()))
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(got, ("bob".into(), "hello alice".into()));
+
+    alice
+        .send(&ClientMessage::Mute {
+            kind: Kind::Audio,
+            muted: true,
+        })
+        .await;
+    bob.expect(|m| {
+        matches!(
+            m,
+            ServerMessage::StreamMuted {
+                muted: true,
+                kind: Kind::Audio,
+                ..
+            }
+        )
+        .then_some(())
+    })
+    .await;
+
+    alice.send(&ClientMessage::Ping { ts: 77 }).await;
+    alice
+        .expect(|m| matches!(m, ServerMessage::Pong { ts: 77 }).then_some(()))
+        .await;
+
+    alice.send(&ClientMessage::Leave).await;
+    alice
+        .expect(|m| {
+            matches!(
+                m,
+                ServerMessage::Left {
+                    reason: LeaveReason::Left
+                }
+            )
+            .then_some(())
+        })
+        .await;
+    bob.expect(|m| matches!(m, ServerMessage::StreamRemoved { stream_id, .. } if stream_id == "1400000000_1234_alice_main").then_some(())).await;
+    bob.expect(|m| matches!(m, ServerMessage::MemberLeft { user_id, reason: LeaveReason::Left } if user_id == "alice").then_some(())).await;
+}
+
+fn error_of(m: &ServerMessage) -> (ErrorCode, String, Option<u32>) {
+    match m {
+        ServerMessage::Error {
+            code,
+            message,
+            tencent_code,
+            ..
+        } => (*code, message.clone(), *tencent_code),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn refusals_name_the_reason_and_leave_the_room_undisturbed() {
+    let t = TestServer::start().await;
+    let (mut alice, _) = Client::join(&t.ws_url(), t.join("alice", 1, 0xff)).await;
+    let (mut bob, _) = Client::join(&t.ws_url(), t.join("bob", 1, 0xff)).await;
+    alice
+        .expect(|m| matches!(m, ServerMessage::MemberJoined { .. }).then_some(()))
+        .await;
+
+    // a userSig that does not verify
+    let mut bad = t.join("mallory", 1, 0xff);
+    bad.user_sig = bad.user_sig.replacen('A', "B", 1);
+    let (mut m1, answer) = Client::join(&t.ws_url(), bad).await;
+    let (code, message, tencent) = error_of(&answer);
+    assert_eq!(code, ErrorCode::InvalidUserSig);
+    assert!(tencent.is_some(), "{message}");
+
+    // a privateMapKey for another room
+    let mut other_room = t.join("carol", 1, 0xff);
+    other_room.private_map_key = t.join("carol", 2, 0xff).private_map_key;
+    let (mut m2, answer) = Client::join(&t.ws_url(), other_room).await;
+    let (code, message, _) = error_of(&answer);
+    assert_eq!(code, ErrorCode::InvalidPrivateMapKey);
+    assert!(message.contains("room mismatch"), "{message}");
+
+    // entering without 0x10, then publishing video
+    let (mut dave, joined) =
+        Client::join(&t.ws_url(), t.join("dave", 1, 0x02 | 0x04 | 0x08 | 0x20)).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }));
+    dave.send(&ClientMessage::Publish {
+        audio: true,
+        video: true,
+    })
+    .await;
+    let (code, message, _) = error_of(&dave.recv().await);
+    assert_eq!(code, ErrorCode::MissingPrivilege);
+    assert!(message.contains("send video (0x10)"), "{message}");
+    // dave's session still works: audio alone is allowed
+    dave.send(&ClientMessage::Publish {
+        audio: true,
+        video: false,
+    })
+    .await;
+    assert!(matches!(dave.recv().await, ServerMessage::Published { .. }));
+
+    // the refused sessions are not members; the room carries on
+    bob.send(&text("still here")).await;
+    alice
+        .expect(|m| {
+            matches!(m, ServerMessage::TextMessage { text, .. } if text == "still here")
+                .then_some(())
+        })
+        .await;
+    for c in [&mut m1, &mut m2] {
+        c.send(&text("let me in")).await;
+        let (code, _, _) = error_of(&c.recv().await);
+        assert_eq!(code, ErrorCode::NotJoined);
+    }
+    let metrics = t.metrics().await;
+    assert!(
+        metrics.contains("weir_joins_total{outcome=\"invalid_user_sig\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weir_joins_total{outcome=\"invalid_private_map_key\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weir_joins_total{outcome=\"ok\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("weir_participants 3"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_misbehaving_peer_is_disconnected_and_nobody_else_notices() {
+    let t = TestServer::start().await;
+    let (mut alice, _) = Client::join(&t.ws_url(), t.join("alice", 5, 0xff)).await;
+    let (mut mallory, _) = Client::join(&t.ws_url(), t.join("mallory", 5, 0xff)).await;
+    alice
+        .expect(|m| matches!(m, ServerMessage::MemberJoined { .. }).then_some(()))
+        .await;
+    for _ in 0..20 {
+        mallory.send_raw("{\"type\":\"explode\"}").await;
+    }
+    let mut errors = 0;
+    while let Some(m) = mallory.try_recv(Duration::from_secs(5)).await {
+        assert_eq!(error_of(&m).0, ErrorCode::BadRequest);
+        errors += 1;
+    }
+    assert!(
+        errors <= 9,
+        "disconnected after a bounded number of bad messages, got {errors} errors"
+    );
+    alice.expect(|m| matches!(m, ServerMessage::MemberLeft { user_id, reason: LeaveReason::Disconnected } if user_id == "mallory").then_some(())).await;
+    alice.send(&ClientMessage::Ping { ts: 1 }).await;
+    alice
+        .expect(|m| matches!(m, ServerMessage::Pong { ts: 1 }).then_some(()))
+        .await;
+}
+
+#[tokio::test]
+async fn rejoining_with_the_same_user_replaces_the_old_session() {
+    let t = TestServer::start().await;
+    let (mut first, _) = Client::join(&t.ws_url(), t.join("alice", 9, 0xff)).await;
+    let (mut bob, _) = Client::join(&t.ws_url(), t.join("bob", 9, 0xff)).await;
+    let (_second, joined) = Client::join(&t.ws_url(), t.join("alice", 9, 0xff)).await;
+    assert!(matches!(joined, ServerMessage::Joined { ref members, .. } if members.len() == 1));
+    first
+        .expect(|m| {
+            matches!(
+                m,
+                ServerMessage::Left {
+                    reason: LeaveReason::Replaced
+                }
+            )
+            .then_some(())
+        })
+        .await;
+    assert!(
+        first.try_recv(Duration::from_secs(2)).await.is_none(),
+        "the old socket is closed"
+    );
+    bob.expect(|m| {
+        matches!(
+            m,
+            ServerMessage::MemberLeft {
+                reason: LeaveReason::Replaced,
+                ..
+            }
+        )
+        .then_some(())
+    })
+    .await;
+    bob.expect(|m| {
+        matches!(m, ServerMessage::MemberJoined { user_id } if user_id == "alice").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_tells_clients_and_refuses_new_ones() {
+    let t = TestServer::start().await;
+    let (mut alice, _) = Client::join(&t.ws_url(), t.join("alice", 3, 0xff)).await;
+    let url = t.ws_url();
+    let addr = t.server.http_addr;
+    let stopping = tokio::spawn(t.server.shutdown());
+    alice
+        .expect(|m| {
+            matches!(
+                m,
+                ServerMessage::Left {
+                    reason: LeaveReason::ServerShutdown
+                }
+            )
+            .then_some(())
+        })
+        .await;
+    stopping.await.unwrap();
+    assert!(tokio_tungstenite::connect_async(&url).await.is_err());
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
