@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod media;
 pub mod metrics;
 pub mod room;
 pub mod server;

@@ -90,7 +90,28 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         urls,
     );
     let (control_tx, control_rx) = mpsc::channel(4096);
-    let control = tokio::spawn(Control::new(rooms, None, metrics.clone()).run(control_rx));
+    let udp = tokio::net::UdpSocket::bind(&config.server.udp_addr)
+        .await
+        .with_context(|| format!("binding WebRTC UDP on {}", config.server.udp_addr))?;
+    let udp_port = udp.local_addr()?.port();
+    let announce = crate::media::announce_addresses(&config.server.announce_ips, udp_port)
+        .map_err(anyhow::Error::msg)?;
+    info!(
+        udp = %udp.local_addr()?,
+        announced = ?announce,
+        "WebRTC media: one UDP port for all peers; clients must reach the announced addresses \
+         (set announce_ips / WEIR_ANNOUNCE_IPS to the public IP behind NAT)"
+    );
+    let (media_tx, media_rx) = mpsc::channel(4096);
+    let media = crate::media::Media::new(
+        crate::media::MediaConfig { announce },
+        udp,
+        control_tx.clone(),
+        metrics.clone(),
+    )?;
+    tokio::spawn(media.run(media_rx));
+    let control =
+        tokio::spawn(Control::new(rooms, Some(media_tx), metrics.clone()).run(control_rx));
     let state = Arc::new(AppState {
         keyring: Arc::new(keyring),
         control: control_tx,

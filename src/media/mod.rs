@@ -1,0 +1,542 @@
+//! The media plane: every WebRTC peer connection on one UDP port, and forwarding.
+//!
+//! One task owns the socket and all `rtc` peer connections (webrtc-rs's sans-I/O core).
+//! Datagrams are demultiplexed to peer connections by the ICE username of the first
+//! STUN request (our ufrag is chosen per connection), then by 5-tuple. Each client
+//! has up to two connections: *publisher* (the client offers, we receive) and
+//! *subscriber* (we offer, we send), so offers never collide.
+//!
+//! Forwarding rewrites, per subscriber track: SSRC (its own), payload type (as the
+//! subscriber negotiated), sequence numbers and timestamps (continuous, from a random
+//! base), and drops header extensions the subscriber leg did not negotiate.
+
+mod demux;
+mod forward;
+mod peer;
+
+pub use demux::stun_username;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use weir_signaling::{ClientMessage, ErrorCode, Kind, ServerMessage, Target};
+
+use crate::metrics::Metrics;
+use crate::room::{MediaCommand, SessionId};
+use crate::server::control::{ControlCommand, MediaInput};
+
+use peer::{Peer, PeerKey};
+
+/// Where peers reach us.
+#[derive(Debug, Clone)]
+pub struct MediaConfig {
+    /// Addresses put into our ICE candidates, with the UDP port.
+    pub announce: Vec<SocketAddr>,
+}
+
+/// What a publisher may send, from the room's `AllowPublish`.
+#[derive(Debug, Clone)]
+struct Allowed {
+    stream_id: String,
+    kinds: Vec<Kind>,
+}
+
+/// Everything the media task owns.
+pub struct Media {
+    config: MediaConfig,
+    socket: Arc<UdpSocket>,
+    local_addr: SocketAddr,
+    peers: HashMap<PeerKey, Peer>,
+    by_ufrag: HashMap<String, PeerKey>,
+    by_addr: HashMap<SocketAddr, PeerKey>,
+    allowed: HashMap<SessionId, Allowed>,
+    /// stream id → its publisher.
+    publishers: HashMap<String, SessionId>,
+    /// stream id → subscribers and the kinds each receives.
+    subscriptions: HashMap<String, HashMap<SessionId, Vec<Kind>>>,
+    control: mpsc::Sender<ControlCommand>,
+    metrics: Arc<Metrics>,
+    /// Last PLI sent to each publisher track, to throttle keyframe requests.
+    last_pli: HashMap<(String, Kind), Instant>,
+}
+
+/// Keyframe requests to one publisher track are sent at most this often.
+const PLI_INTERVAL: Duration = Duration::from_millis(500);
+
+impl Media {
+    pub fn new(
+        config: MediaConfig,
+        socket: UdpSocket,
+        control: mpsc::Sender<ControlCommand>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let local_addr = socket.local_addr()?;
+        Ok(Self {
+            config,
+            socket: Arc::new(socket),
+            local_addr,
+            peers: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            allowed: HashMap::new(),
+            publishers: HashMap::new(),
+            subscriptions: HashMap::new(),
+            control,
+            metrics,
+            last_pli: HashMap::new(),
+        })
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::Receiver<MediaInput>) {
+        let socket = self.socket.clone();
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let now = Instant::now();
+            let deadline = self
+                .peers
+                .values_mut()
+                .filter_map(|p| p.pc.poll_timeout())
+                .min()
+                .unwrap_or(now + Duration::from_secs(1));
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline.max(now)));
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(input) => self.input(input),
+                    None => break,
+                },
+                res = socket.recv_from(&mut buf) => match res {
+                    Ok((n, from)) => self.datagram(&buf[..n], from),
+                    Err(e) => debug!(error = %e, "UDP receive error"),
+                },
+                _ = sleep => self.timeout(Instant::now()),
+            }
+            self.pump().await;
+        }
+        debug!("media task stopped");
+    }
+
+    fn timeout(&mut self, now: Instant) {
+        for (key, p) in self.peers.iter_mut() {
+            if p.pc.poll_timeout().is_some_and(|t| t <= now) {
+                if let Err(e) = p.pc.handle_timeout(now) {
+                    debug!(?key, error = %e, "peer timeout handling failed");
+                }
+            }
+        }
+    }
+
+    fn datagram(&mut self, data: &[u8], from: SocketAddr) {
+        let key = match self.by_addr.get(&from) {
+            Some(k) => *k,
+            None => {
+                // A new 5-tuple must introduce itself with a STUN request naming our ufrag.
+                let Some(ufrag) =
+                    stun_username(data).and_then(|u| u.split(':').next().map(str::to_owned))
+                else {
+                    return;
+                };
+                let Some(&key) = self.by_ufrag.get(&ufrag) else {
+                    debug!(%from, ufrag, "STUN for an unknown ufrag; dropped");
+                    return;
+                };
+                self.by_addr.insert(from, key);
+                if let Some(p) = self.peers.get_mut(&key) {
+                    p.addrs.push(from);
+                }
+                key
+            }
+        };
+        let Some(p) = self.peers.get_mut(&key) else {
+            self.by_addr.remove(&from);
+            return;
+        };
+        let msg = TaggedBytesMut {
+            now: Instant::now(),
+            transport: TransportContext {
+                local_addr: self.local_addr,
+                peer_addr: from,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: BytesMut::from(data),
+        };
+        if let Err(e) = p.pc.handle_read(msg) {
+            debug!(?key, error = %e, "peer rejected a datagram");
+        }
+    }
+
+    fn tell(&self, session: SessionId, msg: ServerMessage) {
+        if self
+            .control
+            .try_send(ControlCommand::MediaSignal { session, msg })
+            .is_err()
+        {
+            warn!(
+                session = session.0,
+                "control queue full; a signaling message was dropped"
+            );
+        }
+    }
+
+    fn input(&mut self, input: MediaInput) {
+        match input {
+            MediaInput::Command(cmd) => self.command(cmd),
+            MediaInput::Signal { session, msg } => {
+                if let Err(e) = self.signal(session, msg) {
+                    self.tell(session, ServerMessage::error(ErrorCode::Negotiation, e));
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: MediaCommand) {
+        match cmd {
+            MediaCommand::AllowPublish {
+                session,
+                stream_id,
+                kinds,
+            } => {
+                self.publishers.insert(stream_id.clone(), session);
+                self.allowed.insert(session, Allowed { stream_id, kinds });
+            }
+            MediaCommand::Subscribe {
+                subscriber,
+                stream_id,
+                kinds,
+            } => {
+                self.subscriptions
+                    .entry(stream_id.clone())
+                    .or_default()
+                    .insert(subscriber, kinds);
+                self.sync_subscriber(subscriber);
+                // A new subscriber needs a picture now, not at the next periodic keyframe.
+                self.request_keyframe(&stream_id, Instant::now(), true);
+            }
+            MediaCommand::Unsubscribe {
+                subscriber,
+                stream_id,
+            } => {
+                if let Some(s) = self.subscriptions.get_mut(&stream_id) {
+                    s.remove(&subscriber);
+                }
+                self.sync_subscriber(subscriber);
+            }
+            MediaCommand::EndStream { stream_id } => {
+                let subscribers: Vec<SessionId> = self
+                    .subscriptions
+                    .remove(&stream_id)
+                    .map(|s| s.into_keys().collect())
+                    .unwrap_or_default();
+                if let Some(publisher) = self.publishers.remove(&stream_id) {
+                    self.allowed.remove(&publisher);
+                    self.close_peer(PeerKey(publisher, Target::Publisher));
+                }
+                for s in subscribers {
+                    self.sync_subscriber(s);
+                }
+            }
+            MediaCommand::CloseSession { session } => {
+                for subs in self.subscriptions.values_mut() {
+                    subs.remove(&session);
+                }
+                self.allowed.remove(&session);
+                self.close_peer(PeerKey(session, Target::Publisher));
+                self.close_peer(PeerKey(session, Target::Subscriber));
+            }
+        }
+    }
+
+    fn close_peer(&mut self, key: PeerKey) {
+        if let Some(mut p) = self.peers.remove(&key) {
+            self.by_ufrag.remove(&p.ufrag);
+            for a in &p.addrs {
+                self.by_addr.remove(a);
+            }
+            p.untrack_metrics(&self.metrics);
+            let _ = p.pc.close();
+            debug!(?key, "peer connection closed");
+        }
+    }
+
+    fn new_peer(&mut self, key: PeerKey) -> Result<&mut Peer, String> {
+        if !self.peers.contains_key(&key) {
+            let p = Peer::new(key, &self.config.announce).map_err(|e| e.to_string())?;
+            self.by_ufrag.insert(p.ufrag.clone(), key);
+            self.peers.insert(key, p);
+        }
+        Ok(self.peers.get_mut(&key).expect("just inserted"))
+    }
+
+    fn signal(&mut self, session: SessionId, msg: ClientMessage) -> Result<(), String> {
+        match msg {
+            ClientMessage::Offer {
+                target: Target::Publisher,
+                sdp,
+            } => {
+                let allowed = self
+                    .allowed
+                    .get(&session)
+                    .cloned()
+                    .ok_or("send `publish` (and have it accepted) before offering")?;
+                for kind in peer::offered_send_kinds(&sdp) {
+                    if !allowed.kinds.contains(&kind) {
+                        return Err(format!(
+                            "the offer sends {kind:?}, which `publish` did not declare (or the privateMapKey does not allow)"
+                        ));
+                    }
+                }
+                let key = PeerKey(session, Target::Publisher);
+                let p = self.new_peer(key)?;
+                let answer = p
+                    .answer(sdp)
+                    .map_err(|e| format!("cannot answer the offer: {e}"))?;
+                self.tell(
+                    session,
+                    ServerMessage::Answer {
+                        target: Target::Publisher,
+                        sdp: answer,
+                    },
+                );
+                Ok(())
+            }
+            ClientMessage::Answer {
+                target: Target::Subscriber,
+                sdp,
+            } => {
+                let key = PeerKey(session, Target::Subscriber);
+                let p = self
+                    .peers
+                    .get_mut(&key)
+                    .ok_or("no subscriber offer is pending")?;
+                p.accept_answer(sdp)
+                    .map_err(|e| format!("cannot apply the answer: {e}"))?;
+                // Changes that arrived during the negotiation are offered now.
+                self.sync_subscriber(session);
+                Ok(())
+            }
+            ClientMessage::Candidate { target, candidate } => {
+                if let (Some(c), Some(p)) =
+                    (candidate, self.peers.get_mut(&PeerKey(session, target)))
+                {
+                    p.add_remote_candidate(c);
+                }
+                Ok(())
+            }
+            other => Err(format!(
+                "`{}` with that target is not accepted",
+                other.type_name()
+            )),
+        }
+    }
+
+    /// Brings a subscriber's connection in line with its subscriptions: adds tracks for
+    /// new publisher tracks, removes ended ones, and offers when something changed.
+    fn sync_subscriber(&mut self, subscriber: SessionId) {
+        let mut wanted: HashSet<(String, Kind)> = HashSet::new();
+        let mut codecs = HashMap::new();
+        for (stream_id, subs) in &self.subscriptions {
+            let Some(kinds) = subs.get(&subscriber) else {
+                continue;
+            };
+            let Some(publisher) = self.publishers.get(stream_id) else {
+                continue;
+            };
+            let Some(pub_peer) = self.peers.get(&PeerKey(*publisher, Target::Publisher)) else {
+                continue;
+            };
+            for kind in kinds {
+                if let Some(codec) = pub_peer.track_codec(*kind) {
+                    wanted.insert((stream_id.clone(), *kind));
+                    codecs.insert((stream_id.clone(), *kind), codec);
+                }
+            }
+        }
+        let key = PeerKey(subscriber, Target::Subscriber);
+        if wanted.is_empty() && !self.peers.contains_key(&key) {
+            return;
+        }
+        let metrics = self.metrics.clone();
+        let offer = match self.new_peer(key) {
+            Ok(p) => p.sync_downtracks(&wanted, &codecs, &metrics),
+            Err(e) => Err(e),
+        };
+        match offer {
+            Ok(Some(sdp)) => self.tell(
+                subscriber,
+                ServerMessage::Offer {
+                    target: Target::Subscriber,
+                    sdp,
+                },
+            ),
+            Ok(None) => {}
+            Err(e) => warn!(session = subscriber.0, error = %e, "subscriber renegotiation failed"),
+        }
+    }
+
+    /// Sends a PLI to the publisher of `stream_id`'s video, throttled unless `now_please`.
+    fn request_keyframe(&mut self, stream_id: &str, now: Instant, now_please: bool) {
+        let Some(publisher) = self.publishers.get(stream_id).copied() else {
+            return;
+        };
+        let throttle_key = (stream_id.to_owned(), Kind::Video);
+        if !now_please {
+            if let Some(last) = self.last_pli.get(&throttle_key) {
+                if now.duration_since(*last) < PLI_INTERVAL {
+                    return;
+                }
+            }
+        }
+        if let Some(p) = self.peers.get_mut(&PeerKey(publisher, Target::Publisher)) {
+            if p.send_pli(now) {
+                self.last_pli.insert(throttle_key, now);
+                self.metrics.plis.with_label_values(&["to_publisher"]).inc();
+            }
+        }
+    }
+
+    /// Drains every peer: datagrams out, events, and media to forward.
+    async fn pump(&mut self) {
+        let now = Instant::now();
+        let mut forwards = Vec::new();
+        let mut keyframe_requests: Vec<String> = Vec::new();
+        let mut failed = Vec::new();
+        let mut opened = Vec::new();
+        for (key, p) in self.peers.iter_mut() {
+            let drained = p.drain();
+            if drained.failed {
+                failed.push(*key);
+            }
+            if drained.track_ready {
+                opened.push(key.0);
+            }
+            for (kind, packet, arrived) in drained.media {
+                forwards.push((key.0, kind, packet, arrived));
+            }
+            for (stream_id, _kind) in drained.keyframe_requests {
+                keyframe_requests.push(stream_id);
+            }
+        }
+        for session in opened {
+            info!(session = session.0, "publisher track open");
+            // Subscribers waiting for this publisher's codec can now get their tracks.
+            let stream = self.allowed.get(&session).map(|a| a.stream_id.clone());
+            if let Some(stream_id) = stream {
+                let subs: Vec<SessionId> = self
+                    .subscriptions
+                    .get(&stream_id)
+                    .map(|s| s.keys().copied().collect())
+                    .unwrap_or_default();
+                for s in subs {
+                    self.sync_subscriber(s);
+                }
+                self.request_keyframe(&stream_id, now, true);
+            }
+        }
+        for (publisher, kind, packet, arrived) in forwards {
+            self.forward(publisher, kind, packet, arrived);
+        }
+        for stream_id in keyframe_requests {
+            self.metrics
+                .plis
+                .with_label_values(&["from_subscriber"])
+                .inc();
+            self.request_keyframe(&stream_id, now, false);
+        }
+        for key in failed {
+            info!(
+                session = key.0 .0,
+                ?key,
+                "peer connection failed; the member is removed"
+            );
+            let _ = self
+                .control
+                .try_send(ControlCommand::MediaGone { session: key.0 });
+            self.close_peer(key);
+        }
+        for p in self.peers.values_mut() {
+            while let Some(out) = p.pc.poll_write() {
+                let _ = self
+                    .socket
+                    .try_send_to(&out.message, out.transport.peer_addr);
+            }
+        }
+    }
+
+    fn forward(
+        &mut self,
+        publisher: SessionId,
+        kind: Kind,
+        packet: rtc::rtp::Packet,
+        arrived: Instant,
+    ) {
+        let Some(stream_id) = self.allowed.get(&publisher).map(|a| a.stream_id.clone()) else {
+            return;
+        };
+        let label = forward::kind_label(kind);
+        self.metrics
+            .rtp_packets
+            .with_label_values(&["in", label])
+            .inc();
+        self.metrics
+            .rtp_bytes
+            .with_label_values(&["in", label])
+            .inc_by(packet.payload.len() as u64);
+        let Some(subs) = self.subscriptions.get(&stream_id) else {
+            return;
+        };
+        let targets: Vec<SessionId> = subs
+            .iter()
+            .filter(|(_, kinds)| kinds.contains(&kind))
+            .map(|(s, _)| *s)
+            .collect();
+        for s in targets {
+            let Some(p) = self.peers.get_mut(&PeerKey(s, Target::Subscriber)) else {
+                continue;
+            };
+            if p.send_forwarded(&stream_id, kind, &packet, Instant::now()) {
+                self.metrics
+                    .rtp_packets
+                    .with_label_values(&["out", label])
+                    .inc();
+                self.metrics
+                    .rtp_bytes
+                    .with_label_values(&["out", label])
+                    .inc_by(packet.payload.len() as u64);
+                self.metrics
+                    .forward_latency
+                    .observe(arrived.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
+/// The addresses to announce: the configured ones, or every non-loopback interface
+/// address found by asking the kernel for a route, falling back to loopback.
+pub fn announce_addresses(configured: &[String], port: u16) -> Result<Vec<SocketAddr>, String> {
+    let mut out = Vec::new();
+    for ip in configured {
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|e| format!("announce_ips: {ip:?} is not an IP address: {e}"))?;
+        out.push(SocketAddr::new(ip, port));
+    }
+    if out.is_empty() {
+        // The source address the kernel would use for an outside destination; no packet is sent.
+        let probe = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.connect("192.0.2.1:9").map(|_| s))
+            .and_then(|s| s.local_addr());
+        match probe {
+            Ok(a) if !a.ip().is_unspecified() => out.push(SocketAddr::new(a.ip(), port)),
+            _ => out.push(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port)),
+        }
+    }
+    Ok(out)
+}

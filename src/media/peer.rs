@@ -1,0 +1,521 @@
+//! One `rtc` peer connection and what Weir tracks about it: the tracks it receives
+//! (publisher side) and the tracks it sends (subscriber side, one per forwarded
+//! publisher track, each with its own SSRC).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rand::Rng;
+use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
+};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
+use rtc::sansio::Protocol;
+use rtc::shared::error::Error as RtcError;
+use tracing::debug;
+use weir_signaling::{IceCandidate, Kind, Target};
+
+use crate::metrics::Metrics;
+use crate::room::SessionId;
+
+use super::forward::{kind_label, Rewriter};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerKey(pub SessionId, pub Target);
+
+/// A track a publisher sends us.
+struct Uptrack {
+    kind: Kind,
+    receiver_id: RTCRtpReceiverId,
+    ssrc: u32,
+    codec: Option<RTCRtpCodec>,
+}
+
+/// A track we send a subscriber: one publisher track, rewritten.
+struct Downtrack {
+    sender_id: RTCRtpSenderId,
+    track_id: String,
+    rewriter: Rewriter,
+    payload_type: Option<u8>,
+    mime: String,
+    fmtp: String,
+}
+
+/// What one pass over a peer's outputs found.
+#[derive(Default)]
+pub struct Drained {
+    pub failed: bool,
+    /// A publisher track's codec became known (subscribers can now get it).
+    pub track_ready: bool,
+    pub media: Vec<(Kind, rtc::rtp::Packet, Instant)>,
+    /// Keyframe requests from a subscriber, by (stream id, kind).
+    pub keyframe_requests: Vec<(String, Kind)>,
+}
+
+pub struct Peer {
+    pub key: PeerKey,
+    pub pc: RTCPeerConnection,
+    pub ufrag: String,
+    pub addrs: Vec<SocketAddr>,
+    uptracks: HashMap<String, Uptrack>,
+    downtracks: HashMap<(String, Kind), Downtrack>,
+    /// A local offer is waiting for its answer.
+    negotiating: bool,
+    /// Something changed while negotiating: offer again after the answer.
+    pending: bool,
+}
+
+fn random_token(len: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    (0..len)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn to_kind(k: RtpCodecKind) -> Option<Kind> {
+    match k {
+        RtpCodecKind::Audio => Some(Kind::Audio),
+        RtpCodecKind::Video => Some(Kind::Video),
+        _ => None,
+    }
+}
+
+fn from_kind(k: Kind) -> RtpCodecKind {
+    match k {
+        Kind::Audio => RtpCodecKind::Audio,
+        Kind::Video => RtpCodecKind::Video,
+    }
+}
+
+/// The kinds an SDP offer *sends* (m-sections that are sendrecv or sendonly and not
+/// rejected): what a publisher asks to publish.
+pub fn offered_send_kinds(sdp: &str) -> Vec<Kind> {
+    let mut out = Vec::new();
+    let mut current: Option<(Kind, bool, bool)> = None; // kind, rejected, sends
+    let finish = |c: Option<(Kind, bool, bool)>, out: &mut Vec<Kind>| {
+        if let Some((kind, rejected, sends)) = c {
+            if !rejected && sends && !out.contains(&kind) {
+                out.push(kind);
+            }
+        }
+    };
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if let Some(m) = line.strip_prefix("m=") {
+            finish(current.take(), &mut out);
+            let mut parts = m.split_whitespace();
+            let kind = match parts.next() {
+                Some("audio") => Some(Kind::Audio),
+                Some("video") => Some(Kind::Video),
+                _ => None,
+            };
+            let rejected = parts.next() == Some("0");
+            current = kind.map(|k| (k, rejected, true));
+        } else if let Some(c) = current.as_mut() {
+            match line {
+                "a=recvonly" | "a=inactive" => c.2 = false,
+                "a=sendonly" | "a=sendrecv" => c.2 = true,
+                _ => {}
+            }
+        }
+    }
+    finish(current, &mut out);
+    out
+}
+
+/// Hands keyframe requests (PLI, FIR) to the application; everything else is left to
+/// the interceptor chain. Without this mark, inbound RTCP never leaves the chain.
+#[derive(Default)]
+struct DeliverKeyframeRequests {
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = RtcError;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            let wanted = packets.iter().any(|p| {
+                p.as_any().downcast_ref::<PictureLossIndication>().is_some()
+                    || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
+            });
+            if wanted {
+                msg.message.add(Attribute::DeliverToApplication);
+            }
+        }
+        self.reads.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.reads.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
+        self.writes.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.writes.pop_front()
+    }
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), RtcError> {
+        Ok(())
+    }
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        None
+    }
+}
+
+impl Interceptor for DeliverKeyframeRequests {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+impl Peer {
+    pub fn new(key: PeerKey, announce: &[SocketAddr]) -> Result<Self, RtcError> {
+        let ufrag = random_token(16);
+        let settings = SettingEngineBuilder::new()
+            .with_lite(true)
+            .with_ice_credentials(ufrag.clone(), random_token(32))
+            .build();
+        let mut media_engine = MediaEngine::default();
+        media_engine.register_default_codecs()?;
+        let registry = Registry::new().with(Slot::from(14_000), DeliverKeyframeRequests::default());
+        let registry = register_default_interceptors(registry, &mut media_engine)?;
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(settings)
+            .with_media_engine(media_engine)
+            .with_interceptor_registry(registry)
+            .build(Instant::now())?;
+        for addr in announce {
+            let candidate = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "udp".to_owned(),
+                    address: addr.ip().to_string(),
+                    port: addr.port(),
+                    component: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .new_candidate_host()?;
+            pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        }
+        // No more candidates will come: an ICE-lite server has exactly these.
+        pc.add_local_candidate(RTCIceCandidateInit::default())?;
+        Ok(Self {
+            key,
+            pc,
+            ufrag,
+            addrs: Vec::new(),
+            uptracks: HashMap::new(),
+            downtracks: HashMap::new(),
+            negotiating: false,
+            pending: false,
+        })
+    }
+
+    /// Applies a publisher's offer and returns our answer.
+    pub fn answer(&mut self, sdp: String) -> Result<String, RtcError> {
+        let now = Instant::now();
+        self.pc
+            .set_remote_description(now, RTCSessionDescription::offer(sdp)?)?;
+        let answer = self.pc.create_answer(None)?;
+        self.pc.set_local_description(now, answer)?;
+        self.pc
+            .local_description()
+            .map(|d| d.sdp)
+            .ok_or(RtcError::ErrPeerConnLocalDescriptionNil)
+    }
+
+    pub fn accept_answer(&mut self, sdp: String) -> Result<(), RtcError> {
+        self.pc
+            .set_remote_description(Instant::now(), RTCSessionDescription::answer(sdp)?)?;
+        self.negotiating = false;
+        for d in self.downtracks.values_mut() {
+            d.payload_type = None; // re-read what was negotiated
+        }
+        Ok(())
+    }
+
+    pub fn add_remote_candidate(&mut self, c: IceCandidate) {
+        let init = RTCIceCandidateInit {
+            candidate: c.candidate,
+            sdp_mid: c.sdp_mid,
+            sdp_mline_index: c.sdp_m_line_index,
+            username_fragment: c.username_fragment,
+            ..Default::default()
+        };
+        if let Err(e) = self.pc.add_remote_candidate(init) {
+            debug!(key = ?self.key, error = %e, "remote candidate refused");
+        }
+    }
+
+    /// The codec of this publisher's track of `kind`, once media has shown it.
+    pub fn track_codec(&self, kind: Kind) -> Option<RTCRtpCodec> {
+        self.uptracks
+            .values()
+            .find(|t| t.kind == kind)
+            .and_then(|t| t.codec.clone())
+    }
+
+    /// Everything the connection produced since the last call, except datagrams.
+    pub fn drain(&mut self) -> Drained {
+        let mut out = Drained::default();
+        while let Some(event) = self.pc.poll_event() {
+            match event {
+                RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                    debug!(key = ?self.key, %state, "connection state");
+                    if matches!(state, RTCPeerConnectionState::Failed) {
+                        out.failed = true;
+                    }
+                }
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                    let kind = self
+                        .pc
+                        .rtp_receiver(init.receiver_id)
+                        .and_then(|r| to_kind(r.track().kind()));
+                    if let Some(kind) = kind {
+                        self.uptracks.insert(
+                            init.track_id.clone(),
+                            Uptrack {
+                                kind,
+                                receiver_id: init.receiver_id,
+                                ssrc: init.ssrc,
+                                codec: None,
+                            },
+                        );
+                    }
+                }
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id)) => {
+                    self.uptracks.remove(&track_id);
+                }
+                _ => {}
+            }
+        }
+        while let Some(TaggedRTCMessage { message, .. }) = self.pc.poll_read() {
+            match message {
+                RTCMessage::RtpPacket(track_id, packet) => {
+                    let Some(up) = self.uptracks.get_mut(&track_id) else {
+                        continue;
+                    };
+                    if up.codec.is_none() {
+                        let pt = packet.header.payload_type;
+                        up.codec = self.pc.rtp_receiver(up.receiver_id).and_then(|mut r| {
+                            r.get_parameters()
+                                .rtp_parameters
+                                .codecs
+                                .iter()
+                                .find(|c| c.payload_type == pt)
+                                .map(|c| c.rtp_codec.clone())
+                        });
+                        if up.codec.is_some() {
+                            out.track_ready = true;
+                        }
+                    }
+                    out.media.push((up.kind, packet, Instant::now()));
+                }
+                RTCMessage::RtcpPacket(track_id, _packets) => {
+                    // Only PLI/FIR are marked for delivery; on a subscriber connection
+                    // they name one of our downtracks.
+                    if let Some(((stream_id, kind), _)) =
+                        self.downtracks.iter().find(|(_, d)| d.track_id == track_id)
+                    {
+                        out.keyframe_requests.push((stream_id.clone(), *kind));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Asks the publisher for a keyframe on its video tracks. True if one was sent.
+    pub fn send_pli(&mut self, now: Instant) -> bool {
+        let targets: Vec<(RTCRtpReceiverId, u32)> = self
+            .uptracks
+            .values()
+            .filter(|t| t.kind == Kind::Video)
+            .map(|t| (t.receiver_id, t.ssrc))
+            .collect();
+        let mut sent = false;
+        for (receiver_id, ssrc) in targets {
+            if let Some(mut r) = self.pc.rtp_receiver(receiver_id) {
+                let pli = PictureLossIndication {
+                    sender_ssrc: 0,
+                    media_ssrc: ssrc,
+                };
+                sent |= r.write_rtcp(now, vec![Box::new(pli)]).is_ok();
+            }
+        }
+        sent
+    }
+
+    /// Adds and removes downtracks to match `wanted`; returns an offer if the
+    /// connection must be renegotiated now.
+    pub fn sync_downtracks(
+        &mut self,
+        wanted: &HashSet<(String, Kind)>,
+        codecs: &HashMap<(String, Kind), RTCRtpCodec>,
+        metrics: &Metrics,
+    ) -> Result<Option<String>, String> {
+        let mut changed = false;
+        let stale: Vec<(String, Kind)> = self
+            .downtracks
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for k in stale {
+            if let Some(d) = self.downtracks.remove(&k) {
+                let _ = self.pc.remove_track(d.sender_id);
+                metrics
+                    .subscribed_tracks
+                    .with_label_values(&[kind_label(k.1)])
+                    .dec();
+                changed = true;
+            }
+        }
+        for k in wanted {
+            if self.downtracks.contains_key(k) {
+                continue;
+            }
+            let codec = codecs[k].clone();
+            let ssrc: u32 = rand::random();
+            let track_id = format!("{}-{}", k.0, kind_label(k.1));
+            let track = MediaStreamTrack::new(
+                k.0.clone(),
+                track_id.clone(),
+                track_id.clone(),
+                from_kind(k.1),
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
+                    codec: codec.clone(),
+                    ..Default::default()
+                }],
+            );
+            let sender_id = self.pc.add_track(track).map_err(|e| e.to_string())?;
+            self.downtracks.insert(
+                k.clone(),
+                Downtrack {
+                    sender_id,
+                    track_id,
+                    rewriter: Rewriter::new(ssrc),
+                    payload_type: None,
+                    mime: codec.mime_type.clone(),
+                    fmtp: codec.sdp_fmtp_line.clone(),
+                },
+            );
+            metrics
+                .subscribed_tracks
+                .with_label_values(&[kind_label(k.1)])
+                .inc();
+            changed = true;
+        }
+        if !(changed || self.pending) {
+            return Ok(None);
+        }
+        if self.negotiating {
+            self.pending = true;
+            return Ok(None);
+        }
+        self.pending = false;
+        let offer = self.pc.create_offer(None).map_err(|e| e.to_string())?;
+        self.pc
+            .set_local_description(Instant::now(), offer)
+            .map_err(|e| e.to_string())?;
+        self.negotiating = true;
+        self.pc
+            .local_description()
+            .map(|d| Some(d.sdp))
+            .ok_or_else(|| "no local description after setting it".into())
+    }
+
+    /// Sends a publisher's packet on the matching downtrack. True if it went out.
+    pub fn send_forwarded(
+        &mut self,
+        stream_id: &str,
+        kind: Kind,
+        packet: &rtc::rtp::Packet,
+        now: Instant,
+    ) -> bool {
+        let Some(d) = self.downtracks.get_mut(&(stream_id.to_owned(), kind)) else {
+            return false;
+        };
+        let Some(mut sender) = self.pc.rtp_sender(d.sender_id) else {
+            return false;
+        };
+        if d.payload_type.is_none() {
+            let codecs = &sender.get_parameters().rtp_parameters.codecs;
+            d.payload_type = codecs
+                .iter()
+                .find(|c| {
+                    c.rtp_codec.mime_type.eq_ignore_ascii_case(&d.mime)
+                        && c.rtp_codec.sdp_fmtp_line == d.fmtp
+                })
+                .or_else(|| {
+                    codecs
+                        .iter()
+                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&d.mime))
+                })
+                .map(|c| c.payload_type);
+        }
+        let Some(pt) = d.payload_type else {
+            return false; // not negotiated yet
+        };
+        let out = d.rewriter.rewrite(packet, pt);
+        sender.write_rtp(now, out).is_ok()
+    }
+
+    /// Decrements the gauges this peer contributes to, before it is dropped.
+    pub fn untrack_metrics(&mut self, metrics: &Metrics) {
+        for (_, kind) in self.downtracks.keys() {
+            metrics
+                .subscribed_tracks
+                .with_label_values(&[kind_label(*kind)])
+                .dec();
+        }
+        self.downtracks.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offered_kinds_follow_directions_and_rejections() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=recvonly\r\nm=video 0 UDP/TLS/RTP/SAVPF 97\r\na=sendonly\r\n";
+        assert_eq!(offered_send_kinds(sdp), vec![Kind::Audio]);
+        let both = "m=audio 9 X 111\r\na=sendrecv\r\nm=video 9 X 96\r\n";
+        assert_eq!(offered_send_kinds(both), vec![Kind::Audio, Kind::Video]);
+        assert!(offered_send_kinds("garbage").is_empty());
+    }
+}
