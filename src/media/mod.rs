@@ -168,6 +168,14 @@ impl Media {
             },
             message: BytesMut::from(data),
         };
+        if data.first().is_some_and(|b| (128..192).contains(b)) {
+            tracing::trace!(
+                ?key,
+                len = data.len(),
+                pt = data.get(1).map(|b| b & 0x7f),
+                "RTP/RTCP datagram"
+            );
+        }
         if let Err(e) = p.pc.handle_read(msg) {
             debug!(?key, error = %e, "peer rejected a datagram");
         }

@@ -287,6 +287,7 @@ impl Peer {
     pub fn drain(&mut self) -> Drained {
         let mut out = Drained::default();
         while let Some(event) = self.pc.poll_event() {
+            tracing::trace!(key = ?self.key, ?event, "peer event");
             match event {
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                     debug!(key = ?self.key, %state, "connection state");

@@ -12,6 +12,8 @@ use weir::auth::{AppKeys, Privileges, RoomId, TokenKind};
 use weir::config::{AppConfig, Config};
 use weir_signaling::{ClientMessage, Join, ServerMessage, PROTOCOL_VERSION};
 
+pub mod peer;
+
 pub const APP: u64 = 1_400_000_000;
 
 pub struct TestServer {
@@ -26,6 +28,11 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        // RUST_LOG=weir=debug shows the server's side of a failing test.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let app_config: AppConfig = AppKeys::generate_config(APP);
         let mut config = Config::development();
         config.apps = vec![app_config.clone()];
@@ -95,12 +102,17 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Messages `expect` skipped; later reads see them first, so nothing is lost.
+    stash: std::collections::VecDeque<ServerMessage>,
 }
 
 impl Client {
     pub async fn connect(url: &str) -> Self {
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        Self { ws }
+        Self {
+            ws,
+            stash: Default::default(),
+        }
     }
 
     pub async fn send(&mut self, msg: &ClientMessage) {
@@ -123,6 +135,28 @@ impl Client {
 
     /// The next server message, or None if the socket closed or nothing came in time.
     pub async fn try_recv(&mut self, wait: Duration) -> Option<ServerMessage> {
+        if let Some(m) = self.stash.pop_front() {
+            return Some(m);
+        }
+        self.read(wait).await
+    }
+
+    /// True when the server closes the socket within `wait` (stashed and further
+    /// messages are discarded); false if it stays open.
+    pub async fn closed_within(&mut self, wait: Duration) -> bool {
+        self.stash.clear();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Err(_) => return false,
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return true,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    async fn read(&mut self, wait: Duration) -> Option<ServerMessage> {
         loop {
             match tokio::time::timeout(wait, self.ws.next()).await {
                 Ok(Some(Ok(Message::Text(t)))) => return Some(ServerMessage::parse(&t).unwrap()),
@@ -134,17 +168,31 @@ impl Client {
         }
     }
 
-    /// Skips messages until one matches.
-    pub async fn expect<T>(&mut self, mut pick: impl FnMut(&ServerMessage) -> Option<T>) -> T {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    /// The first message (stashed or new) that matches; the others stay stashed.
+    pub async fn expect<T>(&mut self, pick: impl FnMut(&ServerMessage) -> Option<T>) -> T {
+        self.try_recv_matching(Duration::from_secs(10), pick)
+            .await
+            .expect("the expected message within 10 s")
+    }
+
+    /// The first message (stashed or new) that matches, or None when `wait` passes
+    /// first; the others stay stashed for later reads.
+    pub async fn try_recv_matching<T>(
+        &mut self,
+        wait: Duration,
+        mut pick: impl FnMut(&ServerMessage) -> Option<T>,
+    ) -> Option<T> {
+        if let Some(i) = self.stash.iter().position(|m| pick(m).is_some()) {
+            let m = self.stash.remove(i).unwrap();
+            return pick(&m);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let msg = self
-                .try_recv(left)
-                .await
-                .expect("the expected message within 10 s");
-            if let Some(v) = pick(&msg) {
-                return v;
+            let msg = self.read(left).await?;
+            match pick(&msg) {
+                Some(v) => return Some(v),
+                None => self.stash.push_back(msg),
             }
         }
     }

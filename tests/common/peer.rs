@@ -1,0 +1,243 @@
+//! A WebRTC client built on the async `webrtc` crate (the same webrtc-rs release as the
+//! server's core), speaking Weir's signaling: publishes H.264 + Opus from RTP packets
+//! the test makes, and records every packet it receives, per track.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rtc::interceptor::Registry;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceGatheringState,
+    RTCPeerConnectionState,
+};
+
+pub const H264_FMTP: &str =
+    "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
+
+pub fn h264() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "video/H264".into(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: H264_FMTP.into(),
+        rtcp_feedback: vec![],
+    }
+}
+
+pub fn opus() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "audio/opus".into(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".into(),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// A received packet, as the test checks it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub ssrc: u32,
+    pub seq: u16,
+    pub ts: u32,
+    pub pt: u8,
+    pub payload: Vec<u8>,
+}
+
+/// Packets received per remote track id (`<streamId>-audio` / `<streamId>-video`).
+pub type Inbox = Arc<Mutex<HashMap<String, Vec<Received>>>>;
+
+struct Handler {
+    gathered: tokio::sync::watch::Sender<bool>,
+    state: tokio::sync::watch::Sender<RTCPeerConnectionState>,
+    inbox: Inbox,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.gathered.send(true);
+        }
+    }
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.state.send(state);
+    }
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            let id = track.track_id().await;
+            while let Some(event) = track.poll().await {
+                if let TrackRemoteEvent::OnRtpPacket(p) = event {
+                    inbox
+                        .lock()
+                        .unwrap()
+                        .entry(id.clone())
+                        .or_default()
+                        .push(Received {
+                            ssrc: p.header.ssrc,
+                            seq: p.header.sequence_number,
+                            ts: p.header.timestamp,
+                            pt: p.header.payload_type,
+                            payload: p.payload.to_vec(),
+                        });
+                }
+            }
+        });
+    }
+}
+
+/// A sending track and what negotiation decided for it.
+pub struct SendTrack {
+    pub track: Arc<TrackLocalStaticRTP>,
+    sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+    codec: RTCRtpCodec,
+}
+
+impl SendTrack {
+    /// The payload type negotiated for this track's codec (known once negotiated).
+    pub async fn payload_type(&self) -> u8 {
+        let params = self.sender.get_parameters().await.unwrap();
+        params
+            .rtp_parameters
+            .codecs
+            .iter()
+            .find(|c| {
+                c.rtp_codec
+                    .mime_type
+                    .eq_ignore_ascii_case(&self.codec.mime_type)
+                    && c.rtp_codec.sdp_fmtp_line == self.codec.sdp_fmtp_line
+            })
+            .or_else(|| {
+                params.rtp_parameters.codecs.iter().find(|c| {
+                    c.rtp_codec
+                        .mime_type
+                        .eq_ignore_ascii_case(&self.codec.mime_type)
+                })
+            })
+            .map(|c| c.payload_type)
+            .expect("the codec was negotiated")
+    }
+}
+
+pub struct RtcPeer {
+    pub pc: Arc<dyn PeerConnection>,
+    pub inbox: Inbox,
+    gathered: tokio::sync::watch::Receiver<bool>,
+    pub state: tokio::sync::watch::Receiver<RTCPeerConnectionState>,
+}
+
+impl RtcPeer {
+    pub async fn new() -> Self {
+        let mut media_engine = MediaEngine::default();
+        media_engine.register_default_codecs().unwrap();
+        let registry = register_default_interceptors(Registry::new(), &mut media_engine).unwrap();
+        let (gathered_tx, gathered) = tokio::sync::watch::channel(false);
+        let (state_tx, state) = tokio::sync::watch::channel(RTCPeerConnectionState::New);
+        let inbox: Inbox = Arc::default();
+        let handler = Arc::new(Handler {
+            gathered: gathered_tx,
+            state: state_tx,
+            inbox: inbox.clone(),
+        });
+        let pc = PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(media_engine)
+            .with_interceptor_registry(registry)
+            .with_handler(handler)
+            .with_udp_addrs(vec!["127.0.0.1:0"])
+            .build()
+            .await
+            .unwrap();
+        Self {
+            pc: Arc::new(pc),
+            inbox,
+            gathered,
+            state,
+        }
+    }
+
+    /// Adds a sending track with a fixed SSRC.
+    pub async fn add_send_track(
+        &self,
+        kind: RtpCodecKind,
+        codec: RTCRtpCodec,
+        ssrc: u32,
+    ) -> SendTrack {
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            "test-stream".into(),
+            format!("test-{kind}"),
+            format!("test-{kind}"),
+            kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: codec.clone(),
+                ..Default::default()
+            }],
+        )));
+        let sender = self
+            .pc
+            .add_track(track.clone() as Arc<dyn TrackLocal>)
+            .await
+            .unwrap();
+        SendTrack {
+            track,
+            sender,
+            codec,
+        }
+    }
+
+    async fn local_sdp_when_gathered(&mut self) -> String {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.gathered.wait_for(|g| *g)).await;
+        self.pc.local_description().await.unwrap().sdp
+    }
+
+    pub async fn offer(&mut self) -> String {
+        let offer = self.pc.create_offer(None).await.unwrap();
+        self.pc.set_local_description(offer).await.unwrap();
+        self.local_sdp_when_gathered().await
+    }
+
+    pub async fn answer(&mut self, offer: String) -> String {
+        self.pc
+            .set_remote_description(RTCSessionDescription::offer(offer).unwrap())
+            .await
+            .unwrap();
+        let answer = self.pc.create_answer(None).await.unwrap();
+        self.pc.set_local_description(answer).await.unwrap();
+        self.local_sdp_when_gathered().await
+    }
+
+    pub async fn accept_answer(&self, answer: String) {
+        self.pc
+            .set_remote_description(RTCSessionDescription::answer(answer).unwrap())
+            .await
+            .unwrap();
+    }
+
+    pub async fn connected(&mut self) {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.state
+                .wait_for(|s| *s == RTCPeerConnectionState::Connected),
+        )
+        .await
+        .expect("connected within 10 s")
+        .unwrap();
+    }
+}

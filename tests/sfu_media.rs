@@ -1,0 +1,238 @@
+//! Media through the SFU with real WebRTC clients (the `webrtc` crate) over the real
+//! websocket and the one UDP port: payloads intact, SSRCs rewritten, sequence numbers
+//! continuous, departures announced.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::peer::{h264, opus, Received, RtcPeer, SendTrack};
+use common::{Client, TestServer};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use webrtc::media_stream::track_local::TrackLocal;
+use weir_signaling::{ClientMessage, ServerMessage, Target};
+
+/// A payload that names its sender, kind and counter, so receivers can check it.
+fn payload(tag: u8, kind: u8, n: u32) -> Vec<u8> {
+    let mut p = vec![0x41, tag, kind];
+    p.extend_from_slice(&n.to_be_bytes());
+    p.extend((0..200u32).map(|i| (i.wrapping_mul(31) ^ n) as u8));
+    p
+}
+
+struct Participant {
+    user: String,
+    tag: u8,
+    signal: Client,
+    publisher: RtcPeer,
+    subscriber: Option<RtcPeer>,
+    stream_id: String,
+}
+
+async fn join_and_publish(
+    t: &TestServer,
+    user: &str,
+    tag: u8,
+    room: u32,
+) -> (Participant, SendTrack, SendTrack) {
+    let (mut signal, joined) = Client::join(&t.ws_url(), t.join(user, room, 0xff)).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+    signal
+        .send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+        })
+        .await;
+    let stream_id = signal
+        .expect(|m| match m {
+            ServerMessage::Published { stream } => Some(stream.stream_id.clone()),
+            _ => None,
+        })
+        .await;
+    let mut publisher = RtcPeer::new().await;
+    let video = publisher
+        .add_send_track(RtpCodecKind::Video, h264(), 0x1000_0000 + tag as u32)
+        .await;
+    let audio = publisher
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x2000_0000 + tag as u32)
+        .await;
+    let offer = publisher.offer().await;
+    signal
+        .send(&ClientMessage::Offer {
+            target: Target::Publisher,
+            sdp: offer,
+        })
+        .await;
+    let answer = signal
+        .expect(|m| match m {
+            ServerMessage::Answer {
+                target: Target::Publisher,
+                sdp,
+            } => Some(sdp.clone()),
+            ServerMessage::Error { message, .. } => panic!("publish refused: {message}"),
+            _ => None,
+        })
+        .await;
+    publisher.accept_answer(answer).await;
+    publisher.connected().await;
+    (
+        Participant {
+            user: user.into(),
+            tag,
+            signal,
+            publisher,
+            subscriber: None,
+            stream_id,
+        },
+        video,
+        audio,
+    )
+}
+
+/// Sends video and audio packets every 10 ms until `stop`.
+fn send_media(
+    tag: u8,
+    video: SendTrack,
+    audio: SendTrack,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u32> {
+    tokio::spawn(async move {
+        let mut n: u32 = 0;
+        let (video_pt, audio_pt) = (video.payload_type().await, audio.payload_type().await);
+        while !stop.load(Ordering::Relaxed) {
+            for (track, kind, clock, pt) in [
+                (&video, 1u8, 900u32, video_pt),
+                (&audio, 2u8, 480u32, audio_pt),
+            ] {
+                let track = &track.track;
+                let mut p = rtc::rtp::Packet::default();
+                p.header.payload_type = pt;
+                p.header.ssrc = (kind as u32) << 28 | tag as u32;
+                p.header.version = 2;
+                p.header.sequence_number = (n as u16).wrapping_add(1000 * kind as u16);
+                p.header.timestamp = n.wrapping_mul(clock);
+                p.header.marker = true;
+                p.payload = payload(tag, kind, n).into();
+                if let Err(e) = track.write_rtp(p).await {
+                    if n < 3 {
+                        eprintln!("write_rtp failed: {e}");
+                    }
+                }
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        n
+    })
+}
+
+/// Answers one server offer on the subscriber connection, if one arrives within `wait`.
+async fn negotiate_subscriber(p: &mut Participant, wait: Duration) {
+    let offer = p
+        .signal
+        .try_recv_matching(wait, |m| match m {
+            ServerMessage::Offer {
+                target: Target::Subscriber,
+                sdp,
+            } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    let Some(offer) = offer else { return };
+    if p.subscriber.is_none() {
+        p.subscriber = Some(RtcPeer::new().await);
+    }
+    let answer = p.subscriber.as_mut().unwrap().answer(offer).await;
+    p.signal
+        .send(&ClientMessage::Answer {
+            target: Target::Subscriber,
+            sdp: answer,
+        })
+        .await;
+}
+
+fn check_track(packets: &[Received], tag: u8, kind: u8, publisher_ssrc: u32) -> usize {
+    assert!(!packets.is_empty());
+    let first = &packets[0];
+    let counter = |r: &Received| u32::from_be_bytes(r.payload[3..7].try_into().unwrap());
+    for r in packets {
+        assert_ne!(r.ssrc, publisher_ssrc, "SSRC must be rewritten");
+        assert_eq!(r.ssrc, first.ssrc, "one SSRC per subscriber track");
+        let n = counter(r);
+        assert_eq!(r.payload, payload(tag, kind, n), "payload intact");
+        // continuity: sequence advances exactly as the publisher's counter
+        let expected = first.seq.wrapping_add((n - counter(first)) as u16);
+        assert_eq!(r.seq, expected, "sequence numbers continuous");
+    }
+    packets.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_publishers_each_receive_the_other_two() {
+    let t = TestServer::start().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut people = Vec::new();
+    let mut senders = Vec::new();
+    for (i, user) in ["alice", "bob", "carol"].iter().enumerate() {
+        let (p, video, audio) = join_and_publish(&t, user, i as u8 + 1, 4321).await;
+        senders.push(send_media(p.tag, video, audio, stop.clone()));
+        people.push(p);
+    }
+    // Each participant answers offers until it has both tracks of both others.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut done = true;
+        for p in people.iter_mut() {
+            let have = p.subscriber.as_ref().map(|s| {
+                let inbox = s.inbox.lock().unwrap();
+                inbox.values().filter(|v| v.len() >= 20).count()
+            });
+            if have != Some(4) {
+                done = false;
+                negotiate_subscriber(p, Duration::from_millis(100)).await;
+            }
+        }
+        if done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "every participant receives 4 tracks within 20 s"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.await.unwrap();
+    }
+    for p in &people {
+        let inbox = p.subscriber.as_ref().unwrap().inbox.lock().unwrap().clone();
+        for other in people.iter().filter(|o| o.user != p.user) {
+            let video = &inbox[&format!("{}-video", other.stream_id)];
+            let audio = &inbox[&format!("{}-audio", other.stream_id)];
+            check_track(video, other.tag, 1, 0x1000_0000 + other.tag as u32);
+            check_track(audio, other.tag, 2, 0x2000_0000 + other.tag as u32);
+        }
+    }
+    // one leaves; the others are told
+    let mut carol = people.pop().unwrap();
+    carol.signal.send(&ClientMessage::Leave).await;
+    for p in people.iter_mut() {
+        p.signal
+            .expect(|m| matches!(m, ServerMessage::StreamRemoved { stream_id, .. } if *stream_id == carol.stream_id).then_some(()))
+            .await;
+        p.signal
+            .expect(|m| {
+                matches!(m, ServerMessage::MemberLeft { user_id, .. } if user_id == "carol")
+                    .then_some(())
+            })
+            .await;
+    }
+    let metrics = t.metrics().await;
+    assert!(
+        metrics.contains("weir_rtp_packets_total{direction=\"out\",kind=\"video\"}"),
+        "{metrics}"
+    );
+    let _ = carol.publisher.pc.close().await;
+}
