@@ -22,6 +22,7 @@ pub struct Metrics {
     pub signaling_errors: IntCounterVec,
     /// Sessions closed because they could not keep up with their outgoing messages.
     pub slow_sessions: IntGauge,
+    pub peer_connections: IntGauge,
     pub published_tracks: IntGaugeVec,
     pub subscribed_tracks: IntGaugeVec,
     pub rtp_packets: IntCounterVec,
@@ -88,6 +89,10 @@ impl Metrics {
                 "weir_slow_sessions_closed",
                 "Signaling sessions closed because their outgoing queue was full",
             ),
+            peer_connections: gauge(
+                "weir_peer_connections",
+                "WebRTC peer connections (publisher and subscriber) on this node",
+            ),
             published_tracks: gauge_vec(
                 "weir_published_tracks",
                 "Tracks being published, by kind",
@@ -110,7 +115,7 @@ impl Metrics {
             ),
             nacks: counter_vec(
                 "weir_nacks_total",
-                "NACKs: received from subscribers, retransmissions sent, misses",
+                "NACKs from subscribers (received) and the packets they asked for (packets_requested)",
                 &["event"],
             ),
             plis: counter_vec(

@@ -236,3 +236,162 @@ async fn three_publishers_each_receive_the_other_two() {
     );
     let _ = carol.publisher.pc.close().await;
 }
+
+/// Keyframe requests a publisher's track has received so far.
+fn count_plis(track: &SendTrack) -> Arc<std::sync::atomic::AtomicU64> {
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (t, c) = (track.track.clone(), count.clone());
+    tokio::spawn(async move {
+        while let Some(webrtc::media_stream::track_local::TrackLocalEvent::OnRtcpPacket(pkts)) =
+            t.poll().await
+        {
+            let plis = pkts
+                .iter()
+                .filter(|p| p.as_any().downcast_ref::<rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication>().is_some())
+                .count();
+            c.fetch_add(plis as u64, Ordering::Relaxed);
+        }
+    });
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_packets_are_retransmitted_and_keyframe_requests_reach_the_publisher() {
+    use common::relay::{rtp_payload_type, via_relay, video_media_payload_types, Relay};
+    let t = TestServer::start().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (alice, video, audio) = join_and_publish(&t, "alice", 1, 77).await;
+    let plis = count_plis(&video);
+    let sender = send_media(1, video, audio, stop.clone());
+
+    // bob only watches, through a relay that loses every 8th video packet on the way down
+    let (mut signal, _) = Client::join(&t.ws_url(), t.join("bob", 77, 0xff)).await;
+    let offer = signal
+        .expect(|m| match m {
+            ServerMessage::Offer {
+                target: Target::Subscriber,
+                sdp,
+            } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    let video_pts = video_media_payload_types(&offer);
+    assert!(!video_pts.is_empty(), "{offer}");
+    let mut seen = 0u32;
+    let relay = Relay::start(
+        t.udp_addr(),
+        Box::new(move |d: &[u8]| match rtp_payload_type(d) {
+            Some(pt) if video_pts.contains(&pt) => {
+                seen += 1;
+                seen % 8 == 0 && seen < 400
+            }
+            _ => false,
+        }),
+    )
+    .await;
+    let mut bob = RtcPeer::new().await;
+    let answer = bob
+        .answer(via_relay(&offer, t.udp_addr().port(), relay.addr))
+        .await;
+    signal
+        .send(&ClientMessage::Answer {
+            target: Target::Subscriber,
+            sdp: answer,
+        })
+        .await;
+    bob.connected().await;
+
+    // let 300 video packets (3 s) through the lossy path
+    let video_id = format!("{}-video", alice.stream_id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while bob.inbox.lock().unwrap().get(&video_id).map_or(0, Vec::len) < 300 {
+        assert!(tokio::time::Instant::now() < deadline, "video reaches bob");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // bob asks for a keyframe; the PLI must reach alice (after the join-time one's throttle)
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = plis.load(Ordering::Relaxed);
+    let remote_tracks = bob.tracks.lock().unwrap().clone();
+    let mut track = None;
+    for t in remote_tracks {
+        if t.kind().await == RtpCodecKind::Video {
+            track = Some(t);
+        }
+    }
+    let track = track.expect("bob has alice's video track");
+    let media_ssrc = bob.inbox.lock().unwrap()[&video_id][0].ssrc;
+    track
+        .write_rtcp(vec![Box::new(
+            rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc,
+            },
+        )])
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while plis.load(Ordering::Relaxed) <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob's PLI reaches alice as a PLI"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    sender.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let dropped = relay.dropped.load(Ordering::Relaxed);
+    assert!(dropped >= 20, "the relay dropped {dropped} video packets");
+    let packets = bob.inbox.lock().unwrap()[&video_id].clone();
+    let counters: std::collections::BTreeSet<u32> = packets
+        .iter()
+        .map(|r| u32::from_be_bytes(r.payload[3..7].try_into().unwrap()))
+        .collect();
+    let (first, last) = (*counters.first().unwrap(), *counters.last().unwrap());
+    let missing: Vec<u32> = (first..=last).filter(|n| !counters.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} dropped packets never arrived: {missing:?}",
+        missing.len(),
+        dropped
+    );
+    for r in &packets {
+        let n = u32::from_be_bytes(r.payload[3..7].try_into().unwrap());
+        assert_eq!(
+            r.payload,
+            payload(1, 1, n),
+            "retransmissions carry the original payload"
+        );
+    }
+    let metrics = t.metrics().await;
+    let nacks = metric(&metrics, "weir_nacks_total{event=\"received\"}");
+    assert!(nacks >= 1.0, "{metrics}");
+    assert!(
+        metric(&metrics, "weir_plis_total{direction=\"from_subscriber\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "weir_plis_total{direction=\"to_publisher\"}") >= 2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "weir_published_tracks{kind=\"video\"}"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "weir_subscribed_tracks{kind=\"video\"}"),
+        1.0,
+        "{metrics}"
+    );
+}
+
+/// The value of one sample line of the Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}

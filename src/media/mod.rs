@@ -15,6 +15,7 @@ mod forward;
 mod peer;
 
 pub use demux::stun_username;
+pub use peer::{RtcpTap, RTCP_TAP_SLOT};
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -269,6 +270,7 @@ impl Media {
                 self.by_addr.remove(a);
             }
             p.untrack_metrics(&self.metrics);
+            self.metrics.peer_connections.dec();
             let _ = p.pc.close();
             debug!(?key, "peer connection closed");
         }
@@ -276,7 +278,9 @@ impl Media {
 
     fn new_peer(&mut self, key: PeerKey) -> Result<&mut Peer, String> {
         if !self.peers.contains_key(&key) {
-            let p = Peer::new(key, &self.config.announce).map_err(|e| e.to_string())?;
+            let p =
+                Peer::new(key, &self.config.announce, &self.metrics).map_err(|e| e.to_string())?;
+            self.metrics.peer_connections.inc();
             self.by_ufrag.insert(p.ufrag.clone(), key);
             self.peers.insert(key, p);
         }
@@ -419,6 +423,18 @@ impl Media {
         let mut opened = Vec::new();
         for (key, p) in self.peers.iter_mut() {
             let drained = p.drain();
+            for kind in &drained.published {
+                self.metrics
+                    .published_tracks
+                    .with_label_values(&[forward::kind_label(*kind)])
+                    .inc();
+            }
+            for kind in &drained.unpublished {
+                self.metrics
+                    .published_tracks
+                    .with_label_values(&[forward::kind_label(*kind)])
+                    .dec();
+            }
             if drained.failed {
                 failed.push(*key);
             }

@@ -23,6 +23,7 @@ use rtc::peer_connection::transport::{
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -67,6 +68,9 @@ pub struct Drained {
     pub media: Vec<(Kind, rtc::rtp::Packet, Instant)>,
     /// Keyframe requests from a subscriber, by (stream id, kind).
     pub keyframe_requests: Vec<(String, Kind)>,
+    /// Kinds of publisher tracks that started flowing, and that ended.
+    pub published: Vec<Kind>,
+    pub unpublished: Vec<Kind>,
 }
 
 pub struct Peer {
@@ -141,15 +145,30 @@ pub fn offered_send_kinds(sdp: &str) -> Vec<Kind> {
     out
 }
 
-/// Hands keyframe requests (PLI, FIR) to the application; everything else is left to
-/// the interceptor chain. Without this mark, inbound RTCP never leaves the chain.
-#[derive(Default)]
-struct DeliverKeyframeRequests {
+/// Watches inbound RTCP: counts NACKs (the chain's responder answers them from its
+/// packet cache) and hands keyframe requests (PLI, FIR) to the application; without
+/// that mark, inbound RTCP never leaves the chain.
+pub struct RtcpTap {
     reads: VecDeque<TaggedPacket>,
     writes: VecDeque<TaggedPacket>,
+    counters: Option<(prometheus::IntCounter, prometheus::IntCounter)>,
 }
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
+impl RtcpTap {
+    /// A tap that only delivers keyframe requests (for clients that want to see them).
+    pub fn keyframe_requests_only() -> Self {
+        Self {
+            reads: VecDeque::new(),
+            writes: VecDeque::new(),
+            counters: None,
+        }
+    }
+}
+
+/// The slot the tap takes in an interceptor registry.
+pub const RTCP_TAP_SLOT: usize = 14_000;
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpTap {
     type Rout = TaggedPacket;
     type Wout = TaggedPacket;
     type Eout = ();
@@ -158,6 +177,20 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
         if let Packet::Rtcp(packets) = &msg.message.packet {
+            if let Some((nacks, nacked_packets)) = &self.counters {
+                for nack in packets
+                    .iter()
+                    .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
+                {
+                    nacks.inc();
+                    let lost: u32 = nack
+                        .nacks
+                        .iter()
+                        .map(|p| 1 + p.lost_packets.count_ones())
+                        .sum();
+                    nacked_packets.inc_by(u64::from(lost));
+                }
+            }
             let wanted = packets.iter().any(|p| {
                 p.as_any().downcast_ref::<PictureLossIndication>().is_some()
                     || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
@@ -187,7 +220,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
     }
 }
 
-impl Interceptor for DeliverKeyframeRequests {
+impl Interceptor for RtcpTap {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
@@ -195,7 +228,7 @@ impl Interceptor for DeliverKeyframeRequests {
 }
 
 impl Peer {
-    pub fn new(key: PeerKey, announce: &[SocketAddr]) -> Result<Self, RtcError> {
+    pub fn new(key: PeerKey, announce: &[SocketAddr], metrics: &Metrics) -> Result<Self, RtcError> {
         let ufrag = random_token(16);
         let settings = SettingEngineBuilder::new()
             .with_lite(true)
@@ -203,7 +236,15 @@ impl Peer {
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
-        let registry = Registry::new().with(Slot::from(14_000), DeliverKeyframeRequests::default());
+        let tap = RtcpTap {
+            reads: VecDeque::new(),
+            writes: VecDeque::new(),
+            counters: Some((
+                metrics.nacks.with_label_values(&["received"]),
+                metrics.nacks.with_label_values(&["packets_requested"]),
+            )),
+        };
+        let registry = Registry::new().with(Slot::from(RTCP_TAP_SLOT), tap);
         let registry = register_default_interceptors(registry, &mut media_engine)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -313,7 +354,11 @@ impl Peer {
                     }
                 }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id)) => {
-                    self.uptracks.remove(&track_id);
+                    if let Some(up) = self.uptracks.remove(&track_id) {
+                        if up.codec.is_some() {
+                            out.unpublished.push(up.kind);
+                        }
+                    }
                 }
                 _ => {}
             }
@@ -336,6 +381,7 @@ impl Peer {
                         });
                         if up.codec.is_some() {
                             out.track_ready = true;
+                            out.published.push(up.kind);
                         }
                     }
                     out.media.push((up.kind, packet, Instant::now()));

@@ -38,6 +38,8 @@ pub struct AppState {
 /// A running server.
 pub struct Server {
     pub http_addr: SocketAddr,
+    /// The one UDP port of WebRTC media.
+    pub udp_addr: SocketAddr,
     pub state: Arc<AppState>,
     stop: watch::Sender<bool>,
     http: tokio::task::JoinHandle<()>,
@@ -93,7 +95,8 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     let udp = tokio::net::UdpSocket::bind(&config.server.udp_addr)
         .await
         .with_context(|| format!("binding WebRTC UDP on {}", config.server.udp_addr))?;
-    let udp_port = udp.local_addr()?.port();
+    let udp_addr = udp.local_addr()?;
+    let udp_port = udp_addr.port();
     let announce = crate::media::announce_addresses(&config.server.announce_ips, udp_port)
         .map_err(anyhow::Error::msg)?;
     info!(
@@ -126,6 +129,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     info!(addr = %http_addr, "HTTP listening (signaling at /ws, /metrics, /healthz, /readyz)");
     Ok(Server {
         http_addr,
+        udp_addr,
         state,
         stop,
         http,

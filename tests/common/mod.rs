@@ -13,6 +13,7 @@ use weir::config::{AppConfig, Config};
 use weir_signaling::{ClientMessage, Join, ServerMessage, PROTOCOL_VERSION};
 
 pub mod peer;
+pub mod relay;
 
 pub const APP: u64 = 1_400_000_000;
 
@@ -49,6 +50,11 @@ impl TestServer {
             app: AppKeys::from_config(&app_config).unwrap(),
             config,
         }
+    }
+
+    /// The server's WebRTC UDP address.
+    pub fn udp_addr(&self) -> std::net::SocketAddr {
+        self.server.udp_addr
     }
 
     pub fn ws_url(&self) -> String {

@@ -63,6 +63,7 @@ struct Handler {
     gathered: tokio::sync::watch::Sender<bool>,
     state: tokio::sync::watch::Sender<RTCPeerConnectionState>,
     inbox: Inbox,
+    tracks: Arc<Mutex<Vec<Arc<dyn TrackRemote>>>>,
 }
 
 #[async_trait::async_trait]
@@ -76,6 +77,7 @@ impl PeerConnectionEventHandler for Handler {
         let _ = self.state.send(state);
     }
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        self.tracks.lock().unwrap().push(track.clone());
         let inbox = self.inbox.clone();
         tokio::spawn(async move {
             let id = track.track_id().await;
@@ -135,6 +137,8 @@ impl SendTrack {
 pub struct RtcPeer {
     pub pc: Arc<dyn PeerConnection>,
     pub inbox: Inbox,
+    /// Remote tracks, to send RTCP (PLI) about them.
+    pub tracks: Arc<Mutex<Vec<Arc<dyn TrackRemote>>>>,
     gathered: tokio::sync::watch::Receiver<bool>,
     pub state: tokio::sync::watch::Receiver<RTCPeerConnectionState>,
 }
@@ -143,14 +147,21 @@ impl RtcPeer {
     pub async fn new() -> Self {
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs().unwrap();
-        let registry = register_default_interceptors(Registry::new(), &mut media_engine).unwrap();
+        // The server's own RTCP tap, so publishers see the keyframe requests relayed to them.
+        let registry = Registry::new().with(
+            rtc::interceptor::Slot::from(weir::media::RTCP_TAP_SLOT),
+            weir::media::RtcpTap::keyframe_requests_only(),
+        );
+        let registry = register_default_interceptors(registry, &mut media_engine).unwrap();
         let (gathered_tx, gathered) = tokio::sync::watch::channel(false);
         let (state_tx, state) = tokio::sync::watch::channel(RTCPeerConnectionState::New);
         let inbox: Inbox = Arc::default();
+        let tracks: Arc<Mutex<Vec<Arc<dyn TrackRemote>>>> = Arc::default();
         let handler = Arc::new(Handler {
             gathered: gathered_tx,
             state: state_tx,
             inbox: inbox.clone(),
+            tracks: tracks.clone(),
         });
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -164,6 +175,7 @@ impl RtcPeer {
         Self {
             pc: Arc::new(pc),
             inbox,
+            tracks,
             gathered,
             state,
         }
