@@ -52,6 +52,10 @@ pub struct ServerConfig {
     pub signaling_idle_timeout_s: u64,
     /// Seconds given to sessions to drain on SIGTERM.
     pub shutdown_grace_s: u64,
+    /// A peer silent this long (no ICE consent checks) is "disconnected"…
+    pub ice_disconnected_timeout_ms: u64,
+    /// …and this much longer, "failed": its member is removed and the room told.
+    pub ice_failed_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +73,8 @@ impl Default for ServerConfig {
             max_members_per_room: 50,
             signaling_idle_timeout_s: 30,
             shutdown_grace_s: 5,
+            ice_disconnected_timeout_ms: 5_000,
+            ice_failed_timeout_ms: 10_000,
         }
     }
 }

@@ -41,6 +41,9 @@ use peer::{Peer, PeerKey};
 pub struct MediaConfig {
     /// Addresses put into our ICE candidates, with the UDP port.
     pub announce: Vec<SocketAddr>,
+    /// ICE silence before "disconnected", and after that before "failed".
+    pub ice_disconnected: Duration,
+    pub ice_failed: Duration,
 }
 
 /// What a publisher may send, from the room's `AllowPublish`.
@@ -278,8 +281,7 @@ impl Media {
 
     fn new_peer(&mut self, key: PeerKey) -> Result<&mut Peer, String> {
         if !self.peers.contains_key(&key) {
-            let p =
-                Peer::new(key, &self.config.announce, &self.metrics).map_err(|e| e.to_string())?;
+            let p = Peer::new(key, &self.config, &self.metrics).map_err(|e| e.to_string())?;
             self.metrics.peer_connections.inc();
             self.by_ufrag.insert(p.ufrag.clone(), key);
             self.peers.insert(key, p);

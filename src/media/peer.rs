@@ -228,11 +228,17 @@ impl Interceptor for RtcpTap {
 }
 
 impl Peer {
-    pub fn new(key: PeerKey, announce: &[SocketAddr], metrics: &Metrics) -> Result<Self, RtcError> {
+    pub fn new(
+        key: PeerKey,
+        config: &super::MediaConfig,
+        metrics: &Metrics,
+    ) -> Result<Self, RtcError> {
+        let announce = &config.announce;
         let ufrag = random_token(16);
         let settings = SettingEngineBuilder::new()
             .with_lite(true)
             .with_ice_credentials(ufrag.clone(), random_token(32))
+            .with_ice_timeouts(Some(config.ice_disconnected), Some(config.ice_failed), None)
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
@@ -332,7 +338,11 @@ impl Peer {
             match event {
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                     debug!(key = ?self.key, %state, "connection state");
-                    if matches!(state, RTCPeerConnectionState::Failed) {
+                    // Closed here means the remote ended DTLS; we close ours only after removing it.
+                    if matches!(
+                        state,
+                        RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
+                    ) {
                         out.failed = true;
                     }
                 }
@@ -341,16 +351,17 @@ impl Peer {
                         .pc
                         .rtp_receiver(init.receiver_id)
                         .and_then(|r| to_kind(r.track().kind()));
+                    // OnOpen can fire again for a track already open (another SSRC of
+                    // it, e.g. RTX); the first one stays the track's identity.
                     if let Some(kind) = kind {
-                        self.uptracks.insert(
-                            init.track_id.clone(),
-                            Uptrack {
+                        self.uptracks
+                            .entry(init.track_id.clone())
+                            .or_insert(Uptrack {
                                 kind,
                                 receiver_id: init.receiver_id,
                                 ssrc: init.ssrc,
                                 codec: None,
-                            },
-                        );
+                            });
                     }
                 }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id)) => {
@@ -550,6 +561,13 @@ impl Peer {
                 .dec();
         }
         self.downtracks.clear();
+        for up in self.uptracks.values().filter(|u| u.codec.is_some()) {
+            metrics
+                .published_tracks
+                .with_label_values(&[kind_label(up.kind)])
+                .dec();
+        }
+        self.uptracks.clear();
     }
 }
 

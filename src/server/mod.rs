@@ -107,7 +107,11 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     );
     let (media_tx, media_rx) = mpsc::channel(4096);
     let media = crate::media::Media::new(
-        crate::media::MediaConfig { announce },
+        crate::media::MediaConfig {
+            announce,
+            ice_disconnected: Duration::from_millis(config.server.ice_disconnected_timeout_ms),
+            ice_failed: Duration::from_millis(config.server.ice_failed_timeout_ms),
+        },
         udp,
         control_tx.clone(),
         metrics.clone(),

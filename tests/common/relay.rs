@@ -14,6 +14,8 @@ pub struct Relay {
     /// Where the client should send (put this in place of the server's candidate).
     pub addr: SocketAddr,
     pub dropped: Arc<AtomicU64>,
+    /// Set to cut the link in both directions (a peer that went silent).
+    pub cut: Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -32,22 +34,37 @@ impl Relay {
         let addr = client_side.local_addr().unwrap();
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
         let dropped = Arc::new(AtomicU64::new(0));
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let up = {
-            let (c, s, client) = (client_side.clone(), server_side.clone(), client.clone());
+            let (c, s, client, cut) = (
+                client_side.clone(),
+                server_side.clone(),
+                client.clone(),
+                cut.clone(),
+            );
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
                 while let Ok((n, from)) = c.recv_from(&mut buf).await {
+                    if cut.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     *client.lock().unwrap() = Some(from);
                     let _ = s.send_to(&buf[..n], server).await;
                 }
             })
         };
         let down = {
-            let (c, s, client, dropped) = (client_side, server_side, client, dropped.clone());
+            let (c, s, client, dropped, cut) = (
+                client_side,
+                server_side,
+                client,
+                dropped.clone(),
+                cut.clone(),
+            );
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
                 while let Ok((n, _)) = s.recv_from(&mut buf).await {
-                    if drop_down(&buf[..n]) {
+                    if cut.load(Ordering::Relaxed) || drop_down(&buf[..n]) {
                         dropped.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -61,6 +78,7 @@ impl Relay {
         Self {
             addr,
             dropped,
+            cut,
             tasks: vec![up, down],
         }
     }

@@ -1,0 +1,212 @@
+//! Forwarding latency through the SFU: one publisher (H.264-sized video at 1 Mbit/s and
+//! Opus-sized audio), N subscribers, all real WebRTC clients on loopback, for a while;
+//! then the server's own `weir_forward_latency_seconds` histogram (arrival of a packet
+//! to its copy leaving for a subscriber) is read from /metrics.
+//!
+//! Run: `cargo bench --bench forwarding` (env: BENCH_SECONDS=60, BENCH_SUBSCRIBERS=4)
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::peer::{h264, opus, RtcPeer};
+use common::{Client, TestServer};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use webrtc::media_stream::track_local::TrackLocal;
+use weir_signaling::{ClientMessage, ServerMessage, Target};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let seconds = env("BENCH_SECONDS", 60);
+    let subscribers = env("BENCH_SUBSCRIBERS", 4) as usize;
+    let t = TestServer::start().await;
+
+    let (mut signal, _) = Client::join(&t.ws_url(), t.join("pub", 1, 0xff)).await;
+    signal
+        .send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+        })
+        .await;
+    signal
+        .expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
+        .await;
+    let mut publisher = RtcPeer::new().await;
+    let video = publisher
+        .add_send_track(RtpCodecKind::Video, h264(), 0x1111)
+        .await;
+    let audio = publisher
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x2222)
+        .await;
+    let offer = publisher.offer().await;
+    signal
+        .send(&ClientMessage::Offer {
+            target: Target::Publisher,
+            sdp: offer,
+        })
+        .await;
+    let answer = signal
+        .expect(|m| match m {
+            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    publisher.accept_answer(answer).await;
+    publisher.connected().await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
+            let start = Instant::now();
+            let mut n: u64 = 0;
+            // 100 video packets of 1200 B (≈1 Mbit/s incl. headers) and 50 audio packets of 160 B per second
+            while !stop.load(Ordering::Relaxed) {
+                let due = start + Duration::from_millis(10 * n);
+                tokio::time::sleep_until(due.into()).await;
+                let mut p = rtc::rtp::Packet::default();
+                p.header.version = 2;
+                p.header.ssrc = 0x1111;
+                p.header.payload_type = vpt;
+                p.header.sequence_number = n as u16;
+                p.header.timestamp = (n * 900) as u32;
+                p.payload = vec![0x41; 1200].into();
+                let _ = video.track.write_rtp(p).await;
+                if n % 2 == 0 {
+                    let mut a = rtc::rtp::Packet::default();
+                    a.header.version = 2;
+                    a.header.ssrc = 0x2222;
+                    a.header.payload_type = apt;
+                    a.header.sequence_number = (n / 2) as u16;
+                    a.header.timestamp = (n / 2 * 960) as u32;
+                    a.payload = vec![0xfc; 160].into();
+                    let _ = audio.track.write_rtp(a).await;
+                }
+                n += 1;
+            }
+        })
+    };
+
+    let mut watchers = Vec::new();
+    for i in 0..subscribers {
+        let (mut signal, _) = Client::join(&t.ws_url(), t.join(&format!("sub{i}"), 1, 0xff)).await;
+        let offer = signal
+            .expect(|m| match m {
+                ServerMessage::Offer {
+                    target: Target::Subscriber,
+                    sdp,
+                } => Some(sdp.clone()),
+                _ => None,
+            })
+            .await;
+        let mut peer = RtcPeer::new().await;
+        let answer = peer.answer(offer).await;
+        signal
+            .send(&ClientMessage::Answer {
+                target: Target::Subscriber,
+                sdp: answer,
+            })
+            .await;
+        peer.connected().await;
+        watchers.push((signal, peer));
+    }
+    eprintln!("1 publisher, {subscribers} subscribers; forwarding for {seconds} s…");
+    let cpu_before = cpu_seconds();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let cpu = cpu_seconds() - cpu_before;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sender.await;
+
+    let metrics = t.metrics().await;
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("weir_forward_latency_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once("\"}")?;
+            Some((
+                le.parse().unwrap_or(f64::INFINITY),
+                rest.trim().parse().ok()?,
+            ))
+        })
+        .collect();
+    let count = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let received: usize = watchers
+        .iter()
+        .map(|(_, p)| {
+            p.inbox
+                .lock()
+                .unwrap()
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+        })
+        .sum();
+    println!("forwarded packets      {count}");
+    println!("received by clients    {received}");
+    for q in [0.5, 0.9, 0.99, 0.999] {
+        println!(
+            "p{:<5} forward latency {:>8.1} µs",
+            q * 100.0,
+            quantile(&buckets, q) * 1e6
+        );
+    }
+    println!(
+        "process CPU (server + {} clients) {:.1} % of one core",
+        subscribers + 1,
+        cpu / seconds as f64 * 100.0
+    );
+    println!(
+        "\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("weir_forward_latency"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Linear interpolation inside the bucket where the quantile falls.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let target = total * q;
+    let mut prev = (0.0, 0.0);
+    for &(le, c) in buckets {
+        if c >= target {
+            if le.is_infinite() {
+                return prev.0;
+            }
+            let frac = if c > prev.1 {
+                (target - prev.1) / (c - prev.1)
+            } else {
+                1.0
+            };
+            return prev.0 + (le - prev.0) * frac;
+        }
+        prev = (le, c);
+    }
+    prev.0
+}
+
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}

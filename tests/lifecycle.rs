@@ -1,0 +1,194 @@
+//! Participants come and go: every resource they held is released, and a peer that
+//! stops answering ICE is removed and announced like one that left.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::peer::{h264, opus, RtcPeer};
+use common::relay::{via_relay, Relay};
+use common::{Client, TestServer};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use webrtc::media_stream::track_local::TrackLocal;
+use weir_signaling::{ClientMessage, LeaveReason, ServerMessage, Target};
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Publishes video through `relay` (if any) and returns the peer and its video track.
+async fn publish(
+    t: &TestServer,
+    signal: &mut Client,
+    relay: Option<&Relay>,
+) -> (RtcPeer, common::peer::SendTrack) {
+    signal
+        .send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+        })
+        .await;
+    signal
+        .expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
+        .await;
+    let mut peer = RtcPeer::new().await;
+    let video = peer
+        .add_send_track(RtpCodecKind::Video, h264(), 0x1234)
+        .await;
+    let _audio = peer
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x5678)
+        .await;
+    let offer = peer.offer().await;
+    signal
+        .send(&ClientMessage::Offer {
+            target: Target::Publisher,
+            sdp: offer,
+        })
+        .await;
+    let answer = signal
+        .expect(|m| match m {
+            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    let answer = match relay {
+        Some(r) => via_relay(&answer, t.udp_addr().port(), r.addr),
+        None => answer,
+    };
+    peer.accept_answer(answer).await;
+    peer.connected().await;
+    (peer, video)
+}
+
+async fn send_some(video: &common::peer::SendTrack, from: u16, count: u16) {
+    let pt = video.payload_type().await;
+    for n in from..from + count {
+        let mut p = rtc::rtp::Packet::default();
+        p.header.version = 2;
+        p.header.ssrc = 0x1234;
+        p.header.payload_type = pt;
+        p.header.sequence_number = n;
+        p.header.timestamp = n as u32 * 3000;
+        p.payload = vec![0x41, 1, 2, 3].into();
+        let _ = video.track.write_rtp(p).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn subscribe(signal: &mut Client) -> RtcPeer {
+    let offer = signal
+        .expect(|m| match m {
+            ServerMessage::Offer {
+                target: Target::Subscriber,
+                sdp,
+            } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    let mut peer = RtcPeer::new().await;
+    let answer = peer.answer(offer).await;
+    signal
+        .send(&ClientMessage::Answer {
+            target: Target::Subscriber,
+            sdp: answer,
+        })
+        .await;
+    peer.connected().await;
+    peer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_joins_and_leaves_release_everything() {
+    let t = TestServer::start().await;
+    for round in 0..8u16 {
+        let (mut a, _) = Client::join(&t.ws_url(), t.join("alice", 10 + round as u32, 0xff)).await;
+        let (alice_pc, video) = publish(&t, &mut a, None).await;
+        send_some(&video, 0, 10).await;
+        let (mut b, _) = Client::join(&t.ws_url(), t.join("bob", 10 + round as u32, 0xff)).await;
+        let bob_pc = subscribe(&mut b).await;
+        send_some(&video, 10, 20).await;
+        let metrics = t.metrics().await;
+        assert_eq!(
+            metric(&metrics, "weir_peer_connections"),
+            2.0,
+            "round {round}: {metrics}"
+        );
+        assert_eq!(
+            metric(&metrics, "weir_subscribed_tracks{kind=\"video\"}"),
+            1.0
+        );
+        // alice leaves properly; bob just drops his socket
+        a.send(&ClientMessage::Leave).await;
+        a.expect(|m| matches!(m, ServerMessage::Left { .. }).then_some(()))
+            .await;
+        drop(b);
+        let _ = alice_pc.pc.close().await;
+        let _ = bob_pc.pc.close().await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = t.metrics().await;
+        let all_zero = [
+            "weir_rooms",
+            "weir_participants",
+            "weir_peer_connections",
+            "weir_published_tracks{kind=\"video\"}",
+            "weir_subscribed_tracks{kind=\"video\"}",
+            "weir_subscribed_tracks{kind=\"audio\"}",
+        ]
+        .iter()
+        .all(|m| metric(&metrics, m) == 0.0);
+        if all_zero {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "resources not released:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_stops_answering_ice_is_removed() {
+    let t = TestServer::start_with(|c| {
+        c.server.ice_disconnected_timeout_ms = 1_000;
+        c.server.ice_failed_timeout_ms = 1_000;
+    })
+    .await;
+    let (mut a, _) = Client::join(&t.ws_url(), t.join("alice", 1, 0xff)).await;
+    let relay = Relay::start(t.udp_addr(), Box::new(|_| false)).await;
+    let (_alice_pc, video) = publish(&t, &mut a, Some(&relay)).await;
+    send_some(&video, 0, 10).await;
+    let (mut b, _) = Client::join(&t.ws_url(), t.join("bob", 1, 0xff)).await;
+    let _bob_pc = subscribe(&mut b).await;
+
+    // alice's network goes dark: no ICE, no media, but her websocket stays up
+    relay.cut.store(true, Ordering::Relaxed);
+    let reason = b
+        .try_recv_matching(Duration::from_secs(15), |m| match m {
+            ServerMessage::MemberLeft { user_id, reason } if user_id == "alice" => Some(*reason),
+            _ => None,
+        })
+        .await
+        .expect("bob is told alice is gone within 15 s");
+    assert_eq!(reason, LeaveReason::Timeout);
+    b.expect(|m| {
+        matches!(m, ServerMessage::StreamRemoved { user_id, .. } if user_id == "alice")
+            .then_some(())
+    })
+    .await;
+    a.expect(|m| {
+        matches!(
+            m,
+            ServerMessage::Left {
+                reason: LeaveReason::Timeout
+            }
+        )
+        .then_some(())
+    })
+    .await;
+}
