@@ -466,8 +466,9 @@ impl Media {
                 self.request_keyframe(&stream_id, now, true);
             }
         }
+        let mut sent_arrivals = Vec::new();
         for (publisher, kind, packet, arrived) in forwards {
-            self.forward(publisher, kind, packet, arrived);
+            self.forward(publisher, kind, packet, arrived, &mut sent_arrivals);
         }
         for stream_id in keyframe_requests {
             self.metrics
@@ -494,6 +495,13 @@ impl Media {
                     .try_send_to(&out.message, out.transport.peer_addr);
             }
         }
+        // Residence time: datagram handed to the connection → its copies handed to the kernel.
+        let sent = Instant::now();
+        for arrived in sent_arrivals {
+            self.metrics
+                .forward_latency
+                .observe(sent.saturating_duration_since(arrived).as_secs_f64());
+        }
     }
 
     fn forward(
@@ -502,6 +510,7 @@ impl Media {
         kind: Kind,
         packet: rtc::rtp::Packet,
         arrived: Instant,
+        sent_arrivals: &mut Vec<Instant>,
     ) {
         let Some(stream_id) = self.allowed.get(&publisher).map(|a| a.stream_id.clone()) else {
             return;
@@ -536,9 +545,7 @@ impl Media {
                     .rtp_bytes
                     .with_label_values(&["out", label])
                     .inc_by(packet.payload.len() as u64);
-                self.metrics
-                    .forward_latency
-                    .observe(arrived.elapsed().as_secs_f64());
+                sent_arrivals.push(arrived);
             }
         }
     }

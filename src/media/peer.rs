@@ -80,6 +80,8 @@ pub struct Peer {
     pub addrs: Vec<SocketAddr>,
     uptracks: HashMap<String, Uptrack>,
     downtracks: HashMap<(String, Kind), Downtrack>,
+    /// DTLS is up: packets written now reach the peer (earlier ones would be dropped).
+    connected: bool,
     /// A local offer is waiting for its answer.
     negotiating: bool,
     /// Something changed while negotiating: offer again after the answer.
@@ -281,6 +283,7 @@ impl Peer {
             addrs: Vec::new(),
             uptracks: HashMap::new(),
             downtracks: HashMap::new(),
+            connected: false,
             negotiating: false,
             pending: false,
         })
@@ -338,6 +341,7 @@ impl Peer {
             match event {
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                     debug!(key = ?self.key, %state, "connection state");
+                    self.connected = matches!(state, RTCPeerConnectionState::Connected);
                     // Closed here means the remote ended DTLS; we close ours only after removing it.
                     if matches!(
                         state,
@@ -374,7 +378,7 @@ impl Peer {
                 _ => {}
             }
         }
-        while let Some(TaggedRTCMessage { message, .. }) = self.pc.poll_read() {
+        while let Some(TaggedRTCMessage { now, message }) = self.pc.poll_read() {
             match message {
                 RTCMessage::RtpPacket(track_id, packet) => {
                     let Some(up) = self.uptracks.get_mut(&track_id) else {
@@ -395,7 +399,8 @@ impl Peer {
                             out.published.push(up.kind);
                         }
                     }
-                    out.media.push((up.kind, packet, Instant::now()));
+                    // `now` is when the datagram carrying it was handed to the connection.
+                    out.media.push((up.kind, packet, now));
                 }
                 RTCMessage::RtcpPacket(track_id, _packets) => {
                     // Only PLI/FIR are marked for delivery; on a subscriber connection
@@ -524,6 +529,9 @@ impl Peer {
         packet: &rtc::rtp::Packet,
         now: Instant,
     ) -> bool {
+        if !self.connected {
+            return false;
+        }
         let Some(d) = self.downtracks.get_mut(&(stream_id.to_owned(), kind)) else {
             return false;
         };
