@@ -13,6 +13,7 @@
 mod demux;
 mod forward;
 mod peer;
+mod tcp;
 
 pub use demux::stun_username;
 pub use peer::{RtcpTap, RTCP_TAP_SLOT};
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use weir_signaling::{ClientMessage, ErrorCode, Kind, ServerMessage, Target};
@@ -41,6 +42,8 @@ use peer::{Peer, PeerKey};
 pub struct MediaConfig {
     /// Addresses put into our ICE candidates, with the UDP port.
     pub announce: Vec<SocketAddr>,
+    /// The ICE-TCP port announced with the same addresses (passive candidates).
+    pub tcp_port: Option<u16>,
     /// ICE silence before "disconnected", and after that before "failed".
     pub ice_disconnected: Duration,
     pub ice_failed: Duration,
@@ -58,9 +61,13 @@ pub struct Media {
     config: MediaConfig,
     socket: Arc<UdpSocket>,
     local_addr: SocketAddr,
+    tcp: Option<TcpListener>,
+    tcp_local_addr: Option<SocketAddr>,
+    tcp_writers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
     peers: HashMap<PeerKey, Peer>,
     by_ufrag: HashMap<String, PeerKey>,
-    by_addr: HashMap<SocketAddr, PeerKey>,
+    /// A transport address (UDP or TCP) → the connection it belongs to.
+    by_addr: HashMap<(TransportProtocol, SocketAddr), PeerKey>,
     allowed: HashMap<SessionId, Allowed>,
     /// stream id → its publisher.
     publishers: HashMap<String, SessionId>,
@@ -79,14 +86,19 @@ impl Media {
     pub fn new(
         config: MediaConfig,
         socket: UdpSocket,
+        tcp: Option<TcpListener>,
         control: mpsc::Sender<ControlCommand>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let local_addr = socket.local_addr()?;
+        let tcp_local_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
         Ok(Self {
             config,
             socket: Arc::new(socket),
             local_addr,
+            tcp,
+            tcp_local_addr,
+            tcp_writers: HashMap::new(),
             peers: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
@@ -102,6 +114,11 @@ impl Media {
     pub async fn run(mut self, mut rx: mpsc::Receiver<MediaInput>) {
         let socket = self.socket.clone();
         let mut buf = vec![0u8; 2048];
+        let (tcp_tx, mut tcp_rx) = mpsc::channel(4096);
+        let acceptor = self
+            .tcp
+            .take()
+            .map(|l| tokio::spawn(tcp::accept(l, tcp_tx)));
         loop {
             let now = Instant::now();
             let deadline = self
@@ -117,12 +134,25 @@ impl Media {
                     None => break,
                 },
                 res = socket.recv_from(&mut buf) => match res {
-                    Ok((n, from)) => self.datagram(&buf[..n], from),
+                    Ok((n, from)) => self.datagram(&buf[..n], from, TransportProtocol::UDP),
                     Err(e) => debug!(error = %e, "UDP receive error"),
+                },
+                Some(event) = tcp_rx.recv() => match event {
+                    tcp::TcpEvent::Opened { from, writer } => {
+                        self.tcp_writers.insert(from, writer);
+                    }
+                    tcp::TcpEvent::Frame { from, data } => self.datagram(&data, from, TransportProtocol::TCP),
+                    tcp::TcpEvent::Closed { from } => {
+                        self.tcp_writers.remove(&from);
+                        self.by_addr.remove(&(TransportProtocol::TCP, from));
+                    }
                 },
                 _ = sleep => self.timeout(Instant::now()),
             }
             self.pump().await;
+        }
+        if let Some(a) = acceptor {
+            a.abort();
         }
         debug!("media task stopped");
     }
@@ -137,8 +167,8 @@ impl Media {
         }
     }
 
-    fn datagram(&mut self, data: &[u8], from: SocketAddr) {
-        let key = match self.by_addr.get(&from) {
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, protocol: TransportProtocol) {
+        let key = match self.by_addr.get(&(protocol, from)) {
             Some(k) => *k,
             None => {
                 // A new 5-tuple must introduce itself with a STUN request naming our ufrag.
@@ -151,24 +181,27 @@ impl Media {
                     debug!(%from, ufrag, "STUN for an unknown ufrag; dropped");
                     return;
                 };
-                self.by_addr.insert(from, key);
+                self.by_addr.insert((protocol, from), key);
                 if let Some(p) = self.peers.get_mut(&key) {
-                    p.addrs.push(from);
+                    p.addrs.push((protocol, from));
                 }
                 key
             }
         };
         let Some(p) = self.peers.get_mut(&key) else {
-            self.by_addr.remove(&from);
+            self.by_addr.remove(&(protocol, from));
             return;
         };
         let msg = TaggedBytesMut {
             now: Instant::now(),
             transport: TransportContext {
-                local_addr: self.local_addr,
+                local_addr: match protocol {
+                    TransportProtocol::TCP => self.tcp_local_addr.unwrap_or(self.local_addr),
+                    _ => self.local_addr,
+                },
                 peer_addr: from,
                 ecn: None,
-                transport_protocol: TransportProtocol::UDP,
+                transport_protocol: protocol,
             },
             message: BytesMut::from(data),
         };
@@ -490,9 +523,16 @@ impl Media {
         }
         for p in self.peers.values_mut() {
             while let Some(out) = p.pc.poll_write() {
-                let _ = self
-                    .socket
-                    .try_send_to(&out.message, out.transport.peer_addr);
+                if out.transport.transport_protocol == TransportProtocol::TCP {
+                    if let Some(w) = self.tcp_writers.get(&out.transport.peer_addr) {
+                        // A full queue drops the packet, as a full UDP buffer would.
+                        let _ = w.try_send(tcp::frame(&out.message));
+                    }
+                } else {
+                    let _ = self
+                        .socket
+                        .try_send_to(&out.message, out.transport.peer_addr);
+                }
             }
         }
         // Residence time: datagram handed to the connection → its copies handed to the kernel.

@@ -77,7 +77,7 @@ pub struct Peer {
     pub key: PeerKey,
     pub pc: RTCPeerConnection,
     pub ufrag: String,
-    pub addrs: Vec<SocketAddr>,
+    pub addrs: Vec<(rtc::shared::TransportProtocol, SocketAddr)>,
     uptracks: HashMap<String, Uptrack>,
     downtracks: HashMap<(String, Kind), Downtrack>,
     /// DTLS is up: packets written now reach the peer (earlier ones would be dropped).
@@ -273,6 +273,22 @@ impl Peer {
             }
             .new_candidate_host()?;
             pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        }
+        if let Some(tcp_port) = config.tcp_port {
+            for addr in announce {
+                let candidate = CandidateHostConfig {
+                    base_config: CandidateConfig {
+                        network: "tcp".to_owned(),
+                        address: addr.ip().to_string(),
+                        port: tcp_port,
+                        component: 1,
+                        ..Default::default()
+                    },
+                    tcp_type: rtc::ice::tcp_type::TcpType::Passive,
+                }
+                .new_candidate_host()?;
+                pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+            }
         }
         // No more candidates will come: an ICE-lite server has exactly these.
         pc.add_local_candidate(RTCIceCandidateInit::default())?;

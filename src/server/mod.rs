@@ -105,14 +105,30 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         "WebRTC media: one UDP port for all peers; clients must reach the announced addresses \
          (set announce_ips / WEIR_ANNOUNCE_IPS to the public IP behind NAT)"
     );
+    let tcp = if config.server.tcp_addr.is_empty() {
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&config.server.tcp_addr)
+            .await
+            .with_context(|| format!("binding ICE-TCP on {}", config.server.tcp_addr))?;
+        info!(tcp = %l.local_addr()?, "ICE over TCP (passive candidates) for networks that block UDP");
+        Some(l)
+    };
+    let tcp_port = tcp
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?
+        .map(|a| a.port());
     let (media_tx, media_rx) = mpsc::channel(4096);
     let media = crate::media::Media::new(
         crate::media::MediaConfig {
             announce,
+            tcp_port,
             ice_disconnected: Duration::from_millis(config.server.ice_disconnected_timeout_ms),
             ice_failed: Duration::from_millis(config.server.ice_failed_timeout_ms),
         },
         udp,
+        tcp,
         control_tx.clone(),
         metrics.clone(),
     )?;

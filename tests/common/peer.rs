@@ -145,6 +145,15 @@ pub struct RtcPeer {
 
 impl RtcPeer {
     pub async fn new() -> Self {
+        Self::build(false).await
+    }
+
+    /// A client whose only candidates are active ICE-TCP ones (UDP "blocked").
+    pub async fn new_tcp_only() -> Self {
+        Self::build(true).await
+    }
+
+    async fn build(tcp_only: bool) -> Self {
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs().unwrap();
         // The server's own RTCP tap, so publishers see the keyframe requests relayed to them.
@@ -163,15 +172,30 @@ impl RtcPeer {
             inbox: inbox.clone(),
             tracks: tracks.clone(),
         });
-        let pc = PeerConnectionBuilder::new()
+        let builder = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media_engine)
             .with_interceptor_registry(registry)
-            .with_handler(handler)
-            .with_udp_addrs(vec!["127.0.0.1:0"])
-            .build()
-            .await
-            .unwrap();
+            .with_handler(handler);
+        let pc = if tcp_only {
+            let settings =
+                rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder::new()
+                    .with_network_types(vec![rtc::ice::network_type::NetworkType::Tcp4])
+                    .build();
+            builder
+                .with_setting_engine(settings)
+                .with_tcp_addrs(vec!["127.0.0.1:0".to_owned()])
+                .with_udp_addrs(Vec::<String>::new())
+                .build()
+                .await
+                .unwrap()
+        } else {
+            builder
+                .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
+                .build()
+                .await
+                .unwrap()
+        };
         Self {
             pc: Arc::new(pc),
             inbox,
@@ -237,9 +261,26 @@ impl RtcPeer {
 
     pub async fn accept_answer(&self, answer: String) {
         self.pc
-            .set_remote_description(RTCSessionDescription::answer(answer).unwrap())
+            .set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap())
             .await
             .unwrap();
+        self.trickle_sdp_candidates(&answer).await;
+    }
+
+    /// The async `webrtc` crate dials a passive ICE-TCP candidate only when it arrives
+    /// through `add_ice_candidate`, not from the SDP (browsers take both), so the
+    /// server's candidates are handed over again that way.
+    async fn trickle_sdp_candidates(&self, sdp: &str) {
+        for line in sdp.lines().filter(|l| l.contains(" tcp ")) {
+            if let Some(c) = line.trim().strip_prefix("a=") {
+                let init = rtc::peer_connection::transport::RTCIceCandidateInit {
+                    candidate: c.to_owned(),
+                    sdp_mline_index: Some(0),
+                    ..Default::default()
+                };
+                let _ = self.pc.add_ice_candidate(init).await;
+            }
+        }
     }
 
     pub async fn connected(&mut self) {
