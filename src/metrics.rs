@@ -29,6 +29,8 @@ pub struct Metrics {
     pub rtp_bytes: IntCounterVec,
     pub nacks: IntCounterVec,
     pub plis: IntCounterVec,
+    /// Publisher sender reports relayed (translated) to subscribers.
+    pub sender_reports: prometheus::IntCounter,
     /// Arrival of a publisher's packet to its send to a subscriber.
     pub forward_latency: Histogram,
 }
@@ -63,8 +65,8 @@ impl Metrics {
                 "Time from a publisher's RTP packet arriving to its copy leaving for a subscriber",
             )
             .buckets(vec![
-                0.000_02, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02,
-                0.05,
+                0.000_01, 0.000_02, 0.000_03, 0.000_05, 0.000_07, 0.000_1, 0.000_15, 0.000_2,
+                0.000_3, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
             ]),
         )
         .expect("valid metric");
@@ -123,6 +125,15 @@ impl Metrics {
                 "Keyframe requests: received from subscribers, sent to publishers",
                 &["direction"],
             ),
+            sender_reports: {
+                let c = prometheus::IntCounter::new(
+                    "weir_sender_reports_relayed_total",
+                    "Publisher RTCP sender reports translated and sent to subscribers (lip-sync)",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             forward_latency,
             registry,
         }

@@ -395,3 +395,87 @@ fn metric(text: &str, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_get_the_publishers_sender_reports_in_their_own_timestamp_space() {
+    let t = TestServer::start().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (alice, video, audio) = join_and_publish(&t, "alice", 1, 55).await;
+    let sender = send_media(1, video, audio, stop.clone());
+    let (signal, _) = Client::join(&t.ws_url(), t.join("bob", 55, 0xff)).await;
+    let mut bob = Participant {
+        user: "bob".into(),
+        tag: 2,
+        signal,
+        publisher: RtcPeer::new().await,
+        subscriber: None,
+        stream_id: String::new(),
+    };
+    negotiate_subscriber(&mut bob, Duration::from_secs(10)).await;
+    let sub = bob.subscriber.as_mut().unwrap();
+    sub.connected().await;
+    // the publisher's client sends a report every second or so: wait for three per track
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let enough = ["video", "audio"].iter().all(|k| {
+            sub.reports
+                .lock()
+                .unwrap()
+                .get(&format!("{}-{k}", alice.stream_id))
+                .map_or(0, Vec::len)
+                >= 3
+        });
+        if enough {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sender reports reach the subscriber"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    sender.await.unwrap();
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for (kind, clock) in [("video", 90_000.0), ("audio", 48_000.0)] {
+        let id = format!("{}-{kind}", alice.stream_id);
+        let reports = sub.reports.lock().unwrap()[&id].clone();
+        let packets = sub.inbox.lock().unwrap()[&id].clone();
+        let ssrc = packets[0].ssrc;
+        for sr in &reports {
+            assert_eq!(sr.ssrc, ssrc, "{kind}: reports name the subscriber's SSRC");
+            // NTP is the publisher's wall clock (same machine here)
+            let ntp_unix = (sr.ntp_time >> 32) as f64 - 2_208_988_800.0;
+            assert!(
+                (ntp_unix - unix_now).abs() < 30.0,
+                "{kind}: NTP time {ntp_unix} is the publisher's clock"
+            );
+            // the RTP time lies among the timestamps the subscriber actually received
+            // (an untranslated one would be anywhere in 2^32)
+            let near = packets.iter().any(|p| {
+                (p.ts.wrapping_sub(sr.rtp_time) as i32).unsigned_abs() as f64 <= 2.0 * clock
+            });
+            assert!(
+                near,
+                "{kind}: rtp_time {} is translated into the subscriber's timestamps",
+                sr.rtp_time
+            );
+        }
+        // one consistent mapping: RTP time advances with NTP time at the clock rate
+        let (a, b) = (&reports[0], reports.last().unwrap());
+        let ntp_secs = (b.ntp_time.wrapping_sub(a.ntp_time)) as f64 / 4_294_967_296.0;
+        let rtp_secs = b.rtp_time.wrapping_sub(a.rtp_time) as f64 / clock;
+        assert!(
+            (ntp_secs - rtp_secs).abs() < 0.25,
+            "{kind}: {ntp_secs} s of NTP vs {rtp_secs} s of RTP"
+        );
+    }
+    let metrics = t.metrics().await;
+    assert!(
+        metric(&metrics, "weir_sender_reports_relayed_total") >= 6.0,
+        "{metrics}"
+    );
+}

@@ -454,6 +454,7 @@ impl Media {
         let now = Instant::now();
         let mut forwards = Vec::new();
         let mut keyframe_requests: Vec<String> = Vec::new();
+        let mut sender_reports = Vec::new();
         let mut failed = Vec::new();
         let mut opened = Vec::new();
         for (key, p) in self.peers.iter_mut() {
@@ -482,6 +483,9 @@ impl Media {
             for (stream_id, _kind) in drained.keyframe_requests {
                 keyframe_requests.push(stream_id);
             }
+            for (kind, sr) in drained.sender_reports {
+                sender_reports.push((key.0, kind, sr));
+            }
         }
         for session in opened {
             info!(session = session.0, "publisher track open");
@@ -502,6 +506,9 @@ impl Media {
         let mut sent_arrivals = Vec::new();
         for (publisher, kind, packet, arrived) in forwards {
             self.forward(publisher, kind, packet, arrived, &mut sent_arrivals);
+        }
+        for (publisher, kind, sr) in sender_reports {
+            self.relay_sender_report(publisher, kind, &sr, now);
         }
         for stream_id in keyframe_requests {
             self.metrics
@@ -541,6 +548,30 @@ impl Media {
             self.metrics
                 .forward_latency
                 .observe(sent.saturating_duration_since(arrived).as_secs_f64());
+        }
+    }
+
+    /// Gives every subscriber of the publisher's stream the publisher's clock mapping.
+    fn relay_sender_report(
+        &mut self,
+        publisher: SessionId,
+        kind: Kind,
+        sr: &rtc::rtcp::sender_report::SenderReport,
+        now: Instant,
+    ) {
+        let Some(stream_id) = self.allowed.get(&publisher).map(|a| a.stream_id.clone()) else {
+            return;
+        };
+        let Some(subs) = self.subscriptions.get(&stream_id) else {
+            return;
+        };
+        let targets: Vec<SessionId> = subs.keys().copied().collect();
+        for s in targets {
+            if let Some(p) = self.peers.get_mut(&PeerKey(s, Target::Subscriber)) {
+                if p.send_sender_report(&stream_id, kind, sr, now) {
+                    self.metrics.sender_reports.inc();
+                }
+            }
         }
     }
 

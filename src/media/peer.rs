@@ -9,7 +9,9 @@ use std::time::Instant;
 use rand::Rng;
 use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_nack, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+};
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -23,6 +25,7 @@ use rtc::peer_connection::transport::{
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -68,6 +71,8 @@ pub struct Drained {
     pub media: Vec<(Kind, rtc::rtp::Packet, Instant)>,
     /// Keyframe requests from a subscriber, by (stream id, kind).
     pub keyframe_requests: Vec<(String, Kind)>,
+    /// Sender reports of this publisher's tracks, by kind.
+    pub sender_reports: Vec<(Kind, SenderReport)>,
     /// Kinds of publisher tracks that started flowing, and that ended.
     pub published: Vec<Kind>,
     pub unpublished: Vec<Kind>,
@@ -154,15 +159,19 @@ pub struct RtcpTap {
     reads: VecDeque<TaggedPacket>,
     writes: VecDeque<TaggedPacket>,
     counters: Option<(prometheus::IntCounter, prometheus::IntCounter)>,
+    /// Also deliver sender reports (the server translates publishers' SRs; clients
+    /// may want to look at the ones they receive).
+    sender_reports: bool,
 }
 
 impl RtcpTap {
-    /// A tap that only delivers keyframe requests (for clients that want to see them).
-    pub fn keyframe_requests_only() -> Self {
+    /// A tap that delivers keyframe requests and, if asked, sender reports.
+    pub fn new(sender_reports: bool) -> Self {
         Self {
             reads: VecDeque::new(),
             writes: VecDeque::new(),
             counters: None,
+            sender_reports,
         }
     }
 }
@@ -196,6 +205,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpTap {
             let wanted = packets.iter().any(|p| {
                 p.as_any().downcast_ref::<PictureLossIndication>().is_some()
                     || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
+                    || (self.sender_reports && p.as_any().downcast_ref::<SenderReport>().is_some())
             });
             if wanted {
                 msg.message.add(Attribute::DeliverToApplication);
@@ -245,15 +255,23 @@ impl Peer {
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
         let tap = RtcpTap {
-            reads: VecDeque::new(),
-            writes: VecDeque::new(),
             counters: Some((
                 metrics.nacks.with_label_values(&["received"]),
                 metrics.nacks.with_label_values(&["packets_requested"]),
             )),
+            ..RtcpTap::new(true)
         };
         let registry = Registry::new().with(Slot::from(RTCP_TAP_SLOT), tap);
-        let registry = register_default_interceptors(registry, &mut media_engine)?;
+        // The default chain minus its sender-report generator: a subscriber's SRs must
+        // come from the publisher's clock (Chrome lip-syncs from them), and we write
+        // those ourselves; two SR sources would contradict each other.
+        let registry = configure_nack(registry, &mut media_engine);
+        configure_simulcast_extension_headers(&mut media_engine)?;
+        let registry = configure_twcc_receiver_only(registry, &mut media_engine)?;
+        let registry = registry.with(
+            Slot::ReceiverReport,
+            rtc::interceptor::ReceiverReportBuilder::new().build(),
+        );
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_setting_engine(settings)
@@ -418,13 +436,26 @@ impl Peer {
                     // `now` is when the datagram carrying it was handed to the connection.
                     out.media.push((up.kind, packet, now));
                 }
-                RTCMessage::RtcpPacket(track_id, _packets) => {
-                    // Only PLI/FIR are marked for delivery; on a subscriber connection
-                    // they name one of our downtracks.
-                    if let Some(((stream_id, kind), _)) =
+                RTCMessage::RtcpPacket(track_id, packets) => {
+                    // Only PLI/FIR and SRs are marked for delivery. Keyframe requests
+                    // name one of our downtracks; SRs one of a publisher's tracks.
+                    if let Some(up) = self.uptracks.get(&track_id) {
+                        for sr in packets
+                            .iter()
+                            .filter_map(|p| p.as_any().downcast_ref::<SenderReport>())
+                        {
+                            out.sender_reports.push((up.kind, sr.clone()));
+                        }
+                    } else if let Some(((stream_id, kind), _)) =
                         self.downtracks.iter().find(|(_, d)| d.track_id == track_id)
                     {
-                        out.keyframe_requests.push((stream_id.clone(), *kind));
+                        let asks = packets.iter().any(|p| {
+                            p.as_any().downcast_ref::<PictureLossIndication>().is_some()
+                                || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
+                        });
+                        if asks {
+                            out.keyframe_requests.push((stream_id.clone(), *kind));
+                        }
                     }
                 }
                 _ => {}
@@ -574,6 +605,38 @@ impl Peer {
         };
         let out = d.rewriter.rewrite(packet, pt);
         sender.write_rtp(now, out).is_ok()
+    }
+
+    /// Relays a publisher's sender report on the matching downtrack, translated into
+    /// its SSRC and timestamp space, with its own counts. True if one was written.
+    pub fn send_sender_report(
+        &mut self,
+        stream_id: &str,
+        kind: Kind,
+        sr: &SenderReport,
+        now: Instant,
+    ) -> bool {
+        if !self.connected {
+            return false;
+        }
+        let Some(d) = self.downtracks.get(&(stream_id.to_owned(), kind)) else {
+            return false;
+        };
+        let Some(rtp_time) = d.rewriter.translate_timestamp(sr.ssrc, sr.rtp_time) else {
+            return false; // nothing forwarded from that source yet
+        };
+        let report = SenderReport {
+            ssrc: d.rewriter.ssrc(),
+            ntp_time: sr.ntp_time,
+            rtp_time,
+            packet_count: d.rewriter.packets,
+            octet_count: d.rewriter.octets,
+            ..Default::default()
+        };
+        let sender_id = d.sender_id;
+        self.pc
+            .rtp_sender(sender_id)
+            .is_some_and(|mut s| s.write_rtcp(now, vec![Box::new(report)]).is_ok())
     }
 
     /// Decrements the gauges this peer contributes to, before it is dropped.

@@ -59,10 +59,14 @@ pub struct Received {
 /// Packets received per remote track id (`<streamId>-audio` / `<streamId>-video`).
 pub type Inbox = Arc<Mutex<HashMap<String, Vec<Received>>>>;
 
+/// Sender reports received per remote track id.
+pub type Reports = Arc<Mutex<HashMap<String, Vec<rtc::rtcp::sender_report::SenderReport>>>>;
+
 struct Handler {
     gathered: tokio::sync::watch::Sender<bool>,
     state: tokio::sync::watch::Sender<RTCPeerConnectionState>,
     inbox: Inbox,
+    reports: Reports,
     tracks: Arc<Mutex<Vec<Arc<dyn TrackRemote>>>>,
 }
 
@@ -79,9 +83,19 @@ impl PeerConnectionEventHandler for Handler {
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
         self.tracks.lock().unwrap().push(track.clone());
         let inbox = self.inbox.clone();
+        let reports = self.reports.clone();
         tokio::spawn(async move {
             let id = track.track_id().await;
             while let Some(event) = track.poll().await {
+                if let TrackRemoteEvent::OnRtcpPacket(pkts) = &event {
+                    let mut r = reports.lock().unwrap();
+                    for sr in pkts.iter().filter_map(|p| {
+                        p.as_any()
+                            .downcast_ref::<rtc::rtcp::sender_report::SenderReport>()
+                    }) {
+                        r.entry(id.clone()).or_default().push(sr.clone());
+                    }
+                }
                 if let TrackRemoteEvent::OnRtpPacket(p) = event {
                     inbox
                         .lock()
@@ -137,6 +151,7 @@ impl SendTrack {
 pub struct RtcPeer {
     pub pc: Arc<dyn PeerConnection>,
     pub inbox: Inbox,
+    pub reports: Reports,
     /// Remote tracks, to send RTCP (PLI) about them.
     pub tracks: Arc<Mutex<Vec<Arc<dyn TrackRemote>>>>,
     gathered: tokio::sync::watch::Receiver<bool>,
@@ -159,17 +174,19 @@ impl RtcPeer {
         // The server's own RTCP tap, so publishers see the keyframe requests relayed to them.
         let registry = Registry::new().with(
             rtc::interceptor::Slot::from(weir::media::RTCP_TAP_SLOT),
-            weir::media::RtcpTap::keyframe_requests_only(),
+            weir::media::RtcpTap::new(true),
         );
         let registry = register_default_interceptors(registry, &mut media_engine).unwrap();
         let (gathered_tx, gathered) = tokio::sync::watch::channel(false);
         let (state_tx, state) = tokio::sync::watch::channel(RTCPeerConnectionState::New);
         let inbox: Inbox = Arc::default();
         let tracks: Arc<Mutex<Vec<Arc<dyn TrackRemote>>>> = Arc::default();
+        let reports: Reports = Arc::default();
         let handler = Arc::new(Handler {
             gathered: gathered_tx,
             state: state_tx,
             inbox: inbox.clone(),
+            reports: reports.clone(),
             tracks: tracks.clone(),
         });
         let builder = PeerConnectionBuilder::new()
@@ -199,6 +216,7 @@ impl RtcPeer {
         Self {
             pc: Arc::new(pc),
             inbox,
+            reports,
             tracks,
             gathered,
             state,
