@@ -6,12 +6,101 @@
 //! subscriber's, and a wrong id is worse than none.
 
 use rtc::rtp::Packet;
+use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use weir_signaling::Kind;
 
 pub fn kind_label(kind: Kind) -> &'static str {
     match kind {
         Kind::Audio => "audio",
         Kind::Video => "video",
+    }
+}
+
+/// Whether a subscriber that negotiated `offered` can decode what a publisher sends as
+/// `sent`: same codec, and for H.264 the same packetization mode and the same profile
+/// (levels may differ: decoders accept lower levels, and `level-asymmetry-allowed` is
+/// what browsers offer). A wrong H.264 profile decodes as a black picture, so it is
+/// refused, not forwarded.
+pub fn codec_compatible(sent: &RTCRtpCodec, offered: &RTCRtpCodec) -> bool {
+    if !sent.mime_type.eq_ignore_ascii_case(&offered.mime_type) {
+        return false;
+    }
+    if !sent.mime_type.eq_ignore_ascii_case("video/H264") {
+        return true;
+    }
+    let (a, b) = (
+        H264Fmtp::parse(&sent.sdp_fmtp_line),
+        H264Fmtp::parse(&offered.sdp_fmtp_line),
+    );
+    a.packetization_mode == b.packetization_mode && a.profile() == b.profile()
+}
+
+/// The parts of an H.264 fmtp line that decide compatibility.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct H264Fmtp {
+    packetization_mode: u8,
+    /// profile_idc and profile_iop (the first two bytes of profile-level-id).
+    profile_idc: u8,
+    profile_iop: u8,
+}
+
+/// H.264 profiles as RFC 6184 / libwebrtc distinguish them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum H264Profile {
+    ConstrainedBaseline,
+    Baseline,
+    Main,
+    ConstrainedHigh,
+    High,
+    Other(u8, u8),
+}
+
+impl H264Fmtp {
+    fn parse(fmtp: &str) -> Self {
+        let mut out = Self {
+            packetization_mode: 0,
+            // RFC 6184: an absent profile-level-id means 42000A (Baseline, level 1).
+            profile_idc: 0x42,
+            profile_iop: 0x00,
+        };
+        for part in fmtp.split(';') {
+            let Some((k, v)) = part.trim().split_once('=') else {
+                continue;
+            };
+            match k.trim().to_ascii_lowercase().as_str() {
+                "packetization-mode" => out.packetization_mode = v.trim().parse().unwrap_or(0),
+                "profile-level-id" => {
+                    let v = v.trim();
+                    if v.len() == 6 {
+                        if let (Ok(idc), Ok(iop)) = (
+                            u8::from_str_radix(&v[0..2], 16),
+                            u8::from_str_radix(&v[2..4], 16),
+                        ) {
+                            out.profile_idc = idc;
+                            out.profile_iop = iop;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn profile(&self) -> H264Profile {
+        let constraint_set1 = self.profile_iop & 0x40 != 0;
+        let constraint_set3 = self.profile_iop & 0x10 != 0;
+        match self.profile_idc {
+            // Baseline with constraint_set1 (or Main/Extended with it) is Constrained Baseline.
+            0x42 | 0x4d | 0x58 if constraint_set1 => H264Profile::ConstrainedBaseline,
+            0x42 => H264Profile::Baseline,
+            0x4d => H264Profile::Main,
+            0x64 if constraint_set3 && self.profile_iop & 0x0c == 0x0c => {
+                H264Profile::ConstrainedHigh
+            }
+            0x64 => H264Profile::High,
+            idc => H264Profile::Other(idc, self.profile_iop),
+        }
     }
 }
 
@@ -121,6 +210,47 @@ mod tests {
         assert_eq!(c.payload, pkt(0, 0).payload);
         assert_eq!(r.translate_timestamp(1, 20), Some(c.header.timestamp));
         assert_eq!(r.translate_timestamp(2, 20), None);
+    }
+
+    fn codec(mime: &str, fmtp: &str) -> RTCRtpCodec {
+        RTCRtpCodec {
+            mime_type: mime.into(),
+            clock_rate: 90_000,
+            channels: 0,
+            sdp_fmtp_line: fmtp.into(),
+            rtcp_feedback: vec![],
+        }
+    }
+
+    #[test]
+    fn h264_profiles_must_match_levels_need_not() {
+        let cb31 = codec(
+            "video/H264",
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+        );
+        let cb40 = codec("video/H264", "profile-level-id=42e028;packetization-mode=1");
+        let cb_via_main = codec("video/H264", "packetization-mode=1;profile-level-id=4de01f");
+        let baseline = codec("video/H264", "packetization-mode=1;profile-level-id=42001f");
+        let cb_pm0 = codec("video/H264", "packetization-mode=0;profile-level-id=42e01f");
+        let high = codec("video/H264", "packetization-mode=1;profile-level-id=640032");
+        let high444 = codec("video/H264", "packetization-mode=1;profile-level-id=f4001e");
+        assert!(codec_compatible(&cb31, &cb40));
+        assert!(codec_compatible(&cb31, &cb_via_main));
+        assert!(!codec_compatible(&cb31, &baseline));
+        assert!(!codec_compatible(&cb31, &cb_pm0));
+        assert!(!codec_compatible(&high, &cb31));
+        assert!(!codec_compatible(&high444, &high));
+        assert!(codec_compatible(&high, &high));
+        assert!(!codec_compatible(&cb31, &codec("video/VP8", "")));
+        assert!(codec_compatible(
+            &codec("video/VP8", ""),
+            &codec("video/vp8", "x")
+        ));
+        // garbage fmtp never panics, and reads as the RFC default
+        assert!(codec_compatible(
+            &codec("video/H264", "profile-level-id=zz;;="),
+            &codec("video/H264", "")
+        ));
     }
 
     #[test]

@@ -39,7 +39,7 @@ use weir_signaling::{IceCandidate, Kind, Target};
 use crate::metrics::Metrics;
 use crate::room::SessionId;
 
-use super::forward::{kind_label, Rewriter};
+use super::forward::{codec_compatible, kind_label, Rewriter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerKey(pub SessionId, pub Target);
@@ -58,8 +58,12 @@ struct Downtrack {
     track_id: String,
     rewriter: Rewriter,
     payload_type: Option<u8>,
+    /// What the publisher sends.
+    codec: RTCRtpCodec,
     mime: String,
     fmtp: String,
+    /// No compatible codec was negotiated (logged once).
+    refused: bool,
 }
 
 /// What one pass over a peer's outputs found.
@@ -342,6 +346,7 @@ impl Peer {
         self.negotiating = false;
         for d in self.downtracks.values_mut() {
             d.payload_type = None; // re-read what was negotiated
+            d.refused = false;
         }
         Ok(())
     }
@@ -532,6 +537,16 @@ impl Peer {
                 }],
             );
             let sender_id = self.pc.add_track(track).map_err(|e| e.to_string())?;
+            // Offer the publisher's codec only, so the subscriber takes it or refuses it.
+            let preferred = rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters {
+                rtp_codec: codec.clone(),
+                ..Default::default()
+            };
+            if let Some(mut t) = self.pc.rtp_transceiver(sender_id.into()) {
+                if let Err(e) = t.set_codec_preferences(vec![preferred]) {
+                    debug!(key = ?self.key, error = %e, "codec preference not applied");
+                }
+            }
             self.downtracks.insert(
                 k.clone(),
                 Downtrack {
@@ -541,6 +556,8 @@ impl Peer {
                     payload_type: None,
                     mime: codec.mime_type.clone(),
                     fmtp: codec.sdp_fmtp_line.clone(),
+                    codec: codec.clone(),
+                    refused: false,
                 },
             );
             metrics
@@ -585,23 +602,34 @@ impl Peer {
         let Some(mut sender) = self.pc.rtp_sender(d.sender_id) else {
             return false;
         };
-        if d.payload_type.is_none() {
+        if d.payload_type.is_none() && !d.refused {
             let codecs = &sender.get_parameters().rtp_parameters.codecs;
             d.payload_type = codecs
                 .iter()
                 .find(|c| {
-                    c.rtp_codec.mime_type.eq_ignore_ascii_case(&d.mime)
-                        && c.rtp_codec.sdp_fmtp_line == d.fmtp
+                    c.rtp_codec.sdp_fmtp_line == d.codec.sdp_fmtp_line
+                        && codec_compatible(&d.codec, &c.rtp_codec)
                 })
                 .or_else(|| {
                     codecs
                         .iter()
-                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&d.mime))
+                        .find(|c| codec_compatible(&d.codec, &c.rtp_codec))
                 })
                 .map(|c| c.payload_type);
         }
         let Some(pt) = d.payload_type else {
-            return false; // not negotiated yet
+            if !d.refused {
+                // Never forward into a black screen: say why instead.
+                d.refused = true;
+                tracing::warn!(
+                    key = ?self.key,
+                    stream_id,
+                    codec = %d.mime,
+                    fmtp = %d.fmtp,
+                    "subscriber negotiated no compatible codec for this stream; not forwarding it"
+                );
+            }
+            return false;
         };
         let out = d.rewriter.rewrite(packet, pt);
         sender.write_rtp(now, out).is_ok()
