@@ -6,10 +6,10 @@ set -euo pipefail
 
 mode=${1:-build}
 
-# Building: C toolchain pieces for -sys crates.
-build_pkgs=(pkg-config)
-# Testing: real clients (more arrive with the media issues: ffmpeg, chromium).
-test_pkgs=()
+# Building: C toolchain pieces for -sys crates (libopus is built from source by cmake).
+build_pkgs=(pkg-config cmake g++)
+# Testing: real clients: ffmpeg pushes and plays RTMP and decodes what Weir sends.
+test_pkgs=(ffmpeg)
 
 pkgs=("${build_pkgs[@]}")
 if [ "$mode" = test ]; then

@@ -3,9 +3,12 @@
 //! See `ARCHITECTURE.md` at the repository root for the map.
 
 pub mod auth;
+pub mod bridge;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod media;
 pub mod metrics;
 pub mod room;
+pub mod rtmp;
 pub mod server;

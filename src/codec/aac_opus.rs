@@ -1,0 +1,160 @@
+//! AAC-LC → Opus for browsers: decode (symphonia), resample to 48 kHz, a sample FIFO,
+//! and libopus in 20 ms frames. Timestamps are the caller's business: it gets the
+//! output sample index of every frame (48 kHz, counted from the first sample in).
+
+use std::panic::AssertUnwindSafe;
+
+use bytes::Bytes;
+use symphonia::core::audio::SampleBuffer;
+use symphonia::core::codecs::{CodecParameters, Decoder, DecoderOptions, CODEC_TYPE_AAC};
+use symphonia::core::formats::Packet;
+
+use super::aac::AudioConfig;
+use super::resample::Resampler;
+
+pub const OPUS_RATE: u32 = 48_000;
+/// 20 ms at 48 kHz.
+pub const OPUS_FRAME: usize = 960;
+/// An AAC-LC frame's samples per channel.
+pub const AAC_FRAME: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TranscodeError {
+    #[error("AAC decoder: {0}")]
+    Decode(String),
+    #[error("Opus encoder: {0}")]
+    Encode(String),
+    #[error("cannot resample {0} Hz to 48 kHz")]
+    Rate(u32),
+}
+
+/// One encoded Opus frame.
+#[derive(Debug, Clone)]
+pub struct OpusFrame {
+    pub data: Bytes,
+    /// Index of its first sample in the 48 kHz output.
+    pub sample: u64,
+}
+
+pub struct AacToOpus {
+    pub config: AudioConfig,
+    decoder: symphonia::default::codecs::AacDecoder,
+    resampler: Option<Resampler>,
+    channels: usize,
+    /// Interleaved 48 kHz samples waiting for a whole Opus frame.
+    fifo: Vec<f32>,
+    /// Output sample index of `fifo[0]`.
+    fifo_start: u64,
+    encoder: opus::Encoder,
+    resampled: Vec<f32>,
+    out: Vec<u8>,
+    /// AAC frames that failed to decode (each is replaced by nothing).
+    pub decode_errors: u64,
+}
+
+impl AacToOpus {
+    pub fn new(config: AudioConfig, asc: &[u8], bitrate: i32) -> Result<Self, TranscodeError> {
+        let mut params = CodecParameters::new();
+        params
+            .for_codec(CODEC_TYPE_AAC)
+            .with_sample_rate(config.sample_rate)
+            .with_extra_data(asc.to_vec().into_boxed_slice());
+        let decoder =
+            symphonia::default::codecs::AacDecoder::try_new(&params, &DecoderOptions::default())
+                .map_err(|e| TranscodeError::Decode(e.to_string()))?;
+        let channels = usize::from(config.channels);
+        let resampler = if config.sample_rate == OPUS_RATE {
+            None
+        } else {
+            Some(
+                Resampler::new(config.sample_rate, OPUS_RATE, channels)
+                    .ok_or(TranscodeError::Rate(config.sample_rate))?,
+            )
+        };
+        let opus_channels = if channels == 1 {
+            opus::Channels::Mono
+        } else {
+            opus::Channels::Stereo
+        };
+        let mut encoder = opus::Encoder::new(OPUS_RATE, opus_channels, opus::Application::Audio)
+            .map_err(|e| TranscodeError::Encode(e.to_string()))?;
+        encoder
+            .set_bitrate(opus::Bitrate::Bits(bitrate))
+            .map_err(|e| TranscodeError::Encode(e.to_string()))?;
+        Ok(Self {
+            config,
+            decoder,
+            resampler,
+            channels,
+            fifo: Vec::with_capacity(OPUS_FRAME * 4 * channels),
+            fifo_start: 0,
+            encoder,
+            resampled: Vec::with_capacity(AAC_FRAME * 2 * channels),
+            out: vec![0u8; 1500],
+            decode_errors: 0,
+        })
+    }
+
+    /// Samples held in the FIFO (always under one Opus frame between calls).
+    pub fn held_samples(&self) -> usize {
+        self.fifo.len() / self.channels
+    }
+
+    /// Drops buffered samples and restarts the output count at `sample` (re-anchoring).
+    pub fn restart_at(&mut self, sample: u64) {
+        self.fifo.clear();
+        self.fifo_start = sample;
+    }
+
+    /// Decodes one raw AAC frame; returns the Opus frames it completed.
+    pub fn push(&mut self, aac: &[u8]) -> Result<Vec<OpusFrame>, TranscodeError> {
+        let packet = Packet::new_from_slice(0, 0, AAC_FRAME as u64, aac);
+        // A decoder bug on hostile input must not take the server down.
+        let decoded =
+            std::panic::catch_unwind(AssertUnwindSafe(|| match self.decoder.decode(&packet) {
+                Ok(buf) => {
+                    let mut sb = SampleBuffer::<f32>::new(buf.capacity() as u64, *buf.spec());
+                    sb.copy_interleaved_ref(buf);
+                    Ok(sb.samples().to_vec())
+                }
+                Err(e) => Err(e.to_string()),
+            }));
+        let pcm = match decoded {
+            Ok(Ok(pcm)) => pcm,
+            Ok(Err(e)) => {
+                self.decode_errors += 1;
+                return Err(TranscodeError::Decode(e));
+            }
+            Err(_) => {
+                self.decode_errors += 1;
+                self.decoder.reset();
+                return Err(TranscodeError::Decode("the decoder panicked".into()));
+            }
+        };
+        match &mut self.resampler {
+            Some(r) => {
+                self.resampled.clear();
+                r.process(&pcm, &mut self.resampled);
+                self.fifo.extend_from_slice(&self.resampled);
+            }
+            None => self.fifo.extend_from_slice(&pcm),
+        }
+        let mut frames = Vec::new();
+        let frame_len = OPUS_FRAME * self.channels;
+        let mut consumed = 0;
+        while self.fifo.len() - consumed >= frame_len {
+            let n = self
+                .encoder
+                .encode_float(&self.fifo[consumed..consumed + frame_len], &mut self.out)
+                .map_err(|e| TranscodeError::Encode(e.to_string()))?;
+            frames.push(OpusFrame {
+                data: Bytes::copy_from_slice(&self.out[..n]),
+                sample: self.fifo_start,
+            });
+            consumed += frame_len;
+            self.fifo_start += OPUS_FRAME as u64;
+        }
+        self.fifo.drain(..consumed);
+        Ok(frames)
+    }
+}
