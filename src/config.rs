@@ -44,8 +44,14 @@ pub struct ServerConfig {
     pub announce_ips: Vec<String>,
     /// Host name or address used in play URLs (defaults to the first announced IP).
     pub public_host: String,
-    /// RTMP port named in play URLs.
-    pub rtmp_port: u16,
+    /// RTMP ingest (mini program pushers, OBS, ffmpeg) and play; empty disables it.
+    /// Its port is the one named in play URLs.
+    pub rtmp_addr: String,
+    /// Opus bitrate (bit/s) of AAC audio bridged to WebRTC.
+    pub opus_bitrate: u32,
+    /// RTMP media arriving this much later than it should (a backlog after a stall, or
+    /// an encoder flushing its buffer) is skipped to the next keyframe.
+    pub rtmp_max_lag_ms: u64,
     pub max_rooms: usize,
     pub max_members_per_room: usize,
     /// Seconds a signaling session may stay silent before it is closed (clients ping).
@@ -68,7 +74,9 @@ impl Default for ServerConfig {
             tcp_addr: "0.0.0.0:7881".into(),
             announce_ips: Vec::new(),
             public_host: String::new(),
-            rtmp_port: 1935,
+            rtmp_addr: "0.0.0.0:1935".into(),
+            opus_bitrate: 64_000,
+            rtmp_max_lag_ms: 400,
             max_rooms: 1000,
             max_members_per_room: 50,
             signaling_idle_timeout_s: 30,

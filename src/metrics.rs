@@ -5,8 +5,8 @@
 //! join fail?", "why is this stream black?") has a counter or gauge here.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -33,6 +33,20 @@ pub struct Metrics {
     pub sender_reports: prometheus::IntCounter,
     /// Arrival of a publisher's packet to its send to a subscriber.
     pub forward_latency: Histogram,
+    /// RTMP message read → its RTP handed to the kernel, by kind.
+    pub bridge_latency: HistogramVec,
+    /// Bridged frames by kind and what happened to them.
+    pub bridge_frames: IntCounterVec,
+    /// Media an RTMP pusher sends that cannot be bridged, by kind.
+    pub bridge_refused: IntCounterVec,
+    pub bridge_audio_reanchors: prometheus::IntCounter,
+    /// New subscribers of bridged streams started from the cached GOP.
+    pub gop_replays: prometheus::IntCounter,
+    /// RTMP connections by role, and publish/play attempts by outcome.
+    pub rtmp_connections: IntGaugeVec,
+    pub rtmp_requests: IntCounterVec,
+    /// Bridged packets dropped because the media plane's queue was full.
+    pub bridge_queue_drops: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -73,7 +87,65 @@ impl Metrics {
         registry
             .register(Box::new(forward_latency.clone()))
             .expect("unique metric");
+        let counter = |name: &str, help: &str| {
+            let c = prometheus::IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let bridge_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "weir_bridge_latency_seconds",
+                "RTMP message read from the socket to its RTP packets handed to the kernel, \
+                 including AAC decode, resampling and Opus encode (not the wait for a whole \
+                 20 ms Opus frame)",
+            )
+            .buckets(vec![
+                0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05,
+                0.1, 0.25,
+            ]),
+            &["kind"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(bridge_latency.clone()))
+            .expect("unique metric");
         Self {
+            bridge_latency,
+            bridge_frames: counter_vec(
+                "weir_bridge_frames_total",
+                "RTMP frames bridged to WebRTC, by kind and outcome (forwarded, \
+                 b_frame_dropped, b_frame_reference_forwarded, skipped_lag)",
+                &["kind", "outcome"],
+            ),
+            bridge_refused: counter_vec(
+                "weir_bridge_refused_total",
+                "RTMP media that cannot be bridged (codec, profile, malformed), by kind",
+                &["kind"],
+            ),
+            bridge_audio_reanchors: counter(
+                "weir_bridge_audio_reanchors_total",
+                "Times bridged audio timestamps were re-anchored to a drifting source clock",
+            ),
+            gop_replays: counter(
+                "weir_bridge_gop_replays_total",
+                "New subscribers of RTMP streams started from the cached GOP",
+            ),
+            rtmp_connections: gauge_vec(
+                "weir_rtmp_connections",
+                "Open RTMP connections by role (handshake, publish, play)",
+                &["role"],
+            ),
+            rtmp_requests: counter_vec(
+                "weir_rtmp_requests_total",
+                "RTMP publish and play requests by outcome",
+                &["request", "outcome"],
+            ),
+            bridge_queue_drops: counter(
+                "weir_bridge_queue_drops_total",
+                "Bridged packets dropped because the media plane's queue was full",
+            ),
             rooms: gauge("weir_rooms", "Rooms on this node"),
             participants: gauge("weir_participants", "Participants on this node"),
             joins: counter_vec("weir_joins_total", "Join attempts by outcome", &["outcome"]),

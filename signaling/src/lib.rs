@@ -125,6 +125,8 @@ pub enum ErrorCode {
     Unavailable,
     /// Something failed on the server.
     Internal,
+    /// A name is already in use (a stream name pushed by someone else).
+    Conflict,
 }
 
 impl From<ErrorCode> for u16 {
@@ -142,6 +144,7 @@ impl From<ErrorCode> for u16 {
             LimitExceeded => 429,
             Unavailable => 503,
             Internal => 500,
+            Conflict => 423,
         }
     }
 }
@@ -162,6 +165,7 @@ impl TryFrom<u16> for ErrorCode {
             429 => LimitExceeded,
             503 => Unavailable,
             500 => Internal,
+            423 => Conflict,
             other => return Err(format!("unknown error code {other}")),
         })
     }

@@ -38,6 +38,8 @@ pub enum TokenKind {
     V1,
     V2,
     Jwt,
+    /// A hotlink-protected (txSecret) push URL, for a stream name bound to a room.
+    LiveUrl,
 }
 
 /// A verified userSig: who this is.
@@ -303,6 +305,9 @@ impl AppKeys {
         ticket: Option<UserBuf>,
     ) -> Result<String, AuthError> {
         match kind {
+            TokenKind::LiveUrl => Err(AuthError::BadUrl(
+                "live URLs are signed (`weir token sign-url`), not issued as tokens".into(),
+            )),
             TokenKind::V1 => {
                 let key = self.private_key.as_ref().ok_or(AuthError::NoKey {
                     sdk_app_id: self.sdk_app_id,

@@ -16,6 +16,7 @@ mod peer;
 mod tcp;
 
 pub use demux::stun_username;
+pub use forward::kind_label;
 pub use peer::{RtcpTap, RTCP_TAP_SLOT};
 
 use std::collections::{HashMap, HashSet};
@@ -77,10 +78,54 @@ pub struct Media {
     metrics: Arc<Metrics>,
     /// Last PLI sent to each publisher track, to throttle keyframe requests.
     last_pli: HashMap<(String, Kind), Instant>,
+    /// Publishers that are bridges rather than peer connections.
+    bridged: HashMap<SessionId, Bridged>,
+    /// Bridged packets handed to connections, waiting for the write to be timed.
+    pending_bridge_latency: Vec<(&'static str, Instant)>,
 }
 
 /// Keyframe requests to one publisher track are sent at most this often.
 const PLI_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A new subscriber of a bridged (RTMP) stream gets the current GOP replayed if its
+/// keyframe is at most this old; otherwise it starts at the next keyframe.
+const GOP_REPLAY_MAX_AGE: Duration = Duration::from_millis(400);
+/// Packets kept for that replay; a longer GOP is not replayed.
+const GOP_MAX_PACKETS: usize = 1024;
+
+/// What a bridge (an RTMP pusher converted to RTP) gives the media plane.
+#[derive(Debug)]
+pub enum BridgeInput {
+    /// A track's codec is known: subscribers can be offered it.
+    Track {
+        session: SessionId,
+        kind: Kind,
+        codec: rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
+    },
+    Rtp {
+        session: SessionId,
+        kind: Kind,
+        packet: rtc::rtp::Packet,
+        keyframe: bool,
+        arrived: Instant,
+    },
+    SenderReport {
+        session: SessionId,
+        kind: Kind,
+        report: rtc::rtcp::sender_report::SenderReport,
+    },
+    /// The pusher is gone.
+    Gone { session: SessionId },
+}
+
+/// A bridged source as the media plane sees it.
+#[derive(Default)]
+struct Bridged {
+    codecs: HashMap<Kind, rtc::rtp_transceiver::rtp_sender::RTCRtpCodec>,
+    /// Video packets since the last keyframe, and when that keyframe came.
+    gop: Vec<rtc::rtp::Packet>,
+    gop_at: Option<Instant>,
+}
 
 impl Media {
     pub fn new(
@@ -108,10 +153,16 @@ impl Media {
             control,
             metrics,
             last_pli: HashMap::new(),
+            bridged: HashMap::new(),
+            pending_bridge_latency: Vec::new(),
         })
     }
 
-    pub async fn run(mut self, mut rx: mpsc::Receiver<MediaInput>) {
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<MediaInput>,
+        mut bridge_rx: mpsc::Receiver<BridgeInput>,
+    ) {
         let socket = self.socket.clone();
         let mut buf = vec![0u8; 2048];
         let (tcp_tx, mut tcp_rx) = mpsc::channel(4096);
@@ -133,6 +184,13 @@ impl Media {
                     Some(input) => self.input(input),
                     None => break,
                 },
+                Some(input) = bridge_rx.recv() => {
+                    self.bridge_input(input);
+                    // Take whatever else is queued before writing: one pump per burst.
+                    while let Ok(more) = bridge_rx.try_recv() {
+                        self.bridge_input(more);
+                    }
+                }
                 res = socket.recv_from(&mut buf) => match res {
                     Ok((n, from)) => self.datagram(&buf[..n], from, TransportProtocol::UDP),
                     Err(e) => debug!(error = %e, "UDP receive error"),
@@ -283,6 +341,7 @@ impl Media {
                 if let Some(publisher) = self.publishers.remove(&stream_id) {
                     self.allowed.remove(&publisher);
                     self.close_peer(PeerKey(publisher, Target::Publisher));
+                    self.drop_bridged(publisher);
                 }
                 for s in subscribers {
                     self.sync_subscriber(s);
@@ -295,6 +354,7 @@ impl Media {
                 self.allowed.remove(&session);
                 self.close_peer(PeerKey(session, Target::Publisher));
                 self.close_peer(PeerKey(session, Target::Subscriber));
+                self.drop_bridged(session);
             }
         }
     }
@@ -396,11 +456,17 @@ impl Media {
             let Some(publisher) = self.publishers.get(stream_id) else {
                 continue;
             };
-            let Some(pub_peer) = self.peers.get(&PeerKey(*publisher, Target::Publisher)) else {
+            let bridged = self.bridged.get(publisher);
+            let pub_peer = self.peers.get(&PeerKey(*publisher, Target::Publisher));
+            if bridged.is_none() && pub_peer.is_none() {
                 continue;
-            };
+            }
             for kind in kinds {
-                if let Some(codec) = pub_peer.track_codec(*kind) {
+                let codec = match bridged {
+                    Some(b) => b.codecs.get(kind).cloned(),
+                    None => pub_peer.and_then(|p| p.track_codec(*kind)),
+                };
+                if let Some(codec) = codec {
                     wanted.insert((stream_id.clone(), *kind));
                     codecs.insert((stream_id.clone(), *kind), codec);
                 }
@@ -549,6 +615,13 @@ impl Media {
                 .forward_latency
                 .observe(sent.saturating_duration_since(arrived).as_secs_f64());
         }
+        // Bridged: RTMP message read from the socket → its RTP handed to the kernel.
+        for (kind, arrived) in self.pending_bridge_latency.drain(..) {
+            self.metrics
+                .bridge_latency
+                .with_label_values(&[kind])
+                .observe(sent.saturating_duration_since(arrived).as_secs_f64());
+        }
     }
 
     /// Gives every subscriber of the publisher's stream the publisher's clock mapping.
@@ -575,11 +648,103 @@ impl Media {
         }
     }
 
+    fn bridge_input(&mut self, input: BridgeInput) {
+        match input {
+            BridgeInput::Track {
+                session,
+                kind,
+                codec,
+            } => {
+                let b = self.bridged.entry(session).or_default();
+                if b.codecs.insert(kind, codec).is_none() {
+                    self.metrics
+                        .published_tracks
+                        .with_label_values(&[forward::kind_label(kind)])
+                        .inc();
+                }
+                let stream = self.allowed.get(&session).map(|a| a.stream_id.clone());
+                if let Some(stream_id) = stream {
+                    let subs: Vec<SessionId> = self
+                        .subscriptions
+                        .get(&stream_id)
+                        .map(|s| s.keys().copied().collect())
+                        .unwrap_or_default();
+                    for s in subs {
+                        self.sync_subscriber(s);
+                    }
+                }
+            }
+            BridgeInput::Rtp {
+                session,
+                kind,
+                packet,
+                keyframe,
+                arrived,
+            } => {
+                let mut sent = Vec::new();
+                let gated = (kind == Kind::Video).then_some(keyframe);
+                if kind == Kind::Video {
+                    if let Some(b) = self.bridged.get_mut(&session) {
+                        if keyframe {
+                            b.gop.clear();
+                            b.gop_at = Some(arrived);
+                        }
+                    }
+                }
+                self.forward_gated(session, kind, packet.clone(), gated, arrived, &mut sent);
+                if kind == Kind::Video {
+                    if let Some(b) = self.bridged.get_mut(&session) {
+                        if b.gop.len() < GOP_MAX_PACKETS {
+                            b.gop.push(packet);
+                        } else {
+                            b.gop_at = None; // too long to replay
+                        }
+                    }
+                }
+                let label = forward::kind_label(kind);
+                self.pending_bridge_latency
+                    .extend(sent.into_iter().map(|a| (label, a)));
+            }
+            BridgeInput::SenderReport {
+                session,
+                kind,
+                report,
+            } => self.relay_sender_report(session, kind, &report, Instant::now()),
+            BridgeInput::Gone { session } => self.drop_bridged(session),
+        }
+    }
+
+    fn drop_bridged(&mut self, session: SessionId) {
+        if let Some(b) = self.bridged.remove(&session) {
+            for kind in b.codecs.keys() {
+                self.metrics
+                    .published_tracks
+                    .with_label_values(&[forward::kind_label(*kind)])
+                    .dec();
+            }
+        }
+    }
+
     fn forward(
         &mut self,
         publisher: SessionId,
         kind: Kind,
         packet: rtc::rtp::Packet,
+        arrived: Instant,
+        sent_arrivals: &mut Vec<Instant>,
+    ) {
+        self.forward_gated(publisher, kind, packet, None, arrived, sent_arrivals);
+    }
+
+    /// Forwards one packet to every subscriber of the publisher's stream. With
+    /// `keyframe` known (bridged video), a subscriber that has had nothing yet starts
+    /// at a keyframe: the current GOP replayed if fresh, else the next one.
+    fn forward_gated(
+        &mut self,
+        publisher: SessionId,
+        kind: Kind,
+        packet: rtc::rtp::Packet,
+        keyframe: Option<bool>,
         arrived: Instant,
         sent_arrivals: &mut Vec<Instant>,
     ) {
@@ -603,11 +768,32 @@ impl Media {
             .filter(|(_, kinds)| kinds.contains(&kind))
             .map(|(s, _)| *s)
             .collect();
+        let now = Instant::now();
+        let gop = match (keyframe, self.bridged.get(&publisher)) {
+            (Some(false), Some(b))
+                if b.gop_at
+                    .is_some_and(|t| now.duration_since(t) <= GOP_REPLAY_MAX_AGE) =>
+            {
+                Some(&b.gop)
+            }
+            _ => None,
+        };
         for s in targets {
             let Some(p) = self.peers.get_mut(&PeerKey(s, Target::Subscriber)) else {
                 continue;
             };
-            if p.send_forwarded(&stream_id, kind, &packet, Instant::now()) {
+            if keyframe == Some(false) && p.downtrack_fresh(&stream_id, kind) {
+                let Some(gop) = gop else {
+                    continue; // wait for the next keyframe
+                };
+                for old in gop {
+                    p.send_forwarded(&stream_id, kind, old, now);
+                }
+                if !gop.is_empty() {
+                    self.metrics.gop_replays.inc();
+                }
+            }
+            if p.send_forwarded(&stream_id, kind, &packet, now) {
                 self.metrics
                     .rtp_packets
                     .with_label_values(&["out", label])

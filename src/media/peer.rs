@@ -585,6 +585,13 @@ impl Peer {
             .ok_or_else(|| "no local description after setting it".into())
     }
 
+    /// True if the downtrack exists and nothing has been sent on it yet.
+    pub fn downtrack_fresh(&self, stream_id: &str, kind: Kind) -> bool {
+        self.downtracks
+            .get(&(stream_id.to_owned(), kind))
+            .is_some_and(|d| d.rewriter.packets == 0)
+    }
+
     /// Sends a publisher's packet on the matching downtrack. True if it went out.
     pub fn send_forwarded(
         &mut self,

@@ -61,6 +61,8 @@ pub enum RoomError {
     RoomFull { room: String, limit: usize },
     #[error("text message is {len} bytes, more than {limit}")]
     TextTooLong { len: usize, limit: usize },
+    #[error("stream name {0:?} is already live on this node")]
+    StreamNameTaken(String),
 }
 
 impl RoomError {
@@ -69,6 +71,7 @@ impl RoomError {
             RoomError::Privilege(_) => ErrorCode::MissingPrivilege,
             RoomError::NotJoined | RoomError::AlreadyJoined => ErrorCode::NotJoined,
             RoomError::NoSuchStream(_) => ErrorCode::NotFound,
+            RoomError::StreamNameTaken(_) => ErrorCode::Conflict,
             RoomError::EmptyPublish | RoomError::AlreadyPublishing | RoomError::NotPublishing => {
                 ErrorCode::BadRequest
             }
@@ -414,6 +417,19 @@ impl Rooms {
         audio: bool,
         video: bool,
     ) -> Result<StreamInfo, RoomError> {
+        self.publish_as(session, None, "webrtc", audio, video)
+    }
+
+    /// Publishes under a given stream name (an RTMP pusher names its stream in its
+    /// URL), or the room's default name when `None`. Names are unique on the node.
+    pub fn publish_as(
+        &mut self,
+        session: SessionId,
+        name: Option<String>,
+        source: &'static str,
+        audio: bool,
+        video: bool,
+    ) -> Result<StreamInfo, RoomError> {
         let e = self.entry(session)?;
         if !audio && !video {
             return Err(RoomError::EmptyPublish);
@@ -434,9 +450,14 @@ impl Rooms {
             .privileges
             .require(needed)
             .map_err(RoomError::Privilege)?;
+        let id = name.unwrap_or_else(|| stream_id_for(&key, &e.user_id));
+        if self.streams.contains_key(&id) {
+            return Err(RoomError::StreamNameTaken(id));
+        }
+        let member = self.member_mut(&e);
         let stream = Stream {
-            id: stream_id_for(&key, &e.user_id),
-            source: "webrtc",
+            id,
+            source,
             audio,
             video,
             audio_muted: false,

@@ -44,6 +44,15 @@ pub enum ControlCommand {
         session: SessionId,
         msg: ClientMessage,
     },
+    /// A non-websocket publisher (an RTMP pusher) publishes under its own stream name;
+    /// the answer (`published` or an error) goes to the session's queue.
+    PublishAs {
+        session: SessionId,
+        stream_id: String,
+        source: &'static str,
+        audio: bool,
+        video: bool,
+    },
     Closed {
         session: SessionId,
         reason: LeaveReason,
@@ -184,6 +193,20 @@ impl Control {
                 }
             },
             ControlCommand::Message { session, msg } => self.message(session, msg).await,
+            ControlCommand::PublishAs {
+                session,
+                stream_id,
+                source,
+                audio,
+                video,
+            } => {
+                if let Err(e) =
+                    self.rooms
+                        .publish_as(session, Some(stream_id), source, audio, video)
+                {
+                    self.tell(session, error_msg(&e, "publish"));
+                }
+            }
             ControlCommand::Closed { session, reason } => {
                 self.sessions.remove(&session);
                 self.rooms.leave(session, reason);

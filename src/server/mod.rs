@@ -20,6 +20,7 @@ use crate::room::{Limits, Rooms, UrlBase};
 
 pub mod control;
 mod http;
+pub mod rtmp;
 mod ws;
 
 use control::{Control, ControlCommand};
@@ -40,6 +41,8 @@ pub struct Server {
     pub http_addr: SocketAddr,
     /// The one UDP port of WebRTC media.
     pub udp_addr: SocketAddr,
+    /// RTMP ingest, when enabled.
+    pub rtmp_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     stop: watch::Sender<bool>,
     http: tokio::task::JoinHandle<()>,
@@ -79,8 +82,21 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         .with_context(|| format!("binding HTTP on {}", config.server.http_addr))?;
     let http_addr = listener.local_addr()?;
     let host = public_host(&config);
+    let rtmp_listener = if config.server.rtmp_addr.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(&config.server.rtmp_addr)
+                .await
+                .with_context(|| format!("binding RTMP on {}", config.server.rtmp_addr))?,
+        )
+    };
+    let rtmp_addr = rtmp_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let urls = UrlBase {
-        rtmp: format!("rtmp://{host}:{}/live", config.server.rtmp_port),
+        rtmp: format!(
+            "rtmp://{host}:{}/live",
+            rtmp_addr.map_or(1935, |a| a.port())
+        ),
         flv: format!("http://{host}:{}/live", http_addr.port()),
         webrtc: format!("webrtc://{host}:{}/live", http_addr.port()),
     };
@@ -132,7 +148,8 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         control_tx.clone(),
         metrics.clone(),
     )?;
-    tokio::spawn(media.run(media_rx));
+    let (bridge_tx, bridge_rx) = mpsc::channel(4096);
+    tokio::spawn(media.run(media_rx, bridge_rx));
     let control =
         tokio::spawn(Control::new(rooms, Some(media_tx), metrics.clone()).run(control_rx));
     let state = Arc::new(AppState {
@@ -145,11 +162,26 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         dev_mode: config.server.dev_mode,
     });
     let (stop, stop_rx) = watch::channel(false);
+    if let Some(l) = rtmp_listener {
+        let shared = Arc::new(rtmp::RtmpShared {
+            pushers: rtmp::Pushers::default(),
+            bridge_tx,
+            bridge_config: crate::bridge::BridgeConfig {
+                opus_bitrate: config.server.opus_bitrate.min(510_000) as i32,
+                max_lag_ms: config.server.rtmp_max_lag_ms as i64,
+                ..Default::default()
+            },
+            epoch: std::time::Instant::now(),
+        });
+        info!(addr = %l.local_addr()?, "RTMP listening (push with room credentials or a txSecret URL)");
+        tokio::spawn(rtmp::serve(l, state.clone(), shared, stop_rx.clone()));
+    }
     let http = tokio::spawn(http::serve(listener, state.clone(), stop_rx));
     info!(addr = %http_addr, "HTTP listening (signaling at /ws, /metrics, /healthz, /readyz)");
     Ok(Server {
         http_addr,
         udp_addr,
+        rtmp_addr,
         state,
         stop,
         http,

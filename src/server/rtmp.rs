@@ -1,0 +1,725 @@
+//! The RTMP socket shell: accepts connections, drives [`ServerSession`], authorizes
+//! pushers, makes each one a room member, and runs its [`Bridge`] (one per source),
+//! handing the RTP it makes to the media plane.
+//!
+//! Who may push: a URL carrying room credentials
+//! (`?sdkappid=&userid=&roomid=|strroomid=&usersig=&privatemapkey=`, enter and send
+//! privileges needed), or a hotlink-protected URL (`?txSecret=&txTime=`, the app's push
+//! key) for a stream name bound to a room by its shape, `{sdkappid}_{roomid}_{userid}`
+//! with an optional `_main`. Anything else is refused before any media is accepted.
+//!
+//! One pusher per stream name: a second is refused while the first is sending; a
+//! pusher silent for [`STALE_PUSHER`] (a dropped connection not yet noticed) is
+//! replaced by the newcomer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{debug, info, warn};
+use weir_signaling::{Kind, LeaveReason, ServerMessage};
+
+use super::control::{ControlCommand, SessionEvent, SESSION_QUEUE};
+use super::AppState;
+use crate::auth::{Identity, Privileges, RoomId, RoomTicket, TokenKind};
+use crate::bridge::{self, Bridge, BridgeConfig};
+use crate::media::BridgeInput;
+use crate::room::SessionId;
+use crate::rtmp::{Event, ServerSession};
+
+/// A pusher that has sent nothing for this long may be replaced by a new one.
+pub const STALE_PUSHER: Duration = Duration::from_secs(2);
+/// Handshake through publish must be done within this.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection silent this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Stream names: URL-path safe, bounded.
+const MAX_NAME: usize = 128;
+
+/// Live pushers by stream name.
+#[derive(Default)]
+pub struct Pushers {
+    inner: Mutex<HashMap<String, PusherEntry>>,
+}
+
+struct PusherEntry {
+    id: u64,
+    last_data_ms: Arc<AtomicU64>,
+    kill: Arc<Notify>,
+}
+
+pub struct RtmpShared {
+    pub pushers: Pushers,
+    pub bridge_tx: mpsc::Sender<BridgeInput>,
+    pub bridge_config: BridgeConfig,
+    pub epoch: Instant,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shared: Arc<RtmpShared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let state = state.clone();
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        state.metrics.rtmp_connections.with_label_values(&["handshake"]).inc();
+                        let mut conn = Connection::new(state.clone(), shared, peer);
+                        conn.run(stream).await;
+                        conn.cleanup().await;
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "RTMP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// Why a publish was refused: the onStatus code and the description the client prints.
+struct Refusal {
+    code: &'static str,
+    outcome: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn auth(message: impl Into<String>) -> Self {
+        Self {
+            code: "NetStream.Publish.Unauthorized",
+            outcome: "unauthorized",
+            message: message.into(),
+        }
+    }
+}
+
+/// What an authorized push URL grants.
+struct PushGrant {
+    sdk_app_id: u64,
+    ticket: RoomTicket,
+    stream: String,
+    kinds: Vec<Kind>,
+}
+
+/// Query parameters from the publish name (`stream?a=b`) and the tcUrl/app.
+fn split_name_and_query(name: &str, tc_url: &str, app: &str) -> (String, Vec<(String, String)>) {
+    let (stream, q) = name.split_once('?').unwrap_or((name, ""));
+    let mut params: Vec<(String, String)> = url::form_urlencoded::parse(q.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    for extra in [tc_url, app] {
+        if let Some((_, q)) = extra.split_once('?') {
+            params.extend(
+                url::form_urlencoded::parse(q.as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned())),
+            );
+        }
+    }
+    // ffmpeg may append an extension it thinks the path has.
+    let stream = stream.strip_suffix(".flv").unwrap_or(stream);
+    (stream.to_owned(), params)
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+fn valid_stream_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// `{sdkappid}_{roomid}_{userid}[_main]` → (app, room, user).
+fn bound_stream(name: &str) -> Option<(u64, u32, String)> {
+    let (app, rest) = name.split_once('_')?;
+    let (room, user) = rest.split_once('_')?;
+    let user = user.strip_suffix("_main").unwrap_or(user);
+    if user.is_empty() {
+        return None;
+    }
+    Some((app.parse().ok()?, room.parse().ok()?, user.to_owned()))
+}
+
+fn authorize_push(
+    state: &AppState,
+    app_name: &str,
+    tc_url: &str,
+    publish_name: &str,
+) -> Result<PushGrant, Refusal> {
+    let (stream, params) = split_name_and_query(publish_name, tc_url, app_name);
+    if !valid_stream_name(&stream) {
+        return Err(Refusal {
+            code: "NetStream.Publish.BadName",
+            outcome: "bad_name",
+            message: format!(
+                "stream name {stream:?} must be 1 to {MAX_NAME} characters of A-Z a-z 0-9 _ - ."
+            ),
+        });
+    }
+    let now = crate::auth::unix_now();
+    if let Some(user_sig) = param(&params, "usersig") {
+        let sdk_app_id: u64 = param(&params, "sdkappid")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Refusal::auth("sdkappid is missing or not a number"))?;
+        let user_id = param(&params, "userid")
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| Refusal::auth("userid is missing"))?;
+        let room = match (param(&params, "roomid"), param(&params, "strroomid")) {
+            (Some(n), None) => RoomId::Num(
+                n.parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| Refusal::auth("roomid must be 1..=4294967295"))?,
+            ),
+            (None, Some(s)) if !s.is_empty() && s.len() <= 64 => RoomId::Str(s.to_owned()),
+            _ => return Err(Refusal::auth("give exactly one of roomid or strroomid")),
+        };
+        let pmk = param(&params, "privatemapkey")
+            .ok_or_else(|| Refusal::auth("privatemapkey is missing"))?;
+        let app = state
+            .keyring
+            .app(sdk_app_id)
+            .map_err(|e| Refusal::auth(e.to_string()))?;
+        app.verify_user_sig(user_sig, user_id, now)
+            .map_err(|e| Refusal::auth(format!("userSig: {e}")))?;
+        let ticket = app
+            .verify_private_map_key(pmk, user_id, &room, now)
+            .map_err(|e| Refusal::auth(format!("privateMapKey: {e}")))?;
+        ticket
+            .require(Privileges::ENTER_ROOM)
+            .map_err(|e| Refusal::auth(e.to_string()))?;
+        let kinds: Vec<Kind> = [
+            (Privileges::SEND_AUDIO, Kind::Audio),
+            (Privileges::SEND_VIDEO, Kind::Video),
+        ]
+        .into_iter()
+        .filter(|(p, _)| ticket.privileges.contains(*p))
+        .map(|(_, k)| k)
+        .collect();
+        if kinds.is_empty() {
+            return Err(Refusal::auth(
+                "the privateMapKey allows neither sending audio (0x04) nor video (0x10)",
+            ));
+        }
+        return Ok(PushGrant {
+            sdk_app_id,
+            ticket,
+            stream,
+            kinds,
+        });
+    }
+    if let (Some(secret), Some(time)) = (param(&params, "txSecret"), param(&params, "txTime")) {
+        let (sdk_app_id, room, user_id) = bound_stream(&stream).ok_or_else(|| {
+            Refusal::auth(format!(
+                "a txSecret push URL must name a stream bound to a room: \
+                 {{sdkappid}}_{{roomid}}_{{userid}}[_main], not {stream:?}"
+            ))
+        })?;
+        let app = state
+            .keyring
+            .app(sdk_app_id)
+            .map_err(|e| Refusal::auth(e.to_string()))?;
+        let key = app
+            .live_key(crate::auth::live_url::LiveUrlKind::Push)
+            .map_err(|e| Refusal::auth(e.to_string()))?;
+        let valid_until = crate::auth::live_url::verify(
+            crate::auth::live_url::LiveUrlKind::Push,
+            key,
+            0,
+            &stream,
+            secret,
+            time,
+            now,
+        )
+        .map_err(|e| Refusal::auth(e.to_string()))?;
+        let privileges = Privileges::CREATE_ROOM
+            | Privileges::ENTER_ROOM
+            | Privileges::SEND_AUDIO
+            | Privileges::SEND_VIDEO;
+        let ticket = RoomTicket {
+            identity: Identity {
+                kind: TokenKind::LiveUrl,
+                sdk_app_id,
+                user_id,
+                issued_at: now,
+                expires_at: valid_until,
+            },
+            room: RoomId::Num(room),
+            privileges,
+            privilege_names: privileges.names(),
+            room_expires_at: valid_until,
+        };
+        return Ok(PushGrant {
+            sdk_app_id,
+            ticket,
+            stream,
+            kinds: vec![Kind::Audio, Kind::Video],
+        });
+    }
+    Err(Refusal::auth(
+        "the push URL carries no credentials: add ?sdkappid=&userid=&roomid=&usersig=&privatemapkey= \
+         or a txSecret/txTime signature",
+    ))
+}
+
+struct Connection {
+    state: Arc<AppState>,
+    shared: Arc<RtmpShared>,
+    peer: SocketAddr,
+    id: u64,
+    role: &'static str,
+    session: Option<SessionId>,
+    stream: Option<String>,
+    last_data_ms: Arc<AtomicU64>,
+    kill: Arc<Notify>,
+    bridge: Option<Bridge>,
+    stats: bridge::Stats,
+    leave: LeaveReason,
+}
+
+impl Connection {
+    fn new(state: Arc<AppState>, shared: Arc<RtmpShared>, peer: SocketAddr) -> Self {
+        let id = state.next_session.fetch_add(1, Ordering::Relaxed);
+        Self {
+            state,
+            shared,
+            peer,
+            id,
+            role: "handshake",
+            session: None,
+            stream: None,
+            last_data_ms: Arc::new(AtomicU64::new(0)),
+            kill: Arc::new(Notify::new()),
+            bridge: None,
+            stats: bridge::Stats::default(),
+            leave: LeaveReason::Left,
+        }
+    }
+
+    fn set_role(&mut self, role: &'static str) {
+        let m = &self.state.metrics.rtmp_connections;
+        m.with_label_values(&[self.role]).dec();
+        m.with_label_values(&[role]).inc();
+        self.role = role;
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.shared.epoch.elapsed().as_millis() as u64
+    }
+
+    async fn run(&mut self, mut socket: TcpStream) {
+        let mut rtmp = ServerSession::new(self.now_ms() as u32);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut app = String::new();
+        let mut tc_url = String::new();
+        let mut events_rx: Option<mpsc::Receiver<SessionEvent>> = None;
+        let setup_deadline = Instant::now() + SETUP_TIMEOUT;
+        let kill = self.kill.clone();
+        loop {
+            let deadline = if self.session.is_none() {
+                setup_deadline
+            } else {
+                Instant::now() + IDLE_TIMEOUT
+            };
+            let read = tokio::select! {
+                r = tokio::time::timeout_at(deadline.into(), socket.read(&mut buf)) => r,
+                Some(ev) = async {
+                    match events_rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let SessionEvent::Close(reason) = ev {
+                        info!(peer = %self.peer, ?reason, "RTMP pusher closed by the room");
+                        self.leave = reason;
+                        return;
+                    }
+                    continue;
+                }
+                _ = kill.notified() => {
+                    info!(peer = %self.peer, stream = ?self.stream, "RTMP pusher replaced by a new connection for its stream");
+                    self.leave = LeaveReason::Replaced;
+                    return;
+                }
+            };
+            let n = match read {
+                Err(_) => {
+                    info!(peer = %self.peer, stream = ?self.stream, "RTMP connection silent too long; closed");
+                    self.leave = LeaveReason::Timeout;
+                    return;
+                }
+                Ok(Ok(0)) => return,
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    debug!(peer = %self.peer, error = %e, "RTMP read failed");
+                    return;
+                }
+            };
+            if let Err(e) = rtmp.handle_input(&buf[..n]) {
+                warn!(peer = %self.peer, error = %e, "RTMP peer misbehaved; disconnected");
+                return;
+            }
+            let arrived = Instant::now();
+            while let Some(event) = rtmp.poll_event() {
+                match event {
+                    Event::Connect { app: a, tc_url: t } => {
+                        debug!(peer = %self.peer, app = %a, tc_url = %t, "RTMP connect");
+                        app = a;
+                        tc_url = t;
+                        rtmp.accept_connect();
+                    }
+                    Event::Publish { name } => {
+                        if self.session.is_some() {
+                            warn!(peer = %self.peer, "second publish on one connection; disconnected");
+                            return;
+                        }
+                        match self.publish(&app, &tc_url, &name).await {
+                            Ok((stream, rx)) => {
+                                rtmp.accept_publish(&stream);
+                                events_rx = Some(rx);
+                            }
+                            Err(r) => {
+                                self.state
+                                    .metrics
+                                    .rtmp_requests
+                                    .with_label_values(&["publish", r.outcome])
+                                    .inc();
+                                info!(peer = %self.peer, name = %name.split('?').next().unwrap_or(""), reason = %r.message, "RTMP publish refused");
+                                rtmp.reject(r.code, &r.message);
+                                let _ = socket.write_all(&rtmp.take_output()).await;
+                                let _ = socket.shutdown().await;
+                                return;
+                            }
+                        }
+                    }
+                    Event::Play { name } => {
+                        info!(peer = %self.peer, name = %name.split('?').next().unwrap_or(""), "RTMP play refused: not available yet");
+                        self.state
+                            .metrics
+                            .rtmp_requests
+                            .with_label_values(&["play", "unavailable"])
+                            .inc();
+                        rtmp.reject(
+                            "NetStream.Play.StreamNotFound",
+                            "RTMP play is not available on this server yet",
+                        );
+                        let _ = socket.write_all(&rtmp.take_output()).await;
+                        return;
+                    }
+                    Event::Video { timestamp, data } => {
+                        self.last_data_ms.store(self.now_ms(), Ordering::Relaxed);
+                        if let Some(b) = self.bridge.as_mut() {
+                            b.handle_video(timestamp, &data, arrived);
+                        }
+                    }
+                    Event::Audio { timestamp, data } => {
+                        self.last_data_ms.store(self.now_ms(), Ordering::Relaxed);
+                        if let Some(b) = self.bridge.as_mut() {
+                            b.handle_audio(timestamp, &data, arrived);
+                        }
+                    }
+                    Event::Data { values } => {
+                        debug!(peer = %self.peer, metadata = %values.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" "), "RTMP data message");
+                    }
+                    Event::Unpublish => {
+                        info!(peer = %self.peer, stream = ?self.stream, "RTMP pusher unpublished");
+                        return;
+                    }
+                }
+            }
+            self.drain_bridge();
+            if rtmp.has_output() && socket.write_all(&rtmp.take_output()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Authorizes, takes the stream name, joins the room and publishes.
+    async fn publish(
+        &mut self,
+        app: &str,
+        tc_url: &str,
+        name: &str,
+    ) -> Result<(String, mpsc::Receiver<SessionEvent>), Refusal> {
+        if self
+            .state
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Refusal {
+                code: "NetStream.Publish.Rejected",
+                outcome: "unavailable",
+                message: "the server is shutting down".into(),
+            });
+        }
+        let grant = authorize_push(&self.state, app, tc_url, name)?;
+        self.take_name(&grant.stream).await?;
+        self.stream = Some(grant.stream.clone());
+        let session = SessionId(self.id);
+        let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+        let control = &self.state.control;
+        let _ = control.send(ControlCommand::Open { session, tx }).await;
+        self.session = Some(session);
+        let user = grant.ticket.identity.user_id.clone();
+        let room = grant.ticket.room.to_string();
+        let _ = control
+            .send(ControlCommand::Join {
+                session,
+                sdk_app_id: grant.sdk_app_id,
+                ticket: Box::new(grant.ticket),
+                auto_subscribe: false,
+            })
+            .await;
+        let _ = control
+            .send(ControlCommand::PublishAs {
+                session,
+                stream_id: grant.stream.clone(),
+                source: "rtmp",
+                audio: grant.kinds.contains(&Kind::Audio),
+                video: grant.kinds.contains(&Kind::Video),
+            })
+            .await;
+        // The room answers joined, then published, or an error.
+        let answer = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    SessionEvent::Send(ServerMessage::Published { .. }) => return Ok(()),
+                    SessionEvent::Send(ServerMessage::Error { code, message, .. }) => {
+                        return Err((u16::from(code), message))
+                    }
+                    SessionEvent::Close(reason) => {
+                        return Err((503, format!("closed by the room: {reason:?}")))
+                    }
+                    SessionEvent::Send(_) => {}
+                }
+            }
+            Err((503, "the control plane is gone".into()))
+        })
+        .await
+        .unwrap_or_else(|_| Err((503, "the room did not answer in time".into())));
+        if let Err((code, message)) = answer {
+            return Err(Refusal {
+                code: if code == 423 {
+                    "NetStream.Publish.BadName"
+                } else {
+                    "NetStream.Publish.Rejected"
+                },
+                outcome: match code {
+                    403 => "missing_privilege",
+                    423 => "name_taken",
+                    429 => "limit",
+                    _ => "rejected",
+                },
+                message,
+            });
+        }
+        self.state
+            .metrics
+            .rtmp_requests
+            .with_label_values(&["publish", "ok"])
+            .inc();
+        self.set_role("publish");
+        info!(peer = %self.peer, session = session.0, stream = %grant.stream, %user, %room, "RTMP pusher publishing");
+        let ntp_now = bridge::ntp_from_unix_micros(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0),
+        );
+        self.bridge = Some(Bridge::new(
+            self.shared.bridge_config.clone(),
+            Instant::now(),
+            ntp_now,
+        ));
+        Ok((grant.stream, rx))
+    }
+
+    /// Registers this connection as the stream name's pusher, replacing a stale one.
+    async fn take_name(&mut self, stream: &str) -> Result<(), Refusal> {
+        for _ in 0..40 {
+            {
+                let mut map = self.shared.pushers.inner.lock().expect("pushers lock");
+                match map.get(stream) {
+                    None => {
+                        self.last_data_ms.store(self.now_ms(), Ordering::Relaxed);
+                        map.insert(
+                            stream.to_owned(),
+                            PusherEntry {
+                                id: self.id,
+                                last_data_ms: self.last_data_ms.clone(),
+                                kill: self.kill.clone(),
+                            },
+                        );
+                        return Ok(());
+                    }
+                    Some(old) => {
+                        let silent = self
+                            .now_ms()
+                            .saturating_sub(old.last_data_ms.load(Ordering::Relaxed));
+                        if silent < STALE_PUSHER.as_millis() as u64 {
+                            return Err(Refusal {
+                                code: "NetStream.Publish.BadName",
+                                outcome: "name_taken",
+                                message: format!("stream {stream:?} is already being pushed"),
+                            });
+                        }
+                        // The old pusher is gone but not yet noticed: end it and wait.
+                        old.kill.notify_one();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(Refusal {
+            code: "NetStream.Publish.BadName",
+            outcome: "name_taken",
+            message: format!("stream {stream:?} is still held by a previous pusher"),
+        })
+    }
+
+    /// Hands the bridge's output to the media plane and its counters to metrics.
+    fn drain_bridge(&mut self) {
+        let (Some(b), Some(session)) = (self.bridge.as_mut(), self.session) else {
+            return;
+        };
+        let metrics = &self.state.metrics;
+        while let Some(out) = b.poll_output() {
+            let input = match out {
+                bridge::Output::Track { kind, codec } => {
+                    info!(session = session.0, ?kind, codec = %codec.mime_type, fmtp = %codec.sdp_fmtp_line, "bridged track ready");
+                    BridgeInput::Track {
+                        session,
+                        kind,
+                        codec,
+                    }
+                }
+                bridge::Output::Rtp {
+                    kind,
+                    packet,
+                    keyframe,
+                    arrived,
+                } => BridgeInput::Rtp {
+                    session,
+                    kind,
+                    packet,
+                    keyframe,
+                    arrived,
+                },
+                bridge::Output::SenderReport { kind, report } => BridgeInput::SenderReport {
+                    session,
+                    kind,
+                    report,
+                },
+                bridge::Output::Refused { kind, reason } => {
+                    warn!(session = session.0, stream = ?self.stream, ?kind, %reason, "RTMP media not bridged");
+                    metrics
+                        .bridge_refused
+                        .with_label_values(&[crate::media::kind_label(kind)])
+                        .inc();
+                    continue;
+                }
+            };
+            // Media never waits: a full queue drops (the receiver recovers at a keyframe).
+            if self.shared.bridge_tx.try_send(input).is_err() {
+                metrics.bridge_queue_drops.inc();
+            }
+        }
+        let s = b.stats;
+        let d = |new: u64, old: u64| new.saturating_sub(old);
+        let frames = &metrics.bridge_frames;
+        frames
+            .with_label_values(&["video", "forwarded"])
+            .inc_by(d(s.video_frames, self.stats.video_frames));
+        frames
+            .with_label_values(&["audio", "forwarded"])
+            .inc_by(d(s.audio_frames, self.stats.audio_frames));
+        frames
+            .with_label_values(&["video", "b_frame_dropped"])
+            .inc_by(d(s.b_frames_dropped, self.stats.b_frames_dropped));
+        frames
+            .with_label_values(&["video", "b_frame_reference_forwarded"])
+            .inc_by(d(s.b_frames_forwarded, self.stats.b_frames_forwarded));
+        frames
+            .with_label_values(&["any", "skipped_lag"])
+            .inc_by(d(s.frames_skipped_lag, self.stats.frames_skipped_lag));
+        frames
+            .with_label_values(&["audio", "decode_error"])
+            .inc_by(d(s.audio_decode_errors, self.stats.audio_decode_errors));
+        metrics
+            .bridge_audio_reanchors
+            .inc_by(d(s.audio_reanchors, self.stats.audio_reanchors));
+        self.stats = s;
+    }
+
+    async fn cleanup(&mut self) {
+        self.state
+            .metrics
+            .rtmp_connections
+            .with_label_values(&[self.role])
+            .dec();
+        if let Some(stream) = &self.stream {
+            let mut map = self.shared.pushers.inner.lock().expect("pushers lock");
+            if map.get(stream).is_some_and(|e| e.id == self.id) {
+                map.remove(stream);
+            }
+        }
+        if let Some(session) = self.session {
+            let _ = self
+                .shared
+                .bridge_tx
+                .send(BridgeInput::Gone { session })
+                .await;
+            let _ = self
+                .state
+                .control
+                .send(ControlCommand::Closed {
+                    session,
+                    reason: self.leave,
+                })
+                .await;
+            info!(peer = %self.peer, session = session.0, stream = ?self.stream, "RTMP pusher gone");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_queries() {
+        let (s, q) =
+            split_name_and_query("cam1?usersig=a%2Ab&roomid=7", "rtmp://h/live?x=1", "live");
+        assert_eq!(s, "cam1");
+        assert_eq!(param(&q, "UserSig"), Some("a*b"));
+        assert_eq!(param(&q, "x"), Some("1"));
+        assert!(valid_stream_name("1400000000_1234_alice_main"));
+        assert!(!valid_stream_name("a/b"));
+        assert!(!valid_stream_name(""));
+        assert_eq!(
+            bound_stream("1400000000_1234_user_a_main"),
+            Some((1_400_000_000, 1234, "user_a".into()))
+        );
+        assert_eq!(bound_stream("1400000000_x_alice"), None);
+        assert_eq!(bound_stream("test"), None);
+    }
+}

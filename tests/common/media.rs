@@ -1,0 +1,125 @@
+//! Checking what a subscriber received with real decoders: H.264 reassembled from RTP
+//! (RFC 6184) and decoded by ffmpeg; Opus decoded by libopus and looked at for a tone.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use super::peer::Received;
+
+/// Reassembles H.264 RTP payloads (single NAL, STAP-A, FU-A) into an Annex-B stream,
+/// in sequence-number order.
+pub fn h264_annex_b(packets: &[Received]) -> Vec<u8> {
+    let mut sorted: Vec<&Received> = packets.iter().collect();
+    if let Some(first) = packets.first() {
+        let base = first.seq;
+        sorted.sort_by_key(|r| r.seq.wrapping_sub(base));
+    }
+    let mut out = Vec::new();
+    let start = [0u8, 0, 0, 1];
+    for r in sorted {
+        let p = &r.payload;
+        if p.is_empty() {
+            continue;
+        }
+        match p[0] & 0x1f {
+            1..=23 => {
+                out.extend_from_slice(&start);
+                out.extend_from_slice(p);
+            }
+            24 => {
+                let mut i = 1;
+                while i + 2 <= p.len() {
+                    let len = u16::from_be_bytes([p[i], p[i + 1]]) as usize;
+                    i += 2;
+                    if i + len > p.len() {
+                        break;
+                    }
+                    out.extend_from_slice(&start);
+                    out.extend_from_slice(&p[i..i + len]);
+                    i += len;
+                }
+            }
+            28 if p.len() > 2 => {
+                if p[1] & 0x80 != 0 {
+                    out.extend_from_slice(&start);
+                    out.push((p[0] & 0xe0) | (p[1] & 0x1f));
+                }
+                out.extend_from_slice(&p[2..]);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What ffmpeg made of an H.264 elementary stream: frames decoded, size, and anything
+/// it complained about.
+#[derive(Debug)]
+pub struct Decoded {
+    pub frames: u64,
+    pub width: u32,
+    pub height: u32,
+    pub errors: String,
+}
+
+pub async fn decode_h264(annex_b: &[u8], dir: &Path) -> Decoded {
+    let path = dir.join("received.h264");
+    std::fs::write(&path, annex_b).unwrap();
+    let probe = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
+        .args(["-show_entries", "stream=nb_read_frames,width,height"])
+        .args(["-of", "csv=p=0"])
+        .arg(&path)
+        .output()
+        .await
+        .expect("ffprobe runs (scripts/install-deps.sh test installs it)");
+    let text = String::from_utf8_lossy(&probe.stdout).to_string();
+    let fields: Vec<&str> = text.trim().split(',').collect();
+    let decode = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&path)
+        .args(["-f", "null", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("ffmpeg runs");
+    Decoded {
+        width: fields.first().and_then(|v| v.parse().ok()).unwrap_or(0),
+        height: fields.get(1).and_then(|v| v.parse().ok()).unwrap_or(0),
+        frames: fields.get(2).and_then(|v| v.parse().ok()).unwrap_or(0),
+        errors: String::from_utf8_lossy(&probe.stderr).to_string()
+            + &String::from_utf8_lossy(&decode.stderr),
+    }
+}
+
+/// Decodes Opus packets (in order) to interleaved 48 kHz PCM with `channels`.
+pub fn decode_opus(packets: &[Received], channels: usize) -> Vec<f32> {
+    let ch = if channels == 1 {
+        opus::Channels::Mono
+    } else {
+        opus::Channels::Stereo
+    };
+    let mut dec = opus::Decoder::new(48_000, ch).unwrap();
+    let mut out = Vec::new();
+    let mut buf = vec![0f32; 5760 * channels];
+    for p in packets {
+        let n = dec
+            .decode_float(&p.payload, &mut buf, false)
+            .expect("the Opus packet decodes");
+        out.extend_from_slice(&buf[..n * channels]);
+    }
+    out
+}
+
+/// Power of `freq` in mono `samples` (Goertzel), normalized by length.
+pub fn tone_power(samples: &[f32], rate: f32, freq: f32) -> f32 {
+    let w = 2.0 * std::f32::consts::PI * freq / rate;
+    let coeff = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0f32, 0f32);
+    for &x in samples {
+        let s = x + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    (s1 * s1 + s2 * s2 - coeff * s1 * s2) / (samples.len() as f32).powi(2)
+}

@@ -1,0 +1,377 @@
+//! RTMP → WebRTC with real clients: ffmpeg pushes H.264 + AAC over RTMP into a room, a
+//! `webrtc`-crate client subscribes there, and what it receives is decoded by real
+//! decoders (ffmpeg for H.264, libopus for Opus). Refused push URLs get ffmpeg's error.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::media::{decode_h264, decode_opus, h264_annex_b, tone_power};
+use common::peer::RtcPeer;
+use common::{Client, TestServer, APP};
+use weir::auth::{Privileges, RoomId, TokenKind};
+use weir_signaling::{ClientMessage, ServerMessage, Target};
+
+const ROOM: u32 = 4321;
+
+async fn server() -> TestServer {
+    TestServer::start_with(|c| c.server.rtmp_addr = "127.0.0.1:0".into()).await
+}
+
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A push URL with room credentials for `user` in `room`.
+fn push_url(t: &TestServer, stream: &str, user: &str, room: u32, privileges: u32) -> String {
+    let now = weir::auth::unix_now();
+    let sig = t
+        .app
+        .issue_user_sig(TokenKind::V2, user, now, 3600)
+        .unwrap();
+    let pmk = t
+        .app
+        .issue_private_map_key(
+            TokenKind::V2,
+            user,
+            &RoomId::Num(room),
+            Privileges(privileges),
+            now,
+            3600,
+        )
+        .unwrap();
+    format!(
+        "rtmp://{}/live/{stream}?sdkappid={APP}&userid={user}&roomid={room}&usersig={}&privatemapkey={}",
+        t.server.rtmp_addr.unwrap(),
+        enc(&sig),
+        enc(&pmk)
+    )
+}
+
+struct Push {
+    seconds: u32,
+    audio_rate: u32,
+    channels: u32,
+    /// Extra x264 options (`-bf 2` and a preset that allows B-frames, say).
+    video: Vec<&'static str>,
+}
+
+impl Push {
+    fn low_latency(seconds: u32, audio_rate: u32, channels: u32) -> Self {
+        Self {
+            seconds,
+            audio_rate,
+            channels,
+            video: vec!["-preset", "ultrafast", "-tune", "zerolatency", "-bf", "0"],
+        }
+    }
+
+    fn command(&self, url: &str) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("ffmpeg");
+        c.args(["-hide_banner", "-v", "error", "-re"])
+            .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
+            .args([
+                "-f",
+                "lavfi",
+                "-i",
+                &format!("sine=frequency=1000:sample_rate={}", self.audio_rate),
+            ])
+            .args(["-t", &self.seconds.to_string()])
+            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "30"])
+            .args(&self.video)
+            .args(["-c:a", "aac", "-ar", &self.audio_rate.to_string()])
+            .args(["-ac", &self.channels.to_string()])
+            .args(["-f", "flv", url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    }
+}
+
+/// A viewer in the room: joins over the websocket, answers subscriber offers.
+struct Viewer {
+    signal: Client,
+    peer: Option<RtcPeer>,
+}
+
+impl Viewer {
+    async fn join(t: &TestServer, user: &str) -> Self {
+        let (signal, joined) = Client::join(&t.ws_url(), t.join(user, ROOM, 0xff)).await;
+        assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+        Self { signal, peer: None }
+    }
+
+    /// Answers offers until `until` passes.
+    async fn negotiate_for(&mut self, until: Duration) {
+        let end = tokio::time::Instant::now() + until;
+        while tokio::time::Instant::now() < end {
+            let offer = self
+                .signal
+                .try_recv_matching(Duration::from_millis(200), |m| match m {
+                    ServerMessage::Offer {
+                        target: Target::Subscriber,
+                        sdp,
+                    } => Some(sdp.clone()),
+                    _ => None,
+                })
+                .await;
+            if let Some(offer) = offer {
+                if self.peer.is_none() {
+                    self.peer = Some(RtcPeer::new().await);
+                }
+                let answer = self.peer.as_mut().unwrap().answer(offer).await;
+                self.signal
+                    .send(&ClientMessage::Answer {
+                        target: Target::Subscriber,
+                        sdp: answer,
+                    })
+                    .await;
+            }
+        }
+    }
+}
+
+/// Pushes with ffmpeg and checks the viewer gets decodable video and the tone.
+async fn push_and_check(audio_rate: u32, channels: u32) {
+    let t = server().await;
+    let mut viewer = Viewer::join(&t, "viewer").await;
+    let stream = format!("cam_{audio_rate}_{channels}");
+    let url = push_url(&t, &stream, "pusher", ROOM, 0xff);
+    let mut ffmpeg = Push::low_latency(5, audio_rate, channels)
+        .command(&url)
+        .spawn()
+        .expect("ffmpeg runs (scripts/install-deps.sh test installs it)");
+    // The room announces the pusher as a member with an RTMP stream.
+    let added = viewer
+        .signal
+        .expect(|m| match m {
+            ServerMessage::StreamAdded { stream } => Some(stream.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(added.stream_id, stream);
+    assert_eq!(added.user_id, "pusher");
+    assert_eq!(added.source, "rtmp");
+    viewer.negotiate_for(Duration::from_secs(4)).await;
+    let status = tokio::time::timeout(Duration::from_secs(15), ffmpeg.wait())
+        .await
+        .expect("ffmpeg ends")
+        .unwrap();
+    assert!(status.success(), "ffmpeg push failed");
+    // The pusher leaving is announced.
+    viewer
+        .signal
+        .expect(|m| match m {
+            ServerMessage::StreamRemoved { stream_id, .. } if *stream_id == stream => Some(()),
+            _ => None,
+        })
+        .await;
+
+    let peer = viewer
+        .peer
+        .as_ref()
+        .expect("the viewer was offered the stream");
+    let inbox = peer.inbox.lock().unwrap().clone();
+    let video = inbox
+        .get(&format!("{stream}-video"))
+        .cloned()
+        .unwrap_or_default();
+    let audio = inbox
+        .get(&format!("{stream}-audio"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(video.len() > 50, "video packets: {}", video.len());
+    assert!(audio.len() > 50, "audio packets: {}", audio.len());
+
+    // Video: the first thing received is a keyframe with its parameter sets, and the
+    // whole stream decodes without a complaint.
+    assert_eq!(
+        video[0].payload[0] & 0x1f,
+        24,
+        "starts with SPS+PPS (STAP-A)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let decoded = decode_h264(&h264_annex_b(&video), dir.path()).await;
+    eprintln!(
+        "decoded {decoded:?}, video {} audio {} packets",
+        video.len(),
+        audio.len()
+    );
+    assert!(
+        decoded.errors.trim().is_empty(),
+        "decoder: {}",
+        decoded.errors
+    );
+    assert_eq!((decoded.width, decoded.height), (320, 240));
+    assert!(decoded.frames >= 45, "decoded frames: {}", decoded.frames);
+
+    // Audio: continuous 20 ms Opus frames carrying the 1 kHz tone.
+    for w in audio.windows(2) {
+        assert_eq!(
+            w[1].seq,
+            w[0].seq.wrapping_add(1),
+            "audio sequence continuous"
+        );
+        assert_eq!(w[1].ts.wrapping_sub(w[0].ts), 960, "20 ms per Opus packet");
+    }
+    let pcm = decode_opus(&audio, 2);
+    let left: Vec<f32> = pcm.chunks(2).map(|c| c[0]).skip(4800).collect();
+    let tone = tone_power(&left, 48_000.0, 1000.0);
+    let off = tone_power(&left, 48_000.0, 1500.0) + tone_power(&left, 48_000.0, 600.0);
+    eprintln!("tone power 1 kHz {tone}, off-tone {off}");
+    assert!(tone > 1e-3, "1 kHz power {tone}");
+    assert!(tone > 100.0 * off, "1 kHz {tone} vs elsewhere {off}");
+
+    // Lip-sync: sender reports reached the viewer for both tracks.
+    let reports = peer.reports.lock().unwrap().clone();
+    for kind in ["video", "audio"] {
+        assert!(
+            reports
+                .get(&format!("{stream}-{kind}"))
+                .is_some_and(|r| !r.is_empty()),
+            "no sender report for {kind}"
+        );
+    }
+    let metrics = t.metrics().await;
+    for needle in [
+        "weir_bridge_latency_seconds_count{kind=\"video\"}",
+        "weir_bridge_latency_seconds_count{kind=\"audio\"}",
+        "weir_bridge_frames_total{kind=\"video\",outcome=\"forwarded\"}",
+        "weir_rtmp_requests_total{outcome=\"ok\",request=\"publish\"} 1",
+    ] {
+        assert!(metrics.contains(needle), "metrics lack {needle}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_pusher_44k_stereo_reaches_a_webrtc_subscriber() {
+    push_and_check(44_100, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_pusher_48k_mono_reaches_a_webrtc_subscriber() {
+    push_and_check(48_000, 1).await;
+}
+
+/// ffmpeg's exit status and what it printed, for a push expected to be refused.
+async fn refused_push(url: &str) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(15),
+        Push::low_latency(2, 44_100, 1).command(url).output(),
+    )
+    .await
+    .expect("ffmpeg ends")
+    .unwrap();
+    assert!(!out.status.success(), "the push should have been refused");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_urls_without_valid_credentials_are_refused() {
+    let t = server().await;
+    let mut viewer = Viewer::join(&t, "viewer").await;
+    let addr = t.server.rtmp_addr.unwrap();
+
+    // A tampered userSig.
+    let good = push_url(&t, "cam1", "pusher", ROOM, 0xff);
+    let bad_sig = good.replacen("usersig=", "usersig=x", 1);
+    let err = refused_push(&bad_sig).await;
+    assert!(err.contains("userSig"), "{err}");
+
+    // A privateMapKey for another room.
+    let other_room = push_url(&t, "cam1", "pusher", ROOM + 1, 0xff)
+        .replace(&format!("roomid={}", ROOM + 1), &format!("roomid={ROOM}"));
+    let err = refused_push(&other_room).await;
+    assert!(err.contains("privateMapKey"), "{err}");
+
+    // No send privilege: enter and receive only.
+    let no_send = push_url(&t, "cam1", "pusher", ROOM, 0x01 | 0x02 | 0x08 | 0x20);
+    let err = refused_push(&no_send).await;
+    assert!(err.contains("neither sending audio"), "{err}");
+
+    // An expired txSecret URL, and one with a wrong signature.
+    let key = t.config.apps[0].live_push_key.clone().unwrap();
+    let stream = format!("{APP}_{ROOM}_pusher");
+    let base = format!("rtmp://{addr}/live/{stream}");
+    let past = weir::auth::unix_now() - 60;
+    let expired = weir::auth::live_url::sign_url(&base, &key, past).unwrap();
+    let err = refused_push(&expired).await;
+    assert!(err.contains("expired"), "{err}");
+    let future = weir::auth::unix_now() + 600;
+    let forged = weir::auth::live_url::sign_url(&base, "not-the-key", future).unwrap();
+    let err = refused_push(&forged).await;
+    assert!(err.contains("txSecret"), "{err}");
+
+    // No credentials at all.
+    let err = refused_push(&format!("rtmp://{addr}/live/cam1")).await;
+    assert!(err.contains("no credentials"), "{err}");
+
+    // Nobody joined the room, and the viewer heard of no one.
+    assert!(viewer
+        .signal
+        .try_recv_matching(Duration::from_millis(300), |m| match m {
+            ServerMessage::MemberJoined { user_id } => Some(user_id.clone()),
+            _ => None,
+        })
+        .await
+        .is_none());
+    let metrics = t.metrics().await;
+    assert!(
+        metrics
+            .contains("weir_rtmp_requests_total{outcome=\"unauthorized\",request=\"publish\"} 6"),
+        "{metrics}"
+    );
+
+    // A valid txSecret URL for a bound stream name is accepted.
+    let signed = weir::auth::live_url::sign_url(&base, &key, future).unwrap();
+    let mut ffmpeg = Push::low_latency(2, 44_100, 1)
+        .command(&signed)
+        .spawn()
+        .unwrap();
+    let joined = viewer
+        .signal
+        .expect(|m| match m {
+            ServerMessage::StreamAdded { stream } => Some(stream.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(joined.stream_id, stream);
+    assert_eq!(joined.user_id, "pusher");
+    let status = ffmpeg.wait().await.unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_frames_non_reference_dropped_and_counted() {
+    let t = server().await;
+    let mut viewer = Viewer::join(&t, "viewer").await;
+    let url = push_url(&t, "bcam", "pusher", ROOM, 0xff);
+    let push = Push {
+        seconds: 4,
+        audio_rate: 44_100,
+        channels: 1,
+        video: vec!["-preset", "veryfast", "-bf", "2"],
+    };
+    let mut ffmpeg = push.command(&url).spawn().unwrap();
+    viewer.negotiate_for(Duration::from_secs(3)).await;
+    assert!(ffmpeg.wait().await.unwrap().success());
+    let metrics = t.metrics().await;
+    let dropped = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("weir_bridge_frames_total{kind=\"video\",outcome=\"b_frame_dropped\"}")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(dropped > 0, "no B-frame counted as dropped:\n{metrics}");
+    // What was forwarded still decodes.
+    let inbox = viewer.peer.as_ref().unwrap().inbox.lock().unwrap().clone();
+    let video = inbox.get("bcam-video").cloned().unwrap_or_default();
+    let dir = tempfile::tempdir().unwrap();
+    let decoded = decode_h264(&h264_annex_b(&video), dir.path()).await;
+    assert!(decoded.frames > 10, "{decoded:?}");
+}
