@@ -375,3 +375,131 @@ async fn b_frames_non_reference_dropped_and_counted() {
     let decoded = decode_h264(&h264_annex_b(&video), dir.path()).await;
     assert!(decoded.frames > 10, "{decoded:?}");
 }
+
+fn signal_process(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pusher_per_stream_name_and_a_dropped_one_is_taken_over() {
+    let t = server().await;
+    let mut viewer = Viewer::join(&t, "viewer").await;
+    let url = push_url(&t, "shared", "pusher", ROOM, 0xff);
+    let mut first = Push::low_latency(30, 44_100, 1)
+        .command(&url)
+        .spawn()
+        .unwrap();
+    let added = |m: &ServerMessage| match m {
+        ServerMessage::StreamAdded { stream } => Some(stream.stream_id.clone()),
+        _ => None,
+    };
+    assert_eq!(viewer.signal.expect(added).await, "shared");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A second pusher for the same name, while the first is sending: refused.
+    let other = push_url(&t, "shared", "intruder", ROOM, 0xff);
+    let err = refused_push(&other).await;
+    assert!(err.contains("already being pushed"), "{err}");
+
+    // The first pusher's network goes silent without closing (SIGSTOP): after a
+    // couple of seconds a reconnect takes the name over.
+    signal_process(&first, "-STOP");
+    tokio::time::sleep(weir::server::rtmp::STALE_PUSHER + Duration::from_millis(500)).await;
+    let mut again = Push::low_latency(3, 44_100, 1)
+        .command(&url)
+        .spawn()
+        .unwrap();
+    viewer
+        .signal
+        .expect(|m| match m {
+            ServerMessage::StreamRemoved { stream_id, .. } if stream_id == "shared" => Some(()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(viewer.signal.expect(added).await, "shared");
+    assert!(
+        again.wait().await.unwrap().success(),
+        "the reconnect pushes to the end"
+    );
+    signal_process(&first, "-KILL");
+    let _ = first.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_profile_is_refused_and_audio_still_flows() {
+    let t = server().await;
+    let mut viewer = Viewer::join(&t, "viewer").await;
+    let url = push_url(&t, "hi444", "pusher", ROOM, 0xff);
+    let mut push = Push::low_latency(3, 48_000, 1);
+    // Without -pix_fmt yuv420p, an RGB source becomes High 4:4:4 Predictive.
+    push.video = vec![
+        "-preset",
+        "ultrafast",
+        "-tune",
+        "zerolatency",
+        "-pix_fmt",
+        "yuv444p",
+    ];
+    let mut ffmpeg = push.command(&url).spawn().unwrap();
+    viewer.negotiate_for(Duration::from_secs(3)).await;
+    assert!(ffmpeg.wait().await.unwrap().success());
+    let metrics = t.metrics().await;
+    assert!(
+        metrics.contains("weir_bridge_refused_total{kind=\"video\"} 1"),
+        "{metrics}"
+    );
+    let inbox = viewer
+        .peer
+        .as_ref()
+        .expect("audio offered")
+        .inbox
+        .lock()
+        .unwrap()
+        .clone();
+    assert!(
+        inbox.get("hi444-video").is_none(),
+        "no video track is forwarded"
+    );
+    assert!(inbox.get("hi444-audio").is_some_and(|a| a.len() > 50));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn main_and_high_profiles_are_negotiated_and_decoded() {
+    let t = server().await;
+    for (i, profile) in ["main", "high"].into_iter().enumerate() {
+        let mut viewer = Viewer::join(&t, &format!("viewer{i}")).await;
+        let stream = format!("cam_{profile}");
+        let url = push_url(&t, &stream, &format!("pusher{i}"), ROOM, 0xff);
+        let mut push = Push::low_latency(3, 44_100, 1);
+        push.video.extend(["-profile:v", profile]);
+        let mut ffmpeg = push.command(&url).spawn().unwrap();
+        viewer.negotiate_for(Duration::from_secs(3)).await;
+        assert!(ffmpeg.wait().await.unwrap().success());
+        let inbox = viewer
+            .peer
+            .as_ref()
+            .expect("offered")
+            .inbox
+            .lock()
+            .unwrap()
+            .clone();
+        let video = inbox
+            .get(&format!("{stream}-video"))
+            .cloned()
+            .unwrap_or_default();
+        let dir = tempfile::tempdir().unwrap();
+        let decoded = decode_h264(&h264_annex_b(&video), dir.path()).await;
+        assert!(decoded.frames > 30, "{profile}: {decoded:?}");
+        assert!(
+            decoded.errors.trim().is_empty(),
+            "{profile}: {}",
+            decoded.errors
+        );
+    }
+}

@@ -54,6 +54,9 @@ pub struct Received {
     pub ts: u32,
     pub pt: u8,
     pub payload: Vec<u8>,
+    pub marker: bool,
+    /// When the client's track handed it over.
+    pub at: std::time::Instant,
 }
 
 /// Packets received per remote track id (`<streamId>-audio` / `<streamId>-video`).
@@ -108,6 +111,8 @@ impl PeerConnectionEventHandler for Handler {
                             ts: p.header.timestamp,
                             pt: p.header.payload_type,
                             payload: p.payload.to_vec(),
+                            marker: p.header.marker,
+                            at: std::time::Instant::now(),
                         });
                 }
             }
