@@ -163,12 +163,13 @@ impl ChunkDecoder {
             }
             st.extended = extended;
             st.has_header = true;
-            if fmt < 3 && continuing {
-                // A new header mid-message: the old partial is abandoned.
-                if let Some(p) = st.partial.take() {
-                    self.buffered -= p.len();
-                }
-            }
+            // A new header mid-message abandons the old partial (accounted for only
+            // when this chunk is taken: until then nothing is consumed).
+            let abandoned = if fmt < 3 && continuing {
+                st.partial.take().map_or(0, |p| p.len())
+            } else {
+                0
+            };
             let new_message = fmt < 3 || !continuing;
             if fmt != 0 && new_message {
                 // A new message with a delta (or repeated) header: the timestamp advances.
@@ -186,9 +187,10 @@ impl ChunkDecoder {
             if input.len() < total {
                 return Ok(None);
             }
-            if self.buffered + want > self.limits.max_buffered {
+            let held = self.buffered - abandoned + want;
+            if held > self.limits.max_buffered {
                 return Err(ChunkError::TooMuchBuffered {
-                    held: self.buffered + want,
+                    held,
                     max: self.limits.max_buffered,
                 });
             }
@@ -196,7 +198,7 @@ impl ChunkDecoder {
             let body = input.split_to(want);
             let mut partial = st.partial.take().unwrap_or_default();
             partial.extend_from_slice(&body);
-            self.buffered += want;
+            self.buffered = held;
             if partial.len() as u32 >= st.length {
                 self.buffered -= partial.len();
                 let msg = Message {
@@ -328,6 +330,27 @@ mod tests {
             ts.push(m.timestamp);
         }
         assert_eq!(ts, vec![1000, 1033, 1066, 1099]);
+    }
+
+    #[test]
+    fn an_abandoned_partial_split_across_reads_is_accounted_once() {
+        let mut dec = ChunkDecoder::new(Limits::default());
+        // A 200-byte message started on chunk stream 4 (128 bytes arrive)…
+        let mut input = BytesMut::from(&[0x04u8, 0, 0, 0, 0, 0, 200, 0x09, 1, 0, 0, 0][..]);
+        input.extend_from_slice(&[0u8; 128]);
+        assert_eq!(dec.decode(&mut input).unwrap(), None);
+        // …then a new fmt 1 header on it whose body arrives in pieces.
+        let mut wire = vec![0x44u8, 0, 0, 1, 0, 0, 10, 0x09];
+        wire.extend_from_slice(&[7u8; 10]);
+        let mut got = None;
+        for b in wire {
+            input.extend_from_slice(&[b]);
+            if let Some(m) = dec.decode(&mut input).unwrap() {
+                got = Some(m);
+            }
+        }
+        assert_eq!(got.unwrap().payload.len(), 10);
+        assert_eq!(dec.buffered, 0);
     }
 
     #[test]
