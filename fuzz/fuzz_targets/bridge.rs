@@ -1,6 +1,11 @@
 //! The RTMP→WebRTC bridge on arbitrary FLV tag bodies: AVC configuration records,
 //! access units (NAL lengths, slice headers), AudioSpecificConfigs and AAC frames
 //! (symphonia's decoder included), with arbitrary timestamps.
+//!
+//! symphonia-codec-aac 0.5 can panic on malformed frames; the bridge contains that with
+//! `catch_unwind`. libFuzzer's panic hook would abort even on a caught panic, so the
+//! hook here lets panics raised inside symphonia through to that `catch_unwind` and
+//! aborts on every other one: any panic in Weir's own code is still a crash.
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -9,7 +14,23 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use weir::bridge::{Bridge, BridgeConfig};
 
+fn contain_symphonia_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_symphonia = info
+                .location()
+                .is_some_and(|l| l.file().contains("symphonia"));
+            if !in_symphonia {
+                default(info);
+            }
+        }));
+    });
+}
+
 fuzz_target!(|data: &[u8]| {
+    contain_symphonia_panics();
     let t0 = Instant::now();
     let mut b = Bridge::new(BridgeConfig::default(), t0, 0);
     // Records: [kind u8][timestamp u32][len u16][body].

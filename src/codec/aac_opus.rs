@@ -38,6 +38,7 @@ pub struct OpusFrame {
 
 pub struct AacToOpus {
     pub config: AudioConfig,
+    asc: Vec<u8>,
     decoder: symphonia::default::codecs::AacDecoder,
     resampler: Option<Resampler>,
     channels: usize,
@@ -54,14 +55,7 @@ pub struct AacToOpus {
 
 impl AacToOpus {
     pub fn new(config: AudioConfig, asc: &[u8], bitrate: i32) -> Result<Self, TranscodeError> {
-        let mut params = CodecParameters::new();
-        params
-            .for_codec(CODEC_TYPE_AAC)
-            .with_sample_rate(config.sample_rate)
-            .with_extra_data(asc.to_vec().into_boxed_slice());
-        let decoder =
-            symphonia::default::codecs::AacDecoder::try_new(&params, &DecoderOptions::default())
-                .map_err(|e| TranscodeError::Decode(e.to_string()))?;
+        let decoder = Self::decoder(config, asc)?;
         let channels = usize::from(config.channels);
         let resampler = if config.sample_rate == OPUS_RATE {
             None
@@ -83,6 +77,7 @@ impl AacToOpus {
             .map_err(|e| TranscodeError::Encode(e.to_string()))?;
         Ok(Self {
             config,
+            asc: asc.to_vec(),
             decoder,
             resampler,
             channels,
@@ -93,6 +88,19 @@ impl AacToOpus {
             out: vec![0u8; 1500],
             decode_errors: 0,
         })
+    }
+
+    fn decoder(
+        config: AudioConfig,
+        asc: &[u8],
+    ) -> Result<symphonia::default::codecs::AacDecoder, TranscodeError> {
+        let mut params = CodecParameters::new();
+        params
+            .for_codec(CODEC_TYPE_AAC)
+            .with_sample_rate(config.sample_rate)
+            .with_extra_data(asc.to_vec().into_boxed_slice());
+        symphonia::default::codecs::AacDecoder::try_new(&params, &DecoderOptions::default())
+            .map_err(|e| TranscodeError::Decode(e.to_string()))
     }
 
     /// Samples held in the FIFO (always under one Opus frame between calls).
@@ -126,9 +134,13 @@ impl AacToOpus {
                 return Err(TranscodeError::Decode(e));
             }
             Err(_) => {
+                // symphonia-codec-aac 0.5 indexes out of bounds on some malformed
+                // frames (found by fuzzing): contain it and start from a fresh decoder.
                 self.decode_errors += 1;
-                self.decoder.reset();
-                return Err(TranscodeError::Decode("the decoder panicked".into()));
+                self.decoder = Self::decoder(self.config, &self.asc)?;
+                return Err(TranscodeError::Decode(
+                    "malformed AAC frame (the decoder panicked; it was restarted)".into(),
+                ));
             }
         };
         match &mut self.resampler {
