@@ -46,10 +46,11 @@ async fn members_streams_and_text_flow_through_a_room() {
         })
         .await;
     assert_eq!(added, stream);
-    assert!(added
-        .urls
-        .rtmp
-        .starts_with("rtmp://127.0.0.1:1935/live/1400000000_1234_alice_main"));
+    let rtmp_port = t.server.rtmp_addr.unwrap().port();
+    assert_eq!(
+        added.urls.rtmp,
+        format!("rtmp://127.0.0.1:{rtmp_port}/live/1400000000_1234_alice_main")
+    );
     assert!(added
         .urls
         .flv

@@ -41,6 +41,7 @@ impl TestServer {
         config.server.http_addr = "127.0.0.1:0".into();
         config.server.udp_addr = "127.0.0.1:0".into();
         config.server.tcp_addr = "127.0.0.1:0".into();
+        config.server.rtmp_addr = "127.0.0.1:0".into();
         config.server.announce_ips = vec!["127.0.0.1".into()];
         config.server.shutdown_grace_s = 2;
         tweak(&mut config);
