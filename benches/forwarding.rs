@@ -123,7 +123,15 @@ async fn main() {
     }
     eprintln!("1 publisher, {subscribers} subscribers; forwarding for {seconds} s…");
     let cpu_before = cpu_seconds();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < until {
+        // A silent signaling session is closed after 30 s: keep them alive.
+        tokio::time::sleep(Duration::from_secs(5).min(until - Instant::now())).await;
+        signal.send(&ClientMessage::Ping { ts: 0 }).await;
+        for (s, _) in watchers.iter_mut() {
+            s.send(&ClientMessage::Ping { ts: 0 }).await;
+        }
+    }
     let cpu = cpu_seconds() - cpu_before;
     stop.store(true, Ordering::Relaxed);
     let _ = sender.await;

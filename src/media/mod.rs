@@ -786,10 +786,11 @@ impl Media {
                 let Some(gop) = gop else {
                     continue; // wait for the next keyframe
                 };
+                let mut replayed = false;
                 for old in gop {
-                    p.send_forwarded(&stream_id, kind, old, now);
+                    replayed |= p.send_forwarded(&stream_id, kind, old, now);
                 }
-                if !gop.is_empty() {
+                if replayed {
                     self.metrics.gop_replays.inc();
                 }
             }
