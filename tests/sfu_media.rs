@@ -412,11 +412,13 @@ async fn subscribers_get_the_publishers_sender_reports_in_their_own_timestamp_sp
         stream_id: String::new(),
     };
     negotiate_subscriber(&mut bob, Duration::from_secs(10)).await;
-    let sub = bob.subscriber.as_mut().unwrap();
-    sub.connected().await;
+    bob.subscriber.as_mut().unwrap().connected().await;
     // the publisher's client sends a report every second or so: wait for three per track
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
+        // A track whose codec became known after the first offer comes in a second one.
+        negotiate_subscriber(&mut bob, Duration::from_millis(50)).await;
+        let sub = bob.subscriber.as_mut().unwrap();
         let enough = ["video", "audio"].iter().all(|k| {
             sub.reports
                 .lock()
@@ -430,10 +432,23 @@ async fn subscribers_get_the_publishers_sender_reports_in_their_own_timestamp_sp
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "sender reports reach the subscriber"
+            "sender reports reach the subscriber: {:?}; packets {:?}",
+            sub.reports
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.len()))
+                .collect::<Vec<_>>(),
+            sub.inbox
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.len()))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let sub = bob.subscriber.as_mut().unwrap();
     stop.store(true, Ordering::Relaxed);
     sender.await.unwrap();
     let unix_now = std::time::SystemTime::now()
