@@ -52,6 +52,9 @@ pub struct ServerConfig {
     /// RTMP media arriving this much later than it should (a backlog after a stall, or
     /// an encoder flushing its buffer) is skipped to the next keyframe.
     pub rtmp_max_lag_ms: u64,
+    /// An RTMP or HTTP-FLV player that falls this far behind (media time queued) skips
+    /// to the next keyframe instead of letting its latency grow.
+    pub play_max_latency_ms: u32,
     pub max_rooms: usize,
     pub max_members_per_room: usize,
     /// Seconds a signaling session may stay silent before it is closed (clients ping).
@@ -77,6 +80,7 @@ impl Default for ServerConfig {
             rtmp_addr: "0.0.0.0:1935".into(),
             opus_bitrate: 64_000,
             rtmp_max_lag_ms: 400,
+            play_max_latency_ms: 500,
             max_rooms: 1000,
             max_members_per_room: 50,
             signaling_idle_timeout_s: 30,

@@ -47,6 +47,11 @@ pub struct Metrics {
     pub rtmp_requests: IntCounterVec,
     /// Bridged packets dropped because the media plane's queue was full.
     pub bridge_queue_drops: prometheus::IntCounter,
+    /// RTMP and HTTP-FLV players by protocol, play requests by outcome, and FLV tags
+    /// dropped by latency control (a slow player skipped to the next keyframe), by stream.
+    pub players: IntGaugeVec,
+    pub play_requests: IntCounterVec,
+    pub player_dropped_tags: IntCounterVec,
 }
 
 impl Metrics {
@@ -112,6 +117,21 @@ impl Metrics {
             .register(Box::new(bridge_latency.clone()))
             .expect("unique metric");
         Self {
+            players: gauge_vec(
+                "weir_players",
+                "RTMP and HTTP-FLV players, by protocol",
+                &["protocol"],
+            ),
+            play_requests: counter_vec(
+                "weir_play_requests_total",
+                "RTMP and HTTP-FLV play requests, by protocol and outcome",
+                &["protocol", "outcome"],
+            ),
+            player_dropped_tags: counter_vec(
+                "weir_player_dropped_tags_total",
+                "FLV tags dropped because a player fell behind (it resumes at the next keyframe), by stream",
+                &["stream"],
+            ),
             bridge_latency,
             bridge_frames: counter_vec(
                 "weir_bridge_frames_total",

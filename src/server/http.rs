@@ -3,11 +3,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{State, WebSocketUpgrade};
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 use super::AppState;
@@ -22,6 +24,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/live/{file}", get(http_flv))
         .with_state(state);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -37,6 +40,86 @@ async fn websocket(ws: WebSocketUpgrade, State(state): State<Arc<AppState>>) -> 
     ws.max_message_size(weir_signaling::MAX_MESSAGE_BYTES)
         .max_frame_size(weir_signaling::MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| super::ws::session(socket, state))
+}
+
+/// Keeps the players gauge true however the response ends.
+struct PlayingGauge(prometheus::IntGauge);
+
+impl Drop for PlayingGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// HTTP-FLV: `/live/STREAM.flv?…` streams the FLV header then tags as they come,
+/// chunked, with CORS for web players. Authorized like RTMP play.
+async fn http_flv(
+    Path(file): Path<String>,
+    RawQuery(query): RawQuery,
+    State(state): State<Arc<AppState>>,
+) -> Response {
+    let count = |outcome: &str| {
+        state
+            .metrics
+            .play_requests
+            .with_label_values(&["http-flv", outcome])
+            .inc()
+    };
+    let Some(stream) = file.strip_suffix(".flv") else {
+        count("not_found");
+        return (StatusCode::NOT_FOUND, "play URLs end in .flv\n").into_response();
+    };
+    let params: Vec<(String, String)> =
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    let source = match super::rtmp::authorize_play(&state, stream, &params) {
+        Ok(s) => s,
+        Err(r) => {
+            count(r.outcome);
+            tracing::info!(%stream, reason = %r.message, "HTTP-FLV play refused");
+            let status = if r.outcome == "not_found" {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            return (status, format!("{}\n", r.message)).into_response();
+        }
+    };
+    count("ok");
+    tracing::info!(%stream, "HTTP-FLV player playing");
+    let player = source.subscribe();
+    let gauge = state.metrics.players.with_label_values(&["http-flv"]);
+    gauge.inc();
+    let guard = PlayingGauge(gauge);
+    let body = futures_util::stream::unfold(
+        (player, guard, false),
+        |(player, guard, started)| async move {
+            if !started {
+                let header: Result<Bytes, std::io::Error> = Ok(crate::live::flv::header());
+                return Some((header, (player, guard, true)));
+            }
+            match player.next().await {
+                crate::live::Next::Closed => None,
+                crate::live::Next::Tags(tags) => {
+                    let mut out = BytesMut::new();
+                    for t in &tags {
+                        out.extend_from_slice(&crate::live::flv::tag(t));
+                    }
+                    Some((Ok(out.freeze()), (player, guard, true)))
+                }
+            }
+        },
+    );
+    (
+        [
+            ("content-type", "video/x-flv"),
+            ("access-control-allow-origin", "*"),
+            ("cache-control", "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {

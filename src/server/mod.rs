@@ -34,6 +34,8 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     pub idle_timeout_s: u64,
     pub dev_mode: bool,
+    /// Every playable stream (RTMP and HTTP-FLV players).
+    pub hub: Arc<crate::live::Hub>,
 }
 
 /// A running server.
@@ -152,6 +154,18 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     tokio::spawn(media.run(media_rx, bridge_rx));
     let control =
         tokio::spawn(Control::new(rooms, Some(media_tx), metrics.clone()).run(control_rx));
+    let hub = {
+        let metrics = metrics.clone();
+        Arc::new(crate::live::Hub::new(
+            config.server.play_max_latency_ms,
+            Arc::new(move |stream: &str, n: u64| {
+                metrics
+                    .player_dropped_tags
+                    .with_label_values(&[stream])
+                    .inc_by(n)
+            }),
+        ))
+    };
     let state = Arc::new(AppState {
         keyring: Arc::new(keyring),
         control: control_tx,
@@ -160,6 +174,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         shutting_down: AtomicBool::new(false),
         idle_timeout_s: config.server.signaling_idle_timeout_s,
         dev_mode: config.server.dev_mode,
+        hub,
     });
     let (stop, stop_rx) = watch::channel(false);
     if let Some(l) = rtmp_listener {

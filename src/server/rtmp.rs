@@ -28,9 +28,12 @@ use super::control::{ControlCommand, SessionEvent, SESSION_QUEUE};
 use super::AppState;
 use crate::auth::{Identity, Privileges, RoomId, RoomTicket, TokenKind};
 use crate::bridge::{self, Bridge, BridgeConfig};
+use crate::live::{Tag, TagKind};
 use crate::media::BridgeInput;
 use crate::room::SessionId;
+use crate::rtmp::amf0::{self, Amf0};
 use crate::rtmp::{Event, ServerSession};
+use bytes::Bytes;
 
 /// A pusher that has sent nothing for this long may be replaced by a new one.
 pub const STALE_PUSHER: Duration = Duration::from_secs(2);
@@ -90,11 +93,11 @@ pub async fn serve(
     }
 }
 
-/// Why a publish was refused: the onStatus code and the description the client prints.
-struct Refusal {
-    code: &'static str,
-    outcome: &'static str,
-    message: String,
+/// Why a publish or play was refused: the onStatus code and the description the client prints.
+pub(super) struct Refusal {
+    pub code: &'static str,
+    pub outcome: &'static str,
+    pub message: String,
 }
 
 impl Refusal {
@@ -116,7 +119,11 @@ struct PushGrant {
 }
 
 /// Query parameters from the publish name (`stream?a=b`) and the tcUrl/app.
-fn split_name_and_query(name: &str, tc_url: &str, app: &str) -> (String, Vec<(String, String)>) {
+pub(super) fn split_name_and_query(
+    name: &str,
+    tc_url: &str,
+    app: &str,
+) -> (String, Vec<(String, String)>) {
     let (stream, q) = name.split_once('?').unwrap_or((name, ""));
     let mut params: Vec<(String, String)> = url::form_urlencoded::parse(q.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -159,6 +166,108 @@ fn bound_stream(name: &str) -> Option<(u64, u32, String)> {
     Some((app.parse().ok()?, room.parse().ok()?, user.to_owned()))
 }
 
+/// Verifies `sdkappid`, `userid`, `roomid`|`strroomid`, `usersig`, `privatemapkey`.
+fn room_credentials(
+    state: &AppState,
+    params: &[(String, String)],
+    now: u64,
+) -> Result<(u64, RoomTicket), Refusal> {
+    let user_sig = param(params, "usersig").ok_or_else(|| Refusal::auth("usersig is missing"))?;
+    let sdk_app_id: u64 = param(params, "sdkappid")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Refusal::auth("sdkappid is missing or not a number"))?;
+    let user_id = param(params, "userid")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| Refusal::auth("userid is missing"))?;
+    let room = match (param(params, "roomid"), param(params, "strroomid")) {
+        (Some(n), None) => RoomId::Num(
+            n.parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| Refusal::auth("roomid must be 1..=4294967295"))?,
+        ),
+        (None, Some(s)) if !s.is_empty() && s.len() <= 64 => RoomId::Str(s.to_owned()),
+        _ => return Err(Refusal::auth("give exactly one of roomid or strroomid")),
+    };
+    let pmk =
+        param(params, "privatemapkey").ok_or_else(|| Refusal::auth("privatemapkey is missing"))?;
+    let app = state
+        .keyring
+        .app(sdk_app_id)
+        .map_err(|e| Refusal::auth(e.to_string()))?;
+    app.verify_user_sig(user_sig, user_id, now)
+        .map_err(|e| Refusal::auth(format!("userSig: {e}")))?;
+    let ticket = app
+        .verify_private_map_key(pmk, user_id, &room, now)
+        .map_err(|e| Refusal::auth(format!("privateMapKey: {e}")))?;
+    Ok((sdk_app_id, ticket))
+}
+
+/// Who may play `stream`: room credentials with a receive privilege for the stream's
+/// room, or a txSecret URL signed with the app's play key.
+pub(super) fn authorize_play(
+    state: &AppState,
+    stream: &str,
+    params: &[(String, String)],
+) -> Result<Arc<crate::live::Source>, Refusal> {
+    let not_found = || Refusal {
+        code: "NetStream.Play.StreamNotFound",
+        outcome: "not_found",
+        message: format!("stream {stream:?} is not live here"),
+    };
+    if !valid_stream_name(stream) {
+        return Err(not_found());
+    }
+    let now = crate::auth::unix_now();
+    let play_refusal = |m: String| Refusal {
+        code: "NetStream.Play.Failed",
+        outcome: "unauthorized",
+        message: m,
+    };
+    if param(params, "usersig").is_some() {
+        let (sdk_app_id, ticket) =
+            room_credentials(state, params, now).map_err(|r| play_refusal(r.message))?;
+        if !ticket.privileges.contains(Privileges::RECV_AUDIO)
+            && !ticket.privileges.contains(Privileges::RECV_VIDEO)
+        {
+            return Err(play_refusal(
+                "the privateMapKey allows neither receiving audio (0x08) nor video (0x20)".into(),
+            ));
+        }
+        let (source, place) = state.hub.get(stream).ok_or_else(not_found)?;
+        if place.sdk_app_id != sdk_app_id || place.room != ticket.room {
+            return Err(not_found());
+        }
+        return Ok(source);
+    }
+    if let (Some(secret), Some(time)) = (param(params, "txSecret"), param(params, "txTime")) {
+        let (source, place) = state.hub.get(stream).ok_or_else(not_found)?;
+        let app = state
+            .keyring
+            .app(place.sdk_app_id)
+            .map_err(|e| play_refusal(e.to_string()))?;
+        let key = app
+            .live_key(crate::auth::live_url::LiveUrlKind::Play)
+            .map_err(|e| play_refusal(e.to_string()))?;
+        crate::auth::live_url::verify(
+            crate::auth::live_url::LiveUrlKind::Play,
+            key,
+            app.play_url_validity_s,
+            stream,
+            secret,
+            time,
+            now,
+        )
+        .map_err(|e| play_refusal(e.to_string()))?;
+        return Ok(source);
+    }
+    Err(play_refusal(
+        "the play URL carries no credentials: add ?sdkappid=&userid=&roomid=&usersig=&privatemapkey= \
+         or a txSecret/txTime signature"
+            .into(),
+    ))
+}
+
 fn authorize_push(
     state: &AppState,
     app_name: &str,
@@ -176,34 +285,8 @@ fn authorize_push(
         });
     }
     let now = crate::auth::unix_now();
-    if let Some(user_sig) = param(&params, "usersig") {
-        let sdk_app_id: u64 = param(&params, "sdkappid")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| Refusal::auth("sdkappid is missing or not a number"))?;
-        let user_id = param(&params, "userid")
-            .filter(|u| !u.is_empty())
-            .ok_or_else(|| Refusal::auth("userid is missing"))?;
-        let room = match (param(&params, "roomid"), param(&params, "strroomid")) {
-            (Some(n), None) => RoomId::Num(
-                n.parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| Refusal::auth("roomid must be 1..=4294967295"))?,
-            ),
-            (None, Some(s)) if !s.is_empty() && s.len() <= 64 => RoomId::Str(s.to_owned()),
-            _ => return Err(Refusal::auth("give exactly one of roomid or strroomid")),
-        };
-        let pmk = param(&params, "privatemapkey")
-            .ok_or_else(|| Refusal::auth("privatemapkey is missing"))?;
-        let app = state
-            .keyring
-            .app(sdk_app_id)
-            .map_err(|e| Refusal::auth(e.to_string()))?;
-        app.verify_user_sig(user_sig, user_id, now)
-            .map_err(|e| Refusal::auth(format!("userSig: {e}")))?;
-        let ticket = app
-            .verify_private_map_key(pmk, user_id, &room, now)
-            .map_err(|e| Refusal::auth(format!("privateMapKey: {e}")))?;
+    if param(&params, "usersig").is_some() {
+        let (sdk_app_id, ticket) = room_credentials(state, &params, now)?;
         ticket
             .require(Privileges::ENTER_ROOM)
             .map_err(|e| Refusal::auth(e.to_string()))?;
@@ -294,6 +377,8 @@ struct Connection {
     bridge: Option<Bridge>,
     stats: bridge::Stats,
     leave: LeaveReason,
+    /// This pusher's stream for RTMP and HTTP-FLV players.
+    live: Option<Arc<crate::live::Source>>,
 }
 
 impl Connection {
@@ -312,6 +397,7 @@ impl Connection {
             bridge: None,
             stats: bridge::Stats::default(),
             leave: LeaveReason::Left,
+            live: None,
         }
     }
 
@@ -412,17 +498,35 @@ impl Connection {
                         }
                     }
                     Event::Play { name } => {
-                        info!(peer = %self.peer, name = %name.split('?').next().unwrap_or(""), "RTMP play refused: not available yet");
-                        self.state
-                            .metrics
-                            .rtmp_requests
-                            .with_label_values(&["play", "unavailable"])
-                            .inc();
-                        rtmp.reject(
-                            "NetStream.Play.StreamNotFound",
-                            "RTMP play is not available on this server yet",
-                        );
-                        let _ = socket.write_all(&rtmp.take_output()).await;
+                        let (stream, params) = split_name_and_query(&name, &tc_url, &app);
+                        match authorize_play(&self.state, &stream, &params) {
+                            Ok(source) => {
+                                self.state
+                                    .metrics
+                                    .play_requests
+                                    .with_label_values(&["rtmp", "ok"])
+                                    .inc();
+                                info!(peer = %self.peer, %stream, "RTMP player playing");
+                                rtmp.accept_play(&stream);
+                                self.set_role("play");
+                                let player = source.subscribe();
+                                let gauge = self.state.metrics.players.with_label_values(&["rtmp"]);
+                                gauge.inc();
+                                self.play(&mut socket, &mut rtmp, player).await;
+                                gauge.dec();
+                                info!(peer = %self.peer, %stream, "RTMP player gone");
+                            }
+                            Err(r) => {
+                                self.state
+                                    .metrics
+                                    .play_requests
+                                    .with_label_values(&["rtmp", r.outcome])
+                                    .inc();
+                                info!(peer = %self.peer, %stream, reason = %r.message, "RTMP play refused");
+                                rtmp.reject(r.code, &r.message);
+                                let _ = socket.write_all(&rtmp.take_output()).await;
+                            }
+                        }
                         return;
                     }
                     Event::Video { timestamp, data } => {
@@ -430,15 +534,43 @@ impl Connection {
                         if let Some(b) = self.bridge.as_mut() {
                             b.handle_video(timestamp, &data, arrived);
                         }
+                        if let Some(live) = &self.live {
+                            live.push(Tag {
+                                kind: TagKind::Video,
+                                timestamp,
+                                data,
+                            });
+                        }
                     }
                     Event::Audio { timestamp, data } => {
                         self.last_data_ms.store(self.now_ms(), Ordering::Relaxed);
                         if let Some(b) = self.bridge.as_mut() {
                             b.handle_audio(timestamp, &data, arrived);
                         }
+                        if let Some(live) = &self.live {
+                            live.push(Tag {
+                                kind: TagKind::Audio,
+                                timestamp,
+                                data,
+                            });
+                        }
                     }
                     Event::Data { values } => {
                         debug!(peer = %self.peer, metadata = %values.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" "), "RTMP data message");
+                        // `@setDataFrame onMetaData {…}` is stored as `onMetaData {…}`.
+                        let values = match values.first().and_then(Amf0::as_str) {
+                            Some("@setDataFrame") => values[1..].to_vec(),
+                            _ => values,
+                        };
+                        if let (Some(live), Some("onMetaData")) =
+                            (&self.live, values.first().and_then(Amf0::as_str))
+                        {
+                            live.push(Tag {
+                                kind: TagKind::Script,
+                                timestamp: 0,
+                                data: Bytes::from(amf0::encode_all(&values)),
+                            });
+                        }
                     }
                     Event::Unpublish => {
                         info!(peer = %self.peer, stream = ?self.stream, "RTMP pusher unpublished");
@@ -481,6 +613,10 @@ impl Connection {
         self.session = Some(session);
         let user = grant.ticket.identity.user_id.clone();
         let room = grant.ticket.room.to_string();
+        let place = crate::live::StreamPlace {
+            sdk_app_id: grant.sdk_app_id,
+            room: grant.ticket.room.clone(),
+        };
         let _ = control
             .send(ControlCommand::Join {
                 session,
@@ -545,12 +681,52 @@ impl Connection {
                 .map(|d| d.as_micros() as u64)
                 .unwrap_or(0),
         );
+        self.live = Some(self.state.hub.open(&grant.stream, place));
         self.bridge = Some(Bridge::new(
             self.shared.bridge_config.clone(),
             Instant::now(),
             ntp_now,
         ));
         Ok((grant.stream, rx))
+    }
+
+    /// Sends a stream's tags to an RTMP player until either side ends.
+    async fn play(
+        &mut self,
+        socket: &mut TcpStream,
+        rtmp: &mut ServerSession,
+        player: crate::live::Player,
+    ) {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            if rtmp.has_output() && socket.write_all(&rtmp.take_output()).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                r = socket.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if let Err(e) = rtmp.handle_input(&buf[..n]) {
+                            warn!(peer = %self.peer, error = %e, "RTMP player misbehaved; disconnected");
+                            return;
+                        }
+                        while let Some(ev) = rtmp.poll_event() {
+                            if matches!(ev, Event::Unpublish) {
+                                return;
+                            }
+                        }
+                    }
+                },
+                next = player.next() => match next {
+                    crate::live::Next::Closed => return,
+                    crate::live::Next::Tags(tags) => {
+                        for t in tags {
+                            rtmp.send_media(t.kind as u8, t.timestamp, t.data);
+                        }
+                    }
+                },
+            }
+        }
     }
 
     /// Registers this connection as the stream name's pusher, replacing a stale one.
@@ -671,6 +847,9 @@ impl Connection {
     }
 
     async fn cleanup(&mut self) {
+        if let (Some(live), Some(stream)) = (self.live.take(), &self.stream) {
+            self.state.hub.close(stream, &live);
+        }
         self.state
             .metrics
             .rtmp_connections

@@ -1,0 +1,352 @@
+//! Live playback over RTMP and HTTP-FLV: every stream of every room as FLV tags, with
+//! its sequence headers and a small GOP cache, fanned out to players through bounded
+//! per-player queues measured in media time.
+//!
+//! A source (an RTMP pusher's tags as they are, or a WebRTC publisher's RTP converted
+//! once) pushes tags into its [`Source`]; each player holds a [`PlayerQueue`]. A player
+//! that falls more than `max_latency_ms` behind has its queue emptied and resumes at
+//! the next keyframe (counted), so its latency never grows without bound.
+
+pub mod flv;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// FLV tag types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagKind {
+    Audio = 8,
+    Video = 9,
+    Script = 18,
+}
+
+/// One FLV tag body with its timestamp.
+#[derive(Debug, Clone)]
+pub struct Tag {
+    pub kind: TagKind,
+    /// Milliseconds on the source's clock.
+    pub timestamp: u32,
+    pub data: Bytes,
+}
+
+impl Tag {
+    pub fn is_video_keyframe(&self) -> bool {
+        self.kind == TagKind::Video && self.data.first().is_some_and(|b| b >> 4 == 1)
+    }
+
+    /// An AVC or AAC sequence header.
+    pub fn is_sequence_header(&self) -> bool {
+        match self.kind {
+            TagKind::Video => self.data.get(1) == Some(&0) && self.data.first() == Some(&0x17),
+            TagKind::Audio => {
+                self.data.first().is_some_and(|b| b >> 4 == 10) && self.data.get(1) == Some(&0)
+            }
+            TagKind::Script => false,
+        }
+    }
+}
+
+/// Tags kept for a new player: from the last keyframe, at most this many.
+const GOP_MAX_TAGS: usize = 2500;
+/// Tags a player's queue may hold whatever their timestamps say.
+const QUEUE_MAX_TAGS: usize = 4096;
+
+#[derive(Default)]
+struct QueueState {
+    tags: VecDeque<Tag>,
+    /// Video is skipped until a keyframe (after an overflow, or at the start).
+    waiting_keyframe: bool,
+    closed: bool,
+    /// Tags dropped by latency control.
+    dropped: u64,
+}
+
+/// One player's queue.
+pub struct PlayerQueue {
+    state: Mutex<QueueState>,
+    notify: Notify,
+    max_latency_ms: u32,
+}
+
+/// A player's end of its queue; dropping it removes the player.
+pub struct Player(Arc<PlayerQueue>);
+
+impl std::ops::Deref for Player {
+    type Target = PlayerQueue;
+    fn deref(&self) -> &PlayerQueue {
+        &self.0
+    }
+}
+
+impl Drop for Player {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// What a player's writer gets next.
+pub enum Next {
+    Tags(Vec<Tag>),
+    /// The source ended (or the player was closed).
+    Closed,
+}
+
+impl PlayerQueue {
+    fn new(max_latency_ms: u32) -> Self {
+        Self {
+            state: Mutex::new(QueueState::default()),
+            notify: Notify::new(),
+            max_latency_ms,
+        }
+    }
+
+    /// Queues a tag; returns how many tags latency control dropped doing so.
+    fn push(&self, tag: Tag) -> u64 {
+        let mut s = self.state.lock().expect("queue lock");
+        if s.closed {
+            return 0;
+        }
+        let mut dropped = 0;
+        if tag.kind == TagKind::Video && s.waiting_keyframe {
+            if !tag.is_video_keyframe() {
+                s.dropped += 1;
+                return 1;
+            }
+            s.waiting_keyframe = false;
+        }
+        let behind = s
+            .tags
+            .front()
+            .map(|f| tag.timestamp.wrapping_sub(f.timestamp) as i32)
+            .unwrap_or(0);
+        if behind > self.max_latency_ms as i32 || s.tags.len() >= QUEUE_MAX_TAGS {
+            // The player cannot keep up: forget the backlog, resume at a keyframe.
+            dropped = s.tags.len() as u64;
+            s.tags.clear();
+            if tag.kind == TagKind::Video && !tag.is_video_keyframe() {
+                s.waiting_keyframe = true;
+                dropped += 1;
+                s.dropped += dropped;
+                return dropped;
+            }
+            s.waiting_keyframe = tag.kind != TagKind::Video;
+        }
+        s.dropped += dropped;
+        s.tags.push_back(tag);
+        drop(s);
+        self.notify.notify_one();
+        dropped
+    }
+
+    fn close(&self) {
+        self.state.lock().expect("queue lock").closed = true;
+        self.notify.notify_one();
+    }
+
+    /// Everything queued, waiting for something if empty.
+    pub async fn next(&self) -> Next {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut s = self.state.lock().expect("queue lock");
+                if !s.tags.is_empty() {
+                    return Next::Tags(s.tags.drain(..).collect());
+                }
+                if s.closed {
+                    return Next::Closed;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.state.lock().expect("queue lock").dropped
+    }
+}
+
+#[derive(Default)]
+struct SourceState {
+    metadata: Option<Tag>,
+    video_header: Option<Tag>,
+    audio_header: Option<Tag>,
+    /// From the last video keyframe on (bounded); empty when there is none.
+    gop: Vec<Tag>,
+    players: Vec<Arc<PlayerQueue>>,
+    ended: bool,
+    last_ts: u32,
+}
+
+/// One stream's FLV side.
+pub struct Source {
+    pub name: String,
+    state: Mutex<SourceState>,
+    max_latency_ms: u32,
+    /// Tags dropped by latency control across this source's players.
+    pub on_drop: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl Source {
+    /// Feeds a tag to the headers, the GOP cache and every player.
+    pub fn push(&self, tag: Tag) {
+        let players = {
+            let mut s = self.state.lock().expect("source lock");
+            if tag.kind != TagKind::Script {
+                s.last_ts = tag.timestamp;
+            }
+            if tag.kind == TagKind::Script {
+                s.metadata = Some(tag.clone());
+            } else if tag.is_sequence_header() {
+                match tag.kind {
+                    TagKind::Video => s.video_header = Some(tag.clone()),
+                    _ => s.audio_header = Some(tag.clone()),
+                }
+            } else if tag.is_video_keyframe() {
+                s.gop.clear();
+                s.gop.push(tag.clone());
+            } else if !s.gop.is_empty() {
+                if s.gop.len() < GOP_MAX_TAGS {
+                    s.gop.push(tag.clone());
+                } else {
+                    s.gop.clear(); // a GOP this long is not worth replaying
+                }
+            }
+            s.players
+                .retain(|p| !p.state.lock().expect("queue lock").closed);
+            s.players.clone()
+        };
+        let mut dropped = 0;
+        for p in players {
+            dropped += p.push(tag.clone());
+        }
+        if dropped > 0 {
+            (self.on_drop)(dropped);
+        }
+    }
+
+    /// A new player: it gets the metadata and sequence headers, then the GOP cache
+    /// (so its first video tag after the header is a keyframe), then live tags. The
+    /// player leaves when the handle is dropped.
+    pub fn subscribe(&self) -> Player {
+        Player(self.subscribe_queue())
+    }
+
+    fn subscribe_queue(&self) -> Arc<PlayerQueue> {
+        let q = Arc::new(PlayerQueue::new(self.max_latency_ms));
+        let mut s = self.state.lock().expect("source lock");
+        {
+            let mut qs = q.state.lock().expect("queue lock");
+            // Headers carry the timestamp the player starts at, so its clock does not
+            // jump from zero to the stream's time.
+            let start = s.gop.first().map_or(s.last_ts, |t| t.timestamp);
+            let at_start = |t: &Tag| Tag {
+                timestamp: start,
+                ..t.clone()
+            };
+            qs.tags.extend(s.metadata.iter().map(at_start));
+            qs.tags.extend(s.video_header.iter().map(at_start));
+            qs.tags.extend(s.audio_header.iter().map(at_start));
+            if s.gop.is_empty() {
+                qs.waiting_keyframe = true;
+            } else {
+                qs.tags.extend(s.gop.iter().cloned());
+            }
+            qs.closed = s.ended;
+        }
+        s.players.push(q.clone());
+        q
+    }
+
+    pub fn players(&self) -> usize {
+        let mut s = self.state.lock().expect("source lock");
+        s.players
+            .retain(|p| !p.state.lock().expect("queue lock").closed);
+        s.players.len()
+    }
+
+    /// Has a video sequence header (a player can start).
+    pub fn has_video_header(&self) -> bool {
+        self.state
+            .lock()
+            .expect("source lock")
+            .video_header
+            .is_some()
+    }
+
+    fn end(&self) {
+        let players = {
+            let mut s = self.state.lock().expect("source lock");
+            s.ended = true;
+            std::mem::take(&mut s.players)
+        };
+        for p in players {
+            p.close();
+        }
+    }
+}
+
+/// Where a stream lives, for authorizing play.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPlace {
+    pub sdk_app_id: u64,
+    pub room: crate::auth::RoomId,
+}
+
+/// Every stream that can be played, by name.
+pub struct Hub {
+    sources: Mutex<HashMap<String, (Arc<Source>, StreamPlace)>>,
+    max_latency_ms: u32,
+    /// Called with (stream, tags dropped) when latency control drops tags.
+    on_drop: Arc<dyn Fn(&str, u64) + Send + Sync>,
+}
+
+impl Hub {
+    pub fn new(max_latency_ms: u32, on_drop: Arc<dyn Fn(&str, u64) + Send + Sync>) -> Self {
+        Self {
+            sources: Mutex::new(HashMap::new()),
+            max_latency_ms,
+            on_drop,
+        }
+    }
+
+    /// Registers a stream (replacing an ended one of the same name).
+    pub fn open(&self, name: &str, place: StreamPlace) -> Arc<Source> {
+        let on_drop = self.on_drop.clone();
+        let stream = name.to_owned();
+        let source = Arc::new(Source {
+            name: name.to_owned(),
+            state: Mutex::new(SourceState::default()),
+            max_latency_ms: self.max_latency_ms,
+            on_drop: Box::new(move |n| on_drop(&stream, n)),
+        });
+        let old = self
+            .sources
+            .lock()
+            .expect("hub lock")
+            .insert(name.to_owned(), (source.clone(), place));
+        if let Some((old, _)) = old {
+            old.end();
+        }
+        source
+    }
+
+    /// Ends a stream: its players are closed.
+    pub fn close(&self, name: &str, source: &Arc<Source>) {
+        let mut map = self.sources.lock().expect("hub lock");
+        if map.get(name).is_some_and(|(s, _)| Arc::ptr_eq(s, source)) {
+            map.remove(name);
+        }
+        drop(map);
+        source.end();
+    }
+
+    pub fn get(&self, name: &str) -> Option<(Arc<Source>, StreamPlace)> {
+        self.sources.lock().expect("hub lock").get(name).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests;

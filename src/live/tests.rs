@@ -1,0 +1,117 @@
+use super::*;
+
+fn video(ts: u32, key: bool) -> Tag {
+    Tag {
+        kind: TagKind::Video,
+        timestamp: ts,
+        data: Bytes::from(vec![if key { 0x17 } else { 0x27 }, 1, 0, 0, 0, 0xaa]),
+    }
+}
+
+fn audio(ts: u32) -> Tag {
+    Tag {
+        kind: TagKind::Audio,
+        timestamp: ts,
+        data: Bytes::from_static(&[0xaf, 1, 0x21]),
+    }
+}
+
+fn headers() -> Vec<Tag> {
+    vec![
+        Tag {
+            kind: TagKind::Video,
+            timestamp: 0,
+            data: Bytes::from_static(&[0x17, 0, 0, 0, 0, 1]),
+        },
+        Tag {
+            kind: TagKind::Audio,
+            timestamp: 0,
+            data: Bytes::from_static(&[0xaf, 0, 0x12, 0x10]),
+        },
+    ]
+}
+
+fn hub() -> Hub {
+    Hub::new(500, Arc::new(|_, _| {}))
+}
+
+fn place() -> StreamPlace {
+    StreamPlace {
+        sdk_app_id: 1,
+        room: crate::auth::RoomId::Num(1),
+    }
+}
+
+fn take(q: &Player) -> Vec<Tag> {
+    q.state.lock().unwrap().tags.drain(..).collect()
+}
+
+#[test]
+fn a_new_player_starts_with_headers_then_the_gop() {
+    let h = hub();
+    let s = h.open("cam", place());
+    for t in headers() {
+        s.push(t);
+    }
+    s.push(video(0, true));
+    s.push(audio(10));
+    s.push(video(33, false));
+    let q = s.subscribe();
+    let tags = take(&q);
+    assert!(tags[0].is_sequence_header() && tags[0].kind == TagKind::Video);
+    assert!(tags[1].is_sequence_header() && tags[1].kind == TagKind::Audio);
+    assert!(tags[2].is_video_keyframe());
+    assert_eq!(tags.len(), 5);
+    s.push(video(66, false));
+    assert_eq!(take(&q).len(), 1);
+}
+
+#[test]
+fn without_a_gop_a_player_waits_for_a_keyframe() {
+    let h = hub();
+    let s = h.open("cam", place());
+    for t in headers() {
+        s.push(t);
+    }
+    let q = s.subscribe();
+    take(&q);
+    s.push(video(33, false));
+    s.push(audio(40));
+    s.push(video(66, true));
+    let tags = take(&q);
+    assert_eq!(
+        tags.len(),
+        2,
+        "the delta frame is skipped, audio and the keyframe pass"
+    );
+    assert!(tags[1].is_video_keyframe());
+}
+
+#[test]
+fn a_slow_player_skips_to_the_next_keyframe() {
+    let h = hub();
+    let s = h.open("cam", place());
+    s.push(video(0, true));
+    let q = s.subscribe();
+    // Nobody drains the queue: after 500 ms of backlog it is emptied.
+    for i in 1..40u32 {
+        s.push(video(i * 33, i % 30 == 0));
+    }
+    let tags = take(&q);
+    assert!(tags.len() < 20, "{}", tags.len());
+    assert!(q.dropped() > 0);
+    assert!(tags[0].is_video_keyframe(), "it resumes at a keyframe");
+}
+
+#[test]
+fn closing_a_stream_ends_its_players() {
+    let h = hub();
+    let s = h.open("cam", place());
+    let q = s.subscribe();
+    h.close("cam", &s);
+    assert!(h.get("cam").is_none());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert!(matches!(rt.block_on(q.next()), Next::Closed));
+}
