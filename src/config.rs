@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub rtmp_addr: String,
     /// Opus bitrate (bit/s) of AAC audio bridged to WebRTC.
     pub opus_bitrate: u32,
+    /// AAC bitrate (bit/s) of Opus audio from WebRTC publishers for RTMP/FLV players.
+    pub aac_bitrate: u32,
     /// RTMP media arriving this much later than it should (a backlog after a stall, or
     /// an encoder flushing its buffer) is skipped to the next keyframe.
     pub rtmp_max_lag_ms: u64,
@@ -79,6 +81,7 @@ impl Default for ServerConfig {
             public_host: String::new(),
             rtmp_addr: "0.0.0.0:1935".into(),
             opus_bitrate: 64_000,
+            aac_bitrate: 128_000,
             rtmp_max_lag_ms: 400,
             play_max_latency_ms: 500,
             max_rooms: 1000,

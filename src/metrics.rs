@@ -52,6 +52,8 @@ pub struct Metrics {
     pub players: IntGaugeVec,
     pub play_requests: IntCounterVec,
     pub player_dropped_tags: IntCounterVec,
+    /// RTP packets a converter to FLV could not take (its queue was full).
+    pub tap_drops: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -117,6 +119,10 @@ impl Metrics {
             .register(Box::new(bridge_latency.clone()))
             .expect("unique metric");
         Self {
+            tap_drops: counter(
+                "weir_flv_conversion_queue_drops_total",
+                "RTP packets dropped on the way to a WebRTC→FLV conversion (its queue was full)",
+            ),
             players: gauge_vec(
                 "weir_players",
                 "RTMP and HTTP-FLV players, by protocol",

@@ -254,3 +254,271 @@ async fn play_urls_without_valid_credentials_are_refused() {
     assert!(get(path).await.starts_with("HTTP/1.0 404"));
     assert!(ffmpeg.wait().await.unwrap().success());
 }
+
+/// Access units of an H.264 elementary stream ffmpeg makes (Annex B), in order.
+fn h264_access_units(seconds: u32) -> Vec<Vec<bytes::Bytes>> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.h264");
+    let ok = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=320x240:rate=30",
+        ])
+        .args([
+            "-t",
+            &seconds.to_string(),
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .args([
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-bf",
+            "0",
+            "-g",
+            "30",
+        ])
+        .args(["-f", "h264"])
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let data = std::fs::read(&path).unwrap();
+    // Split at start codes.
+    let mut nals = Vec::new();
+    let mut i = 0;
+    let mut start = None;
+    while i + 3 <= data.len() {
+        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
+            if let Some(s) = start {
+                let mut end = i;
+                while end > s && data[end - 1] == 0 {
+                    end -= 1;
+                }
+                nals.push(bytes::Bytes::copy_from_slice(&data[s..end]));
+            }
+            i += 3;
+            start = Some(i);
+        } else {
+            i += 1;
+        }
+    }
+    if let Some(s) = start {
+        nals.push(bytes::Bytes::copy_from_slice(&data[s..]));
+    }
+    // A slice with first_mb_in_slice == 0 starts a picture; parameter sets and SEI
+    // go with the picture that follows them.
+    let mut aus: Vec<Vec<bytes::Bytes>> = Vec::new();
+    let mut pending: Vec<bytes::Bytes> = Vec::new();
+    for n in nals {
+        let t = n[0] & 0x1f;
+        let is_slice = t == 1 || t == 5;
+        if is_slice && n[1] & 0x80 != 0 {
+            pending.push(n);
+            aus.push(std::mem::take(&mut pending));
+        } else if is_slice {
+            aus.last_mut().expect("a picture started").push(n);
+        } else {
+            pending.push(n);
+        }
+    }
+    aus
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webrtc_publisher_plays_over_rtmp_and_http_flv() {
+    use common::peer::{h264, opus, RtcPeer};
+    use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+    use webrtc::media_stream::track_local::TrackLocal;
+    use weir_signaling::{ClientMessage, ServerMessage, Target};
+
+    let t = server().await;
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let http = t.server.http_addr;
+    let seconds = 6;
+    let aus = h264_access_units(seconds);
+
+    // The publisher: a webrtc-crate client sending real H.264 and Opus.
+    let (mut signal, _) = common::Client::join(&t.ws_url(), t.join("alice", ROOM, 0xff)).await;
+    signal
+        .send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+        })
+        .await;
+    let stream = signal
+        .expect(|m| match m {
+            ServerMessage::Published { stream } => Some(stream.clone()),
+            _ => None,
+        })
+        .await;
+    let mut publisher = RtcPeer::new().await;
+    let video = publisher
+        .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
+        .await;
+    let audio = publisher
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x5252)
+        .await;
+    let offer = publisher.offer().await;
+    signal
+        .send(&ClientMessage::Offer {
+            target: Target::Publisher,
+            sdp: offer,
+        })
+        .await;
+    let answer = signal
+        .expect(|m| match m {
+            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    publisher.accept_answer(answer).await;
+    publisher.connected().await;
+    let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
+    let sender = tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        let mut enc =
+            opus::Encoder::new(48_000, opus::Channels::Stereo, opus::Application::Audio).unwrap();
+        let mut buf = vec![0u8; 1500];
+        let (mut vseq, mut aseq) = (0u16, 0u16);
+        let mut frame = 0usize;
+        let mut apkt = 0u32;
+        while frame < aus.len() {
+            // Interleave on one schedule: video every 33.3 ms, audio every 20 ms.
+            let vdue = start + Duration::from_micros(frame as u64 * 33_333);
+            let adue = start + Duration::from_millis(u64::from(apkt) * 20);
+            if adue <= vdue {
+                tokio::time::sleep_until(adue).await;
+                let pcm: Vec<f32> = (0..960u32)
+                    .flat_map(|i| {
+                        let n = (apkt * 960 + i) as f32;
+                        let v = (n * 2.0 * std::f32::consts::PI * 1000.0 / 48_000.0).sin() * 0.3;
+                        [v, v]
+                    })
+                    .collect();
+                let len = enc.encode_float(&pcm, &mut buf).unwrap();
+                let mut p = rtc::rtp::Packet::default();
+                p.header.version = 2;
+                p.header.payload_type = apt;
+                p.header.ssrc = 0x5252;
+                p.header.sequence_number = aseq;
+                p.header.timestamp = apkt * 960;
+                p.payload = bytes::Bytes::copy_from_slice(&buf[..len]);
+                let _ = audio.track.write_rtp(p).await;
+                aseq = aseq.wrapping_add(1);
+                apkt += 1;
+            } else {
+                tokio::time::sleep_until(vdue).await;
+                let mut payloads = Vec::new();
+                weir::codec::h264::packetize(&aus[frame], 1100, &mut payloads);
+                let n = payloads.len();
+                for (i, payload) in payloads.into_iter().enumerate() {
+                    let mut p = rtc::rtp::Packet::default();
+                    p.header.version = 2;
+                    p.header.payload_type = vpt;
+                    p.header.ssrc = 0x5151;
+                    p.header.sequence_number = vseq;
+                    p.header.timestamp = frame as u32 * 3000;
+                    p.header.marker = i + 1 == n;
+                    p.payload = payload;
+                    let _ = video.track.write_rtp(p).await;
+                    vseq = vseq.wrapping_add(1);
+                }
+                frame += 1;
+            }
+        }
+    });
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rtmp_play = format!(
+        "rtmp://{rtmp}/live/{}?{}",
+        stream.stream_id,
+        credentials(&t, "watcher", 0x02 | 0x08 | 0x20)
+    );
+    let rtmp_out = dir.path().join("rtmp.flv");
+    let mut p1 = player(&rtmp_play, &rtmp_out);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let key = t.config.apps[0].live_play_key.clone().unwrap();
+    let flv_play = weir::auth::live_url::sign_url(
+        &format!("http://{http}/live/{}.flv", stream.stream_id),
+        &key,
+        weir::auth::unix_now() + 600,
+    )
+    .unwrap();
+    let flv_out = dir.path().join("http.flv");
+    let mut p2 = player(&flv_play, &flv_out);
+
+    sender.await.unwrap();
+    // Unpublishing ends the stream for its players.
+    signal.send(&ClientMessage::Unpublish).await;
+    for (p, name) in [(&mut p1, "rtmp"), (&mut p2, "http-flv")] {
+        let status = tokio::time::timeout(Duration::from_secs(10), p.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{name} player ends with the stream"))
+            .unwrap();
+        assert!(status.success(), "{name} player");
+    }
+    for (file, from) in [(&rtmp_out, 1.0), (&flv_out, 2.5)] {
+        let errors = decode_errors(file);
+        assert!(errors.trim().is_empty(), "decoding {file:?}: {errors}");
+        let streams = packets(file);
+        let v = streams.iter().find(|s| s.0 == "video").expect("video");
+        let a = streams
+            .iter()
+            .find(|s| s.0 == "audio")
+            .expect("audio (AAC)");
+        let span = v.3 - v.2;
+        let expected = f64::from(seconds) - from;
+        // This publisher plays a file, so it cannot answer the keyframe request a new
+        // player triggers: a player starts at the GOP cache (up to 1 s earlier) or at
+        // the file's next keyframe (up to 1 s later).
+        assert!(
+            span <= expected + 1.1 && span >= expected - 1.4,
+            "{file:?}: video {span:.2} s, sent {expected:.2}"
+        );
+        let fps = (v.1 - 1) as f64 / span;
+        assert!((fps - 30.0).abs() < 1.5, "{file:?}: {fps:.2} fps");
+        let aps = a.1 as f64 / (a.3 - a.2);
+        assert!(
+            (aps - 46.875).abs() < 2.0,
+            "{file:?}: {aps:.2} AAC frames/s"
+        );
+        // Audio may start before the first keyframe, never after the video.
+        assert!(
+            a.2 <= v.2 + 0.05,
+            "{file:?}: starts audio {} video {}",
+            a.2,
+            v.2
+        );
+        // Both were sent until the same moment: on one clock they end together, but
+        // for the audio a live AAC encoder never flushes (its delay plus the partial
+        // frame in the FIFO: up to ~65 ms at 48 kHz).
+        assert!(
+            v.3 - a.3 > -0.05 && v.3 - a.3 < 0.1,
+            "{file:?}: ends audio {} video {}",
+            a.3,
+            v.3
+        );
+    }
+    let metrics = t.metrics().await;
+    let plis = metrics
+        .lines()
+        .find(|l| l.starts_with("weir_plis_total{direction=\"to_publisher\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        plis >= 2,
+        "each arriving player asks the publisher for a keyframe: {plis}"
+    );
+}

@@ -16,6 +16,8 @@
 //!   backlog after a stall), or faster than real time (an encoder flushing its buffer on
 //!   connect), is skipped up to the next keyframe instead of forwarded stale.
 
+pub mod to_flv;
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 

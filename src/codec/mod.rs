@@ -4,4 +4,5 @@
 pub mod aac;
 pub mod aac_opus;
 pub mod h264;
+pub mod opus_aac;
 pub mod resample;

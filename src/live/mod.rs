@@ -8,6 +8,7 @@
 //! the next keyframe (counted), so its latency never grows without bound.
 
 pub mod flv;
+pub mod webrtc;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -72,20 +73,35 @@ pub struct PlayerQueue {
 }
 
 /// A player's end of its queue; dropping it removes the player.
-pub struct Player(Arc<PlayerQueue>);
+pub struct Player {
+    queue: Arc<PlayerQueue>,
+    source: std::sync::Weak<Source>,
+}
 
 impl std::ops::Deref for Player {
     type Target = PlayerQueue;
     fn deref(&self) -> &PlayerQueue {
-        &self.0
+        &self.queue
     }
 }
 
 impl Drop for Player {
     fn drop(&mut self) {
-        self.0.close();
+        self.queue.close();
+        if let Some(s) = self.source.upgrade() {
+            s.player_left();
+        }
     }
 }
+
+/// Players coming and going, for sources converted on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Demand {
+    Joined { players: usize },
+    Left { players: usize },
+}
+
+type DemandFn = Box<dyn Fn(Demand) + Send + Sync>;
 
 /// What a player's writer gets next.
 pub enum Next {
@@ -187,6 +203,7 @@ pub struct Source {
     max_latency_ms: u32,
     /// Tags dropped by latency control across this source's players.
     pub on_drop: Box<dyn Fn(u64) + Send + Sync>,
+    demand: Mutex<Option<DemandFn>>,
 }
 
 impl Source {
@@ -230,8 +247,30 @@ impl Source {
     /// A new player: it gets the metadata and sequence headers, then the GOP cache
     /// (so its first video tag after the header is a keyframe), then live tags. The
     /// player leaves when the handle is dropped.
-    pub fn subscribe(&self) -> Player {
-        Player(self.subscribe_queue())
+    pub fn subscribe(self: &Arc<Self>) -> Player {
+        let queue = self.subscribe_queue();
+        let players = self.players();
+        self.tell(Demand::Joined { players });
+        Player {
+            queue,
+            source: Arc::downgrade(self),
+        }
+    }
+
+    /// Calls `f` whenever a player joins or leaves (for conversion on demand).
+    pub fn set_demand(&self, f: DemandFn) {
+        *self.demand.lock().expect("demand lock") = Some(f);
+    }
+
+    fn tell(&self, d: Demand) {
+        if let Some(f) = self.demand.lock().expect("demand lock").as_ref() {
+            f(d);
+        }
+    }
+
+    fn player_left(&self) {
+        let players = self.players();
+        self.tell(Demand::Left { players });
     }
 
     fn subscribe_queue(&self) -> Arc<PlayerQueue> {
@@ -321,6 +360,7 @@ impl Hub {
             state: Mutex::new(SourceState::default()),
             max_latency_ms: self.max_latency_ms,
             on_drop: Box::new(move |n| on_drop(&stream, n)),
+            demand: Mutex::new(None),
         });
         let old = self
             .sources

@@ -82,6 +82,9 @@ pub struct Media {
     bridged: HashMap<SessionId, Bridged>,
     /// Bridged packets handed to connections, waiting for the write to be timed.
     pending_bridge_latency: Vec<(&'static str, Instant)>,
+    /// Streams being converted to FLV, and each stream's latest sender reports.
+    taps: HashMap<String, mpsc::Sender<TapEvent>>,
+    last_srs: HashMap<(String, Kind), rtc::rtcp::sender_report::SenderReport>,
 }
 
 /// Keyframe requests to one publisher track are sent at most this often.
@@ -116,6 +119,20 @@ pub enum BridgeInput {
     },
     /// The pusher is gone.
     Gone { session: SessionId },
+}
+
+/// What a converter to FLV gets from a WebRTC publisher's stream.
+#[derive(Debug)]
+pub enum TapEvent {
+    Rtp {
+        kind: Kind,
+        packet: rtc::rtp::Packet,
+        arrived: Instant,
+    },
+    SenderReport {
+        kind: Kind,
+        report: rtc::rtcp::sender_report::SenderReport,
+    },
 }
 
 /// A bridged source as the media plane sees it.
@@ -155,6 +172,8 @@ impl Media {
             last_pli: HashMap::new(),
             bridged: HashMap::new(),
             pending_bridge_latency: Vec::new(),
+            taps: HashMap::new(),
+            last_srs: HashMap::new(),
         })
     }
 
@@ -297,6 +316,26 @@ impl Media {
                     self.tell(session, ServerMessage::error(ErrorCode::Negotiation, e));
                 }
             }
+            MediaInput::Tap { stream_id, tx } => match tx {
+                Some(tx) => {
+                    // The converter starts on the publisher's clock if it is known.
+                    for kind in [Kind::Video, Kind::Audio] {
+                        if let Some(sr) = self.last_srs.get(&(stream_id.clone(), kind)) {
+                            let _ = tx.try_send(TapEvent::SenderReport {
+                                kind,
+                                report: sr.clone(),
+                            });
+                        }
+                    }
+                    self.taps.insert(stream_id, tx);
+                }
+                None => {
+                    self.taps.remove(&stream_id);
+                }
+            },
+            MediaInput::RequestKeyframe { stream_id } => {
+                self.request_keyframe(&stream_id, Instant::now(), true);
+            }
         }
     }
 
@@ -306,6 +345,7 @@ impl Media {
                 session,
                 stream_id,
                 kinds,
+                ..
             } => {
                 self.publishers.insert(stream_id.clone(), session);
                 self.allowed.insert(session, Allowed { stream_id, kinds });
@@ -333,6 +373,9 @@ impl Media {
                 self.sync_subscriber(subscriber);
             }
             MediaCommand::EndStream { stream_id } => {
+                self.taps.remove(&stream_id);
+                self.last_srs.remove(&(stream_id.clone(), Kind::Video));
+                self.last_srs.remove(&(stream_id.clone(), Kind::Audio));
                 let subscribers: Vec<SessionId> = self
                     .subscriptions
                     .remove(&stream_id)
@@ -635,6 +678,15 @@ impl Media {
         let Some(stream_id) = self.allowed.get(&publisher).map(|a| a.stream_id.clone()) else {
             return;
         };
+        if !self.bridged.contains_key(&publisher) {
+            self.last_srs.insert((stream_id.clone(), kind), sr.clone());
+            if let Some(tx) = self.taps.get(&stream_id) {
+                let _ = tx.try_send(TapEvent::SenderReport {
+                    kind,
+                    report: sr.clone(),
+                });
+            }
+        }
         let Some(subs) = self.subscriptions.get(&stream_id) else {
             return;
         };
@@ -760,6 +812,18 @@ impl Media {
             .rtp_bytes
             .with_label_values(&["in", label])
             .inc_by(packet.payload.len() as u64);
+        if !self.bridged.contains_key(&publisher) {
+            if let Some(tx) = self.taps.get(&stream_id) {
+                let tap = TapEvent::Rtp {
+                    kind,
+                    packet: packet.clone(),
+                    arrived,
+                };
+                if tx.try_send(tap).is_err() {
+                    self.metrics.tap_drops.inc();
+                }
+            }
+        }
         let Some(subs) = self.subscriptions.get(&stream_id) else {
             return;
         };

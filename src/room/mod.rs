@@ -101,6 +101,9 @@ pub enum MediaCommand {
         session: SessionId,
         stream_id: String,
         kinds: Vec<Kind>,
+        /// The stream's room, and `webrtc` or `rtmp`.
+        room: RoomKey,
+        source: &'static str,
     },
     /// The stream ended: tear down its tracks and every subscription to it.
     EndStream { stream_id: String },
@@ -477,6 +480,8 @@ impl Rooms {
                 session,
                 stream_id: stream.id.clone(),
                 kinds,
+                room: key.clone(),
+                source,
             }));
         self.send(
             session,

@@ -78,6 +78,15 @@ pub enum MediaInput {
         session: SessionId,
         msg: ClientMessage,
     },
+    /// Copy a WebRTC stream's RTP and sender reports to a converter (None: stop).
+    Tap {
+        stream_id: String,
+        tx: Option<mpsc::Sender<crate::media::TapEvent>>,
+    },
+    /// Ask a stream's publisher for a keyframe (an RTMP/FLV player needs one).
+    RequestKeyframe {
+        stream_id: String,
+    },
 }
 
 pub struct Control {
@@ -85,6 +94,15 @@ pub struct Control {
     sessions: HashMap<SessionId, mpsc::Sender<SessionEvent>>,
     media: Option<mpsc::Sender<MediaInput>>,
     metrics: Arc<Metrics>,
+    /// Where WebRTC streams are offered to RTMP/FLV players, and the ones offered.
+    live: Option<LivePlayback>,
+    flv_sources: HashMap<String, Arc<crate::live::Source>>,
+}
+
+/// What the control task needs to offer WebRTC streams to RTMP/FLV players.
+pub struct LivePlayback {
+    pub hub: Arc<crate::live::Hub>,
+    pub aac_bitrate: u32,
 }
 
 fn error_msg(e: &RoomError, request: &str) -> ServerMessage {
@@ -108,12 +126,49 @@ impl Control {
         rooms: Rooms,
         media: Option<mpsc::Sender<MediaInput>>,
         metrics: Arc<Metrics>,
+        live: Option<LivePlayback>,
     ) -> Self {
         Self {
             rooms,
             sessions: HashMap::new(),
             media,
             metrics,
+            live,
+            flv_sources: HashMap::new(),
+        }
+    }
+
+    /// WebRTC streams become playable over RTMP/HTTP-FLV while they are published
+    /// (RTMP pushers register their own, unconverted).
+    fn offer_to_players(&mut self, cmd: &MediaCommand) {
+        let (Some(live), Some(media)) = (&self.live, &self.media) else {
+            return;
+        };
+        match cmd {
+            MediaCommand::AllowPublish {
+                stream_id,
+                room,
+                source: "webrtc",
+                ..
+            } => {
+                let source = crate::live::webrtc::register(
+                    &live.hub,
+                    stream_id,
+                    crate::live::StreamPlace {
+                        sdk_app_id: room.sdk_app_id,
+                        room: room.room.clone(),
+                    },
+                    media.clone(),
+                    live.aac_bitrate,
+                );
+                self.flv_sources.insert(stream_id.clone(), source);
+            }
+            MediaCommand::EndStream { stream_id } => {
+                if let Some(source) = self.flv_sources.remove(stream_id) {
+                    live.hub.close(stream_id, &source);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -280,7 +335,10 @@ impl Control {
                         let _ = tx.try_send(SessionEvent::Close(reason));
                     }
                 }
-                Output::Media(cmd) => self.to_media(MediaInput::Command(cmd)).await,
+                Output::Media(cmd) => {
+                    self.offer_to_players(&cmd);
+                    self.to_media(MediaInput::Command(cmd)).await
+                }
             }
         }
     }

@@ -152,8 +152,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     )?;
     let (bridge_tx, bridge_rx) = mpsc::channel(4096);
     tokio::spawn(media.run(media_rx, bridge_rx));
-    let control =
-        tokio::spawn(Control::new(rooms, Some(media_tx), metrics.clone()).run(control_rx));
+
     let hub = {
         let metrics = metrics.clone();
         Arc::new(crate::live::Hub::new(
@@ -166,6 +165,18 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             }),
         ))
     };
+    let control = tokio::spawn(
+        Control::new(
+            rooms,
+            Some(media_tx),
+            metrics.clone(),
+            Some(control::LivePlayback {
+                hub: hub.clone(),
+                aac_bitrate: config.server.aac_bitrate,
+            }),
+        )
+        .run(control_rx),
+    );
     let state = Arc::new(AppState {
         keyring: Arc::new(keyring),
         control: control_tx,
