@@ -54,6 +54,10 @@ pub struct Metrics {
     pub player_dropped_tags: IntCounterVec,
     /// RTP packets a converter to FLV could not take (its queue was full).
     pub tap_drops: prometheus::IntCounter,
+    /// WebRTC→FLV conversion: frames by kind and outcome, and how long video takes to
+    /// come back after a loss (gap given up → next keyframe out).
+    pub flv_frames: IntCounterVec,
+    pub flv_loss_recovery: Histogram,
 }
 
 impl Metrics {
@@ -118,7 +122,26 @@ impl Metrics {
         registry
             .register(Box::new(bridge_latency.clone()))
             .expect("unique metric");
+        let flv_loss_recovery = Histogram::with_opts(
+            HistogramOpts::new(
+                "weir_flv_loss_recovery_seconds",
+                "WebRTC→FLV video after a loss: from giving up on the gap to the next keyframe",
+            )
+            .buckets(vec![
+                0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(flv_loss_recovery.clone()))
+            .expect("unique metric");
         Self {
+            flv_loss_recovery,
+            flv_frames: counter_vec(
+                "weir_flv_frames_total",
+                "WebRTC→FLV conversion: frames by kind and outcome (converted, dropped_loss, before_first_keyframe, concealed)",
+                &["kind", "outcome"],
+            ),
             tap_drops: counter(
                 "weir_flv_conversion_queue_drops_total",
                 "RTP packets dropped on the way to a WebRTC→FLV conversion (its queue was full)",

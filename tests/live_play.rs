@@ -334,17 +334,38 @@ fn h264_access_units(seconds: u32) -> Vec<Vec<bytes::Bytes>> {
     aus
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_webrtc_publisher_plays_over_rtmp_and_http_flv() {
+/// The Opus payload type an SDP names.
+fn audio_pt_in(sdp: &str) -> u8 {
+    sdp.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("a=rtpmap:")?;
+            let (pt, name) = rest.split_once(' ')?;
+            name.to_ascii_lowercase()
+                .starts_with("opus/")
+                .then(|| pt.parse().ok())?
+        })
+        .unwrap_or(111)
+}
+
+/// A `webrtc`-crate client publishing real H.264 (from ffmpeg) and Opus (libopus) on a
+/// real-time schedule; optionally through a relay losing about one RTP packet in
+/// `lose_one_in` on the way to the server, and every retransmission. Returns its signaling client, stream id,
+/// sending task, and the relay and peer (kept alive by the caller).
+async fn webrtc_publisher(
+    t: &TestServer,
+    seconds: u32,
+    lose_one_in: Option<u64>,
+) -> (
+    common::Client,
+    String,
+    tokio::task::JoinHandle<()>,
+    Option<common::relay::Relay>,
+    common::peer::RtcPeer,
+) {
     use common::peer::{h264, opus, RtcPeer};
     use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
     use webrtc::media_stream::track_local::TrackLocal;
     use weir_signaling::{ClientMessage, ServerMessage, Target};
-
-    let t = server().await;
-    let rtmp = t.server.rtmp_addr.unwrap();
-    let http = t.server.http_addr;
-    let seconds = 6;
     let aus = h264_access_units(seconds);
 
     // The publisher: a webrtc-crate client sending real H.264 and Opus.
@@ -381,6 +402,42 @@ async fn a_webrtc_publisher_plays_over_rtmp_and_http_flv() {
             _ => None,
         })
         .await;
+    // Through a relay that loses packets on the way up, when asked; TCP candidates go
+    // so the relay is the only way.
+    // Retransmissions (RTX) are lost too, so every loss needs a new keyframe.
+    let mut media_pts = common::relay::video_media_payload_types(&answer);
+    media_pts.push(audio_pt_in(&answer));
+    let relay = match lose_one_in {
+        Some(n) => {
+            let mut count = 0u64;
+            let relay = common::relay::Relay::start_with(
+                t.udp_addr(),
+                Box::new(|_| false),
+                Box::new(move |d| {
+                    let Some(pt) = common::relay::rtp_payload_type(d) else {
+                        return false;
+                    };
+                    if !media_pts.contains(&pt) {
+                        return true; // RTX
+                    }
+                    count += 1;
+                    // A fixed pseudo-random pattern: about one packet in `n`.
+                    (count.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) % n == 0
+                }),
+            )
+            .await;
+            Some(relay)
+        }
+        None => None,
+    };
+    let answer = match &relay {
+        Some(r) => common::relay::via_relay(&answer, t.udp_addr().port(), r.addr)
+            .lines()
+            .filter(|l| !l.contains(" tcp "))
+            .map(|l| format!("{l}\r\n"))
+            .collect(),
+        None => answer,
+    };
     publisher.accept_answer(answer).await;
     publisher.connected().await;
     let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
@@ -438,11 +495,22 @@ async fn a_webrtc_publisher_plays_over_rtmp_and_http_flv() {
         }
     });
 
+    (signal, stream.stream_id, sender, relay, publisher)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webrtc_publisher_plays_over_rtmp_and_http_flv() {
+    use weir_signaling::ClientMessage;
+    let t = server().await;
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let http = t.server.http_addr;
+    let seconds = 6;
+    let (mut signal, stream_id, sender, _relay, _peer) = webrtc_publisher(&t, seconds, None).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let dir = tempfile::tempdir().unwrap();
     let rtmp_play = format!(
         "rtmp://{rtmp}/live/{}?{}",
-        stream.stream_id,
+        stream_id,
         credentials(&t, "watcher", 0x02 | 0x08 | 0x20)
     );
     let rtmp_out = dir.path().join("rtmp.flv");
@@ -450,7 +518,7 @@ async fn a_webrtc_publisher_plays_over_rtmp_and_http_flv() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let key = t.config.apps[0].live_play_key.clone().unwrap();
     let flv_play = weir::auth::live_url::sign_url(
-        &format!("http://{http}/live/{}.flv", stream.stream_id),
+        &format!("http://{http}/live/{}.flv", stream_id),
         &key,
         weir::auth::unix_now() + 600,
     )
@@ -520,5 +588,82 @@ async fn a_webrtc_publisher_plays_over_rtmp_and_http_flv() {
     assert!(
         plis >= 2,
         "each arriving player asks the publisher for a keyframe: {plis}"
+    );
+}
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_percent_loss_upstream_recovers_at_keyframes() {
+    use weir_signaling::ClientMessage;
+    let t = server().await;
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let seconds = 8;
+    let (mut signal, stream_id, sender, relay, _peer) =
+        webrtc_publisher(&t, seconds, Some(50)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "rtmp://{rtmp}/live/{stream_id}?{}",
+        credentials(&t, "watcher", 0x02 | 0x08 | 0x20)
+    );
+    let out = dir.path().join("lossy.flv");
+    let mut p = player(&url, &out);
+    sender.await.unwrap();
+    signal.send(&ClientMessage::Unpublish).await;
+    let status = tokio::time::timeout(Duration::from_secs(10), p.wait())
+        .await
+        .expect("the player ends with the stream")
+        .unwrap();
+    assert!(status.success());
+    let lost = relay
+        .as_ref()
+        .unwrap()
+        .dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(lost >= 20, "the relay lost {lost} packets");
+    // Whatever was lost and not retransmitted in time, the output never carries a
+    // broken picture: it resumes at keyframes and decodes cleanly.
+    let errors = decode_errors(&out);
+    assert!(errors.trim().is_empty(), "decoding: {errors}");
+    let streams = packets(&out);
+    let v = streams.iter().find(|s| s.0 == "video").expect("video");
+    assert!(
+        v.3 - v.2 > f64::from(seconds) - 2.5,
+        "video {:.2} s",
+        v.3 - v.2
+    );
+    let metrics = t.metrics().await;
+    let converted = metric(
+        &metrics,
+        "weir_flv_frames_total{kind=\"video\",outcome=\"converted\"}",
+    );
+    let dropped = metric(
+        &metrics,
+        "weir_flv_frames_total{kind=\"video\",outcome=\"dropped_loss\"}",
+    );
+    let recoveries = metric(&metrics, "weir_flv_loss_recovery_seconds_count");
+    let recovery_s = metric(&metrics, "weir_flv_loss_recovery_seconds_sum");
+    eprintln!(
+        "lost {lost} RTP packets upstream (and every retransmission); FLV video frames \
+         converted {converted}, dropped {dropped}; {recoveries} recoveries, mean {:.0} ms",
+        if recoveries > 0.0 {
+            recovery_s / recoveries * 1000.0
+        } else {
+            0.0
+        }
+    );
+    assert!(converted > 100.0, "{converted}");
+    assert!(recoveries >= 1.0, "losses were recovered at keyframes");
+    // This publisher plays a file and cannot answer the keyframe request, so each
+    // recovery waits for the file's next keyframe: at most a GOP (1 s) plus the wait.
+    assert!(
+        recovery_s / recoveries < 1.2,
+        "mean recovery {recovery_s}/{recoveries}"
     );
 }

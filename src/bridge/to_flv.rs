@@ -45,12 +45,16 @@ pub enum Output {
     KeyframeRequest,
     /// Something that cannot be converted; said once.
     Refused(String),
+    /// Video is back after a loss: how long from giving up on the gap to the keyframe.
+    Recovered(Duration),
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     pub video_frames: u64,
     pub frames_dropped_loss: u64,
+    /// Frames before the first keyframe (the conversion starts mid-GOP).
+    pub frames_before_keyframe: u64,
     pub audio_frames: u64,
     pub audio_concealed: u64,
 }
@@ -80,6 +84,8 @@ struct Video {
     frame_bytes: usize,
     fu: Option<BytesMut>,
     need_idr: bool,
+    /// When video was last given up on after a loss (cleared at the next keyframe).
+    lost_at: Option<Instant>,
     sps: Option<Bytes>,
     pps: Option<Bytes>,
     header_sent: Option<(Bytes, Bytes)>,
@@ -125,6 +131,7 @@ impl RtpToFlv {
                 frame_bytes: 0,
                 fu: None,
                 need_idr: true,
+                lost_at: None,
                 sps: None,
                 pps: None,
                 header_sent: None,
@@ -259,6 +266,7 @@ impl RtpToFlv {
         v.fu = None;
         v.frame_ts = None;
         v.need_idr = true;
+        v.lost_at.get_or_insert(now);
         self.request_keyframe(now);
     }
 
@@ -357,7 +365,11 @@ impl RtpToFlv {
         }
         let idr = nalus.iter().any(|n| n[0] & 0x1f == nal::IDR);
         if self.video.need_idr && !idr {
-            self.stats.frames_dropped_loss += 1;
+            if self.video.lost_at.is_some() {
+                self.stats.frames_dropped_loss += 1;
+            } else {
+                self.stats.frames_before_keyframe += 1;
+            }
             self.request_keyframe(now);
             return;
         }
@@ -368,6 +380,10 @@ impl RtpToFlv {
                 return;
             };
             self.video.need_idr = false;
+            if let Some(lost) = self.video.lost_at.take() {
+                self.out
+                    .push_back(Output::Recovered(now.saturating_duration_since(lost)));
+            }
             if self.video.header_sent.as_ref() != Some(&(sps.clone(), pps.clone())) {
                 let ms = self.ms(Kind::Video, ts, now);
                 self.out.push_back(Output::Tag(Tag {

@@ -339,11 +339,14 @@ pub struct Hub {
     sources: Mutex<HashMap<String, (Arc<Source>, StreamPlace)>>,
     max_latency_ms: u32,
     /// Called with (stream, tags dropped) when latency control drops tags.
-    on_drop: Arc<dyn Fn(&str, u64) + Send + Sync>,
+    on_drop: DropFn,
 }
 
+/// Told (stream, tags dropped) when latency control drops tags.
+pub type DropFn = Arc<dyn Fn(&str, u64) + Send + Sync>;
+
 impl Hub {
-    pub fn new(max_latency_ms: u32, on_drop: Arc<dyn Fn(&str, u64) + Send + Sync>) -> Self {
+    pub fn new(max_latency_ms: u32, on_drop: DropFn) -> Self {
         Self {
             sources: Mutex::new(HashMap::new()),
             max_latency_ms,

@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 use super::{Demand, Hub, Source, StreamPlace};
 use crate::bridge::to_flv::{Output, RtpToFlv};
 use crate::media::TapEvent;
+use crate::metrics::Metrics;
 use crate::server::control::MediaInput;
 
 /// Tap events a converter may have queued before the media plane drops them.
@@ -24,6 +25,7 @@ pub fn register(
     place: StreamPlace,
     media: mpsc::Sender<MediaInput>,
     aac_bitrate: u32,
+    metrics: Arc<Metrics>,
 ) -> Arc<Source> {
     let source = hub.open(stream_id, place);
     let weak = Arc::downgrade(&source);
@@ -36,6 +38,7 @@ pub fn register(
                 weak.clone(),
                 media.clone(),
                 aac_bitrate,
+                metrics.clone(),
             ));
         }
         Demand::Joined { .. } => {
@@ -61,7 +64,9 @@ async fn convert(
     source: Weak<Source>,
     media: mpsc::Sender<MediaInput>,
     aac_bitrate: u32,
+    metrics: Arc<Metrics>,
 ) {
+    let mut counted = crate::bridge::to_flv::Stats::default();
     let (tx, mut rx) = mpsc::channel(TAP_QUEUE);
     if media
         .send(MediaInput::Tap {
@@ -118,8 +123,25 @@ async fn convert(
                 Output::Refused(reason) => {
                     warn!(stream = %stream_id, %reason, "WebRTC stream partly not converted to FLV")
                 }
+                Output::Recovered(after) => {
+                    debug!(stream = %stream_id, ?after, "FLV video back after a loss");
+                    metrics.flv_loss_recovery.observe(after.as_secs_f64());
+                }
             }
         }
+        let s = conv.stats;
+        let f = &metrics.flv_frames;
+        f.with_label_values(&["video", "converted"])
+            .inc_by(s.video_frames - counted.video_frames);
+        f.with_label_values(&["video", "dropped_loss"])
+            .inc_by(s.frames_dropped_loss - counted.frames_dropped_loss);
+        f.with_label_values(&["video", "before_first_keyframe"])
+            .inc_by(s.frames_before_keyframe - counted.frames_before_keyframe);
+        f.with_label_values(&["audio", "converted"])
+            .inc_by(s.audio_frames - counted.audio_frames);
+        f.with_label_values(&["audio", "concealed"])
+            .inc_by(s.audio_concealed - counted.audio_concealed);
+        counted = s;
     }
     debug!(stream = %stream_id, stats = ?conv.stats, "FLV conversion ended");
 }

@@ -160,6 +160,7 @@ impl Control {
                     },
                     media.clone(),
                     live.aac_bitrate,
+                    self.metrics.clone(),
                 );
                 self.flv_sources.insert(stream_id.clone(), source);
             }

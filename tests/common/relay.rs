@@ -28,7 +28,16 @@ impl Drop for Relay {
 }
 
 impl Relay {
-    pub async fn start(server: SocketAddr, mut drop_down: DropFn) -> Self {
+    pub async fn start(server: SocketAddr, drop_down: DropFn) -> Self {
+        Self::start_with(server, drop_down, Box::new(|_| false)).await
+    }
+
+    /// Drops on both ways: `drop_up` decides for datagrams from the client.
+    pub async fn start_with(
+        server: SocketAddr,
+        mut drop_down: DropFn,
+        mut drop_up: DropFn,
+    ) -> Self {
         let client_side = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let server_side = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = client_side.local_addr().unwrap();
@@ -36,16 +45,21 @@ impl Relay {
         let dropped = Arc::new(AtomicU64::new(0));
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let up = {
-            let (c, s, client, cut) = (
+            let (c, s, client, cut, dropped) = (
                 client_side.clone(),
                 server_side.clone(),
                 client.clone(),
                 cut.clone(),
+                dropped.clone(),
             );
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
                 while let Ok((n, from)) = c.recv_from(&mut buf).await {
                     if cut.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if drop_up(&buf[..n]) {
+                        dropped.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     *client.lock().unwrap() = Some(from);

@@ -43,6 +43,7 @@ fn tags(c: &mut RtpToFlv) -> (Vec<Tag>, usize) {
             Output::Tag(t) => tags.push(t),
             Output::KeyframeRequest => plis += 1,
             Output::Refused(r) => panic!("{r}"),
+            Output::Recovered(_) => {}
         }
     }
     (tags, plis)
