@@ -58,6 +58,12 @@ const QUEUE_MAX_TAGS: usize = 4096;
 #[derive(Default)]
 struct QueueState {
     tags: VecDeque<Tag>,
+    /// Metadata and sequence headers, put back in front after the queue is emptied so
+    /// a player never gets frames it cannot decode.
+    headers: Vec<Tag>,
+    /// Extra media time allowed while the GOP cache a new player starts with is
+    /// still queued (it is old on purpose); gone once the writer has taken it.
+    allowance_ms: u32,
     /// Video is skipped until a keyframe (after an overflow, or at the start).
     waiting_keyframe: bool,
     closed: bool,
@@ -138,10 +144,15 @@ impl PlayerQueue {
             .front()
             .map(|f| tag.timestamp.wrapping_sub(f.timestamp) as i32)
             .unwrap_or(0);
-        if behind > self.max_latency_ms as i32 || s.tags.len() >= QUEUE_MAX_TAGS {
+        let limit = self.max_latency_ms.saturating_add(s.allowance_ms) as i32;
+        if behind > limit || s.tags.len() >= QUEUE_MAX_TAGS {
             // The player cannot keep up: forget the backlog, resume at a keyframe.
             dropped = s.tags.len() as u64;
             s.tags.clear();
+            s.allowance_ms = 0;
+            let headers = s.headers.clone();
+            s.tags.extend(headers);
+            dropped -= s.tags.len().min(dropped as usize) as u64;
             if tag.kind == TagKind::Video && !tag.is_video_keyframe() {
                 s.waiting_keyframe = true;
                 dropped += 1;
@@ -169,6 +180,7 @@ impl PlayerQueue {
             {
                 let mut s = self.state.lock().expect("queue lock");
                 if !s.tags.is_empty() {
+                    s.allowance_ms = 0;
                     return Next::Tags(s.tags.drain(..).collect());
                 }
                 if s.closed {
@@ -220,6 +232,12 @@ impl Source {
                 match tag.kind {
                     TagKind::Video => s.video_header = Some(tag.clone()),
                     _ => s.audio_header = Some(tag.clone()),
+                }
+                for p in &s.players {
+                    let mut q = p.state.lock().expect("queue lock");
+                    q.headers
+                        .retain(|h| h.kind != tag.kind || !h.is_sequence_header());
+                    q.headers.push(tag.clone());
                 }
             } else if tag.is_video_keyframe() {
                 s.gop.clear();
@@ -285,13 +303,18 @@ impl Source {
                 timestamp: start,
                 ..t.clone()
             };
-            qs.tags.extend(s.metadata.iter().map(at_start));
-            qs.tags.extend(s.video_header.iter().map(at_start));
-            qs.tags.extend(s.audio_header.iter().map(at_start));
+            // onMetaData stays at 0: players (ffmpeg) take a later script tag for a
+            // data track.
+            qs.headers.extend(s.metadata.iter().cloned());
+            qs.headers.extend(s.video_header.iter().map(at_start));
+            qs.headers.extend(s.audio_header.iter().map(at_start));
+            let headers = qs.headers.clone();
+            qs.tags.extend(headers);
             if s.gop.is_empty() {
                 qs.waiting_keyframe = true;
             } else {
                 qs.tags.extend(s.gop.iter().cloned());
+                qs.allowance_ms = s.last_ts.wrapping_sub(start);
             }
             qs.closed = s.ended;
         }

@@ -42,8 +42,11 @@ fn place() -> StreamPlace {
     }
 }
 
+/// What the writer's `next()` does, without waiting.
 fn take(q: &Player) -> Vec<Tag> {
-    q.state.lock().unwrap().tags.drain(..).collect()
+    let mut s = q.state.lock().unwrap();
+    s.allowance_ms = 0;
+    s.tags.drain(..).collect()
 }
 
 #[test]
@@ -114,4 +117,38 @@ fn closing_a_stream_ends_its_players() {
         .build()
         .unwrap();
     assert!(matches!(rt.block_on(q.next()), Next::Closed));
+}
+
+#[test]
+fn a_player_starting_with_an_old_gop_is_not_cut_and_keeps_its_headers() {
+    let h = hub();
+    let s = h.open("cam", place());
+    for t in headers() {
+        s.push(t);
+    }
+    // A GOP 900 ms old when the player arrives.
+    s.push(video(0, true));
+    for i in 1..28u32 {
+        s.push(video(i * 33, false));
+    }
+    let q = s.subscribe();
+    // Live tags arrive before the writer drains the cache: nothing is dropped.
+    s.push(video(950, false));
+    s.push(audio(960));
+    let tags = take(&q);
+    assert_eq!(q.dropped(), 0);
+    assert!(tags[0].is_sequence_header());
+    assert_eq!(tags.len(), 2 + 28 + 2);
+    // Once drained, a backlog past 500 ms is cut, headers first again.
+    for i in 0..20u32 {
+        s.push(video(1000 + i * 33, false));
+    }
+    s.push(video(1700, false));
+    let tags = take(&q);
+    assert!(q.dropped() > 0);
+    assert!(
+        tags.iter().take(2).all(|t| t.is_sequence_header()),
+        "{:?}",
+        tags.len()
+    );
 }
