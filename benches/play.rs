@@ -273,7 +273,10 @@ async fn first_frame(url: &str) -> Option<f64> {
     .ok()?
     .ok()?;
     if !out.status.success() {
-        eprintln!("player failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        eprintln!(
+            "player failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     out.status.success().then(|| start.elapsed().as_secs_f64())
 }
