@@ -59,13 +59,31 @@ pub struct Stats {
     pub audio_concealed: u64,
 }
 
-/// Maps one track's RTP times to FLV milliseconds.
+/// Maps one track's RTP times to FLV milliseconds. The mapping is fixed at the
+/// track's first packet (from a sender report when there is one, else from arrival)
+/// and then follows the RTP clock alone: later reports jitter by tens of ms, and
+/// re-mapping with each would make timestamps jump, even backwards.
 #[derive(Default)]
 struct TrackClock {
     clock_rate: f64,
     sr: Option<(u64, u32)>,
-    /// Arrival anchoring: (first RTP ts, its ms).
-    anchor: Option<(u32, f64)>,
+    /// (extended RTP time, its ms) of the first packet.
+    anchor: Option<(i64, f64)>,
+    /// Last RTP time seen and its extended value (wrap-safe over any duration).
+    last: Option<(u32, i64)>,
+}
+
+impl TrackClock {
+    fn extend(&mut self, rtp: u32) -> i64 {
+        let ext = match self.last {
+            None => i64::from(rtp),
+            Some((last, last_ext)) => last_ext + i64::from(rtp.wrapping_sub(last) as i32),
+        };
+        if self.last.is_none_or(|(_, l)| ext > l) {
+            self.last = Some((rtp, ext));
+        }
+        ext
+    }
 }
 
 fn ntp_ms(ntp: u64) -> f64 {
@@ -104,6 +122,9 @@ struct Audio {
 pub struct RtpToFlv {
     video: Video,
     audio: Audio,
+    /// Last FLV timestamp written per kind: output never goes backwards.
+    last_video_ms: Option<u32>,
+    last_audio_ms: Option<u32>,
     /// NTP ms of FLV time zero (sender-report mode), or the start instant.
     ntp_origin: Option<f64>,
     started: Instant,
@@ -147,6 +168,8 @@ impl RtpToFlv {
                 samples: 0,
                 header_sent: false,
             },
+            last_video_ms: None,
+            last_audio_ms: None,
             ntp_origin: None,
             started: now,
             last_pli: None,
@@ -191,22 +214,24 @@ impl RtpToFlv {
             Kind::Video => &mut self.video.clock,
             Kind::Audio => &mut self.audio.clock,
         };
-        if let Some((ntp, sr_rtp)) = clock.sr {
-            if clock.anchor.is_none() {
-                let at = ntp_ms(ntp)
-                    + f64::from(rtp.wrapping_sub(sr_rtp) as i32) * 1000.0 / clock.clock_rate;
-                let origin = *self.ntp_origin.get_or_insert(at - START_MS);
-                return at - origin;
-            }
+        let ext = clock.extend(rtp);
+        if clock.anchor.is_none() {
+            let ms = match clock.sr {
+                // On the publisher's clock: both tracks share its NTP timeline.
+                Some((ntp, sr_rtp)) => {
+                    let at = ntp_ms(ntp)
+                        + f64::from(rtp.wrapping_sub(sr_rtp) as i32) * 1000.0 / clock.clock_rate;
+                    at - *self.ntp_origin.get_or_insert(at - START_MS)
+                }
+                // Without a sender report: the first packet's arrival.
+                None => {
+                    START_MS + arrived.saturating_duration_since(started).as_secs_f64() * 1000.0
+                }
+            };
+            clock.anchor = Some((ext, ms));
         }
-        // Without a sender report: anchored at the first packet's arrival.
-        let (first_rtp, first_ms) = *clock.anchor.get_or_insert_with(|| {
-            (
-                rtp,
-                START_MS + arrived.saturating_duration_since(started).as_secs_f64() * 1000.0,
-            )
-        });
-        first_ms + f64::from(rtp.wrapping_sub(first_rtp) as i32) * 1000.0 / clock.clock_rate
+        let (anchor_ext, anchor_ms) = clock.anchor.expect("set above");
+        anchor_ms + (ext - anchor_ext) as f64 * 1000.0 / clock.clock_rate
     }
 
     pub fn handle_rtp(&mut self, kind: Kind, packet: Packet, arrived: Instant) {
@@ -403,9 +428,10 @@ impl RtpToFlv {
             body.extend_from_slice(n);
         }
         self.stats.video_frames += 1;
+        let timestamp = monotonic(&mut self.last_video_ms, ms);
         self.out.push_back(Output::Tag(Tag {
             kind: TagKind::Video,
-            timestamp: ms.max(0.0) as u32,
+            timestamp,
             data: body.freeze(),
         }));
     }
@@ -476,13 +502,26 @@ impl RtpToFlv {
             data.put_u8(1);
             data.extend_from_slice(&f.data);
             self.stats.audio_frames += 1;
+            let timestamp = monotonic(&mut self.last_audio_ms, ms);
             self.out.push_back(Output::Tag(Tag {
                 kind: TagKind::Audio,
-                timestamp: ms.max(0.0) as u32,
+                timestamp,
                 data: data.freeze(),
             }));
         }
     }
+}
+
+/// `ms` as an FLV timestamp strictly after the previous one of its kind.
+fn monotonic(last: &mut Option<u32>, ms: f64) -> u32 {
+    let mut t = ms.max(0.0) as u32;
+    if let Some(l) = *last {
+        if t <= l {
+            t = l + 1;
+        }
+    }
+    *last = Some(t);
+    t
 }
 
 /// The FLV AVC sequence header (an AVCDecoderConfigurationRecord) for one SPS/PPS.
