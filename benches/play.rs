@@ -3,8 +3,8 @@
 //! zerolatency, 1 s GOP) and for a WebRTC-published one (a `webrtc`-crate client that
 //! answers keyframe requests, as browsers do), joining at random points of the GOP.
 //!
-//! The player is `ffmpeg -probesize 4096 -analyzeduration 0 -i URL -frames:v 1 -f
-//! null -` (not `-fflags nobuffer`: that discards the packets read while probing, the
+//! The player is `ffmpeg -probesize 4096 -analyzeduration 0 -i URL -an -frames:v 1
+//! -f null -` (not `-fflags nobuffer`: that discards the packets read while probing, the
 //! cached keyframe among them, and waits for the next one); its own start-up (measured
 //! on a local source, no network) is reported next to the figures.
 //!
@@ -254,18 +254,21 @@ async fn first_frame(url: &str) -> Option<f64> {
     let out = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::process::Command::new("ffmpeg")
-            .args(["-v", "error", "-probesize", "4096"])
             .args([
-                "-analyzeduration",
-                "0",
-                "-i",
-                url,
-                "-frames:v",
-                "1",
-                "-f",
-                "null",
-                "-",
+                "-v",
+                if std::env::var("BENCH_PLAYER_DEBUG").is_ok() {
+                    "debug"
+                } else {
+                    "error"
+                },
             ])
+            .args(["-probesize", "4096"])
+            .args(["-analyzeduration", "0", "-i", url])
+            // Video only: with `-frames:v 1` ffmpeg stops reading at the first picture
+            // and fails if no audio frame was decoded by then ("Cannot determine format
+            // of input stream 0:1 after EOF"), as when a WebRTC stream's fresh keyframe
+            // comes before its first AAC frame.
+            .args(["-an", "-frames:v", "1", "-f", "null", "-"])
             .stdin(Stdio::null())
             .output(),
     )
@@ -274,8 +277,14 @@ async fn first_frame(url: &str) -> Option<f64> {
     .ok()?;
     if !out.status.success() {
         eprintln!(
-            "player failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "player failed after {:?} on {}: {}",
+            start.elapsed(),
+            url.split('?').next().unwrap_or(""),
+            {
+                let e = String::from_utf8_lossy(&out.stderr);
+                let lines: Vec<&str> = e.lines().collect();
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            }
         );
     }
     out.status.success().then(|| start.elapsed().as_secs_f64())

@@ -344,6 +344,7 @@ impl Source {
             s.ended = true;
             std::mem::take(&mut s.players)
         };
+        tracing::info!(stream = %self.name, players = players.len(), "stream ended for its players");
         for p in players {
             p.close();
         }
