@@ -57,6 +57,12 @@ pub struct ServerConfig {
     /// An RTMP or HTTP-FLV player that falls this far behind (media time queued) skips
     /// to the next keyframe instead of letting its latency grow.
     pub play_max_latency_ms: u32,
+    /// Unsent bytes the kernel may hold per HTTP/RTMP connection (TCP_NOTSENT_LOWAT,
+    /// Linux). Media a player cannot take yet must wait in Weir's queue, where latency
+    /// control sees it, not in a send buffer the kernel grows to megabytes (seconds of
+    /// video). Data in flight is not limited, so throughput on long paths is not
+    /// either. 0 leaves the kernel's default.
+    pub tcp_unsent_limit_bytes: u32,
     pub max_rooms: usize,
     pub max_members_per_room: usize,
     /// Seconds a signaling session may stay silent before it is closed (clients ping).
@@ -84,6 +90,7 @@ impl Default for ServerConfig {
             aac_bitrate: 128_000,
             rtmp_max_lag_ms: 400,
             play_max_latency_ms: 500,
+            tcp_unsent_limit_bytes: 16 * 1024,
             max_rooms: 1000,
             max_members_per_room: 50,
             signaling_idle_timeout_s: 30,

@@ -667,3 +667,179 @@ async fn two_percent_loss_upstream_recovers_at_keyframes() {
         "mean recovery {recovery_s}/{recoveries}"
     );
 }
+
+/// One FLV tag as a throttled reader saw it: when it arrived, its kind, timestamp and
+/// whether it is a sequence header or a keyframe.
+#[derive(Debug, Clone, Copy)]
+struct SeenTag {
+    at: f64,
+    kind: u8,
+    timestamp: u32,
+    header: bool,
+    keyframe: bool,
+}
+
+/// Plays an HTTP-FLV URL over a plain socket with a small receive buffer, reading at
+/// most `bytes_per_s`, until the stream ends or `limit` passes.
+async fn throttled_http_flv(
+    http: std::net::SocketAddr,
+    path: &str,
+    bytes_per_s: usize,
+    limit: Duration,
+) -> Vec<SeenTag> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8 * 1024).unwrap();
+    let mut s = socket.connect(http).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: weir\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let tick = Duration::from_millis(20);
+    let per_tick = bytes_per_s * tick.as_millis() as usize / 1000;
+    let mut buf = Vec::new();
+    let mut body_at = None;
+    let mut pos = 0;
+    let mut seen = Vec::new();
+    let mut chunk = vec![0u8; per_tick];
+    while start.elapsed() < limit {
+        let n = match tokio::time::timeout(Duration::from_secs(3), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if body_at.is_none() {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                assert!(buf.starts_with(b"HTTP/1.0 200") || buf.starts_with(b"HTTP/1.1 200"));
+                body_at = Some(i + 4);
+                pos = i + 4 + 13; // FLV header and the first PreviousTagSize
+            }
+        }
+        if body_at.is_some() {
+            // Every complete tag: 11-byte header, body, 4-byte PreviousTagSize.
+            while buf.len() >= pos + 11 {
+                let size =
+                    u32::from_be_bytes([0, buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
+                if buf.len() < pos + 11 + size + 4 {
+                    break;
+                }
+                let timestamp =
+                    u32::from_be_bytes([buf[pos + 7], buf[pos + 4], buf[pos + 5], buf[pos + 6]]);
+                let body = &buf[pos + 11..pos + 11 + size];
+                let kind = buf[pos];
+                let header = size >= 2
+                    && ((kind == 9 && body[0] & 0x0f == 7) || (kind == 8 && body[0] >> 4 == 10))
+                    && body[1] == 0;
+                seen.push(SeenTag {
+                    at: start.elapsed().as_secs_f64(),
+                    kind,
+                    timestamp,
+                    header,
+                    keyframe: kind == 9 && body[0] >> 4 == 1,
+                });
+                pos += 11 + size + 4;
+            }
+        }
+        tokio::time::sleep(tick).await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_player_is_cut_back_to_keyframes_and_a_normal_one_is_not() {
+    let t = server().await;
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let http = t.server.http_addr;
+    let push = format!("rtmp://{rtmp}/live/busy?{}", credentials(&t, "host", 0xff));
+    // About 600 kbit/s of video and 128 kbit/s of audio: ~90 kB/s.
+    let seconds = 12;
+    let mut ffmpeg = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=640x360:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=44100"])
+        .args(["-t", &seconds.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-preset",
+            "ultrafast",
+        ])
+        .args(["-tune", "zerolatency", "-bf", "0", "-g", "30"])
+        .args(["-b:v", "600k", "-maxrate", "600k", "-bufsize", "300k"])
+        .args(["-c:a", "aac", "-b:a", "128k", "-ar", "44100", "-ac", "2"])
+        .args(["-f", "flv", &push])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let normal_url = format!(
+        "rtmp://{rtmp}/live/busy?{}",
+        credentials(&t, "watcher", 0x02 | 0x08 | 0x20)
+    );
+    let normal_out = dir.path().join("normal.flv");
+    let mut normal = player(&normal_url, &normal_out);
+    let key = t.config.apps[0].live_play_key.clone().unwrap();
+    let slow_url = weir::auth::live_url::sign_url(
+        &format!("http://{http}/live/busy.flv"),
+        &key,
+        weir::auth::unix_now() + 600,
+    )
+    .unwrap();
+    let path = slow_url.split_once(&http.to_string()).unwrap().1.to_owned();
+    // Reads at less than half the stream's rate.
+    let seen = throttled_http_flv(http, &path, 40_000, Duration::from_secs(20)).await;
+    assert!(ffmpeg.wait().await.unwrap().success(), "push");
+    let status = tokio::time::timeout(Duration::from_secs(10), normal.wait())
+        .await
+        .expect("the normal player ends with the stream")
+        .unwrap();
+    assert!(status.success());
+
+    // The normal player got everything, undisturbed.
+    check_recording(&normal_out, f64::from(seconds) - 0.7);
+
+    // The slow one: media time vs arrival time. Its lag is the arrival minus the
+    // timestamp, against the smallest such difference (the start).
+    let video: Vec<&SeenTag> = seen.iter().filter(|t| t.kind == 9).collect();
+    assert!(video.len() > 10, "{} video tags", video.len());
+    let base = seen
+        .iter()
+        .map(|t| t.at - f64::from(t.timestamp) / 1000.0)
+        .fold(f64::MAX, f64::min);
+    let lag = |t: &SeenTag| t.at - f64::from(t.timestamp) / 1000.0 - base;
+    let max_lag = seen.iter().map(lag).fold(0.0, f64::max);
+    eprintln!(
+        "slow player: {} tags, {} video, max lag {max_lag:.2} s",
+        seen.len(),
+        video.len()
+    );
+    // After each jump forward the video resumes with headers and a keyframe.
+    let mut jumps = 0;
+    for w in video.windows(2) {
+        if w[1].timestamp > w[0].timestamp + 200 {
+            jumps += 1;
+            assert!(
+                w[1].header || w[1].keyframe,
+                "after a skip from {} to {} the video resumes at a keyframe",
+                w[0].timestamp,
+                w[1].timestamp
+            );
+        }
+    }
+    assert!(jumps >= 2, "the slow player was cut back ({jumps} skips)");
+    let metrics = t.metrics().await;
+    let dropped = metric(&metrics, "weir_player_dropped_tags_total{stream=\"busy\"}");
+    assert!(dropped > 0.0, "drops are counted per stream");
+    // Reading under half the stream, an unbounded queue would leave it > 5 s behind at
+    // the end (13 s it was, before unsent bytes in the kernel were limited). It stays
+    // within the queue limit (0.5 s) plus what the socket buffers and a keyframe take
+    // to read at this rate.
+    assert!(
+        max_lag < 3.5,
+        "the slow player's lag stayed bounded: {max_lag:.2} s"
+    );
+}

@@ -147,12 +147,26 @@ impl PlayerQueue {
         let limit = self.max_latency_ms.saturating_add(s.allowance_ms) as i32;
         if behind > limit || s.tags.len() >= QUEUE_MAX_TAGS {
             // The player cannot keep up: forget the backlog, resume at a keyframe.
-            dropped = s.tags.len() as u64;
+            dropped = s
+                .tags
+                .iter()
+                .filter(|t| t.kind != TagKind::Script && !t.is_sequence_header())
+                .count() as u64;
             s.tags.clear();
             s.allowance_ms = 0;
-            let headers = s.headers.clone();
+            // Sequence headers again (not metadata: a later script tag looks like a
+            // data track to players), at the time the player resumes from.
+            let resume = tag.timestamp;
+            let headers: Vec<Tag> = s
+                .headers
+                .iter()
+                .filter(|h| h.kind != TagKind::Script)
+                .map(|h| Tag {
+                    timestamp: resume,
+                    ..h.clone()
+                })
+                .collect();
             s.tags.extend(headers);
-            dropped -= s.tags.len().min(dropped as usize) as u64;
             if tag.kind == TagKind::Video && !tag.is_video_keyframe() {
                 s.waiting_keyframe = true;
                 dropped += 1;

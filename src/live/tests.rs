@@ -151,4 +151,9 @@ fn a_player_starting_with_an_old_gop_is_not_cut_and_keeps_its_headers() {
         "{:?}",
         tags.len()
     );
+    assert!(
+        // The cut came with the tag 528 ms past the oldest queued one.
+        tags.iter().take(2).all(|t| t.timestamp == 1000 + 16 * 33),
+        "headers carry the time the player resumes from"
+    );
 }

@@ -77,9 +77,37 @@ fn public_host(config: &Config) -> String {
         .unwrap_or_else(|| "127.0.0.1".into())
 }
 
+/// A listening socket whose accepted connections inherit a limit on unsent bytes.
+async fn bind_tcp(addr: &str, unsent_limit: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        #[cfg(target_os = "linux")]
+        if unsent_limit > 0 {
+            socket2::SockRef::from(&socket).set_tcp_notsent_lowat(unsent_limit)?;
+        }
+        match socket.bind(a).and_then(|()| socket.listen(1024)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr}: no address"),
+        )
+    }))
+}
+
 pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind(&config.server.http_addr)
+    let send_buffer = config.server.tcp_unsent_limit_bytes;
+    let listener = bind_tcp(&config.server.http_addr, send_buffer)
         .await
         .with_context(|| format!("binding HTTP on {}", config.server.http_addr))?;
     let http_addr = listener.local_addr()?;
@@ -88,7 +116,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         None
     } else {
         Some(
-            tokio::net::TcpListener::bind(&config.server.rtmp_addr)
+            bind_tcp(&config.server.rtmp_addr, send_buffer)
                 .await
                 .with_context(|| format!("binding RTMP on {}", config.server.rtmp_addr))?,
         )
