@@ -8,8 +8,9 @@ mode=${1:-build}
 
 # Building: C toolchain pieces for -sys crates (libopus is built from source by cmake).
 build_pkgs=(pkg-config cmake g++)
-# Testing: real clients: ffmpeg pushes and plays RTMP and decodes what Weir sends.
-test_pkgs=(ffmpeg)
+# Testing: real clients: ffmpeg pushes and plays RTMP and decodes what Weir sends;
+# Debian's Chromium (with fake camera and microphone) is the browser client.
+test_pkgs=(ffmpeg chromium)
 
 pkgs=("${build_pkgs[@]}")
 if [ "$mode" = test ]; then

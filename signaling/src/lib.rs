@@ -78,6 +78,7 @@ pub struct PlayUrls {
 pub struct StreamInfo {
     /// The stream's name, unique on the server; the play URLs end with it.
     pub stream_id: String,
+    #[serde(rename = "userID")]
     pub user_id: String,
     /// `webrtc` for a browser or SDK publisher, `rtmp` for an RTMP pusher.
     pub source: String,
@@ -94,6 +95,7 @@ pub struct StreamInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberInfo {
+    #[serde(rename = "userID")]
     pub user_id: String,
     #[serde(default)]
     pub streams: Vec<StreamInfo>,
@@ -408,6 +410,36 @@ mod tests {
         let back = serde_json::to_value(ClientMessage::Join(j)).unwrap();
         assert_eq!(back["sdkAppID"], 1400000000);
         assert_eq!(back["userID"], "alice");
+    }
+
+    #[test]
+    fn streams_and_members_spell_user_id_as_documented() {
+        let stream = StreamInfo {
+            stream_id: "1_2_bob_main".into(),
+            user_id: "bob".into(),
+            source: "webrtc".into(),
+            audio: true,
+            video: true,
+            audio_muted: false,
+            video_muted: false,
+            urls: PlayUrls {
+                rtmp: "r".into(),
+                flv: "f".into(),
+                webrtc: "w".into(),
+            },
+        };
+        let member = MemberInfo {
+            user_id: "bob".into(),
+            streams: vec![stream.clone()],
+        };
+        let text = serde_json::to_string(&member).unwrap();
+        assert!(
+            text.starts_with(
+                r#"{"userID":"bob","streams":[{"streamId":"1_2_bob_main","userID":"bob""#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("userId"), "{text}");
     }
 
     #[test]

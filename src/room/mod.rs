@@ -127,6 +127,19 @@ pub struct Limits {
     pub max_members_per_room: usize,
 }
 
+/// One room as operators see it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomSummary {
+    #[serde(rename = "sdkAppID")]
+    pub sdk_app_id: u64,
+    pub room: String,
+    /// `roomID` (digits) rather than `strRoomID`.
+    pub numeric: bool,
+    pub members: Vec<String>,
+    pub streams: Vec<String>,
+}
+
 /// How play URLs are spelled for this node.
 #[derive(Debug, Clone)]
 pub struct UrlBase {
@@ -227,6 +240,27 @@ impl Rooms {
 
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
+    }
+
+    /// Every room of this node, for operators and the development page.
+    pub fn summaries(&self) -> Vec<RoomSummary> {
+        let mut out: Vec<RoomSummary> = self
+            .rooms
+            .iter()
+            .map(|(k, r)| RoomSummary {
+                sdk_app_id: k.sdk_app_id,
+                room: k.name(),
+                numeric: matches!(k.room, RoomId::Num(_)),
+                members: r.members.keys().cloned().collect(),
+                streams: r
+                    .members
+                    .values()
+                    .filter_map(|m| m.stream.as_ref().map(|s| s.id.clone()))
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| (a.sdk_app_id, &a.room).cmp(&(b.sdk_app_id, &b.room)));
+        out
     }
 
     pub fn room_count(&self) -> usize {

@@ -66,6 +66,10 @@ pub enum ControlCommand {
     MediaGone {
         session: SessionId,
     },
+    /// Every room of the node (the development page's room list).
+    ListRooms {
+        reply: tokio::sync::oneshot::Sender<Vec<crate::room::RoomSummary>>,
+    },
     Shutdown,
 }
 
@@ -273,6 +277,9 @@ impl Control {
                 if let Some(tx) = self.sessions.remove(&session) {
                     let _ = tx.try_send(SessionEvent::Close(LeaveReason::Timeout));
                 }
+            }
+            ControlCommand::ListRooms { reply } => {
+                let _ = reply.send(self.rooms.summaries());
             }
             ControlCommand::Shutdown => {
                 info!(

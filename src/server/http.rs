@@ -25,6 +25,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/live/{file}", get(http_flv))
+        .merge(super::web::routes())
         .with_state(state);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -21,6 +21,7 @@ use crate::room::{Limits, Rooms, UrlBase};
 pub mod control;
 mod http;
 pub mod rtmp;
+mod web;
 mod ws;
 
 use control::{Control, ControlCommand};
@@ -36,6 +37,8 @@ pub struct AppState {
     pub dev_mode: bool,
     /// Every playable stream (RTMP and HTTP-FLV players).
     pub hub: Arc<crate::live::Hub>,
+    /// How push and play URLs are spelled on this node.
+    pub urls: UrlBase,
 }
 
 /// A running server.
@@ -135,7 +138,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             max_rooms: config.server.max_rooms,
             max_members_per_room: config.server.max_members_per_room,
         },
-        urls,
+        urls.clone(),
     );
     let (control_tx, control_rx) = mpsc::channel(4096);
     let udp = tokio::net::UdpSocket::bind(&config.server.udp_addr)
@@ -214,6 +217,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         idle_timeout_s: config.server.signaling_idle_timeout_s,
         dev_mode: config.server.dev_mode,
         hub,
+        urls: urls.clone(),
     });
     let (stop, stop_rx) = watch::channel(false);
     if let Some(l) = rtmp_listener {

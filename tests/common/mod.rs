@@ -12,6 +12,7 @@ use weir::auth::{AppKeys, Privileges, RoomId, TokenKind};
 use weir::config::{AppConfig, Config};
 use weir_signaling::{ClientMessage, Join, ServerMessage, PROTOCOL_VERSION};
 
+pub mod browser;
 pub mod media;
 pub mod peer;
 pub mod relay;

@@ -1,0 +1,111 @@
+// Types of the Weir browser SDK (weir.js). Protocol: PROTOCOL.md.
+
+export const PROTOCOL: 1;
+
+export interface WeirOptions {
+  /** Websocket URL; default `ws(s)://<page host>/ws`. */
+  url?: string;
+  sdkAppID: number;
+  userID: string;
+  userSig: string;
+  privateMapKey: string;
+  /** Exactly one of roomID (1..4294967295) and strRoomID (1–64 bytes). */
+  roomID?: number;
+  strRoomID?: string;
+  /** Receive every stream of the room without asking (default true). */
+  autoSubscribe?: boolean;
+  /** Rejoin after a network blip (default true). */
+  reconnect?: boolean;
+}
+
+export interface PublishOptions {
+  audio?: boolean;
+  video?: boolean;
+  /** Publish this stream instead of opening camera and microphone. */
+  stream?: MediaStream;
+  width?: number;
+  height?: number;
+  frameRate?: number;
+  maxBitrate?: number;
+  /** Three layers (¼, ½, full). Needs a server that forwards simulcast. */
+  simulcast?: boolean;
+}
+
+export interface PlayUrls {
+  rtmp: string;
+  flv: string;
+  webrtc: string;
+}
+
+export interface StreamInfo {
+  streamId: string;
+  userID: string;
+  source: "webrtc" | "rtmp";
+  audio: boolean;
+  video: boolean;
+  audioMuted: boolean;
+  videoMuted: boolean;
+  urls: PlayUrls;
+}
+
+export interface KindStats {
+  codec?: string;
+  bitrate?: number | null;
+  packetsReceived?: number;
+  packetsSent?: number;
+  packetsLost?: number;
+  fractionLost?: number;
+  jitterMs?: number | null;
+  jitterBufferMs?: number | null;
+  width?: number;
+  height?: number;
+  fps?: number;
+  framesDecoded?: number;
+  freezeCount?: number;
+  audioLevel?: number;
+  totalAudioEnergy?: number;
+  limitation?: string;
+}
+
+export interface StreamStats {
+  streamId: string;
+  local?: boolean;
+  rttMs: number | null;
+  video: KindStats;
+  audio: KindStats;
+}
+
+export class WeirError extends Error {
+  code: number;
+  request: string | null;
+  tencentCode?: number;
+}
+
+export function preferH264(codecs: RTCRtpCodec[]): RTCRtpCodec[];
+
+export class WeirRoom extends EventTarget {
+  constructor(options: WeirOptions);
+  readonly url: string;
+  state: "idle" | "joining" | "joined" | "reconnecting" | "left";
+  localStream: MediaStream | null;
+  ownStream: StreamInfo | null;
+  streams: Map<string, { info: StreamInfo; stream: MediaStream | null }>;
+  members: Set<string>;
+  rttMs: number | null;
+  on(type: string, handler: (detail: any) => void): this;
+  start(publish?: PublishOptions | false): Promise<void>;
+  join(): Promise<any>;
+  publish(options?: PublishOptions): Promise<StreamInfo>;
+  unpublish(): Promise<void>;
+  pause(): void;
+  resume(): void;
+  muteAudio(muted: boolean): void;
+  muteVideo(muted: boolean): void;
+  switchCamera(): Promise<MediaStreamTrack>;
+  subscribe(streamIds: string[]): void;
+  unsubscribe(streamIds: string[]): void;
+  sendTextMsg(text: string): void;
+  getStats(): Promise<Map<string, StreamStats>>;
+  stop(): Promise<void>;
+  leave(): Promise<void>;
+}

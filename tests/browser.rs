@@ -1,0 +1,394 @@
+//! Chrome as a client: headless Chromium with fake camera and microphone, driven over
+//! the DevTools protocol, using the SDK the server serves (`/sdk/weir.js`) and the demo
+//! page at `/`. Real media end to end: Chrome's encoders and decoders, ffmpeg pushers
+//! and players.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::browser::{Browser, Page};
+use common::TestServer;
+use serde_json::Value;
+
+const ROOM: u32 = 4321;
+
+async fn server() -> TestServer {
+    TestServer::start().await
+}
+
+/// SDK options (credentials) for `user` in [`ROOM`].
+fn options(t: &TestServer, user: &str) -> String {
+    serde_json::to_string(&t.join(user, ROOM, 0xff)).unwrap()
+}
+
+fn page_url(t: &TestServer) -> String {
+    format!("http://{}/", t.server.http_addr)
+}
+
+/// Joins with the SDK in `page`; publishes if `publish`. Returns the own stream id.
+async fn sdk_join(page: &Page<'_>, options: &str, publish: bool) -> Value {
+    page.eval(&format!(
+        r#"(async () => {{
+            const {{ WeirRoom }} = await import('/sdk/weir.js');
+            const room = new WeirRoom({options});
+            window.room = room;
+            window.maxAudioLevel = {{}};
+            // Chrome decodes (and measures) remote audio that is played out.
+            room.on('remoteStream', ({{ stream }}) => {{
+                const v = document.createElement('video');
+                v.autoplay = true;
+                v.srcObject = stream;
+                document.body.append(v);
+                v.play().catch(() => {{}});
+            }});
+            await room.join();
+            if ({publish}) await room.publish({{ audio: true, video: true }});
+            return room.ownStream ? room.ownStream.streamId : null;
+        }})()"#
+    ))
+    .await
+}
+
+/// What `page` receives of `stream_id`: frames decoded, the video size, the largest
+/// audio level seen so far, total audio energy.
+async fn received(page: &Page<'_>, stream_id: &str) -> Value {
+    page.eval(&format!(
+        r#"(async () => {{
+            const all = await window.room.getStats();
+            const s = all.get({id});
+            if (!s) return null;
+            const prev = window.maxAudioLevel[{id}] || 0;
+            const level = Math.max(prev, s.audio.audioLevel || 0);
+            window.maxAudioLevel[{id}] = level;
+            return {{ frames: s.video.framesDecoded || 0, width: s.video.width || 0,
+                     height: s.video.height || 0, audioLevel: level,
+                     energy: s.audio.totalAudioEnergy || 0,
+                     videoCodec: s.video.codec || null, audioCodec: s.audio.codec || null,
+                     audioPackets: s.audio.packetsReceived || 0 }};
+        }})()"#,
+        id = serde_json::to_string(stream_id).unwrap()
+    ))
+    .await
+}
+
+/// Polls until `page` has decoded video and heard audio of `stream_id`.
+async fn sees_and_hears(browser: &Browser, page: &Page<'_>, stream_id: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = received(page, stream_id).await;
+        let frames = last["frames"].as_u64().unwrap_or(0);
+        let level = last["audioLevel"].as_f64().unwrap_or(0.0);
+        if frames > 10 && level > 0.0 {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let state = page
+        .eval(
+            "JSON.stringify({streams: [...window.room.streams.keys()], \
+             sdp: window.room.subscriber && window.room.subscriber.remoteDescription \
+             && window.room.subscriber.remoteDescription.sdp, \
+             conn: window.room.subscriber && window.room.subscriber.connectionState})",
+        )
+        .await;
+    panic!(
+        "no video and audio of {stream_id} after 20 s: {last}\nstate: {}\nconsole:\n{}",
+        state.as_str().unwrap_or(""),
+        browser.console_dump()
+    );
+}
+
+fn artifacts() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_chrome_tabs_see_and_hear_each_other() {
+    let t = server().await;
+    let browser = Browser::launch().await;
+    let alice = browser.open(&page_url(&t)).await;
+    let bob = browser.open(&page_url(&t)).await;
+    let a_stream = sdk_join(&alice, &options(&t, "alice"), true).await;
+    let b_stream = sdk_join(&bob, &options(&t, "bob"), true).await;
+    let a_stream = a_stream.as_str().expect("alice publishes").to_owned();
+    let b_stream = b_stream.as_str().expect("bob publishes").to_owned();
+
+    let at_bob = sees_and_hears(&browser, &bob, &a_stream).await;
+    let at_alice = sees_and_hears(&browser, &alice, &b_stream).await;
+    eprintln!("bob receives alice: {at_bob}\nalice receives bob: {at_alice}");
+    for r in [&at_bob, &at_alice] {
+        // The SDK prefers H.264 so that RTMP players need no transcoding.
+        assert_eq!(r["videoCodec"], "video/H264", "{r}");
+        assert_eq!(r["audioCodec"], "audio/opus", "{r}");
+        assert!(r["width"].as_u64().unwrap() >= 320, "{r}");
+    }
+
+    // Text messages reach the other tab.
+    bob.eval(r#"window.texts = []; window.room.on('textMessage', (m) => window.texts.push(m));"#)
+        .await;
+    alice
+        .eval(r#"window.room.sendTextMsg('hello from alice')"#)
+        .await;
+    assert!(
+        bob.wait_for(
+            "window.texts.some((m) => m.userID === 'alice' && m.text === 'hello from alice')",
+            Duration::from_secs(5)
+        )
+        .await
+    );
+
+    // Alice leaves: bob is told and drops her stream.
+    bob.eval(r#"window.gone = []; window.room.on('streamRemoved', (s) => window.gone.push(s.streamId));"#)
+        .await;
+    alice.eval("window.room.leave()").await;
+    assert!(
+        bob.wait_for(
+            &format!(
+                "window.gone.includes({})",
+                serde_json::to_string(&a_stream).unwrap()
+            ),
+            Duration::from_secs(5)
+        )
+        .await
+    );
+}
+
+fn rtmp_pusher(url: &str, seconds: u32) -> tokio::process::Child {
+    tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=640x360:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-t", &seconds.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-preset",
+            "ultrafast",
+        ])
+        .args(["-tune", "zerolatency", "-bf", "0", "-g", "30"])
+        .args(["-c:a", "aac", "-ar", "44100", "-ac", "2"])
+        .args(["-f", "flv", url])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ffmpeg runs (scripts/install-deps.sh test installs it)")
+}
+
+fn query(t: &TestServer, user: &str, privileges: u32) -> String {
+    let j = t.join(user, ROOM, privileges);
+    let enc = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    format!(
+        "sdkappid={}&userid={user}&roomid={ROOM}&usersig={}&privatemapkey={}",
+        j.sdk_app_id,
+        enc(&j.user_sig),
+        enc(&j.private_map_key)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chrome_receives_an_rtmp_pusher() {
+    let t = server().await;
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let stream = format!("{}_{ROOM}_pusher_main", common::APP);
+    let mut ffmpeg = rtmp_pusher(
+        &format!("rtmp://{rtmp}/live/{stream}?{}", query(&t, "pusher", 0xff)),
+        15,
+    );
+    let browser = Browser::launch().await;
+    let viewer = browser.open(&page_url(&t)).await;
+    sdk_join(&viewer, &options(&t, "viewer"), false).await;
+    let got = sees_and_hears(&browser, &viewer, &stream).await;
+    eprintln!("Chrome receives the RTMP pusher: {got}");
+    assert_eq!(got["videoCodec"], "video/H264");
+    assert_eq!(got["audioCodec"], "audio/opus", "AAC arrives as Opus");
+    assert_eq!(got["width"], 640);
+    assert_eq!(got["height"], 360);
+    let source = viewer
+        .eval(&format!("window.room.streams.get('{stream}').info.source"))
+        .await;
+    assert_eq!(source, "rtmp");
+    ffmpeg.kill().await.unwrap();
+}
+
+/// Records `url` for `seconds` (stream copy) and returns (video packets, audio
+/// packets, decode errors).
+async fn record(url: &str, seconds: u32, out: &Path) -> (usize, usize, String) {
+    let status = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-i", url])
+        .args(["-t", &seconds.to_string(), "-c", "copy", "-f", "flv", "-y"])
+        .arg(out)
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "ffmpeg plays {url}");
+    let probe = std::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "packet=codec_type",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&probe.stdout).to_string();
+    let video = text.lines().filter(|l| l.starts_with("video")).count();
+    let audio = text.lines().filter(|l| l.starts_with("audio")).count();
+    let decode = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(out)
+        .args(["-f", "null", "-"])
+        .output()
+        .unwrap();
+    (
+        video,
+        audio,
+        String::from_utf8_lossy(&decode.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_plays_a_chrome_publisher_over_rtmp_and_http_flv() {
+    let t = server().await;
+    let browser = Browser::launch().await;
+    let chrome = browser.open(&page_url(&t)).await;
+    let stream = sdk_join(&chrome, &options(&t, "chrome"), true).await;
+    let stream = stream.as_str().expect("publishes").to_owned();
+    // Chrome is sending before the players arrive.
+    assert!(
+        chrome
+            .wait_for(
+                "window.room.publisher && window.room.publisher.connectionState === 'connected'",
+                Duration::from_secs(10)
+            )
+            .await,
+        "Chrome's publisher connection: {}",
+        browser.console_dump()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rtmp = format!(
+        "rtmp://{}/live/{stream}?{}",
+        t.server.rtmp_addr.unwrap(),
+        query(&t, "player", 0x02 | 0x08 | 0x20)
+    );
+    let flv = format!(
+        "http://{}/live/{stream}.flv?{}",
+        t.server.http_addr,
+        query(&t, "player2", 0x02 | 0x08 | 0x20)
+    );
+    let (rtmp_out, flv_out) = (dir.path().join("rtmp.flv"), dir.path().join("http.flv"));
+    let (a, b) = tokio::join!(record(&rtmp, 4, &rtmp_out), record(&flv, 4, &flv_out));
+    for ((video, audio, errors), name) in [(a, "RTMP"), (b, "HTTP-FLV")] {
+        eprintln!("{name}: {video} video packets, {audio} audio packets");
+        assert!(errors.trim().is_empty(), "{name} decodes cleanly: {errors}");
+        // Four seconds of Chrome's camera (fake device: 30 fps, but Chrome may adapt)
+        // and of AAC at 48 kHz (47 frames/s).
+        assert!(video >= 40, "{name}: {video} video frames");
+        assert!(audio >= 120, "{name}: {audio} AAC frames");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_shows_remote_video() {
+    let t = server().await;
+    let browser = Browser::launch().await;
+    let base = page_url(&t);
+    let alice = browser
+        .open(&format!("{base}?room={ROOM}&user=alice&autojoin"))
+        .await;
+    assert!(
+        alice
+            .wait_for(
+                "window.weirDemo.room && window.weirDemo.room.ownStream",
+                Duration::from_secs(15)
+            )
+            .await,
+        "alice joins and publishes: {}",
+        browser.console_dump()
+    );
+    let bob = browser
+        .open(&format!("{base}?room={ROOM}&user=bob&autojoin"))
+        .await;
+    // A remote tile whose video plays, with statistics filled in.
+    let playing = "[...document.querySelectorAll('.tile:not(.local) video')]\
+                   .some((v) => v.videoWidth > 0 && v.currentTime > 0.5)";
+    for (name, page) in [("alice", &alice), ("bob", &bob)] {
+        assert!(
+            page.wait_for(playing, Duration::from_secs(20)).await,
+            "{name} shows remote video: {}",
+            browser.console_dump()
+        );
+    }
+    assert!(
+        alice
+            .wait_for(
+                "[...document.querySelectorAll('.tile:not(.local) .stats')]\
+                 .some((s) => s.textContent.includes('fps'))",
+                Duration::from_secs(5)
+            )
+            .await
+    );
+    // The page lists the room and gives a mini program push URL and play URLs.
+    assert!(
+        alice
+            .wait_for(
+                "document.getElementById('push-url').textContent.startsWith('rtmp://')",
+                Duration::from_secs(5)
+            )
+            .await
+    );
+    let play = alice
+        .eval("document.getElementById('play-urls').textContent")
+        .await;
+    assert!(play.as_str().unwrap().contains(".flv?sdkappid="), "{play}");
+    let first_frame = bob.eval("window.weirDemo.firstFrameMs").await;
+    eprintln!("bob: first remote frame {first_frame} ms after clicking join");
+    assert!(first_frame.as_f64().is_some(), "the page measured it");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let shot = artifacts().join("demo-page.png");
+    alice.screenshot(&shot).await;
+    eprintln!("screenshot: {}", shot.display());
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn development_credentials_exist_only_in_development_mode() {
+    let t = TestServer::start_with(|c| c.server.dev_mode = false).await;
+    let http = t.server.http_addr;
+    for path in ["/dev/credentials?userID=a&roomID=1", "/dev/rooms"] {
+        let answer = common::http_get(http, path).await;
+        assert!(answer.starts_with("HTTP/1.0 404"), "{path}: {answer}");
+    }
+    // The page and the SDK are there in any mode.
+    for path in ["/", "/sdk/weir.js", "/app.js", "/style.css"] {
+        let answer = common::http_get(http, path).await;
+        assert!(answer.starts_with("HTTP/1.0 200"), "{path}: {answer}");
+    }
+    let dev = server().await;
+    let answer = common::http_get(
+        dev.server.http_addr,
+        "/dev/credentials?userID=alice&roomID=99",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    // What it hands out verifies like any other credentials.
+    let now = weir::auth::unix_now();
+    dev.app
+        .verify_user_sig(body["userSig"].as_str().unwrap(), "alice", now)
+        .expect("the userSig verifies");
+    assert!(body["pushUrl"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("/live/{}_99_alice_main?", common::APP)));
+}

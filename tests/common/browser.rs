@@ -1,0 +1,283 @@
+//! Headless Chromium driven over the DevTools protocol: fake camera and microphone,
+//! one tab per participant, JavaScript evaluated in the page, screenshots.
+//!
+//! Debian's `chromium` (scripts/install-deps.sh test installs it). Started as the
+//! machine's notes advise: no sandbox (root), no GPU, no background networking.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+
+pub struct Browser {
+    child: tokio::process::Child,
+    _profile: tempfile::TempDir,
+    out: mpsc::UnboundedSender<String>,
+    pending: Pending,
+    next_id: AtomicU64,
+    /// Console lines and exceptions by session id, printed when a test fails.
+    pub console: Arc<Mutex<Vec<String>>>,
+}
+
+pub struct Page<'a> {
+    browser: &'a Browser,
+    session: String,
+}
+
+fn chromium() -> PathBuf {
+    for p in [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!("no Chromium: scripts/install-deps.sh test installs Debian's chromium");
+}
+
+impl Browser {
+    pub async fn launch() -> Self {
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new(chromium())
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-default-apps",
+                "--disable-extensions",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                "--autoplay-policy=no-user-gesture-required",
+                // Tabs in the background must not be throttled: each is a participant.
+                "--disable-background-timer-throttling",
+                "--disable-renderer-backgrounding",
+                "--disable-backgrounding-occluded-windows",
+                "--window-size=1280,800",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromium starts");
+        // Chromium writes its port and browser target path once it listens.
+        let port_file = profile.path().join("DevToolsActivePort");
+        let mut ws_url = None;
+        for _ in 0..300 {
+            if let Ok(text) = std::fs::read_to_string(&port_file) {
+                let mut lines = text.lines();
+                if let (Some(port), Some(path)) = (lines.next(), lines.next()) {
+                    ws_url = Some(format!("ws://127.0.0.1:{port}{path}"));
+                    break;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("chromium exited at start: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let ws_url = ws_url.expect("chromium opened its DevTools port within 30 s");
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+            .await
+            .expect("DevTools websocket");
+        let (mut sink, mut stream) = ws.split();
+        let (out, mut out_rx) = mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while let Some(text) = out_rx.recv().await {
+                if sink.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let pending: Pending = Default::default();
+        let console: Arc<Mutex<Vec<String>>> = Default::default();
+        let (p, c) = (pending.clone(), console.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                let Message::Text(text) = msg else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
+                if let Some(id) = v.get("id").and_then(Value::as_u64) {
+                    if let Some(tx) = p.lock().unwrap().remove(&id) {
+                        let _ = tx.send(v);
+                    }
+                    continue;
+                }
+                let method = v["method"].as_str().unwrap_or("");
+                let session = v["sessionId"].as_str().unwrap_or("").get(..6).unwrap_or("");
+                match method {
+                    "Runtime.consoleAPICalled" => {
+                        let args: Vec<String> = v["params"]["args"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .map(|x| {
+                                        x.get("value")
+                                            .map(|v| v.to_string())
+                                            .or_else(|| x["description"].as_str().map(String::from))
+                                            .unwrap_or_default()
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        c.lock().unwrap().push(format!(
+                            "[{session}] console.{}: {}",
+                            v["params"]["type"].as_str().unwrap_or(""),
+                            args.join(" ")
+                        ));
+                    }
+                    "Runtime.exceptionThrown" => {
+                        c.lock().unwrap().push(format!(
+                            "[{session}] exception: {}",
+                            v["params"]["exceptionDetails"]
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Self {
+            child,
+            _profile: profile,
+            out,
+            pending,
+            next_id: AtomicU64::new(1),
+            console,
+        }
+    }
+
+    async fn call(&self, session: Option<&str>, method: &str, params: Value) -> Value {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            msg["sessionId"] = s.into();
+        }
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(id, tx);
+        self.out.send(msg.to_string()).expect("DevTools connection");
+        let v = tokio::time::timeout(Duration::from_secs(60), rx)
+            .await
+            .unwrap_or_else(|_| panic!("DevTools {method}: no answer in 60 s"))
+            .expect("DevTools connection");
+        if let Some(e) = v.get("error") {
+            panic!("DevTools {method}: {e}");
+        }
+        v["result"].clone()
+    }
+
+    /// A new tab at `url`, its console collected.
+    pub async fn open(&self, url: &str) -> Page<'_> {
+        let target = self
+            .call(None, "Target.createTarget", json!({"url": "about:blank"}))
+            .await;
+        let target_id = target["targetId"].as_str().unwrap().to_owned();
+        let attached = self
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({"targetId": target_id, "flatten": true}),
+            )
+            .await;
+        let session = attached["sessionId"].as_str().unwrap().to_owned();
+        let page = Page {
+            browser: self,
+            session,
+        };
+        page.call("Runtime.enable", json!({})).await;
+        page.call("Page.enable", json!({})).await;
+        page.call("Page.navigate", json!({"url": url})).await;
+        page.wait_for(
+            "document.readyState === 'complete'",
+            Duration::from_secs(20),
+        )
+        .await;
+        page
+    }
+
+    pub fn console_dump(&self) -> String {
+        self.console.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+impl Page<'_> {
+    async fn call(&self, method: &str, params: Value) -> Value {
+        self.browser.call(Some(&self.session), method, params).await
+    }
+
+    /// Evaluates `expression` (awaiting a promise) and returns its JSON value; a
+    /// JavaScript exception fails the test with the page's console.
+    pub async fn eval(&self, expression: &str) -> Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expression, "awaitPromise": true, "returnByValue": true}),
+            )
+            .await;
+        if let Some(e) = r.get("exceptionDetails") {
+            panic!(
+                "JavaScript failed: {}\n{}\nconsole:\n{}",
+                e["exception"]["description"].as_str().unwrap_or(""),
+                e,
+                self.browser.console_dump()
+            );
+        }
+        r["result"]["value"].clone()
+    }
+
+    /// Polls `condition` (a JavaScript expression) until it is true.
+    pub async fn wait_for(&self, condition: &str, limit: Duration) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            let r = self
+                .call(
+                    "Runtime.evaluate",
+                    json!({"expression": format!("!!({condition})"), "awaitPromise": true,
+                           "returnByValue": true}),
+                )
+                .await;
+            if r["result"]["value"].as_bool() == Some(true) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    }
+
+    pub async fn screenshot(&self, path: &Path) {
+        use base64::Engine;
+        let r = self
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().unwrap())
+            .unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+}
