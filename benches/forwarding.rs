@@ -36,6 +36,8 @@ async fn main() {
         .send(&ClientMessage::Publish {
             audio: true,
             video: true,
+            min_bitrate: None,
+            max_bitrate: None,
         })
         .await;
     signal

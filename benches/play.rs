@@ -142,6 +142,8 @@ async fn webrtc_publisher(t: &TestServer, stop: Arc<AtomicBool>) -> (Client, Str
         .send(&ClientMessage::Publish {
             audio: true,
             video: true,
+            min_bitrate: None,
+            max_bitrate: None,
         })
         .await;
     let stream = signal

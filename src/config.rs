@@ -65,6 +65,22 @@ pub struct ServerConfig {
     pub tcp_unsent_limit_bytes: u32,
     pub max_rooms: usize,
     pub max_members_per_room: usize,
+    /// Per-subscriber bandwidth estimation (transport-wide CC, REMB as a fallback),
+    /// pausing videos a subscriber's link cannot carry, and per-room targets for
+    /// publishers. Off: everything is forwarded to everyone, as a plain SFU.
+    /// Off by default for now: with transport-wide sequence numbers stamped on the
+    /// subscriber leg, headless Chromium 156 reports most packets lost and plays no
+    /// audio (tests/browser.rs, two tabs); webrtc-rs subscribers work. Until that is
+    /// understood, turning this on is for non-browser subscribers and experiments.
+    pub congestion_control: bool,
+    /// How rooms weigh their subscribers unless their creator chose (`weakest`: the
+    /// publisher sends what the worst link can carry; `majority`: what a strict
+    /// majority can carry, the others fall back to audio).
+    pub congestion_policy: weir_signaling::CongestionPolicy,
+    /// Video bitrate bounds (bit/s) of publishers that do not send their own
+    /// (`minBitrate`/`maxBitrate` in `publish`), and of RTMP pushers.
+    pub publisher_min_bitrate: u32,
+    pub publisher_max_bitrate: u32,
     /// Seconds a signaling session may stay silent before it is closed (clients ping).
     pub signaling_idle_timeout_s: u64,
     /// Seconds given to sessions to drain on SIGTERM.
@@ -93,6 +109,10 @@ impl Default for ServerConfig {
             tcp_unsent_limit_bytes: 16 * 1024,
             max_rooms: 1000,
             max_members_per_room: 50,
+            congestion_control: false,
+            congestion_policy: weir_signaling::CongestionPolicy::Weakest,
+            publisher_min_bitrate: 100_000,
+            publisher_max_bitrate: 2_500_000,
             signaling_idle_timeout_s: 30,
             shutdown_grace_s: 5,
             ice_disconnected_timeout_ms: 5_000,

@@ -7,6 +7,7 @@ pub mod bridge;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod congestion;
 pub mod live;
 pub mod media;
 pub mod metrics;

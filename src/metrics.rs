@@ -58,6 +58,17 @@ pub struct Metrics {
     /// come back after a loss (gap given up → next keyframe out).
     pub flv_frames: IntCounterVec,
     pub flv_loss_recovery: Histogram,
+    /// Congestion control: subscribers' estimates, paused videos and pause/resume
+    /// switches by room, state changes by room and state, probes, publisher targets.
+    pub bwe_estimate: Histogram,
+    pub subscriber_rtt: Histogram,
+    pub congestion_paused: IntGaugeVec,
+    pub congestion_switches: IntCounterVec,
+    pub congestion_states: IntCounterVec,
+    pub bwe_probes: IntCounterVec,
+    pub padding_bytes: prometheus::IntCounter,
+    pub publisher_target: HistogramVec,
+    pub remb_sent: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -135,7 +146,69 @@ impl Metrics {
         registry
             .register(Box::new(flv_loss_recovery.clone()))
             .expect("unique metric");
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let rates = vec![
+            50e3, 100e3, 200e3, 300e3, 500e3, 750e3, 1e6, 1.5e6, 2e6, 3e6, 5e6, 10e6,
+        ];
+        let publisher_target = HistogramVec::new(
+            HistogramOpts::new(
+                "weir_publisher_target_bps",
+                "What rooms ask publishers to send (bit/s), by room policy",
+            )
+            .buckets(rates.clone()),
+            &["policy"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(publisher_target.clone()))
+            .expect("unique metric");
         Self {
+            bwe_estimate: histogram(
+                "weir_bwe_estimate_bps",
+                "Subscribers' downlink estimates (bit/s), sampled every second",
+                rates,
+            ),
+            subscriber_rtt: histogram(
+                "weir_subscriber_rtt_seconds",
+                "Round-trip time to subscribers, from their receiver reports",
+                vec![0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0],
+            ),
+            congestion_paused: gauge_vec(
+                "weir_congestion_paused_videos",
+                "Videos paused for subscribers whose links cannot carry them, by room",
+                &["room"],
+            ),
+            congestion_switches: counter_vec(
+                "weir_congestion_layer_switches_total",
+                "Video allocation changes for subscribers (pause, resume), by room",
+                &["room", "direction"],
+            ),
+            congestion_states: counter_vec(
+                "weir_congestion_state_changes_total",
+                "Subscribers entering a congestion state (normal, warning, congested), by room",
+                &["room", "state"],
+            ),
+            bwe_probes: counter_vec(
+                "weir_bwe_probes_total",
+                "Padding probes for headroom while a video is paused, by outcome",
+                &["outcome"],
+            ),
+            padding_bytes: counter(
+                "weir_bwe_padding_bytes_total",
+                "Bytes of padding sent by probes",
+            ),
+            publisher_target,
+            remb_sent: counter(
+                "weir_remb_sent_total",
+                "REMB messages sent to publishers with their room's target",
+            ),
             flv_loss_recovery,
             flv_frames: counter_vec(
                 "weir_flv_frames_total",
@@ -257,6 +330,17 @@ impl Metrics {
             },
             forward_latency,
             registry,
+        }
+    }
+
+    /// A room is gone: its labelled series go too (label sets stay bounded).
+    pub fn forget_room(&self, room: &str) {
+        let _ = self.congestion_paused.remove_label_values(&[room]);
+        for d in ["pause", "resume"] {
+            let _ = self.congestion_switches.remove_label_values(&[room, d]);
+        }
+        for s in ["normal", "warning", "congested"] {
+            let _ = self.congestion_states.remove_label_values(&[room, s]);
         }
     }
 

@@ -18,6 +18,8 @@ async fn a_tcp_only_publisher_reaches_a_udp_subscriber() {
     a.send(&ClientMessage::Publish {
         audio: false,
         video: true,
+        min_bitrate: None,
+        max_bitrate: None,
     })
     .await;
     let stream_id = a

@@ -374,6 +374,8 @@ async fn webrtc_publisher(
         .send(&ClientMessage::Publish {
             audio: true,
             video: true,
+            min_bitrate: None,
+            max_bitrate: None,
         })
         .await;
     let stream = signal

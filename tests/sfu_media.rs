@@ -43,6 +43,8 @@ async fn join_and_publish(
         .send(&ClientMessage::Publish {
             audio: true,
             video: true,
+            min_bitrate: None,
+            max_bitrate: None,
         })
         .await;
     let stream_id = signal

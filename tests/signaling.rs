@@ -33,6 +33,8 @@ async fn members_streams_and_text_flow_through_a_room() {
         .send(&ClientMessage::Publish {
             audio: true,
             video: true,
+            min_bitrate: None,
+            max_bitrate: None,
         })
         .await;
     let ServerMessage::Published { stream } = alice.recv().await else {
@@ -151,6 +153,8 @@ async fn refusals_name_the_reason_and_leave_the_room_undisturbed() {
     dave.send(&ClientMessage::Publish {
         audio: true,
         video: true,
+        min_bitrate: None,
+        max_bitrate: None,
     })
     .await;
     let (code, message, _) = error_of(&dave.recv().await);
@@ -160,6 +164,8 @@ async fn refusals_name_the_reason_and_leave_the_room_undisturbed() {
     dave.send(&ClientMessage::Publish {
         audio: true,
         video: false,
+        min_bitrate: None,
+        max_bitrate: None,
     })
     .await;
     assert!(matches!(dave.recv().await, ServerMessage::Published { .. }));

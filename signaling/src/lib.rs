@@ -191,6 +191,41 @@ pub struct Join {
     /// Receive every stream of the room without asking (default true).
     #[serde(default = "yes")]
     pub auto_subscribe: bool,
+    /// How the room weighs its subscribers when it tells publishers what to send;
+    /// taken when this join creates the room (the node's default otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub congestion_policy: Option<CongestionPolicy>,
+}
+
+/// How a room turns its subscribers' capacities into one target per publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CongestionPolicy {
+    /// Serve the weakest subscriber (1v1 calls, small meetings).
+    #[default]
+    Weakest,
+    /// What a strict majority can take; weaker subscribers fall back (classes, large rooms).
+    Majority,
+}
+
+impl CongestionPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Weakest => "weakest",
+            Self::Majority => "majority",
+        }
+    }
+}
+
+/// A subscriber's congestion state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CongestionLevel {
+    Normal,
+    /// Queuing, loss or a falling estimate; nothing withheld yet.
+    Warning,
+    /// At least one video is paused because the link cannot carry it.
+    Congested,
 }
 
 fn yes() -> bool {
@@ -208,6 +243,12 @@ pub enum ClientMessage {
     Publish {
         audio: bool,
         video: bool,
+        /// The publisher's video bitrate bounds (bit/s), as the mini program pusher's
+        /// `min-bitrate`/`max-bitrate`: the room never asks for less or more.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_bitrate: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bitrate: Option<u32>,
     },
     Unpublish,
     #[serde(rename_all = "camelCase")]
@@ -328,6 +369,27 @@ pub enum ServerMessage {
     },
     #[serde(rename_all = "camelCase")]
     Pong { ts: u64 },
+    /// To a subscriber, about its own downlink: sent when its state or its paused
+    /// streams change, and every few seconds while it is not normal.
+    #[serde(rename_all = "camelCase")]
+    Congestion {
+        state: CongestionLevel,
+        /// The server's estimate of what this client's link can carry (bit/s); 0 when unknown.
+        estimate: u64,
+        /// Streams whose video is paused for this client (their audio continues).
+        paused: Vec<String>,
+    },
+    /// To every member of the room: the rate the room asks a publisher to send its
+    /// video at (WebRTC publishers also get it as REMB; RTMP pushers' backends can act
+    /// on it, as on the pusher's NET_BUSY).
+    #[serde(rename_all = "camelCase")]
+    PublishTarget {
+        stream_id: String,
+        #[serde(rename = "userID")]
+        user_id: String,
+        bitrate: u64,
+        policy: CongestionPolicy,
+    },
     /// The server ends the session (after `leave`, or for the given reason).
     #[serde(rename_all = "camelCase")]
     Left { reason: LeaveReason },

@@ -104,6 +104,69 @@ impl H264Fmtp {
     }
 }
 
+/// Whether an RTP payload starts a keyframe: `Some` for H.264 (an IDR or SPS at the
+/// start of a NAL, single, STAP-A or FU-A) and VP8 (the first partition of a key
+/// frame); `None` for codecs Weir cannot tell (their decoders wait for one anyway).
+/// Malformed payloads are not keyframes.
+pub fn starts_keyframe(mime: &str, payload: &[u8]) -> Option<bool> {
+    if mime.eq_ignore_ascii_case("video/H264") {
+        let Some(&first) = payload.first() else {
+            return Some(false);
+        };
+        let key = |t: u8| t == 5 || t == 7;
+        return Some(match first & 0x1f {
+            24 => {
+                let mut rest = &payload[1..];
+                let mut found = false;
+                while rest.len() > 2 {
+                    let size = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                    if size == 0 || rest.len() < 2 + size {
+                        break;
+                    }
+                    found |= key(rest[2] & 0x1f);
+                    rest = &rest[2 + size..];
+                }
+                found
+            }
+            28 => payload
+                .get(1)
+                .is_some_and(|h| h & 0x80 != 0 && key(h & 0x1f)),
+            t => key(t),
+        });
+    }
+    if mime.eq_ignore_ascii_case("video/VP8") {
+        let Some(&b0) = payload.first() else {
+            return Some(false);
+        };
+        // Start of partition 0 (S set, PID 0) only.
+        if b0 & 0x10 == 0 || b0 & 0x07 != 0 {
+            return Some(false);
+        }
+        let mut i = 1;
+        if b0 & 0x80 != 0 {
+            let Some(&x) = payload.get(1) else {
+                return Some(false);
+            };
+            i = 2;
+            if x & 0x80 != 0 {
+                i += if payload.get(i).is_some_and(|m| m & 0x80 != 0) {
+                    2
+                } else {
+                    1
+                };
+            }
+            if x & 0x40 != 0 {
+                i += 1;
+            }
+            if x & 0x30 != 0 {
+                i += 1;
+            }
+        }
+        return Some(payload.get(i).is_some_and(|h| h & 0x01 == 0));
+    }
+    None
+}
+
 /// Maps a publisher's numbering onto one subscriber's.
 pub struct Rewriter {
     ssrc: u32,
@@ -146,6 +209,42 @@ impl Rewriter {
         }
     }
 
+    /// The publisher's packets stop reaching this downtrack for a while (paused):
+    /// the next one continues our numbering without a gap, as after a restart, so the
+    /// subscriber does not ask for everything it was not sent.
+    pub fn interrupt(&mut self) {
+        self.source = None;
+    }
+
+    /// A padding-only packet (RFC 3550 §5.1: the P bit, no payload) after the last one
+    /// sent, carrying `stuffing` bytes of RFC 8285 header-extension padding: Weir's
+    /// bandwidth probes. Receivers count it for congestion feedback and drop it. Only
+    /// for an interrupted downtrack (numbering continues after it).
+    pub fn padding(&mut self, payload_type: u8, stuffing: usize) -> Option<Packet> {
+        let (seq, ts) = self.last_out?;
+        let mut out = Packet::default();
+        out.header.version = 2;
+        out.header.padding = true;
+        out.header.ssrc = self.ssrc;
+        out.header.payload_type = payload_type;
+        out.header.sequence_number = seq.wrapping_add(1);
+        out.header.timestamp = ts;
+        // One-byte-form elements with id 0: RFC 8285 §4.2 padding (libwebrtc skips
+        // them byte by byte); the TWCC sequence number is added after them.
+        out.header.extension = true;
+        out.header.extension_profile = rtc::rtp::header::EXTENSION_PROFILE_ONE_BYTE;
+        let elements = stuffing.div_ceil(17).clamp(1, 64);
+        out.header.extensions = (0..elements)
+            .map(|_| rtc::rtp::header::Extension {
+                id: 0,
+                payload: bytes::Bytes::from_static(&[0u8; 16]),
+            })
+            .collect();
+        self.last_out = Some((out.header.sequence_number, ts));
+        self.source = None;
+        Some(out)
+    }
+
     pub fn rewrite(&mut self, packet: &Packet, payload_type: u8) -> Packet {
         if self.source != Some(packet.header.ssrc) {
             // A new source (the publisher restarted its stream): continue our numbering
@@ -179,6 +278,56 @@ impl Rewriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyframes_are_recognized_in_h264_and_vp8_payloads() {
+        let h = "video/H264";
+        assert_eq!(starts_keyframe(h, &[0x65, 1, 2]), Some(true)); // IDR
+        assert_eq!(starts_keyframe(h, &[0x41, 1, 2]), Some(false)); // non-IDR slice
+                                                                    // STAP-A with SPS and PPS.
+        assert_eq!(
+            starts_keyframe(h, &[0x78, 0, 2, 0x67, 1, 0, 1, 0x68]),
+            Some(true)
+        );
+        assert_eq!(starts_keyframe(h, &[0x78, 0, 9, 0x67]), Some(false)); // truncated
+        assert_eq!(starts_keyframe(h, &[0x7c, 0x85, 1]), Some(true)); // FU-A start of IDR
+        assert_eq!(starts_keyframe(h, &[0x7c, 0x05, 1]), Some(false)); // FU-A middle
+        assert_eq!(starts_keyframe(h, &[]), Some(false));
+        let v = "video/VP8";
+        assert_eq!(starts_keyframe(v, &[0x10, 0x00]), Some(true));
+        assert_eq!(starts_keyframe(v, &[0x10, 0x01]), Some(false));
+        // X, I with a 15-bit picture id, then the VP8 header.
+        assert_eq!(
+            starts_keyframe(v, &[0x90, 0x80, 0x81, 0x02, 0x00]),
+            Some(true)
+        );
+        assert_eq!(starts_keyframe(v, &[0x00, 0x00]), Some(false)); // not a partition start
+        assert_eq!(starts_keyframe("video/AV1", &[1, 2]), None);
+    }
+
+    #[test]
+    fn an_interrupted_downtrack_continues_without_a_gap_and_pads_after_its_last_packet() {
+        let mut r = Rewriter::new(7);
+        let a = r.rewrite(&pkt(100, 1000), 96);
+        r.interrupt();
+        let pad = r.padding(96, 1000).unwrap();
+        assert_eq!(
+            pad.header.sequence_number,
+            a.header.sequence_number.wrapping_add(1)
+        );
+        assert!(pad.header.padding && pad.payload.is_empty());
+        use rtc::shared::marshal::{Marshal, Unmarshal};
+        let wire = pad.marshal().unwrap();
+        assert!(wire.len() > 1000, "{} bytes", wire.len());
+        let back = Packet::unmarshal(&mut wire.clone()).unwrap();
+        assert!(back.payload.is_empty(), "padding only");
+        // Publisher packets 101..150 were never sent: the next one follows the padding.
+        let b = r.rewrite(&pkt(150, 90_000), 96);
+        assert_eq!(
+            b.header.sequence_number,
+            pad.header.sequence_number.wrapping_add(1)
+        );
+    }
 
     fn pkt(seq: u16, ts: u32) -> Packet {
         let mut p = Packet::default();

@@ -10,6 +10,7 @@
 //! subscriber negotiated), sequence numbers and timestamps (continuous, from a random
 //! base), and drops header extensions the subscriber leg did not negotiate.
 
+mod congestion;
 mod demux;
 mod forward;
 mod peer;
@@ -48,6 +49,10 @@ pub struct MediaConfig {
     /// ICE silence before "disconnected", and after that before "failed".
     pub ice_disconnected: Duration,
     pub ice_failed: Duration,
+    /// Per-subscriber estimation and allocation, per-room publisher targets.
+    pub congestion_control: bool,
+    /// Publishers' video bitrate bounds (bit/s) when they give none.
+    pub publisher_bitrate: (f64, f64),
 }
 
 /// What a publisher may send, from the room's `AllowPublish`.
@@ -85,6 +90,13 @@ pub struct Media {
     /// Streams being converted to FLV, and each stream's latest sender reports.
     taps: HashMap<String, mpsc::Sender<TapEvent>>,
     last_srs: HashMap<(String, Kind), rtc::rtcp::sender_report::SenderReport>,
+    /// What each publisher track sends (bytes since the last tick, and the rate).
+    rates: HashMap<(String, Kind), congestion::RateMeter>,
+    /// Each stream's room policy, bounds and room label, for the room's decisions.
+    stream_rooms: HashMap<String, congestion::StreamPolicy>,
+    next_tick: Instant,
+    last_tick: Instant,
+    next_room_tick: Instant,
 }
 
 /// Keyframe requests to one publisher track are sent at most this often.
@@ -179,6 +191,11 @@ impl Media {
             pending_bridge_latency: Vec::new(),
             taps: HashMap::new(),
             last_srs: HashMap::new(),
+            rates: HashMap::new(),
+            stream_rooms: HashMap::new(),
+            next_tick: Instant::now(),
+            last_tick: Instant::now(),
+            next_room_tick: Instant::now() + congestion::ROOM_INTERVAL,
         })
     }
 
@@ -201,7 +218,8 @@ impl Media {
                 .values_mut()
                 .filter_map(|p| p.pc.poll_timeout())
                 .min()
-                .unwrap_or(now + Duration::from_secs(1));
+                .unwrap_or(now + Duration::from_secs(1))
+                .min(self.next_tick);
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline.max(now)));
             tokio::select! {
                 input = rx.recv() => match input {
@@ -240,6 +258,9 @@ impl Media {
     }
 
     fn timeout(&mut self, now: Instant) {
+        if now >= self.next_tick {
+            self.congestion_tick(now);
+        }
         for (key, p) in self.peers.iter_mut() {
             if p.pc.poll_timeout().is_some_and(|t| t <= now) {
                 if let Err(e) = p.pc.handle_timeout(now) {
@@ -350,8 +371,24 @@ impl Media {
                 session,
                 stream_id,
                 kinds,
-                ..
+                room,
+                source,
+                policy,
+                min_bitrate,
+                max_bitrate,
             } => {
+                let (default_min, default_max) = self.config.publisher_bitrate;
+                self.stream_rooms.insert(
+                    stream_id.clone(),
+                    congestion::StreamPolicy {
+                        room: format!("{}:{}", room.sdk_app_id, room.name()),
+                        policy,
+                        min: min_bitrate.map_or(default_min, f64::from),
+                        max: max_bitrate.map_or(default_max, f64::from),
+                        rtmp: source == "rtmp",
+                        told: None,
+                    },
+                );
                 self.publishers.insert(stream_id.clone(), session);
                 self.allowed.insert(session, Allowed { stream_id, kinds });
             }
@@ -379,6 +416,13 @@ impl Media {
             }
             MediaCommand::EndStream { stream_id } => {
                 self.taps.remove(&stream_id);
+                self.rates.remove(&(stream_id.clone(), Kind::Video));
+                self.rates.remove(&(stream_id.clone(), Kind::Audio));
+                if let Some(sp) = self.stream_rooms.remove(&stream_id) {
+                    if !self.stream_rooms.values().any(|o| o.room == sp.room) {
+                        self.metrics.forget_room(&sp.room);
+                    }
+                }
                 self.last_srs.remove(&(stream_id.clone(), Kind::Video));
                 self.last_srs.remove(&(stream_id.clone(), Kind::Audio));
                 let subscribers: Vec<SessionId> = self
@@ -600,6 +644,9 @@ impl Media {
             for (kind, sr) in drained.sender_reports {
                 sender_reports.push((key.0, kind, sr));
             }
+            if let (Some(bps), Some(c)) = (drained.remb, p.congestion.as_mut()) {
+                c.remb = Some((bps, now));
+            }
         }
         for session in opened {
             info!(session = session.0, "publisher track open");
@@ -817,6 +864,10 @@ impl Media {
             .rtp_bytes
             .with_label_values(&["in", label])
             .inc_by(packet.payload.len() as u64);
+        self.rates
+            .entry((stream_id.clone(), kind))
+            .or_default()
+            .add(packet.payload.len() + 12);
         if !self.bridged.contains_key(&publisher) {
             if let Some(tx) = self.taps.get(&stream_id) {
                 let tap = TapEvent::Rtp {
@@ -856,14 +907,14 @@ impl Media {
                     continue; // wait for the next keyframe
                 };
                 let mut replayed = false;
-                for old in gop {
-                    replayed |= p.send_forwarded(&stream_id, kind, old, now);
+                for (i, old) in gop.iter().enumerate() {
+                    replayed |= p.send_forwarded(&stream_id, kind, old, Some(i == 0), now);
                 }
                 if replayed {
                     self.metrics.gop_replays.inc();
                 }
             }
-            if p.send_forwarded(&stream_id, kind, &packet, now) {
+            if p.send_forwarded(&stream_id, kind, &packet, keyframe, now) {
                 self.metrics
                     .rtp_packets
                     .with_label_values(&["out", label])

@@ -25,6 +25,8 @@ use rtc::peer_connection::transport::{
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -39,7 +41,8 @@ use weir_signaling::{IceCandidate, Kind, Target};
 use crate::metrics::Metrics;
 use crate::room::SessionId;
 
-use super::forward::{codec_compatible, kind_label, Rewriter};
+use super::forward::{codec_compatible, kind_label, starts_keyframe, Rewriter};
+use crate::congestion::{Allocator, SharedEstimator};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerKey(pub SessionId, pub Target);
@@ -64,6 +67,10 @@ struct Downtrack {
     fmtp: String,
     /// No compatible codec was negotiated (logged once).
     refused: bool,
+    /// Video withheld for lack of bandwidth (the allocator's decision).
+    pub paused: bool,
+    /// Resumed: forward from the next keyframe.
+    await_keyframe: bool,
 }
 
 /// What one pass over a peer's outputs found.
@@ -80,6 +87,33 @@ pub struct Drained {
     /// Kinds of publisher tracks that started flowing, and that ended.
     pub published: Vec<Kind>,
     pub unpublished: Vec<Kind>,
+    /// The subscriber's own estimate (REMB), bit/s.
+    pub remb: Option<f64>,
+}
+
+/// What the subscriber's receiver reports say about our packets to it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReceiverStats {
+    /// Fraction lost in the latest report (of any of its downtracks), 0..=1.
+    pub loss: f64,
+    /// Round-trip time from the latest report answering one of our sender reports.
+    pub rtt: Option<std::time::Duration>,
+    pub reports: u64,
+}
+
+/// Congestion state of a subscriber connection.
+pub struct Congestion {
+    pub estimator: SharedEstimator,
+    pub allocator: Allocator,
+    /// The subscriber's REMB, and when it came (the fallback without TWCC).
+    pub remb: Option<(f64, Instant)>,
+    pub receiver: ReceiverStats,
+    /// Media bytes sent to it since the last tick.
+    pub sent_bytes: u64,
+    /// What it was last told (state, paused streams), and when.
+    pub told: Option<(weir_signaling::CongestionLevel, Vec<String>, Instant)>,
+    /// Our sender reports: their compact NTP time and when each left, for RTT.
+    sr_sent: VecDeque<(u32, Instant)>,
 }
 
 pub struct Peer {
@@ -95,6 +129,8 @@ pub struct Peer {
     negotiating: bool,
     /// Something changed while negotiating: offer again after the answer.
     pending: bool,
+    /// Subscriber connections: the estimate and the allocation (congestion control on).
+    pub congestion: Option<Congestion>,
 }
 
 fn random_token(len: usize) -> String {
@@ -210,6 +246,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpTap {
                 p.as_any().downcast_ref::<PictureLossIndication>().is_some()
                     || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
                     || (self.sender_reports && p.as_any().downcast_ref::<SenderReport>().is_some())
+                    || p.as_any()
+                        .downcast_ref::<ReceiverEstimatedMaximumBitrate>()
+                        .is_some()
+                    || p.as_any().downcast_ref::<ReceiverReport>().is_some()
             });
             if wanted {
                 msg.message.add(Attribute::DeliverToApplication);
@@ -276,6 +316,33 @@ impl Peer {
             Slot::ReceiverReport,
             rtc::interceptor::ReceiverReportBuilder::new().build(),
         );
+        // Subscriber connections estimate their downlink from the subscriber's
+        // transport-wide CC feedback: every packet leaving is numbered (TWCC sender)
+        // and recorded wire-most (the congestion-control interceptor), which drives our
+        // estimator. No pacer: a pacing queue per subscriber would hold media back;
+        // the allocator lowers what is sent instead.
+        let congestion =
+            (key.1 == Target::Subscriber && config.congestion_control).then(|| Congestion {
+                estimator: SharedEstimator::new(5_000_000.0, 50_000.0, 20_000_000.0),
+                allocator: Allocator::new(),
+                remb: None,
+                receiver: ReceiverStats::default(),
+                sent_bytes: 0,
+                told: None,
+                sr_sent: VecDeque::new(),
+            });
+        let registry = match &congestion {
+            Some(c) => registry
+                .with(
+                    Slot::CongestionControl,
+                    rtc::interceptor::CongestionControlBuilder::new(c.estimator.clone()).build(),
+                )
+                .with(
+                    Slot::TwccSender,
+                    rtc::interceptor::TwccSenderBuilder::new().build(),
+                ),
+            None => registry,
+        };
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_setting_engine(settings)
@@ -324,6 +391,7 @@ impl Peer {
             connected: false,
             negotiating: false,
             pending: false,
+            congestion,
         })
     }
 
@@ -454,6 +522,37 @@ impl Peer {
                     } else if let Some(((stream_id, kind), _)) =
                         self.downtracks.iter().find(|(_, d)| d.track_id == track_id)
                     {
+                        for p in packets.iter() {
+                            let any = p.as_any();
+                            if let Some(remb) =
+                                any.downcast_ref::<ReceiverEstimatedMaximumBitrate>()
+                            {
+                                out.remb = Some(f64::from(remb.bitrate));
+                            }
+                            if let (Some(rr), Some(c)) = (
+                                any.downcast_ref::<ReceiverReport>(),
+                                self.congestion.as_mut(),
+                            ) {
+                                for r in &rr.reports {
+                                    c.receiver.reports += 1;
+                                    c.receiver.loss = f64::from(r.fraction_lost) / 256.0;
+                                    if r.last_sender_report != 0 {
+                                        if let Some((_, sent)) = c
+                                            .sr_sent
+                                            .iter()
+                                            .find(|(lsr, _)| *lsr == r.last_sender_report)
+                                        {
+                                            let delay = std::time::Duration::from_secs_f64(
+                                                f64::from(r.delay) / 65536.0,
+                                            );
+                                            c.receiver.rtt = now
+                                                .saturating_duration_since(*sent)
+                                                .checked_sub(delay);
+                                        }
+                                    }
+                                }
+                            }
+                        }
                         let asks = packets.iter().any(|p| {
                             p.as_any().downcast_ref::<PictureLossIndication>().is_some()
                                 || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
@@ -558,6 +657,8 @@ impl Peer {
                     fmtp: codec.sdp_fmtp_line.clone(),
                     codec: codec.clone(),
                     refused: false,
+                    paused: false,
+                    await_keyframe: false,
                 },
             );
             metrics
@@ -598,6 +699,7 @@ impl Peer {
         stream_id: &str,
         kind: Kind,
         packet: &rtc::rtp::Packet,
+        keyframe: Option<bool>,
         now: Instant,
     ) -> bool {
         if !self.connected {
@@ -606,6 +708,16 @@ impl Peer {
         let Some(d) = self.downtracks.get_mut(&(stream_id.to_owned(), kind)) else {
             return false;
         };
+        if d.paused {
+            return false;
+        }
+        if d.await_keyframe {
+            let key = keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload));
+            if key == Some(false) {
+                return false;
+            }
+            d.await_keyframe = false;
+        }
         let Some(mut sender) = self.pc.rtp_sender(d.sender_id) else {
             return false;
         };
@@ -639,7 +751,97 @@ impl Peer {
             return false;
         };
         let out = d.rewriter.rewrite(packet, pt);
-        sender.write_rtp(now, out).is_ok()
+        let bytes = out.payload.len() as u64 + 12;
+        let ok = sender.write_rtp(now, out).is_ok();
+        if ok {
+            if let Some(c) = self.congestion.as_mut() {
+                c.sent_bytes += bytes;
+            }
+        }
+        ok
+    }
+
+    /// Pauses or resumes a video downtrack. A resumed one forwards from the next
+    /// keyframe. True if the downtrack exists.
+    pub fn set_paused(&mut self, stream_id: &str, paused: bool) -> bool {
+        let Some(d) = self
+            .downtracks
+            .get_mut(&(stream_id.to_owned(), Kind::Video))
+        else {
+            return false;
+        };
+        if paused && !d.paused {
+            d.rewriter.interrupt();
+        }
+        if !paused && d.paused {
+            d.await_keyframe = true;
+        }
+        d.paused = paused;
+        true
+    }
+
+    /// The streams this subscriber receives, by kind.
+    pub fn downtrack_streams(&self) -> Vec<(String, Kind)> {
+        self.downtracks
+            .iter()
+            .filter(|(_, d)| !d.refused)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Sends `bytes` of padding-only packets on a paused video downtrack (a
+    /// bandwidth probe). Returns the bytes sent.
+    pub fn send_padding(&mut self, bytes: usize, now: Instant) -> usize {
+        if !self.connected {
+            return 0;
+        }
+        let Some(d) = self
+            .downtracks
+            .iter_mut()
+            .filter(|((_, k), d)| *k == Kind::Video && d.paused)
+            .map(|(_, d)| d)
+            .find(|d| d.payload_type.is_some())
+        else {
+            return 0;
+        };
+        let (Some(pt), Some(mut sender)) = (d.payload_type, self.pc.rtp_sender(d.sender_id)) else {
+            return 0;
+        };
+        const PACKET: usize = 1000;
+        let mut sent = 0;
+        while sent < bytes {
+            let Some(p) = d.rewriter.padding(pt, PACKET) else {
+                break;
+            };
+            if let Err(e) = sender.write_rtp(now, p) {
+                tracing::info!(key = ?self.key, error = %e, "padding not sent");
+                break;
+            }
+            sent += PACKET + 32;
+        }
+        sent
+    }
+
+    /// Tells the publisher the most it should send (REMB on its video tracks).
+    pub fn send_remb(&mut self, bitrate: f64, now: Instant) -> bool {
+        let targets: Vec<(RTCRtpReceiverId, u32)> = self
+            .uptracks
+            .values()
+            .filter(|t| t.kind == Kind::Video)
+            .map(|t| (t.receiver_id, t.ssrc))
+            .collect();
+        let mut sent = false;
+        for (receiver_id, ssrc) in targets {
+            if let Some(mut r) = self.pc.rtp_receiver(receiver_id) {
+                let remb = ReceiverEstimatedMaximumBitrate {
+                    sender_ssrc: 0,
+                    bitrate: bitrate as f32,
+                    ssrcs: vec![ssrc],
+                };
+                sent |= r.write_rtcp(now, vec![Box::new(remb)]).is_ok();
+            }
+        }
+        sent
     }
 
     /// Relays a publisher's sender report on the matching downtrack, translated into
@@ -669,9 +871,18 @@ impl Peer {
             ..Default::default()
         };
         let sender_id = d.sender_id;
-        self.pc
+        let compact = (sr.ntp_time >> 16) as u32;
+        let ok = self
+            .pc
             .rtp_sender(sender_id)
-            .is_some_and(|mut s| s.write_rtcp(now, vec![Box::new(report)]).is_ok())
+            .is_some_and(|mut s| s.write_rtcp(now, vec![Box::new(report)]).is_ok());
+        if let (true, Some(c)) = (ok, self.congestion.as_mut()) {
+            c.sr_sent.push_back((compact, now));
+            while c.sr_sent.len() > 32 {
+                c.sr_sent.pop_front();
+            }
+        }
+        ok
     }
 
     /// Decrements the gauges this peer contributes to, before it is dropped.

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use weir_signaling::{
-    ErrorCode, Kind, LeaveReason, MemberInfo, PlayUrls, ServerMessage, StreamInfo,
+    CongestionPolicy, ErrorCode, Kind, LeaveReason, MemberInfo, PlayUrls, ServerMessage, StreamInfo,
 };
 
 use crate::auth::{AuthError, Privileges, RoomId, RoomTicket};
@@ -104,6 +104,11 @@ pub enum MediaCommand {
         /// The stream's room, and `webrtc` or `rtmp`.
         room: RoomKey,
         source: &'static str,
+        /// How the room weighs its subscribers, and the publisher's video bitrate
+        /// bounds (bit/s), for the congestion decisions about this stream.
+        policy: CongestionPolicy,
+        min_bitrate: Option<u32>,
+        max_bitrate: Option<u32>,
     },
     /// The stream ended: tear down its tracks and every subscription to it.
     EndStream { stream_id: String },
@@ -125,6 +130,8 @@ pub enum Output {
 pub struct Limits {
     pub max_rooms: usize,
     pub max_members_per_room: usize,
+    /// The congestion policy of rooms whose creator did not choose one.
+    pub congestion_policy: CongestionPolicy,
 }
 
 /// One room as operators see it.
@@ -185,6 +192,8 @@ struct Member {
 struct Room {
     /// By userID; ordered so member lists are stable.
     members: BTreeMap<String, Member>,
+    /// Chosen by the join that created the room, else the node's default.
+    policy: Option<CongestionPolicy>,
 }
 
 #[derive(Debug, Clone)]
@@ -457,6 +466,52 @@ impl Rooms {
         self.publish_as(session, None, "webrtc", audio, video)
     }
 
+    /// A WebRTC publish with the publisher's video bitrate bounds (bit/s).
+    pub fn publish_bounded(
+        &mut self,
+        session: SessionId,
+        audio: bool,
+        video: bool,
+        bounds: (Option<u32>, Option<u32>),
+    ) -> Result<StreamInfo, RoomError> {
+        self.publish_full(session, None, "webrtc", audio, video, bounds)
+    }
+
+    /// The room was just created by this session's join: it takes `policy`.
+    pub fn configure_new_room(&mut self, session: SessionId, policy: CongestionPolicy) {
+        let Some(e) = self.sessions.get(&session) else {
+            return;
+        };
+        if let Some(room) = self.rooms.get_mut(&e.room) {
+            if room.members.len() == 1 && room.policy.is_none() {
+                room.policy = Some(policy);
+            }
+        }
+    }
+
+    /// Tells everyone in a stream's room what the room asks its publisher to send.
+    pub fn publish_target(&mut self, stream_id: &str, bitrate: u64) {
+        let Some((key, user_id)) = self.streams.get(stream_id).cloned() else {
+            return;
+        };
+        let Some(room) = self.rooms.get(&key) else {
+            return;
+        };
+        let policy = room.policy.unwrap_or(self.limits.congestion_policy);
+        let everyone: Vec<SessionId> = room.members.values().map(|m| m.session).collect();
+        for s in everyone {
+            self.send(
+                s,
+                ServerMessage::PublishTarget {
+                    stream_id: stream_id.to_owned(),
+                    user_id: user_id.clone(),
+                    bitrate,
+                    policy,
+                },
+            );
+        }
+    }
+
     /// Publishes under a given stream name (an RTMP pusher names its stream in its
     /// URL), or the room's default name when `None`. Names are unique on the node.
     pub fn publish_as(
@@ -466,6 +521,18 @@ impl Rooms {
         source: &'static str,
         audio: bool,
         video: bool,
+    ) -> Result<StreamInfo, RoomError> {
+        self.publish_full(session, name, source, audio, video, (None, None))
+    }
+
+    fn publish_full(
+        &mut self,
+        session: SessionId,
+        name: Option<String>,
+        source: &'static str,
+        audio: bool,
+        video: bool,
+        (min_bitrate, max_bitrate): (Option<u32>, Option<u32>),
     ) -> Result<StreamInfo, RoomError> {
         let e = self.entry(session)?;
         if !audio && !video {
@@ -516,6 +583,13 @@ impl Rooms {
                 kinds,
                 room: key.clone(),
                 source,
+                policy: self
+                    .rooms
+                    .get(&key)
+                    .and_then(|r| r.policy)
+                    .unwrap_or(self.limits.congestion_policy),
+                min_bitrate,
+                max_bitrate,
             }));
         self.send(
             session,

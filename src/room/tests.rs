@@ -24,6 +24,7 @@ fn rooms() -> Rooms {
         Limits {
             max_rooms: 2,
             max_members_per_room: 3,
+            congestion_policy: Default::default(),
         },
         UrlBase {
             rtmp: "rtmp://h:1935/live".into(),

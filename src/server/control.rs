@@ -39,6 +39,8 @@ pub enum ControlCommand {
         sdk_app_id: u64,
         ticket: Box<RoomTicket>,
         auto_subscribe: bool,
+        /// The policy of the room if this join creates it.
+        congestion_policy: Option<weir_signaling::CongestionPolicy>,
     },
     Message {
         session: SessionId,
@@ -65,6 +67,12 @@ pub enum ControlCommand {
     /// From the media plane: the session's media connection failed.
     MediaGone {
         session: SessionId,
+    },
+    /// From the media plane: the room's target for a stream's publisher changed;
+    /// everyone in the room is told (RTMP pushers have no RTCP to hear it on).
+    PublishTarget {
+        stream_id: String,
+        bitrate: u64,
     },
     /// Every room of the node (the development page's room list).
     ListRooms {
@@ -233,11 +241,15 @@ impl Control {
                 sdk_app_id,
                 ticket,
                 auto_subscribe,
+                congestion_policy,
             } => match self
                 .rooms
                 .join(session, sdk_app_id, &ticket, auto_subscribe)
             {
                 Ok(()) => {
+                    if let Some(policy) = congestion_policy {
+                        self.rooms.configure_new_room(session, policy);
+                    }
                     self.metrics.joins.with_label_values(&["ok"]).inc();
                     info!(session = session.0, user = %ticket.identity.user_id, room = %ticket.room, "joined");
                 }
@@ -278,6 +290,9 @@ impl Control {
                     let _ = tx.try_send(SessionEvent::Close(LeaveReason::Timeout));
                 }
             }
+            ControlCommand::PublishTarget { stream_id, bitrate } => {
+                self.rooms.publish_target(&stream_id, bitrate);
+            }
             ControlCommand::ListRooms { reply } => {
                 let _ = reply.send(self.rooms.summaries());
             }
@@ -294,9 +309,15 @@ impl Control {
     async fn message(&mut self, session: SessionId, msg: ClientMessage) {
         let request = msg.type_name();
         let result = match msg {
-            ClientMessage::Publish { audio, video } => {
-                self.rooms.publish(session, audio, video).map(|_| ())
-            }
+            ClientMessage::Publish {
+                audio,
+                video,
+                min_bitrate,
+                max_bitrate,
+            } => self
+                .rooms
+                .publish_bounded(session, audio, video, (min_bitrate, max_bitrate))
+                .map(|_| ()),
             ClientMessage::Unpublish => self.rooms.unpublish(session),
             ClientMessage::Subscribe { stream_ids } => self.rooms.subscribe(session, &stream_ids),
             ClientMessage::Unsubscribe { stream_ids } => {

@@ -137,6 +137,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         Limits {
             max_rooms: config.server.max_rooms,
             max_members_per_room: config.server.max_members_per_room,
+            congestion_policy: config.server.congestion_policy,
         },
         urls.clone(),
     );
@@ -175,6 +176,11 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             tcp_port,
             ice_disconnected: Duration::from_millis(config.server.ice_disconnected_timeout_ms),
             ice_failed: Duration::from_millis(config.server.ice_failed_timeout_ms),
+            congestion_control: config.server.congestion_control,
+            publisher_bitrate: (
+                f64::from(config.server.publisher_min_bitrate),
+                f64::from(config.server.publisher_max_bitrate),
+            ),
         },
         udp,
         tcp,

@@ -623,6 +623,7 @@ impl Connection {
                 sdk_app_id: grant.sdk_app_id,
                 ticket: Box::new(grant.ticket),
                 auto_subscribe: false,
+                congestion_policy: None,
             })
             .await;
         let _ = control

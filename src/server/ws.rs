@@ -201,6 +201,7 @@ async fn join_command(state: &AppState, id: SessionId, join: Join) -> Option<Ser
             sdk_app_id: join.sdk_app_id,
             ticket: Box::new(ticket),
             auto_subscribe: join.auto_subscribe,
+            congestion_policy: join.congestion_policy,
         })
         .await;
     None

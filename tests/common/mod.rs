@@ -15,6 +15,7 @@ use weir_signaling::{ClientMessage, Join, ServerMessage, PROTOCOL_VERSION};
 pub mod browser;
 pub mod media;
 pub mod peer;
+pub mod plot;
 pub mod relay;
 
 pub const APP: u64 = 1_400_000_000;
@@ -89,6 +90,7 @@ impl TestServer {
                 )
                 .unwrap(),
             auto_subscribe: true,
+            congestion_policy: None,
         }
     }
 

@@ -137,3 +137,126 @@ pub fn video_media_payload_types(sdp: &str) -> Vec<u8> {
     }
     out
 }
+
+/// A bottleneck between a client and the server, on the way down (server → client):
+/// a rate limit with a FIFO queue of bounded delay (tail drop past it, as a router's
+/// buffer), a fixed extra delay and random loss. The rate can be changed while it runs
+/// (`rate_bps`, 0 = unlimited), so a test can cap a link and lift the cap. Upstream
+/// datagrams pass unchanged. No root, no tc: everything is on loopback.
+pub struct ShapedRelay {
+    pub addr: SocketAddr,
+    pub rate_bps: Arc<AtomicU64>,
+    /// Per 250 ms bucket since start: (bytes offered, bytes delivered, datagrams dropped).
+    pub buckets: Arc<Mutex<Vec<(u64, u64, u64)>>>,
+    pub started: std::time::Instant,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for ShapedRelay {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub const BUCKET: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl ShapedRelay {
+    /// `queue`: the most a datagram may wait for the link; `loss`: 0..1; `seed` makes
+    /// the loss pattern repeatable.
+    pub async fn start(
+        server: SocketAddr,
+        rate_bps: u64,
+        queue: std::time::Duration,
+        delay: std::time::Duration,
+        loss: f64,
+        seed: u64,
+    ) -> Self {
+        let client_side = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let server_side = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = client_side.local_addr().unwrap();
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let rate = Arc::new(AtomicU64::new(rate_bps));
+        let buckets: Arc<Mutex<Vec<(u64, u64, u64)>>> = Arc::default();
+        let started = std::time::Instant::now();
+        let up = {
+            let (c, s, client) = (client_side.clone(), server_side.clone(), client.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, from)) = c.recv_from(&mut buf).await {
+                    *client.lock().unwrap() = Some(from);
+                    let _ = s.send_to(&buf[..n], server).await;
+                }
+            })
+        };
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let down = {
+            let (s, rate, buckets) = (server_side, rate.clone(), buckets.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                let mut link_free = tokio::time::Instant::now();
+                let mut rng = seed | 1;
+                while let Ok((n, _)) = s.recv_from(&mut buf).await {
+                    let now = tokio::time::Instant::now();
+                    let bucket = (started.elapsed().as_millis() / BUCKET.as_millis()) as usize;
+                    let account = |i: usize, v: u64| {
+                        let mut b = buckets.lock().unwrap();
+                        if b.len() <= bucket {
+                            b.resize(bucket + 1, (0, 0, 0));
+                        }
+                        match i {
+                            0 => b[bucket].0 += v,
+                            1 => b[bucket].1 += v,
+                            _ => b[bucket].2 += v,
+                        }
+                    };
+                    account(0, n as u64);
+                    // xorshift64: repeatable loss.
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    if (rng % 1_000_000) as f64 / 1_000_000.0 < loss {
+                        account(2, 1);
+                        continue;
+                    }
+                    let r = rate.load(Ordering::Relaxed);
+                    let departs = if r == 0 {
+                        now
+                    } else {
+                        let start = link_free.max(now);
+                        if start.duration_since(now) > queue {
+                            account(2, 1);
+                            continue; // the buffer is full
+                        }
+                        link_free =
+                            start + std::time::Duration::from_secs_f64(n as f64 * 8.0 / r as f64);
+                        link_free
+                    };
+                    account(1, n as u64);
+                    let _ = tx.send((departs + delay, buf[..n].to_vec()));
+                }
+            })
+        };
+        let deliver = {
+            let (c, client) = (client_side, client);
+            tokio::spawn(async move {
+                while let Some((at, data)) = rx.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    let to = *client.lock().unwrap();
+                    if let Some(to) = to {
+                        let _ = c.send_to(&data, to).await;
+                    }
+                }
+            })
+        };
+        Self {
+            addr,
+            rate_bps: rate,
+            buckets,
+            started,
+            tasks: vec![up, down, deliver],
+        }
+    }
+}

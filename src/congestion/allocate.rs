@@ -1,0 +1,532 @@
+//! Per-subscriber allocation: which of a subscriber's videos fit its estimate.
+//!
+//! Audio is never paused. Videos are served in priority order (screen share, then the
+//! active speaker, then the rest; ties by stream id so the order is stable) and each
+//! plays if it fits in what the estimate leaves after audio and the videos before it.
+//! Weir forwards without transcoding, and a publisher without simulcast has one
+//! layer, so "lowering" a video means pausing it; when simulcast arrives the same walk
+//! picks a layer instead.
+//!
+//! Hysteresis, so tracks do not flap:
+//! - a playing video is paused only after the deficit has lasted [`PAUSE_AFTER`], and
+//!   never in the first [`STARTUP_GRACE`] of a connection (the acknowledged rate needs
+//!   a second of feedback before it means anything);
+//! - a paused video resumes only when it fits with [`RESUME_MARGIN`] to spare.
+//!
+//! Finding headroom again: an estimate only rises with evidence, and a paused video
+//! sends none, so while something is paused the allocator runs **padding probes**: the
+//! media plane sends padding at a rate that ramps ×1.5 every [`PROBE_STEP`] from what
+//! is flowing up to what the paused video would need. The probe is abandoned at the
+//! first sign of a queue ([`PROBE_MAX_QUEUING_MS`]), loss or a GCC back-off, before
+//! the bottleneck's buffer overflows (so the audio that shares it is not lost); it
+//! succeeds when the goal has been delivered for [`PROBE_HOLD`]. Failed probes back off
+//! from [`PROBE_INTERVAL_MIN`] ×1.5 up to [`PROBE_INTERVAL_MAX`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+pub const STARTUP_GRACE: Duration = Duration::from_secs(2);
+pub const PAUSE_AFTER: Duration = Duration::from_millis(300);
+pub const RESUME_MARGIN: f64 = 1.15;
+pub const PROBE_STEP: Duration = Duration::from_millis(300);
+pub const PROBE_HOLD: Duration = Duration::from_millis(600);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const PROBE_MAX_QUEUING_MS: f64 = 40.0;
+pub const PROBE_MAX_LOSS: f64 = 0.05;
+pub const PROBE_INTERVAL_MIN: Duration = Duration::from_secs(2);
+pub const PROBE_INTERVAL_MAX: Duration = Duration::from_secs(5);
+/// A video whose measured rate is lower (just started, a still picture) is budgeted
+/// at this, so a few kbit/s of a static scene does not pass for "fits anywhere".
+pub const MIN_VIDEO_BPS: f64 = 100_000.0;
+
+/// Which videos are served first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    Camera,
+    ActiveSpeaker,
+    Screen,
+}
+
+/// One video subscription as the allocator sees it.
+#[derive(Debug, Clone)]
+pub struct VideoTrack {
+    pub stream_id: String,
+    /// What its publisher sends now (bit/s, measured).
+    pub bitrate: f64,
+    pub priority: Priority,
+}
+
+/// What the subscriber's connection says, at one tick.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Signals {
+    /// The estimate to allocate against (TWCC, or the subscriber's REMB where TWCC was
+    /// not negotiated); `None`: nothing known, everything plays.
+    pub estimate: Option<f64>,
+    pub acknowledged: f64,
+    pub loss: f64,
+    pub queuing_delay_ms: f64,
+    pub backing_off: bool,
+    /// Media (not padding) being sent to this subscriber now (bit/s).
+    pub media_bps: f64,
+}
+
+/// The subscriber's congestion state, as told to it and counted in the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CongestionState {
+    Normal,
+    /// Signs of congestion (queuing, loss, a back-off, a deficit), nothing paused yet.
+    Warning,
+    /// At least one video is paused for lack of bandwidth.
+    Congested,
+}
+
+impl CongestionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Warning => "warning",
+            Self::Congested => "congested",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Paused(String),
+    /// Resume: request a keyframe and forward from it.
+    Resumed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    Succeeded,
+    Failed,
+}
+
+/// What one tick decided.
+#[derive(Debug, Clone, Default)]
+pub struct Allocation {
+    pub changes: Vec<Change>,
+    /// Padding to send now (bit/s), while a probe runs.
+    pub padding_bps: f64,
+    /// A probe verified this rate: the estimator may claim it.
+    pub verified: Option<f64>,
+    pub probe: Option<ProbeOutcome>,
+    /// For each video, what is left for it after audio and the videos served before it
+    /// (bit/s): what this subscriber could take of that stream, for the room's decision.
+    pub capacity: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    started: Instant,
+    goal: f64,
+    level: f64,
+    stepped: Instant,
+    reached: Option<Instant>,
+}
+
+/// One subscriber's allocator.
+#[derive(Debug)]
+pub struct Allocator {
+    paused: BTreeSet<String>,
+    state: CongestionState,
+    first_estimate: Option<Instant>,
+    deficit_since: Option<Instant>,
+    probe: Option<Probe>,
+    next_probe: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Default for Allocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Allocator {
+    pub fn new() -> Self {
+        Self {
+            paused: BTreeSet::new(),
+            state: CongestionState::Normal,
+            first_estimate: None,
+            deficit_since: None,
+            probe: None,
+            next_probe: None,
+            backoff: PROBE_INTERVAL_MIN,
+        }
+    }
+
+    pub fn state(&self) -> CongestionState {
+        self.state
+    }
+
+    pub fn paused(&self) -> &BTreeSet<String> {
+        &self.paused
+    }
+
+    pub fn is_paused(&self, stream_id: &str) -> bool {
+        self.paused.contains(stream_id)
+    }
+
+    pub fn probing(&self) -> bool {
+        self.probe.is_some()
+    }
+
+    /// One decision. `videos` are the subscriber's current video subscriptions;
+    /// `audio_bps` what its audio subscriptions take.
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        signals: Signals,
+        audio_bps: f64,
+        videos: &[VideoTrack],
+    ) -> Allocation {
+        let mut out = Allocation::default();
+        // Subscriptions that ended are no longer paused.
+        self.paused
+            .retain(|id| videos.iter().any(|v| &v.stream_id == id));
+
+        let Some(estimate) = signals.estimate else {
+            // Nothing known: nothing is withheld.
+            for id in std::mem::take(&mut self.paused) {
+                out.changes.push(Change::Resumed(id));
+            }
+            self.probe = None;
+            self.deficit_since = None;
+            self.state = CongestionState::Normal;
+            return out;
+        };
+        let first = *self.first_estimate.get_or_insert(now);
+
+        let mut order: Vec<&VideoTrack> = videos.iter().collect();
+        order.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.stream_id.cmp(&b.stream_id))
+        });
+        let budget = estimate - audio_bps;
+        let mut used = 0.0;
+        let mut unfit = BTreeSet::new();
+        let mut smallest_paused: Option<f64> = None;
+        for v in &order {
+            let need = v.bitrate.max(MIN_VIDEO_BPS);
+            out.capacity
+                .insert(v.stream_id.clone(), (budget - used).max(0.0));
+            let paused = self.paused.contains(&v.stream_id);
+            let margin = if paused { RESUME_MARGIN } else { 1.0 };
+            if used + need * margin <= budget {
+                used += need;
+            } else {
+                unfit.insert(v.stream_id.clone());
+                if paused {
+                    smallest_paused = Some(smallest_paused.map_or(need, |s: f64| s.min(need)));
+                }
+            }
+        }
+
+        // Resume what fits now.
+        let resumable: Vec<String> = self
+            .paused
+            .iter()
+            .filter(|id| !unfit.contains(*id))
+            .cloned()
+            .collect();
+        for id in resumable {
+            self.paused.remove(&id);
+            out.changes.push(Change::Resumed(id));
+        }
+
+        // Pause what does not fit, once the deficit has lasted.
+        let to_pause: Vec<String> = unfit
+            .iter()
+            .filter(|id| !self.paused.contains(*id))
+            .cloned()
+            .collect();
+        if to_pause.is_empty() {
+            self.deficit_since = None;
+        } else {
+            let since = *self.deficit_since.get_or_insert(now);
+            let settled = now.saturating_duration_since(first) >= STARTUP_GRACE;
+            if settled && now.saturating_duration_since(since) >= PAUSE_AFTER {
+                for id in to_pause {
+                    self.paused.insert(id.clone());
+                    out.changes.push(Change::Paused(id));
+                }
+                self.deficit_since = None;
+                // Give the path time to drain before probing it.
+                self.next_probe = Some(now + self.backoff);
+                self.probe = None;
+            }
+        }
+
+        self.run_probe(now, signals, audio_bps + used, smallest_paused, &mut out);
+
+        self.state = if !self.paused.is_empty() {
+            CongestionState::Congested
+        } else if self.deficit_since.is_some()
+            || signals.backing_off
+            || signals.loss > 0.02
+            || signals.queuing_delay_ms > PROBE_MAX_QUEUING_MS
+        {
+            CongestionState::Warning
+        } else {
+            CongestionState::Normal
+        };
+        out
+    }
+
+    fn run_probe(
+        &mut self,
+        now: Instant,
+        s: Signals,
+        flowing_goal: f64,
+        smallest_paused: Option<f64>,
+        out: &mut Allocation,
+    ) {
+        let Some(need) = smallest_paused.filter(|_| !self.paused.is_empty()) else {
+            self.probe = None;
+            return;
+        };
+        let troubled =
+            s.queuing_delay_ms > PROBE_MAX_QUEUING_MS || s.loss > PROBE_MAX_LOSS || s.backing_off;
+        match self.probe.as_mut() {
+            None => {
+                if troubled || self.next_probe.is_some_and(|t| now < t) {
+                    return;
+                }
+                let goal = flowing_goal + need * RESUME_MARGIN;
+                let level = (s.acknowledged * 1.5)
+                    .max(s.acknowledged + 100_000.0)
+                    .min(goal);
+                self.probe = Some(Probe {
+                    started: now,
+                    goal,
+                    level,
+                    stepped: now,
+                    reached: None,
+                });
+            }
+            Some(p) => {
+                if troubled || now.saturating_duration_since(p.started) > PROBE_TIMEOUT {
+                    self.probe = None;
+                    self.backoff = (self.backoff.mul_f64(1.5)).min(PROBE_INTERVAL_MAX);
+                    self.next_probe = Some(now + self.backoff);
+                    out.probe = Some(ProbeOutcome::Failed);
+                    return;
+                }
+                if p.level < p.goal && now.saturating_duration_since(p.stepped) >= PROBE_STEP {
+                    p.level = (p.level * 1.5).min(p.goal);
+                    p.stepped = now;
+                }
+                if p.level >= p.goal && p.reached.is_none() {
+                    p.reached = Some(now);
+                }
+                if p.reached
+                    .is_some_and(|t| now.saturating_duration_since(t) >= PROBE_HOLD)
+                    && s.acknowledged >= p.goal * 0.85
+                {
+                    out.verified = Some(s.acknowledged.max(p.goal));
+                    out.probe = Some(ProbeOutcome::Succeeded);
+                    self.probe = None;
+                    self.backoff = PROBE_INTERVAL_MIN;
+                    self.next_probe = Some(now + PROBE_INTERVAL_MIN);
+                    return;
+                }
+            }
+        }
+        if let Some(p) = &self.probe {
+            out.padding_bps = (p.level - s.media_bps).max(0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn video(id: &str, bitrate: f64, priority: Priority) -> VideoTrack {
+        VideoTrack {
+            stream_id: id.into(),
+            bitrate,
+            priority,
+        }
+    }
+
+    fn clean(estimate: f64, acknowledged: f64) -> Signals {
+        Signals {
+            estimate: Some(estimate),
+            acknowledged,
+            media_bps: acknowledged,
+            ..Default::default()
+        }
+    }
+
+    fn run(
+        a: &mut Allocator,
+        t0: Instant,
+        from_ms: u64,
+        to_ms: u64,
+        s: Signals,
+        v: &[VideoTrack],
+    ) -> Vec<Allocation> {
+        (from_ms..to_ms)
+            .step_by(50)
+            .map(|ms| a.tick(t0 + Duration::from_millis(ms), s, 40_000.0, v))
+            .collect()
+    }
+
+    fn changes(allocs: &[Allocation]) -> Vec<Change> {
+        allocs.iter().flat_map(|a| a.changes.clone()).collect()
+    }
+
+    #[test]
+    fn everything_plays_when_it_fits_and_nothing_changes() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [video("a", 1_000_000.0, Priority::Camera)];
+        let out = run(&mut a, t0, 0, 10_000, clean(2_000_000.0, 1_040_000.0), &v);
+        assert!(changes(&out).is_empty());
+        assert_eq!(a.state(), CongestionState::Normal);
+        assert!(out.iter().all(|o| o.padding_bps == 0.0));
+    }
+
+    #[test]
+    fn no_pause_during_startup_grace_then_pause_after_a_lasting_deficit() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [video("a", 1_000_000.0, Priority::Camera)];
+        let low = clean(300_000.0, 300_000.0);
+        assert!(changes(&run(&mut a, t0, 0, 1_900, low, &v)).is_empty());
+        assert_eq!(a.state(), CongestionState::Warning);
+        let out = run(&mut a, t0, 1_900, 2_500, low, &v);
+        assert_eq!(changes(&out), vec![Change::Paused("a".into())]);
+        assert_eq!(a.state(), CongestionState::Congested);
+    }
+
+    #[test]
+    fn screen_share_is_served_before_camera() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [
+            video("cam", 600_000.0, Priority::Camera),
+            video("screen", 600_000.0, Priority::Screen),
+        ];
+        let out = run(&mut a, t0, 0, 3_000, clean(900_000.0, 900_000.0), &v);
+        assert_eq!(changes(&out), vec![Change::Paused("cam".into())]);
+        let last = out.last().unwrap();
+        assert!(last.capacity["screen"] > last.capacity["cam"]);
+    }
+
+    #[test]
+    fn a_probe_ramps_up_and_resumes_when_the_path_carries_it() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [video("a", 1_000_000.0, Priority::Camera)];
+        run(&mut a, t0, 0, 3_000, clean(250_000.0, 250_000.0), &v);
+        assert!(a.is_paused("a"));
+        // Audio only now; the path has room again. Probes ramp padding up.
+        let mut padding = Vec::new();
+        let mut resumed_at = None;
+        let mut verified = None;
+        for ms in (3_000..15_000).step_by(50) {
+            let p = padding.last().copied().unwrap_or(0.0);
+            let s = Signals {
+                estimate: Some(160_000.0 + p),
+                acknowledged: 40_000.0 + p,
+                media_bps: 40_000.0,
+                ..Default::default()
+            };
+            let out = a.tick(t0 + Duration::from_millis(ms), s, 40_000.0, &v);
+            padding.push(out.padding_bps);
+            verified = verified.or(out.verified);
+            if out.changes.contains(&Change::Resumed("a".into())) {
+                resumed_at = Some(ms);
+                break;
+            }
+            if let Some(bps) = out.verified {
+                // The estimator now claims the verified rate.
+                let s = clean(bps, bps);
+                let next = a.tick(t0 + Duration::from_millis(ms + 50), s, 40_000.0, &v);
+                if next.changes.contains(&Change::Resumed("a".into())) {
+                    resumed_at = Some(ms + 50);
+                    break;
+                }
+            }
+        }
+        let resumed_at = resumed_at.expect("resumed");
+        assert!(
+            resumed_at < 3_000 + 2_000 + 3_000,
+            "resumed at {resumed_at} ms"
+        );
+        // Resumed on evidence: a verified probe, or an estimate the probe's traffic raised.
+        assert!(
+            verified.is_none_or(|v| v >= 1_000_000.0 * RESUME_MARGIN),
+            "{verified:?}"
+        );
+        // The ramp was gradual: the first padding was well below the goal.
+        let first = padding.iter().copied().find(|p| *p > 0.0).unwrap();
+        assert!(first < 300_000.0, "{first}");
+    }
+
+    #[test]
+    fn a_probe_that_finds_a_queue_stops_and_backs_off() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [video("a", 1_000_000.0, Priority::Camera)];
+        run(&mut a, t0, 0, 3_000, clean(250_000.0, 250_000.0), &v);
+        let mut failures = Vec::new();
+        let mut p: f64 = 0.0;
+        for ms in (3_000..30_000).step_by(50) {
+            // The path carries 300 kbit/s: beyond that a queue builds.
+            let offered = 40_000.0 + p;
+            let s = Signals {
+                estimate: Some(200_000.0),
+                acknowledged: offered.min(300_000.0),
+                media_bps: 40_000.0,
+                queuing_delay_ms: if offered > 300_000.0 { 80.0 } else { 0.0 },
+                ..Default::default()
+            };
+            let out = a.tick(t0 + Duration::from_millis(ms), s, 40_000.0, &v);
+            assert!(out.changes.is_empty(), "{:?}", out.changes);
+            p = out.padding_bps;
+            if out.probe == Some(ProbeOutcome::Failed) {
+                failures.push(ms);
+            }
+        }
+        assert!(a.is_paused("a"));
+        assert!(failures.len() >= 3, "{failures:?}");
+        let gaps: Vec<u64> = failures.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "backs off: {gaps:?}");
+        assert!(gaps
+            .iter()
+            .all(|g| *g <= PROBE_INTERVAL_MAX.as_millis() as u64 + 3_000));
+    }
+
+    #[test]
+    fn no_estimate_resumes_everything() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [video("a", 1_000_000.0, Priority::Camera)];
+        run(&mut a, t0, 0, 3_000, clean(250_000.0, 250_000.0), &v);
+        assert!(a.is_paused("a"));
+        let out = a.tick(
+            t0 + Duration::from_secs(4),
+            Signals::default(),
+            40_000.0,
+            &v,
+        );
+        assert_eq!(out.changes, vec![Change::Resumed("a".into())]);
+    }
+
+    #[test]
+    fn loss_without_a_capacity_limit_does_not_flap() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [video("a", 1_000_000.0, Priority::Camera)];
+        let mut s = clean(1_600_000.0, 1_040_000.0);
+        s.loss = 0.02;
+        let out = run(&mut a, t0, 0, 60_000, s, &v);
+        assert!(changes(&out).is_empty());
+    }
+}

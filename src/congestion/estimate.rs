@@ -1,0 +1,379 @@
+//! The bandwidth estimate of one subscriber connection.
+//!
+//! webrtc-rs's `CongestionControlInterceptor` sits wire-most in the subscriber
+//! connection's chain: it records every packet that leaves and resolves the
+//! subscriber's transport-wide CC feedback into [`PacketReport`]s. It drives a
+//! [`BandwidthEstimator`], which is this type. We wrap the library's GCC (delay
+//! trendline + AIMD, loss controller) and add what an SFU's allocator needs and GCC
+//! does not say:
+//!
+//! - the **acknowledged rate** (what actually arrived over the last second), because
+//!   this GCC port climbs without bound on a quiet path (there is no "1.5 × what was
+//!   received" ceiling as in libwebrtc), so its raw target says nothing above what was
+//!   sent. The estimate we act on is `min(gcc, 1.5 × acknowledged + 100 kbit/s)`, or a
+//!   rate a padding probe has just verified;
+//! - the **queuing delay** (one-way delay above its minimum over the last 10 s), the
+//!   earliest sign that a probe has found the ceiling, before anything is lost;
+//! - the **loss** fraction per window.
+//!
+//! Why shared (`Arc<Mutex<…>>`): the interceptor owns its estimator inside the
+//! connection's chain and the application cannot reach it there; the media task keeps
+//! a clone of the handle. Both are used only from the media task, so the lock is never
+//! contended; a std mutex, because nothing awaits while it is held.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rtc::interceptor::{BandwidthEstimator, Gcc, PacketReport};
+
+/// The window over which arrived bytes and losses are summed.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// The window of the one-way delay minimum (the path's base delay).
+const BASE_DELAY_WINDOW: Duration = Duration::from_secs(10);
+/// Feedback batches kept (bounded whatever the feedback rate).
+const MAX_BATCHES: usize = 256;
+/// Headroom over what was acknowledged that the estimate may claim without a probe.
+const ACKED_HEADROOM: f64 = 1.5;
+const ACKED_SLACK_BPS: f64 = 100_000.0;
+/// Queuing this deep, or this much loss, means the path is over capacity now: the
+/// estimate drops to what is arriving, less a margin, whatever GCC still says (its
+/// delay detector needs a trend over several groups, and this port backs off from a
+/// rate it computes itself; a standing queue of this size is evidence enough).
+const OVERUSE_QUEUING_MS: f64 = 60.0;
+const OVERUSE_LOSS: f64 = 0.1;
+const OVERUSE_BACKOFF: f64 = 0.85;
+/// A probe's verified rate stands in for the acknowledged rate this long, while the
+/// media it lets through ramps up the acknowledged window.
+const VERIFIED_FOR: Duration = Duration::from_secs(3);
+
+/// One feedback batch, summarised.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    at: Instant,
+    arrived_bytes: usize,
+    packets: usize,
+    lost: usize,
+}
+
+struct State {
+    gcc: Gcc,
+    min: f64,
+    max: f64,
+    batches: VecDeque<Batch>,
+    /// One-way delay samples' minimum per 500 ms bucket, over the base window.
+    delay_minima: VecDeque<(Instant, f64)>,
+    /// The latest batch's mean one-way delay (ms, receiver clock minus ours: only
+    /// differences mean anything).
+    last_delay_ms: Option<f64>,
+    /// An epoch for departures, so they and arrivals can be subtracted.
+    epoch: Option<Instant>,
+    verified: Option<(f64, Instant)>,
+    last_feedback: Option<Instant>,
+    /// The estimate dropped (GCC backed off) at these instants: a warning sign.
+    last_backoff: Option<Instant>,
+    last_target: f64,
+}
+
+/// What the allocator reads, at one instant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Snapshot {
+    /// The estimate to allocate against (bit/s); `None` until feedback has arrived.
+    pub estimate: Option<f64>,
+    /// GCC's own target (bit/s).
+    pub gcc: f64,
+    /// What arrived at the subscriber over the last second (bit/s).
+    pub acknowledged: f64,
+    /// Lost fraction over the last second, 0..=1.
+    pub loss: f64,
+    /// One-way delay above the path's recent minimum (ms).
+    pub queuing_delay_ms: f64,
+    /// GCC backed off within the last 2 s.
+    pub backing_off: bool,
+    /// Feedback batches seen in the window (a probe's verdict needs some).
+    pub batches: usize,
+}
+
+/// The estimator handle: give one clone to the connection's congestion-control
+/// interceptor, keep one to read.
+#[derive(Clone)]
+pub struct SharedEstimator(Arc<Mutex<State>>);
+
+impl SharedEstimator {
+    /// Starts optimistic at `initial` (GCC only ever backs off from evidence; the
+    /// acknowledged-rate ceiling keeps the estimate honest above what was sent).
+    pub fn new(initial: f64, min: f64, max: f64) -> Self {
+        Self(Arc::new(Mutex::new(State {
+            gcc: Gcc::new(initial, min, max),
+            min,
+            max,
+            batches: VecDeque::new(),
+            delay_minima: VecDeque::new(),
+            last_delay_ms: None,
+            epoch: None,
+            verified: None,
+            last_feedback: None,
+            last_backoff: None,
+            last_target: initial,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding it would be a bug in this file; the state is still usable.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A probe delivered `bps` without queuing or loss: restart GCC from there and let
+    /// the estimate claim it for a while.
+    pub fn verified(&self, bps: f64, now: Instant) {
+        let mut s = self.lock();
+        let bps = bps.clamp(s.min, s.max);
+        s.gcc = Gcc::new(bps, s.min, s.max);
+        s.last_target = bps;
+        s.verified = Some((bps, now));
+    }
+
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let s = self.lock();
+        let window: Vec<&Batch> = s
+            .batches
+            .iter()
+            .filter(|b| now.saturating_duration_since(b.at) <= RATE_WINDOW)
+            .collect();
+        // Bytes reported after the window's first batch, over the time since it.
+        let span = window
+            .first()
+            .map(|b| now.saturating_duration_since(b.at).as_secs_f64())
+            .unwrap_or(0.0);
+        let arrived: usize = window.iter().skip(1).map(|b| b.arrived_bytes).sum();
+        let packets: usize = window.iter().map(|b| b.packets).sum();
+        let lost: usize = window.iter().map(|b| b.lost).sum();
+        let acknowledged = if span > 0.05 {
+            arrived as f64 * 8.0 / span
+        } else {
+            0.0
+        };
+        let loss = if packets == 0 {
+            0.0
+        } else {
+            lost as f64 / packets as f64
+        };
+        let base = s
+            .delay_minima
+            .iter()
+            .map(|(_, d)| *d)
+            .fold(f64::INFINITY, f64::min);
+        let queuing_delay_ms = match s.last_delay_ms {
+            Some(d) if base.is_finite() => (d - base).max(0.0),
+            _ => 0.0,
+        };
+        let fresh = s
+            .last_feedback
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(2));
+        let gcc = s.gcc.target_bitrate();
+        let ceiling = match s.verified {
+            Some((v, at)) if now.saturating_duration_since(at) < VERIFIED_FOR => {
+                v.max(acknowledged * ACKED_HEADROOM + ACKED_SLACK_BPS)
+            }
+            _ => acknowledged * ACKED_HEADROOM + ACKED_SLACK_BPS,
+        };
+        let overused = queuing_delay_ms > OVERUSE_QUEUING_MS || loss > OVERUSE_LOSS;
+        let ceiling = if overused {
+            ceiling.min(acknowledged * OVERUSE_BACKOFF)
+        } else {
+            ceiling
+        };
+        Snapshot {
+            estimate: fresh.then(|| gcc.min(ceiling).max(s.min)),
+            gcc,
+            acknowledged,
+            loss,
+            queuing_delay_ms,
+            backing_off: overused
+                || s.last_backoff
+                    .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(2)),
+            batches: window.len(),
+        }
+    }
+}
+
+impl BandwidthEstimator for SharedEstimator {
+    fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
+        if reports.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        s.gcc.on_reports(now, reports);
+        let target = s.gcc.target_bitrate();
+        if target < s.last_target * 0.95 {
+            s.last_backoff = Some(now);
+        }
+        s.last_target = target;
+        s.last_feedback = Some(now);
+
+        let epoch = *s.epoch.get_or_insert(reports[0].departure);
+        let mut arrived_bytes = 0;
+        let mut lost = 0;
+        let mut delays = Vec::new();
+        for r in reports {
+            match r.arrival {
+                Some(arrival) if r.arrived => {
+                    arrived_bytes += r.size;
+                    let departure = r.departure.saturating_duration_since(epoch);
+                    delays.push((arrival.as_secs_f64() - departure.as_secs_f64()) * 1000.0);
+                }
+                _ => lost += 1,
+            }
+        }
+        s.batches.push_back(Batch {
+            at: now,
+            arrived_bytes,
+            packets: reports.len(),
+            lost,
+        });
+        while s.batches.len() > MAX_BATCHES
+            || s.batches
+                .front()
+                .is_some_and(|b| now.saturating_duration_since(b.at) > RATE_WINDOW * 2)
+        {
+            s.batches.pop_front();
+        }
+        if !delays.is_empty() {
+            let mean = delays.iter().sum::<f64>() / delays.len() as f64;
+            let min = delays.iter().copied().fold(f64::INFINITY, f64::min);
+            s.last_delay_ms = Some(mean);
+            match s.delay_minima.back_mut() {
+                Some((at, m))
+                    if now.saturating_duration_since(*at) < Duration::from_millis(500) =>
+                {
+                    *m = m.min(min);
+                }
+                _ => s.delay_minima.push_back((now, min)),
+            }
+            while s
+                .delay_minima
+                .front()
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) > BASE_DELAY_WINDOW)
+                || s.delay_minima.len() > MAX_BATCHES
+            {
+                s.delay_minima.pop_front();
+            }
+        }
+    }
+
+    fn target_bitrate(&self) -> f64 {
+        self.lock().gcc.target_bitrate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::rtcp::transport_feedbacks::cc_feedback_report::Ecn;
+
+    /// Feeds `seconds` of 100 packets/s of `size` bytes, each delayed `delay(i)` ms on
+    /// the way, every `lose_every`th lost; feedback every 100 ms.
+    fn feed(
+        est: &mut SharedEstimator,
+        epoch: Instant,
+        from_s: f64,
+        seconds: f64,
+        size: usize,
+        delay: impl Fn(u64) -> f64,
+        lose_every: u64,
+    ) -> Instant {
+        let start = (from_s * 100.0) as u64;
+        let end = ((from_s + seconds) * 100.0) as u64;
+        let mut batch = Vec::new();
+        let mut now = epoch;
+        for i in start..end {
+            let departure = epoch + Duration::from_millis(i * 10);
+            let lost = lose_every > 0 && i % lose_every == 0;
+            let arrival_ms = i as f64 * 10.0 + 20.0 + delay(i);
+            batch.push(PacketReport {
+                ssrc: 1,
+                id: i,
+                rtp_sequence_number: i as u16,
+                is_twcc: true,
+                twcc_sequence_number: i as u16,
+                size,
+                arrived: !lost,
+                departure,
+                arrival: (!lost).then(|| Duration::from_secs_f64(arrival_ms / 1000.0)),
+                ecn: Ecn::default(),
+            });
+            if batch.len() == 10 {
+                now = departure + Duration::from_millis(30);
+                est.on_reports(now, &batch);
+                batch.clear();
+            }
+        }
+        now
+    }
+
+    #[test]
+    fn the_estimate_is_held_near_what_was_acknowledged() {
+        let mut est = SharedEstimator::new(5_000_000.0, 50_000.0, 20_000_000.0);
+        let epoch = Instant::now();
+        assert_eq!(
+            est.snapshot(epoch).estimate,
+            None,
+            "no feedback, no estimate"
+        );
+        // 100 packets/s of 1250 bytes: 1 Mbit/s, clean.
+        let now = feed(&mut est, epoch, 0.0, 3.0, 1250, |_| 0.0, 0);
+        let s = est.snapshot(now);
+        assert!((s.acknowledged - 1_000_000.0).abs() < 150_000.0, "{s:?}");
+        let e = s.estimate.unwrap();
+        assert!(e > 1_400_000.0 && e < 1_700_000.0, "{s:?}");
+        assert!(s.loss < 0.01 && s.queuing_delay_ms < 1.0, "{s:?}");
+    }
+
+    #[test]
+    fn growing_delay_and_loss_bring_it_down() {
+        let mut est = SharedEstimator::new(5_000_000.0, 50_000.0, 20_000_000.0);
+        let epoch = Instant::now();
+        feed(&mut est, epoch, 0.0, 2.0, 1250, |_| 0.0, 0);
+        // A queue building at 3 ms per packet, and every 5th packet lost.
+        let now = feed(
+            &mut est,
+            epoch,
+            2.0,
+            2.0,
+            1250,
+            |i| (i - 200) as f64 * 3.0,
+            5,
+        );
+        let s = est.snapshot(now);
+        assert!(s.queuing_delay_ms > 100.0, "{s:?}");
+        assert!((s.loss - 0.2).abs() < 0.05, "{s:?}");
+        assert!(s.backing_off, "{s:?}");
+        // What arrives (800 kbit/s) less a margin.
+        assert!(s.estimate.unwrap() < 700_000.0, "{s:?}");
+    }
+
+    #[test]
+    fn a_verified_rate_is_claimed_for_a_while_then_falls_back() {
+        let mut est = SharedEstimator::new(5_000_000.0, 50_000.0, 20_000_000.0);
+        let epoch = Instant::now();
+        // Audio only: 100 packets/s of 60 bytes, 48 kbit/s.
+        let now = feed(&mut est, epoch, 0.0, 2.0, 60, |_| 0.0, 0);
+        assert!(est.snapshot(now).estimate.unwrap() < 200_000.0);
+        est.verified(1_200_000.0, now);
+        assert!(est.snapshot(now).estimate.unwrap() >= 1_199_000.0);
+        let later = feed(&mut est, epoch, 2.0, 4.0, 60, |_| 0.0, 0);
+        assert!(est.snapshot(later).estimate.unwrap() < 200_000.0);
+    }
+
+    #[test]
+    fn stale_feedback_gives_no_estimate() {
+        let mut est = SharedEstimator::new(1_000_000.0, 50_000.0, 20_000_000.0);
+        let epoch = Instant::now();
+        let now = feed(&mut est, epoch, 0.0, 1.0, 1000, |_| 0.0, 0);
+        assert!(est.snapshot(now).estimate.is_some());
+        assert!(est
+            .snapshot(now + Duration::from_secs(3))
+            .estimate
+            .is_none());
+    }
+}

@@ -1,0 +1,309 @@
+//! The media task's congestion tick: drives each subscriber's estimator and
+//! allocator (`crate::congestion`, sans I/O) and applies what they decide — pausing
+//! and resuming downtracks, padding probes, REMB to publishers, events to clients.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use weir_signaling::{CongestionLevel, CongestionPolicy, Kind, ServerMessage, Target};
+
+use crate::congestion::{publisher_target, Change, CongestionState, Priority, Signals, VideoTrack};
+use crate::server::control::ControlCommand;
+
+use super::Media;
+
+/// How often allocations are revisited (and padding is sent, in bursts of this much).
+pub const TICK: Duration = Duration::from_millis(50);
+/// How often rooms decide their publishers' targets.
+pub const ROOM_INTERVAL: Duration = Duration::from_secs(1);
+/// A client that is not in the normal state hears its state again this often.
+const TELL_EVERY: Duration = Duration::from_secs(2);
+/// A subscriber's REMB counts as its estimate for this long.
+const REMB_VALID: Duration = Duration::from_secs(3);
+/// Publishers are told again when their target moves by more than this fraction.
+const TARGET_CHANGE: f64 = 0.1;
+
+/// A publisher track's rate: bytes counted as they arrive, rolled into a smoothed
+/// bit/s figure each tick.
+#[derive(Debug, Default)]
+pub struct RateMeter {
+    bytes: u64,
+    bps: f64,
+    primed: bool,
+}
+
+impl RateMeter {
+    pub fn add(&mut self, bytes: usize) {
+        self.bytes += bytes as u64;
+    }
+
+    fn roll(&mut self, seconds: f64) {
+        let now = self.bytes as f64 * 8.0 / seconds;
+        // ~0.5 s of smoothing at 50 ms ticks: a keyframe is not a new rate.
+        self.bps = if self.primed {
+            self.bps + 0.1 * (now - self.bps)
+        } else {
+            now
+        };
+        self.primed = true;
+        self.bytes = 0;
+    }
+
+    pub fn bps(&self) -> f64 {
+        self.bps
+    }
+}
+
+/// What the room decides about one stream with, and what it last said.
+#[derive(Debug, Clone)]
+pub struct StreamPolicy {
+    /// `sdkappid:room`, the metrics' room label.
+    pub room: String,
+    pub policy: CongestionPolicy,
+    pub min: f64,
+    pub max: f64,
+    /// An RTMP pusher: no RTCP reaches it, the room is told instead.
+    pub rtmp: bool,
+    pub told: Option<f64>,
+}
+
+fn level(s: CongestionState) -> CongestionLevel {
+    match s {
+        CongestionState::Normal => CongestionLevel::Normal,
+        CongestionState::Warning => CongestionLevel::Warning,
+        CongestionState::Congested => CongestionLevel::Congested,
+    }
+}
+
+impl Media {
+    pub(super) fn congestion_tick(&mut self, now: Instant) {
+        let seconds = now
+            .saturating_duration_since(self.last_tick)
+            .as_secs_f64()
+            .max(0.005);
+        self.last_tick = now;
+        self.next_tick = now + TICK;
+        for r in self.rates.values_mut() {
+            r.roll(seconds);
+        }
+        if !self.config.congestion_control {
+            return;
+        }
+        let room_tick = now >= self.next_room_tick;
+        if room_tick {
+            self.next_room_tick = now + ROOM_INTERVAL;
+        }
+        let mut capacities: HashMap<String, Vec<f64>> = HashMap::new();
+        let mut changes = Vec::new();
+        let mut tells = Vec::new();
+        for (key, p) in self.peers.iter_mut() {
+            if key.1 != Target::Subscriber {
+                continue;
+            }
+            let streams = p.downtrack_streams();
+            let room = streams
+                .iter()
+                .find_map(|(s, _)| self.stream_rooms.get(s).map(|r| r.room.clone()))
+                .unwrap_or_default();
+            let Some(c) = p.congestion.as_mut() else {
+                continue;
+            };
+            let snap = c.estimator.snapshot(now);
+            let remb = c
+                .remb
+                .filter(|(_, at)| now.saturating_duration_since(*at) < REMB_VALID)
+                .map(|(bps, _)| bps);
+            let media_bps = c.sent_bytes as f64 * 8.0 / seconds;
+            c.sent_bytes = 0;
+            let twcc = snap.estimate.is_some();
+            let signals = Signals {
+                estimate: snap.estimate.or(remb),
+                acknowledged: if twcc { snap.acknowledged } else { media_bps },
+                loss: if twcc { snap.loss } else { c.receiver.loss },
+                queuing_delay_ms: snap.queuing_delay_ms,
+                backing_off: snap.backing_off,
+                media_bps,
+            };
+            let rate =
+                |s: &str, k: Kind| self.rates.get(&(s.to_owned(), k)).map_or(0.0, |r| r.bps());
+            let videos: Vec<VideoTrack> = streams
+                .iter()
+                .filter(|(_, k)| *k == Kind::Video)
+                .map(|(s, _)| VideoTrack {
+                    stream_id: s.clone(),
+                    bitrate: rate(s, Kind::Video),
+                    // Weir's protocol has no screen-share or speaker flags yet: all cameras.
+                    priority: Priority::Camera,
+                })
+                .collect();
+            let audio_bps: f64 = streams
+                .iter()
+                .filter(|(_, k)| *k == Kind::Audio)
+                .map(|(s, _)| rate(s, Kind::Audio))
+                .sum();
+            let before = c.allocator.state();
+            let alloc = c.allocator.tick(now, signals, audio_bps, &videos);
+            if let Some(bps) = alloc.verified {
+                c.estimator.verified(bps, now);
+            }
+            if let Some(outcome) = alloc.probe {
+                let label = match outcome {
+                    crate::congestion::allocate::ProbeOutcome::Succeeded => "succeeded",
+                    crate::congestion::allocate::ProbeOutcome::Failed => "failed",
+                };
+                self.metrics.bwe_probes.with_label_values(&[label]).inc();
+                tracing::info!(
+                    session = key.0 .0,
+                    outcome = label,
+                    acknowledged = signals.acknowledged as u64,
+                    queuing_ms = signals.queuing_delay_ms,
+                    loss = signals.loss,
+                    "bandwidth probe"
+                );
+            }
+            let state = c.allocator.state();
+            if state != before {
+                self.metrics
+                    .congestion_states
+                    .with_label_values(&[&room, state.as_str()])
+                    .inc();
+                tracing::info!(
+                    session = key.0 .0,
+                    from = before.as_str(),
+                    to = state.as_str(),
+                    estimate = signals.estimate.unwrap_or(0.0) as u64,
+                    loss = signals.loss,
+                    queuing_ms = signals.queuing_delay_ms,
+                    "subscriber congestion state"
+                );
+            }
+            if room_tick {
+                if let Some(e) = signals.estimate {
+                    self.metrics.bwe_estimate.observe(e);
+                }
+                if let Some(rtt) = c.receiver.rtt.take() {
+                    self.metrics.subscriber_rtt.observe(rtt.as_secs_f64());
+                }
+                for (stream, cap) in &alloc.capacity {
+                    capacities.entry(stream.clone()).or_default().push(*cap);
+                }
+            }
+            let paused: Vec<String> = c.allocator.paused().iter().cloned().collect();
+            let lvl = level(state);
+            let due = match &c.told {
+                None => lvl != CongestionLevel::Normal,
+                Some((l, p, at)) => {
+                    *l != lvl
+                        || *p != paused
+                        || (lvl != CongestionLevel::Normal
+                            && now.saturating_duration_since(*at) >= TELL_EVERY)
+                }
+            };
+            if due {
+                c.told = Some((lvl, paused.clone(), now));
+                tells.push((
+                    key.0,
+                    ServerMessage::Congestion {
+                        state: lvl,
+                        estimate: signals.estimate.unwrap_or(0.0) as u64,
+                        paused,
+                    },
+                ));
+            }
+            let padding = (alloc.padding_bps * seconds / 8.0) as usize;
+            for change in alloc.changes {
+                changes.push((*key, room.clone(), change));
+            }
+            if padding > 0 {
+                let sent = p.send_padding(padding, now);
+                self.metrics.padding_bytes.inc_by(sent as u64);
+            }
+        }
+        for (key, room, change) in changes {
+            let Some(p) = self.peers.get_mut(&key) else {
+                continue;
+            };
+            match change {
+                Change::Paused(stream) => {
+                    if p.set_paused(&stream, true) {
+                        tracing::info!(
+                            session = key.0 .0,
+                            stream,
+                            "video paused: the subscriber's link cannot carry it"
+                        );
+                        self.metrics
+                            .congestion_paused
+                            .with_label_values(&[&room])
+                            .inc();
+                        self.metrics
+                            .congestion_switches
+                            .with_label_values(&[&room, "pause"])
+                            .inc();
+                    }
+                }
+                Change::Resumed(stream) => {
+                    if p.set_paused(&stream, false) {
+                        tracing::info!(session = key.0 .0, stream, "video resumed");
+                        self.metrics
+                            .congestion_paused
+                            .with_label_values(&[&room])
+                            .dec();
+                        self.metrics
+                            .congestion_switches
+                            .with_label_values(&[&room, "resume"])
+                            .inc();
+                        self.request_keyframe(&stream, now, true);
+                    }
+                }
+            }
+        }
+        for (session, msg) in tells {
+            self.tell(session, msg);
+        }
+        if room_tick {
+            self.room_decisions(now, capacities);
+        }
+    }
+
+    /// Each stream's room combines its subscribers' capacities into one target for
+    /// the publisher: REMB for WebRTC publishers; the room is told for everyone.
+    fn room_decisions(&mut self, now: Instant, capacities: HashMap<String, Vec<f64>>) {
+        for (stream_id, caps) in capacities {
+            let Some(sp) = self.stream_rooms.get_mut(&stream_id) else {
+                continue;
+            };
+            let Some(target) = publisher_target(sp.policy, &caps, sp.min, sp.max) else {
+                continue;
+            };
+            self.metrics
+                .publisher_target
+                .with_label_values(&[sp.policy.as_str()])
+                .observe(target);
+            let changed = sp
+                .told
+                .is_none_or(|t| (target - t).abs() > t * TARGET_CHANGE);
+            let rtmp = sp.rtmp;
+            if changed {
+                sp.told = Some(target);
+                let _ = self.control.try_send(ControlCommand::PublishTarget {
+                    stream_id: stream_id.clone(),
+                    bitrate: target as u64,
+                });
+            }
+            if rtmp {
+                continue;
+            }
+            let Some(publisher) = self.publishers.get(&stream_id).copied() else {
+                continue;
+            };
+            if let Some(p) = self
+                .peers
+                .get_mut(&super::peer::PeerKey(publisher, Target::Publisher))
+            {
+                if p.send_remb(target, now) {
+                    self.metrics.remb_sent.inc();
+                }
+            }
+        }
+    }
+}
