@@ -200,6 +200,11 @@ impl Rewriter {
         self.ssrc
     }
 
+    /// The sequence number of the last packet sent, if any.
+    pub fn last_sequence(&self) -> Option<u16> {
+        self.last_out.map(|(seq, _)| seq)
+    }
+
     /// A publisher RTP timestamp in this downtrack's timestamp space (for sender
     /// reports), once the first packet fixed the offset.
     pub fn translate_timestamp(&self, source_ssrc: u32, ts: u32) -> Option<u32> {
@@ -268,6 +273,11 @@ impl Rewriter {
         out.header.extension = false;
         out.header.extension_profile = 0;
         out.header.extensions.clear();
+        // The publisher's parsed extension padding goes too: left behind, it makes the
+        // header's computed size disagree with what it marshals once an interceptor
+        // (the TWCC sender) adds an extension, and rtc's SRTP layer then drops the
+        // packet ("marshal_to output size 23, but expect 27"), logged only via `log`.
+        out.header.extensions_padding = 0;
         self.last_out = Some((out.header.sequence_number, out.header.timestamp));
         self.packets = self.packets.wrapping_add(1);
         self.octets = self.octets.wrapping_add(out.payload.len() as u32);
@@ -278,6 +288,27 @@ impl Rewriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rewritten_packet_marshals_to_its_size_after_an_extension_is_added() {
+        use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
+        // A browser's packet: one-byte extensions with padding after them.
+        let mut p = pkt(7, 9);
+        p.header
+            .set_extension(1, bytes::Bytes::from_static(&[1]))
+            .unwrap();
+        p.header
+            .set_extension(3, bytes::Bytes::from_static(&[1, 2, 3]))
+            .unwrap();
+        let parsed = Packet::unmarshal(&mut p.marshal().unwrap()).unwrap();
+        assert!(parsed.header.extensions_padding > 0);
+        let mut out = Rewriter::new(1).rewrite(&parsed, 96);
+        // What the TWCC sender does on the way out.
+        out.header
+            .set_extension(4, bytes::Bytes::from_static(&[0, 1]))
+            .unwrap();
+        assert_eq!(out.marshal().unwrap().len(), out.marshal_size());
+    }
 
     #[test]
     fn keyframes_are_recognized_in_h264_and_vp8_payloads() {
