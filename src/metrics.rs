@@ -311,7 +311,7 @@ impl Metrics {
             ),
             nacks: counter_vec(
                 "weir_nacks_total",
-                "NACKs from subscribers (received) and the packets they asked for (packets_requested)",
+                "NACKs from subscribers (received), the packets they asked for (packets_requested), and requests not honoured because that packet was resent too often or too recently (packets_suppressed)",
                 &["event"],
             ),
             plis: counter_vec(

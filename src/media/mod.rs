@@ -13,6 +13,7 @@
 mod congestion;
 mod demux;
 mod forward;
+mod nack_guard;
 mod peer;
 mod tcp;
 

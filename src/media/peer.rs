@@ -35,6 +35,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error as RtcError;
+use rtc::shared::marshal::MarshalSize;
 use tracing::debug;
 use weir_signaling::{IceCandidate, Kind, Target};
 
@@ -131,6 +132,8 @@ pub struct Peer {
     pending: bool,
     /// Subscriber connections: the estimate and the allocation (congestion control on).
     pub congestion: Option<Congestion>,
+    /// Which downtracks' NACKs go unanswered (paused ones), shared with the chain.
+    paused_ssrcs: super::nack_guard::PausedSsrcs,
 }
 
 fn random_token(len: usize) -> String {
@@ -305,7 +308,14 @@ impl Peer {
             )),
             ..RtcpTap::new(true)
         };
-        let registry = Registry::new().with(Slot::from(RTCP_TAP_SLOT), tap);
+        let paused_ssrcs = super::nack_guard::PausedSsrcs::default();
+        let registry = Registry::new().with(Slot::from(RTCP_TAP_SLOT), tap).with(
+            Slot::from(super::nack_guard::NACK_GUARD_SLOT),
+            super::nack_guard::NackGuard::new(
+                Some(metrics.nacks.with_label_values(&["packets_suppressed"])),
+                paused_ssrcs.clone(),
+            ),
+        );
         // The default chain minus its sender-report generator: a subscriber's SRs must
         // come from the publisher's clock (Chrome lip-syncs from them), and we write
         // those ourselves; two SR sources would contradict each other.
@@ -392,6 +402,7 @@ impl Peer {
             negotiating: false,
             pending: false,
             congestion,
+            paused_ssrcs,
         })
     }
 
@@ -607,6 +618,7 @@ impl Peer {
         for k in stale {
             if let Some(d) = self.downtracks.remove(&k) {
                 let _ = self.pc.remove_track(d.sender_id);
+                self.paused_ssrcs.forget(d.rewriter.ssrc());
                 metrics
                     .subscribed_tracks
                     .with_label_values(&[kind_label(k.1)])
@@ -752,7 +764,11 @@ impl Peer {
         };
         let out = d.rewriter.rewrite(packet, pt);
         let bytes = out.payload.len() as u64 + 12;
-        let ok = sender.write_rtp(now, out).is_ok();
+        let res = sender.write_rtp(now, out);
+        if let Err(e) = &res {
+            tracing::trace!(key = ?self.key, error = %e, ?kind, "forwarded packet not written");
+        }
+        let ok = res.is_ok();
         if ok {
             if let Some(c) = self.congestion.as_mut() {
                 c.sent_bytes += bytes;
@@ -773,6 +789,8 @@ impl Peer {
         if paused && !d.paused {
             d.rewriter.interrupt();
         }
+        self.paused_ssrcs
+            .set(d.rewriter.ssrc(), paused, d.rewriter.last_sequence());
         if !paused && d.paused {
             d.await_keyframe = true;
         }
@@ -804,7 +822,7 @@ impl Peer {
         else {
             return 0;
         };
-        let (Some(pt), Some(mut sender)) = (d.payload_type, self.pc.rtp_sender(d.sender_id)) else {
+        let Some(pt) = d.payload_type else {
             return 0;
         };
         const PACKET: usize = 1000;
@@ -813,11 +831,19 @@ impl Peer {
             let Some(p) = d.rewriter.padding(pt, PACKET) else {
                 break;
             };
-            if let Err(e) = sender.write_rtp(now, p) {
-                tracing::info!(key = ?self.key, error = %e, "padding not sent");
+            let size = p.marshal_size();
+            // Straight to the connection: `RTCRtpSender::write_rtp` accepts only
+            // negotiated extension ids, and RFC 8285 padding has none. The chain
+            // (TWCC numbering, the send history) and SRTP still see it.
+            let msg = TaggedRTCMessage {
+                now,
+                message: RTCMessage::RtpPacket(d.track_id.clone(), p),
+            };
+            if let Err(e) = self.pc.handle_write(msg) {
+                debug!(key = ?self.key, error = %e, "padding not sent");
                 break;
             }
-            sent += PACKET + 32;
+            sent += size;
         }
         sent
     }

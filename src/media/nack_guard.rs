@@ -1,0 +1,295 @@
+//! Bounds how often a subscriber can make us retransmit a packet.
+//!
+//! webrtc-rs's NACK responder answers every request from its send buffer, however
+//! often the same packet is asked for. A receiver whose NACK generator never learns
+//! that a retransmission arrived (measured: a webrtc-rs client with RTX asked for the
+//! same three packets ~29 times a second for ten seconds, ~240 kbit/s of repeats) then
+//! fills its own bottleneck and loses the audio sharing it. This interceptor sits
+//! wire-ward of the responder on the read path and removes, from each NACK, packets
+//! already retransmitted [`MAX_RETRANSMISSIONS`] times or less than [`MIN_INTERVAL`]
+//! ago; a NACK left with nothing is dropped. Memory is bounded by [`MAX_TRACKED`].
+//!
+//! Requests for a **paused** downtrack are not answered at all: the allocator stopped
+//! it because the link is full, the packets asked for belong to frames that will never
+//! be shown (the resume starts from a fresh keyframe), and resending them would take
+//! the bandwidth the audio needs. The media task says which SSRCs are paused through a
+//! shared [`PausedSsrcs`] handle (the guard itself lives inside the connection's chain).
+//! The pause also sets a fence: packets sent before it are not resent after the video
+//! resumes either (measured: without it, the 74 packets the bottleneck had dropped just
+//! before the pause went out again, in one burst, the moment the video resumed).
+//!
+//! Padding is never resent either: the guard notes the padding-only packets (probes)
+//! it sees leave, and drops requests for them. Measured: a webrtc-rs receiver does not
+//! count padding as received and, once the video resumed, asked for all of it again
+//! (~125 kB in a quarter of a second, twice).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
+    nack_pairs_from_sequence_numbers, TransportLayerNack,
+};
+use rtc::sansio::Protocol;
+use rtc::shared::error::Error as RtcError;
+
+pub const MAX_RETRANSMISSIONS: u8 = 3;
+/// Less than a round trip on most paths is a duplicate request, not a new loss.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Requests remembered (a second of 1000-packet/s video, with room to spare).
+pub const MAX_TRACKED: usize = 4096;
+/// A packet not asked for in this long is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(2);
+
+/// Where the guard goes: between the pacer (3 000) and the NACK responder (4 000).
+pub const NACK_GUARD_SLOT: usize = 3_500;
+
+/// A connection's paused downtracks (by SSRC), and for each downtrack ever paused the
+/// last sequence number sent before that pause. Shared with its guard.
+#[derive(Clone, Default)]
+pub struct PausedSsrcs(Arc<Mutex<HashMap<u32, (bool, Option<u16>)>>>);
+
+impl PausedSsrcs {
+    /// Pauses (with the last sequence number sent, the fence) or resumes a downtrack.
+    pub fn set(&self, ssrc: u32, paused: bool, last_sent: Option<u16>) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let e = s.entry(ssrc).or_insert((false, None));
+        e.0 = paused;
+        if paused {
+            e.1 = last_sent.or(e.1);
+        }
+    }
+
+    pub fn forget(&self, ssrc: u32) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ssrc);
+    }
+
+    fn state(&self, ssrc: u32) -> (bool, Option<u16>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ssrc)
+            .copied()
+            .unwrap_or((false, None))
+    }
+}
+
+/// Padding packets remembered, per connection.
+const MAX_PADDING: usize = 4096;
+
+#[derive(Default)]
+pub struct NackGuard {
+    paused: PausedSsrcs,
+    padding: HashSet<(u32, u16)>,
+    padding_order: VecDeque<(u32, u16)>,
+    asked: HashMap<(u32, u16), (u8, Instant)>,
+    order: VecDeque<((u32, u16), Instant)>,
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+    suppressed: Option<prometheus::IntCounter>,
+}
+
+impl NackGuard {
+    pub fn new(suppressed: Option<prometheus::IntCounter>, paused: PausedSsrcs) -> Self {
+        Self {
+            suppressed,
+            paused,
+            ..Self::default()
+        }
+    }
+
+    /// The sequence numbers of `seqs` that may be retransmitted now.
+    fn allow(&mut self, ssrc: u32, seqs: Vec<u16>, now: Instant) -> Vec<u16> {
+        let (paused, fence) = self.paused.state(ssrc);
+        if paused {
+            if let Some(c) = &self.suppressed {
+                c.inc_by(seqs.len() as u64);
+            }
+            return Vec::new();
+        }
+        while let Some((key, at)) = self.order.front().copied() {
+            if now.saturating_duration_since(at) < FORGET_AFTER && self.asked.len() < MAX_TRACKED {
+                break;
+            }
+            self.order.pop_front();
+            if self.asked.get(&key).is_some_and(|(_, last)| *last <= at) {
+                self.asked.remove(&key);
+            }
+        }
+        let mut out = Vec::new();
+        for seq in seqs {
+            let before_fence = fence.is_some_and(|f| seq.wrapping_sub(f) as i16 <= 0);
+            if before_fence || self.padding.contains(&(ssrc, seq)) {
+                if let Some(c) = &self.suppressed {
+                    c.inc();
+                }
+                continue;
+            }
+            let entry = self.asked.entry((ssrc, seq)).or_insert((0, now));
+            let (count, last) = *entry;
+            if count >= MAX_RETRANSMISSIONS
+                || (count > 0 && now.saturating_duration_since(last) < MIN_INTERVAL)
+            {
+                if let Some(c) = &self.suppressed {
+                    c.inc();
+                }
+                continue;
+            }
+            *entry = (count + 1, now);
+            self.order.push_back(((ssrc, seq), now));
+            out.push(seq);
+        }
+        out
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for NackGuard {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = RtcError;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
+        let now = msg.now;
+        if let Packet::Rtcp(packets) = &mut msg.message.packet {
+            let mut changed = false;
+            let mut kept: Vec<Box<dyn rtc::rtcp::Packet>> = Vec::with_capacity(packets.len());
+            for p in packets.drain(..) {
+                let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>() else {
+                    kept.push(p);
+                    continue;
+                };
+                let seqs: Vec<u16> = nack.nacks.iter().flat_map(|n| n.packet_list()).collect();
+                let allowed = self.allow(nack.media_ssrc, seqs.clone(), now);
+                if allowed.len() == seqs.len() {
+                    kept.push(p);
+                    continue;
+                }
+                changed = true;
+                if !allowed.is_empty() {
+                    kept.push(Box::new(TransportLayerNack {
+                        sender_ssrc: nack.sender_ssrc,
+                        media_ssrc: nack.media_ssrc,
+                        nacks: nack_pairs_from_sequence_numbers(&allowed),
+                    }));
+                }
+            }
+            *packets = kept;
+            if changed && packets.is_empty() {
+                return Ok(()); // nothing left worth passing on
+            }
+        }
+        self.reads.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.reads.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
+        if let Packet::Rtp(p) = &msg.message.packet {
+            if p.header.padding && p.payload.is_empty() {
+                let key = (p.header.ssrc, p.header.sequence_number);
+                if self.padding.insert(key) {
+                    self.padding_order.push_back(key);
+                    if self.padding_order.len() > MAX_PADDING {
+                        if let Some(old) = self.padding_order.pop_front() {
+                            self.padding.remove(&old);
+                        }
+                    }
+                }
+            }
+        }
+        self.writes.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.writes.pop_front()
+    }
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), RtcError> {
+        Ok(())
+    }
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        None
+    }
+}
+
+impl Interceptor for NackGuard {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_packet_is_retransmitted_a_bounded_number_of_times_and_not_in_bursts() {
+        let mut g = NackGuard::new(None, PausedSsrcs::default());
+        let t0 = Instant::now();
+        // Asked for every 30 ms for a second: three retransmissions, 100 ms apart at least.
+        let mut granted = Vec::new();
+        for i in 0..34u64 {
+            let now = t0 + Duration::from_millis(i * 30);
+            if !g.allow(1, vec![7], now).is_empty() {
+                granted.push(i * 30);
+            }
+        }
+        assert_eq!(granted.len(), MAX_RETRANSMISSIONS as usize, "{granted:?}");
+        assert!(
+            granted.windows(2).all(|w| w[1] - w[0] >= 100),
+            "{granted:?}"
+        );
+        // Another packet, and the same number on another stream, are not affected.
+        assert_eq!(g.allow(1, vec![8], t0), vec![8]);
+        assert_eq!(g.allow(2, vec![7], t0), vec![7]);
+    }
+
+    #[test]
+    fn padding_is_never_resent() {
+        let mut g = NackGuard::new(None, PausedSsrcs::default());
+        let t0 = Instant::now();
+        let mut p = rtc::rtp::Packet::default();
+        p.header.ssrc = 5;
+        p.header.sequence_number = 10;
+        p.header.padding = true;
+        g.handle_write(TaggedPacket {
+            now: t0,
+            transport: Default::default(),
+            message: Packet::Rtp(p).into(),
+        })
+        .unwrap();
+        assert!(g.poll_write().is_some(), "padding still leaves");
+        assert_eq!(g.allow(5, vec![9, 10, 11], t0), vec![9, 11]);
+    }
+
+    #[test]
+    fn a_paused_downtrack_gets_no_retransmissions() {
+        let paused = PausedSsrcs::default();
+        let mut g = NackGuard::new(None, paused.clone());
+        let t0 = Instant::now();
+        paused.set(5, true, Some(2));
+        assert!(g.allow(5, vec![1, 2, 3], t0).is_empty());
+        assert_eq!(g.allow(6, vec![1], t0), vec![1]);
+        paused.set(5, false, None);
+        // After the resume, what was sent before the pause stays unanswered.
+        assert_eq!(g.allow(5, vec![1, 2, 3, 4], t0), vec![3, 4]);
+    }
+
+    #[test]
+    fn memory_stays_bounded() {
+        let mut g = NackGuard::new(None, PausedSsrcs::default());
+        let t0 = Instant::now();
+        for i in 0..20_000u32 {
+            g.allow(i, vec![1, 2, 3], t0 + Duration::from_micros(u64::from(i)));
+        }
+        assert!(g.asked.len() <= MAX_TRACKED + 3, "{}", g.asked.len());
+        assert!(g.order.len() <= MAX_TRACKED + 3);
+    }
+}
