@@ -16,6 +16,25 @@ export interface WeirOptions {
   autoSubscribe?: boolean;
   /** Rejoin after a network blip (default true). */
   reconnect?: boolean;
+  /** The room's congestion policy, taken if this join creates the room. */
+  congestionPolicy?: "weakest" | "majority";
+}
+
+/** This client's downlink as the server sees it (the `congestion` event). */
+export interface Congestion {
+  state: "normal" | "warning" | "congested";
+  /** bit/s; 0 when unknown. */
+  estimate: number;
+  /** Streams whose video is paused for this client (their audio continues). */
+  paused: string[];
+}
+
+/** What the room asks a publisher to send (the `publishTarget` event). */
+export interface PublishTarget {
+  streamId: string;
+  userID: string;
+  bitrate: number;
+  policy: "weakest" | "majority";
 }
 
 export interface PublishOptions {
@@ -26,6 +45,9 @@ export interface PublishOptions {
   width?: number;
   height?: number;
   frameRate?: number;
+  /** Video bitrate bounds (bit/s) the room's targets stay within (like the mini
+   * program pusher's min-bitrate/max-bitrate); maxBitrate also caps the encoder. */
+  minBitrate?: number;
   maxBitrate?: number;
   /** Three layers (¼, ½, full). Needs a server that forwards simulcast. */
   simulcast?: boolean;
@@ -92,6 +114,8 @@ export class WeirRoom extends EventTarget {
   streams: Map<string, { info: StreamInfo; stream: MediaStream | null }>;
   members: Set<string>;
   rttMs: number | null;
+  /** The latest `congestion` event, or undefined before the first. */
+  congestion?: Congestion;
   on(type: string, handler: (detail: any) => void): this;
   start(publish?: PublishOptions | false): Promise<void>;
   join(): Promise<any>;

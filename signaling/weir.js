@@ -71,7 +71,11 @@ export class WeirError extends Error {
  * ready to render: `{streamId, stream, info}`), `localStream`, `published`,
  * `textMessage`, `error` (a WeirError or a media failure), `connectionState`
  * (`{target, state}`), `reconnecting`, `reconnected`, `left` (`{reason}`),
- * `congestion` (server congestion state, when the server sends it).
+ * `congestion` (this client's downlink as the server sees it:
+ * `{state: "normal"|"warning"|"congested", estimate, paused}`, `paused` being the
+ * streams whose video the server withholds because the link cannot carry it; their
+ * audio continues), `publishTarget` (`{streamId, userID, bitrate, policy}`: the rate
+ * the room asks a publisher for; the browser also gets it as REMB for its own stream).
  */
 export class WeirRoom extends EventTarget {
   /** @param {import("./weir.d.ts").WeirOptions} options */
@@ -141,6 +145,7 @@ export class WeirRoom extends EventTarget {
     };
     if (o.strRoomID !== undefined) msg.strRoomID = String(o.strRoomID);
     else msg.roomID = Number(o.roomID);
+    if (o.congestionPolicy) msg.congestionPolicy = o.congestionPolicy;
     const joined = await this._request(msg, (m) => m.type === "joined");
     this.state = "joined";
     this.iceServers = joined.iceServers || [];
@@ -217,7 +222,13 @@ export class WeirRoom extends EventTarget {
     this.localStream = media;
     this._emit("localStream", { stream: media });
     const published = await this._request(
-      { type: "publish", audio, video },
+      {
+        type: "publish",
+        audio,
+        video,
+        ...(options.minBitrate ? { minBitrate: options.minBitrate } : {}),
+        ...(options.maxBitrate ? { maxBitrate: options.maxBitrate } : {}),
+      },
       (m) => m.type === "published",
     );
     this.ownStream = published.stream;
@@ -595,7 +606,16 @@ export class WeirRoom extends EventTarget {
         this._emit("left", { reason: msg.reason });
         break;
       case "congestion":
-        this._emit("congestion", msg);
+        this.congestion = { state: msg.state, estimate: msg.estimate, paused: msg.paused || [] };
+        this._emit("congestion", this.congestion);
+        break;
+      case "publishTarget":
+        this._emit("publishTarget", {
+          streamId: msg.streamId,
+          userID: msg.userID,
+          bitrate: msg.bitrate,
+          policy: msg.policy,
+        });
         break;
       case "error":
         if (!settled) this._emit("error", new WeirError(msg.code, msg.message, msg.request, msg.tencentCode));

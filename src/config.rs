@@ -68,10 +68,6 @@ pub struct ServerConfig {
     /// Per-subscriber bandwidth estimation (transport-wide CC, REMB as a fallback),
     /// pausing videos a subscriber's link cannot carry, and per-room targets for
     /// publishers. Off: everything is forwarded to everyone, as a plain SFU.
-    /// Off by default for now: with transport-wide sequence numbers stamped on the
-    /// subscriber leg, headless Chromium 156 reports most packets lost and plays no
-    /// audio (tests/browser.rs, two tabs); webrtc-rs subscribers work. Until that is
-    /// understood, turning this on is for non-browser subscribers and experiments.
     pub congestion_control: bool,
     /// How rooms weigh their subscribers unless their creator chose (`weakest`: the
     /// publisher sends what the worst link can carry; `majority`: what a strict
@@ -109,7 +105,7 @@ impl Default for ServerConfig {
             tcp_unsent_limit_bytes: 16 * 1024,
             max_rooms: 1000,
             max_members_per_room: 50,
-            congestion_control: false,
+            congestion_control: true,
             congestion_policy: weir_signaling::CongestionPolicy::Weakest,
             publisher_min_bitrate: 100_000,
             publisher_max_bitrate: 2_500_000,

@@ -266,12 +266,204 @@ async fn start(policy: CongestionPolicy, loss: f64) -> Run {
     }
 }
 
+/// Media (non-padding) video packets received in `[from, to)`.
+fn video_in(p: &[(Instant, u16, usize)], from: Instant, to: Instant) -> usize {
+    p.iter()
+        .filter(|(at, _, len)| *len > 0 && *at >= from && *at < to)
+        .count()
+}
+
+/// Missing audio sequence numbers among packets received in `[from, to)`: the
+/// numbers are unwrapped in arrival order (they wrap at 65 536, every 22 min at
+/// 50 packets/s, so within a test run more often than one might think).
+fn audio_gaps(p: &[(Instant, u16, usize)], from: Instant, to: Instant) -> usize {
+    let mut in_window: Vec<&(Instant, u16, usize)> = p
+        .iter()
+        .filter(|(at, _, _)| *at >= from && *at < to)
+        .collect();
+    in_window.sort_by_key(|(at, ..)| *at);
+    let mut last: Option<(u16, i64)> = None;
+    let mut seqs: Vec<i64> = in_window
+        .iter()
+        .map(|(_, s, _)| {
+            let ext = match last {
+                None => i64::from(*s),
+                Some((l, e)) => e + i64::from(s.wrapping_sub(l) as i16),
+            };
+            last = Some((*s, ext));
+            ext
+        })
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    match (seqs.first(), seqs.last()) {
+        (Some(a), Some(b)) => (b - a + 1) as usize - seqs.len(),
+        _ => 0,
+    }
+}
+
 fn metric(metrics: &str, prefix: &str) -> f64 {
     metrics
         .lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_subscriber_falls_back_to_audio_and_recovers_while_the_others_are_unaffected() {
+    let run = start(CongestionPolicy::Majority, 0.0).await;
+    // Warm up uncapped until every subscriber receives video.
+    let warm = Instant::now();
+    loop {
+        let mut ok = true;
+        for s in &run.subs {
+            ok &= video_in(
+                &s.packets("video").await,
+                warm,
+                Instant::now() + Duration::from_secs(1),
+            ) > 100;
+        }
+        if ok {
+            break;
+        }
+        assert!(
+            warm.elapsed() < Duration::from_secs(20),
+            "subscribers never got video"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let capped = Instant::now();
+    run.relay.rate_bps.store(CAP, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let lifted = Instant::now();
+    run.relay.rate_bps.store(0, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let end = Instant::now();
+    run.stop.store(true, Ordering::Relaxed);
+
+    let weak = &run.subs[2];
+    let events = weak.congestion();
+    common::plot::congestion_run(
+        "majority policy: s3 capped at 300 kbit/s for 10 s, then uncapped",
+        &run.relay,
+        &events,
+        capped,
+        lifted,
+    );
+    let below = events
+        .iter()
+        .find(|(at, _, e, _)| *at > capped && *e > 0 && *e < CAP)
+        .map(|(at, ..)| *at)
+        .unwrap_or_else(|| panic!("s3's estimate never went below the cap: {events:?}"));
+    let paused_at = events
+        .iter()
+        .find(|(at, l, _, p)| {
+            *at > capped && *l == CongestionLevel::Congested && p.contains(&run.stream_id)
+        })
+        .map(|(at, ..)| *at)
+        .unwrap_or_else(|| panic!("s3's video was never paused: {events:?}"));
+    let resumed_at = events
+        .iter()
+        .find(|(at, _, _, p)| *at > lifted && p.is_empty())
+        .map(|(at, ..)| *at)
+        .unwrap_or_else(|| panic!("s3's video never resumed: {events:?}"));
+    let video = weak.packets("video").await;
+    let audio = weak.packets("audio").await;
+    eprintln!(
+        "cap -> estimate below it {:?}, -> paused {:?}; lift -> resumed {:?}",
+        below.duration_since(capped),
+        paused_at.duration_since(capped),
+        resumed_at.duration_since(lifted)
+    );
+    assert!(
+        below.duration_since(capped) < Duration::from_secs(5),
+        "settled after {:?}",
+        below.duration_since(capped)
+    );
+    // Paused: no video while capped (once the queue has drained), audio without loss.
+    let settled = paused_at + Duration::from_millis(500);
+    // Paused means no new video. Retransmissions of the packets the bottleneck lost
+    // just before the pause may still arrive (NACKed, at most 3 times each), but
+    // nothing past that tail: at 120 packets/s, new video would be ~1000 packets.
+    let last_before = video
+        .iter()
+        .filter(|(at, _, len)| *len > 0 && *at < settled)
+        .max_by_key(|(at, ..)| *at)
+        .map(|(_, s, _)| *s)
+        .expect("video before the pause");
+    let beyond: Vec<u16> = video
+        .iter()
+        .filter(|(at, _, len)| *len > 0 && *at >= settled && *at < lifted)
+        .map(|(_, s, _)| *s)
+        .filter(|s| s.wrapping_sub(last_before) as i16 > 64)
+        .collect();
+    let during = video_in(&video, settled, lifted);
+    eprintln!(
+        "s3 video while paused: {during} packets (retransmissions), {} beyond the pre-pause tail",
+        beyond.len()
+    );
+    assert!(beyond.is_empty(), "video withheld while paused: {beyond:?}");
+    let gaps = audio_gaps(&audio, settled, lifted);
+    let heard = audio
+        .iter()
+        .filter(|(at, ..)| *at >= settled && *at < lifted)
+        .count();
+    eprintln!("s3 audio while paused: {heard} packets, {gaps} missing");
+    assert!(
+        heard as f64 > lifted.duration_since(settled).as_secs_f64() * 45.0,
+        "{heard} audio packets"
+    );
+    assert_eq!(gaps, 0, "audio continues without loss");
+    // Back on its best (only) layer within 10 s of the lift, and video flowing.
+    assert!(resumed_at.duration_since(lifted) < Duration::from_secs(10));
+    assert!(
+        video_in(&video, resumed_at + Duration::from_secs(1), end) > 200,
+        "video flows again"
+    );
+    // The two others: never paused, video all along.
+    for s in &run.subs[..2] {
+        assert!(
+            s.congestion().iter().all(|(_, _, _, p)| p.is_empty()),
+            "{:?}",
+            s.congestion()
+        );
+        let v = video_in(&s.packets("video").await, capped, lifted);
+        assert!(
+            v as f64 > 10.0 * 120.0 * 0.95,
+            "{v} video packets while s3 was capped"
+        );
+    }
+    let metrics = run.t.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "weir_congestion_layer_switches_total{direction=\"pause\""
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "weir_congestion_layer_switches_total{direction=\"resume\""
+        ) >= 1.0
+    );
+    assert!(metric(&metrics, "weir_bwe_estimate_bps_count") > 0.0);
+    assert!(
+        metric(&metrics, "weir_bwe_padding_bytes_total") > 0.0,
+        "probes sent padding"
+    );
+    // Majority: the publisher is asked for what s1 and s2 can take, not s3's cap.
+    let rembs = run.rembs.lock().unwrap().clone();
+    assert!(
+        rembs
+            .iter()
+            .filter(|(at, _)| *at > settled && *at < lifted)
+            .all(|(_, b)| *b as u64 > CAP),
+        "{rembs:?}"
+    );
+    drop(run.publisher);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,8 +516,8 @@ async fn two_percent_random_loss_without_a_cap_does_not_flap() {
     let metrics = run.t.metrics().await;
     let switches = metric(&metrics, "weir_congestion_layer_switches_total");
     let dropped: u64 = run.relay.buckets.lock().unwrap().iter().map(|b| b.2).sum();
-    eprintln!("2 % loss: {dropped} datagrams lost, {switches} layer switches");
-    assert!(dropped > 50, "the relay lost {dropped}");
+    eprintln!("2 % loss: {dropped} datagrams lost, {switches:.0} layer switches");
+    assert!(dropped > 20, "the relay lost {dropped}");
     assert_eq!(switches, 0.0, "no flapping: {:?}", run.subs[2].congestion());
     let video = run.subs[2].packets("video").await;
     assert!(video.len() > 1000, "{} video packets", video.len());

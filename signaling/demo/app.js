@@ -3,7 +3,16 @@
 import { WeirRoom } from "/sdk/weir.js";
 
 const $ = (id) => document.getElementById(id);
-const state = { room: null, dev: false, creds: null, tiles: new Map(), statsTimer: null };
+const state = {
+  room: null,
+  dev: false,
+  creds: null,
+  tiles: new Map(),
+  statsTimer: null,
+  // This tab's downlink as the server sees it, and the room's target for our stream.
+  congestion: null,
+  target: null,
+};
 window.weirDemo = state; // for tests and the curious: the live WeirRoom is state.room
 
 function setStatus(text, kind) {
@@ -119,6 +128,10 @@ async function refreshStats() {
       `rtt ${fmt.ms(s.rttMs)}`,
       s.local ? null : `buffer ${fmt.ms(v.jitterBufferMs)}`,
       v.codec ? v.codec.replace("video/", "") : null,
+      !s.local && state.congestion && state.congestion.paused.includes(id)
+        ? "video paused: your network cannot carry it"
+        : null,
+      s.local && state.target ? `room asks ${fmt.kbps(state.target.bitrate)} (${state.target.policy})` : null,
     ].filter(Boolean);
     t.stats.textContent = parts.join(" · ");
     t.root.dataset.framesDecoded = v.framesDecoded || 0;
@@ -185,7 +198,15 @@ async function join(ev) {
   room.on("error", (e) => setStatus(`error: ${e.message}`, "bad"));
   room.on("reconnecting", () => setStatus("reconnecting…", "bad"));
   room.on("reconnected", () => setStatus(`in room ${roomText}`, "ok"));
-  room.on("congestion", (c) => setStatus(`network: ${c.state}`, c.state === "normal" ? "ok" : "bad"));
+  room.on("congestion", (c) => {
+    state.congestion = c;
+    const est = c.estimate ? ` · downlink ≈ ${fmt.kbps(c.estimate)}` : "";
+    const paused = c.paused.length ? ` · ${c.paused.length} video(s) paused` : "";
+    setStatus(`network: ${c.state}${est}${paused}`, c.state === "normal" ? "ok" : "bad");
+  });
+  room.on("publishTarget", (t) => {
+    if (state.room && state.room.ownStream && t.streamId === state.room.ownStream.streamId) state.target = t;
+  });
   room.on("left", ({ reason }) => {
     if (reason !== "left") setStatus(`left the room (${reason})`, "bad");
   });

@@ -11,11 +11,16 @@
 //! - a playing video is paused only after the deficit has lasted [`PAUSE_AFTER`], and
 //!   never in the first [`STARTUP_GRACE`] of a connection (the acknowledged rate needs
 //!   a second of feedback before it means anything);
-//! - a paused video resumes only when it fits with [`RESUME_MARGIN`] to spare.
+//! - a playing video is kept while it fits within [`PAUSE_MARGIN`] (the estimate of a
+//!   link that carries exactly this video wobbles around its rate);
+//! - a paused video resumes only when it fits with [`RESUME_MARGIN`] to spare;
+//! - for [`RESUME_GRACE`] after a resume, only a severe deficit (the estimate below
+//!   [`SEVERE`] of what is needed) pauses again: GCC restarted from the probe's rate
+//!   and the first seconds of a resumed stream (its keyframe) move it most.
 //!
 //! Finding headroom again: an estimate only rises with evidence, and a paused video
 //! sends none, so while something is paused the allocator runs **padding probes**: the
-//! media plane sends padding at a rate that ramps ×1.5 every [`PROBE_STEP`] from what
+//! media plane sends padding at a rate that ramps ×[`PROBE_GROWTH`] every [`PROBE_STEP`] from what
 //! is flowing up to what the paused video would need. The probe is abandoned at the
 //! first sign of a queue ([`PROBE_MAX_QUEUING_MS`]), loss or a GCC back-off, before
 //! the bottleneck's buffer overflows (so the audio that shares it is not lost); it
@@ -28,10 +33,17 @@ use std::time::{Duration, Instant};
 pub const STARTUP_GRACE: Duration = Duration::from_secs(2);
 pub const PAUSE_AFTER: Duration = Duration::from_millis(300);
 pub const RESUME_MARGIN: f64 = 1.15;
+pub const PAUSE_MARGIN: f64 = 0.9;
+pub const RESUME_GRACE: Duration = Duration::from_secs(2);
+pub const SEVERE: f64 = 0.6;
 pub const PROBE_STEP: Duration = Duration::from_millis(300);
+/// Gentle enough that the step past a bottleneck builds less queue in a feedback
+/// round trip than a 200 ms router buffer holds (measured: ×1.5 overflowed it and
+/// cost the audio sharing the link).
+pub const PROBE_GROWTH: f64 = 1.3;
 pub const PROBE_HOLD: Duration = Duration::from_millis(600);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-pub const PROBE_MAX_QUEUING_MS: f64 = 40.0;
+pub const PROBE_MAX_QUEUING_MS: f64 = 25.0;
 pub const PROBE_MAX_LOSS: f64 = 0.05;
 pub const PROBE_INTERVAL_MIN: Duration = Duration::from_secs(2);
 pub const PROBE_INTERVAL_MAX: Duration = Duration::from_secs(5);
@@ -136,6 +148,7 @@ pub struct Allocator {
     probe: Option<Probe>,
     next_probe: Option<Instant>,
     backoff: Duration,
+    resumed_at: Option<Instant>,
 }
 
 impl Default for Allocator {
@@ -154,6 +167,7 @@ impl Allocator {
             probe: None,
             next_probe: None,
             backoff: PROBE_INTERVAL_MIN,
+            resumed_at: None,
         }
     }
 
@@ -214,7 +228,14 @@ impl Allocator {
             out.capacity
                 .insert(v.stream_id.clone(), (budget - used).max(0.0));
             let paused = self.paused.contains(&v.stream_id);
-            let margin = if paused { RESUME_MARGIN } else { 1.0 };
+            let graced = self
+                .resumed_at
+                .is_some_and(|t| now.saturating_duration_since(t) < RESUME_GRACE);
+            let margin = match (paused, graced) {
+                (true, _) => RESUME_MARGIN,
+                (false, true) => SEVERE,
+                (false, false) => PAUSE_MARGIN,
+            };
             if used + need * margin <= budget {
                 used += need;
             } else {
@@ -235,6 +256,7 @@ impl Allocator {
         for id in resumable {
             self.paused.remove(&id);
             out.changes.push(Change::Resumed(id));
+            self.resumed_at = Some(now);
         }
 
         // Pause what does not fit, once the deficit has lasted.
@@ -316,7 +338,7 @@ impl Allocator {
                     return;
                 }
                 if p.level < p.goal && now.saturating_duration_since(p.stepped) >= PROBE_STEP {
-                    p.level = (p.level * 1.5).min(p.goal);
+                    p.level = (p.level * PROBE_GROWTH).min(p.goal);
                     p.stepped = now;
                 }
                 if p.level >= p.goal && p.reached.is_none() {
@@ -501,6 +523,32 @@ mod tests {
         assert!(gaps
             .iter()
             .all(|g| *g <= PROBE_INTERVAL_MAX.as_millis() as u64 + 3_000));
+    }
+
+    #[test]
+    fn an_estimate_wobbling_around_the_video_rate_does_not_flap() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [video("a", 1_000_000.0, Priority::Camera)];
+        // 5 % under what video + audio need, for a long while: kept.
+        let out = run(&mut a, t0, 0, 20_000, clean(990_000.0, 990_000.0), &v);
+        assert!(changes(&out).is_empty(), "{:?}", changes(&out));
+        // Just resumed, then a dip to 70 %: kept during the grace, paused after it.
+        run(&mut a, t0, 20_000, 23_000, clean(300_000.0, 300_000.0), &v);
+        assert!(a.is_paused("a"));
+        let out = a.tick(
+            t0 + Duration::from_millis(23_000),
+            clean(1_300_000.0, 1_300_000.0),
+            40_000.0,
+            &v,
+        );
+        assert_eq!(out.changes, vec![Change::Resumed("a".into())]);
+        let dip = clean(760_000.0, 760_000.0);
+        assert!(changes(&run(&mut a, t0, 23_050, 25_000, dip, &v)).is_empty());
+        assert_eq!(
+            changes(&run(&mut a, t0, 25_000, 26_000, dip, &v)),
+            vec![Change::Paused("a".into())]
+        );
     }
 
     #[test]

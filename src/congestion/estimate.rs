@@ -63,7 +63,7 @@ struct State {
     batches: VecDeque<Batch>,
     /// One-way delay samples' minimum per 500 ms bucket, over the base window.
     delay_minima: VecDeque<(Instant, f64)>,
-    /// The latest batch's mean one-way delay (ms, receiver clock minus ours: only
+    /// The latest batch's largest one-way delay (ms, receiver clock minus ours: only
     /// differences mean anything).
     last_delay_ms: Option<f64>,
     /// An epoch for departures, so they and arrivals can be subtracted.
@@ -239,9 +239,10 @@ impl BandwidthEstimator for SharedEstimator {
             s.batches.pop_front();
         }
         if !delays.is_empty() {
-            let mean = delays.iter().sum::<f64>() / delays.len() as f64;
+            // The batch's worst delay: a queue shows at its tail first.
+            let max = delays.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let min = delays.iter().copied().fold(f64::INFINITY, f64::min);
-            s.last_delay_ms = Some(mean);
+            s.last_delay_ms = Some(max);
             match s.delay_minima.back_mut() {
                 Some((at, m))
                     if now.saturating_duration_since(*at) < Duration::from_millis(500) =>

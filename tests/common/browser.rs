@@ -73,10 +73,22 @@ impl Browser {
                 "--remote-debugging-port=0",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
+            // Extra flags for debugging a failing test, e.g. Chromium's WebRTC logs:
+            // WEIR_CHROMIUM_FLAGS="--enable-logging=stderr --vmodule=srtp_session=3".
+            .args(
+                std::env::var("WEIR_CHROMIUM_FLAGS")
+                    .ok()
+                    .iter()
+                    .flat_map(|f| f.split_whitespace().map(str::to_owned).collect::<Vec<_>>()),
+            )
             .arg("about:blank")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var("WEIR_CHROMIUM_FLAGS").is_ok() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()
             .expect("chromium starts");

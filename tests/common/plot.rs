@@ -78,7 +78,7 @@ pub fn congestion_run(
             260.0,
             &[(1, "#bbb"), (2, "#1f77b4"), (4, "#d62728")],
             rate_max,
-            "kbit/s: sent into link (grey), delivered (blue), estimate (red)",
+            "kbit/s: sent into link (grey), delivered (blue), estimate as told to s3 (red)",
         ),
         (320.0, 70.0, &[(5, "#2ca02c")], 1.0, "video paused for s3"),
         (

@@ -213,6 +213,15 @@ impl ShapedRelay {
                         }
                     };
                     account(0, n as u64);
+                    if std::env::var("WEIR_RELAY_DEBUG").is_ok() && n > 12 && buf[0] >> 6 == 2 {
+                        let pt = buf[1] & 0x7f;
+                        let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
+                        let seq = u16::from_be_bytes([buf[2], buf[3]]);
+                        eprintln!(
+                            "RELAY {:.3} pt={pt} ssrc={ssrc} seq={seq} len={n}",
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
                     // xorshift64: repeatable loss.
                     rng ^= rng << 13;
                     rng ^= rng >> 7;
