@@ -143,7 +143,13 @@ window.benchLatency = async (options, streamId, seconds) => {
 async fn main() {
     let seconds = env("BENCH_SECONDS", 20);
     let rounds = env("BENCH_ROUNDS", 20);
-    let t = TestServer::start().await;
+    // BENCH_CONGESTION=0 measures the same path without congestion control.
+    let t = TestServer::start_with(|c| {
+        if std::env::var("BENCH_CONGESTION").as_deref() == Ok("0") {
+            c.server.congestion_control = false;
+        }
+    })
+    .await;
     let now = weir::auth::unix_now();
     let sig = t
         .app

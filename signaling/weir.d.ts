@@ -27,6 +27,8 @@ export interface Congestion {
   estimate: number;
   /** Streams whose video is paused for this client (their audio continues). */
   paused: string[];
+  /** Simulcast streams this client receives on a lower layer than their best. */
+  lowered: string[];
 }
 
 /** What the room asks a publisher to send (the `publishTarget` event). */

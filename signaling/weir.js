@@ -72,9 +72,9 @@ export class WeirError extends Error {
  * `textMessage`, `error` (a WeirError or a media failure), `connectionState`
  * (`{target, state}`), `reconnecting`, `reconnected`, `left` (`{reason}`),
  * `congestion` (this client's downlink as the server sees it:
- * `{state: "normal"|"warning"|"congested", estimate, paused}`, `paused` being the
- * streams whose video the server withholds because the link cannot carry it; their
- * audio continues), `publishTarget` (`{streamId, userID, bitrate, policy}`: the rate
+ * `{state: "normal"|"warning"|"congested", estimate, paused, lowered}`, `paused`
+ * being the streams whose video the server withholds because the link cannot carry
+ * it, their audio continuing; `lowered` the simulcast streams sent on a lower layer), `publishTarget` (`{streamId, userID, bitrate, policy}`: the rate
  * the room asks a publisher for; the browser also gets it as REMB for its own stream).
  */
 export class WeirRoom extends EventTarget {
@@ -606,7 +606,12 @@ export class WeirRoom extends EventTarget {
         this._emit("left", { reason: msg.reason });
         break;
       case "congestion":
-        this.congestion = { state: msg.state, estimate: msg.estimate, paused: msg.paused || [] };
+        this.congestion = {
+          state: msg.state,
+          estimate: msg.estimate,
+          paused: msg.paused || [],
+          lowered: msg.lowered || [],
+        };
         this._emit("congestion", this.congestion);
         break;
       case "publishTarget":

@@ -69,6 +69,8 @@ pub struct Metrics {
     pub padding_bytes: prometheus::IntCounter,
     pub publisher_target: HistogramVec,
     pub remb_sent: prometheus::IntCounter,
+    /// Active simulcast layers received, over all streams.
+    pub simulcast_layers: IntGauge,
 }
 
 impl Metrics {
@@ -208,6 +210,10 @@ impl Metrics {
             remb_sent: counter(
                 "weir_remb_sent_total",
                 "REMB messages sent to publishers with their room's target",
+            ),
+            simulcast_layers: gauge(
+                "weir_simulcast_layers",
+                "Active simulcast layers received from publishers, over all streams",
             ),
             flv_loss_recovery,
             flv_frames: counter_vec(

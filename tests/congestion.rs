@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::peer::{h264, opus, RtcPeer, SendTrack};
-use common::relay::{via_relay, ShapedRelay};
+use common::relay::ShapedRelay;
+use common::watcher::Watcher;
 use common::{Client, TestServer};
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::media_stream::track_local::TrackLocal;
@@ -89,97 +90,6 @@ fn collect_rembs(track: &SendTrack) -> Arc<Mutex<Vec<(Instant, f32)>>> {
     out
 }
 
-type Events = Arc<Mutex<Vec<(Instant, ServerMessage)>>>;
-
-/// A receive-only member: answers every subscriber offer (through `relay` if given)
-/// and records the signaling messages it gets.
-struct Watcher {
-    peer: Arc<tokio::sync::Mutex<Option<RtcPeer>>>,
-    events: Events,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-impl Watcher {
-    async fn join(t: &TestServer, user: &str, relay: Option<std::net::SocketAddr>) -> Self {
-        let (mut signal, joined) = Client::join(&t.ws_url(), t.join(user, ROOM, 0xff)).await;
-        assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
-        let events: Events = Arc::default();
-        let peer: Arc<tokio::sync::Mutex<Option<RtcPeer>>> = Arc::default();
-        let server_port = t.udp_addr().port();
-        let (e, pr) = (events.clone(), peer.clone());
-        let task = tokio::spawn(async move {
-            let mut last_ping = Instant::now();
-            loop {
-                if last_ping.elapsed() > Duration::from_secs(5) {
-                    signal.send(&ClientMessage::Ping { ts: 1 }).await;
-                    last_ping = Instant::now();
-                }
-                let Some(msg) = signal.try_recv(Duration::from_millis(100)).await else {
-                    continue;
-                };
-                if let ServerMessage::Offer {
-                    target: Target::Subscriber,
-                    sdp,
-                } = &msg
-                {
-                    let mut guard = pr.lock().await;
-                    if guard.is_none() {
-                        *guard = Some(RtcPeer::new().await);
-                    }
-                    let sdp = match relay {
-                        Some(r) => via_relay(sdp, server_port, r),
-                        None => sdp.clone(),
-                    };
-                    let answer = guard.as_mut().unwrap().answer(sdp).await;
-                    drop(guard);
-                    signal
-                        .send(&ClientMessage::Answer {
-                            target: Target::Subscriber,
-                            sdp: answer,
-                        })
-                        .await;
-                }
-                e.lock().unwrap().push((Instant::now(), msg));
-            }
-        });
-        Self {
-            peer,
-            events,
-            _task: task,
-        }
-    }
-
-    /// (arrival, seq, payload length) of every packet of the track of this kind.
-    async fn packets(&self, kind: &str) -> Vec<(Instant, u16, usize)> {
-        let guard = self.peer.lock().await;
-        let Some(p) = guard.as_ref() else {
-            return Vec::new();
-        };
-        let inbox = p.inbox.lock().unwrap();
-        inbox
-            .iter()
-            .filter(|(id, _)| id.ends_with(kind))
-            .flat_map(|(_, v)| v.iter().map(|r| (r.at, r.seq, r.payload.len())))
-            .collect()
-    }
-
-    fn congestion(&self) -> Vec<(Instant, CongestionLevel, u64, Vec<String>)> {
-        self.events
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(at, m)| match m {
-                ServerMessage::Congestion {
-                    state,
-                    estimate,
-                    paused,
-                } => Some((*at, *state, *estimate, paused.clone())),
-                _ => None,
-            })
-            .collect()
-    }
-}
-
 struct Run {
     t: TestServer,
     relay: ShapedRelay,
@@ -208,7 +118,7 @@ async fn start(policy: CongestionPolicy, loss: f64) -> Run {
     .await;
     let mut subs = Vec::new();
     for (i, user) in ["s1", "s2", "s3"].iter().enumerate() {
-        subs.push(Watcher::join(&t, user, (i == 2).then_some(relay.addr)).await);
+        subs.push(Watcher::join(&t, user, ROOM, (i == 2).then_some(relay.addr)).await);
     }
     let (mut publisher, joined) = Client::join(&t.ws_url(), t.join("alice", ROOM, 0xff)).await;
     assert!(matches!(joined, ServerMessage::Joined { .. }));

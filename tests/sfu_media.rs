@@ -266,7 +266,11 @@ async fn lost_packets_are_retransmitted_and_keyframe_requests_reach_the_publishe
     let plis = count_plis(&video);
     let sender = send_media(1, video, audio, stop.clone());
 
-    // bob only watches, through a relay that loses every 8th video packet on the way down
+    // bob only watches, through a relay that loses every 16th video packet on the way
+    // down: 6 % stays under GCC's 10 % loss threshold. At every 8th (12.5 %) congestion
+    // control rightly took the link for a bad one and paused bob's video ~3 s in, and
+    // this publisher never sends a keyframe to resume from; this test is about NACK/RTX
+    // and PLI (tests/congestion.rs is about reacting to loss).
     let (mut signal, _) = Client::join(&t.ws_url(), t.join("bob", 77, 0xff)).await;
     let offer = signal
         .expect(|m| match m {
@@ -285,7 +289,7 @@ async fn lost_packets_are_retransmitted_and_keyframe_requests_reach_the_publishe
         Box::new(move |d: &[u8]| match rtp_payload_type(d) {
             Some(pt) if video_pts.contains(&pt) => {
                 seen += 1;
-                seen % 8 == 0 && seen < 400
+                seen % 16 == 0 && seen < 800
             }
             _ => false,
         }),
@@ -346,7 +350,7 @@ async fn lost_packets_are_retransmitted_and_keyframe_requests_reach_the_publishe
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let dropped = relay.dropped.load(Ordering::Relaxed);
-    assert!(dropped >= 20, "the relay dropped {dropped} video packets");
+    assert!(dropped >= 15, "the relay dropped {dropped} video packets");
     let packets = bob.inbox.lock().unwrap()[&video_id].clone();
     let counters: std::collections::BTreeSet<u32> = packets
         .iter()

@@ -131,6 +131,7 @@ async function refreshStats() {
       !s.local && state.congestion && state.congestion.paused.includes(id)
         ? "video paused: your network cannot carry it"
         : null,
+      !s.local && state.congestion && state.congestion.lowered.includes(id) ? "lower layer (network)" : null,
       s.local && state.target ? `room asks ${fmt.kbps(state.target.bitrate)} (${state.target.policy})` : null,
     ].filter(Boolean);
     t.stats.textContent = parts.join(" · ");
@@ -200,7 +201,8 @@ async function join(ev) {
   room.on("reconnected", () => setStatus(`in room ${roomText}`, "ok"));
   room.on("congestion", (c) => {
     state.congestion = c;
-    const est = c.estimate ? ` · downlink ≈ ${fmt.kbps(c.estimate)}` : "";
+    // In the normal state the server's figure is bounded by what it has sent you.
+    const est = c.estimate ? ` · estimate ${fmt.kbps(c.estimate)}` : "";
     const paused = c.paused.length ? ` · ${c.paused.length} video(s) paused` : "";
     setStatus(`network: ${c.state}${est}${paused}`, c.state === "normal" ? "ok" : "bad");
   });

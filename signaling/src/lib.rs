@@ -378,6 +378,9 @@ pub enum ServerMessage {
         estimate: u64,
         /// Streams whose video is paused for this client (their audio continues).
         paused: Vec<String>,
+        /// Simulcast streams this client gets on a lower layer than their best.
+        #[serde(default)]
+        lowered: Vec<String>,
     },
     /// To every member of the room: the rate the room asks a publisher to send its
     /// video at (WebRTC publishers also get it as REMB; RTMP pushers' backends can act

@@ -8,9 +8,10 @@
 //! picks a layer instead.
 //!
 //! Hysteresis, so tracks do not flap:
-//! - a playing video is paused only after the deficit has lasted [`PAUSE_AFTER`], and
-//!   never in the first [`STARTUP_GRACE`] of a connection (the acknowledged rate needs
-//!   a second of feedback before it means anything);
+//! - a playing video is lowered only after the deficit has lasted [`PAUSE_AFTER`]
+//!   ([`PAUSE_AFTER_LOWEST`] to pause it), and never in the first [`STARTUP_GRACE`]
+//!   of a connection (the acknowledged rate needs a second of feedback to mean
+//!   anything); a lowered or paused video is not raised for [`UPGRADE_HOLD`];
 //! - a playing video is kept while it fits within [`PAUSE_MARGIN`] (the estimate of a
 //!   link that carries exactly this video wobbles around its rate);
 //! - a paused video resumes only when it fits with [`RESUME_MARGIN`] to spare;
@@ -32,6 +33,9 @@ use std::time::{Duration, Instant};
 
 pub const STARTUP_GRACE: Duration = Duration::from_secs(2);
 pub const PAUSE_AFTER: Duration = Duration::from_millis(300);
+/// Pausing loses the picture, not just detail: the deficit must last this long when no
+/// layer fits (a lower layer is taken after [`PAUSE_AFTER`]).
+pub const PAUSE_AFTER_LOWEST: Duration = Duration::from_secs(1);
 pub const RESUME_MARGIN: f64 = 1.15;
 pub const PAUSE_MARGIN: f64 = 0.9;
 pub const RESUME_GRACE: Duration = Duration::from_secs(2);
@@ -50,6 +54,10 @@ pub const PROBE_INTERVAL_MAX: Duration = Duration::from_secs(5);
 /// A video whose measured rate is lower (just started, a still picture) is budgeted
 /// at this, so a few kbit/s of a static scene does not pass for "fits anywhere".
 pub const MIN_VIDEO_BPS: f64 = 100_000.0;
+/// The same for a simulcast layer (the lowest layers are small by design).
+pub const MIN_LAYER_BPS: f64 = 30_000.0;
+/// A video lowered for lack of bandwidth is not raised again for this long.
+pub const UPGRADE_HOLD: Duration = Duration::from_secs(3);
 
 /// Which videos are served first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -63,9 +71,26 @@ pub enum Priority {
 #[derive(Debug, Clone)]
 pub struct VideoTrack {
     pub stream_id: String,
-    /// What its publisher sends now (bit/s, measured).
-    pub bitrate: f64,
+    /// What each of its layers sends now (bit/s, measured), lowest first: one entry
+    /// for a publisher without simulcast.
+    pub layers: Vec<f64>,
     pub priority: Priority,
+}
+
+impl VideoTrack {
+    /// What layer `i` is budgeted at.
+    fn need(&self, i: usize) -> f64 {
+        let floor = if self.layers.len() > 1 {
+            MIN_LAYER_BPS
+        } else {
+            MIN_VIDEO_BPS
+        };
+        self.layers.get(i).copied().unwrap_or(0.0).max(floor)
+    }
+
+    fn top(&self) -> usize {
+        self.layers.len().saturating_sub(1)
+    }
 }
 
 /// What the subscriber's connection says, at one tick.
@@ -107,6 +132,8 @@ pub enum Change {
     Paused(String),
     /// Resume: request a keyframe and forward from it.
     Resumed(String),
+    /// Forward this simulcast layer (0 = lowest) from its next keyframe.
+    Layer(String, usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +176,11 @@ pub struct Allocator {
     next_probe: Option<Instant>,
     backoff: Duration,
     resumed_at: Option<Instant>,
+    /// The layer each playing simulcast video is on, and when each was last lowered.
+    chosen: BTreeMap<String, usize>,
+    lowered_at: BTreeMap<String, Instant>,
+    /// Each video's top layer at the last tick.
+    tops: BTreeMap<String, usize>,
 }
 
 impl Default for Allocator {
@@ -168,6 +200,9 @@ impl Allocator {
             next_probe: None,
             backoff: PROBE_INTERVAL_MIN,
             resumed_at: None,
+            chosen: BTreeMap::new(),
+            lowered_at: BTreeMap::new(),
+            tops: BTreeMap::new(),
         }
     }
 
@@ -181,6 +216,20 @@ impl Allocator {
 
     pub fn is_paused(&self, stream_id: &str) -> bool {
         self.paused.contains(stream_id)
+    }
+
+    /// Videos playing below their top layer.
+    pub fn lowered(&self) -> Vec<String> {
+        self.chosen
+            .iter()
+            .filter(|(id, l)| self.tops.get(*id).is_some_and(|t| **l < *t))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The layer a video is on (`None`: paused, or not known yet).
+    pub fn layer(&self, stream_id: &str) -> Option<usize> {
+        self.chosen.get(stream_id).copied()
     }
 
     pub fn probing(&self) -> bool {
@@ -197,14 +246,29 @@ impl Allocator {
         videos: &[VideoTrack],
     ) -> Allocation {
         let mut out = Allocation::default();
-        // Subscriptions that ended are no longer paused.
+        // Subscriptions that ended are forgotten.
         self.paused
             .retain(|id| videos.iter().any(|v| &v.stream_id == id));
+        self.chosen
+            .retain(|id, _| videos.iter().any(|v| &v.stream_id == id));
+        self.lowered_at
+            .retain(|id, _| videos.iter().any(|v| &v.stream_id == id));
+        self.tops = videos
+            .iter()
+            .map(|v| (v.stream_id.clone(), v.top()))
+            .collect();
 
         let Some(estimate) = signals.estimate else {
-            // Nothing known: nothing is withheld.
+            // Nothing known: nothing is withheld, everything on its top layer.
             for id in std::mem::take(&mut self.paused) {
                 out.changes.push(Change::Resumed(id));
+            }
+            for v in videos {
+                if self.chosen.insert(v.stream_id.clone(), v.top()) != Some(v.top()) && v.top() > 0
+                {
+                    out.changes
+                        .push(Change::Layer(v.stream_id.clone(), v.top()));
+                }
             }
             self.probe = None;
             self.deficit_since = None;
@@ -212,6 +276,7 @@ impl Allocator {
             return out;
         };
         let first = *self.first_estimate.get_or_insert(now);
+        let settled = now.saturating_duration_since(first) >= STARTUP_GRACE;
 
         let mut order: Vec<&VideoTrack> = videos.iter().collect();
         order.sort_by(|a, b| {
@@ -220,60 +285,109 @@ impl Allocator {
                 .then_with(|| a.stream_id.cmp(&b.stream_id))
         });
         let budget = estimate - audio_bps;
+        let graced = self
+            .resumed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < RESUME_GRACE);
         let mut used = 0.0;
-        let mut unfit = BTreeSet::new();
-        let mut smallest_paused: Option<f64> = None;
+        // The cheapest step up a deficient video could take, for the probe's goal.
+        let mut smallest_step: Option<f64> = None;
+        // Downgrades (None: pause) waiting for the deficit to last.
+        let mut downgrades: Vec<(String, Option<usize>)> = Vec::new();
         for v in &order {
-            let need = v.bitrate.max(MIN_VIDEO_BPS);
-            out.capacity
-                .insert(v.stream_id.clone(), (budget - used).max(0.0));
-            let paused = self.paused.contains(&v.stream_id);
-            let graced = self
-                .resumed_at
-                .is_some_and(|t| now.saturating_duration_since(t) < RESUME_GRACE);
-            let margin = match (paused, graced) {
-                (true, _) => RESUME_MARGIN,
-                (false, true) => SEVERE,
-                (false, false) => PAUSE_MARGIN,
-            };
-            if used + need * margin <= budget {
-                used += need;
+            let id = &v.stream_id;
+            out.capacity.insert(id.clone(), (budget - used).max(0.0));
+            let current: Option<usize> = if self.paused.contains(id) {
+                None
             } else {
-                unfit.insert(v.stream_id.clone());
-                if paused {
-                    smallest_paused = Some(smallest_paused.map_or(need, |s: f64| s.min(need)));
+                Some(self.chosen.get(id).copied().unwrap_or(v.top()).min(v.top()))
+            };
+            let margin = |i: usize| match current {
+                Some(c) if i <= c => {
+                    if graced {
+                        SEVERE
+                    } else {
+                        PAUSE_MARGIN
+                    }
+                }
+                _ => RESUME_MARGIN,
+            };
+            let best = (0..=v.top())
+                .rev()
+                .find(|&i| used + v.need(i) * margin(i) <= budget);
+            let held = self
+                .lowered_at
+                .get(id)
+                .is_some_and(|t| now.saturating_duration_since(*t) < UPGRADE_HOLD);
+            match (current, best) {
+                (Some(c), Some(b)) if b == c => used += v.need(c),
+                (Some(c), Some(b)) if b > c => {
+                    if held {
+                        used += v.need(c);
+                    } else {
+                        self.chosen.insert(id.clone(), b);
+                        out.changes.push(Change::Layer(id.clone(), b));
+                        used += v.need(b);
+                    }
+                }
+                (None, Some(_)) if held => {}
+                (None, Some(b)) => {
+                    self.paused.remove(id);
+                    self.chosen.insert(id.clone(), b);
+                    out.changes.push(Change::Resumed(id.clone()));
+                    if v.top() > 0 {
+                        out.changes.push(Change::Layer(id.clone(), b));
+                    }
+                    self.resumed_at = Some(now);
+                    used += v.need(b);
+                }
+                (Some(c), lower) => {
+                    // Still sending the current layer until the deficit has lasted.
+                    used += v.need(c);
+                    downgrades.push((id.clone(), lower));
+                }
+                (None, None) => {}
+            }
+            let at = match (current, best) {
+                (_, Some(b)) if current.is_some() || b > 0 => Some(b),
+                _ => current,
+            };
+            let step = match at {
+                None => Some(v.need(0)),
+                Some(l) if l < v.top() => Some(v.need(l + 1) - v.need(l)),
+                _ => None,
+            };
+            if let Some(step) = step {
+                if self.paused.contains(id) || at.is_some_and(|l| l < v.top()) {
+                    smallest_step = Some(smallest_step.map_or(step, |s: f64| s.min(step)));
                 }
             }
         }
 
-        // Resume what fits now.
-        let resumable: Vec<String> = self
-            .paused
-            .iter()
-            .filter(|id| !unfit.contains(*id))
-            .cloned()
-            .collect();
-        for id in resumable {
-            self.paused.remove(&id);
-            out.changes.push(Change::Resumed(id));
-            self.resumed_at = Some(now);
-        }
-
-        // Pause what does not fit, once the deficit has lasted.
-        let to_pause: Vec<String> = unfit
-            .iter()
-            .filter(|id| !self.paused.contains(*id))
-            .cloned()
-            .collect();
-        if to_pause.is_empty() {
+        if downgrades.is_empty() {
             self.deficit_since = None;
         } else {
             let since = *self.deficit_since.get_or_insert(now);
-            let settled = now.saturating_duration_since(first) >= STARTUP_GRACE;
-            if settled && now.saturating_duration_since(since) >= PAUSE_AFTER {
-                for id in to_pause {
-                    self.paused.insert(id.clone());
-                    out.changes.push(Change::Paused(id));
+            let lasted = now.saturating_duration_since(since);
+            let pausing = downgrades.iter().any(|(_, l)| l.is_none());
+            let due = if pausing {
+                PAUSE_AFTER_LOWEST
+            } else {
+                PAUSE_AFTER
+            };
+            if settled && lasted >= due {
+                for (id, lower) in downgrades {
+                    self.lowered_at.insert(id.clone(), now);
+                    match lower {
+                        None => {
+                            self.paused.insert(id.clone());
+                            self.chosen.remove(&id);
+                            out.changes.push(Change::Paused(id));
+                        }
+                        Some(l) => {
+                            self.chosen.insert(id.clone(), l);
+                            out.changes.push(Change::Layer(id, l));
+                        }
+                    }
                 }
                 self.deficit_since = None;
                 // Give the path time to drain before probing it.
@@ -281,10 +395,11 @@ impl Allocator {
                 self.probe = None;
             }
         }
+        let smallest_paused = smallest_step;
 
         self.run_probe(now, signals, audio_bps + used, smallest_paused, &mut out);
 
-        self.state = if !self.paused.is_empty() {
+        self.state = if !self.paused.is_empty() || !self.lowered().is_empty() {
             CongestionState::Congested
         } else if self.deficit_since.is_some()
             || signals.backing_off
@@ -306,7 +421,7 @@ impl Allocator {
         smallest_paused: Option<f64>,
         out: &mut Allocation,
     ) {
-        let Some(need) = smallest_paused.filter(|_| !self.paused.is_empty()) else {
+        let Some(need) = smallest_paused else {
             self.probe = None;
             return;
         };
@@ -370,8 +485,16 @@ mod tests {
     fn video(id: &str, bitrate: f64, priority: Priority) -> VideoTrack {
         VideoTrack {
             stream_id: id.into(),
-            bitrate,
+            layers: vec![bitrate],
             priority,
+        }
+    }
+
+    fn simulcast(id: &str, layers: &[f64]) -> VideoTrack {
+        VideoTrack {
+            stream_id: id.into(),
+            layers: layers.to_vec(),
+            priority: Priority::Camera,
         }
     }
 
@@ -533,22 +656,88 @@ mod tests {
         // 5 % under what video + audio need, for a long while: kept.
         let out = run(&mut a, t0, 0, 20_000, clean(990_000.0, 990_000.0), &v);
         assert!(changes(&out).is_empty(), "{:?}", changes(&out));
-        // Just resumed, then a dip to 70 %: kept during the grace, paused after it.
+        // Paused by a real deficit, resumed after the hold; then a dip to 70 %: kept
+        // during the resume grace, lowered (paused: one layer) after it.
         run(&mut a, t0, 20_000, 23_000, clean(300_000.0, 300_000.0), &v);
         assert!(a.is_paused("a"));
-        let out = a.tick(
-            t0 + Duration::from_millis(23_000),
+        let up = run(
+            &mut a,
+            t0,
+            23_000,
+            26_000,
             clean(1_300_000.0, 1_300_000.0),
-            40_000.0,
             &v,
         );
-        assert_eq!(out.changes, vec![Change::Resumed("a".into())]);
+        let resumed = up
+            .iter()
+            .position(|o| o.changes.contains(&Change::Resumed("a".into())))
+            .expect("resumed after the hold") as u64
+            * 50
+            + 23_000;
         let dip = clean(760_000.0, 760_000.0);
-        assert!(changes(&run(&mut a, t0, 23_050, 25_000, dip, &v)).is_empty());
-        assert_eq!(
-            changes(&run(&mut a, t0, 25_000, 26_000, dip, &v)),
-            vec![Change::Paused("a".into())]
+        let t = resumed + 50;
+        assert!(changes(&run(&mut a, t0, t, t + 1_900, dip, &v)).is_empty());
+        let after = run(&mut a, t0, t + 1_900, t + 4_000, dip, &v);
+        assert_eq!(changes(&after), vec![Change::Paused("a".into())]);
+    }
+
+    #[test]
+    fn a_simulcast_video_is_lowered_layer_by_layer_then_paused_and_raised_again() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [simulcast("a", &[150_000.0, 500_000.0, 1_500_000.0])];
+        // Room for the middle layer only.
+        let out = run(&mut a, t0, 0, 3_000, clean(700_000.0, 700_000.0), &v);
+        assert_eq!(changes(&out), vec![Change::Layer("a".into(), 1)]);
+        assert_eq!(a.lowered(), vec!["a".to_string()]);
+        assert_eq!(a.state(), CongestionState::Congested);
+        let last = out.last().unwrap();
+        assert!(
+            (last.capacity["a"] - 660_000.0).abs() < 1.0,
+            "{:?}",
+            last.capacity
         );
+        // Less: the lowest layer, not a pause.
+        let out = run(&mut a, t0, 3_000, 6_000, clean(250_000.0, 250_000.0), &v);
+        assert_eq!(changes(&out), vec![Change::Layer("a".into(), 0)]);
+        // Nothing fits: paused (audio continues).
+        let out = run(&mut a, t0, 6_000, 9_000, clean(60_000.0, 60_000.0), &v);
+        assert_eq!(changes(&out), vec![Change::Paused("a".into())]);
+        // Plenty again: straight back to the top layer, once the hold is over.
+        let plenty = clean(3_000_000.0, 3_000_000.0);
+        let out = run(&mut a, t0, 9_000, 9_900, plenty, &v);
+        assert!(changes(&out).is_empty(), "held: {:?}", changes(&out));
+        let out = run(&mut a, t0, 9_900, 12_000, plenty, &v);
+        assert_eq!(
+            changes(&out),
+            vec![Change::Resumed("a".into()), Change::Layer("a".into(), 2)]
+        );
+        assert!(a.lowered().is_empty());
+    }
+
+    #[test]
+    fn a_lowered_layer_is_held_before_it_is_raised() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [simulcast("a", &[150_000.0, 500_000.0, 1_500_000.0])];
+        run(&mut a, t0, 0, 3_000, clean(700_000.0, 700_000.0), &v);
+        assert_eq!(a.layer("a"), Some(1));
+        // The deficit starts at 0; the first decision is taken when the grace ends.
+        let lowered = STARTUP_GRACE.as_millis() as u64;
+        let out = run(
+            &mut a,
+            t0,
+            3_000,
+            8_000,
+            clean(3_000_000.0, 3_000_000.0),
+            &v,
+        );
+        let at = out.iter().position(|o| !o.changes.is_empty()).unwrap() as u64 * 50 + 3_000;
+        assert!(
+            at >= lowered + UPGRADE_HOLD.as_millis() as u64 - 100,
+            "raised at {at} ms"
+        );
+        assert_eq!(a.layer("a"), Some(2));
     }
 
     #[test]

@@ -86,6 +86,10 @@ impl Media {
         for r in self.rates.values_mut() {
             r.roll(seconds);
         }
+        for r in self.layer_rates.values_mut() {
+            r.roll(seconds);
+        }
+        self.refresh_layers();
         if !self.config.congestion_control {
             return;
         }
@@ -126,12 +130,20 @@ impl Media {
             };
             let rate =
                 |s: &str, k: Kind| self.rates.get(&(s.to_owned(), k)).map_or(0.0, |r| r.bps());
+            let layer_rates = &self.layer_rates;
+            let stream_layers = &self.stream_layers;
             let videos: Vec<VideoTrack> = streams
                 .iter()
                 .filter(|(_, k)| *k == Kind::Video)
                 .map(|(s, _)| VideoTrack {
                     stream_id: s.clone(),
-                    bitrate: rate(s, Kind::Video),
+                    layers: match stream_layers.get(s).filter(|l| l.len() > 1) {
+                        Some(ssrcs) => ssrcs
+                            .iter()
+                            .map(|x| layer_rates.get(&(s.clone(), *x)).map_or(0.0, |r| r.bps()))
+                            .collect(),
+                        None => vec![rate(s, Kind::Video)],
+                    },
                     // Weir's protocol has no screen-share or speaker flags yet: all cameras.
                     priority: Priority::Camera,
                 })
@@ -184,29 +196,38 @@ impl Media {
                 if let Some(rtt) = c.receiver.rtt.take() {
                     self.metrics.subscriber_rtt.observe(rtt.as_secs_f64());
                 }
+                // A subscriber with no sign of a limit (normal state) does not limit
+                // the publisher: its estimate is bounded by what it was sent, and
+                // passing that upstream would hold every publisher near its current
+                // rate (measured: a simulcast publisher never brought up its layers).
+                let limited = state != CongestionState::Normal;
                 for (stream, cap) in &alloc.capacity {
-                    capacities.entry(stream.clone()).or_default().push(*cap);
+                    let cap = if limited { *cap } else { f64::MAX };
+                    capacities.entry(stream.clone()).or_default().push(cap);
                 }
             }
             let paused: Vec<String> = c.allocator.paused().iter().cloned().collect();
+            let lowered = c.allocator.lowered();
             let lvl = level(state);
             let due = match &c.told {
                 None => lvl != CongestionLevel::Normal,
-                Some((l, p, at)) => {
+                Some((l, p, lw, at)) => {
                     *l != lvl
                         || *p != paused
+                        || *lw != lowered
                         || (lvl != CongestionLevel::Normal
                             && now.saturating_duration_since(*at) >= TELL_EVERY)
                 }
             };
             if due {
-                c.told = Some((lvl, paused.clone(), now));
+                c.told = Some((lvl, paused.clone(), lowered.clone(), now));
                 tells.push((
                     key.0,
                     ServerMessage::Congestion {
                         state: lvl,
                         estimate: signals.estimate.unwrap_or(0.0) as u64,
                         paused,
+                        lowered,
                     },
                 ));
             }
@@ -241,6 +262,16 @@ impl Media {
                             .inc();
                     }
                 }
+                Change::Layer(stream, layer) => {
+                    if p.set_layer(&stream, layer) {
+                        tracing::info!(session = key.0 .0, stream, layer, "simulcast layer");
+                        self.metrics
+                            .congestion_switches
+                            .with_label_values(&[&room, "layer"])
+                            .inc();
+                        self.request_keyframe(&stream, now, false);
+                    }
+                }
                 Change::Resumed(stream) => {
                     if p.set_paused(&stream, false) {
                         tracing::info!(session = key.0 .0, stream, "video resumed");
@@ -263,6 +294,57 @@ impl Media {
         if room_tick {
             self.room_decisions(now, capacities);
         }
+    }
+
+    /// Which streams are simulcast, and each one's active layers, lowest rate first.
+    /// A layer sending under 10 kbit/s (the publisher switched it off, or it has not
+    /// started) is not offered; until rates are known, layers are in SSRC order.
+    fn refresh_layers(&mut self) {
+        for (stream_id, publisher) in &self.publishers {
+            let Some(p) = self
+                .peers
+                .get(&super::peer::PeerKey(*publisher, Target::Publisher))
+            else {
+                continue;
+            };
+            let ssrcs = p.video_layers();
+            if ssrcs.len() < 2 {
+                continue;
+            }
+            self.simulcast.insert(stream_id.clone());
+            let rate = |s: &u32| {
+                self.layer_rates
+                    .get(&(stream_id.clone(), *s))
+                    .map_or(0.0, |r| r.bps())
+            };
+            let mut active: Vec<u32> = ssrcs
+                .iter()
+                .copied()
+                .filter(|s| rate(s) > 10_000.0)
+                .collect();
+            if active.is_empty() {
+                active = ssrcs;
+                active.sort_unstable();
+            } else {
+                active.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+            }
+            self.stream_layers.insert(stream_id.clone(), active);
+        }
+        let active: usize = self
+            .stream_layers
+            .iter()
+            .filter(|(s, _)| self.publishers.contains_key(*s))
+            .map(|(s, l)| {
+                l.iter()
+                    .filter(|x| {
+                        self.layer_rates
+                            .get(&((*s).clone(), **x))
+                            .is_some_and(|r| r.bps() > 10_000.0)
+                    })
+                    .count()
+            })
+            .sum();
+        self.metrics.simulcast_layers.set(active as i64);
     }
 
     /// Each stream's room combines its subscribers' capacities into one target for

@@ -18,7 +18,8 @@ mod peer;
 mod tcp;
 
 pub use demux::stun_username;
-pub use forward::kind_label;
+pub use forward::{kind_label, starts_keyframe};
+pub use nack_guard::{NackGuard, PausedSsrcs};
 pub use peer::{RtcpTap, RTCP_TAP_SLOT};
 
 use std::collections::{HashMap, HashSet};
@@ -98,6 +99,11 @@ pub struct Media {
     next_tick: Instant,
     last_tick: Instant,
     next_room_tick: Instant,
+    /// Simulcast streams, each layer's rate by (stream, SSRC), and each stream's
+    /// active layers' SSRCs, lowest rate first (refreshed every tick).
+    simulcast: HashSet<String>,
+    layer_rates: HashMap<(String, u32), congestion::RateMeter>,
+    stream_layers: HashMap<String, Vec<u32>>,
 }
 
 /// Keyframe requests to one publisher track are sent at most this often.
@@ -197,6 +203,9 @@ impl Media {
             next_tick: Instant::now(),
             last_tick: Instant::now(),
             next_room_tick: Instant::now() + congestion::ROOM_INTERVAL,
+            simulcast: HashSet::new(),
+            layer_rates: HashMap::new(),
+            stream_layers: HashMap::new(),
         })
     }
 
@@ -419,6 +428,9 @@ impl Media {
                 self.taps.remove(&stream_id);
                 self.rates.remove(&(stream_id.clone(), Kind::Video));
                 self.rates.remove(&(stream_id.clone(), Kind::Audio));
+                self.simulcast.remove(&stream_id);
+                self.stream_layers.remove(&stream_id);
+                self.layer_rates.retain(|(s, _), _| *s != stream_id);
                 if let Some(sp) = self.stream_rooms.remove(&stream_id) {
                     if !self.stream_rooms.values().any(|o| o.room == sp.room) {
                         self.metrics.forget_room(&sp.room);
@@ -672,6 +684,16 @@ impl Media {
         for (publisher, kind, sr) in sender_reports {
             self.relay_sender_report(publisher, kind, &sr, now);
         }
+        // Subscribers waiting for a keyframe (a resume, a layer switch) keep asking;
+        // request_keyframe throttles it per stream.
+        let waiting: HashSet<String> = self
+            .peers
+            .values()
+            .flat_map(|p| p.keyframe_wanted.iter().cloned())
+            .collect();
+        for stream_id in waiting {
+            self.request_keyframe(&stream_id, now, false);
+        }
         for stream_id in keyframe_requests {
             self.metrics
                 .plis
@@ -869,6 +891,12 @@ impl Media {
             .entry((stream_id.clone(), kind))
             .or_default()
             .add(packet.payload.len() + 12);
+        if kind == Kind::Video && self.simulcast.contains(&stream_id) {
+            self.layer_rates
+                .entry((stream_id.clone(), packet.header.ssrc))
+                .or_default()
+                .add(packet.payload.len() + 12);
+        }
         if !self.bridged.contains_key(&publisher) {
             if let Some(tx) = self.taps.get(&stream_id) {
                 let tap = TapEvent::Rtp {
@@ -899,6 +927,11 @@ impl Media {
             }
             _ => None,
         };
+        let no_layers = Vec::new();
+        let layers = match kind {
+            Kind::Video => self.stream_layers.get(&stream_id).unwrap_or(&no_layers),
+            Kind::Audio => &no_layers,
+        };
         for s in targets {
             let Some(p) = self.peers.get_mut(&PeerKey(s, Target::Subscriber)) else {
                 continue;
@@ -909,13 +942,13 @@ impl Media {
                 };
                 let mut replayed = false;
                 for (i, old) in gop.iter().enumerate() {
-                    replayed |= p.send_forwarded(&stream_id, kind, old, Some(i == 0), now);
+                    replayed |= p.send_forwarded(&stream_id, kind, old, Some(i == 0), &[], now);
                 }
                 if replayed {
                     self.metrics.gop_replays.inc();
                 }
             }
-            if p.send_forwarded(&stream_id, kind, &packet, keyframe, now) {
+            if p.send_forwarded(&stream_id, kind, &packet, keyframe, layers, now) {
                 self.metrics
                     .rtp_packets
                     .with_label_values(&["out", label])

@@ -54,6 +54,8 @@ struct Uptrack {
     receiver_id: RTCRtpReceiverId,
     ssrc: u32,
     codec: Option<RTCRtpCodec>,
+    /// Simulcast: each layer's SSRC and rid, as their first packets opened them.
+    layers: Vec<(u32, String)>,
 }
 
 /// A track we send a subscriber: one publisher track, rewritten.
@@ -72,6 +74,10 @@ struct Downtrack {
     pub paused: bool,
     /// Resumed: forward from the next keyframe.
     await_keyframe: bool,
+    /// The simulcast layer wanted (0 = lowest; `None`: the top one), and the
+    /// publisher SSRC being forwarded now.
+    layer: Option<usize>,
+    forwarding: Option<u32>,
 }
 
 /// What one pass over a peer's outputs found.
@@ -111,8 +117,13 @@ pub struct Congestion {
     pub receiver: ReceiverStats,
     /// Media bytes sent to it since the last tick.
     pub sent_bytes: u64,
-    /// What it was last told (state, paused streams), and when.
-    pub told: Option<(weir_signaling::CongestionLevel, Vec<String>, Instant)>,
+    /// What it was last told (state, paused and lowered streams), and when.
+    pub told: Option<(
+        weir_signaling::CongestionLevel,
+        Vec<String>,
+        Vec<String>,
+        Instant,
+    )>,
     /// Our sender reports: their compact NTP time and when each left, for RTT.
     sr_sent: VecDeque<(u32, Instant)>,
 }
@@ -132,6 +143,9 @@ pub struct Peer {
     pending: bool,
     /// Subscriber connections: the estimate and the allocation (congestion control on).
     pub congestion: Option<Congestion>,
+    /// Streams whose video this subscriber waits to start at a keyframe (a resume, a
+    /// layer switch): the media task keeps asking their publishers, throttled.
+    pub keyframe_wanted: HashSet<String>,
     /// Which downtracks' NACKs go unanswered (paused ones), shared with the chain.
     paused_ssrcs: super::nack_guard::PausedSsrcs,
 }
@@ -403,6 +417,7 @@ impl Peer {
             pending: false,
             congestion,
             paused_ssrcs,
+            keyframe_wanted: HashSet::new(),
         })
     }
 
@@ -443,6 +458,15 @@ impl Peer {
         }
     }
 
+    /// The SSRCs of this publisher's simulcast video layers (empty without simulcast).
+    pub fn video_layers(&self) -> Vec<u32> {
+        self.uptracks
+            .values()
+            .filter(|t| t.kind == Kind::Video)
+            .flat_map(|t| t.layers.iter().map(|(s, _)| *s))
+            .collect()
+    }
+
     /// The codec of this publisher's track of `kind`, once media has shown it.
     pub fn track_codec(&self, kind: Kind) -> Option<RTCRtpCodec> {
         self.uptracks
@@ -476,14 +500,23 @@ impl Peer {
                     // OnOpen can fire again for a track already open (another SSRC of
                     // it, e.g. RTX); the first one stays the track's identity.
                     if let Some(kind) = kind {
-                        self.uptracks
+                        let up = self
+                            .uptracks
                             .entry(init.track_id.clone())
                             .or_insert(Uptrack {
                                 kind,
                                 receiver_id: init.receiver_id,
                                 ssrc: init.ssrc,
                                 codec: None,
+                                layers: Vec::new(),
                             });
+                        // A simulcast publisher's layers each open with their rid.
+                        if let Some(rid) = init.rid.as_ref().filter(|r| !r.is_empty()) {
+                            if !up.layers.iter().any(|(s, _)| *s == init.ssrc) {
+                                debug!(key = ?self.key, rid = %rid, ssrc = init.ssrc, "simulcast layer");
+                                up.layers.push((init.ssrc, rid.to_string()));
+                            }
+                        }
                     }
                 }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id)) => {
@@ -581,11 +614,21 @@ impl Peer {
 
     /// Asks the publisher for a keyframe on its video tracks. True if one was sent.
     pub fn send_pli(&mut self, now: Instant) -> bool {
+        // Every layer of a simulcast track: the subscriber that asked may be on any.
         let targets: Vec<(RTCRtpReceiverId, u32)> = self
             .uptracks
             .values()
             .filter(|t| t.kind == Kind::Video)
-            .map(|t| (t.receiver_id, t.ssrc))
+            .flat_map(|t| {
+                let mut v = vec![(t.receiver_id, t.ssrc)];
+                v.extend(
+                    t.layers
+                        .iter()
+                        .filter(|(s, _)| *s != t.ssrc)
+                        .map(|(s, _)| (t.receiver_id, *s)),
+                );
+                v
+            })
             .collect();
         let mut sent = false;
         for (receiver_id, ssrc) in targets {
@@ -619,6 +662,7 @@ impl Peer {
             if let Some(d) = self.downtracks.remove(&k) {
                 let _ = self.pc.remove_track(d.sender_id);
                 self.paused_ssrcs.forget(d.rewriter.ssrc());
+                self.keyframe_wanted.remove(&k.0);
                 metrics
                     .subscribed_tracks
                     .with_label_values(&[kind_label(k.1)])
@@ -671,6 +715,8 @@ impl Peer {
                     refused: false,
                     paused: false,
                     await_keyframe: false,
+                    layer: None,
+                    forwarding: None,
                 },
             );
             metrics
@@ -712,6 +758,7 @@ impl Peer {
         kind: Kind,
         packet: &rtc::rtp::Packet,
         keyframe: Option<bool>,
+        layers: &[u32],
         now: Instant,
     ) -> bool {
         if !self.connected {
@@ -723,12 +770,38 @@ impl Peer {
         if d.paused {
             return false;
         }
+        if kind == Kind::Video && !layers.is_empty() {
+            // Simulcast: forward one layer; change layers only at a keyframe of the
+            // one wanted, so the subscriber's decoder never sees a layer start mid-GOP.
+            let want = layers[d.layer.unwrap_or(usize::MAX).min(layers.len() - 1)];
+            let ssrc = packet.header.ssrc;
+            if d.forwarding.is_some_and(|f| !layers.contains(&f)) {
+                d.forwarding = None; // that layer stopped
+            }
+            if d.forwarding != Some(want) {
+                self.keyframe_wanted.insert(stream_id.to_owned());
+            }
+            if Some(ssrc) != d.forwarding {
+                if ssrc != want {
+                    return false;
+                }
+                let key = keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload));
+                if key == Some(false) {
+                    return false;
+                }
+                d.forwarding = Some(ssrc);
+                d.await_keyframe = false;
+                self.keyframe_wanted.remove(stream_id);
+            }
+        }
         if d.await_keyframe {
             let key = keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload));
             if key == Some(false) {
+                self.keyframe_wanted.insert(stream_id.to_owned());
                 return false;
             }
             d.await_keyframe = false;
+            self.keyframe_wanted.remove(stream_id);
         }
         let Some(mut sender) = self.pc.rtp_sender(d.sender_id) else {
             return false;
@@ -788,6 +861,7 @@ impl Peer {
         };
         if paused && !d.paused {
             d.rewriter.interrupt();
+            d.forwarding = None;
         }
         self.paused_ssrcs
             .set(d.rewriter.ssrc(), paused, d.rewriter.last_sequence());
@@ -796,6 +870,20 @@ impl Peer {
         }
         d.paused = paused;
         true
+    }
+
+    /// Chooses the simulcast layer (0 = lowest) a video downtrack forwards, from the
+    /// next keyframe of that layer. True if it changes what is forwarded.
+    pub fn set_layer(&mut self, stream_id: &str, layer: usize) -> bool {
+        let Some(d) = self
+            .downtracks
+            .get_mut(&(stream_id.to_owned(), Kind::Video))
+        else {
+            return false;
+        };
+        let changed = d.layer != Some(layer);
+        d.layer = Some(layer);
+        changed
     }
 
     /// The streams this subscriber receives, by kind.

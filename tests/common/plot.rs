@@ -1,4 +1,5 @@
-//! Plots of test runs, as SVG (and the numbers as CSV) under `target/artifacts/`.
+//! Plots of test runs, as SVG (and the numbers as CSV) under `target/test-artifacts/`,
+//! beside the browser tests' screenshots.
 
 use std::fmt::Write;
 use std::time::Instant;
@@ -9,7 +10,7 @@ use super::relay::{ShapedRelay, BUCKET};
 
 /// Where artifacts go.
 pub fn artifacts() -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

@@ -1,0 +1,108 @@
+//! A receive-only member for congestion tests: joins, answers every subscriber offer
+//! (through a relay if given), and records its signaling messages and packets.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use weir_signaling::{ClientMessage, CongestionLevel, ServerMessage, Target};
+
+use super::peer::RtcPeer;
+use super::relay::via_relay;
+use super::{Client, TestServer};
+
+pub type Events = Arc<Mutex<Vec<(Instant, ServerMessage)>>>;
+
+/// A receive-only member: answers every subscriber offer (through `relay` if given)
+/// and records the signaling messages it gets.
+pub struct Watcher {
+    pub peer: Arc<tokio::sync::Mutex<Option<RtcPeer>>>,
+    pub events: Events,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    pub async fn join(
+        t: &TestServer,
+        user: &str,
+        room: u32,
+        relay: Option<std::net::SocketAddr>,
+    ) -> Self {
+        let (mut signal, joined) = Client::join(&t.ws_url(), t.join(user, room, 0xff)).await;
+        assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+        let events: Events = Arc::default();
+        let peer: Arc<tokio::sync::Mutex<Option<RtcPeer>>> = Arc::default();
+        let server_port = t.udp_addr().port();
+        let (e, pr) = (events.clone(), peer.clone());
+        let task = tokio::spawn(async move {
+            let mut last_ping = Instant::now();
+            loop {
+                if last_ping.elapsed() > Duration::from_secs(5) {
+                    signal.send(&ClientMessage::Ping { ts: 1 }).await;
+                    last_ping = Instant::now();
+                }
+                let Some(msg) = signal.try_recv(Duration::from_millis(100)).await else {
+                    continue;
+                };
+                if let ServerMessage::Offer {
+                    target: Target::Subscriber,
+                    sdp,
+                } = &msg
+                {
+                    let mut guard = pr.lock().await;
+                    if guard.is_none() {
+                        *guard = Some(RtcPeer::new().await);
+                    }
+                    let sdp = match relay {
+                        Some(r) => via_relay(sdp, server_port, r),
+                        None => sdp.clone(),
+                    };
+                    let answer = guard.as_mut().unwrap().answer(sdp).await;
+                    drop(guard);
+                    signal
+                        .send(&ClientMessage::Answer {
+                            target: Target::Subscriber,
+                            sdp: answer,
+                        })
+                        .await;
+                }
+                e.lock().unwrap().push((Instant::now(), msg));
+            }
+        });
+        Self {
+            peer,
+            events,
+            _task: task,
+        }
+    }
+
+    /// (arrival, seq, payload length) of every packet of the track of this kind.
+    pub async fn packets(&self, kind: &str) -> Vec<(Instant, u16, usize)> {
+        let guard = self.peer.lock().await;
+        let Some(p) = guard.as_ref() else {
+            return Vec::new();
+        };
+        let inbox = p.inbox.lock().unwrap();
+        inbox
+            .iter()
+            .filter(|(id, _)| id.ends_with(kind))
+            .flat_map(|(_, v)| v.iter().map(|r| (r.at, r.seq, r.payload.len())))
+            .collect()
+    }
+
+    pub fn congestion(&self) -> Vec<(Instant, CongestionLevel, u64, Vec<String>)> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(at, m)| match m {
+                ServerMessage::Congestion {
+                    state,
+                    estimate,
+                    paused,
+                    ..
+                } => Some((*at, *state, *estimate, paused.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}

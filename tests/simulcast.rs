@@ -1,0 +1,196 @@
+//! Simulcast: headless Chromium publishes three layers through the SDK; of two
+//! `webrtc`-crate subscribers, one on a clean link gets the best layer and one behind
+//! a capped link is lowered to a layer it can carry, keeps its video, and decodes it.
+//! Alone in its test binary: Chromium's three encoders need the machine's two cores.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::browser::Browser;
+use common::media::h264_annex_b;
+use common::relay::ShapedRelay;
+use common::watcher::Watcher;
+use common::TestServer;
+use weir_signaling::CongestionPolicy;
+
+const ROOM: u32 = 4242;
+
+/// The size of every frame `w` decoded from its whole video stream up to `to`, in
+/// order (a window cut mid-GOP would lack the parameter sets Chrome sends with keyframes).
+async fn frame_sizes(w: &Watcher, to: Instant, dir: &std::path::Path) -> Vec<(u32, u32)> {
+    let packets: Vec<common::peer::Received> = {
+        let guard = w.peer.lock().await;
+        let p = guard.as_ref().expect("subscribed");
+        let inbox = p.inbox.lock().unwrap();
+        let mut v: Vec<_> = inbox
+            .iter()
+            .filter(|(id, _)| id.ends_with("video"))
+            .flat_map(|(_, v)| v.iter().cloned())
+            .filter(|r| r.at < to && !r.payload.is_empty())
+            .collect();
+        v.sort_by_key(|r| r.at);
+        v
+    };
+    let path = dir.join("stream.h264");
+    std::fs::write(&path, h264_annex_b(&packets)).unwrap();
+    let out = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-show_entries"])
+        .args(["frame=width,height", "-of", "csv=p=0"])
+        .arg(&path)
+        .output()
+        .await
+        .expect("ffprobe runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(',');
+            Some((
+                f.next()?.trim().parse().ok()?,
+                f.next()?.trim().parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_subscriber_gets_a_lower_simulcast_layer_and_keeps_its_video() {
+    let t =
+        TestServer::start_with(|c| c.server.congestion_policy = CongestionPolicy::Majority).await;
+    let relay = ShapedRelay::start(
+        t.udp_addr(),
+        0,
+        Duration::from_millis(200),
+        Duration::from_millis(10),
+        0.0,
+        3,
+    )
+    .await;
+    // Two on clean links, one capped: the majority is clean, so the publisher is not
+    // asked to lower what it sends, and only the capped subscriber falls back.
+    let clean = Watcher::join(&t, "clean", ROOM, None).await;
+    let _clean2 = Watcher::join(&t, "clean2", ROOM, None).await;
+    let capped = Watcher::join(&t, "capped", ROOM, Some(relay.addr)).await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&format!("http://{}/", t.server.http_addr))
+        .await;
+    let options = serde_json::to_string(&t.join("chrome", ROOM, 0xff)).unwrap();
+    let stream = page
+        .eval(&format!(
+            r#"(async () => {{
+                const {{ WeirRoom }} = await import('/sdk/weir.js');
+                const room = new WeirRoom({options});
+                window.room = room;
+                await room.join();
+                await room.publish({{ audio: true, video: true, simulcast: true,
+                                      width: 960, height: 540 }});
+                return room.ownStream.streamId;
+            }})()"#
+        ))
+        .await;
+    let stream = stream.as_str().expect("published").to_owned();
+    // Chrome ramps its layers up as its own estimate grows.
+    let mut layers = 0;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let m = t.metrics().await;
+        layers = m
+            .lines()
+            .find(|l| l.starts_with("weir_simulcast_layers "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0) as usize;
+        if layers >= 2 && !clean.packets("video").await.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        layers >= 2,
+        "Chrome sends {layers} simulcast layers:\n{}",
+        browser.console_dump()
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let before = frame_sizes(&clean, Instant::now(), dir.path()).await;
+    assert!(
+        before.len() > 30,
+        "the clean subscriber decodes video ({} frames)",
+        before.len()
+    );
+    let w_top = before.last().unwrap().0;
+
+    // The capped link carries the lowest layer (and audio), not the best one.
+    relay.rate_bps.store(350_000, Ordering::Relaxed);
+    let capped_at = Instant::now();
+    let mut lowered_at = None;
+    while capped_at.elapsed() < Duration::from_secs(12) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        lowered_at = capped
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|(at, m)| match m {
+                weir_signaling::ServerMessage::Congestion { lowered, .. }
+                    if *at > capped_at && lowered.contains(&stream) =>
+                {
+                    Some(*at)
+                }
+                _ => None,
+            });
+        if lowered_at.is_some_and(|at| at.elapsed() > Duration::from_secs(5)) {
+            break;
+        }
+    }
+    let lowered_at = lowered_at.unwrap_or_else(|| {
+        panic!(
+            "the capped subscriber was never lowered: {:?}",
+            capped.congestion()
+        )
+    });
+    let end = Instant::now();
+    let low = frame_sizes(&capped, end, dir.path()).await;
+    let high = frame_sizes(&clean, end, dir.path()).await;
+    let (w_low, h_low) = *low.last().expect("the capped subscriber decodes video");
+    let w_clean = high.last().expect("the clean subscriber decodes video").0;
+    // Frames at the lowered size at the end of the capped subscriber's stream.
+    let frames_low = low.iter().rev().take_while(|(w, _)| *w == w_low).count();
+    let frames_clean = high.len();
+    let runs = |v: &[(u32, u32)]| {
+        let mut out: Vec<(u32, usize)> = Vec::new();
+        for (w, _) in v {
+            match out.last_mut() {
+                Some((lw, n)) if lw == w => *n += 1,
+                _ => out.push((*w, 1)),
+            }
+        }
+        out
+    };
+    eprintln!("sizes: capped {:?}; clean {:?}", runs(&low), runs(&high));
+    eprintln!(
+        "{layers} layers; clean subscriber {w_top} px wide before, {w_clean} px during the cap \
+         ({frames_clean} frames); capped subscriber lowered {:?} after the cap: \
+         {w_low}x{h_low}, {frames_low} frames",
+        lowered_at.duration_since(capped_at)
+    );
+    assert!(
+        frames_low > 10,
+        "the capped subscriber keeps its video ({frames_low} frames)"
+    );
+    assert!(
+        w_low > 0 && w_low < w_clean,
+        "a lower layer: {w_low} < {w_clean}"
+    );
+    // Never paused: a lower layer fitted.
+    assert!(
+        capped.congestion().iter().all(|(_, _, _, p)| p.is_empty()),
+        "{:?}",
+        capped.congestion()
+    );
+    let m = t.metrics().await;
+    assert!(
+        m.contains("weir_congestion_layer_switches_total{direction=\"layer\""),
+        "{m}"
+    );
+}
