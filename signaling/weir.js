@@ -17,6 +17,8 @@ const REQUEST_TIMEOUT_MS = 10000;
 const PING_EVERY_MS = 10000;
 const ICE_GATHER_MS = 1500;
 const RECONNECT_DELAYS_MS = [500, 1000, 2000, 4000, 8000];
+/** An ICE restart that has not reconnected in this long gives way to a rejoin. */
+const ICE_RESTART_MS = 5000;
 
 /**
  * Orders codec capabilities so that H.264 (packetization-mode 1, constrained baseline
@@ -70,7 +72,8 @@ export class WeirError extends Error {
  * `streamAdded`, `streamRemoved`, `streamMuted`, `remoteStream` (a stream's media is
  * ready to render: `{streamId, stream, info}`), `localStream`, `published`,
  * `textMessage`, `error` (a WeirError or a media failure), `connectionState`
- * (`{target, state}`), `reconnecting`, `reconnected`, `left` (`{reason}`),
+ * (`{target, state}`), `reconnecting`, `reconnected` (`{target, iceRestart: true}` for an
+ * ICE restart within the session, `{}` for a rejoin), `left` (`{reason}`),
  * `congestion` (this client's downlink as the server sees it:
  * `{state: "normal"|"warning"|"congested", estimate, paused, lowered}`, `paused`
  * being the streams whose video the server withholds because the link cannot carry
@@ -99,6 +102,8 @@ export class WeirRoom extends EventTarget {
     this._waiters = [];
     this._subscriberChain = Promise.resolve();
     this._pendingCandidates = { publisher: [], subscriber: [] };
+    this._iceTimers = { publisher: null, subscriber: null };
+    this._iceRestarting = { publisher: false, subscriber: false };
     this._timer = null;
     this._leaving = false;
   }
@@ -190,6 +195,9 @@ export class WeirRoom extends EventTarget {
     this.subscriber = null;
     this._subscriberChain = Promise.resolve();
     this._pendingCandidates = { publisher: [], subscriber: [] };
+    for (const t of Object.values(this._iceTimers)) clearTimeout(t);
+    this._iceTimers = { publisher: null, subscriber: null };
+    this._iceRestarting = { publisher: false, subscriber: false };
     if (this.ws) {
       this.ws.onclose = null;
       this.ws.close();
@@ -483,15 +491,61 @@ export class WeirRoom extends EventTarget {
     });
     pc.addEventListener("connectionstatechange", () => {
       this._emit("connectionState", { target, state: pc.connectionState });
-      if (pc.connectionState === "failed" && !this._leaving && this[target] === pc) {
-        // The media path is gone (network change): rejoin with fresh connections.
-        this._emit("error", new WeirError(0, `${target} connection failed`, null));
-        if (this.ws) this.ws.close();
+    });
+    // A network blip or change: restart ICE on this connection (same session, same
+    // streams; nobody in the room sees us leave). Only if that does not reconnect
+    // within ICE_RESTART_MS do we rejoin with fresh connections.
+    pc.addEventListener("iceconnectionstatechange", () => {
+      if (this._leaving || this[target] !== pc) return;
+      const s = pc.iceConnectionState;
+      if (s === "connected" || s === "completed") {
+        clearTimeout(this._iceTimers[target]);
+        this._iceTimers[target] = null;
+        if (this._iceRestarting[target]) {
+          this._iceRestarting[target] = false;
+          this._emit("reconnected", { target, iceRestart: true });
+        }
+      } else if ((s === "disconnected" || s === "failed") && !this._iceTimers[target]) {
+        // "disconnected" may heal by itself: give it a moment before restarting.
+        this._iceTimers[target] = setTimeout(() => this._restartIce(target, pc), s === "failed" ? 0 : 1500);
       }
     });
     if (target === "subscriber") pc.addEventListener("track", (e) => this._onTrack(e));
     this[target] = pc;
     return pc;
+  }
+
+  async _restartIce(target, pc) {
+    if (this._leaving || this[target] !== pc || !this.ws) return;
+    if (pc.iceConnectionState === "connected" || pc.iceConnectionState === "completed") {
+      this._iceTimers[target] = null;
+      return;
+    }
+    this._iceRestarting[target] = true;
+    this._emit("reconnecting", { target, iceRestart: true });
+    // If the restart does not bring the path back, rejoin.
+    this._iceTimers[target] = setTimeout(() => {
+      if (this[target] === pc && this._iceRestarting[target]) {
+        this._emit("error", new WeirError(0, `${target} connection lost; rejoining`, null));
+        if (this.ws) this.ws.close();
+      }
+    }, ICE_RESTART_MS);
+    try {
+      if (target === "publisher") {
+        await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
+        await gathered(pc, ICE_GATHER_MS);
+        const answer = await this._request(
+          { type: "offer", target: "publisher", sdp: pc.localDescription.sdp },
+          (m) => m.type === "answer" && m.target === "publisher",
+        );
+        await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+      } else {
+        // The server restarts its side and sends a new offer, answered as usual.
+        this._send({ type: "restartIce" });
+      }
+    } catch (e) {
+      this._emit("error", e);
+    }
   }
 
   async _flushCandidates(target) {

@@ -397,3 +397,89 @@ async fn development_credentials_exist_only_in_development_mode() {
         .unwrap()
         .contains(&format!("/live/{}_99_alice_main?", common::APP)));
 }
+
+/// A viewer's network changes: its path to the server dies and its packets come from a
+/// new address. The SDK restarts ICE within the session (`restartIce`), video goes on,
+/// and it never rejoins. The page's view of the server's candidates is pointed at a
+/// relay the test controls (Chrome's network cannot be cut otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_restarts_ice_after_a_network_change() {
+    use common::relay::Relay;
+    use std::sync::atomic::Ordering;
+    let t = server().await;
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let stream = format!("{}_{ROOM}_pusher_main", common::APP);
+    let mut ffmpeg = rtmp_pusher(
+        &format!("rtmp://{rtmp}/live/{stream}?{}", query(&t, "pusher", 0xff)),
+        30,
+    );
+    let port = t.udp_addr().port();
+    let first = Relay::start(t.udp_addr(), Box::new(|_| false)).await;
+    let browser = Browser::launch().await;
+    let viewer = browser.open(&page_url(&t)).await;
+    // Every remote description the page applies has the server's UDP candidate
+    // rewritten to window.relayPort (and TCP candidates dropped).
+    viewer
+        .eval(&format!(
+            r#"(() => {{
+                window.relayPort = {relay};
+                window.restarts = [];
+                const apply = RTCPeerConnection.prototype.setRemoteDescription;
+                RTCPeerConnection.prototype.setRemoteDescription = function (d) {{
+                    const sdp = d.sdp
+                        .replaceAll(' 127.0.0.1 {port} typ host', ' 127.0.0.1 ' + window.relayPort + ' typ host')
+                        .split('\r\n').filter((l) => !l.includes(' tcp ')).join('\r\n');
+                    return apply.call(this, {{ type: d.type, sdp }});
+                }};
+                return true;
+            }})()"#,
+            relay = first.addr.port()
+        ))
+        .await;
+    sdk_join(&viewer, &options(&t, "viewer"), false).await;
+    viewer
+        .eval("window.room.on('reconnected', (d) => window.restarts.push(d)); true")
+        .await;
+    let got = sees_and_hears(&browser, &viewer, &stream).await;
+    let frames_before = got["frames"].as_u64().unwrap_or(0);
+    assert!(frames_before > 0, "{got}");
+
+    // The network changes.
+    let second = Relay::start(t.udp_addr(), Box::new(|_| false)).await;
+    viewer
+        .eval(&format!("window.relayPort = {}; true", second.addr.port()))
+        .await;
+    first.cut.store(true, Ordering::Relaxed);
+    let cut = std::time::Instant::now();
+    assert!(
+        viewer
+            .wait_for(
+                "window.restarts.some((r) => r.iceRestart && r.target === 'subscriber')",
+                Duration::from_secs(20)
+            )
+            .await,
+        "the SDK restarted ICE: {}",
+        browser.console_dump()
+    );
+    let restarted = cut.elapsed();
+    let mut resumed = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let now = received(&viewer, &stream).await;
+        if now["frames"].as_u64().unwrap_or(0) > frames_before + 30 {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(resumed, "video goes on after the restart");
+    let state = viewer.eval("window.room.state").await;
+    assert_eq!(state, "joined", "no rejoin");
+    let events = viewer.eval("JSON.stringify(window.restarts)").await;
+    assert!(
+        !events.as_str().unwrap_or("").contains("{}"),
+        "never rejoined: {events}"
+    );
+    eprintln!("ICE restart in Chrome: reconnected {restarted:?} after the path died");
+    ffmpeg.kill().await.unwrap();
+}

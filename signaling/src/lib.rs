@@ -284,6 +284,10 @@ pub enum ClientMessage {
     TextMessage {
         text: String,
     },
+    /// The client's network changed (ICE failed or disconnected): the server restarts
+    /// ICE on its subscriber connection and offers again with fresh credentials. (The
+    /// publisher connection restarts with a new `offer` made with `iceRestart`.)
+    RestartIce,
     Leave,
     #[serde(rename_all = "camelCase")]
     Ping {
@@ -423,6 +427,7 @@ impl ClientMessage {
             ClientMessage::Unsubscribe { .. } => "unsubscribe",
             ClientMessage::Mute { .. } => "mute",
             ClientMessage::TextMessage { .. } => "textMessage",
+            ClientMessage::RestartIce => "restartIce",
             ClientMessage::Leave => "leave",
             ClientMessage::Ping { .. } => "ping",
         }

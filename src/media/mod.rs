@@ -2,7 +2,8 @@
 //!
 //! One task owns the socket and all `rtc` peer connections (webrtc-rs's sans-I/O core).
 //! Datagrams are demultiplexed to peer connections by the ICE username of the first
-//! STUN request (our ufrag is chosen per connection), then by 5-tuple. Each client
+//! STUN request (rtc draws our ufrag per connection, anew on an ICE restart, and each is
+//! learnt from the local descriptions), then by 5-tuple. Each client
 //! has up to two connections: *publisher* (the client offers, we receive) and
 //! *subscriber* (we offer, we send), so offers never collide.
 //!
@@ -466,7 +467,9 @@ impl Media {
 
     fn close_peer(&mut self, key: PeerKey) {
         if let Some(mut p) = self.peers.remove(&key) {
-            self.by_ufrag.remove(&p.ufrag);
+            for u in &p.ufrags {
+                self.by_ufrag.remove(u);
+            }
             for a in &p.addrs {
                 self.by_addr.remove(a);
             }
@@ -477,11 +480,22 @@ impl Media {
         }
     }
 
+    /// Lets the demultiplexer find `key` by the ufrag of its latest local description
+    /// (new after an ICE restart; the old ones stay until the connection closes).
+    fn index_ufrag(&mut self, key: PeerKey) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            if p.learn_ufrag() {
+                if let Some(u) = p.ufrags.last() {
+                    self.by_ufrag.insert(u.clone(), key);
+                }
+            }
+        }
+    }
+
     fn new_peer(&mut self, key: PeerKey) -> Result<&mut Peer, String> {
         if !self.peers.contains_key(&key) {
             let p = Peer::new(key, &self.config, &self.metrics).map_err(|e| e.to_string())?;
             self.metrics.peer_connections.inc();
-            self.by_ufrag.insert(p.ufrag.clone(), key);
             self.peers.insert(key, p);
         }
         Ok(self.peers.get_mut(&key).expect("just inserted"))
@@ -510,6 +524,7 @@ impl Media {
                 let answer = p
                     .answer(sdp)
                     .map_err(|e| format!("cannot answer the offer: {e}"))?;
+                self.index_ufrag(key);
                 self.tell(
                     session,
                     ServerMessage::Answer {
@@ -531,6 +546,20 @@ impl Media {
                 p.accept_answer(sdp)
                     .map_err(|e| format!("cannot apply the answer: {e}"))?;
                 // Changes that arrived during the negotiation are offered now.
+                self.sync_subscriber(session);
+                Ok(())
+            }
+            ClientMessage::RestartIce => {
+                // New ICE credentials on our side too; the offer that follows carries them.
+                let p = self
+                    .peers
+                    .get_mut(&PeerKey(session, Target::Subscriber))
+                    .ok_or("no subscriber connection to restart")?;
+                p.restart_ice();
+                info!(
+                    session = session.0,
+                    "ICE restart of the subscriber connection"
+                );
                 self.sync_subscriber(session);
                 Ok(())
             }
@@ -586,6 +615,7 @@ impl Media {
             Ok(p) => p.sync_downtracks(&wanted, &codecs, &metrics),
             Err(e) => Err(e),
         };
+        self.index_ufrag(key);
         match offer {
             Ok(Some(sdp)) => self.tell(
                 subscriber,

@@ -6,7 +6,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use rand::Rng;
 use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::{
@@ -131,7 +130,9 @@ pub struct Congestion {
 pub struct Peer {
     pub key: PeerKey,
     pub pc: RTCPeerConnection,
-    pub ufrag: String,
+    /// Every ICE ufrag this connection has announced (a restart adds one): the
+    /// demultiplexer finds the connection by any of them.
+    pub ufrags: Vec<String>,
     pub addrs: Vec<(rtc::shared::TransportProtocol, SocketAddr)>,
     uptracks: HashMap<String, Uptrack>,
     downtracks: HashMap<(String, Kind), Downtrack>,
@@ -148,14 +149,6 @@ pub struct Peer {
     pub keyframe_wanted: HashSet<String>,
     /// Which downtracks' NACKs go unanswered (paused ones), shared with the chain.
     paused_ssrcs: super::nack_guard::PausedSsrcs,
-}
-
-fn random_token(len: usize) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::thread_rng();
-    (0..len)
-        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
-        .collect()
 }
 
 fn to_kind(k: RtpCodecKind) -> Option<Kind> {
@@ -307,10 +300,12 @@ impl Peer {
         metrics: &Metrics,
     ) -> Result<Self, RtcError> {
         let announce = &config.announce;
-        let ufrag = random_token(16);
+        // No fixed ICE credentials: rtc draws them, and draws new ones on an ICE
+        // restart (RFC 8445 wants both sides' to change; a client that sees ours
+        // unchanged does not restart). The ufrags are read back from each local
+        // description for the demultiplexer.
         let settings = SettingEngineBuilder::new()
             .with_lite(true)
-            .with_ice_credentials(ufrag.clone(), random_token(32))
             .with_ice_timeouts(Some(config.ice_disconnected), Some(config.ice_failed), None)
             .build();
         let mut media_engine = MediaEngine::default();
@@ -408,7 +403,7 @@ impl Peer {
         Ok(Self {
             key,
             pc,
-            ufrag,
+            ufrags: Vec::new(),
             addrs: Vec::new(),
             uptracks: HashMap::new(),
             downtracks: HashMap::new(),
@@ -419,6 +414,32 @@ impl Peer {
             paused_ssrcs,
             keyframe_wanted: HashSet::new(),
         })
+    }
+
+    /// Restarts ICE on our side (a subscriber connection whose client lost its path):
+    /// the next offer carries new credentials.
+    pub fn restart_ice(&mut self) {
+        self.pc.restart_ice();
+        self.pending = true;
+    }
+
+    /// Notes the ufrag of our current local description; true if it is a new one.
+    pub fn learn_ufrag(&mut self) -> bool {
+        let Some(sdp) = self.pc.local_description().map(|d| d.sdp) else {
+            return false;
+        };
+        let Some(ufrag) = sdp
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
+            .map(str::to_owned)
+        else {
+            return false;
+        };
+        if self.ufrags.contains(&ufrag) {
+            return false;
+        }
+        self.ufrags.push(ufrag);
+        true
     }
 
     /// Applies a publisher's offer and returns our answer.

@@ -331,7 +331,8 @@ impl Control {
             }
             m @ (ClientMessage::Offer { .. }
             | ClientMessage::Answer { .. }
-            | ClientMessage::Candidate { .. }) => {
+            | ClientMessage::Candidate { .. }
+            | ClientMessage::RestartIce) => {
                 if !self.rooms.is_joined(session) {
                     Err(RoomError::NotJoined)
                 } else if self.media.is_none() {

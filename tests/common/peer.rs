@@ -272,6 +272,14 @@ impl RtcPeer {
         self.local_sdp_when_gathered().await
     }
 
+    /// An offer that restarts ICE (new credentials), as after a network change.
+    pub async fn offer_ice_restart(&mut self) -> String {
+        let options = rtc::peer_connection::configuration::RTCOfferOptions { ice_restart: true };
+        let offer = self.pc.create_offer(Some(options)).await.unwrap();
+        self.pc.set_local_description(offer).await.unwrap();
+        self.local_sdp_when_gathered().await
+    }
+
     pub async fn answer(&mut self, offer: String) -> String {
         self.pc
             .set_remote_description(RTCSessionDescription::offer(offer).unwrap())
