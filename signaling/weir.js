@@ -78,7 +78,9 @@ export class WeirError extends Error {
  * `{state: "normal"|"warning"|"congested", estimate, paused, lowered}`, `paused`
  * being the streams whose video the server withholds because the link cannot carry
  * it, their audio continuing; `lowered` the simulcast streams sent on a lower layer), `publishTarget` (`{streamId, userID, bitrate, policy}`: the rate
- * the room asks a publisher for; the browser also gets it as REMB for its own stream).
+ * the room asks a publisher for; the browser also gets it as REMB for its own stream),
+ * `publishLayers` (`{active}`: the simulcast layers, by rid, still sent; the SDK switches
+ * the others off as the server asks).
  */
 export class WeirRoom extends EventTarget {
   /** @param {import("./weir.d.ts").WeirOptions} options */
@@ -515,6 +517,32 @@ export class WeirRoom extends EventTarget {
     return pc;
   }
 
+  async _setActiveLayers(active) {
+    const pc = this.publisher;
+    if (!pc) return;
+    for (const sender of pc.getSenders()) {
+      if (!sender.track || sender.track.kind !== "video") continue;
+      const params = sender.getParameters();
+      if (!params.encodings || params.encodings.length < 2) continue;
+      let changed = false;
+      for (const e of params.encodings) {
+        const want = !e.rid || active.includes(e.rid);
+        if (e.active !== want) {
+          e.active = want;
+          changed = true;
+        }
+      }
+      if (changed) {
+        try {
+          await sender.setParameters(params);
+          this._emit("publishLayers", { active });
+        } catch (e) {
+          this._emit("error", e);
+        }
+      }
+    }
+  }
+
   async _restartIce(target, pc) {
     if (this._leaving || this[target] !== pc || !this.ws) return;
     if (pc.iceConnectionState === "connected" || pc.iceConnectionState === "completed") {
@@ -667,6 +695,11 @@ export class WeirRoom extends EventTarget {
           lowered: msg.lowered || [],
         };
         this._emit("congestion", this.congestion);
+        break;
+      case "publishLayers":
+        // Simulcast layers nobody needs are switched off at the encoder (and back on
+        // when someone may need them).
+        this._setActiveLayers(msg.active || []);
         break;
       case "publishTarget":
         this._emit("publishTarget", {

@@ -1,7 +1,8 @@
 //! Simulcast: headless Chromium publishes three layers through the SDK; of two
 //! `webrtc`-crate subscribers, one on a clean link gets the best layer and one behind
 //! a capped link is lowered to a layer it can carry, keeps its video, and decodes it.
-//! Alone in its test binary: Chromium's three encoders need the machine's two cores.
+//! Alone in its test binary, one test at a time: Chromium's three encoders need the
+//! machine's two cores. Also: layers nobody needs are switched off at the publisher.
 
 mod common;
 
@@ -16,6 +17,9 @@ use common::TestServer;
 use weir_signaling::CongestionPolicy;
 
 const ROOM: u32 = 4242;
+
+/// One Chromium with three encoders at a time: two would compete for the two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The size of every frame `w` decoded from its whole video stream up to `to`, in
 /// order (a window cut mid-GOP would lack the parameter sets Chrome sends with keyframes).
@@ -56,6 +60,7 @@ async fn frame_sizes(w: &Watcher, to: Instant, dir: &std::path::Path) -> Vec<(u3
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capped_subscriber_gets_a_lower_simulcast_layer_and_keeps_its_video() {
+    let _serial = SERIAL.lock().await;
     let t =
         TestServer::start_with(|c| c.server.congestion_policy = CongestionPolicy::Majority).await;
     let relay = ShapedRelay::start(
@@ -193,4 +198,108 @@ async fn a_capped_subscriber_gets_a_lower_simulcast_layer_and_keeps_its_video() 
         m.contains("weir_congestion_layer_switches_total{direction=\"layer\""),
         "{m}"
     );
+}
+
+/// The rids of the Chrome publisher's video encodings that are switched on.
+async fn active_encodings(page: &common::browser::Page<'_>) -> Vec<String> {
+    let v = page
+        .eval(
+            "(() => { const s = window.room.publisher.getSenders().find((s) => s.track && s.track.kind === 'video'); \
+             return s.getParameters().encodings.filter((e) => e.active).map((e) => e.rid); })()",
+        )
+        .await;
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_nobody_needs_are_switched_off_at_the_publisher_and_back_on() {
+    let _serial = SERIAL.lock().await;
+    let t = TestServer::start().await;
+    let relay = ShapedRelay::start(
+        t.udp_addr(),
+        0,
+        Duration::from_millis(200),
+        Duration::from_millis(10),
+        0.0,
+        5,
+    )
+    .await;
+    let only = Watcher::join(&t, "only", ROOM, Some(relay.addr)).await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&format!("http://{}/", t.server.http_addr))
+        .await;
+    let options = serde_json::to_string(&t.join("chrome", ROOM, 0xff)).unwrap();
+    page.eval(&format!(
+        r#"(async () => {{
+            const {{ WeirRoom }} = await import('/sdk/weir.js');
+            const room = new WeirRoom({options});
+            window.room = room;
+            await room.join();
+            await room.publish({{ audio: true, video: true, simulcast: true, width: 960, height: 540 }});
+            return true;
+        }})()"#
+    ))
+    .await;
+    // Wait for the top layer to be up and forwarded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = t.metrics().await;
+        let layers = m
+            .lines()
+            .find(|l| l.starts_with("weir_simulcast_layers "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if layers >= 3.0 && !only.packets("video").await.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Chrome never sent 3 layers");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(active_encodings(&page).await.len(), 3);
+
+    // The only subscriber can carry the lowest layer only: the top one is not needed.
+    relay.rate_bps.store(300_000, Ordering::Relaxed);
+    let capped = Instant::now();
+    let mut off = None;
+    while capped.elapsed() < Duration::from_secs(25) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if active_encodings(&page).await.len() < 3 {
+            off = Some(capped.elapsed());
+            break;
+        }
+    }
+    let off = off.unwrap_or_else(|| {
+        panic!(
+            "the top layer stayed on: {:?}; {:?}",
+            only.congestion(),
+            browser.console_dump()
+        )
+    });
+    let still = active_encodings(&page).await;
+    assert_eq!(
+        still.len(),
+        2,
+        "the lowest layer and the next one stay: {still:?}"
+    );
+
+    // The link recovers: the subscriber climbs, and the top layer comes back.
+    relay.rate_bps.store(0, Ordering::Relaxed);
+    let lifted = Instant::now();
+    let mut on = None;
+    while lifted.elapsed() < Duration::from_secs(25) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if active_encodings(&page).await.len() == 3 {
+            on = Some(lifted.elapsed());
+            break;
+        }
+    }
+    let on = on.unwrap_or_else(|| panic!("the top layer never came back: {:?}", only.congestion()));
+    eprintln!("top layer switched off {off:?} after the cap, back on {on:?} after the lift");
 }

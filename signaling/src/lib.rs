@@ -386,6 +386,13 @@ pub enum ServerMessage {
         #[serde(default)]
         lowered: Vec<String>,
     },
+    /// To a simulcast publisher: the layers (by rid) some subscriber needs, or may
+    /// need next; the others can be switched off (`encodings[i].active = false`).
+    #[serde(rename_all = "camelCase")]
+    PublishLayers {
+        stream_id: String,
+        active: Vec<String>,
+    },
     /// To every member of the room: the rate the room asks a publisher to send its
     /// video at (WebRTC publishers also get it as REMB; RTMP pushers' backends can act
     /// on it, as on the pusher's NET_BUSY).

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use weir_signaling::{CongestionLevel, CongestionPolicy, Kind, ServerMessage, Target};
 
 use crate::congestion::{publisher_target, Change, CongestionState, Priority, Signals, VideoTrack};
+use crate::room::SessionId;
 use crate::server::control::ControlCommand;
 
 use super::Media;
@@ -53,6 +54,17 @@ impl RateMeter {
         self.bps
     }
 }
+
+/// Layers a simulcast publisher was told to send, and since when fewer would do.
+#[derive(Debug, Default)]
+pub struct Dynacast {
+    told: Vec<String>,
+    fewer_since: Option<Instant>,
+}
+
+/// Switching a layer off waits this long (switching one on does not): a subscriber
+/// that is lowered for a moment should find its layer still there.
+const LAYER_OFF_AFTER: Duration = Duration::from_secs(5);
 
 /// What the room decides about one stream with, and what it last said.
 #[derive(Debug, Clone)]
@@ -293,6 +305,97 @@ impl Media {
         }
         if room_tick {
             self.room_decisions(now, capacities);
+            self.dynacast_decisions(now);
+        }
+    }
+
+    /// Tells each simulcast WebRTC publisher which layers are needed: every layer up
+    /// to the highest one a subscriber is on, and the next one (so it can be raised);
+    /// layers ranked by the highest rate each was seen at. Nothing is switched off
+    /// while nobody subscribes (the next subscriber may want the best).
+    fn dynacast_decisions(&mut self, now: Instant) {
+        let streams: Vec<(String, SessionId)> = self
+            .simulcast
+            .iter()
+            .filter_map(|s| self.publishers.get(s).map(|p| (s.clone(), *p)))
+            .collect();
+        for (stream_id, publisher) in streams {
+            let Some(p) = self
+                .peers
+                .get(&super::peer::PeerKey(publisher, Target::Publisher))
+            else {
+                continue;
+            };
+            let mut layers = p.video_layer_rids();
+            if layers.len() < 2 {
+                continue;
+            }
+            let peak = |s: u32| {
+                self.layer_peaks
+                    .get(&(stream_id.clone(), s))
+                    .copied()
+                    .unwrap_or(0.0)
+            };
+            layers.sort_by(|a, b| peak(a.0).total_cmp(&peak(b.0)));
+            let subscribers: Vec<SessionId> = self
+                .subscriptions
+                .get(&stream_id)
+                .map(|s| {
+                    s.iter()
+                        .filter(|(_, k)| k.contains(&Kind::Video))
+                        .map(|(s, _)| *s)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if subscribers.is_empty() {
+                continue;
+            }
+            let mut highest = 0;
+            for s in subscribers {
+                let Some(sp) = self.peers.get(&super::peer::PeerKey(s, Target::Subscriber)) else {
+                    continue;
+                };
+                let rank = match sp.forwarding(&stream_id) {
+                    Some(ssrc) => layers.iter().position(|(x, _)| *x == ssrc).unwrap_or(0),
+                    // Not started yet (or no congestion control): it will want the best.
+                    None if sp.congestion.is_none() => layers.len() - 1,
+                    None => 0,
+                };
+                highest = highest.max(rank);
+            }
+            let needed: Vec<String> = layers
+                .iter()
+                .take((highest + 2).min(layers.len()))
+                .map(|(_, rid)| rid.clone())
+                .collect();
+            let d = self.dynacast.entry(stream_id.clone()).or_default();
+            if d.told.is_empty() {
+                // A publisher starts with every layer on.
+                d.told = layers.iter().map(|(_, rid)| rid.clone()).collect();
+            }
+            let fewer = d.told.iter().any(|r| !needed.contains(r));
+            let more = needed.iter().any(|r| !d.told.contains(r));
+            let send = if more {
+                true
+            } else if fewer {
+                let since = *d.fewer_since.get_or_insert(now);
+                now.saturating_duration_since(since) >= LAYER_OFF_AFTER
+            } else {
+                d.fewer_since = None;
+                false
+            };
+            if send && needed != d.told {
+                d.told = needed.clone();
+                d.fewer_since = None;
+                tracing::info!(stream = %stream_id, active = ?needed, "simulcast layers needed");
+                self.tell(
+                    publisher,
+                    ServerMessage::PublishLayers {
+                        stream_id: stream_id.clone(),
+                        active: needed,
+                    },
+                );
+            }
         }
     }
 
@@ -312,6 +415,14 @@ impl Media {
                 continue;
             }
             self.simulcast.insert(stream_id.clone());
+            for s in &ssrcs {
+                let r = self
+                    .layer_rates
+                    .get(&(stream_id.clone(), *s))
+                    .map_or(0.0, |r| r.bps());
+                let peak = self.layer_peaks.entry((stream_id.clone(), *s)).or_default();
+                *peak = peak.max(r);
+            }
             let rate = |s: &u32| {
                 self.layer_rates
                     .get(&(stream_id.clone(), *s))

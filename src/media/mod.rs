@@ -105,6 +105,10 @@ pub struct Media {
     simulcast: HashSet<String>,
     layer_rates: HashMap<(String, u32), congestion::RateMeter>,
     stream_layers: HashMap<String, Vec<u32>>,
+    /// Each simulcast layer's highest rate seen (its rank survives being switched off),
+    /// and what each simulcast publisher was last told it needs to send.
+    layer_peaks: HashMap<(String, u32), f64>,
+    dynacast: HashMap<String, congestion::Dynacast>,
 }
 
 /// Keyframe requests to one publisher track are sent at most this often.
@@ -207,6 +211,8 @@ impl Media {
             simulcast: HashSet::new(),
             layer_rates: HashMap::new(),
             stream_layers: HashMap::new(),
+            layer_peaks: HashMap::new(),
+            dynacast: HashMap::new(),
         })
     }
 
@@ -432,6 +438,8 @@ impl Media {
                 self.simulcast.remove(&stream_id);
                 self.stream_layers.remove(&stream_id);
                 self.layer_rates.retain(|(s, _), _| *s != stream_id);
+                self.layer_peaks.retain(|(s, _), _| *s != stream_id);
+                self.dynacast.remove(&stream_id);
                 if let Some(sp) = self.stream_rooms.remove(&stream_id) {
                     if !self.stream_rooms.values().any(|o| o.room == sp.room) {
                         self.metrics.forget_room(&sp.room);

@@ -479,6 +479,23 @@ impl Peer {
         }
     }
 
+    /// This publisher's simulcast video layers: SSRC and rid.
+    pub fn video_layer_rids(&self) -> Vec<(u32, String)> {
+        self.uptracks
+            .values()
+            .filter(|t| t.kind == Kind::Video)
+            .flat_map(|t| t.layers.iter().cloned())
+            .collect()
+    }
+
+    /// The publisher SSRC a subscriber's video downtrack of `stream_id` forwards now.
+    pub fn forwarding(&self, stream_id: &str) -> Option<u32> {
+        self.downtracks
+            .get(&(stream_id.to_owned(), Kind::Video))
+            .filter(|d| !d.paused)
+            .and_then(|d| d.forwarding)
+    }
+
     /// The SSRCs of this publisher's simulcast video layers (empty without simulcast).
     pub fn video_layers(&self) -> Vec<u32> {
         self.uptracks
