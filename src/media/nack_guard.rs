@@ -47,8 +47,11 @@ pub const NACK_GUARD_SLOT: usize = 3_500;
 
 /// A connection's paused downtracks (by SSRC), and for each downtrack ever paused the
 /// last sequence number sent before that pause. Shared with its guard.
+/// Per SSRC: paused now, and the fence (last sequence number sent before a pause).
+type PauseStates = HashMap<u32, (bool, Option<u16>)>;
+
 #[derive(Clone, Default)]
-pub struct PausedSsrcs(Arc<Mutex<HashMap<u32, (bool, Option<u16>)>>>);
+pub struct PausedSsrcs(Arc<Mutex<PauseStates>>);
 
 impl PausedSsrcs {
     /// Pauses (with the last sequence number sent, the fence) or resumes a downtrack.

@@ -73,7 +73,9 @@ pub fn congestion_run(
         .fold(400.0, f64::max)
         * 1.1;
     let lost_max = rows.iter().map(|r| r[3]).fold(5.0, f64::max);
-    let panels: [(f64, f64, &[(usize, &str)], f64, &str); 3] = [
+    // (top, height, (CSV column, colour) of each line, y maximum, label)
+    type Panel<'a> = (f64, f64, &'a [(usize, &'a str)], f64, &'a str);
+    let panels: [Panel; 3] = [
         (
             30.0,
             260.0,
