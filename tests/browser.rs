@@ -244,22 +244,7 @@ async fn record(url: &str, seconds: u32, out: &Path) -> (usize, usize, String) {
     let text = String::from_utf8_lossy(&probe.stdout).to_string();
     let video = text.lines().filter(|l| l.starts_with("video")).count();
     let audio = text.lines().filter(|l| l.starts_with("audio")).count();
-    // `-enc_time_base -1`: keep the FLV's millisecond timestamps. With the default
-    // (1/frame rate) two of Chrome's frames captured closer together than one frame
-    // interval (headless Chrome on a busy machine) land on the same tick and the null
-    // muxer reports "non monotonically increasing dts", though the FLV's are strictly
-    // increasing.
-    let decode = std::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(out)
-        .args(["-enc_time_base", "-1", "-f", "null", "-"])
-        .output()
-        .unwrap();
-    (
-        video,
-        audio,
-        String::from_utf8_lossy(&decode.stderr).to_string(),
-    )
+    (video, audio, common::media::flv_decode_errors(out))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::peer::{h264, opus, RtcPeer};
+use common::peer::{h264, opus, RtcPeer, SendTrack};
 use common::relay::{via_relay, Relay};
 use common::watcher::Watcher;
 use common::{Client, TestServer};
@@ -18,6 +18,49 @@ use webrtc::peer_connection::RTCPeerConnectionState;
 use weir_signaling::{ClientMessage, ServerMessage, Target};
 
 const ROOM: u32 = 909;
+const VIDEO_SSRC: u32 = 0x1000_0009;
+const AUDIO_SSRC: u32 = 0x2000_0009;
+
+/// Sends 30 video frames a second (an IDR every 30, so a subscriber can always start)
+/// and, if given, an audio packet with each, until `stop`.
+fn send_media(
+    video: SendTrack,
+    audio: Option<SendTrack>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let vpt = video.payload_type().await;
+        let apt = match &audio {
+            Some(a) => Some(a.payload_type().await),
+            None => None,
+        };
+        let mut n: u32 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let mut v = rtc::rtp::Packet::default();
+            v.header.version = 2;
+            v.header.payload_type = vpt;
+            v.header.ssrc = VIDEO_SSRC;
+            v.header.sequence_number = n as u16;
+            v.header.timestamp = n.wrapping_mul(3000);
+            v.header.marker = true;
+            let nal = if n % 30 == 0 { 0x65 } else { 0x41 };
+            v.payload = vec![nal; 600].into();
+            let _ = video.track.write_rtp(v).await;
+            if let (Some(audio), Some(apt)) = (&audio, apt) {
+                let mut a = rtc::rtp::Packet::default();
+                a.header.version = 2;
+                a.header.payload_type = apt;
+                a.header.ssrc = AUDIO_SSRC;
+                a.header.sequence_number = n as u16;
+                a.header.timestamp = n.wrapping_mul(1600);
+                a.payload = vec![0xfc; 80].into();
+                let _ = audio.track.write_rtp(a).await;
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(33)).await;
+        }
+    })
+}
 
 async fn publisher_answer(signal: &mut Client, sdp: String) -> String {
     signal
@@ -59,10 +102,10 @@ async fn a_publisher_restarts_ice_after_a_network_change_and_nobody_sees_it_leav
         .await;
     let mut alice = RtcPeer::new().await;
     let video = alice
-        .add_send_track(RtpCodecKind::Video, h264(), 0x1000_0009)
+        .add_send_track(RtpCodecKind::Video, h264(), VIDEO_SSRC)
         .await;
     let audio = alice
-        .add_send_track(RtpCodecKind::Audio, opus(), 0x2000_0009)
+        .add_send_track(RtpCodecKind::Audio, opus(), AUDIO_SSRC)
         .await;
     let offer = alice.offer().await;
     let answer = publisher_answer(&mut signal, offer).await;
@@ -71,37 +114,8 @@ async fn a_publisher_restarts_ice_after_a_network_change_and_nobody_sees_it_leav
         .await;
     alice.connected().await;
 
-    // Media: an IDR every 30 frames, so a subscriber can always start.
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
-            let mut n: u32 = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let mut v = rtc::rtp::Packet::default();
-                v.header.version = 2;
-                v.header.payload_type = vpt;
-                v.header.ssrc = 0x1000_0009;
-                v.header.sequence_number = n as u16;
-                v.header.timestamp = n.wrapping_mul(3000);
-                v.header.marker = true;
-                let nal = if n % 30 == 0 { 0x65 } else { 0x41 };
-                v.payload = vec![nal; 600].into();
-                let _ = video.track.write_rtp(v).await;
-                let mut a = rtc::rtp::Packet::default();
-                a.header.version = 2;
-                a.header.payload_type = apt;
-                a.header.ssrc = 0x2000_0009;
-                a.header.sequence_number = n as u16;
-                a.header.timestamp = n.wrapping_mul(1600);
-                a.payload = vec![0xfc; 80].into();
-                let _ = audio.track.write_rtp(a).await;
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(33)).await;
-            }
-        })
-    };
+    let sender = send_media(video, Some(audio), stop.clone());
     let media_at = |after: Instant| {
         let bob = &bob;
         async move {
@@ -229,34 +243,14 @@ async fn a_subscriber_asks_for_an_ice_restart_after_a_network_change() {
         .await;
     let mut alice = RtcPeer::new().await;
     let video = alice
-        .add_send_track(RtpCodecKind::Video, h264(), 0x1000_0019)
+        .add_send_track(RtpCodecKind::Video, h264(), VIDEO_SSRC)
         .await;
     let offer = alice.offer().await;
     let answer = publisher_answer(&mut alice_signal, offer).await;
     alice.accept_answer(answer).await;
     alice.connected().await;
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let vpt = video.payload_type().await;
-            let mut n: u32 = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let mut v = rtc::rtp::Packet::default();
-                v.header.version = 2;
-                v.header.payload_type = vpt;
-                v.header.ssrc = 0x1000_0019;
-                v.header.sequence_number = n as u16;
-                v.header.timestamp = n.wrapping_mul(3000);
-                v.header.marker = true;
-                let nal = if n % 30 == 0 { 0x65 } else { 0x41 };
-                v.payload = vec![nal; 600].into();
-                let _ = video.track.write_rtp(v).await;
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(33)).await;
-            }
-        })
-    };
+    let sender = send_media(video, None, stop.clone());
 
     // bob receives through a path that will die.
     let first_path = Relay::start(t.udp_addr(), Box::new(|_| false)).await;

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::media::flv_decode_errors as decode_errors;
 use common::{TestServer, APP};
 use weir::auth::{Privileges, RoomId, TokenKind};
 
@@ -106,21 +107,6 @@ fn packets(file: &Path) -> Vec<(String, usize, f64, f64)> {
             (k, v.len(), first, last)
         })
         .collect()
-}
-
-/// ffmpeg's complaints decoding `file`. The FLV's millisecond time base is kept
-/// (`-enc_time_base -1`): with the default (1/frame rate) two frames a little under
-/// a frame interval apart fold onto one tick and the null muxer reports
-/// "non monotonically increasing dts" (seen once in a full CI-like run, not
-/// reproduced in six more), while equal or backward FLV timestamps still show.
-fn decode_errors(file: &Path) -> String {
-    let out = std::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(file)
-        .args(["-enc_time_base", "-1", "-f", "null", "-"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stderr).to_string()
 }
 
 /// Checks a recording: decodes cleanly, ~30 fps video and AAC audio over about

@@ -224,8 +224,19 @@ pub enum CongestionLevel {
     Normal,
     /// Queuing, loss or a falling estimate; nothing withheld yet.
     Warning,
-    /// At least one video is paused because the link cannot carry it.
+    /// At least one video is paused, or sent on a lower layer, because the link
+    /// cannot carry it.
     Congested,
+}
+
+impl CongestionLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Warning => "warning",
+            Self::Congested => "congested",
+        }
+    }
 }
 
 fn yes() -> bool {

@@ -107,25 +107,11 @@ pub struct Signals {
     pub media_bps: f64,
 }
 
-/// The subscriber's congestion state, as told to it and counted in the metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CongestionState {
-    Normal,
-    /// Signs of congestion (queuing, loss, a back-off, a deficit), nothing paused yet.
-    Warning,
-    /// At least one video is paused for lack of bandwidth.
-    Congested,
-}
-
-impl CongestionState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Normal => "normal",
-            Self::Warning => "warning",
-            Self::Congested => "congested",
-        }
-    }
-}
+/// The subscriber's congestion state, as told to it (`congestion` events) and counted
+/// in the metrics: the signaling protocol's type. `Warning`: signs of congestion
+/// (queuing, loss, a back-off, a deficit), nothing withheld; `Congested`: a video is
+/// paused or lowered for lack of bandwidth.
+pub use weir_signaling::CongestionLevel as CongestionState;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {

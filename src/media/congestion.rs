@@ -79,14 +79,6 @@ pub struct StreamPolicy {
     pub told: Option<f64>,
 }
 
-fn level(s: CongestionState) -> CongestionLevel {
-    match s {
-        CongestionState::Normal => CongestionLevel::Normal,
-        CongestionState::Warning => CongestionLevel::Warning,
-        CongestionState::Congested => CongestionLevel::Congested,
-    }
-}
-
 impl Media {
     pub(super) fn congestion_tick(&mut self, now: Instant) {
         let seconds = now
@@ -102,6 +94,16 @@ impl Media {
             r.roll(seconds);
         }
         self.refresh_layers();
+        // Subscribers waiting for a keyframe (a resume, a layer switch) keep asking;
+        // request_keyframe throttles it per stream.
+        let waiting: std::collections::HashSet<String> = self
+            .peers
+            .values()
+            .flat_map(|p| p.keyframe_wanted.iter().cloned())
+            .collect();
+        for stream_id in waiting {
+            self.request_keyframe(&stream_id, now, false);
+        }
         if !self.config.congestion_control {
             return;
         }
@@ -220,7 +222,7 @@ impl Media {
             }
             let paused: Vec<String> = c.allocator.paused().iter().cloned().collect();
             let lowered = c.allocator.lowered();
-            let lvl = level(state);
+            let lvl = state;
             let due = match &c.told {
                 None => lvl != CongestionLevel::Normal,
                 Some((l, p, lw, at)) => {
@@ -315,8 +317,8 @@ impl Media {
     /// while nobody subscribes (the next subscriber may want the best).
     fn dynacast_decisions(&mut self, now: Instant) {
         let streams: Vec<(String, SessionId)> = self
-            .simulcast
-            .iter()
+            .stream_layers
+            .keys()
             .filter_map(|s| self.publishers.get(s).map(|p| (s.clone(), *p)))
             .collect();
         for (stream_id, publisher) in streams {
@@ -414,7 +416,6 @@ impl Media {
             if ssrcs.len() < 2 {
                 continue;
             }
-            self.simulcast.insert(stream_id.clone());
             for s in &ssrcs {
                 let r = self
                     .layer_rates

@@ -100,9 +100,9 @@ pub struct Media {
     next_tick: Instant,
     last_tick: Instant,
     next_room_tick: Instant,
-    /// Simulcast streams, each layer's rate by (stream, SSRC), and each stream's
-    /// active layers' SSRCs, lowest rate first (refreshed every tick).
-    simulcast: HashSet<String>,
+    /// Each simulcast layer's rate by (stream, SSRC), and each simulcast stream's
+    /// active layers' SSRCs, lowest rate first (refreshed every tick; a stream is
+    /// simulcast when it has an entry there).
     layer_rates: HashMap<(String, u32), congestion::RateMeter>,
     stream_layers: HashMap<String, Vec<u32>>,
     /// Each simulcast layer's highest rate seen (its rank survives being switched off),
@@ -208,7 +208,6 @@ impl Media {
             next_tick: Instant::now(),
             last_tick: Instant::now(),
             next_room_tick: Instant::now() + congestion::ROOM_INTERVAL,
-            simulcast: HashSet::new(),
             layer_rates: HashMap::new(),
             stream_layers: HashMap::new(),
             layer_peaks: HashMap::new(),
@@ -435,7 +434,6 @@ impl Media {
                 self.taps.remove(&stream_id);
                 self.rates.remove(&(stream_id.clone(), Kind::Video));
                 self.rates.remove(&(stream_id.clone(), Kind::Audio));
-                self.simulcast.remove(&stream_id);
                 self.stream_layers.remove(&stream_id);
                 self.layer_rates.retain(|(s, _), _| *s != stream_id);
                 self.layer_peaks.retain(|(s, _), _| *s != stream_id);
@@ -722,16 +720,6 @@ impl Media {
         for (publisher, kind, sr) in sender_reports {
             self.relay_sender_report(publisher, kind, &sr, now);
         }
-        // Subscribers waiting for a keyframe (a resume, a layer switch) keep asking;
-        // request_keyframe throttles it per stream.
-        let waiting: HashSet<String> = self
-            .peers
-            .values()
-            .flat_map(|p| p.keyframe_wanted.iter().cloned())
-            .collect();
-        for stream_id in waiting {
-            self.request_keyframe(&stream_id, now, false);
-        }
         for stream_id in keyframe_requests {
             self.metrics
                 .plis
@@ -929,7 +917,7 @@ impl Media {
             .entry((stream_id.clone(), kind))
             .or_default()
             .add(packet.payload.len() + 12);
-        if kind == Kind::Video && self.simulcast.contains(&stream_id) {
+        if kind == Kind::Video && self.stream_layers.contains_key(&stream_id) {
             self.layer_rates
                 .entry((stream_id.clone(), packet.header.ssrc))
                 .or_default()

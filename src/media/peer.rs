@@ -79,6 +79,14 @@ struct Downtrack {
     forwarding: Option<u32>,
 }
 
+/// Notes that a downtrack of `stream_id` waits for a keyframe (allocating only the
+/// first time: this runs for every packet dropped while waiting).
+fn want_keyframe(wanted: &mut HashSet<String>, stream_id: &str) {
+    if !wanted.contains(stream_id) {
+        wanted.insert(stream_id.to_owned());
+    }
+}
+
 /// What one pass over a peer's outputs found.
 #[derive(Default)]
 pub struct Drained {
@@ -817,7 +825,7 @@ impl Peer {
                 d.forwarding = None; // that layer stopped
             }
             if d.forwarding != Some(want) {
-                self.keyframe_wanted.insert(stream_id.to_owned());
+                want_keyframe(&mut self.keyframe_wanted, stream_id);
             }
             if Some(ssrc) != d.forwarding {
                 if ssrc != want {
@@ -835,7 +843,7 @@ impl Peer {
         if d.await_keyframe {
             let key = keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload));
             if key == Some(false) {
-                self.keyframe_wanted.insert(stream_id.to_owned());
+                want_keyframe(&mut self.keyframe_wanted, stream_id);
                 return false;
             }
             d.await_keyframe = false;

@@ -123,3 +123,20 @@ pub fn tone_power(samples: &[f32], rate: f32, freq: f32) -> f32 {
     }
     (s1 * s1 + s2 * s2 - coeff * s1 * s2) / (samples.len() as f32).powi(2)
 }
+
+/// ffmpeg's complaints decoding the FLV recording `file` (empty when it decodes
+/// cleanly). The FLV's millisecond time base is kept (`-enc_time_base -1`): with the
+/// default (1/frame rate), two frames a little under a frame interval apart (Chrome
+/// capturing on a busy machine) fold onto one tick and the null muxer reports
+/// "non monotonically increasing dts", though the FLV's timestamps are strictly
+/// increasing; equal or backward FLV timestamps still show.
+pub fn flv_decode_errors(file: &Path) -> String {
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(file)
+        .args(["-enc_time_base", "-1", "-f", "null", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ffmpeg runs");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
