@@ -828,11 +828,13 @@ async fn a_slow_player_is_cut_back_to_keyframes_and_a_normal_one_is_not() {
     let dropped = metric(&metrics, "weir_player_dropped_tags_total{stream=\"busy\"}");
     assert!(dropped > 0.0, "drops are counted per stream");
     // Reading under half the stream, an unbounded queue would leave it > 5 s behind at
-    // the end (13 s it was, before unsent bytes in the kernel were limited). It stays
-    // within the queue limit (0.5 s) plus what the socket buffers and a keyframe take
-    // to read at this rate.
+    // the end (13 s it was, before unsent bytes in the kernel were limited; 1.9-3.6 s
+    // while the writer took the whole queue at a time and hyper buffered up to 400 KiB).
+    // It stays within the queue limit (0.5 s, more at the start, with the GOP cache)
+    // plus what lies outside the queue at this rate: a 16 KiB batch, 16 KiB in hyper,
+    // 16 KiB unsent in the kernel and the receive window (~1.5 s at 40 kB/s).
     assert!(
-        max_lag < 3.5,
+        max_lag < 2.5,
         "the slow player's lag stayed bounded: {max_lag:.2} s"
     );
 }

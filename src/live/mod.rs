@@ -54,6 +54,9 @@ impl Tag {
 const GOP_MAX_TAGS: usize = 2500;
 /// Tags a player's queue may hold whatever their timestamps say.
 const QUEUE_MAX_TAGS: usize = 4096;
+/// What a player's writer takes from its queue at a time (at least one tag): the
+/// backlog stays in the queue, where latency control sees it, not in the writer.
+pub const BATCH_MAX_BYTES: usize = 16 * 1024;
 
 #[derive(Default)]
 struct QueueState {
@@ -64,6 +67,8 @@ struct QueueState {
     /// Extra media time allowed while the GOP cache a new player starts with is
     /// still queued (it is old on purpose); gone once the writer has taken it.
     allowance_ms: u32,
+    /// How many of the tags at the front are that GOP cache (and its headers).
+    cached_left: usize,
     /// Video is skipped until a keyframe (after an overflow, or at the start).
     waiting_keyframe: bool,
     closed: bool,
@@ -154,6 +159,7 @@ impl PlayerQueue {
                 .count() as u64;
             s.tags.clear();
             s.allowance_ms = 0;
+            s.cached_left = 0;
             // Sequence headers again (not metadata: a later script tag looks like a
             // data track to players), at the time the player resumes from.
             let resume = tag.timestamp;
@@ -187,22 +193,39 @@ impl PlayerQueue {
         self.notify.notify_one();
     }
 
-    /// Everything queued, waiting for something if empty.
+    /// The oldest queued tags, up to [`BATCH_MAX_BYTES`] (at least one), waiting for
+    /// something if empty.
     pub async fn next(&self) -> Next {
         loop {
             let notified = self.notify.notified();
-            {
-                let mut s = self.state.lock().expect("queue lock");
-                if !s.tags.is_empty() {
-                    s.allowance_ms = 0;
-                    return Next::Tags(s.tags.drain(..).collect());
-                }
-                if s.closed {
-                    return Next::Closed;
-                }
+            if let Some(next) = self.try_next() {
+                return next;
             }
             notified.await;
         }
+    }
+
+    /// [`Self::next`] without waiting: `None` while the queue is empty and open.
+    fn try_next(&self) -> Option<Next> {
+        let mut s = self.state.lock().expect("queue lock");
+        if s.tags.is_empty() {
+            return s.closed.then_some(Next::Closed);
+        }
+        let mut bytes = 0;
+        let n = s
+            .tags
+            .iter()
+            .take_while(|t| {
+                let first = bytes == 0;
+                bytes += t.data.len() + 15;
+                first || bytes <= BATCH_MAX_BYTES
+            })
+            .count();
+        s.cached_left = s.cached_left.saturating_sub(n);
+        if s.cached_left == 0 {
+            s.allowance_ms = 0;
+        }
+        Some(Next::Tags(s.tags.drain(..n).collect()))
     }
 
     pub fn dropped(&self) -> u64 {
@@ -329,6 +352,7 @@ impl Source {
             } else {
                 qs.tags.extend(s.gop.iter().cloned());
                 qs.allowance_ms = s.last_ts.wrapping_sub(start);
+                qs.cached_left = qs.tags.len();
             }
             qs.closed = s.ended;
         }

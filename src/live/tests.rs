@@ -42,11 +42,24 @@ fn place() -> StreamPlace {
     }
 }
 
-/// What the writer's `next()` does, without waiting.
+/// What the writer's `next()` takes, without waiting (nothing when empty).
 fn take(q: &Player) -> Vec<Tag> {
-    let mut s = q.state.lock().unwrap();
-    s.allowance_ms = 0;
-    s.tags.drain(..).collect()
+    match q.try_next() {
+        Some(Next::Tags(t)) => t,
+        _ => Vec::new(),
+    }
+}
+
+/// A video tag of `bytes` bytes.
+fn big_video(ts: u32, key: bool, bytes: usize) -> Tag {
+    let mut data = vec![0u8; bytes];
+    data[0] = if key { 0x17 } else { 0x27 };
+    data[1] = 1;
+    Tag {
+        kind: TagKind::Video,
+        timestamp: ts,
+        data: Bytes::from(data),
+    }
 }
 
 #[test]
@@ -156,4 +169,43 @@ fn a_player_starting_with_an_old_gop_is_not_cut_and_keeps_its_headers() {
         tags.iter().take(2).all(|t| t.timestamp == 1000 + 16 * 33),
         "headers carry the time the player resumes from"
     );
+}
+
+#[test]
+fn the_writer_takes_bounded_batches_and_the_backlog_stays_visible() {
+    let h = hub();
+    let s = h.open("cam", place());
+    for t in headers() {
+        s.push(t);
+    }
+    // A GOP of 30 frames of 5 kB, 1 s old when the player arrives.
+    s.push(big_video(0, true, 20_000));
+    for i in 1..30u32 {
+        s.push(big_video(i * 33, false, 5_000));
+    }
+    let q = s.subscribe();
+    // The writer takes the cache a batch at a time; live tags arriving meanwhile do
+    // not cut it while any of it is still queued.
+    let mut taken = Vec::new();
+    for i in 0..6u32 {
+        let batch = take(&q);
+        let bytes: usize = batch.iter().map(|t| t.data.len()).sum();
+        assert!(
+            batch.len() == 1 || bytes <= BATCH_MAX_BYTES,
+            "{} tags, {bytes} bytes",
+            batch.len()
+        );
+        taken.extend(batch);
+        s.push(big_video(1000 + i * 33, false, 5_000));
+    }
+    assert_eq!(q.dropped(), 0);
+    assert!(taken[0].is_sequence_header() && taken[2].is_video_keyframe());
+    // The slow writer falls behind: what it has not taken is measured and cut.
+    for i in 6..40u32 {
+        s.push(big_video(1000 + i * 33, i == 30, 5_000));
+    }
+    assert!(q.dropped() > 0);
+    let resumed = take(&q);
+    assert!(resumed[0].is_sequence_header());
+    assert!(resumed.iter().any(|t| t.is_video_keyframe()));
 }

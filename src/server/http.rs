@@ -14,6 +14,12 @@ use tokio::sync::watch;
 
 use super::AppState;
 
+/// What hyper may buffer per connection, written or read (hyper's minimum is 8 KiB).
+/// The default (~400 KiB, or 16 chunks) would hold seconds of a slow HTTP-FLV
+/// player's stream where its queue's latency control cannot see it; request heads
+/// larger than this are refused.
+const HTTP_BUFFER_BYTES: usize = 16 * 1024;
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -27,11 +33,55 @@ pub async fn serve(
         .route("/live/{file}", get(http_flv))
         .merge(super::web::routes())
         .with_state(state);
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
+    // Connections are told to finish when this sender is dropped; the serve loop
+    // returns once every one has (the server bounds that wait with its grace).
+    let (closing_tx, closing_rx) = watch::channel(());
+    let (done_tx, done_rx) = watch::channel(());
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopped);
+    loop {
+        let (socket, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, say: keep serving the connections there are.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stopped => break,
+        };
+        let _ = socket.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut closing = closing_rx.clone();
+        let done = done_rx.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .max_buf_size(HTTP_BUFFER_BYTES)
+                .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "HTTP connection ended");
+                    }
+                }
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(done);
+        });
+    }
+    drop(listener);
+    drop(closing_tx);
+    drop(done_rx);
+    done_tx.closed().await;
 }
 
 async fn websocket(ws: WebSocketUpgrade, State(state): State<Arc<AppState>>) -> Response {
