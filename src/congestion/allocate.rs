@@ -15,6 +15,11 @@
 //! - a playing video is kept while it fits within [`PAUSE_MARGIN`] (the estimate of a
 //!   link that carries exactly this video wobbles around its rate);
 //! - a paused video resumes only when it fits with [`RESUME_MARGIN`] to spare;
+//! - a playing simulcast video is raised to a higher layer only on evidence that the
+//!   path carries it: the acknowledged rate, or a probe verified in the last
+//!   [`PROVEN_FOR`], covers the higher layer. An estimate alone is not enough: GCC
+//!   climbs on a quiet path (up to 1.5 × what is acknowledged), and raising on it
+//!   overshot a 300 kbit/s link every few seconds (lowered, raised, congested again);
 //! - for [`RESUME_GRACE`] after a resume, only a severe deficit (the estimate below
 //!   [`SEVERE`] of what is needed) pauses again: GCC restarted from the probe's rate
 //!   and the first seconds of a resumed stream (its keyframe) move it most.
@@ -58,6 +63,8 @@ pub const MIN_VIDEO_BPS: f64 = 100_000.0;
 pub const MIN_LAYER_BPS: f64 = 30_000.0;
 /// A video lowered for lack of bandwidth is not raised again for this long.
 pub const UPGRADE_HOLD: Duration = Duration::from_secs(3);
+/// A probe's verified rate is evidence for raising a layer this long.
+pub const PROVEN_FOR: Duration = Duration::from_secs(2);
 
 /// Which videos are served first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -167,6 +174,8 @@ pub struct Allocator {
     lowered_at: BTreeMap<String, Instant>,
     /// Each video's top layer at the last tick.
     tops: BTreeMap<String, usize>,
+    /// The rate the last successful probe delivered, and when.
+    proven: Option<(f64, Instant)>,
 }
 
 impl Default for Allocator {
@@ -189,6 +198,7 @@ impl Allocator {
             chosen: BTreeMap::new(),
             lowered_at: BTreeMap::new(),
             tops: BTreeMap::new(),
+            proven: None,
         }
     }
 
@@ -274,6 +284,12 @@ impl Allocator {
         let graced = self
             .resumed_at
             .is_some_and(|t| now.saturating_duration_since(t) < RESUME_GRACE);
+        // What the path has been seen to carry.
+        let carried = self
+            .proven
+            .filter(|(_, at)| now.saturating_duration_since(*at) < PROVEN_FOR)
+            .map_or(0.0, |(bps, _)| bps)
+            .max(signals.acknowledged);
         let mut used = 0.0;
         // The cheapest step up a deficient video could take, for the probe's goal.
         let mut smallest_step: Option<f64> = None;
@@ -304,16 +320,25 @@ impl Allocator {
                 .lowered_at
                 .get(id)
                 .is_some_and(|t| now.saturating_duration_since(*t) < UPGRADE_HOLD);
+            // Where an upgrade left the video (raised, or kept for want of evidence).
+            let mut raised = None;
             match (current, best) {
                 (Some(c), Some(b)) if b == c => used += v.need(c),
                 (Some(c), Some(b)) if b > c => {
-                    if held {
-                        used += v.need(c);
-                    } else {
-                        self.chosen.insert(id.clone(), b);
-                        out.changes.push(Change::Layer(id.clone(), b));
-                        used += v.need(b);
-                    }
+                    // The highest layer up to `b` the path has been seen to carry.
+                    let shown = (c + 1..=b)
+                        .rev()
+                        .find(|&i| audio_bps + used + v.need(i) <= carried);
+                    let to = match shown {
+                        Some(b) if !held => {
+                            self.chosen.insert(id.clone(), b);
+                            out.changes.push(Change::Layer(id.clone(), b));
+                            b
+                        }
+                        _ => c,
+                    };
+                    used += v.need(to);
+                    raised = Some(to);
                 }
                 (None, Some(_)) if held => {}
                 (None, Some(b)) => {
@@ -334,6 +359,7 @@ impl Allocator {
                 (None, None) => {}
             }
             let at = match (current, best) {
+                _ if raised.is_some() => raised,
                 (_, Some(b)) if current.is_some() || b > 0 => Some(b),
                 _ => current,
             };
@@ -450,6 +476,7 @@ impl Allocator {
                     && s.acknowledged >= p.goal * 0.85
                 {
                     out.verified = Some(s.acknowledged.max(p.goal));
+                    self.proven = out.verified.map(|bps| (bps, now));
                     out.probe = Some(ProbeOutcome::Succeeded);
                     self.probe = None;
                     self.backoff = PROBE_INTERVAL_MIN;
@@ -724,6 +751,62 @@ mod tests {
             "raised at {at} ms"
         );
         assert_eq!(a.layer("a"), Some(2));
+    }
+
+    #[test]
+    fn a_layer_is_raised_only_when_the_path_is_shown_to_carry_it() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let layers = [150_000.0, 300_000.0, 900_000.0];
+        let v = [simulcast("a", &layers)];
+        // A link of `cap`: what is offered beyond it queues; GCC's estimate on a quiet
+        // path climbs to 1.5 × the acknowledged rate + 100 kbit/s.
+        let mut padding = 0.0;
+        let mut layer = 2;
+        let mut cap = 300_000.0;
+        let mut raised_at = Vec::new();
+        let mut failed = 0;
+        for ms in (0..45_000u64).step_by(50) {
+            if ms == 30_000 {
+                cap = 3_000_000.0;
+            }
+            let media = 40_000.0 + layers[layer];
+            let offered = media + padding;
+            let acknowledged = f64::min(offered, cap);
+            let queuing = offered > cap;
+            let s = Signals {
+                estimate: Some(if queuing {
+                    0.85 * cap
+                } else {
+                    1.5 * acknowledged + 100_000.0
+                }),
+                acknowledged,
+                media_bps: media,
+                queuing_delay_ms: if queuing { 60.0 } else { 0.0 },
+                ..Default::default()
+            };
+            let out = a.tick(t0 + Duration::from_millis(ms), s, 40_000.0, &v);
+            padding = out.padding_bps;
+            failed += usize::from(out.probe == Some(ProbeOutcome::Failed));
+            for c in out.changes {
+                if let Change::Layer(_, l) = c {
+                    if l > layer {
+                        raised_at.push((ms, l));
+                    }
+                    layer = l;
+                }
+            }
+        }
+        // Under the 300 kbit/s cap the estimate allows the middle layer (345 kbit/s with
+        // audio, margin included), the probes show it does not fit: never raised.
+        assert!(
+            raised_at.iter().all(|(ms, _)| *ms >= 30_000),
+            "raised under the cap: {raised_at:?}"
+        );
+        assert!(failed >= 3, "{failed} failed probes");
+        // The cap lifted, probes succeed and it climbs back to the top.
+        assert_eq!(layer, 2, "{raised_at:?}");
+        assert!(!raised_at.is_empty());
     }
 
     #[test]
