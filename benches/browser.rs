@@ -241,6 +241,7 @@ async fn main() {
         ))
         .await;
     let _ = ffmpeg.kill();
+    let _ = ffmpeg.wait();
     let _ = writer.join();
     let written = written.lock().unwrap().clone();
     let mut at_receive = Vec::new();

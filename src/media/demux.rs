@@ -70,7 +70,7 @@ mod tests {
     fn rejects_what_is_not_a_binding_request() {
         assert_eq!(stun_username(&[]), None);
         let mut p = binding(&[(ATTR_USERNAME, b"a:b")]);
-        p[1] = 0x01 | 0x00;
+        p[1] = 0x01;
         p[0] = 0x01; // a success response
         assert_eq!(stun_username(&p), None);
         let mut rtp = binding(&[(ATTR_USERNAME, b"a:b")]);

@@ -222,7 +222,7 @@ impl Control {
         }
     }
 
-    async fn to_media(&mut self, input: MediaInput) {
+    async fn send_to_media(&mut self, input: MediaInput) {
         if let Some(media) = &self.media {
             if media.send(input).await.is_err() {
                 warn!("media plane is gone");
@@ -345,7 +345,8 @@ impl Control {
                     );
                     Ok(())
                 } else {
-                    self.to_media(MediaInput::Signal { session, msg: m }).await;
+                    self.send_to_media(MediaInput::Signal { session, msg: m })
+                        .await;
                     Ok(())
                 }
             }
@@ -367,7 +368,7 @@ impl Control {
                 }
                 Output::Media(cmd) => {
                     self.offer_to_players(&cmd);
-                    self.to_media(MediaInput::Command(cmd)).await
+                    self.send_to_media(MediaInput::Command(cmd)).await
                 }
             }
         }
