@@ -76,6 +76,25 @@ fn quick_ack(socket: &TcpStream) {
     let _ = socket;
 }
 
+/// Sends a refusal and closes so that the client reads it. Closing a socket with
+/// unread input makes the kernel send a reset, and a client still sending (ffmpeg
+/// sends more after `play`) then loses the refusal, printing "Broken pipe" instead of
+/// the reason. So: send, end our side, and discard what the client still sends, for a
+/// bounded time and amount, until it closes too.
+async fn close_after(socket: &mut TcpStream, refusal: &[u8]) {
+    let _ = socket.write_all(refusal).await;
+    let _ = socket.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while left > 0 {
+        match tokio::time::timeout_at(until, socket.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
+}
+
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -505,8 +524,7 @@ impl Connection {
                                     .inc();
                                 info!(peer = %self.peer, name = %name.split('?').next().unwrap_or(""), reason = %r.message, "RTMP publish refused");
                                 rtmp.reject(r.code, &r.message);
-                                let _ = socket.write_all(&rtmp.take_output()).await;
-                                let _ = socket.shutdown().await;
+                                close_after(&mut socket, &rtmp.take_output()).await;
                                 return;
                             }
                         }
@@ -538,7 +556,7 @@ impl Connection {
                                     .inc();
                                 info!(peer = %self.peer, %stream, reason = %r.message, "RTMP play refused");
                                 rtmp.reject(r.code, &r.message);
-                                let _ = socket.write_all(&rtmp.take_output()).await;
+                                close_after(&mut socket, &rtmp.take_output()).await;
                             }
                         }
                         return;
