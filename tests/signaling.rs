@@ -287,3 +287,45 @@ async fn shutdown_tells_clients_and_refuses_new_ones() {
     assert!(tokio_tungstenite::connect_async(&url).await.is_err());
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// HTTP connections are bounded too: a request head larger than the server buffers is
+/// refused, and a client that never finishes its head is closed (hyper's header
+/// timeout, 10 s) while other clients are served.
+#[tokio::test]
+async fn oversized_or_unfinished_http_requests_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = TestServer::start().await;
+    let addr = t.server.http_addr;
+    // A 64 KiB header: refused (431) or closed, never buffered whole.
+    let mut big = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: weir\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let _ = big.write_all(head.as_bytes()).await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), big.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 431"),
+        "{reply}"
+    );
+    // Half a request head, then silence: the server hangs up.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: we")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(40), slow.read(&mut buf))
+        .await
+        .expect("the server closes a connection that never finishes its request head");
+    assert!(
+        matches!(n, Ok(0) | Err(_)) || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408")
+    );
+    // Meanwhile and after, normal requests are served.
+    let ok = common::http_get(addr, "/healthz").await;
+    assert!(
+        ok.starts_with("HTTP/1.1 200") || ok.starts_with("HTTP/1.0 200"),
+        "{ok}"
+    );
+}

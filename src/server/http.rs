@@ -19,6 +19,9 @@ use super::AppState;
 /// player's stream where its queue's latency control cannot see it; request heads
 /// larger than this are refused.
 const HTTP_BUFFER_BYTES: usize = 16 * 1024;
+/// A client must send a whole request head within this (slow-loris connections, and
+/// idle keep-alive ones, are closed).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -61,6 +64,8 @@ pub async fn serve(
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .max_buf_size(HTTP_BUFFER_BYTES)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
                 .with_upgrades();
             tokio::pin!(conn);
