@@ -302,8 +302,11 @@ async fn layers_nobody_needs_are_switched_off_at_the_publisher_and_back_on() {
     }
     assert_eq!(active_encodings(&page).await.len(), 3);
 
-    // The only subscriber can carry the lowest layer only: the top one is not needed.
-    relay.rate_bps.store(300_000, Ordering::Relaxed);
+    // The only subscriber can carry the lowest layer at most (or nothing but audio):
+    // the top one is not needed. Not 300 kbit/s: Chrome's middle layer is ~190 kbit/s
+    // on this machine and fits that with its audio, and then the top layer is rightly
+    // kept on as the next one up.
+    relay.rate_bps.store(150_000, Ordering::Relaxed);
     let capped = Instant::now();
     let mut off = None;
     while capped.elapsed() < Duration::from_secs(25) {

@@ -301,7 +301,12 @@ impl Allocator {
             let current: Option<usize> = if self.paused.contains(id) {
                 None
             } else {
-                Some(self.chosen.get(id).copied().unwrap_or(v.top()).min(v.top()))
+                // Layers are indices into what the publisher sends now, which shrinks
+                // and grows as it switches layers: a layer past the top is the top, and
+                // stays that when the set grows again (a raise needs evidence).
+                let c = self.chosen.get(id).copied().unwrap_or(v.top()).min(v.top());
+                self.chosen.insert(id.clone(), c);
+                Some(c)
             };
             let margin = |i: usize| match current {
                 Some(c) if i <= c => {
@@ -807,6 +812,37 @@ mod tests {
         // The cap lifted, probes succeed and it climbs back to the top.
         assert_eq!(layer, 2, "{raised_at:?}");
         assert!(!raised_at.is_empty());
+    }
+
+    #[test]
+    fn a_layer_set_that_shrinks_and_grows_again_does_not_raise_by_itself() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let three = [simulcast("a", &[150_000.0, 300_000.0, 900_000.0])];
+        run(
+            &mut a,
+            t0,
+            0,
+            3_000,
+            clean(2_000_000.0, 1_300_000.0),
+            &three,
+        );
+        assert_eq!(a.layer("a"), Some(2));
+        // The publisher sends only its lowest layer for a while (its own estimate fell).
+        let one = [simulcast("a", &[150_000.0])];
+        run(&mut a, t0, 3_000, 6_000, clean(400_000.0, 190_000.0), &one);
+        assert_eq!(a.layer("a"), Some(0));
+        // All three again, and nothing shows the path carries more: the lowest.
+        let out = run(
+            &mut a,
+            t0,
+            6_000,
+            6_500,
+            clean(400_000.0, 190_000.0),
+            &three,
+        );
+        assert!(changes(&out).is_empty(), "{:?}", changes(&out));
+        assert_eq!(a.layer("a"), Some(0));
     }
 
     #[test]

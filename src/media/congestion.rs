@@ -246,8 +246,31 @@ impl Media {
                 ));
             }
             let padding = (alloc.padding_bps * seconds / 8.0) as usize;
+            // The downtrack follows the allocator's layer even where no change named it
+            // (a resume while the publisher sent one layer; the set growing again), or
+            // it would forward a stale index, the top layer, say, on a capped link.
+            let layers: Vec<(String, usize, bool)> = videos
+                .iter()
+                .filter_map(|v| {
+                    let l = c.allocator.layer(&v.stream_id)?;
+                    Some((v.stream_id.clone(), l, v.layers.len() > 1))
+                })
+                .collect();
             for change in alloc.changes {
                 changes.push((*key, room.clone(), change));
+            }
+            for (stream, layer, simulcast) in layers {
+                if p.layer(&stream) == Some(layer) {
+                    continue;
+                }
+                if simulcast {
+                    let change = Change::Layer(stream, layer);
+                    if !changes.iter().any(|(k, _, c)| k == key && *c == change) {
+                        changes.push((*key, room.clone(), change));
+                    }
+                } else {
+                    p.set_layer(&stream, layer);
+                }
             }
             if padding > 0 {
                 let sent = p.send_padding(padding, now);

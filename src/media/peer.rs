@@ -920,6 +920,14 @@ impl Peer {
 
     /// Chooses the simulcast layer (0 = lowest) a video downtrack forwards, from the
     /// next keyframe of that layer. True if it changes what is forwarded.
+    /// The simulcast layer (index into the layers being sent) a video downtrack is told
+    /// to forward; `None`: the best there is.
+    pub fn layer(&self, stream_id: &str) -> Option<usize> {
+        self.downtracks
+            .get(&(stream_id.to_owned(), Kind::Video))
+            .and_then(|d| d.layer)
+    }
+
     pub fn set_layer(&mut self, stream_id: &str, layer: usize) -> bool {
         let Some(d) = self
             .downtracks
