@@ -280,7 +280,8 @@ async fn layers_nobody_needs_are_switched_off_at_the_publisher_and_back_on() {
             const room = new WeirRoom({options});
             window.room = room;
             await room.join();
-            await room.publish({{ audio: true, video: true, simulcast: true, width: 960, height: 540 }});
+            await room.publish({{ audio: true, video: true, simulcast: true, width: 960, height: 540,
+                                  minBitrate: 1000000 }});
             return true;
         }})()"#
     ))
@@ -305,7 +306,8 @@ async fn layers_nobody_needs_are_switched_off_at_the_publisher_and_back_on() {
     // The only subscriber can carry the lowest layer at most (or nothing but audio):
     // the top one is not needed. Not 300 kbit/s: Chrome's middle layer is ~190 kbit/s
     // on this machine and fits that with its audio, and then the top layer is rightly
-    // kept on as the next one up.
+    // kept on as the next one up. The publisher's `minBitrate` keeps the room from
+    // asking Chrome for less (it would shrink every layer until the middle one fits).
     relay.rate_bps.store(150_000, Ordering::Relaxed);
     let capped = Instant::now();
     let mut off = None;
