@@ -32,17 +32,7 @@ async fn main() {
     let t = TestServer::start().await;
 
     let (mut signal, _) = Client::join(&t.ws_url(), t.join("pub", 1, 0xff)).await;
-    signal
-        .send(&ClientMessage::Publish {
-            audio: true,
-            video: true,
-            min_bitrate: None,
-            max_bitrate: None,
-        })
-        .await;
-    signal
-        .expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
-        .await;
+    signal.publish(true, true).await;
     let mut publisher = RtcPeer::new().await;
     let video = publisher
         .add_send_track(RtpCodecKind::Video, h264(), 0x1111)

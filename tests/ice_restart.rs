@@ -89,17 +89,7 @@ async fn a_publisher_restarts_ice_after_a_network_change_and_nobody_sees_it_leav
     let first_path = Relay::start(t.udp_addr(), Box::new(|_| false)).await;
 
     let (mut signal, _) = Client::join(&t.ws_url(), t.join("alice", ROOM, 0xff)).await;
-    signal
-        .send(&ClientMessage::Publish {
-            audio: true,
-            video: true,
-            min_bitrate: None,
-            max_bitrate: None,
-        })
-        .await;
-    signal
-        .expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
-        .await;
+    signal.publish(true, true).await;
     let mut alice = RtcPeer::new().await;
     let video = alice
         .add_send_track(RtpCodecKind::Video, h264(), VIDEO_SSRC)
@@ -230,17 +220,7 @@ async fn a_subscriber_asks_for_an_ice_restart_after_a_network_change() {
     // The publisher: a bridged RTMP-free webrtc client is not needed; any member's
     // stream will do, so alice publishes through the direct path.
     let (mut alice_signal, _) = Client::join(&t.ws_url(), t.join("alice", ROOM, 0xff)).await;
-    alice_signal
-        .send(&ClientMessage::Publish {
-            audio: true,
-            video: true,
-            min_bitrate: None,
-            max_bitrate: None,
-        })
-        .await;
-    alice_signal
-        .expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
-        .await;
+    alice_signal.publish(true, true).await;
     let mut alice = RtcPeer::new().await;
     let video = alice
         .add_send_track(RtpCodecKind::Video, h264(), VIDEO_SSRC)

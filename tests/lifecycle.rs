@@ -25,17 +25,7 @@ async fn publish(
     signal: &mut Client,
     relay: Option<&Relay>,
 ) -> (RtcPeer, common::peer::SendTrack) {
-    signal
-        .send(&ClientMessage::Publish {
-            audio: true,
-            video: true,
-            min_bitrate: None,
-            max_bitrate: None,
-        })
-        .await;
-    signal
-        .expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
-        .await;
+    signal.publish(true, true).await;
     let mut peer = RtcPeer::new().await;
     let video = peer
         .add_send_track(RtpCodecKind::Video, h264(), 0x1234)

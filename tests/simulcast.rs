@@ -81,6 +81,40 @@ async fn received(w: &Watcher, kind: &str, from: Instant, to: Instant) -> (f64, 
     (bytes as f64 * 8.0 / secs, frames.len())
 }
 
+/// Joins the page as "chrome" and publishes 960×540 with simulcast through the SDK
+/// (`extra`: more publish options); the stream id.
+async fn publish_simulcast(
+    page: &common::browser::Page<'_>,
+    t: &TestServer,
+    extra: &str,
+) -> String {
+    let options = serde_json::to_string(&t.join("chrome", ROOM, 0xff)).unwrap();
+    let stream = page
+        .eval(&format!(
+            r#"(async () => {{
+                const {{ WeirRoom }} = await import('/sdk/weir.js');
+                const room = new WeirRoom({options});
+                window.room = room;
+                await room.join();
+                await room.publish({{ audio: true, video: true, simulcast: true,
+                                      width: 960, height: 540, {extra} }});
+                return room.ownStream.streamId;
+            }})()"#
+        ))
+        .await;
+    stream.as_str().expect("published").to_owned()
+}
+
+/// The simulcast layers the server sees sent (`weir_simulcast_layers`).
+async fn simulcast_layers(t: &TestServer) -> usize {
+    t.metrics()
+        .await
+        .lines()
+        .find(|l| l.starts_with("weir_simulcast_layers "))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0) as usize
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capped_subscriber_gets_a_lower_simulcast_layer_and_keeps_its_video() {
     let _serial = SERIAL.lock().await;
@@ -104,31 +138,12 @@ async fn a_capped_subscriber_gets_a_lower_simulcast_layer_and_keeps_its_video() 
     let page = browser
         .open(&format!("http://{}/", t.server.http_addr))
         .await;
-    let options = serde_json::to_string(&t.join("chrome", ROOM, 0xff)).unwrap();
-    let stream = page
-        .eval(&format!(
-            r#"(async () => {{
-                const {{ WeirRoom }} = await import('/sdk/weir.js');
-                const room = new WeirRoom({options});
-                window.room = room;
-                await room.join();
-                await room.publish({{ audio: true, video: true, simulcast: true,
-                                      width: 960, height: 540 }});
-                return room.ownStream.streamId;
-            }})()"#
-        ))
-        .await;
-    let stream = stream.as_str().expect("published").to_owned();
+    let stream = publish_simulcast(&page, &t, "").await;
     // Chrome ramps its layers up as its own estimate grows.
     let mut layers = 0;
     for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let m = t.metrics().await;
-        layers = m
-            .lines()
-            .find(|l| l.starts_with("weir_simulcast_layers "))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0) as usize;
+        layers = simulcast_layers(&t).await;
         if layers >= 2 && !clean.packets("video").await.is_empty() {
             break;
         }
@@ -273,29 +288,11 @@ async fn layers_nobody_needs_are_switched_off_at_the_publisher_and_back_on() {
     let page = browser
         .open(&format!("http://{}/", t.server.http_addr))
         .await;
-    let options = serde_json::to_string(&t.join("chrome", ROOM, 0xff)).unwrap();
-    page.eval(&format!(
-        r#"(async () => {{
-            const {{ WeirRoom }} = await import('/sdk/weir.js');
-            const room = new WeirRoom({options});
-            window.room = room;
-            await room.join();
-            await room.publish({{ audio: true, video: true, simulcast: true, width: 960, height: 540,
-                                  minBitrate: 1000000 }});
-            return true;
-        }})()"#
-    ))
-    .await;
+    publish_simulcast(&page, &t, "minBitrate: 1000000").await;
     // Wait for the top layer to be up and forwarded.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let m = t.metrics().await;
-        let layers = m
-            .lines()
-            .find(|l| l.starts_with("weir_simulcast_layers "))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if layers >= 3.0 && !only.packets("video").await.is_empty() {
+        if simulcast_layers(&t).await >= 3 && !only.packets("video").await.is_empty() {
             break;
         }
         assert!(Instant::now() < deadline, "Chrome never sent 3 layers");

@@ -209,6 +209,19 @@ impl Client {
         }
     }
 
+    /// Publishes (no bitrate bounds) and waits for the server's `published`.
+    pub async fn publish(&mut self, audio: bool, video: bool) {
+        self.send(&ClientMessage::Publish {
+            audio,
+            video,
+            min_bitrate: None,
+            max_bitrate: None,
+        })
+        .await;
+        self.expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
+            .await;
+    }
+
     pub async fn join(url: &str, join: Join) -> (Self, ServerMessage) {
         let mut c = Self::connect(url).await;
         c.send(&ClientMessage::Join(join)).await;
