@@ -13,6 +13,8 @@ pub enum H264Error {
     NalOverrun { len: usize, at: usize, total: usize },
     #[error("slice header: {0}")]
     Slice(&'static str),
+    #[error("sequence parameter set: {0}")]
+    Sps(&'static str),
 }
 
 pub mod nal {
@@ -234,6 +236,120 @@ impl Bits {
         }
         Some((1u32 << zeros) - 1 + v)
     }
+    fn se(&mut self) -> Option<i32> {
+        let k = self.ue()?;
+        let magnitude = i32::try_from(k / 2 + k % 2).ok()?;
+        Some(if k % 2 == 1 { magnitude } else { -magnitude })
+    }
+    fn skip(&mut self, n: usize) -> Option<()> {
+        (self.pos + n <= self.data.len() * 8).then(|| self.pos += n)
+    }
+}
+
+/// The picture size a sequence parameter set (a whole type-7 NAL, header byte
+/// first) declares, in pixels, after cropping (ITU-T H.264 7.3.2.1.1).
+pub fn sps_dimensions(sps: &[u8]) -> Result<(u32, u32), H264Error> {
+    const E: fn(&'static str) -> H264Error = H264Error::Sps;
+    if nal_type(sps) != nal::SPS || sps.len() < 4 {
+        return Err(E("not a sequence parameter set"));
+    }
+    let profile_idc = sps[1];
+    // An SPS is a few dozen bytes; more is not one (and bounds the copy).
+    let mut b = Bits::new(&sps[4..sps.len().min(512)]);
+    let short = || E("truncated");
+    b.ue().ok_or_else(short)?; // seq_parameter_set_id
+    let mut chroma_format_idc = 1;
+    if matches!(
+        profile_idc,
+        100 | 110 | 122 | 244 | 44 | 83 | 86 | 118 | 128 | 138 | 139 | 134 | 135
+    ) {
+        chroma_format_idc = b.ue().ok_or_else(short)?;
+        if chroma_format_idc > 3 {
+            return Err(E("chroma_format_idc above 3"));
+        }
+        if chroma_format_idc == 3 {
+            b.skip(1).ok_or_else(short)?; // separate_colour_plane_flag
+        }
+        b.ue().ok_or_else(short)?; // bit_depth_luma_minus8
+        b.ue().ok_or_else(short)?; // bit_depth_chroma_minus8
+        b.skip(1).ok_or_else(short)?; // qpprime_y_zero_transform_bypass_flag
+        if b.bit().ok_or_else(short)? == 1 {
+            // seq_scaling_matrix_present_flag: skip the lists (7.3.2.1.1.1).
+            let lists = if chroma_format_idc == 3 { 12 } else { 8 };
+            for i in 0..lists {
+                if b.bit().ok_or_else(short)? == 1 {
+                    let size = if i < 6 { 16 } else { 64 };
+                    let (mut last, mut next) = (8i32, 8i32);
+                    for _ in 0..size {
+                        if next != 0 {
+                            let delta = b.se().ok_or_else(short)?;
+                            if !(-128..=127).contains(&delta) {
+                                return Err(E("delta_scale out of range"));
+                            }
+                            next = (last + delta + 256) % 256;
+                        }
+                        if next != 0 {
+                            last = next;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    b.ue().ok_or_else(short)?; // log2_max_frame_num_minus4
+    match b.ue().ok_or_else(short)? {
+        0 => {
+            b.ue().ok_or_else(short)?; // log2_max_pic_order_cnt_lsb_minus4
+        }
+        1 => {
+            b.skip(1).ok_or_else(short)?; // delta_pic_order_always_zero_flag
+            b.se().ok_or_else(short)?; // offset_for_non_ref_pic
+            b.se().ok_or_else(short)?; // offset_for_top_to_bottom_field
+            let cycle = b.ue().ok_or_else(short)?;
+            if cycle > 255 {
+                return Err(E("num_ref_frames_in_pic_order_cnt_cycle above 255"));
+            }
+            for _ in 0..cycle {
+                b.se().ok_or_else(short)?;
+            }
+        }
+        2 => {}
+        _ => return Err(E("pic_order_cnt_type above 2")),
+    }
+    b.ue().ok_or_else(short)?; // max_num_ref_frames
+    b.skip(1).ok_or_else(short)?; // gaps_in_frame_num_value_allowed_flag
+    let width_mbs = b.ue().ok_or_else(short)?.saturating_add(1);
+    let height_map_units = b.ue().ok_or_else(short)?.saturating_add(1);
+    let frame_mbs_only = b.bit().ok_or_else(short)?;
+    if frame_mbs_only == 0 {
+        b.skip(1).ok_or_else(short)?; // mb_adaptive_frame_field_flag
+    }
+    b.skip(1).ok_or_else(short)?; // direct_8x8_inference_flag
+                                  // Level 6.2 allows 139 264 macroblocks a frame; anything past 16384 per side is
+                                  // not a picture.
+    if width_mbs > 1024 || height_map_units > 1024 {
+        return Err(E("picture larger than 16384 pixels a side"));
+    }
+    let width = width_mbs * 16;
+    let height = (2 - frame_mbs_only) * height_map_units * 16;
+    let (mut crop_x, mut crop_y) = (0, 0);
+    if b.bit().ok_or_else(short)? == 1 {
+        // frame_cropping_flag: offsets in chroma sample units (Table 6-1).
+        let (unit_x, unit_y) = match chroma_format_idc {
+            0 => (1, 2 - frame_mbs_only),
+            1 => (2, 2 * (2 - frame_mbs_only)),
+            2 => (2, 2 - frame_mbs_only),
+            _ => (1, 2 - frame_mbs_only),
+        };
+        let mut crop = || b.ue().ok_or_else(short);
+        let (left, right, top, bottom) = (crop()?, crop()?, crop()?, crop()?);
+        crop_x = unit_x * left.saturating_add(right).min(width);
+        crop_y = unit_y * top.saturating_add(bottom).min(height);
+    }
+    match (width.checked_sub(crop_x), height.checked_sub(crop_y)) {
+        (Some(w), Some(h)) if w > 0 && h > 0 => Ok((w, h)),
+        _ => Err(E("cropped to nothing")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +437,146 @@ mod tests {
     // Constrained Baseline 3.0 SPS and a PPS as x264 writes them.
     const SPS: &[u8] = &[0x67, 0x42, 0xc0, 0x1e, 0xd9, 0x00, 0xa0, 0x47, 0xfe, 0xc8];
     const PPS: &[u8] = &[0x68, 0xce, 0x3c, 0x80];
+
+    /// Sequence parameter sets x264 wrote (`ffmpeg -f lavfi -i testsrc=size=WxH -c:v
+    /// libx264 -profile:v P -pix_fmt F -f h264`), with the size they were made at.
+    #[test]
+    fn sps_dimensions_of_real_encoders() {
+        let cases: &[(&[u8], (u32, u32))] = &[
+            (
+                // High, 640x360: 23 macroblock rows, cropped by 8.
+                &[
+                    0x67, 0x64, 0x00, 0x16, 0xac, 0xd9, 0x40, 0xa0, 0x2f, 0xf9, 0x70, 0x11, 0x00,
+                    0x00, 0x03, 0x00, 0x01, 0x00, 0x00, 0x03, 0x00, 0x14, 0x0f, 0x16, 0x2d, 0x96,
+                ],
+                (640, 360),
+            ),
+            (
+                &[
+                    0x67, 0x42, 0xc0, 0x28, 0xd9, 0x00, 0x78, 0x02, 0x27, 0xe5, 0xc0, 0x44, 0x00,
+                    0x00, 0x03, 0x00, 0x04, 0x00, 0x00, 0x03, 0x00, 0x50, 0x3c, 0x60, 0xc9, 0x20,
+                ],
+                (1920, 1080),
+            ),
+            (
+                // High 4:4:4 Predictive: chroma_format_idc 3, crop units of one pixel.
+                &[
+                    0x67, 0xf4, 0x00, 0x0c, 0x91, 0x9b, 0x28, 0x28, 0x33, 0xf1, 0xb8, 0x08, 0x80,
+                    0x00, 0x00, 0x03, 0x00, 0x80, 0x00, 0x00, 0x0a, 0x07, 0x8a, 0x14, 0xcb,
+                ],
+                (320, 180),
+            ),
+            (
+                // Main, interlaced (frame_mbs_only 0: map units are field pairs).
+                &[
+                    0x67, 0x4d, 0x40, 0x15, 0xec, 0xa1, 0x65, 0x7e, 0x5c, 0x04, 0x40, 0x00, 0x00,
+                    0x03, 0x00, 0x40, 0x00, 0x00, 0x05, 0x07, 0xc5, 0x0a, 0x65, 0x80,
+                ],
+                (176, 144),
+            ),
+        ];
+        for (sps, size) in cases {
+            assert_eq!(sps_dimensions(sps), Ok(*size), "{sps:02x?}");
+        }
+    }
+
+    /// Writes Exp-Golomb fields, to build the SPS no encoder here writes.
+    #[derive(Default)]
+    struct Writer {
+        bits: Vec<bool>,
+    }
+
+    impl Writer {
+        fn bits(&mut self, v: u32, n: usize) -> &mut Self {
+            for i in (0..n).rev() {
+                self.bits.push(v >> i & 1 == 1);
+            }
+            self
+        }
+        fn ue(&mut self, v: u32) -> &mut Self {
+            let n = 32 - (v + 1).leading_zeros() as usize;
+            self.bits(0, n - 1).bits(v + 1, n)
+        }
+        fn se(&mut self, v: i32) -> &mut Self {
+            let k = if v > 0 { 2 * v - 1 } else { -2 * v };
+            self.ue(k as u32)
+        }
+        fn bytes(&mut self) -> Vec<u8> {
+            self.bits(1, 1); // rbsp_stop_one_bit
+            while self.bits.len() % 8 != 0 {
+                self.bits.push(false);
+            }
+            self.bits
+                .chunks(8)
+                .map(|c| c.iter().fold(0u8, |a, b| a << 1 | u8::from(*b)))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn sps_dimensions_past_scaling_lists_and_pic_order_type_1() {
+        let mut w = Writer::default();
+        w.ue(0).ue(1).ue(0).ue(0).bits(0, 1); // id, 4:2:0, 8-bit, no bypass
+        w.bits(1, 1); // seq_scaling_matrix_present_flag
+        for i in 0..8 {
+            if i % 2 == 0 {
+                w.bits(0, 1);
+                continue;
+            }
+            w.bits(1, 1);
+            let size = if i < 6 { 16 } else { 64 };
+            // A few deltas, then one that makes next_scale 0: the rest is implied.
+            w.se(3).se(-5).se(7);
+            let last = 8 + 3 - 5 + 7;
+            w.se(-last);
+            let _ = size;
+        }
+        w.ue(0).ue(1); // log2_max_frame_num, pic_order_cnt_type 1
+        w.bits(0, 1).se(-2).se(1).ue(3).se(2).se(-2).se(0);
+        w.ue(2).bits(0, 1); // max_num_ref_frames, gaps
+        w.ue(79).ue(44).bits(1, 1).bits(1, 1); // 80x45 macroblocks, frames only
+        w.bits(0, 1); // no cropping
+        w.bits(0, 1); // no VUI
+        let mut sps = vec![0x67, 100, 0, 31];
+        sps.extend(w.bytes());
+        assert_eq!(sps_dimensions(&sps), Ok((1280, 720)));
+    }
+
+    #[test]
+    fn sps_dimensions_refuses_what_is_not_a_picture() {
+        assert!(sps_dimensions(&[]).is_err());
+        assert!(sps_dimensions(PPS).is_err(), "not an SPS");
+        assert!(sps_dimensions(&SPS[..6]).is_err(), "truncated");
+        // 2048 macroblocks wide.
+        let mut w = Writer::default();
+        w.ue(0)
+            .ue(0)
+            .ue(0)
+            .ue(1)
+            .bits(0, 1)
+            .ue(2047)
+            .ue(10)
+            .bits(1, 1)
+            .bits(1, 1);
+        let mut big = vec![0x67, 66, 0xc0, 30];
+        big.extend(w.bytes());
+        assert!(sps_dimensions(&big).is_err());
+        // Cropped to nothing.
+        let mut w = Writer::default();
+        w.ue(0)
+            .ue(0)
+            .ue(0)
+            .ue(1)
+            .bits(0, 1)
+            .ue(0)
+            .ue(0)
+            .bits(1, 1)
+            .bits(1, 1);
+        w.bits(1, 1).ue(8).ue(0).ue(0).ue(0);
+        let mut gone = vec![0x67, 66, 0xc0, 30];
+        gone.extend(w.bytes());
+        assert!(sps_dimensions(&gone).is_err());
+    }
 
     fn record() -> Bytes {
         let mut r = vec![1, 0x42, 0xc0, 0x1e, 0xff, 0xe1];
