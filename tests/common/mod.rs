@@ -33,9 +33,12 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
-        // RUST_LOG=weir=debug shows the server's side of a failing test.
+        // A failing test shows the server's side of it (the test writer's output is
+        // kept for failures only); RUST_LOG=weir=debug shows more.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("weir=info"));
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_env_filter(filter)
             .with_test_writer()
             .try_init();
         let app_config: AppConfig = AppKeys::generate_config(APP);

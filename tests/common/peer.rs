@@ -281,13 +281,26 @@ impl RtcPeer {
     }
 
     pub async fn answer(&mut self, offer: String) -> String {
+        self.try_answer(offer).await.unwrap()
+    }
+
+    /// An answer, or why there is none (a connection already closed, at a test's end).
+    pub async fn try_answer(&mut self, offer: String) -> Result<String, String> {
+        let offer = RTCSessionDescription::offer(offer).map_err(|e| e.to_string())?;
         self.pc
-            .set_remote_description(RTCSessionDescription::offer(offer).unwrap())
+            .set_remote_description(offer)
             .await
-            .unwrap();
-        let answer = self.pc.create_answer(None).await.unwrap();
-        self.pc.set_local_description(answer).await.unwrap();
-        self.local_sdp_when_gathered().await
+            .map_err(|e| e.to_string())?;
+        let answer = self
+            .pc
+            .create_answer(None)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.pc
+            .set_local_description(answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(self.local_sdp_when_gathered().await)
     }
 
     pub async fn accept_answer(&self, answer: String) {
