@@ -1,4 +1,5 @@
-//! H.264 configuration records, NAL splitting and slice headers, and AAC
+//! H.264 configuration records, NAL splitting, slice headers and SPS picture
+//! sizes, VP8/H.264 keyframe detection on RTP payloads, and AAC
 //! AudioSpecificConfigs on arbitrary bytes.
 #![no_main]
 
@@ -23,4 +24,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = AudioConfig::parse(data);
+    if let Ok((w, h)) = h264::sps_dimensions(data) {
+        assert!(w > 0 && h > 0 && w <= 16384 && h <= 32768);
+    }
+    for mime in ["video/H264", "video/VP8"] {
+        let _ = weir::media::keyframe_dimensions(mime, data);
+        let _ = weir::media::starts_keyframe(mime, data);
+    }
 });

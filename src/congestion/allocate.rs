@@ -347,14 +347,24 @@ impl Allocator {
                 }
                 (None, Some(_)) if held => {}
                 (None, Some(b)) => {
-                    self.paused.remove(id);
-                    self.chosen.insert(id.clone(), b);
-                    out.changes.push(Change::Resumed(id.clone()));
-                    if v.top() > 0 {
-                        out.changes.push(Change::Layer(id.clone(), b));
+                    // Like a raise, a resume needs evidence: the estimate alone climbs
+                    // past a link that carries only the audio (measured: resumed on it
+                    // every 5 s under a 100 kbit/s cap, paused again 2 s later). The
+                    // paused video's probe brings that evidence.
+                    let shown = (0..=b)
+                        .rev()
+                        .find(|&i| audio_bps + used + v.need(i) <= carried);
+                    if let Some(b) = shown {
+                        self.paused.remove(id);
+                        self.chosen.insert(id.clone(), b);
+                        out.changes.push(Change::Resumed(id.clone()));
+                        if v.top() > 0 {
+                            out.changes.push(Change::Layer(id.clone(), b));
+                        }
+                        self.resumed_at = Some(now);
+                        used += v.need(b);
+                        raised = Some(b);
                     }
-                    self.resumed_at = Some(now);
-                    used += v.need(b);
                 }
                 (Some(c), lower) => {
                     // Still sending the current layer until the deficit has lasted.
@@ -365,6 +375,7 @@ impl Allocator {
             }
             let at = match (current, best) {
                 _ if raised.is_some() => raised,
+                _ if self.paused.contains(id) => None,
                 (_, Some(b)) if current.is_some() || b > 0 => Some(b),
                 _ => current,
             };
@@ -481,7 +492,10 @@ impl Allocator {
                     && s.acknowledged >= p.goal * 0.85
                 {
                     out.verified = Some(s.acknowledged.max(p.goal));
-                    self.proven = out.verified.map(|bps| (bps, now));
+                    // Evidence is what arrived, not what was aimed at: a probe passes
+                    // at 85 % of a goal that has a 15 % margin, and a 100 kbit/s link
+                    // "verified" 115 kbit/s to resume a 105 kbit/s video.
+                    self.proven = Some((s.acknowledged, now));
                     out.probe = Some(ProbeOutcome::Succeeded);
                     self.probe = None;
                     self.backoff = PROBE_INTERVAL_MIN;
@@ -812,6 +826,64 @@ mod tests {
         // The cap lifted, probes succeed and it climbs back to the top.
         assert_eq!(layer, 2, "{raised_at:?}");
         assert!(!raised_at.is_empty());
+    }
+
+    #[test]
+    fn a_paused_video_resumes_only_when_the_path_is_shown_to_carry_it() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let layers = [70_000.0, 190_000.0, 600_000.0];
+        let v = [simulcast("a", &layers)];
+        // 100 kbit/s: not even the lowest layer fits with the audio. Paused, only the
+        // audio is acknowledged, and the estimate (1.5 × that + 100 kbit/s) would
+        // allow the lowest layer.
+        let mut padding = 0.0;
+        let mut playing = Some(2);
+        let mut cap = 100_000.0;
+        let mut resumed_at = Vec::new();
+        let mut paused_at = Vec::new();
+        for ms in (0..45_000u64).step_by(50) {
+            if ms == 30_000 {
+                cap = 3_000_000.0;
+            }
+            let media = 40_000.0 + playing.map_or(0.0, |l| layers[l]);
+            let offered = media + padding;
+            let acknowledged = f64::min(offered, cap);
+            let queuing = offered > cap;
+            let s = Signals {
+                estimate: Some(if queuing {
+                    0.85 * cap
+                } else {
+                    1.5 * acknowledged + 100_000.0
+                }),
+                acknowledged,
+                media_bps: media,
+                queuing_delay_ms: if queuing { 60.0 } else { 0.0 },
+                ..Default::default()
+            };
+            let out = a.tick(t0 + Duration::from_millis(ms), s, 40_000.0, &v);
+            padding = out.padding_bps;
+            for c in out.changes {
+                match c {
+                    Change::Paused(_) => {
+                        paused_at.push(ms);
+                        playing = None;
+                    }
+                    Change::Resumed(_) => {
+                        resumed_at.push(ms);
+                        playing = Some(0);
+                    }
+                    Change::Layer(_, l) => playing = Some(l),
+                }
+            }
+        }
+        assert_eq!(paused_at.len(), 1, "paused once: {paused_at:?}");
+        assert!(
+            resumed_at.iter().all(|ms| *ms >= 30_000),
+            "resumed under the cap: {resumed_at:?}"
+        );
+        assert_eq!(resumed_at.len(), 1, "{resumed_at:?}");
+        assert_eq!(playing, Some(2), "back on the top layer");
     }
 
     #[test]

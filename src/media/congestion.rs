@@ -55,12 +55,81 @@ impl RateMeter {
     }
 }
 
-/// Layers a simulcast publisher was told to send, and since when fewer would do.
+/// Layers a simulcast publisher is sending as far as it was told (every layer it
+/// opened and was not told to stop), and since when fewer would do.
 #[derive(Debug, Default)]
 pub struct Dynacast {
     told: Vec<String>,
+    /// Every layer seen, so one that opens later counts as on (and can be told off).
+    seen: Vec<String>,
     fewer_since: Option<Instant>,
 }
+
+impl Dynacast {
+    /// The layers to tell the publisher to send, when that changes: every layer up
+    /// to `highest` (the highest index of `order`, lowest first, that a subscriber is
+    /// forwarded) and the next one. Layers are switched on at once, off only after
+    /// being unused for `LAYER_OFF_AFTER`.
+    pub fn decide(
+        &mut self,
+        now: Instant,
+        stream_id: &str,
+        order: &[String],
+        highest: usize,
+    ) -> Option<Vec<String>> {
+        let needed: Vec<String> = order
+            .iter()
+            .take((highest + 2).min(order.len()))
+            .cloned()
+            .collect();
+        // A publisher starts every layer on, and its layers open one by one (under
+        // load, the top one seconds after the others): each is on from when it is
+        // first seen. Taking the set at the first look missed a late top layer,
+        // which then was never told off (a CI failure).
+        for rid in order {
+            if !self.seen.contains(rid) {
+                self.seen.push(rid.clone());
+                self.told.push(rid.clone());
+            }
+        }
+        let fewer = self.told.iter().any(|r| !needed.contains(r));
+        let more = needed.iter().any(|r| !self.told.contains(r));
+        if fewer && !more {
+            let since = *self.fewer_since.get_or_insert_with(|| {
+                tracing::info!(
+                    stream = %stream_id,
+                    needed = ?needed,
+                    highest_forwarded = highest,
+                    after = ?LAYER_OFF_AFTER,
+                    "simulcast layers unused: switched off unless needed again"
+                );
+                now
+            });
+            if now.saturating_duration_since(since) < LAYER_OFF_AFTER {
+                return None;
+            }
+        } else if !more {
+            if self.fewer_since.take().is_some() {
+                tracing::info!(stream = %stream_id, highest_forwarded = highest, "simulcast layers needed again");
+            }
+            return None;
+        }
+        self.told = needed.clone();
+        self.fewer_since = None;
+        tracing::info!(
+            stream = %stream_id,
+            active = ?needed,
+            ?order,
+            highest_forwarded = highest,
+            "simulcast layers needed"
+        );
+        Some(needed)
+    }
+}
+
+/// A simulcast layer that starts sending is offered to subscribers after this long
+/// (its smoothed rate has settled by then), unless no other layer is.
+const LAYER_WARM_UP: Duration = Duration::from_millis(1500);
 
 /// Switching a layer off waits this long (switching one on does not): a subscriber
 /// that is lowered for a moment should find its layer still there.
@@ -79,6 +148,39 @@ pub struct StreamPolicy {
     pub told: Option<f64>,
 }
 
+/// Orders a simulcast stream's layers lowest first, the same way wherever a layer
+/// index means something (the allocator's choice, the downtrack's SSRC, dynacast's
+/// ranks): by picture size once every layer has shown one at a keyframe, else by the
+/// highest rate each was seen at. Not by the current rate: a CPU-starved encoder's
+/// middle layer can send less than its lowest for a while, and then layer 0 named the
+/// middle one, and dynacast kept the top one on as "next" for a subscriber at the
+/// bottom (a CI failure). Sizes and peaks do not cross like that.
+pub(super) fn sort_layers<T>(
+    sizes: &HashMap<(String, u32), (u32, u32)>,
+    peaks: &HashMap<(String, u32), f64>,
+    stream_id: &str,
+    layers: &mut [T],
+    ssrc: impl Fn(&T) -> u32,
+) {
+    let key = |t: &T| (stream_id.to_owned(), ssrc(t));
+    let sized = layers.iter().all(|t| sizes.contains_key(&key(t)));
+    let pixels = |t: &T| {
+        if sized {
+            sizes
+                .get(&key(t))
+                .map_or(0, |(w, h)| u64::from(*w) * u64::from(*h))
+        } else {
+            0
+        }
+    };
+    let peak = |t: &T| peaks.get(&key(t)).copied().unwrap_or(0.0);
+    layers.sort_by(|a, b| {
+        pixels(a)
+            .cmp(&pixels(b))
+            .then_with(|| peak(a).total_cmp(&peak(b)))
+    });
+}
+
 impl Media {
     pub(super) fn congestion_tick(&mut self, now: Instant) {
         let seconds = now
@@ -93,7 +195,7 @@ impl Media {
         for r in self.layer_rates.values_mut() {
             r.roll(seconds);
         }
-        self.refresh_layers();
+        self.refresh_layers(now);
         // Subscribers waiting for a keyframe (a resume, a layer switch) keep asking;
         // request_keyframe throttles it per stream.
         let waiting: std::collections::HashSet<String> = self
@@ -355,13 +457,13 @@ impl Media {
             if layers.len() < 2 {
                 continue;
             }
-            let peak = |s: u32| {
-                self.layer_peaks
-                    .get(&(stream_id.clone(), s))
-                    .copied()
-                    .unwrap_or(0.0)
-            };
-            layers.sort_by(|a, b| peak(a.0).total_cmp(&peak(b.0)));
+            sort_layers(
+                &self.layer_sizes,
+                &self.layer_peaks,
+                &stream_id,
+                &mut layers,
+                |l| l.0,
+            );
             let subscribers: Vec<SessionId> = self
                 .subscriptions
                 .get(&stream_id)
@@ -388,31 +490,9 @@ impl Media {
                 };
                 highest = highest.max(rank);
             }
-            let needed: Vec<String> = layers
-                .iter()
-                .take((highest + 2).min(layers.len()))
-                .map(|(_, rid)| rid.clone())
-                .collect();
+            let order: Vec<String> = layers.iter().map(|(_, rid)| rid.clone()).collect();
             let d = self.dynacast.entry(stream_id.clone()).or_default();
-            if d.told.is_empty() {
-                // A publisher starts with every layer on.
-                d.told = layers.iter().map(|(_, rid)| rid.clone()).collect();
-            }
-            let fewer = d.told.iter().any(|r| !needed.contains(r));
-            let more = needed.iter().any(|r| !d.told.contains(r));
-            let send = if more {
-                true
-            } else if fewer {
-                let since = *d.fewer_since.get_or_insert(now);
-                now.saturating_duration_since(since) >= LAYER_OFF_AFTER
-            } else {
-                d.fewer_since = None;
-                false
-            };
-            if send && needed != d.told {
-                d.told = needed.clone();
-                d.fewer_since = None;
-                tracing::info!(stream = %stream_id, active = ?needed, "simulcast layers needed");
+            if let Some(needed) = d.decide(now, &stream_id, &order, highest) {
                 self.tell(
                     publisher,
                     ServerMessage::PublishLayers {
@@ -424,10 +504,11 @@ impl Media {
         }
     }
 
-    /// Which streams are simulcast, and each one's active layers, lowest rate first.
-    /// A layer sending under 10 kbit/s (the publisher switched it off, or it has not
-    /// started) is not offered; until rates are known, layers are in SSRC order.
-    fn refresh_layers(&mut self) {
+    /// Which streams are simulcast, and each one's active layers, lowest first. A
+    /// layer sending under 10 kbit/s (the publisher switched it off, or it has not
+    /// started) is not offered, nor one that started within `LAYER_WARM_UP` while
+    /// others were; until rates are known, layers are in SSRC order.
+    fn refresh_layers(&mut self, now: Instant) {
         for (stream_id, publisher) in &self.publishers {
             let Some(p) = self
                 .peers
@@ -452,16 +533,47 @@ impl Media {
                     .get(&(stream_id.clone(), *s))
                     .map_or(0.0, |r| r.bps())
             };
-            let mut active: Vec<u32> = ssrcs
+            for s in &ssrcs {
+                let key = (stream_id.clone(), *s);
+                if rate(s) > 10_000.0 {
+                    self.layer_sending_since.entry(key).or_insert(now);
+                } else {
+                    self.layer_sending_since.remove(&key);
+                }
+            }
+            let sending: Vec<u32> = ssrcs
                 .iter()
                 .copied()
                 .filter(|s| rate(s) > 10_000.0)
                 .collect();
+            // A layer that (re)starts while others play is offered once its rate is
+            // known: a top layer switched back on measured 50 kbit/s in its first
+            // tenth of a second, was "raised" to, and overshot. One offered already
+            // stays offered.
+            let before = self.stream_layers.get(stream_id);
+            let warm: Vec<u32> = sending
+                .iter()
+                .copied()
+                .filter(|s| {
+                    before.is_some_and(|b| b.contains(s))
+                        || self
+                            .layer_sending_since
+                            .get(&(stream_id.clone(), *s))
+                            .is_some_and(|t| now.saturating_duration_since(*t) >= LAYER_WARM_UP)
+                })
+                .collect();
+            let mut active = if warm.is_empty() { sending } else { warm };
             if active.is_empty() {
                 active = ssrcs;
                 active.sort_unstable();
             } else {
-                active.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+                sort_layers(
+                    &self.layer_sizes,
+                    &self.layer_peaks,
+                    stream_id,
+                    &mut active,
+                    |s| *s,
+                );
             }
             self.stream_layers.insert(stream_id.clone(), active);
         }
@@ -522,5 +634,68 @@ impl Media {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rids(r: &[&str]) -> Vec<String> {
+        r.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn dynacast_switches_unused_layers_off_after_a_while_and_on_at_once() {
+        let t0 = Instant::now();
+        let order = rids(&["q", "h", "f"]);
+        let mut d = Dynacast::default();
+        // Forwarded the lowest: q and h are needed, f only after 5 s of that.
+        assert_eq!(d.decide(t0, "s", &order, 0), None);
+        assert_eq!(d.decide(t0 + Duration::from_secs(4), "s", &order, 0), None);
+        assert_eq!(
+            d.decide(t0 + Duration::from_secs(5), "s", &order, 0),
+            Some(rids(&["q", "h"]))
+        );
+        assert_eq!(d.decide(t0 + Duration::from_secs(6), "s", &order, 0), None);
+        // A subscriber climbs to h: f comes back at once.
+        assert_eq!(
+            d.decide(t0 + Duration::from_secs(7), "s", &order, 1),
+            Some(rids(&["q", "h", "f"]))
+        );
+    }
+
+    #[test]
+    fn dynacast_a_moment_of_need_restarts_the_wait() {
+        let t0 = Instant::now();
+        let order = rids(&["q", "h", "f"]);
+        let mut d = Dynacast::default();
+        assert_eq!(d.decide(t0, "s", &order, 0), None);
+        assert_eq!(d.decide(t0 + Duration::from_secs(3), "s", &order, 1), None);
+        assert_eq!(d.decide(t0 + Duration::from_secs(4), "s", &order, 0), None);
+        assert_eq!(d.decide(t0 + Duration::from_secs(8), "s", &order, 0), None);
+        assert_eq!(
+            d.decide(t0 + Duration::from_secs(9), "s", &order, 0),
+            Some(rids(&["q", "h"]))
+        );
+    }
+
+    #[test]
+    fn dynacast_a_layer_that_opens_late_is_on_and_can_be_switched_off() {
+        let t0 = Instant::now();
+        let mut d = Dynacast::default();
+        // Only q and h have opened: both needed, nothing to say.
+        assert_eq!(d.decide(t0, "s", &rids(&["q", "h"]), 0), None);
+        assert_eq!(
+            d.decide(t0 + Duration::from_secs(6), "s", &rids(&["q", "h"]), 0),
+            None
+        );
+        // f opens: the publisher sends it, nobody needs it.
+        let all = rids(&["q", "h", "f"]);
+        assert_eq!(d.decide(t0 + Duration::from_secs(7), "s", &all, 0), None);
+        assert_eq!(
+            d.decide(t0 + Duration::from_secs(12), "s", &all, 0),
+            Some(rids(&["q", "h"]))
+        );
     }
 }

@@ -135,34 +135,74 @@ pub fn starts_keyframe(mime: &str, payload: &[u8]) -> Option<bool> {
         });
     }
     if mime.eq_ignore_ascii_case("video/VP8") {
-        let Some(&b0) = payload.first() else {
-            return Some(false);
+        return Some(
+            vp8_frame_start(payload)
+                .and_then(|i| payload.get(i))
+                .is_some_and(|h| h & 0x01 == 0),
+        );
+    }
+    None
+}
+
+/// Where the VP8 frame starts in an RTP payload that carries the start of partition
+/// 0 (RFC 7741 4.2: S set, PID 0), past the payload descriptor; `None` otherwise.
+fn vp8_frame_start(payload: &[u8]) -> Option<usize> {
+    let b0 = *payload.first()?;
+    if b0 & 0x10 == 0 || b0 & 0x07 != 0 {
+        return None;
+    }
+    let mut i = 1;
+    if b0 & 0x80 != 0 {
+        let x = *payload.get(1)?;
+        i = 2;
+        if x & 0x80 != 0 {
+            i += if payload.get(i)? & 0x80 != 0 { 2 } else { 1 };
+        }
+        if x & 0x40 != 0 {
+            i += 1;
+        }
+        if x & 0x30 != 0 {
+            i += 1;
+        }
+    }
+    (i < payload.len()).then_some(i)
+}
+
+/// The picture size a keyframe declares, from the RTP payload that starts it: the
+/// SPS of an H.264 keyframe (a single NAL or in a STAP-A), the key frame header of
+/// VP8 (RFC 6386 9.1). `None` for anything else, malformed payloads included.
+pub fn keyframe_dimensions(mime: &str, payload: &[u8]) -> Option<(u32, u32)> {
+    if mime.eq_ignore_ascii_case("video/H264") {
+        let first = *payload.first()?;
+        return match first & 0x1f {
+            7 => crate::codec::h264::sps_dimensions(payload).ok(),
+            24 => {
+                let mut rest = &payload[1..];
+                while rest.len() > 2 {
+                    let size = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                    if size == 0 || rest.len() < 2 + size {
+                        return None;
+                    }
+                    let nal = &rest[2..2 + size];
+                    if nal[0] & 0x1f == 7 {
+                        return crate::codec::h264::sps_dimensions(nal).ok();
+                    }
+                    rest = &rest[2 + size..];
+                }
+                None
+            }
+            _ => None,
         };
-        // Start of partition 0 (S set, PID 0) only.
-        if b0 & 0x10 == 0 || b0 & 0x07 != 0 {
-            return Some(false);
+    }
+    if mime.eq_ignore_ascii_case("video/VP8") {
+        let f = payload.get(vp8_frame_start(payload)?..)?;
+        // Frame tag (3 bytes, P bit clear for a key frame), start code, sizes.
+        if f.len() < 10 || f[0] & 0x01 != 0 || f[3..6] != [0x9d, 0x01, 0x2a] {
+            return None;
         }
-        let mut i = 1;
-        if b0 & 0x80 != 0 {
-            let Some(&x) = payload.get(1) else {
-                return Some(false);
-            };
-            i = 2;
-            if x & 0x80 != 0 {
-                i += if payload.get(i).is_some_and(|m| m & 0x80 != 0) {
-                    2
-                } else {
-                    1
-                };
-            }
-            if x & 0x40 != 0 {
-                i += 1;
-            }
-            if x & 0x30 != 0 {
-                i += 1;
-            }
-        }
-        return Some(payload.get(i).is_some_and(|h| h & 0x01 == 0));
+        let width = u32::from(u16::from_le_bytes([f[6], f[7]]) & 0x3fff);
+        let height = u32::from(u16::from_le_bytes([f[8], f[9]]) & 0x3fff);
+        return (width > 0 && height > 0).then_some((width, height));
     }
     None
 }
@@ -177,6 +217,12 @@ pub struct Rewriter {
     /// The publisher SSRC the offsets belong to.
     source: Option<u32>,
     last_out: Option<(u16, u32)>,
+    /// The newest publisher sequence number forwarded from `source`, and whether it
+    /// ended a frame (the marker bit): where padding may go mid-stream.
+    newest_in: Option<(u16, bool)>,
+    /// Padding went out after this publisher packet: older ones arriving late would
+    /// take the padding's numbers, so they are dropped.
+    padded_after: Option<u16>,
     /// Sent counts, for this downtrack's sender reports.
     pub packets: u32,
     pub octets: u32,
@@ -191,6 +237,8 @@ impl Rewriter {
             ts_base: rand::random(),
             source: None,
             last_out: None,
+            newest_in: None,
+            padded_after: None,
             packets: 0,
             octets: 0,
         }
@@ -223,10 +271,22 @@ impl Rewriter {
 
     /// A padding-only packet (RFC 3550 §5.1: the P bit, no payload) after the last one
     /// sent, carrying `stuffing` bytes of RFC 8285 header-extension padding: Weir's
-    /// bandwidth probes. Receivers count it for congestion feedback and drop it. Only
-    /// for an interrupted downtrack (numbering continues after it).
+    /// bandwidth probes. Receivers count it for congestion feedback and drop it. On an
+    /// interrupted (paused) downtrack the numbering continues after it when media
+    /// comes back; on a playing one, padding goes only between frames and the media
+    /// after it is numbered past it (`None` mid-frame: a lowered video probes for its
+    /// next layer without splitting a frame).
     pub fn padding(&mut self, payload_type: u8, stuffing: usize) -> Option<Packet> {
         let (seq, ts) = self.last_out?;
+        if self.source.is_some() {
+            let (newest, frame_end) = self.newest_in?;
+            let (seq_off, _) = self.offsets.as_mut()?;
+            if !frame_end {
+                return None;
+            }
+            *seq_off = seq_off.wrapping_add(1);
+            self.padded_after = Some(newest);
+        }
         let mut out = Packet::default();
         out.header.version = 2;
         out.header.padding = true;
@@ -246,11 +306,19 @@ impl Rewriter {
             })
             .collect();
         self.last_out = Some((out.header.sequence_number, ts));
-        self.source = None;
         Some(out)
     }
 
-    pub fn rewrite(&mut self, packet: &Packet, payload_type: u8) -> Packet {
+    /// The packet in this downtrack's numbering; `None` for one that arrived after
+    /// padding was sent past it (see `padding`).
+    pub fn rewrite(&mut self, packet: &Packet, payload_type: u8) -> Option<Packet> {
+        let seq = packet.header.sequence_number;
+        let newer = |a: u16, b: u16| (a.wrapping_sub(b) as i16) > 0;
+        if self.source == Some(packet.header.ssrc)
+            && self.padded_after.is_some_and(|p| !newer(seq, p))
+        {
+            return None;
+        }
         if self.source != Some(packet.header.ssrc) {
             // A new source (the publisher restarted its stream): continue our numbering
             // right after what the subscriber last saw, one frame later.
@@ -260,6 +328,11 @@ impl Rewriter {
             }
             self.source = Some(packet.header.ssrc);
             self.offsets = None;
+            self.newest_in = None;
+            self.padded_after = None;
+        }
+        if self.newest_in.is_none_or(|(n, _)| newer(seq, n)) {
+            self.newest_in = Some((seq, packet.header.marker));
         }
         let (seq_off, ts_off) = *self.offsets.get_or_insert((
             self.seq_base.wrapping_sub(packet.header.sequence_number),
@@ -281,7 +354,7 @@ impl Rewriter {
         self.last_out = Some((out.header.sequence_number, out.header.timestamp));
         self.packets = self.packets.wrapping_add(1);
         self.octets = self.octets.wrapping_add(out.payload.len() as u32);
-        out
+        Some(out)
     }
 }
 
@@ -302,7 +375,7 @@ mod tests {
             .unwrap();
         let parsed = Packet::unmarshal(&mut p.marshal().unwrap()).unwrap();
         assert!(parsed.header.extensions_padding > 0);
-        let mut out = Rewriter::new(1).rewrite(&parsed, 96);
+        let mut out = Rewriter::new(1).rewrite(&parsed, 96).unwrap();
         // What the TWCC sender does on the way out.
         out.header
             .set_extension(4, bytes::Bytes::from_static(&[0, 1]))
@@ -337,9 +410,44 @@ mod tests {
     }
 
     #[test]
+    fn keyframes_tell_their_picture_size() {
+        let v = "video/VP8";
+        // Descriptor, key frame tag, start code, 640 (scale bits set) x 480.
+        let key = [
+            0x10, 0x50, 0x42, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0xc2, 0xe0, 0x01, 0x00,
+        ];
+        assert_eq!(keyframe_dimensions(v, &key), Some((640, 480)));
+        let mut inter = key;
+        inter[1] |= 1;
+        assert_eq!(keyframe_dimensions(v, &inter), None, "an inter frame");
+        assert_eq!(keyframe_dimensions(v, &key[..9]), None, "truncated");
+        let mut no_start = key;
+        no_start[5] = 0;
+        assert_eq!(keyframe_dimensions(v, &no_start), None, "no start code");
+        let h = "video/H264";
+        // High, 640x360, as x264 writes it.
+        let sps = [
+            0x67, 0x64, 0x00, 0x16, 0xac, 0xd9, 0x40, 0xa0, 0x2f, 0xf9, 0x70, 0x11, 0x00, 0x00,
+            0x03, 0x00, 0x01, 0x00, 0x00, 0x03, 0x00, 0x14, 0x0f, 0x16, 0x2d, 0x96,
+        ];
+        assert_eq!(keyframe_dimensions(h, &sps), Some((640, 360)));
+        let mut stap = vec![0x78, 0, 2, 0x09, 0xf0, 0, sps.len() as u8];
+        stap.extend_from_slice(&sps);
+        stap.extend_from_slice(&[0, 4, 0x68, 0xce, 0x3c, 0x80]);
+        assert_eq!(keyframe_dimensions(h, &stap), Some((640, 360)));
+        assert_eq!(keyframe_dimensions(h, &stap[..20]), None, "truncated");
+        assert_eq!(
+            keyframe_dimensions(h, &[0x65, 1, 2]),
+            None,
+            "an IDR without SPS"
+        );
+        assert_eq!(keyframe_dimensions("video/AV1", &sps), None);
+    }
+
+    #[test]
     fn an_interrupted_downtrack_continues_without_a_gap_and_pads_after_its_last_packet() {
         let mut r = Rewriter::new(7);
-        let a = r.rewrite(&pkt(100, 1000), 96);
+        let a = r.rewrite(&pkt(100, 1000), 96).unwrap();
         r.interrupt();
         let pad = r.padding(96, 1000).unwrap();
         assert_eq!(
@@ -353,10 +461,56 @@ mod tests {
         let back = Packet::unmarshal(&mut wire.clone()).unwrap();
         assert!(back.payload.is_empty(), "padding only");
         // Publisher packets 101..150 were never sent: the next one follows the padding.
-        let b = r.rewrite(&pkt(150, 90_000), 96);
+        let b = r.rewrite(&pkt(150, 90_000), 96).unwrap();
         assert_eq!(
             b.header.sequence_number,
             pad.header.sequence_number.wrapping_add(1)
+        );
+    }
+
+    #[test]
+    fn a_playing_downtrack_pads_only_between_frames_and_numbers_on_past_it() {
+        let mut r = Rewriter::new(7);
+        let a = r.rewrite(&pkt(100, 1000), 96).unwrap();
+        assert!(
+            r.padding(96, 1000).is_none(),
+            "not in the middle of a frame"
+        );
+        let mut end = pkt(101, 1000);
+        end.header.marker = true;
+        let b = r.rewrite(&end, 96).unwrap();
+        assert_eq!(
+            b.header.sequence_number,
+            a.header.sequence_number.wrapping_add(1)
+        );
+        let p1 = r.padding(96, 1000).unwrap();
+        let p2 = r.padding(96, 1000).unwrap();
+        assert_eq!(
+            p1.header.sequence_number,
+            b.header.sequence_number.wrapping_add(1)
+        );
+        assert_eq!(
+            p2.header.sequence_number,
+            p1.header.sequence_number.wrapping_add(1)
+        );
+        assert_eq!(
+            p2.header.timestamp, b.header.timestamp,
+            "the last frame's time"
+        );
+        // The next frame follows the padding, with its own timestamp offset kept.
+        let c = r.rewrite(&pkt(102, 4000), 96).unwrap();
+        assert_eq!(
+            c.header.sequence_number,
+            p2.header.sequence_number.wrapping_add(1)
+        );
+        assert_eq!(c.header.timestamp.wrapping_sub(b.header.timestamp), 3000);
+        // A packet from before the padding, arriving late, would take its number.
+        assert!(r.rewrite(&pkt(99, 1000), 96).is_none());
+        assert!(r.rewrite(&pkt(101, 1000), 96).is_none());
+        let d = r.rewrite(&pkt(103, 4000), 96).unwrap();
+        assert_eq!(
+            d.header.sequence_number,
+            c.header.sequence_number.wrapping_add(1)
         );
     }
 
@@ -373,9 +527,9 @@ mod tests {
     #[test]
     fn numbering_is_shifted_consistently_across_wraparound() {
         let mut r = Rewriter::new(42);
-        let a = r.rewrite(&pkt(65_534, u32::MAX - 10), 102);
-        let b = r.rewrite(&pkt(65_535, u32::MAX), 102);
-        let c = r.rewrite(&pkt(1, 20), 102); // 0 was lost
+        let a = r.rewrite(&pkt(65_534, u32::MAX - 10), 102).unwrap();
+        let b = r.rewrite(&pkt(65_535, u32::MAX), 102).unwrap();
+        let c = r.rewrite(&pkt(1, 20), 102).unwrap(); // 0 was lost
         assert_eq!(a.header.ssrc, 42);
         assert_eq!(a.header.payload_type, 102);
         assert_eq!(
@@ -436,10 +590,10 @@ mod tests {
     #[test]
     fn a_new_source_continues_the_numbering() {
         let mut r = Rewriter::new(42);
-        let a = r.rewrite(&pkt(100, 5000), 96);
+        let a = r.rewrite(&pkt(100, 5000), 96).unwrap();
         let mut other = pkt(7, 123);
         other.header.ssrc = 9;
-        let b = r.rewrite(&other, 96);
+        let b = r.rewrite(&other, 96).unwrap();
         assert_eq!(
             b.header.sequence_number,
             a.header.sequence_number.wrapping_add(1)

@@ -19,7 +19,7 @@ mod peer;
 mod tcp;
 
 pub use demux::stun_username;
-pub use forward::{kind_label, starts_keyframe};
+pub use forward::{keyframe_dimensions, kind_label, starts_keyframe};
 pub use nack_guard::{NackGuard, PausedSsrcs};
 pub use peer::{RtcpTap, RTCP_TAP_SLOT};
 
@@ -101,13 +101,17 @@ pub struct Media {
     last_tick: Instant,
     next_room_tick: Instant,
     /// Each simulcast layer's rate by (stream, SSRC), and each simulcast stream's
-    /// active layers' SSRCs, lowest rate first (refreshed every tick; a stream is
-    /// simulcast when it has an entry there).
+    /// active layers' SSRCs, lowest first (see `congestion::sort_layers`; refreshed
+    /// every tick; a stream is simulcast when it has an entry there).
     layer_rates: HashMap<(String, u32), congestion::RateMeter>,
     stream_layers: HashMap<String, Vec<u32>>,
     /// Each simulcast layer's highest rate seen (its rank survives being switched off),
     /// and what each simulcast publisher was last told it needs to send.
     layer_peaks: HashMap<(String, u32), f64>,
+    /// Each simulcast layer's picture size, from its latest keyframe.
+    layer_sizes: HashMap<(String, u32), (u32, u32)>,
+    /// Since when each simulcast layer sends (over 10 kbit/s).
+    layer_sending_since: HashMap<(String, u32), Instant>,
     dynacast: HashMap<String, congestion::Dynacast>,
 }
 
@@ -211,6 +215,8 @@ impl Media {
             layer_rates: HashMap::new(),
             stream_layers: HashMap::new(),
             layer_peaks: HashMap::new(),
+            layer_sizes: HashMap::new(),
+            layer_sending_since: HashMap::new(),
             dynacast: HashMap::new(),
         })
     }
@@ -437,6 +443,8 @@ impl Media {
                 self.stream_layers.remove(&stream_id);
                 self.layer_rates.retain(|(s, _), _| *s != stream_id);
                 self.layer_peaks.retain(|(s, _), _| *s != stream_id);
+                self.layer_sizes.retain(|(s, _), _| *s != stream_id);
+                self.layer_sending_since.retain(|(s, _), _| *s != stream_id);
                 self.dynacast.remove(&stream_id);
                 if let Some(sp) = self.stream_rooms.remove(&stream_id) {
                     if !self.stream_rooms.values().any(|o| o.room == sp.room) {
@@ -918,10 +926,22 @@ impl Media {
             .or_default()
             .add(packet.payload.len() + 12);
         if kind == Kind::Video && self.stream_layers.contains_key(&stream_id) {
+            let ssrc = packet.header.ssrc;
             self.layer_rates
-                .entry((stream_id.clone(), packet.header.ssrc))
+                .entry((stream_id.clone(), ssrc))
                 .or_default()
                 .add(packet.payload.len() + 12);
+            let size = self
+                .peers
+                .get(&PeerKey(publisher, Target::Publisher))
+                .and_then(|p| p.track_mime(Kind::Video))
+                .and_then(|mime| forward::keyframe_dimensions(mime, &packet.payload));
+            if let Some((w, h)) = size {
+                let old = self.layer_sizes.insert((stream_id.clone(), ssrc), (w, h));
+                if old != Some((w, h)) {
+                    tracing::info!(stream = %stream_id, ssrc, width = w, height = h, "simulcast layer size");
+                }
+            }
         }
         if !self.bridged.contains_key(&publisher) {
             if let Some(tx) = self.taps.get(&stream_id) {

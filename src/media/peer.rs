@@ -513,6 +513,15 @@ impl Peer {
             .collect()
     }
 
+    /// The MIME type of this publisher's track of `kind`, once media has shown it.
+    pub fn track_mime(&self, kind: Kind) -> Option<&str> {
+        self.uptracks
+            .values()
+            .find(|t| t.kind == kind)
+            .and_then(|t| t.codec.as_ref())
+            .map(|c| c.mime_type.as_str())
+    }
+
     /// The codec of this publisher's track of `kind`, once media has shown it.
     pub fn track_codec(&self, kind: Kind) -> Option<RTCRtpCodec> {
         self.uptracks
@@ -835,6 +844,17 @@ impl Peer {
                 if key == Some(false) {
                     return false;
                 }
+                if d.forwarding.is_some() || layers.len() > 1 {
+                    tracing::info!(
+                        key = ?self.key,
+                        stream_id,
+                        from = ?d.forwarding,
+                        to = ssrc,
+                        layer = d.layer,
+                        ?layers,
+                        "simulcast layer forwarded from its keyframe"
+                    );
+                }
                 d.forwarding = Some(ssrc);
                 d.await_keyframe = false;
                 self.keyframe_wanted.remove(stream_id);
@@ -881,7 +901,9 @@ impl Peer {
             }
             return false;
         };
-        let out = d.rewriter.rewrite(packet, pt);
+        let Some(out) = d.rewriter.rewrite(packet, pt) else {
+            return false; // late, behind a probe's padding
+        };
         let bytes = out.payload.len() as u64 + 12;
         let res = sender.write_rtp(now, out);
         if let Err(e) = &res {
@@ -949,43 +971,51 @@ impl Peer {
             .collect()
     }
 
-    /// Sends `bytes` of padding-only packets on a paused video downtrack (a
-    /// bandwidth probe). Returns the bytes sent.
+    /// Sends `bytes` of padding-only packets on a video downtrack (a bandwidth
+    /// probe). Returns the bytes sent.
     pub fn send_padding(&mut self, bytes: usize, now: Instant) -> usize {
         if !self.connected {
             return 0;
         }
-        let Some(d) = self
+        // A paused video's downtrack first (nothing else goes on it), else a playing
+        // one between two of its frames (a lowered video probing for its next layer).
+        let mut candidates: Vec<((String, Kind), bool)> = self
             .downtracks
-            .iter_mut()
-            .filter(|((_, k), d)| *k == Kind::Video && d.paused)
-            .map(|(_, d)| d)
-            .find(|d| d.payload_type.is_some())
-        else {
-            return 0;
-        };
-        let Some(pt) = d.payload_type else {
-            return 0;
-        };
+            .iter()
+            .filter(|((_, k), d)| *k == Kind::Video && d.payload_type.is_some() && !d.refused)
+            .map(|(key, d)| (key.clone(), d.paused))
+            .collect();
+        candidates.sort_by_key(|(_, paused)| !paused);
         const PACKET: usize = 1000;
         let mut sent = 0;
-        while sent < bytes {
-            let Some(p) = d.rewriter.padding(pt, PACKET) else {
-                break;
+        for (key, _) in candidates {
+            let Some(d) = self.downtracks.get_mut(&key) else {
+                continue;
             };
-            let size = p.marshal_size();
-            // Straight to the connection: `RTCRtpSender::write_rtp` accepts only
-            // negotiated extension ids, and RFC 8285 padding has none. The chain
-            // (TWCC numbering, the send history) and SRTP still see it.
-            let msg = TaggedRTCMessage {
-                now,
-                message: RTCMessage::RtpPacket(d.track_id.clone(), p),
+            let Some(pt) = d.payload_type else {
+                continue;
             };
-            if let Err(e) = self.pc.handle_write(msg) {
-                debug!(key = ?self.key, error = %e, "padding not sent");
+            while sent < bytes {
+                let Some(p) = d.rewriter.padding(pt, PACKET) else {
+                    break;
+                };
+                let size = p.marshal_size();
+                // Straight to the connection: `RTCRtpSender::write_rtp` accepts only
+                // negotiated extension ids, and RFC 8285 padding has none. The chain
+                // (TWCC numbering, the send history) and SRTP still see it.
+                let msg = TaggedRTCMessage {
+                    now,
+                    message: RTCMessage::RtpPacket(d.track_id.clone(), p),
+                };
+                if let Err(e) = self.pc.handle_write(msg) {
+                    debug!(key = ?self.key, error = %e, "padding not sent");
+                    return sent;
+                }
+                sent += size;
+            }
+            if sent >= bytes {
                 break;
             }
-            sent += size;
         }
         sent
     }
