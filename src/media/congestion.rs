@@ -195,7 +195,9 @@ impl Media {
         for r in self.layer_rates.values_mut() {
             r.roll(seconds);
         }
+        let before = self.stream_layers.clone();
         self.refresh_layers(now);
+        self.relabel_layers(&before);
         // Subscribers waiting for a keyframe (a resume, a layer switch) keep asking;
         // request_keyframe throttles it per stream.
         let waiting: std::collections::HashSet<String> = self
@@ -504,11 +506,75 @@ impl Media {
         }
     }
 
+    /// A layer index names a layer of the set the publisher sends now; when that set
+    /// changes, each subscriber's index is moved so it names the same layer (or the
+    /// next lower one, if its layer stopped). Kept by position, a middle layer that
+    /// stopped made index 1 name the top layer: a capped subscriber was "kept" on it.
+    /// Not from the placeholder set used before any rates are known.
+    fn relabel_layers(&mut self, before: &HashMap<String, Vec<u32>>) {
+        for (stream_id, new) in &self.stream_layers {
+            let Some(old) = before.get(stream_id) else {
+                continue;
+            };
+            if old == new
+                || old.is_empty()
+                || new.is_empty()
+                || self.placeholder_layers.contains(stream_id)
+                || self.placeholder_before.contains(stream_id)
+            {
+                continue;
+            }
+            let mut union = new.clone();
+            union.extend(old.iter().filter(|s| !new.contains(s)));
+            sort_layers(
+                &self.layer_sizes,
+                &self.layer_peaks,
+                stream_id,
+                &mut union,
+                |s| *s,
+            );
+            let rank = |s: u32| union.iter().position(|x| *x == s).unwrap_or(0);
+            for (key, p) in self.peers.iter_mut() {
+                if key.1 != Target::Subscriber {
+                    continue;
+                }
+                let Some(l) = p.layer(stream_id) else {
+                    continue;
+                };
+                let was = old[l.min(old.len() - 1)];
+                let to = match new.iter().position(|s| *s == was) {
+                    Some(i) => i,
+                    None => new
+                        .iter()
+                        .filter(|s| rank(**s) < rank(was))
+                        .count()
+                        .saturating_sub(1),
+                };
+                if to != l {
+                    tracing::info!(
+                        session = key.0 .0,
+                        stream = %stream_id,
+                        from = l,
+                        to,
+                        ssrc = was,
+                        ?new,
+                        "simulcast layers changed: index moved with its layer"
+                    );
+                    p.set_layer(stream_id, to);
+                    if let Some(c) = p.congestion.as_mut() {
+                        c.allocator.relabel(stream_id, to);
+                    }
+                }
+            }
+        }
+    }
+
     /// Which streams are simulcast, and each one's active layers, lowest first. A
     /// layer sending under 10 kbit/s (the publisher switched it off, or it has not
     /// started) is not offered, nor one that started within `LAYER_WARM_UP` while
     /// others were; until rates are known, layers are in SSRC order.
     fn refresh_layers(&mut self, now: Instant) {
+        let mut placeholder = std::collections::HashSet::new();
         for (stream_id, publisher) in &self.publishers {
             let Some(p) = self
                 .peers
@@ -566,6 +632,7 @@ impl Media {
             if active.is_empty() {
                 active = ssrcs;
                 active.sort_unstable();
+                placeholder.insert(stream_id.clone());
             } else {
                 sort_layers(
                     &self.layer_sizes,
@@ -577,6 +644,7 @@ impl Media {
             }
             self.stream_layers.insert(stream_id.clone(), active);
         }
+        self.placeholder_before = std::mem::replace(&mut self.placeholder_layers, placeholder);
         let active: usize = self
             .stream_layers
             .iter()

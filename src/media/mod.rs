@@ -110,6 +110,10 @@ pub struct Media {
     layer_peaks: HashMap<(String, u32), f64>,
     /// Each simulcast layer's picture size, from its latest keyframe.
     layer_sizes: HashMap<(String, u32), (u32, u32)>,
+    /// Streams whose layer set is a placeholder (no rates known yet: every layer, in
+    /// SSRC order), now and at the tick before.
+    placeholder_layers: std::collections::HashSet<String>,
+    placeholder_before: std::collections::HashSet<String>,
     /// Since when each simulcast layer sends (over 10 kbit/s).
     layer_sending_since: HashMap<(String, u32), Instant>,
     dynacast: HashMap<String, congestion::Dynacast>,
@@ -217,6 +221,8 @@ impl Media {
             layer_peaks: HashMap::new(),
             layer_sizes: HashMap::new(),
             layer_sending_since: HashMap::new(),
+            placeholder_layers: Default::default(),
+            placeholder_before: Default::default(),
             dynacast: HashMap::new(),
         })
     }
