@@ -613,9 +613,9 @@ impl Media {
                 .filter(|s| rate(s) > 10_000.0)
                 .collect();
             // A layer that (re)starts while others play is offered once its rate is
-            // known: a top layer switched back on measured 50 kbit/s in its first
-            // tenth of a second, was "raised" to, and overshot. One offered already
-            // stays offered.
+            // known: its smoothed rate climbs from zero, and a subscriber was raised
+            // to a top layer within 0.1 s of its return, on a rate far below what it
+            // sends. One offered already stays offered.
             let before = self.stream_layers.get(stream_id);
             let warm: Vec<u32> = sending
                 .iter()
