@@ -547,34 +547,31 @@ mod tests {
         assert!(sps_dimensions(&[]).is_err());
         assert!(sps_dimensions(PPS).is_err(), "not an SPS");
         assert!(sps_dimensions(&SPS[..6]).is_err(), "truncated");
-        // 2048 macroblocks wide.
-        let mut w = Writer::default();
-        w.ue(0)
-            .ue(0)
-            .ue(0)
-            .ue(1)
-            .bits(0, 1)
-            .ue(2047)
-            .ue(10)
-            .bits(1, 1)
-            .bits(1, 1);
-        let mut big = vec![0x67, 66, 0xc0, 30];
-        big.extend(w.bytes());
-        assert!(sps_dimensions(&big).is_err());
-        // Cropped to nothing.
-        let mut w = Writer::default();
-        w.ue(0)
-            .ue(0)
-            .ue(0)
-            .ue(1)
-            .bits(0, 1)
-            .ue(0)
-            .ue(0)
-            .bits(1, 1)
-            .bits(1, 1);
-        w.bits(1, 1).ue(8).ue(0).ue(0).ue(0);
-        let mut gone = vec![0x67, 66, 0xc0, 30];
-        gone.extend(w.bytes());
+        // A Baseline SPS up to its picture size: id 0, frame_num 4 bits, POC type 2,
+        // one reference frame, no gaps; then the size, frames only, direct 8x8.
+        let baseline = |width_mbs: u32, height_mbs: u32, crop: Option<[u32; 4]>| {
+            let mut w = Writer::default();
+            w.ue(0).ue(0).ue(2).ue(1).bits(0, 1);
+            w.ue(width_mbs - 1).ue(height_mbs - 1).bits(1, 1).bits(1, 1);
+            match crop {
+                Some(c) => {
+                    w.bits(1, 1).ue(c[0]).ue(c[1]).ue(c[2]).ue(c[3]);
+                }
+                None => {
+                    w.bits(0, 1);
+                }
+            }
+            w.bits(0, 1); // no VUI
+            let mut sps = vec![0x67, 66, 0xc0, 30];
+            sps.extend(w.bytes());
+            sps
+        };
+        assert_eq!(sps_dimensions(&baseline(40, 30, None)), Ok((640, 480)));
+        assert!(
+            sps_dimensions(&baseline(2048, 11, None)).is_err(),
+            "too wide"
+        );
+        let gone = baseline(1, 1, Some([8, 0, 0, 0]));
         assert!(sps_dimensions(&gone).is_err());
     }
 

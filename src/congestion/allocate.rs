@@ -573,6 +573,26 @@ mod tests {
             .collect()
     }
 
+    /// What a link of `cap` bit/s shows when `media + padding` is offered: beyond it
+    /// the packets queue; GCC's estimate on a quiet path climbs to 1.5 × the
+    /// acknowledged rate + 100 kbit/s.
+    fn capped_link(media: f64, padding: f64, cap: f64) -> Signals {
+        let offered = media + padding;
+        let acknowledged = f64::min(offered, cap);
+        let queuing = offered > cap;
+        Signals {
+            estimate: Some(if queuing {
+                0.85 * cap
+            } else {
+                1.5 * acknowledged + 100_000.0
+            }),
+            acknowledged,
+            media_bps: media,
+            queuing_delay_ms: if queuing { 60.0 } else { 0.0 },
+            ..Default::default()
+        }
+    }
+
     fn changes(allocs: &[Allocation]) -> Vec<Change> {
         allocs.iter().flat_map(|a| a.changes.clone()).collect()
     }
@@ -828,8 +848,6 @@ mod tests {
         let t0 = Instant::now();
         let layers = [150_000.0, 300_000.0, 900_000.0];
         let v = [simulcast("a", &layers)];
-        // A link of `cap`: what is offered beyond it queues; GCC's estimate on a quiet
-        // path climbs to 1.5 × the acknowledged rate + 100 kbit/s.
         let mut padding = 0.0;
         let mut layer = 2;
         let mut cap = 300_000.0;
@@ -840,20 +858,7 @@ mod tests {
                 cap = 3_000_000.0;
             }
             let media = 40_000.0 + layers[layer];
-            let offered = media + padding;
-            let acknowledged = f64::min(offered, cap);
-            let queuing = offered > cap;
-            let s = Signals {
-                estimate: Some(if queuing {
-                    0.85 * cap
-                } else {
-                    1.5 * acknowledged + 100_000.0
-                }),
-                acknowledged,
-                media_bps: media,
-                queuing_delay_ms: if queuing { 60.0 } else { 0.0 },
-                ..Default::default()
-            };
+            let s = capped_link(media, padding, cap);
             let out = a.tick(t0 + Duration::from_millis(ms), s, 40_000.0, &v);
             padding = out.padding_bps;
             failed += usize::from(out.probe == Some(ProbeOutcome::Failed));
@@ -897,20 +902,7 @@ mod tests {
                 cap = 3_000_000.0;
             }
             let media = 40_000.0 + playing.map_or(0.0, |l| layers[l]);
-            let offered = media + padding;
-            let acknowledged = f64::min(offered, cap);
-            let queuing = offered > cap;
-            let s = Signals {
-                estimate: Some(if queuing {
-                    0.85 * cap
-                } else {
-                    1.5 * acknowledged + 100_000.0
-                }),
-                acknowledged,
-                media_bps: media,
-                queuing_delay_ms: if queuing { 60.0 } else { 0.0 },
-                ..Default::default()
-            };
+            let s = capped_link(media, padding, cap);
             let out = a.tick(t0 + Duration::from_millis(ms), s, 40_000.0, &v);
             padding = out.padding_bps;
             for c in out.changes {

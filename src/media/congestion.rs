@@ -156,32 +156,44 @@ pub struct StreamPolicy {
 /// middle one, and dynacast kept the top one on as "next" for a subscriber at the
 /// bottom (a CI failure). Sizes and peaks do not cross like that.
 pub(super) fn sort_layers<T>(
-    sizes: &HashMap<(String, u32), (u32, u32)>,
-    peaks: &HashMap<(String, u32), f64>,
-    stream_id: &str,
     layers: &mut [T],
     ssrc: impl Fn(&T) -> u32,
+    size: impl Fn(u32) -> Option<(u32, u32)>,
+    peak: impl Fn(u32) -> f64,
 ) {
-    let key = |t: &T| (stream_id.to_owned(), ssrc(t));
-    let sized = layers.iter().all(|t| sizes.contains_key(&key(t)));
-    let pixels = |t: &T| {
-        if sized {
-            sizes
-                .get(&key(t))
-                .map_or(0, |(w, h)| u64::from(*w) * u64::from(*h))
-        } else {
-            0
-        }
+    let sized = layers.iter().all(|t| size(ssrc(t)).is_some());
+    let pixels = |t: &T| match size(ssrc(t)) {
+        Some((w, h)) if sized => u64::from(w) * u64::from(h),
+        _ => 0,
     };
-    let peak = |t: &T| peaks.get(&key(t)).copied().unwrap_or(0.0);
     layers.sort_by(|a, b| {
         pixels(a)
             .cmp(&pixels(b))
-            .then_with(|| peak(a).total_cmp(&peak(b)))
+            .then_with(|| peak(ssrc(a)).total_cmp(&peak(ssrc(b))))
     });
 }
 
 impl Media {
+    /// `sort_layers` for one stream: sizes from its publisher's keyframes, peaks
+    /// from what was measured here.
+    fn sort_stream_layers<T>(&self, stream_id: &str, layers: &mut [T], ssrc: impl Fn(&T) -> u32) {
+        let publisher = self
+            .publishers
+            .get(stream_id)
+            .and_then(|p| self.peers.get(&super::peer::PeerKey(*p, Target::Publisher)));
+        sort_layers(
+            layers,
+            ssrc,
+            |s| publisher.and_then(|p| p.layer_size(s)),
+            |s| {
+                self.layer_peaks
+                    .get(&(stream_id.to_owned(), s))
+                    .copied()
+                    .unwrap_or(0.0)
+            },
+        );
+    }
+
     pub(super) fn congestion_tick(&mut self, now: Instant) {
         let seconds = now
             .saturating_duration_since(self.last_tick)
@@ -195,9 +207,7 @@ impl Media {
         for r in self.layer_rates.values_mut() {
             r.roll(seconds);
         }
-        let before = self.stream_layers.clone();
         self.refresh_layers(now);
-        self.relabel_layers(&before);
         // Subscribers waiting for a keyframe (a resume, a layer switch) keep asking;
         // request_keyframe throttles it per stream.
         let waiting: std::collections::HashSet<String> = self
@@ -459,13 +469,7 @@ impl Media {
             if layers.len() < 2 {
                 continue;
             }
-            sort_layers(
-                &self.layer_sizes,
-                &self.layer_peaks,
-                &stream_id,
-                &mut layers,
-                |l| l.0,
-            );
+            self.sort_stream_layers(&stream_id, &mut layers, |l| l.0);
             let subscribers: Vec<SessionId> = self
                 .subscriptions
                 .get(&stream_id)
@@ -511,59 +515,40 @@ impl Media {
     /// next lower one, if its layer stopped). Kept by position, a middle layer that
     /// stopped made index 1 name the top layer: a capped subscriber was "kept" on it.
     /// Not from the placeholder set used before any rates are known.
-    fn relabel_layers(&mut self, before: &HashMap<String, Vec<u32>>) {
-        for (stream_id, new) in &self.stream_layers {
-            let Some(old) = before.get(stream_id) else {
-                continue;
-            };
-            if old == new
-                || old.is_empty()
-                || new.is_empty()
-                || self.placeholder_layers.contains(stream_id)
-                || self.placeholder_before.contains(stream_id)
-            {
+    fn relabel_layers(&mut self, stream_id: &str, old: &[u32], new: &[u32]) {
+        let mut union = new.to_vec();
+        union.extend(old.iter().filter(|s| !new.contains(s)));
+        self.sort_stream_layers(stream_id, &mut union, |s| *s);
+        let rank = |s: u32| union.iter().position(|x| *x == s).unwrap_or(0);
+        for (key, p) in self.peers.iter_mut() {
+            if key.1 != Target::Subscriber {
                 continue;
             }
-            let mut union = new.clone();
-            union.extend(old.iter().filter(|s| !new.contains(s)));
-            sort_layers(
-                &self.layer_sizes,
-                &self.layer_peaks,
-                stream_id,
-                &mut union,
-                |s| *s,
-            );
-            let rank = |s: u32| union.iter().position(|x| *x == s).unwrap_or(0);
-            for (key, p) in self.peers.iter_mut() {
-                if key.1 != Target::Subscriber {
-                    continue;
-                }
-                let Some(l) = p.layer(stream_id) else {
-                    continue;
-                };
-                let was = old[l.min(old.len() - 1)];
-                let to = match new.iter().position(|s| *s == was) {
-                    Some(i) => i,
-                    None => new
-                        .iter()
-                        .filter(|s| rank(**s) < rank(was))
-                        .count()
-                        .saturating_sub(1),
-                };
-                if to != l {
-                    tracing::info!(
-                        session = key.0 .0,
-                        stream = %stream_id,
-                        from = l,
-                        to,
-                        ssrc = was,
-                        ?new,
-                        "simulcast layers changed: index moved with its layer"
-                    );
-                    p.set_layer(stream_id, to);
-                    if let Some(c) = p.congestion.as_mut() {
-                        c.allocator.relabel(stream_id, to);
-                    }
+            let Some(l) = p.layer(stream_id) else {
+                continue;
+            };
+            let was = old[l.min(old.len() - 1)];
+            let to = match new.iter().position(|s| *s == was) {
+                Some(i) => i,
+                None => new
+                    .iter()
+                    .filter(|s| rank(**s) < rank(was))
+                    .count()
+                    .saturating_sub(1),
+            };
+            if to != l {
+                tracing::info!(
+                    session = key.0 .0,
+                    stream = %stream_id,
+                    from = l,
+                    to,
+                    ssrc = was,
+                    ?new,
+                    "simulcast layers changed: index moved with its layer"
+                );
+                p.set_layer(stream_id, to);
+                if let Some(c) = p.congestion.as_mut() {
+                    c.allocator.relabel(stream_id, to);
                 }
             }
         }
@@ -575,6 +560,7 @@ impl Media {
     /// others were; until rates are known, layers are in SSRC order.
     fn refresh_layers(&mut self, now: Instant) {
         let mut placeholder = std::collections::HashSet::new();
+        let mut changed: Vec<(String, Vec<u32>, Vec<u32>)> = Vec::new();
         for (stream_id, publisher) in &self.publishers {
             let Some(p) = self
                 .peers
@@ -634,17 +620,19 @@ impl Media {
                 active.sort_unstable();
                 placeholder.insert(stream_id.clone());
             } else {
-                sort_layers(
-                    &self.layer_sizes,
-                    &self.layer_peaks,
-                    stream_id,
-                    &mut active,
-                    |s| *s,
-                );
+                self.sort_stream_layers(stream_id, &mut active, |s| *s);
+                if let Some(old) = before.filter(|b| {
+                    **b != active && !b.is_empty() && !self.placeholder_layers.contains(stream_id)
+                }) {
+                    changed.push((stream_id.clone(), old.clone(), active.clone()));
+                }
             }
             self.stream_layers.insert(stream_id.clone(), active);
         }
-        self.placeholder_before = std::mem::replace(&mut self.placeholder_layers, placeholder);
+        self.placeholder_layers = placeholder;
+        for (stream_id, old, new) in changed {
+            self.relabel_layers(&stream_id, &old, &new);
+        }
         let active: usize = self
             .stream_layers
             .iter()
@@ -716,19 +704,17 @@ mod tests {
     #[test]
     fn dynacast_switches_unused_layers_off_after_a_while_and_on_at_once() {
         let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
         let order = rids(&["q", "h", "f"]);
         let mut d = Dynacast::default();
         // Forwarded the lowest: q and h are needed, f only after 5 s of that.
-        assert_eq!(d.decide(t0, "s", &order, 0), None);
-        assert_eq!(d.decide(t0 + Duration::from_secs(4), "s", &order, 0), None);
-        assert_eq!(
-            d.decide(t0 + Duration::from_secs(5), "s", &order, 0),
-            Some(rids(&["q", "h"]))
-        );
-        assert_eq!(d.decide(t0 + Duration::from_secs(6), "s", &order, 0), None);
+        assert_eq!(d.decide(at(0), "s", &order, 0), None);
+        assert_eq!(d.decide(at(4), "s", &order, 0), None);
+        assert_eq!(d.decide(at(5), "s", &order, 0), Some(rids(&["q", "h"])));
+        assert_eq!(d.decide(at(6), "s", &order, 0), None);
         // A subscriber climbs to h: f comes back at once.
         assert_eq!(
-            d.decide(t0 + Duration::from_secs(7), "s", &order, 1),
+            d.decide(at(7), "s", &order, 1),
             Some(rids(&["q", "h", "f"]))
         );
     }
@@ -736,34 +722,27 @@ mod tests {
     #[test]
     fn dynacast_a_moment_of_need_restarts_the_wait() {
         let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
         let order = rids(&["q", "h", "f"]);
         let mut d = Dynacast::default();
-        assert_eq!(d.decide(t0, "s", &order, 0), None);
-        assert_eq!(d.decide(t0 + Duration::from_secs(3), "s", &order, 1), None);
-        assert_eq!(d.decide(t0 + Duration::from_secs(4), "s", &order, 0), None);
-        assert_eq!(d.decide(t0 + Duration::from_secs(8), "s", &order, 0), None);
-        assert_eq!(
-            d.decide(t0 + Duration::from_secs(9), "s", &order, 0),
-            Some(rids(&["q", "h"]))
-        );
+        assert_eq!(d.decide(at(0), "s", &order, 0), None);
+        assert_eq!(d.decide(at(3), "s", &order, 1), None);
+        assert_eq!(d.decide(at(4), "s", &order, 0), None);
+        assert_eq!(d.decide(at(8), "s", &order, 0), None);
+        assert_eq!(d.decide(at(9), "s", &order, 0), Some(rids(&["q", "h"])));
     }
 
     #[test]
     fn dynacast_a_layer_that_opens_late_is_on_and_can_be_switched_off() {
         let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
         let mut d = Dynacast::default();
         // Only q and h have opened: both needed, nothing to say.
-        assert_eq!(d.decide(t0, "s", &rids(&["q", "h"]), 0), None);
-        assert_eq!(
-            d.decide(t0 + Duration::from_secs(6), "s", &rids(&["q", "h"]), 0),
-            None
-        );
+        assert_eq!(d.decide(at(0), "s", &rids(&["q", "h"]), 0), None);
+        assert_eq!(d.decide(at(6), "s", &rids(&["q", "h"]), 0), None);
         // f opens: the publisher sends it, nobody needs it.
         let all = rids(&["q", "h", "f"]);
-        assert_eq!(d.decide(t0 + Duration::from_secs(7), "s", &all, 0), None);
-        assert_eq!(
-            d.decide(t0 + Duration::from_secs(12), "s", &all, 0),
-            Some(rids(&["q", "h"]))
-        );
+        assert_eq!(d.decide(at(7), "s", &all, 0), None);
+        assert_eq!(d.decide(at(12), "s", &all, 0), Some(rids(&["q", "h"])));
     }
 }

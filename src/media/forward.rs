@@ -115,19 +115,7 @@ pub fn starts_keyframe(mime: &str, payload: &[u8]) -> Option<bool> {
         };
         let key = |t: u8| t == 5 || t == 7;
         return Some(match first & 0x1f {
-            24 => {
-                let mut rest = &payload[1..];
-                let mut found = false;
-                while rest.len() > 2 {
-                    let size = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
-                    if size == 0 || rest.len() < 2 + size {
-                        break;
-                    }
-                    found |= key(rest[2] & 0x1f);
-                    rest = &rest[2 + size..];
-                }
-                found
-            }
+            24 => stap_a_nals(payload).any(|nal| key(nal[0] & 0x1f)),
             28 => payload
                 .get(1)
                 .is_some_and(|h| h & 0x80 != 0 && key(h & 0x1f)),
@@ -168,6 +156,18 @@ fn vp8_frame_start(payload: &[u8]) -> Option<usize> {
     (i < payload.len()).then_some(i)
 }
 
+/// The NAL units of an H.264 STAP-A payload (RFC 6184 5.7.1), up to the first that
+/// is empty or runs past the end.
+fn stap_a_nals(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = payload.get(1..).unwrap_or_default();
+    std::iter::from_fn(move || {
+        let size = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+        let nal = rest.get(2..2 + size).filter(|n| !n.is_empty())?;
+        rest = &rest[2 + size..];
+        Some(nal)
+    })
+}
+
 /// The picture size a keyframe declares, from the RTP payload that starts it: the
 /// SPS of an H.264 keyframe (a single NAL or in a STAP-A), the key frame header of
 /// VP8 (RFC 6386 9.1). `None` for anything else, malformed payloads included.
@@ -176,21 +176,9 @@ pub fn keyframe_dimensions(mime: &str, payload: &[u8]) -> Option<(u32, u32)> {
         let first = *payload.first()?;
         return match first & 0x1f {
             7 => crate::codec::h264::sps_dimensions(payload).ok(),
-            24 => {
-                let mut rest = &payload[1..];
-                while rest.len() > 2 {
-                    let size = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
-                    if size == 0 || rest.len() < 2 + size {
-                        return None;
-                    }
-                    let nal = &rest[2..2 + size];
-                    if nal[0] & 0x1f == 7 {
-                        return crate::codec::h264::sps_dimensions(nal).ok();
-                    }
-                    rest = &rest[2 + size..];
-                }
-                None
-            }
+            24 => stap_a_nals(payload)
+                .find(|nal| nal[0] & 0x1f == 7)
+                .and_then(|sps| crate::codec::h264::sps_dimensions(sps).ok()),
             _ => None,
         };
     }
@@ -450,10 +438,7 @@ mod tests {
         let a = r.rewrite(&pkt(100, 1000), 96).unwrap();
         r.interrupt();
         let pad = r.padding(96, 1000).unwrap();
-        assert_eq!(
-            pad.header.sequence_number,
-            a.header.sequence_number.wrapping_add(1)
-        );
+        assert_follows(&pad, &a);
         assert!(pad.header.padding && pad.payload.is_empty());
         use rtc::shared::marshal::{Marshal, Unmarshal};
         let wire = pad.marshal().unwrap();
@@ -462,10 +447,7 @@ mod tests {
         assert!(back.payload.is_empty(), "padding only");
         // Publisher packets 101..150 were never sent: the next one follows the padding.
         let b = r.rewrite(&pkt(150, 90_000), 96).unwrap();
-        assert_eq!(
-            b.header.sequence_number,
-            pad.header.sequence_number.wrapping_add(1)
-        );
+        assert_follows(&b, &pad);
     }
 
     #[test]
@@ -479,38 +461,31 @@ mod tests {
         let mut end = pkt(101, 1000);
         end.header.marker = true;
         let b = r.rewrite(&end, 96).unwrap();
-        assert_eq!(
-            b.header.sequence_number,
-            a.header.sequence_number.wrapping_add(1)
-        );
+        assert_follows(&b, &a);
         let p1 = r.padding(96, 1000).unwrap();
         let p2 = r.padding(96, 1000).unwrap();
-        assert_eq!(
-            p1.header.sequence_number,
-            b.header.sequence_number.wrapping_add(1)
-        );
-        assert_eq!(
-            p2.header.sequence_number,
-            p1.header.sequence_number.wrapping_add(1)
-        );
+        assert_follows(&p1, &b);
+        assert_follows(&p2, &p1);
         assert_eq!(
             p2.header.timestamp, b.header.timestamp,
             "the last frame's time"
         );
         // The next frame follows the padding, with its own timestamp offset kept.
         let c = r.rewrite(&pkt(102, 4000), 96).unwrap();
-        assert_eq!(
-            c.header.sequence_number,
-            p2.header.sequence_number.wrapping_add(1)
-        );
+        assert_follows(&c, &p2);
         assert_eq!(c.header.timestamp.wrapping_sub(b.header.timestamp), 3000);
         // A packet from before the padding, arriving late, would take its number.
         assert!(r.rewrite(&pkt(99, 1000), 96).is_none());
         assert!(r.rewrite(&pkt(101, 1000), 96).is_none());
         let d = r.rewrite(&pkt(103, 4000), 96).unwrap();
+        assert_follows(&d, &c);
+    }
+
+    /// `b` is numbered right after `a`.
+    fn assert_follows(b: &Packet, a: &Packet) {
         assert_eq!(
-            d.header.sequence_number,
-            c.header.sequence_number.wrapping_add(1)
+            b.header.sequence_number,
+            a.header.sequence_number.wrapping_add(1)
         );
     }
 
@@ -532,10 +507,7 @@ mod tests {
         let c = r.rewrite(&pkt(1, 20), 102).unwrap(); // 0 was lost
         assert_eq!(a.header.ssrc, 42);
         assert_eq!(a.header.payload_type, 102);
-        assert_eq!(
-            b.header.sequence_number,
-            a.header.sequence_number.wrapping_add(1)
-        );
+        assert_follows(&b, &a);
         assert_eq!(
             c.header.sequence_number,
             a.header.sequence_number.wrapping_add(3)
@@ -594,10 +566,7 @@ mod tests {
         let mut other = pkt(7, 123);
         other.header.ssrc = 9;
         let b = r.rewrite(&other, 96).unwrap();
-        assert_eq!(
-            b.header.sequence_number,
-            a.header.sequence_number.wrapping_add(1)
-        );
+        assert_follows(&b, &a);
         assert_eq!(b.header.timestamp, a.header.timestamp.wrapping_add(3000));
         assert_eq!((r.packets, r.octets), (2, 6));
     }

@@ -108,12 +108,9 @@ pub struct Media {
     /// Each simulcast layer's highest rate seen (its rank survives being switched off),
     /// and what each simulcast publisher was last told it needs to send.
     layer_peaks: HashMap<(String, u32), f64>,
-    /// Each simulcast layer's picture size, from its latest keyframe.
-    layer_sizes: HashMap<(String, u32), (u32, u32)>,
     /// Streams whose layer set is a placeholder (no rates known yet: every layer, in
-    /// SSRC order), now and at the tick before.
+    /// SSRC order).
     placeholder_layers: std::collections::HashSet<String>,
-    placeholder_before: std::collections::HashSet<String>,
     /// Since when each simulcast layer sends (over 10 kbit/s).
     layer_sending_since: HashMap<(String, u32), Instant>,
     dynacast: HashMap<String, congestion::Dynacast>,
@@ -219,10 +216,8 @@ impl Media {
             layer_rates: HashMap::new(),
             stream_layers: HashMap::new(),
             layer_peaks: HashMap::new(),
-            layer_sizes: HashMap::new(),
             layer_sending_since: HashMap::new(),
             placeholder_layers: Default::default(),
-            placeholder_before: Default::default(),
             dynacast: HashMap::new(),
         })
     }
@@ -449,7 +444,6 @@ impl Media {
                 self.stream_layers.remove(&stream_id);
                 self.layer_rates.retain(|(s, _), _| *s != stream_id);
                 self.layer_peaks.retain(|(s, _), _| *s != stream_id);
-                self.layer_sizes.retain(|(s, _), _| *s != stream_id);
                 self.layer_sending_since.retain(|(s, _), _| *s != stream_id);
                 self.dynacast.remove(&stream_id);
                 if let Some(sp) = self.stream_rooms.remove(&stream_id) {
@@ -932,22 +926,10 @@ impl Media {
             .or_default()
             .add(packet.payload.len() + 12);
         if kind == Kind::Video && self.stream_layers.contains_key(&stream_id) {
-            let ssrc = packet.header.ssrc;
             self.layer_rates
-                .entry((stream_id.clone(), ssrc))
+                .entry((stream_id.clone(), packet.header.ssrc))
                 .or_default()
                 .add(packet.payload.len() + 12);
-            let size = self
-                .peers
-                .get(&PeerKey(publisher, Target::Publisher))
-                .and_then(|p| p.track_mime(Kind::Video))
-                .and_then(|mime| forward::keyframe_dimensions(mime, &packet.payload));
-            if let Some((w, h)) = size {
-                let old = self.layer_sizes.insert((stream_id.clone(), ssrc), (w, h));
-                if old != Some((w, h)) {
-                    tracing::info!(stream = %stream_id, ssrc, width = w, height = h, "simulcast layer size");
-                }
-            }
         }
         if !self.bridged.contains_key(&publisher) {
             if let Some(tx) = self.taps.get(&stream_id) {

@@ -41,7 +41,9 @@ use weir_signaling::{IceCandidate, Kind, Target};
 use crate::metrics::Metrics;
 use crate::room::SessionId;
 
-use super::forward::{codec_compatible, kind_label, starts_keyframe, Rewriter};
+use super::forward::{
+    codec_compatible, keyframe_dimensions, kind_label, starts_keyframe, Rewriter,
+};
 use crate::congestion::{Allocator, SharedEstimator};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,6 +57,8 @@ struct Uptrack {
     codec: Option<RTCRtpCodec>,
     /// Simulcast: each layer's SSRC and rid, as their first packets opened them.
     layers: Vec<(u32, String)>,
+    /// Simulcast: each layer's picture size, from its latest keyframe.
+    sizes: HashMap<u32, (u32, u32)>,
 }
 
 /// A track we send a subscriber: one publisher track, rewritten.
@@ -513,13 +517,12 @@ impl Peer {
             .collect()
     }
 
-    /// The MIME type of this publisher's track of `kind`, once media has shown it.
-    pub fn track_mime(&self, kind: Kind) -> Option<&str> {
+    /// The picture size of this publisher's simulcast layer `ssrc`, once a keyframe
+    /// of it showed one.
+    pub fn layer_size(&self, ssrc: u32) -> Option<(u32, u32)> {
         self.uptracks
             .values()
-            .find(|t| t.kind == kind)
-            .and_then(|t| t.codec.as_ref())
-            .map(|c| c.mime_type.as_str())
+            .find_map(|t| t.sizes.get(&ssrc).copied())
     }
 
     /// The codec of this publisher's track of `kind`, once media has shown it.
@@ -564,6 +567,7 @@ impl Peer {
                                 ssrc: init.ssrc,
                                 codec: None,
                                 layers: Vec::new(),
+                                sizes: HashMap::new(),
                             });
                         // A simulcast publisher's layers each open with their rid.
                         if let Some(rid) = init.rid.as_ref().filter(|r| !r.is_empty()) {
@@ -603,6 +607,20 @@ impl Peer {
                         if up.codec.is_some() {
                             out.track_ready = true;
                             out.published.push(up.kind);
+                        }
+                    }
+                    if let (false, Some(c)) = (up.layers.is_empty(), &up.codec) {
+                        if let Some(size) = keyframe_dimensions(&c.mime_type, &packet.payload) {
+                            let ssrc = packet.header.ssrc;
+                            if up.sizes.insert(ssrc, size) != Some(size) {
+                                tracing::info!(
+                                    key = ?self.key,
+                                    ssrc,
+                                    width = size.0,
+                                    height = size.1,
+                                    "simulcast layer size"
+                                );
+                            }
                         }
                     }
                     // `now` is when the datagram carrying it was handed to the connection.
