@@ -156,6 +156,28 @@ fn vp8_frame_start(payload: &[u8]) -> Option<usize> {
     (i < payload.len()).then_some(i)
 }
 
+/// Whether an H.264 RTP payload carries a sequence parameter set (alone or in a
+/// STAP-A): where a keyframe really starts, since an IDR needs the SPS and PPS sent
+/// before it.
+pub fn carries_sps(payload: &[u8]) -> bool {
+    match payload.first().map(|b| b & 0x1f) {
+        Some(7) => true,
+        Some(24) => stap_a_nals(payload).any(|nal| nal[0] & 0x1f == 7),
+        _ => false,
+    }
+}
+
+/// An H.264 packet at `seq` that starts an IDR right after the parameter sets sent
+/// at `params_seq` (within 3 packets) is not a place to start forwarding: whoever
+/// starts there misses the SPS and PPS, and a decoder keeps the last picture size it
+/// knew (measured: a subscriber moved from the 960 px layer to the 480 px one at such
+/// an IDR decoded "960 px" frames until the end).
+pub fn idr_after_its_parameter_sets(params_seq: Option<u16>, seq: u16, payload: &[u8]) -> bool {
+    params_seq.is_some_and(|p| (1..=3).contains(&seq.wrapping_sub(p)))
+        && !carries_sps(payload)
+        && starts_keyframe("video/H264", payload) == Some(true)
+}
+
 /// The NAL units of an H.264 STAP-A payload (RFC 6184 5.7.1), up to the first that
 /// is empty or runs past the end.
 fn stap_a_nals(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -395,6 +417,34 @@ mod tests {
         );
         assert_eq!(starts_keyframe(v, &[0x00, 0x00]), Some(false)); // not a partition start
         assert_eq!(starts_keyframe("video/AV1", &[1, 2]), None);
+    }
+
+    #[test]
+    fn an_idr_right_after_its_parameter_sets_is_not_a_start() {
+        let stap = [0x78, 0, 2, 0x67, 1, 0, 1, 0x68];
+        let idr_start = [0x7c, 0x85, 1];
+        assert!(carries_sps(&stap));
+        assert!(carries_sps(&[0x67, 1]));
+        assert!(!carries_sps(&idr_start));
+        assert!(!carries_sps(&[]));
+        assert!(idr_after_its_parameter_sets(Some(100), 101, &idr_start));
+        assert!(
+            idr_after_its_parameter_sets(Some(65_535), 1, &idr_start),
+            "wraps"
+        );
+        assert!(
+            !idr_after_its_parameter_sets(Some(100), 140, &idr_start),
+            "its own start"
+        );
+        assert!(
+            !idr_after_its_parameter_sets(None, 101, &idr_start),
+            "none were sent"
+        );
+        assert!(!idr_after_its_parameter_sets(Some(100), 101, &stap));
+        assert!(
+            !idr_after_its_parameter_sets(Some(100), 101, &[0x7c, 0x05, 1]),
+            "not a start"
+        );
     }
 
     #[test]

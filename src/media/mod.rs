@@ -692,8 +692,8 @@ impl Media {
             if drained.track_ready {
                 opened.push(key.0);
             }
-            for (kind, packet, arrived) in drained.media {
-                forwards.push((key.0, kind, packet, arrived));
+            for (kind, packet, arrived, keyframe) in drained.media {
+                forwards.push((key.0, kind, packet, arrived, keyframe));
             }
             for (stream_id, _kind) in drained.keyframe_requests {
                 keyframe_requests.push(stream_id);
@@ -722,8 +722,15 @@ impl Media {
             }
         }
         let mut sent_arrivals = Vec::new();
-        for (publisher, kind, packet, arrived) in forwards {
-            self.forward(publisher, kind, packet, arrived, &mut sent_arrivals);
+        for (publisher, kind, packet, arrived, keyframe) in forwards {
+            self.forward_gated(
+                publisher,
+                kind,
+                packet,
+                keyframe,
+                arrived,
+                &mut sent_arrivals,
+            );
         }
         for (publisher, kind, sr) in sender_reports {
             self.relay_sender_report(publisher, kind, &sr, now);
@@ -886,20 +893,11 @@ impl Media {
         }
     }
 
-    fn forward(
-        &mut self,
-        publisher: SessionId,
-        kind: Kind,
-        packet: rtc::rtp::Packet,
-        arrived: Instant,
-        sent_arrivals: &mut Vec<Instant>,
-    ) {
-        self.forward_gated(publisher, kind, packet, None, arrived, sent_arrivals);
-    }
-
     /// Forwards one packet to every subscriber of the publisher's stream. With
     /// `keyframe` known (bridged video), a subscriber that has had nothing yet starts
-    /// at a keyframe: the current GOP replayed if fresh, else the next one.
+    /// at a keyframe: the current GOP replayed if fresh, else the next one. A WebRTC
+    /// publisher's packets come with `None` (each downtrack looks), or `Some(false)`
+    /// for an IDR whose parameter sets went before it.
     fn forward_gated(
         &mut self,
         publisher: SessionId,

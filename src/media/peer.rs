@@ -42,7 +42,8 @@ use crate::metrics::Metrics;
 use crate::room::SessionId;
 
 use super::forward::{
-    codec_compatible, keyframe_dimensions, kind_label, starts_keyframe, Rewriter,
+    carries_sps, codec_compatible, idr_after_its_parameter_sets, keyframe_dimensions, kind_label,
+    starts_keyframe, Rewriter,
 };
 use crate::congestion::{Allocator, SharedEstimator};
 
@@ -59,6 +60,8 @@ struct Uptrack {
     layers: Vec<(u32, String)>,
     /// Simulcast: each layer's picture size, from its latest keyframe.
     sizes: HashMap<u32, (u32, u32)>,
+    /// H.264: the sequence number of each SSRC's latest packet with an SPS.
+    params_at: HashMap<u32, u16>,
 }
 
 /// A track we send a subscriber: one publisher track, rewritten.
@@ -97,7 +100,9 @@ pub struct Drained {
     pub failed: bool,
     /// A publisher track's codec became known (subscribers can now get it).
     pub track_ready: bool,
-    pub media: Vec<(Kind, rtc::rtp::Packet, Instant)>,
+    /// Media from a publisher, when it arrived, and `Some(false)` where it looks
+    /// like a keyframe's start but is not one (an IDR after its parameter sets).
+    pub media: Vec<(Kind, rtc::rtp::Packet, Instant, Option<bool>)>,
     /// Keyframe requests from a subscriber, by (stream id, kind).
     pub keyframe_requests: Vec<(String, Kind)>,
     /// Sender reports of this publisher's tracks, by kind.
@@ -568,6 +573,7 @@ impl Peer {
                                 codec: None,
                                 layers: Vec::new(),
                                 sizes: HashMap::new(),
+                                params_at: HashMap::new(),
                             });
                         // A simulcast publisher's layers each open with their rid.
                         if let Some(rid) = init.rid.as_ref().filter(|r| !r.is_empty()) {
@@ -623,8 +629,26 @@ impl Peer {
                             }
                         }
                     }
+                    // Where a keyframe may not be started (None: the downtrack tells).
+                    let mut keyframe = None;
+                    if up
+                        .codec
+                        .as_ref()
+                        .is_some_and(|c| c.mime_type.eq_ignore_ascii_case("video/H264"))
+                    {
+                        let (ssrc, seq) = (packet.header.ssrc, packet.header.sequence_number);
+                        if carries_sps(&packet.payload) {
+                            up.params_at.insert(ssrc, seq);
+                        } else if idr_after_its_parameter_sets(
+                            up.params_at.get(&ssrc).copied(),
+                            seq,
+                            &packet.payload,
+                        ) {
+                            keyframe = Some(false);
+                        }
+                    }
                     // `now` is when the datagram carrying it was handed to the connection.
-                    out.media.push((up.kind, packet, now));
+                    out.media.push((up.kind, packet, now, keyframe));
                 }
                 RTCMessage::RtcpPacket(track_id, packets) => {
                     // Only PLI/FIR and SRs are marked for delivery. Keyframe requests
