@@ -9,6 +9,9 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// The `direction` label of `weir_congestion_layer_switches_total`.
+const SWITCH_DIRECTIONS: [&str; 3] = ["pause", "resume", "layer"];
+
 pub struct Metrics {
     registry: Registry,
     pub rooms: IntGauge,
@@ -71,6 +74,8 @@ pub struct Metrics {
     pub remb_sent: prometheus::IntCounter,
     /// Active simulcast layers received, over all streams.
     pub simulcast_layers: IntGauge,
+    /// Supervised tasks (media, control, accept loops) that died, by part.
+    pub task_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -274,6 +279,12 @@ impl Metrics {
                 "weir_bridge_queue_drops_total",
                 "Bridged packets dropped because the media plane's queue was full",
             ),
+            task_failures: counter_vec(
+                "weir_task_failures_total",
+                "Supervised tasks that panicked or stopped while the node was serving, by part \
+                 (the node then fails its health checks)",
+                &["part"],
+            ),
             rooms: gauge("weir_rooms", "Rooms on this node"),
             participants: gauge("weir_participants", "Participants on this node"),
             joins: counter_vec("weir_joins_total", "Join attempts by outcome", &["outcome"]),
@@ -337,12 +348,31 @@ impl Metrics {
             forward_latency,
             registry,
         }
+        .init_fixed()
+    }
+
+    /// Fixed label sets exist from the start, at zero.
+    fn init_fixed(self) -> Self {
+        for kind in ["audio", "video"] {
+            let _ = self.published_tracks.with_label_values(&[kind]);
+            let _ = self.subscribed_tracks.with_label_values(&[kind]);
+        }
+        self
+    }
+
+    /// A room publishes: its congestion series exist from now on, at zero, so "no
+    /// switches" reads as 0 rather than as a missing series.
+    pub fn init_room(&self, room: &str) {
+        let _ = self.congestion_paused.with_label_values(&[room]);
+        for d in SWITCH_DIRECTIONS {
+            let _ = self.congestion_switches.with_label_values(&[room, d]);
+        }
     }
 
     /// A room is gone: its labelled series go too (label sets stay bounded).
     pub fn forget_room(&self, room: &str) {
         let _ = self.congestion_paused.remove_label_values(&[room]);
-        for d in ["pause", "resume"] {
+        for d in SWITCH_DIRECTIONS {
             let _ = self.congestion_switches.remove_label_values(&[room, d]);
         }
         for s in ["normal", "warning", "congested"] {

@@ -13,12 +13,6 @@ use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::media_stream::track_local::TrackLocal;
 use weir_signaling::{ClientMessage, LeaveReason, ServerMessage, Target};
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 /// Publishes video through `relay` (if any) and returns the peer and its video track.
 async fn publish(
     t: &TestServer,
@@ -104,12 +98,12 @@ async fn many_joins_and_leaves_release_everything() {
         send_some(&video, 10, 20).await;
         let metrics = t.metrics().await;
         assert_eq!(
-            metric(&metrics, "weir_peer_connections"),
+            common::metric(&metrics, "weir_peer_connections"),
             2.0,
             "round {round}: {metrics}"
         );
         assert_eq!(
-            metric(&metrics, "weir_subscribed_tracks{kind=\"video\"}"),
+            common::metric(&metrics, "weir_subscribed_tracks{kind=\"video\"}"),
             1.0
         );
         // alice leaves properly; bob just drops his socket
@@ -132,7 +126,7 @@ async fn many_joins_and_leaves_release_everything() {
             "weir_subscribed_tracks{kind=\"audio\"}",
         ]
         .iter()
-        .all(|m| metric(&metrics, m) == 0.0);
+        .all(|m| common::metric(&metrics, m) == 0.0);
         if all_zero {
             break;
         }
@@ -183,4 +177,47 @@ async fn a_publisher_that_stops_answering_ice_is_removed() {
         .then_some(())
     })
     .await;
+}
+
+/// A task whose death matters is supervised: when the media task dies (here by a
+/// test-only trigger; before, by a peer's H.264 fmtp), the node says so in `/healthz`
+/// and `/readyz`, refuses new joins with the reason, counts it, and `Server::failed`
+/// resolves (the binary then exits non-zero to be restarted). Before, the task's handle
+/// was dropped: signaling kept admitting people into a node that forwarded nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_media_task_fails_the_health_checks_and_refuses_joins() {
+    let t = TestServer::start().await;
+    let addr = t.server.http_addr;
+    assert!(common::http_get(addr, "/healthz")
+        .await
+        .starts_with("HTTP/1.0 200"));
+    let (mut a, joined) = Client::join(&t.ws_url(), t.join("alice", 7, 0xff)).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+
+    t.server.inject_media_panic().await;
+    let why = tokio::time::timeout(Duration::from_secs(5), t.server.failed())
+        .await
+        .expect("the failure is noticed");
+    assert!(why.contains("media task panicked"), "{why}");
+    for path in ["/healthz", "/readyz"] {
+        let r = common::http_get(addr, path).await;
+        assert!(r.starts_with("HTTP/1.0 503"), "{path}: {r}");
+        assert!(r.contains("media task panicked"), "{path}: {r}");
+    }
+    // A new signaling session is refused at the upgrade, with the reason.
+    match tokio_tungstenite::connect_async(t.ws_url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 503);
+            let body = String::from_utf8_lossy(r.body().as_deref().unwrap_or_default());
+            assert!(body.contains("media task panicked"), "{body}");
+        }
+        other => panic!("a websocket into a failing node: {other:?}"),
+    }
+    let metrics = t.metrics().await;
+    assert_eq!(
+        common::metric(&metrics, "weir_task_failures_total{part=\"media\"}"),
+        1.0
+    );
+    // The member already in keeps its socket: leaving still works.
+    a.send(&ClientMessage::Leave).await;
 }

@@ -70,15 +70,12 @@ impl H264Fmtp {
             match k.trim().to_ascii_lowercase().as_str() {
                 "packetization-mode" => out.packetization_mode = v.trim().parse().unwrap_or(0),
                 "profile-level-id" => {
-                    let v = v.trim();
-                    if v.len() == 6 {
-                        if let (Ok(idc), Ok(iop)) = (
-                            u8::from_str_radix(&v[0..2], 16),
-                            u8::from_str_radix(&v[2..4], 16),
-                        ) {
-                            out.profile_idc = idc;
-                            out.profile_iop = iop;
-                        }
+                    // Decoded as bytes: the peer's text need not be ASCII, and a
+                    // slice by byte position would split a character.
+                    let mut id = [0u8; 3];
+                    if hex::decode_to_slice(v.trim(), &mut id).is_ok() {
+                        out.profile_idc = id[0];
+                        out.profile_iop = id[1];
                     }
                 }
                 _ => {}
@@ -391,6 +388,40 @@ mod tests {
             .set_extension(4, bytes::Bytes::from_static(&[0, 1]))
             .unwrap();
         assert_eq!(out.marshal().unwrap().len(), out.marshal_size());
+    }
+
+    /// A peer's fmtp is any text: `€abc` is six bytes, and slicing it by byte position
+    /// panicked the media task (and with it every room of the node).
+    #[test]
+    fn any_h264_fmtp_text_is_parsed_without_panicking() {
+        let codec = |fmtp: &str| RTCRtpCodec {
+            mime_type: "video/H264".into(),
+            clock_rate: 90000,
+            channels: 0,
+            sdp_fmtp_line: fmtp.into(),
+            rtcp_feedback: vec![],
+        };
+        let good = codec("packetization-mode=1;profile-level-id=42e01f");
+        for bad in [
+            "profile-level-id=€abc",
+            "profile-level-id=4€e01",
+            "profile-level-id=é42e0",
+            "packetization-mode=1;profile-level-id=42e01f€",
+            "profile-level-id=zzzzzz",
+            "profile-level-id=;;=;packetization-mode==",
+        ] {
+            // Unreadable means the default (Baseline), not a match with the good one.
+            let _ = codec_compatible(&codec(bad), &good);
+            let _ = codec_compatible(&good, &codec(bad));
+        }
+        assert!(codec_compatible(
+            &good,
+            &codec("profile-level-id=42E01F;packetization-mode=1")
+        ));
+        assert!(!codec_compatible(
+            &good,
+            &codec("packetization-mode=1;profile-level-id=€abc")
+        ));
     }
 
     #[test]

@@ -385,6 +385,8 @@ impl Media {
             MediaInput::RequestKeyframe { stream_id } => {
                 self.request_keyframe(&stream_id, Instant::now(), true);
             }
+            #[cfg(feature = "fault-injection")]
+            MediaInput::InjectPanic => panic!("injected fault"),
         }
     }
 
@@ -401,10 +403,12 @@ impl Media {
                 max_bitrate,
             } => {
                 let (default_min, default_max) = self.config.publisher_bitrate;
+                let room_label = format!("{}:{}", room.sdk_app_id, room.name());
+                self.metrics.init_room(&room_label);
                 self.stream_rooms.insert(
                     stream_id.clone(),
                     congestion::StreamPolicy {
-                        room: format!("{}:{}", room.sdk_app_id, room.name()),
+                        room: room_label,
                         policy,
                         min: min_bitrate.map_or(default_min, f64::from),
                         max: max_bitrate.map_or(default_max, f64::from),
@@ -451,8 +455,10 @@ impl Media {
                         self.metrics.forget_room(&sp.room);
                     }
                 }
-                self.last_srs.remove(&(stream_id.clone(), Kind::Video));
-                self.last_srs.remove(&(stream_id.clone(), Kind::Audio));
+                for kind in [Kind::Video, Kind::Audio] {
+                    self.last_srs.remove(&(stream_id.clone(), kind));
+                    self.last_pli.remove(&(stream_id.clone(), kind));
+                }
                 let subscribers: Vec<SessionId> = self
                     .subscriptions
                     .remove(&stream_id)

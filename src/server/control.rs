@@ -99,6 +99,9 @@ pub enum MediaInput {
     RequestKeyframe {
         stream_id: String,
     },
+    /// Test-only: the media task panics, as a bug reached by a peer's input would.
+    #[cfg(feature = "fault-injection")]
+    InjectPanic,
 }
 
 pub struct Control {

@@ -31,7 +31,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/ws", get(websocket))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/live/{file}", get(http_flv))
         .merge(super::web::routes())
@@ -90,8 +90,8 @@ pub async fn serve(
 }
 
 async fn websocket(ws: WebSocketUpgrade, State(state): State<Arc<AppState>>) -> Response {
-    if state.shutting_down.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    if let Some(why) = state.unavailable() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
     }
     ws.max_message_size(weir_signaling::MAX_MESSAGE_BYTES)
         .max_frame_size(weir_signaling::MAX_MESSAGE_BYTES)
@@ -185,8 +185,19 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
+/// Liveness: every supervised part of the node is alive (a draining node is alive).
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.supervisor.failure() {
+        Some(f) => (StatusCode::SERVICE_UNAVAILABLE, format!("failing: {f}\n")).into_response(),
+        None => "ok\n".into_response(),
+    }
+}
+
+/// Readiness: alive and taking new work.
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    if state.shutting_down.load(Ordering::Relaxed) {
+    if let Some(f) = state.supervisor.failure() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("failing: {f}\n")).into_response()
+    } else if state.shutting_down.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         "ready\n".into_response()

@@ -21,10 +21,12 @@ use crate::room::{Limits, Rooms, UrlBase};
 pub mod control;
 mod http;
 pub mod rtmp;
+mod supervise;
 mod web;
 mod ws;
 
 use control::{Control, ControlCommand};
+pub use supervise::Supervisor;
 
 /// What every connection handler shares.
 pub struct AppState {
@@ -39,6 +41,20 @@ pub struct AppState {
     pub hub: Arc<crate::live::Hub>,
     /// How push and play URLs are spelled on this node.
     pub urls: UrlBase,
+    /// The node's health: whether every part that serves it is alive.
+    pub supervisor: Supervisor,
+}
+
+impl AppState {
+    /// Why this node takes no new joins, publishes or plays, if it takes none.
+    pub fn unavailable(&self) -> Option<String> {
+        if let Some(f) = self.supervisor.failure() {
+            return Some(format!("the node is failing ({f})"));
+        }
+        self.shutting_down
+            .load(Ordering::Relaxed)
+            .then(|| "the server is shutting down".to_owned())
+    }
 }
 
 /// A running server.
@@ -53,11 +69,26 @@ pub struct Server {
     http: tokio::task::JoinHandle<()>,
     control: tokio::task::JoinHandle<()>,
     grace: Duration,
+    #[cfg(feature = "fault-injection")]
+    media_tx: mpsc::Sender<control::MediaInput>,
 }
 
 impl Server {
+    /// Resolves when a part of the node has died (see `supervise`): the node cannot
+    /// serve and should be restarted.
+    pub async fn failed(&self) -> String {
+        self.state.supervisor.failed().await
+    }
+
+    /// Test-only: makes the media task panic, as a bug reached by a peer's input would.
+    #[cfg(feature = "fault-injection")]
+    pub async fn inject_media_panic(&self) {
+        let _ = self.media_tx.send(control::MediaInput::InjectPanic).await;
+    }
+
     /// Graceful shutdown: stop admitting, tell every session, drain, stop.
     pub async fn shutdown(self) {
+        self.state.supervisor.stopping();
         self.state.shutting_down.store(true, Ordering::Relaxed);
         let _ = self.state.control.send(ControlCommand::Shutdown).await;
         let _ = tokio::time::timeout(self.grace, self.control).await;
@@ -109,6 +140,7 @@ async fn bind_tcp(addr: &str, unsent_limit: u32) -> std::io::Result<tokio::net::
 
 pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     let metrics = Arc::new(Metrics::new());
+    let supervisor = Supervisor::new(metrics.clone());
     let send_buffer = config.server.tcp_unsent_limit_bytes;
     let listener = bind_tcp(&config.server.http_addr, send_buffer)
         .await
@@ -188,7 +220,9 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         metrics.clone(),
     )?;
     let (bridge_tx, bridge_rx) = mpsc::channel(4096);
-    tokio::spawn(media.run(media_rx, bridge_rx));
+    #[cfg(feature = "fault-injection")]
+    let fault_tx = media_tx.clone();
+    supervisor.spawn("media", media.run(media_rx, bridge_rx));
 
     let hub = {
         let metrics = metrics.clone();
@@ -202,7 +236,8 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             }),
         ))
     };
-    let control = tokio::spawn(
+    let control = supervisor.spawn(
+        "control",
         Control::new(
             rooms,
             Some(media_tx),
@@ -224,6 +259,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         dev_mode: config.server.dev_mode,
         hub,
         urls: urls.clone(),
+        supervisor: supervisor.clone(),
     });
     let (stop, stop_rx) = watch::channel(false);
     if let Some(l) = rtmp_listener {
@@ -238,9 +274,12 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             epoch: std::time::Instant::now(),
         });
         info!(addr = %l.local_addr()?, "RTMP listening (push with room credentials or a txSecret URL)");
-        tokio::spawn(rtmp::serve(l, state.clone(), shared, stop_rx.clone()));
+        supervisor.spawn(
+            "rtmp",
+            rtmp::serve(l, state.clone(), shared, stop_rx.clone()),
+        );
     }
-    let http = tokio::spawn(http::serve(listener, state.clone(), stop_rx));
+    let http = supervisor.spawn("http", http::serve(listener, state.clone(), stop_rx));
     info!(addr = %http_addr, "HTTP listening (signaling at /ws, /metrics, /healthz, /readyz)");
     Ok(Server {
         http_addr,
@@ -251,6 +290,8 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         http,
         control,
         grace: Duration::from_secs(config.server.shutdown_grace_s),
+        #[cfg(feature = "fault-injection")]
+        media_tx: fault_tx,
     })
 }
 
@@ -274,9 +315,15 @@ pub fn main(config_path: Option<PathBuf>) -> Result<()> {
         .build()?
         .block_on(async {
             let server = start(config, keyring).await?;
-            shutdown_signal().await;
-            server.shutdown().await;
-            Ok(())
+            tokio::select! {
+                () = shutdown_signal() => {
+                    server.shutdown().await;
+                    Ok(())
+                }
+                // A dead part leaves a node that cannot serve: exit, so the service
+                // manager (systemd, Kubernetes) starts a healthy one.
+                why = server.failed() => Err(anyhow::anyhow!("{why}; exiting so the node is restarted")),
+            }
         })
 }
 

@@ -624,15 +624,11 @@ impl Connection {
         tc_url: &str,
         name: &str,
     ) -> Result<(String, mpsc::Receiver<SessionEvent>), Refusal> {
-        if self
-            .state
-            .shutting_down
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if let Some(why) = self.state.unavailable() {
             return Err(Refusal {
                 code: "NetStream.Publish.Rejected",
                 outcome: "unavailable",
-                message: "the server is shutting down".into(),
+                message: why,
             });
         }
         let grant = authorize_push(&self.state, app, tc_url, name)?;

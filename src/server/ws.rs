@@ -129,10 +129,10 @@ async fn join_command(state: &AppState, id: SessionId, join: Join) -> Option<Ser
         state.metrics.joins.with_label_values(&[outcome]).inc();
         Some(msg)
     };
-    if state.shutting_down.load(Ordering::Relaxed) {
+    if let Some(why) = state.unavailable() {
         return refuse(
             "unavailable",
-            ServerMessage::error(ErrorCode::Unavailable, "the server is shutting down"),
+            ServerMessage::error(ErrorCode::Unavailable, why),
         );
     }
     if join.protocol != PROTOCOL_VERSION {
