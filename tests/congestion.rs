@@ -212,14 +212,6 @@ fn audio_gaps(p: &[(Instant, u16, usize)], from: Instant, to: Instant) -> usize 
     }
 }
 
-fn metric(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capped_subscriber_falls_back_to_audio_and_recovers_while_the_others_are_unaffected() {
     let run = start(CongestionPolicy::Majority, 0.0).await;
@@ -347,21 +339,21 @@ async fn a_capped_subscriber_falls_back_to_audio_and_recovers_while_the_others_a
     }
     let metrics = run.t.metrics().await;
     assert!(
-        metric(
+        common::metric(
             &metrics,
             "weir_congestion_layer_switches_total{direction=\"pause\""
         ) >= 1.0,
         "{metrics}"
     );
     assert!(
-        metric(
+        common::metric(
             &metrics,
             "weir_congestion_layer_switches_total{direction=\"resume\""
         ) >= 1.0
     );
-    assert!(metric(&metrics, "weir_bwe_estimate_bps_count") > 0.0);
+    assert!(common::metric(&metrics, "weir_bwe_estimate_bps_count") > 0.0);
     assert!(
-        metric(&metrics, "weir_bwe_padding_bytes_total") > 0.0,
+        common::metric(&metrics, "weir_bwe_padding_bytes_total") > 0.0,
         "probes sent padding"
     );
     // Majority: the publisher is asked for what s1 and s2 can take, not s3's cap.
@@ -424,7 +416,7 @@ async fn two_percent_random_loss_without_a_cap_does_not_flap() {
     tokio::time::sleep(Duration::from_secs(15)).await;
     run.stop.store(true, Ordering::Relaxed);
     let metrics = run.t.metrics().await;
-    let switches = metric(&metrics, "weir_congestion_layer_switches_total");
+    let switches = common::metric(&metrics, "weir_congestion_layer_switches_total");
     let dropped: u64 = run.relay.buckets.lock().unwrap().iter().map(|b| b.2).sum();
     eprintln!("2 % loss: {dropped} datagrams lost, {switches:.0} layer switches");
     assert!(dropped > 20, "the relay lost {dropped}");

@@ -584,13 +584,6 @@ async fn a_webrtc_publisher_plays_over_rtmp_and_http_flv() {
     );
 }
 
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_percent_loss_upstream_recovers_at_keyframes() {
     use weir_signaling::ClientMessage;
@@ -632,16 +625,16 @@ async fn two_percent_loss_upstream_recovers_at_keyframes() {
         v.3 - v.2
     );
     let metrics = t.metrics().await;
-    let converted = metric(
+    let converted = common::metric(
         &metrics,
         "weir_flv_frames_total{kind=\"video\",outcome=\"converted\"}",
     );
-    let dropped = metric(
+    let dropped = common::metric(
         &metrics,
         "weir_flv_frames_total{kind=\"video\",outcome=\"dropped_loss\"}",
     );
-    let recoveries = metric(&metrics, "weir_flv_loss_recovery_seconds_count");
-    let recovery_s = metric(&metrics, "weir_flv_loss_recovery_seconds_sum");
+    let recoveries = common::metric(&metrics, "weir_flv_loss_recovery_seconds_count");
+    let recovery_s = common::metric(&metrics, "weir_flv_loss_recovery_seconds_sum");
     eprintln!(
         "lost {lost} RTP packets upstream (and every retransmission); FLV video frames \
          converted {converted}, dropped {dropped}; {recoveries} recoveries, mean {:.0} ms",
@@ -825,7 +818,7 @@ async fn a_slow_player_is_cut_back_to_keyframes_and_a_normal_one_is_not() {
     }
     assert!(jumps >= 2, "the slow player was cut back ({jumps} skips)");
     let metrics = t.metrics().await;
-    let dropped = metric(&metrics, "weir_player_dropped_tags_total{stream=\"busy\"}");
+    let dropped = common::metric(&metrics, "weir_player_dropped_tags_total{stream=\"busy\"}");
     assert!(dropped > 0.0, "drops are counted per stream");
     // Reading under half the stream, an unbounded queue would leave it > 5 s behind at
     // the end (13 s it was, before unsent bytes in the kernel were limited; 1.9-3.6 s

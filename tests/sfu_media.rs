@@ -373,34 +373,29 @@ async fn lost_packets_are_retransmitted_and_keyframe_requests_reach_the_publishe
         );
     }
     let metrics = t.metrics().await;
-    let nacks = metric(&metrics, "weir_nacks_total{event=\"received\"}");
+    let nacks = common::metric(&metrics, "weir_nacks_total{event=\"received\"}");
     assert!(nacks >= 1.0, "{metrics}");
     assert!(
-        metric(&metrics, "weir_plis_total{direction=\"from_subscriber\"}") >= 1.0,
+        common::metric(&metrics, "weir_plis_total{direction=\"from_subscriber\"}") >= 1.0,
         "{metrics}"
     );
     assert!(
-        metric(&metrics, "weir_plis_total{direction=\"to_publisher\"}") >= 2.0,
+        common::metric(&metrics, "weir_plis_total{direction=\"to_publisher\"}") >= 2.0,
         "{metrics}"
     );
     assert_eq!(
-        metric(&metrics, "weir_published_tracks{kind=\"video\"}"),
+        common::metric(&metrics, "weir_published_tracks{kind=\"video\"}"),
         1.0,
         "{metrics}"
     );
     assert_eq!(
-        metric(&metrics, "weir_subscribed_tracks{kind=\"video\"}"),
+        common::metric(&metrics, "weir_subscribed_tracks{kind=\"video\"}"),
         1.0,
         "{metrics}"
     );
 }
 
 /// The value of one sample line of the Prometheus text.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_get_the_publishers_sender_reports_in_their_own_timestamp_space() {
@@ -496,7 +491,7 @@ async fn subscribers_get_the_publishers_sender_reports_in_their_own_timestamp_sp
     }
     let metrics = t.metrics().await;
     assert!(
-        metric(&metrics, "weir_sender_reports_relayed_total") >= 6.0,
+        common::metric(&metrics, "weir_sender_reports_relayed_total") >= 6.0,
         "{metrics}"
     );
 }

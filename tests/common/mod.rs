@@ -103,6 +103,31 @@ impl TestServer {
     }
 }
 
+/// The value of a series in a `/metrics` text, summed over every series it selects:
+/// `selector` is a name, a name with its labels, or a name with a prefix of its labels
+/// (`name{a="x"`). A series that is absent fails the test: a renamed or never-created
+/// metric must not read as zero.
+pub fn metric(text: &str, selector: &str) -> f64 {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(selector)?;
+            let next = rest.chars().next()?;
+            // `weir_x` must not select `weir_x_total`.
+            if ![' ', '{', ',', '}'].contains(&next) {
+                return None;
+            }
+            l.rsplit(' ').next()?.parse::<f64>().ok()
+        })
+        .collect();
+    assert!(
+        !values.is_empty(),
+        "no series {selector} in /metrics:\n{text}"
+    );
+    values.iter().sum()
+}
+
 /// A minimal HTTP/1.0 GET, enough for /metrics and /healthz.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
