@@ -79,6 +79,12 @@ pub struct ServerConfig {
     pub publisher_max_bitrate: u32,
     /// Seconds a signaling session may stay silent before it is closed (clients ping).
     pub signaling_idle_timeout_s: u64,
+    /// Messages a signaling session may send per second (bursts of twice this); more
+    /// are refused with `limitExceeded` and not acted on.
+    pub signaling_messages_per_s: u32,
+    /// Room text messages a member may send per second (bursts of twice this): each
+    /// is copied to everyone in the room, so one member's flood is everyone's load.
+    pub text_messages_per_s: u32,
     /// Seconds given to sessions to drain on SIGTERM.
     pub shutdown_grace_s: u64,
     /// A peer silent this long (no ICE consent checks) is "disconnected"…
@@ -110,6 +116,8 @@ impl Default for ServerConfig {
             publisher_min_bitrate: 100_000,
             publisher_max_bitrate: 2_500_000,
             signaling_idle_timeout_s: 30,
+            signaling_messages_per_s: 50,
+            text_messages_per_s: 5,
             shutdown_grace_s: 5,
             ice_disconnected_timeout_ms: 5_000,
             ice_failed_timeout_ms: 10_000,

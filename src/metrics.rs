@@ -25,6 +25,10 @@ pub struct Metrics {
     pub signaling_errors: IntCounterVec,
     /// Sessions closed because they could not keep up with their outgoing messages.
     pub slow_sessions: IntGauge,
+    /// Signaling messages refused by a session's rate limit, by `type`.
+    pub rate_limited: IntCounterVec,
+    /// Room text messages not delivered to a recipient whose queue was nearly full.
+    pub text_dropped: prometheus::IntCounter,
     pub peer_connections: IntGauge,
     pub published_tracks: IntGaugeVec,
     pub subscribed_tracks: IntGaugeVec,
@@ -297,6 +301,16 @@ impl Metrics {
                 "weir_signaling_errors_total",
                 "Errors sent to clients, by code",
                 &["code"],
+            ),
+            rate_limited: counter_vec(
+                "weir_signaling_rate_limited_total",
+                "Signaling messages refused because their session sent too many, by type",
+                &["type"],
+            ),
+            text_dropped: counter(
+                "weir_text_messages_dropped_total",
+                "Room text messages not delivered to a member whose outgoing queue was \
+                 nearly full (the member stays; its room events still go out)",
             ),
             slow_sessions: gauge(
                 "weir_slow_sessions_closed",

@@ -329,3 +329,54 @@ async fn oversized_or_unfinished_http_requests_are_closed() {
         "{ok}"
     );
 }
+
+/// One member flooding the room with text cannot disconnect the others. Before, room
+/// text had no rate limit, and a recipient whose queue filled with the flood was the
+/// one closed ("cannot keep up"), not the sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_flooding_text_is_limited_and_disconnects_nobody() {
+    let t = TestServer::start().await;
+    let (mut alice, _) = Client::join(&t.ws_url(), t.join("alice", 9, 0xff)).await;
+    let (mut bob, _) = Client::join(&t.ws_url(), t.join("bob", 9, 0xff)).await;
+    let (mut carol, _) = Client::join(&t.ws_url(), t.join("carol", 9, 0xff)).await;
+    // Bob reads nothing while alice sends 8 MB of text: 2,000 messages of 4,000 bytes.
+    let big = "x".repeat(4000);
+    let started = std::time::Instant::now();
+    for _ in 0..2000 {
+        alice.send(&text(&big)).await;
+    }
+    let flood_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    carol.send(&text("after the flood")).await;
+    let mut from_alice = 0;
+    loop {
+        match bob.recv().await {
+            ServerMessage::TextMessage { user_id, .. } if user_id == "alice" => from_alice += 1,
+            ServerMessage::TextMessage { text, .. } if text == "after the flood" => break,
+            ServerMessage::Left { reason } => panic!("bob was closed: {reason:?}"),
+            _ => {}
+        }
+    }
+    // 5 a second, bursts of 10 (the defaults).
+    let allowed = 10.0 + 5.0 * (flood_s + 1.0);
+    assert!(
+        (1..=allowed as usize).contains(&from_alice),
+        "bob got {from_alice} of alice's messages in {flood_s:.1} s"
+    );
+    let (code, request) = alice
+        .expect(|m| match m {
+            ServerMessage::Error { code, request, .. } => Some((*code, request.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert_eq!(request.as_deref(), Some("textMessage"));
+    let metrics = t.metrics().await;
+    assert!(
+        common::metric(
+            &metrics,
+            "weir_signaling_rate_limited_total{type=\"textMessage\"}"
+        ) >= 1900.0
+    );
+    assert_eq!(common::metric(&metrics, "weir_slow_sessions_closed"), 0.0);
+}

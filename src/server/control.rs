@@ -214,6 +214,17 @@ impl Control {
         let Some(tx) = self.sessions.get(&session) else {
             return;
         };
+        // Room text is what any member can make others receive: under pressure it is
+        // dropped for this recipient rather than let fill the queue whose overflow
+        // closes the session (one member must not be able to disconnect the others).
+        if matches!(msg, ServerMessage::TextMessage { .. }) && tx.capacity() < SESSION_QUEUE / 4 {
+            self.metrics.text_dropped.inc();
+            debug!(
+                session = session.0,
+                "text message dropped: the session's queue is nearly full"
+            );
+            return;
+        }
         if tx.try_send(SessionEvent::Send(msg)).is_err() {
             warn!(
                 session = session.0,

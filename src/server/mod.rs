@@ -36,6 +36,9 @@ pub struct AppState {
     pub next_session: AtomicU64,
     pub shutting_down: AtomicBool,
     pub idle_timeout_s: u64,
+    /// Per-session signaling rates (all messages, room text messages), per second.
+    pub message_rate: u32,
+    pub text_rate: u32,
     pub dev_mode: bool,
     /// Every playable stream (RTMP and HTTP-FLV players).
     pub hub: Arc<crate::live::Hub>,
@@ -256,6 +259,8 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         next_session: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         idle_timeout_s: config.server.signaling_idle_timeout_s,
+        message_rate: config.server.signaling_messages_per_s,
+        text_rate: config.server.text_messages_per_s,
         dev_mode: config.server.dev_mode,
         hub,
         urls: urls.clone(),

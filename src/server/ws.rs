@@ -25,6 +25,23 @@ use crate::room::SessionId;
 /// Unparsable messages tolerated before the peer is disconnected.
 const MAX_BAD_MESSAGES: u32 = 8;
 
+type Limiter = governor::DefaultDirectRateLimiter;
+
+/// A limit of `per_s` a second with bursts of twice that (0: none).
+fn limiter(per_s: u32) -> Option<Limiter> {
+    let rate = std::num::NonZeroU32::new(per_s)?;
+    let burst = rate.saturating_mul(std::num::NonZeroU32::new(2)?);
+    Some(governor::RateLimiter::direct(
+        governor::Quota::per_second(rate).allow_burst(burst),
+    ))
+}
+
+/// Whether `msg` is within the session's rates (all messages, and text messages).
+fn within_rate(messages: &Option<Limiter>, texts: &Option<Limiter>, msg: &ClientMessage) -> bool {
+    let ok = |l: &Option<Limiter>| l.as_ref().is_none_or(|l| l.check().is_ok());
+    ok(messages) && (!matches!(msg, ClientMessage::TextMessage { .. }) || ok(texts))
+}
+
 pub async fn session(socket: WebSocket, state: Arc<AppState>) {
     let id = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
@@ -39,6 +56,7 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>) {
     let (mut sink, mut stream) = socket.split();
     let idle = Duration::from_secs(state.idle_timeout_s);
     let mut bad = 0u32;
+    let (messages, texts) = (limiter(state.message_rate), limiter(state.text_rate));
     let reason = loop {
         tokio::select! {
             frame = tokio::time::timeout(idle, stream.next()) => {
@@ -68,14 +86,25 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>) {
                     }
                     Ok(msg) => {
                         state.metrics.signaling_messages.with_label_values(&[msg.type_name()]).inc();
-                        let reply = match msg {
+                        let reply = if !within_rate(&messages, &texts, &msg) {
+                            state.metrics.rate_limited.with_label_values(&[msg.type_name()]).inc();
+                            Some(ServerMessage::Error {
+                                code: ErrorCode::LimitExceeded,
+                                message: format!(
+                                    "too many messages: at most {} a second, {} of them text messages; this one was not acted on",
+                                    state.message_rate, state.text_rate
+                                ),
+                                request: Some(msg.type_name().into()),
+                                tencent_code: None,
+                            })
+                        } else { match msg {
                             ClientMessage::Ping { ts } => Some(ServerMessage::Pong { ts }),
                             ClientMessage::Join(join) => join_command(&state, id, join).await,
                             other => {
                                 let _ = state.control.send(ControlCommand::Message { session: id, msg: other }).await;
                                 None
                             }
-                        };
+                        }};
                         if let Some(reply) = reply {
                             if sink.send(Message::Text(reply.to_json().into())).await.is_err() {
                                 break LeaveReason::Disconnected;
