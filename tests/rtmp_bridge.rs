@@ -402,10 +402,16 @@ async fn one_pusher_per_stream_name_and_a_dropped_one_is_taken_over() {
     assert_eq!(viewer.signal.expect(added).await, "shared");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // A second pusher for the same name, while the first is sending: refused.
-    let other = push_url(&t, "shared", "intruder", ROOM, 0xff);
-    let err = refused_push(&other).await;
+    // A second push of the same name by its owner, while the first is sending: refused.
+    let err = refused_push(&url).await;
     assert!(err.contains("already being pushed"), "{err}");
+    // The name is the first pusher's: another member (here or in another room) cannot
+    // take it, while it is pushed or after.
+    for (user, room) in [("intruder", ROOM), ("pusher", ROOM + 1)] {
+        let other = push_url(&t, "shared", user, room, 0xff);
+        let err = refused_push(&other).await;
+        assert!(err.contains("belongs to"), "{user} in {room}: {err}");
+    }
 
     // The first pusher's network goes silent without closing (SIGSTOP): after a
     // couple of seconds a reconnect takes the name over.
@@ -429,6 +435,44 @@ async fn one_pusher_per_stream_name_and_a_dropped_one_is_taken_over() {
     );
     signal_process(&first, "-KILL");
     let _ = first.wait().await;
+}
+
+/// A stream name of the bound shape belongs to the member it names. Before, any member
+/// of any room could push `{app}_{room}_bob_main` with its own valid credentials: Bob's
+/// own push was then refused, and signed play URLs for his name showed the squatter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_name_is_pushed_only_by_the_member_it_names() {
+    let t = server().await;
+    let mut viewer = Viewer::join(&t, "viewer").await;
+    let bobs = format!("{APP}_{ROOM}_bob_main");
+    for (user, room) in [("mallory", 999), ("mallory", ROOM), ("viewer", ROOM)] {
+        let err = refused_push(&push_url(&t, &bobs, user, room, 0xff)).await;
+        assert!(
+            err.contains("belongs to") && err.contains("\"bob\""),
+            "{user} in {room}: {err}"
+        );
+    }
+    let mut bob = Push::low_latency(3, 44_100, 1)
+        .command(&push_url(&t, &bobs, "bob", ROOM, 0xff))
+        .spawn()
+        .unwrap();
+    let added = viewer
+        .signal
+        .expect(|m| match m {
+            ServerMessage::StreamAdded { stream } => Some(stream.stream_id.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(added, bobs);
+    assert!(bob.wait().await.unwrap().success(), "bob pushes to the end");
+    let metrics = t.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "weir_rtmp_requests_total{outcome=\"name_owned\",request=\"publish\"}"
+        ),
+        3.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,8 @@ use weir_signaling::{
 
 use crate::auth::{AuthError, Privileges, RoomId, RoomTicket};
 
+pub mod names;
+
 /// One websocket (or RTMP) session, unique for the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);

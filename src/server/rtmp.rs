@@ -30,6 +30,7 @@ use crate::auth::{Identity, Privileges, RoomId, RoomTicket, TokenKind};
 use crate::bridge::{self, Bridge, BridgeConfig};
 use crate::live::{Tag, TagKind};
 use crate::media::BridgeInput;
+use crate::room::names::{bound_stream, NameClaims, Owner};
 use crate::room::SessionId;
 use crate::rtmp::amf0::{self, Amf0};
 use crate::rtmp::{Event, ServerSession};
@@ -48,6 +49,8 @@ const MAX_NAME: usize = 128;
 #[derive(Default)]
 pub struct Pushers {
     inner: Mutex<HashMap<String, PusherEntry>>,
+    /// Who each stream name belongs to (see `room::names`).
+    claims: Mutex<NameClaims>,
 }
 
 struct PusherEntry {
@@ -185,17 +188,6 @@ fn valid_stream_name(s: &str) -> bool {
         && s.len() <= MAX_NAME
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
-
-/// `{sdkappid}_{roomid}_{userid}[_main]` → (app, room, user).
-fn bound_stream(name: &str) -> Option<(u64, u32, String)> {
-    let (app, rest) = name.split_once('_')?;
-    let (room, user) = rest.split_once('_')?;
-    let user = user.strip_suffix("_main").unwrap_or(user);
-    if user.is_empty() {
-        return None;
-    }
-    Some((app.parse().ok()?, room.parse().ok()?, user.to_owned()))
 }
 
 /// Verifies `sdkappid`, `userid`, `roomid`|`strroomid`, `usersig`, `privatemapkey`.
@@ -632,6 +624,25 @@ impl Connection {
             });
         }
         let grant = authorize_push(&self.state, app, tc_url, name)?;
+        let owner = Owner {
+            sdk_app_id: grant.sdk_app_id,
+            room: grant.ticket.room.clone(),
+            user_id: grant.ticket.identity.user_id.clone(),
+        };
+        let claimed = self
+            .shared
+            .pushers
+            .claims
+            .lock()
+            .expect("claims lock")
+            .claim(&grant.stream, &owner, self.now_ms());
+        if let Err(e) = claimed {
+            return Err(Refusal {
+                code: "NetStream.Publish.BadName",
+                outcome: "name_owned",
+                message: format!("{e}: push it with that member's credentials, or another name"),
+            });
+        }
         self.take_name(&grant.stream).await?;
         self.stream = Some(grant.stream.clone());
         let session = SessionId(self.id);
@@ -889,6 +900,9 @@ impl Connection {
             let mut map = self.shared.pushers.inner.lock().expect("pushers lock");
             if map.get(stream).is_some_and(|e| e.id == self.id) {
                 map.remove(stream);
+                let now = self.now_ms();
+                let mut claims = self.shared.pushers.claims.lock().expect("claims lock");
+                claims.release(stream, now);
             }
         }
         if let Some(session) = self.session {
