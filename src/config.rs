@@ -29,7 +29,12 @@ pub struct Config {
 pub struct ServerConfig {
     /// HTTP: websocket signaling, metrics, health, demo page.
     pub http_addr: String,
-    /// Development mode: `/dev/credentials` exists and the log says so loudly.
+    /// Development mode: `/dev/credentials` hands out tokens to anyone who asks, and
+    /// the log says so loudly. Only `weir serve` without a configuration file turns it
+    /// on: no file or environment variable can (a file that was only meant to hold
+    /// keys must not switch it on wherever it is reused), so it is never serialized,
+    /// and a file's `dev_mode = true` is refused.
+    #[serde(skip_serializing)]
     pub dev_mode: bool,
     /// `pretty` for people, `json` for log pipelines.
     pub log_format: String,
@@ -205,14 +210,43 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text, path)
+        let config = Self::from_toml(&text, path)?;
+        if config.server.dev_mode {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: "dev_mode cannot be set in a file: development mode is `weir serve` \
+                          without --config (it hands out tokens to anyone); delete the line"
+                    .into(),
+            });
+        }
+        Ok(config)
     }
 
-    /// Defaults plus one development app with freshly generated keys.
-    pub fn development() -> Self {
+    /// Defaults plus one development app with freshly generated keys, on loopback
+    /// only (as LiveKit's `--dev`): the node hands out tokens to anyone who can reach
+    /// it. `bind` puts every listener on another address instead.
+    pub fn development(bind: Option<&str>) -> Self {
+        let host = bind.unwrap_or("127.0.0.1");
+        let at = |port: u16| match host.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+            _ => format!("{host}:{port}"),
+        };
+        let loopback = host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
         Self {
             server: ServerConfig {
                 dev_mode: true,
+                http_addr: at(8080),
+                udp_addr: at(7882),
+                tcp_addr: at(7881),
+                rtmp_addr: at(1935),
+                // A loopback listener is reached at loopback.
+                announce_ips: if loopback {
+                    vec![host.to_owned()]
+                } else {
+                    Vec::new()
+                },
                 ..ServerConfig::default()
             },
             apps: vec![crate::auth::AppKeys::generate_config(DEV_SDK_APP_ID)],
@@ -271,28 +305,75 @@ mod tests {
     use super::*;
 
     #[test]
-    fn development_config_round_trips_through_toml() {
-        let dev = Config::development();
-        let again = Config::from_toml(&dev.to_toml(), Path::new("x")).unwrap();
+    fn development_config_round_trips_through_toml_without_development_mode() {
+        let dev = Config::development(None);
+        assert!(dev.server.dev_mode);
+        let text = dev.to_toml();
+        assert!(!text.contains("dev_mode"), "{text}");
+        let again = Config::from_toml(&text, Path::new("x")).unwrap();
         assert_eq!(again.apps, dev.apps);
-        assert!(again.server.dev_mode);
+        assert!(
+            !again.server.dev_mode,
+            "the keys file does not switch it on"
+        );
         crate::auth::Keyring::from_configs(&again.apps).unwrap();
+    }
+
+    /// Before, `weir-dev.toml` said `dev_mode = true`, so a server started with it
+    /// (anywhere it was copied) handed out 0xff tokens at /dev/credentials.
+    #[test]
+    fn no_file_or_variable_switches_development_mode_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weir.toml");
+        std::fs::write(&path, "[server]\ndev_mode = true\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("dev_mode") && err.contains("weir.toml"),
+            "{err}"
+        );
+        let mut c = Config {
+            server: ServerConfig::default(),
+            apps: Vec::new(),
+        };
+        c.apply_env([("WEIR_DEV_MODE".to_string(), "true".to_string())])
+            .unwrap();
+        assert!(!c.server.dev_mode);
+    }
+
+    #[test]
+    fn development_mode_listens_on_loopback_unless_told() {
+        let dev = Config::development(None);
+        for addr in [
+            &dev.server.http_addr,
+            &dev.server.udp_addr,
+            &dev.server.tcp_addr,
+            &dev.server.rtmp_addr,
+        ] {
+            assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+        }
+        assert_eq!(dev.server.announce_ips, vec!["127.0.0.1".to_string()]);
+        let open = Config::development(Some("0.0.0.0"));
+        assert_eq!(open.server.http_addr, "0.0.0.0:8080");
+        assert!(open.server.announce_ips.is_empty());
     }
 
     #[test]
     fn env_overrides_server_keys_only() {
-        let mut c = Config::development();
+        let mut c = Config::development(None);
         c.apply_env([
             ("WEIR_HTTP_ADDR".to_string(), "127.0.0.1:9999".to_string()),
-            ("WEIR_DEV_MODE".to_string(), "false".to_string()),
+            ("WEIR_CONGESTION_CONTROL".to_string(), "false".to_string()),
             ("WEIR_UNRELATED".to_string(), "x".to_string()),
             ("HOME".to_string(), "/root".to_string()),
         ])
         .unwrap();
         assert_eq!(c.server.http_addr, "127.0.0.1:9999");
-        assert!(!c.server.dev_mode);
+        assert!(!c.server.congestion_control);
         let err = c
-            .apply_env([("WEIR_DEV_MODE".to_string(), "\"maybe\"".to_string())])
+            .apply_env([(
+                "WEIR_CONGESTION_CONTROL".to_string(),
+                "\"maybe\"".to_string(),
+            )])
             .unwrap_err();
         assert!(err.to_string().contains("WEIR_"), "{err}");
     }

@@ -28,6 +28,10 @@ enum Command {
     Serve {
         #[arg(long, env = "WEIR_CONFIG")]
         config: Option<PathBuf>,
+        /// Development mode only: the address every listener binds (default 127.0.0.1;
+        /// 0.0.0.0 lets other machines in, and get tokens).
+        #[arg(long)]
+        bind: Option<String>,
     },
     /// Issue and verify userSigs, privateMapKeys and signed live URLs.
     #[command(subcommand)]
@@ -51,7 +55,7 @@ enum CurveArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config } => weir::server::main(config).map(|()| true),
+        Command::Serve { config, bind } => weir::server::main(config, bind).map(|()| true),
         Command::Token(cmd) => cli::run_token(cmd),
         Command::Keygen { curve, out } => {
             let curve = match curve {

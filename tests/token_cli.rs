@@ -31,7 +31,7 @@ fn ok(out: &Output) -> String {
 
 fn dev_config(dir: &Path) -> String {
     let path = dir.join("apps.toml");
-    Config::development().write(&path).unwrap();
+    Config::development(None).write(&path).unwrap();
     path.to_str().unwrap().to_owned()
 }
 

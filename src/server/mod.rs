@@ -300,11 +300,17 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     })
 }
 
-/// Loads the configuration (or makes a development one) and runs until SIGTERM/Ctrl-C.
-pub fn main(config_path: Option<PathBuf>) -> Result<()> {
+/// Loads the configuration (or, without one, makes a development one listening on
+/// `bind`, loopback by default) and runs until SIGTERM/Ctrl-C.
+pub fn main(config_path: Option<PathBuf>, bind: Option<String>) -> Result<()> {
+    if config_path.is_some() && bind.is_some() {
+        anyhow::bail!(
+            "--bind is for development mode (no --config); set the addresses in the file"
+        );
+    }
     let mut config = match &config_path {
         Some(path) => Config::load(path)?,
-        None => Config::development(),
+        None => Config::development(bind.as_deref()),
     };
     config.apply_env(std::env::vars())?;
     init_logging(&config.server.log_format);
@@ -361,27 +367,41 @@ fn init_logging(format: &str) {
     };
 }
 
-/// Writes the generated development app next to the server and prints how to use it.
+/// Writes the generated development app next to the server and prints, loudly, what
+/// development mode means and commands that work as printed. The keys stay in the
+/// keys file (mode 600), not in the log.
 fn announce_development(config: &Config) -> Result<()> {
     let path = std::env::current_dir()
         .unwrap_or_else(|_| std::env::temp_dir())
         .join(crate::cli::DEV_CONFIG_FILE);
     crate::cli::write_private(&path, &config.to_toml())?;
     let app = &config.apps[0];
-    warn!("DEVELOPMENT MODE: no configuration file was given, so a development app was generated");
+    let http = &config.server.http_addr;
+    eprintln!(
+        "\n  ================================================================\n  \
+         DEVELOPMENT MODE: anyone who reaches http://{http}/ gets tokens\n  \
+         at /dev/credentials. Never expose this node: run production with\n  \
+         `weir serve --config FILE`. Listening on {http} (--bind to change).\n  \
+         ================================================================\n"
+    );
+    warn!(%http, "DEVELOPMENT MODE: /dev/credentials hands out tokens to anyone who reaches this node");
     info!(
         sdk_app_id = app.sdk_app_id,
-        secret_key = app.secret_key.as_deref().unwrap_or(""),
         keys_file = %path.display(),
-        "development app (v1, v2 and JWT keys, live push/play keys are in the keys file)"
+        "development app generated (its v1, v2, JWT and live keys are in the keys file, mode 600)"
     );
+    // The binary that is running, so the commands work as printed (after
+    // scripts/serve.sh there is no `weir` on the PATH).
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "weir".into());
     info!(
-        "issue a userSig:        weir token usersig --config {} --sdkappid {} --userid alice",
+        "issue a userSig:        {exe} token usersig --config {} --sdkappid {} --userid alice",
         path.display(),
         app.sdk_app_id
     );
     info!(
-        "issue a privateMapKey:  weir token privatemapkey --config {} --sdkappid {} --userid alice --roomid 1234",
+        "issue a privateMapKey:  {exe} token privatemapkey --config {} --sdkappid {} --userid alice --roomid 1234",
         path.display(),
         app.sdk_app_id
     );

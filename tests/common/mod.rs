@@ -42,7 +42,7 @@ impl TestServer {
             .with_test_writer()
             .try_init();
         let app_config: AppConfig = AppKeys::generate_config(APP);
-        let mut config = Config::development();
+        let mut config = Config::development(None);
         config.apps = vec![app_config.clone()];
         config.server.http_addr = "127.0.0.1:0".into();
         config.server.udp_addr = "127.0.0.1:0".into();
