@@ -29,6 +29,12 @@ pub struct Config {
 pub struct ServerConfig {
     /// HTTP: websocket signaling, metrics, health, demo page.
     pub http_addr: String,
+    /// Prometheus `/metrics` (with `/healthz`, `/readyz`) on its own listener: its
+    /// labels name rooms and users, so it is loopback by default. Empty: no listener.
+    pub metrics_addr: String,
+    /// When set, `/metrics` is also served on `http_addr` to requests that carry
+    /// `Authorization: Bearer <metrics_token>`.
+    pub metrics_token: String,
     /// Development mode: `/dev/credentials` hands out tokens to anyone who asks, and
     /// the log says so loudly. Only `weir serve` without a configuration file turns it
     /// on: no file or environment variable can (a file that was only meant to hold
@@ -102,6 +108,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             http_addr: "0.0.0.0:8080".into(),
+            metrics_addr: "127.0.0.1:9100".into(),
+            metrics_token: String::new(),
             dev_mode: false,
             log_format: "pretty".into(),
             udp_addr: "0.0.0.0:7882".into(),

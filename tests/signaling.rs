@@ -380,3 +380,38 @@ async fn a_member_flooding_text_is_limited_and_disconnects_nobody() {
     );
     assert_eq!(common::metric(&metrics, "weir_slow_sessions_closed"), 0.0);
 }
+
+/// `/metrics` names rooms and users in its labels: it is served on its own listener
+/// (loopback by default), and on the public one only with a bearer token. Before, it
+/// was on the public listener for anyone.
+#[tokio::test]
+async fn metrics_are_not_public() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn get(addr: std::net::SocketAddr, auth: Option<&str>) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+    let t = TestServer::start().await;
+    let public = t.server.http_addr;
+    assert!(get(public, None).await.starts_with("HTTP/1.0 404"));
+    let private = get(t.server.metrics_addr.unwrap(), None).await;
+    assert!(private.starts_with("HTTP/1.0 200") && private.contains("weir_rooms"));
+
+    let t = TestServer::start_with(|c| c.server.metrics_token = "s3cret-token".into()).await;
+    let public = t.server.http_addr;
+    assert!(get(public, None).await.starts_with("HTTP/1.0 401"));
+    assert!(get(public, Some("Bearer wrong-token"))
+        .await
+        .starts_with("HTTP/1.0 401"));
+    let open = get(public, Some("Bearer s3cret-token")).await;
+    assert!(
+        open.starts_with("HTTP/1.0 200") && open.contains("weir_rooms"),
+        "{open}"
+    );
+}

@@ -23,19 +23,33 @@ const HTTP_BUFFER_BYTES: usize = 16 * 1024;
 /// idle keep-alive ones, are closed).
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: Arc<AppState>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let app = Router::new()
+/// The public listener: signaling, HTTP-FLV, the SDK and demo page, health; and
+/// `/metrics` only when a bearer token is configured (its labels name rooms and users).
+pub fn public_routes(state: Arc<AppState>) -> Router {
+    Router::new()
         .route("/ws", get(websocket))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(guarded_metrics))
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/live/{file}", get(http_flv))
         .merge(super::web::routes())
-        .with_state(state);
+        .with_state(state)
+}
+
+/// The operator's listener (`metrics_addr`, loopback by default): metrics and health.
+pub fn ops_routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(health))
+        .route("/readyz", get(ready))
+        .with_state(state)
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+) {
     // Connections are told to finish when this sender is dropped; the serve loop
     // returns once every one has (the server bounds that wait with its grace).
     let (closing_tx, closing_rx) = watch::channel(());
@@ -176,6 +190,36 @@ async fn http_flv(
         Body::from_stream(body),
     )
         .into_response()
+}
+
+/// `/metrics` on the public listener: with `Authorization: Bearer <metrics_token>`
+/// when a token is configured, otherwise not there.
+async fn guarded_metrics(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let Some(token) = state.metrics_token.as_deref() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "metrics are served on the metrics address (metrics_addr), or here with metrics_token\n",
+        )
+            .into_response();
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    use subtle::ConstantTimeEq;
+    if given.len() != token.len() || !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [("www-authenticate", "Bearer")],
+            "a bearer token is needed\n",
+        )
+            .into_response();
+    }
+    metrics(State(state)).await.into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {

@@ -36,6 +36,8 @@ pub struct AppState {
     pub next_session: AtomicU64,
     pub shutting_down: AtomicBool,
     pub idle_timeout_s: u64,
+    /// The bearer token that opens `/metrics` on the public listener, if any.
+    pub metrics_token: Option<String>,
     /// Per-session signaling rates (all messages, room text messages), per second.
     pub message_rate: u32,
     pub text_rate: u32,
@@ -67,6 +69,8 @@ pub struct Server {
     pub udp_addr: SocketAddr,
     /// RTMP ingest, when enabled.
     pub rtmp_addr: Option<SocketAddr>,
+    /// The metrics listener, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     stop: watch::Sender<bool>,
     http: tokio::task::JoinHandle<()>,
@@ -149,6 +153,15 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         .await
         .with_context(|| format!("binding HTTP on {}", config.server.http_addr))?;
     let http_addr = listener.local_addr()?;
+    let metrics_listener = if config.server.metrics_addr.is_empty() {
+        None
+    } else {
+        Some(
+            bind_tcp(&config.server.metrics_addr, 0)
+                .await
+                .with_context(|| format!("binding metrics on {}", config.server.metrics_addr))?,
+        )
+    };
     let host = public_host(&config);
     let rtmp_listener = if config.server.rtmp_addr.is_empty() {
         None
@@ -259,6 +272,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         next_session: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         idle_timeout_s: config.server.signaling_idle_timeout_s,
+        metrics_token: Some(config.server.metrics_token.clone()).filter(|t| !t.is_empty()),
         message_rate: config.server.signaling_messages_per_s,
         text_rate: config.server.text_messages_per_s,
         dev_mode: config.server.dev_mode,
@@ -284,12 +298,28 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             rtmp::serve(l, state.clone(), shared, stop_rx.clone()),
         );
     }
-    let http = supervisor.spawn("http", http::serve(listener, state.clone(), stop_rx));
-    info!(addr = %http_addr, "HTTP listening (signaling at /ws, /metrics, /healthz, /readyz)");
+    let metrics_addr = match metrics_listener {
+        Some(l) => {
+            let addr = l.local_addr()?;
+            let app = http::ops_routes(state.clone());
+            supervisor.spawn("metrics", http::serve(l, app, stop_rx.clone()));
+            info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
+            Some(addr)
+        }
+        None => None,
+    };
+    let app = http::public_routes(state.clone());
+    let http = supervisor.spawn("http", http::serve(listener, app, stop_rx));
+    info!(
+        addr = %http_addr,
+        metrics = if state.metrics_token.is_some() { "with the bearer token" } else { "no" },
+        "HTTP listening (signaling at /ws, HTTP-FLV at /live, /healthz, /readyz; /metrics?)"
+    );
     Ok(Server {
         http_addr,
         udp_addr,
         rtmp_addr,
+        metrics_addr,
         state,
         stop,
         http,

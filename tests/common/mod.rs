@@ -48,6 +48,7 @@ impl TestServer {
         config.server.udp_addr = "127.0.0.1:0".into();
         config.server.tcp_addr = "127.0.0.1:0".into();
         config.server.rtmp_addr = "127.0.0.1:0".into();
+        config.server.metrics_addr = "127.0.0.1:0".into();
         config.server.announce_ips = vec!["127.0.0.1".into()];
         config.server.shutdown_grace_s = 2;
         tweak(&mut config);
@@ -98,8 +99,13 @@ impl TestServer {
         }
     }
 
+    /// `/metrics`, from the metrics listener.
     pub async fn metrics(&self) -> String {
-        http_get(self.server.http_addr, "/metrics").await
+        http_get(
+            self.server.metrics_addr.expect("a metrics listener"),
+            "/metrics",
+        )
+        .await
     }
 }
 
