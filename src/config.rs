@@ -76,6 +76,15 @@ pub struct ServerConfig {
     pub tcp_unsent_limit_bytes: u32,
     pub max_rooms: usize,
     pub max_members_per_room: usize,
+    /// Open TCP connections per listener (HTTP, RTMP, ICE-TCP), in total and from one
+    /// client (an IPv4 address or an IPv6 /64); more are closed at accept.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// A client whose credentials failed this many checks within
+    /// `failed_join_window_s` is refused before the next check until the window ends
+    /// (each check costs an ECDSA verify). 0: no limit.
+    pub max_failed_joins_per_ip: u32,
+    pub failed_join_window_s: u64,
     /// Per-subscriber bandwidth estimation (transport-wide CC, REMB as a fallback),
     /// pausing videos a subscriber's link cannot carry, and per-room targets for
     /// publishers. Off: everything is forwarded to everyone, as a plain SFU.
@@ -124,6 +133,10 @@ impl Default for ServerConfig {
             tcp_unsent_limit_bytes: 16 * 1024,
             max_rooms: 1000,
             max_members_per_room: 50,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            max_failed_joins_per_ip: 20,
+            failed_join_window_s: 60,
             congestion_control: true,
             congestion_policy: weir_signaling::CongestionPolicy::Weakest,
             publisher_min_bitrate: 100_000,

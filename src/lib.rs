@@ -8,6 +8,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod congestion;
+pub mod limits;
 pub mod live;
 pub mod media;
 pub mod metrics;

@@ -78,6 +78,14 @@ pub struct Metrics {
     pub remb_sent: prometheus::IntCounter,
     /// Active simulcast layers received, over all streams.
     pub simulcast_layers: IntGauge,
+    /// Open TCP connections by listener, and connections refused at accept by
+    /// listener and reason (`total`, `per_ip`).
+    pub connections: IntGaugeVec,
+    pub connections_refused: IntCounterVec,
+    /// Joins refused before their credentials were checked: their IP failed too often.
+    pub joins_throttled: prometheus::IntCounter,
+    /// Entries of the media plane's demultiplexer, by index (`addr`, `ufrag`).
+    pub demux_entries: IntGaugeVec,
     /// Supervised tasks (media, control, accept loops) that died, by part.
     pub task_failures: IntCounterVec,
 }
@@ -282,6 +290,27 @@ impl Metrics {
             bridge_queue_drops: counter(
                 "weir_bridge_queue_drops_total",
                 "Bridged packets dropped because the media plane's queue was full",
+            ),
+            connections: gauge_vec(
+                "weir_connections",
+                "Open TCP connections by listener (http, rtmp, ice_tcp)",
+                &["listener"],
+            ),
+            connections_refused: counter_vec(
+                "weir_connections_refused_total",
+                "TCP connections closed at accept, by listener and the limit hit (total, per_ip)",
+                &["listener", "reason"],
+            ),
+            joins_throttled: counter(
+                "weir_joins_throttled_total",
+                "Joins refused without checking their credentials: their client IP failed \
+                 too many checks recently",
+            ),
+            demux_entries: gauge_vec(
+                "weir_demux_entries",
+                "Entries of the media plane's demultiplexer, by index (addr: transport \
+                 addresses, ufrag: ICE usernames)",
+                &["index"],
             ),
             task_failures: counter_vec(
                 "weir_task_failures_total",

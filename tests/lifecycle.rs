@@ -221,3 +221,67 @@ async fn a_dead_media_task_fails_the_health_checks_and_refuses_joins() {
     // The member already in keeps its socket: leaving still works.
     a.send(&ClientMessage::Leave).await;
 }
+
+/// STUN requests naming a connection's ufrag from new addresses are indexed before
+/// the connection checks their integrity: whoever knows the ufrag could grow the
+/// index without bound, one entry per source port. A connection now keeps its latest
+/// few addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_stun_from_many_ports_does_not_grow_the_index() {
+    let t = TestServer::start().await;
+    let (mut a, _) = Client::join(&t.ws_url(), t.join("alice", 31, 0xff)).await;
+    a.publish(true, true).await;
+    let mut peer = RtcPeer::new().await;
+    let _video = peer
+        .add_send_track(RtpCodecKind::Video, h264(), 0x1234)
+        .await;
+    a.send(&ClientMessage::Offer {
+        target: Target::Publisher,
+        sdp: peer.offer().await,
+    })
+    .await;
+    let answer = a
+        .expect(|m| match m {
+            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    let ufrag = answer
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
+        .expect("the answer has a ufrag")
+        .to_owned();
+    peer.accept_answer(answer).await;
+    peer.connected().await;
+
+    // A Binding request with USERNAME "ufrag:x" and a wrong MESSAGE-INTEGRITY.
+    let username = format!("{ufrag}:x");
+    let mut attrs = Vec::new();
+    attrs.extend_from_slice(&0x0006u16.to_be_bytes());
+    attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
+    attrs.extend_from_slice(username.as_bytes());
+    while attrs.len() % 4 != 0 {
+        attrs.push(0);
+    }
+    attrs.extend_from_slice(&0x0008u16.to_be_bytes());
+    attrs.extend_from_slice(&20u16.to_be_bytes());
+    attrs.extend_from_slice(&[0xab; 20]);
+    let mut request = vec![0x00, 0x01];
+    request.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+    request.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+    request.extend_from_slice(&[7; 12]);
+    request.extend_from_slice(&attrs);
+    for _ in 0..200 {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(&request, t.udp_addr()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = t.metrics().await;
+    let addrs = common::metric(&metrics, "weir_demux_entries{index=\"addr\"}");
+    assert!(addrs <= 8.0, "{addrs} addresses indexed for one connection");
+    assert_eq!(
+        *peer.state.borrow(),
+        webrtc::peer_connection::RTCPeerConnectionState::Connected,
+        "the real client is undisturbed"
+    );
+}

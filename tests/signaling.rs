@@ -415,3 +415,66 @@ async fn metrics_are_not_public() {
         "{open}"
     );
 }
+
+/// Connections are limited per client and in total at accept, before a byte is read.
+/// Before, HTTP, RTMP and ICE-TCP took any number from one address.
+#[tokio::test]
+async fn connections_from_one_client_are_limited_at_accept() {
+    use tokio::io::AsyncReadExt;
+    let t = TestServer::start_with(|c| c.server.max_connections_per_ip = 4).await;
+    for addr in [t.server.http_addr, t.server.rtmp_addr.unwrap()] {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut fifth = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), fifth.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "{addr}: the fifth connection is closed at once: {read:?}"
+        );
+        drop(held);
+    }
+    // The places are given back: a client can connect again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_c, joined) = Client::join(&t.ws_url(), t.join("alice", 1, 0xff)).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+    let metrics = t.metrics().await;
+    for listener in ["http", "rtmp"] {
+        assert_eq!(
+            common::metric(
+                &metrics,
+                &format!(
+                    "weir_connections_refused_total{{listener=\"{listener}\",reason=\"per_ip\"}}"
+                )
+            ),
+            1.0
+        );
+    }
+}
+
+/// Each credential check costs an ECDSA verify: a client whose checks keep failing is
+/// refused before the next one until its window ends. Before, failed joins were free
+/// to repeat.
+#[tokio::test]
+async fn a_client_whose_credentials_keep_failing_is_refused_before_checking() {
+    let t = TestServer::start_with(|c| c.server.max_failed_joins_per_ip = 3).await;
+    for _ in 0..3 {
+        let mut bad = t.join("mallory", 1, 0xff);
+        bad.user_sig = bad.user_sig.replacen('A', "B", 1);
+        let (_c, answer) = Client::join(&t.ws_url(), bad).await;
+        assert_eq!(error_of(&answer).0, ErrorCode::InvalidUserSig);
+    }
+    // Even good credentials wait now: they are not looked at.
+    let (_c, answer) = Client::join(&t.ws_url(), t.join("alice", 1, 0xff)).await;
+    let (code, message, _) = error_of(&answer);
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert!(message.contains("try again in"), "{message}");
+    let metrics = t.metrics().await;
+    assert_eq!(common::metric(&metrics, "weir_joins_throttled_total"), 1.0);
+    assert_eq!(
+        common::metric(&metrics, "weir_joins_total{outcome=\"throttled\"}"),
+        1.0
+    );
+}

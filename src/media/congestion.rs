@@ -201,6 +201,13 @@ impl Media {
             .max(0.005);
         self.last_tick = now;
         self.next_tick = now + TICK;
+        let demux = &self.metrics.demux_entries;
+        demux
+            .with_label_values(&["addr"])
+            .set(self.by_addr.len() as i64);
+        demux
+            .with_label_values(&["ufrag"])
+            .set(self.by_ufrag.len() as i64);
         for r in self.rates.values_mut() {
             r.roll(seconds);
         }

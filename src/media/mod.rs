@@ -70,7 +70,7 @@ pub struct Media {
     config: MediaConfig,
     socket: Arc<UdpSocket>,
     local_addr: SocketAddr,
-    tcp: Option<TcpListener>,
+    tcp: Option<(TcpListener, Arc<crate::limits::Connections>)>,
     tcp_local_addr: Option<SocketAddr>,
     tcp_writers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
     peers: HashMap<PeerKey, Peer>,
@@ -115,6 +115,11 @@ pub struct Media {
     layer_sending_since: HashMap<(String, u32), Instant>,
     dynacast: HashMap<String, congestion::Dynacast>,
 }
+
+/// Transport addresses remembered per connection (candidate pairs, a changed
+/// network), and ufrags (the current one and the ones before the last ICE restarts).
+const MAX_ADDRS: usize = 8;
+const MAX_UFRAGS: usize = 3;
 
 /// Keyframe requests to one publisher track are sent at most this often.
 const PLI_INTERVAL: Duration = Duration::from_millis(500);
@@ -182,12 +187,12 @@ impl Media {
     pub fn new(
         config: MediaConfig,
         socket: UdpSocket,
-        tcp: Option<TcpListener>,
+        tcp: Option<(TcpListener, Arc<crate::limits::Connections>)>,
         control: mpsc::Sender<ControlCommand>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let local_addr = socket.local_addr()?;
-        let tcp_local_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        let tcp_local_addr = tcp.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
         Ok(Self {
             config,
             socket: Arc::new(socket),
@@ -233,7 +238,7 @@ impl Media {
         let acceptor = self
             .tcp
             .take()
-            .map(|l| tokio::spawn(tcp::accept(l, tcp_tx)));
+            .map(|(l, limit)| tokio::spawn(tcp::accept(l, limit, tcp_tx)));
         loop {
             let now = Instant::now();
             let deadline = self
@@ -310,6 +315,13 @@ impl Media {
                 self.by_addr.insert((protocol, from), key);
                 if let Some(p) = self.peers.get_mut(&key) {
                     p.addrs.push((protocol, from));
+                    // The request's integrity is checked by the connection after this:
+                    // whoever knows the ufrag can send from many ports, so a connection
+                    // keeps its latest few addresses, not all of them.
+                    while p.addrs.len() > MAX_ADDRS {
+                        let old = p.addrs.remove(0);
+                        self.by_addr.remove(&old);
+                    }
                 }
                 key
             }
@@ -501,12 +513,17 @@ impl Media {
     }
 
     /// Lets the demultiplexer find `key` by the ufrag of its latest local description
-    /// (new after an ICE restart; the old ones stay until the connection closes).
+    /// (new after an ICE restart; the last few stay, for checks still in flight, the
+    /// older ones go so restarts do not grow the index).
     fn index_ufrag(&mut self, key: PeerKey) {
         if let Some(p) = self.peers.get_mut(&key) {
             if p.learn_ufrag() {
                 if let Some(u) = p.ufrags.last() {
                     self.by_ufrag.insert(u.clone(), key);
+                }
+                while p.ufrags.len() > MAX_UFRAGS {
+                    let old = p.ufrags.remove(0);
+                    self.by_ufrag.remove(&old);
                 }
             }
         }

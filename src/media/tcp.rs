@@ -15,8 +15,9 @@ use tracing::debug;
 const WRITE_QUEUE: usize = 512;
 /// At most this many bytes may wait in a connection's decoder (one maximal frame).
 const MAX_BUFFERED: usize = 2 + 65_535;
-/// Concurrent ICE-TCP connections accepted.
-pub const MAX_CONNECTIONS: usize = 4096;
+/// A connection that carries no frame for this long is closed: a live one carries
+/// consent checks every few seconds, and ICE gives up on it well before.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug)]
 pub enum TcpEvent {
@@ -33,16 +34,29 @@ pub enum TcpEvent {
     },
 }
 
-/// Accepts connections until the media task goes away.
-pub async fn accept(listener: TcpListener, events: mpsc::Sender<TcpEvent>) {
-    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+/// Accepts connections (within `limit`, in total and per client) until the media
+/// task goes away.
+pub async fn accept(
+    listener: TcpListener,
+    limit: std::sync::Arc<crate::limits::Connections>,
+    events: mpsc::Sender<TcpEvent>,
+) {
     loop {
-        let Ok((stream, from)) = listener.accept().await else {
-            continue;
+        let (stream, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, say: back off instead of spinning on the error.
+                debug!(error = %e, "ICE-TCP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            debug!(%from, "too many ICE-TCP connections; refused");
-            continue;
+        let permit = match limit.admit(from.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                debug!(%from, why, "ICE-TCP connection over the limit; closed");
+                continue;
+            }
         };
         debug!(%from, "ICE-TCP connection");
         let _ = stream.set_nodelay(true);
@@ -69,9 +83,13 @@ pub async fn accept(listener: TcpListener, events: mpsc::Sender<TcpEvent>) {
             let mut decoder = TcpFrameDecoder::new();
             let mut buf = vec![0u8; 16 * 1024];
             loop {
-                let n = match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+                let n = match tokio::time::timeout(IDLE_TIMEOUT, rd.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Err(_) => {
+                        debug!(%from, "ICE-TCP connection idle; closed");
+                        break;
+                    }
+                    Ok(Ok(n)) => n,
                 };
                 decoder.extend_from_slice(&buf[..n]);
                 while let Some(data) = decoder.next_packet() {

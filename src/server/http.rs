@@ -45,9 +45,14 @@ pub fn ops_routes(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The client's address, for per-client limits (an extension on every request).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    limit: Arc<crate::limits::Connections>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Connections are told to finish when this sender is dropped; the serve loop
@@ -71,8 +76,17 @@ pub async fn serve(
             },
             () = &mut stopped => break,
         };
+        let permit = match limit.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::debug!(%peer, why, "HTTP connection over the limit; closed");
+                continue;
+            }
+        };
         let _ = socket.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone().layer(axum::Extension(PeerAddr(peer))),
+        );
         let mut closing = closing_rx.clone();
         let done = done_rx.clone();
         tokio::spawn(async move {
@@ -95,6 +109,7 @@ pub async fn serve(
                 }
             }
             drop(done);
+            drop(permit);
         });
     }
     drop(listener);
@@ -103,13 +118,17 @@ pub async fn serve(
     done_tx.closed().await;
 }
 
-async fn websocket(ws: WebSocketUpgrade, State(state): State<Arc<AppState>>) -> Response {
+async fn websocket(
+    ws: WebSocketUpgrade,
+    State(state): State<Arc<AppState>>,
+    axum::Extension(PeerAddr(peer)): axum::Extension<PeerAddr>,
+) -> Response {
     if let Some(why) = state.unavailable() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
     }
     ws.max_message_size(weir_signaling::MAX_MESSAGE_BYTES)
         .max_frame_size(weir_signaling::MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| super::ws::session(socket, state))
+        .on_upgrade(move |socket| super::ws::session(socket, state, peer.ip()))
 }
 
 /// Keeps the players gauge true however the response ends.
@@ -127,6 +146,7 @@ async fn http_flv(
     Path(file): Path<String>,
     RawQuery(query): RawQuery,
     State(state): State<Arc<AppState>>,
+    axum::Extension(PeerAddr(peer)): axum::Extension<PeerAddr>,
 ) -> Response {
     let count = |outcome: &str| {
         state
@@ -143,7 +163,7 @@ async fn http_flv(
         url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
-    let source = match super::rtmp::authorize_play(&state, stream, &params) {
+    let source = match super::rtmp::authorize_play(&state, peer.ip(), stream, &params) {
         Ok(s) => s,
         Err(r) => {
             count(r.outcome);

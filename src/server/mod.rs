@@ -48,9 +48,36 @@ pub struct AppState {
     pub urls: UrlBase,
     /// The node's health: whether every part that serves it is alive.
     pub supervisor: Supervisor,
+    /// Client IPs whose credentials keep failing (see `limits`).
+    pub failed_joins: std::sync::Mutex<crate::limits::FailedJoins>,
+    /// When the server started: the clock of `failed_joins`.
+    pub epoch: std::time::Instant,
 }
 
 impl AppState {
+    /// Whether `ip` may have credentials checked now (Err: a refusal to send).
+    pub fn may_verify(&self, ip: std::net::IpAddr) -> Result<(), String> {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let verdict = self
+            .failed_joins
+            .lock()
+            .expect("failed joins lock")
+            .check(ip, now);
+        verdict.map_err(|wait_s| {
+            self.metrics.joins_throttled.inc();
+            format!("too many failed credential checks from this address; try again in {wait_s} s")
+        })
+    }
+
+    /// `ip`'s credentials failed to verify.
+    pub fn verify_failed(&self, ip: std::net::IpAddr) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.failed_joins
+            .lock()
+            .expect("failed joins lock")
+            .failed(ip, now);
+    }
+
     /// Why this node takes no new joins, publishes or plays, if it takes none.
     pub fn unavailable(&self) -> Option<String> {
         if let Some(f) = self.supervisor.failure() {
@@ -148,6 +175,15 @@ async fn bind_tcp(addr: &str, unsent_limit: u32) -> std::io::Result<tokio::net::
 pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     let metrics = Arc::new(Metrics::new());
     let supervisor = Supervisor::new(metrics.clone());
+    let limit_metrics = metrics.clone();
+    let connections = |listener: &'static str| {
+        crate::limits::Connections::new(
+            listener,
+            config.server.max_connections,
+            config.server.max_connections_per_ip,
+            limit_metrics.clone(),
+        )
+    };
     let send_buffer = config.server.tcp_unsent_limit_bytes;
     let listener = bind_tcp(&config.server.http_addr, send_buffer)
         .await
@@ -231,7 +267,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             ),
         },
         udp,
-        tcp,
+        tcp.map(|l| (l, connections("ice_tcp"))),
         control_tx.clone(),
         metrics.clone(),
     )?;
@@ -279,7 +315,13 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         hub,
         urls: urls.clone(),
         supervisor: supervisor.clone(),
+        failed_joins: std::sync::Mutex::new(crate::limits::FailedJoins::new(
+            config.server.max_failed_joins_per_ip,
+            config.server.failed_join_window_s * 1000,
+        )),
+        epoch: std::time::Instant::now(),
     });
+
     let (stop, stop_rx) = watch::channel(false);
     if let Some(l) = rtmp_listener {
         let shared = Arc::new(rtmp::RtmpShared {
@@ -295,21 +337,31 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         info!(addr = %l.local_addr()?, "RTMP listening (push with room credentials or a txSecret URL)");
         supervisor.spawn(
             "rtmp",
-            rtmp::serve(l, state.clone(), shared, stop_rx.clone()),
+            rtmp::serve(
+                l,
+                state.clone(),
+                shared,
+                connections("rtmp"),
+                stop_rx.clone(),
+            ),
         );
     }
     let metrics_addr = match metrics_listener {
         Some(l) => {
             let addr = l.local_addr()?;
             let app = http::ops_routes(state.clone());
-            supervisor.spawn("metrics", http::serve(l, app, stop_rx.clone()));
+            let limit = connections("metrics");
+            supervisor.spawn("metrics", http::serve(l, app, limit, stop_rx.clone()));
             info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
             Some(addr)
         }
         None => None,
     };
     let app = http::public_routes(state.clone());
-    let http = supervisor.spawn("http", http::serve(listener, app, stop_rx));
+    let http = supervisor.spawn(
+        "http",
+        http::serve(listener, app, connections("http"), stop_rx),
+    );
     info!(
         addr = %http_addr,
         metrics = if state.metrics_token.is_some() { "with the bearer token" } else { "no" },

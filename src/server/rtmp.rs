@@ -102,12 +102,20 @@ pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shared: Arc<RtmpShared>,
+    limit: Arc<crate::limits::Connections>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let permit = match limit.admit(peer.ip()) {
+                        Ok(p) => p,
+                        Err(why) => {
+                            debug!(%peer, why, "RTMP connection over the limit; closed");
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
                     let state = state.clone();
                     let shared = shared.clone();
@@ -116,6 +124,7 @@ pub async fn serve(
                         let mut conn = Connection::new(state.clone(), shared, peer);
                         conn.run(stream).await;
                         conn.cleanup().await;
+                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -191,7 +200,26 @@ fn valid_stream_name(s: &str) -> bool {
 }
 
 /// Verifies `sdkappid`, `userid`, `roomid`|`strroomid`, `usersig`, `privatemapkey`.
+/// A client (`ip`) whose checks keep failing is refused before the next one.
 fn room_credentials(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    params: &[(String, String)],
+    now: u64,
+) -> Result<(u64, RoomTicket), Refusal> {
+    state.may_verify(ip).map_err(|m| Refusal {
+        code: "NetStream.Publish.Rejected",
+        outcome: "throttled",
+        message: m,
+    })?;
+    let checked = check_room_credentials(state, params, now);
+    if checked.is_err() {
+        state.verify_failed(ip);
+    }
+    checked
+}
+
+fn check_room_credentials(
     state: &AppState,
     params: &[(String, String)],
     now: u64,
@@ -231,6 +259,7 @@ fn room_credentials(
 /// room, or a txSecret URL signed with the app's play key.
 pub(super) fn authorize_play(
     state: &AppState,
+    ip: std::net::IpAddr,
     stream: &str,
     params: &[(String, String)],
 ) -> Result<Arc<crate::live::Source>, Refusal> {
@@ -250,7 +279,7 @@ pub(super) fn authorize_play(
     };
     if param(params, "usersig").is_some() {
         let (sdk_app_id, ticket) =
-            room_credentials(state, params, now).map_err(|r| play_refusal(r.message))?;
+            room_credentials(state, ip, params, now).map_err(|r| play_refusal(r.message))?;
         if !ticket.privileges.contains(Privileges::RECV_AUDIO)
             && !ticket.privileges.contains(Privileges::RECV_VIDEO)
         {
@@ -294,6 +323,7 @@ pub(super) fn authorize_play(
 
 fn authorize_push(
     state: &AppState,
+    ip: std::net::IpAddr,
     app_name: &str,
     tc_url: &str,
     publish_name: &str,
@@ -310,7 +340,7 @@ fn authorize_push(
     }
     let now = crate::auth::unix_now();
     if param(&params, "usersig").is_some() {
-        let (sdk_app_id, ticket) = room_credentials(state, &params, now)?;
+        let (sdk_app_id, ticket) = room_credentials(state, ip, &params, now)?;
         ticket
             .require(Privileges::ENTER_ROOM)
             .map_err(|e| Refusal::auth(e.to_string()))?;
@@ -523,7 +553,7 @@ impl Connection {
                     }
                     Event::Play { name } => {
                         let (stream, params) = split_name_and_query(&name, &tc_url, &app);
-                        match authorize_play(&self.state, &stream, &params) {
+                        match authorize_play(&self.state, self.peer.ip(), &stream, &params) {
                             Ok(source) => {
                                 self.state
                                     .metrics
@@ -623,7 +653,7 @@ impl Connection {
                 message: why,
             });
         }
-        let grant = authorize_push(&self.state, app, tc_url, name)?;
+        let grant = authorize_push(&self.state, self.peer.ip(), app, tc_url, name)?;
         let owner = Owner {
             sdk_app_id: grant.sdk_app_id,
             room: grant.ticket.room.clone(),

@@ -42,7 +42,7 @@ fn within_rate(messages: &Option<Limiter>, texts: &Option<Limiter>, msg: &Client
     ok(messages) && (!matches!(msg, ClientMessage::TextMessage { .. }) || ok(texts))
 }
 
-pub async fn session(socket: WebSocket, state: Arc<AppState>) {
+pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAddr) {
     let id = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
     if state
@@ -99,7 +99,7 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>) {
                             })
                         } else { match msg {
                             ClientMessage::Ping { ts } => Some(ServerMessage::Pong { ts }),
-                            ClientMessage::Join(join) => join_command(&state, id, join).await,
+                            ClientMessage::Join(join) => join_command(&state, id, ip, join).await,
                             other => {
                                 let _ = state.control.send(ControlCommand::Message { session: id, msg: other }).await;
                                 None
@@ -153,7 +153,12 @@ fn credential_error(code: ErrorCode, e: &AuthError) -> ServerMessage {
 
 /// Verifies a `join`; on success hands the control task the ticket and returns nothing,
 /// otherwise returns the error to send.
-async fn join_command(state: &AppState, id: SessionId, join: Join) -> Option<ServerMessage> {
+async fn join_command(
+    state: &AppState,
+    id: SessionId,
+    ip: std::net::IpAddr,
+    join: Join,
+) -> Option<ServerMessage> {
     let refuse = |outcome: &str, msg: ServerMessage| {
         state.metrics.joins.with_label_values(&[outcome]).inc();
         Some(msg)
@@ -191,18 +196,32 @@ async fn join_command(state: &AppState, id: SessionId, join: Join) -> Option<Ser
             ),
         );
     };
+    if let Err(m) = state.may_verify(ip) {
+        info!(session = id.0, %ip, "join refused before its credentials were checked: {m}");
+        return refuse(
+            "throttled",
+            ServerMessage::Error {
+                code: ErrorCode::LimitExceeded,
+                message: m,
+                request: Some("join".into()),
+                tencent_code: None,
+            },
+        );
+    }
     let now = crate::auth::unix_now();
     let app = match state.keyring.app(join.sdk_app_id) {
         Ok(app) => app,
         Err(e) => {
+            state.verify_failed(ip);
             return refuse(
                 "invalid_user_sig",
                 credential_error(ErrorCode::InvalidUserSig, &e),
-            )
+            );
         }
     };
     if let Err(e) = app.verify_user_sig(&join.user_sig, &join.user_id, now) {
         info!(session = id.0, user = %join.user_id, error = %e, "join refused: userSig");
+        state.verify_failed(ip);
         return refuse(
             "invalid_user_sig",
             credential_error(ErrorCode::InvalidUserSig, &e),
@@ -217,6 +236,7 @@ async fn join_command(state: &AppState, id: SessionId, join: Join) -> Option<Ser
         Ok(t) => t,
         Err(e) => {
             info!(session = id.0, user = %join.user_id, error = %e, "join refused: privateMapKey");
+            state.verify_failed(ip);
             return refuse(
                 "invalid_private_map_key",
                 credential_error(ErrorCode::InvalidPrivateMapKey, &e),
