@@ -84,6 +84,9 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     /// Joins refused before their credentials were checked: their IP failed too often.
     pub joins_throttled: prometheus::IntCounter,
+    /// Messages from the media plane to the control task dropped because its backlog
+    /// was full (should stay 0: it holds 65,536).
+    pub control_backlog_drops: prometheus::IntCounter,
     /// Entries of the media plane's demultiplexer, by index (`addr`, `ufrag`).
     pub demux_entries: IntGaugeVec,
     /// Supervised tasks (media, control, accept loops) that died, by part.
@@ -305,6 +308,11 @@ impl Metrics {
                 "weir_joins_throttled_total",
                 "Joins refused without checking their credentials: their client IP failed \
                  too many checks recently",
+            ),
+            control_backlog_drops: counter(
+                "weir_control_backlog_drops_total",
+                "Messages from the media plane to the control task (SDP, errors, peers gone) \
+                 dropped because the backlog waiting for its queue was full",
             ),
             demux_entries: gauge_vec(
                 "weir_demux_entries",

@@ -50,10 +50,14 @@ impl Tag {
     }
 }
 
-/// Tags kept for a new player: from the last keyframe, at most this many.
+/// Tags kept for a new player: from the last keyframe, at most this many and this
+/// many bytes (a 2 s GOP at 20 Mbit/s is 5 MB).
 const GOP_MAX_TAGS: usize = 2500;
-/// Tags a player's queue may hold whatever their timestamps say.
+const GOP_MAX_BYTES: usize = 16 << 20;
+/// Tags a player's queue may hold whatever their timestamps say, in number and in
+/// bytes (a pusher whose timestamps stand still must not make a queue hold more).
 const QUEUE_MAX_TAGS: usize = 4096;
+const QUEUE_MAX_BYTES: usize = 16 << 20;
 /// What a player's writer takes from its queue at a time (at least one tag): the
 /// backlog stays in the queue, where latency control sees it, not in the writer.
 pub const BATCH_MAX_BYTES: usize = 16 * 1024;
@@ -61,6 +65,8 @@ pub const BATCH_MAX_BYTES: usize = 16 * 1024;
 #[derive(Default)]
 struct QueueState {
     tags: VecDeque<Tag>,
+    /// The bytes of `tags`.
+    bytes: usize,
     /// Metadata and sequence headers, put back in front after the queue is emptied so
     /// a player never gets frames it cannot decode.
     headers: Vec<Tag>,
@@ -150,7 +156,10 @@ impl PlayerQueue {
             .map(|f| tag.timestamp.wrapping_sub(f.timestamp) as i32)
             .unwrap_or(0);
         let limit = self.max_latency_ms.saturating_add(s.allowance_ms) as i32;
-        if behind > limit || s.tags.len() >= QUEUE_MAX_TAGS {
+        if behind > limit
+            || s.tags.len() >= QUEUE_MAX_TAGS
+            || s.bytes + tag.data.len() > QUEUE_MAX_BYTES
+        {
             // The player cannot keep up: forget the backlog, resume at a keyframe.
             dropped = s
                 .tags
@@ -158,6 +167,7 @@ impl PlayerQueue {
                 .filter(|t| t.kind != TagKind::Script && !t.is_sequence_header())
                 .count() as u64;
             s.tags.clear();
+            s.bytes = 0;
             s.allowance_ms = 0;
             s.cached_left = 0;
             // Sequence headers again (not metadata: a later script tag looks like a
@@ -172,6 +182,7 @@ impl PlayerQueue {
                     ..h.clone()
                 })
                 .collect();
+            s.bytes += headers.iter().map(|t| t.data.len()).sum::<usize>();
             s.tags.extend(headers);
             if tag.kind == TagKind::Video && !tag.is_video_keyframe() {
                 s.waiting_keyframe = true;
@@ -182,6 +193,7 @@ impl PlayerQueue {
             s.waiting_keyframe = tag.kind != TagKind::Video;
         }
         s.dropped += dropped;
+        s.bytes += tag.data.len();
         s.tags.push_back(tag);
         drop(s);
         self.notify.notify_one();
@@ -225,7 +237,9 @@ impl PlayerQueue {
         if s.cached_left == 0 {
             s.allowance_ms = 0;
         }
-        Some(Next::Tags(s.tags.drain(..n).collect()))
+        let taken: Vec<Tag> = s.tags.drain(..n).collect();
+        s.bytes -= taken.iter().map(|t| t.data.len()).sum::<usize>();
+        Some(Next::Tags(taken))
     }
 
     pub fn dropped(&self) -> u64 {
@@ -240,6 +254,8 @@ struct SourceState {
     audio_header: Option<Tag>,
     /// From the last video keyframe on (bounded); empty when there is none.
     gop: Vec<Tag>,
+    /// The bytes of `gop`.
+    gop_bytes: usize,
     players: Vec<Arc<PlayerQueue>>,
     ended: bool,
     last_ts: u32,
@@ -278,12 +294,16 @@ impl Source {
                 }
             } else if tag.is_video_keyframe() {
                 s.gop.clear();
+                s.gop_bytes = tag.data.len();
                 s.gop.push(tag.clone());
             } else if !s.gop.is_empty() {
-                if s.gop.len() < GOP_MAX_TAGS {
+                if s.gop.len() < GOP_MAX_TAGS && s.gop_bytes + tag.data.len() <= GOP_MAX_BYTES {
+                    s.gop_bytes += tag.data.len();
                     s.gop.push(tag.clone());
                 } else {
-                    s.gop.clear(); // a GOP this long is not worth replaying
+                    // A GOP this long is not worth replaying.
+                    s.gop.clear();
+                    s.gop_bytes = 0;
                 }
             }
             s.players
@@ -346,10 +366,12 @@ impl Source {
             qs.headers.extend(s.video_header.iter().map(at_start));
             qs.headers.extend(s.audio_header.iter().map(at_start));
             let headers = qs.headers.clone();
+            qs.bytes += headers.iter().map(|t| t.data.len()).sum::<usize>();
             qs.tags.extend(headers);
             if s.gop.is_empty() {
                 qs.waiting_keyframe = true;
             } else {
+                qs.bytes += s.gop_bytes;
                 qs.tags.extend(s.gop.iter().cloned());
                 qs.allowance_ms = s.last_ts.wrapping_sub(start);
                 qs.cached_left = qs.tags.len();
@@ -402,17 +424,23 @@ pub struct Hub {
     max_latency_ms: u32,
     /// Called with (stream, tags dropped) when latency control drops tags.
     on_drop: DropFn,
+    /// Called with a stream's name when it ends (its metric series go).
+    on_close: CloseFn,
 }
+
+/// Told a stream's name when it ends.
+pub type CloseFn = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Told (stream, tags dropped) when latency control drops tags.
 pub type DropFn = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
 impl Hub {
-    pub fn new(max_latency_ms: u32, on_drop: DropFn) -> Self {
+    pub fn new(max_latency_ms: u32, on_drop: DropFn, on_close: CloseFn) -> Self {
         Self {
             sources: Mutex::new(HashMap::new()),
             max_latency_ms,
             on_drop,
+            on_close,
         }
     }
 
@@ -441,11 +469,15 @@ impl Hub {
     /// Ends a stream: its players are closed.
     pub fn close(&self, name: &str, source: &Arc<Source>) {
         let mut map = self.sources.lock().expect("hub lock");
-        if map.get(name).is_some_and(|(s, _)| Arc::ptr_eq(s, source)) {
+        let current = map.get(name).is_some_and(|(s, _)| Arc::ptr_eq(s, source));
+        if current {
             map.remove(name);
         }
         drop(map);
         source.end();
+        if current {
+            (self.on_close)(name);
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<(Arc<Source>, StreamPlace)> {

@@ -32,7 +32,7 @@ fn headers() -> Vec<Tag> {
 }
 
 fn hub() -> Hub {
-    Hub::new(500, Arc::new(|_, _| {}))
+    Hub::new(500, Arc::new(|_, _| {}), Arc::new(|_| {}))
 }
 
 fn place() -> StreamPlace {
@@ -208,4 +208,56 @@ fn the_writer_takes_bounded_batches_and_the_backlog_stays_visible() {
     let resumed = take(&q);
     assert!(resumed[0].is_sequence_header());
     assert!(resumed.iter().any(|t| t.is_video_keyframe()));
+}
+
+/// Drains everything a player has queued.
+fn take_all(q: &Player) -> Vec<Tag> {
+    let mut all = Vec::new();
+    loop {
+        let t = take(q);
+        if t.is_empty() {
+            return all;
+        }
+        all.extend(t);
+    }
+}
+
+fn bytes_of(tags: &[Tag]) -> usize {
+    tags.iter().map(|t| t.data.len()).sum()
+}
+
+/// A pusher whose timestamps stand still defeats the media-time bound: before, a
+/// player's queue then held up to 4,096 tags of up to 4 MiB each.
+#[test]
+fn a_player_queue_is_bounded_in_bytes_when_timestamps_stand_still() {
+    let h = hub();
+    let s = h.open("cam", place());
+    let q = s.subscribe();
+    s.push(big_video(0, true, 1 << 20));
+    for _ in 0..40 {
+        s.push(big_video(0, false, 1 << 20));
+    }
+    let queued = take_all(&q);
+    assert!(
+        bytes_of(&queued) <= QUEUE_MAX_BYTES,
+        "{}",
+        bytes_of(&queued)
+    );
+    assert!(q.dropped() > 0);
+}
+
+#[test]
+fn the_gop_cache_is_bounded_in_bytes() {
+    let h = hub();
+    let s = h.open("cam", place());
+    s.push(big_video(0, true, 1 << 20));
+    for i in 1..40 {
+        s.push(big_video(i, false, 1 << 20));
+    }
+    let q = s.subscribe();
+    let replay = take_all(&q);
+    assert!(bytes_of(&replay) <= GOP_MAX_BYTES, "{}", bytes_of(&replay));
+    // The replay was given up: the player starts at the next keyframe.
+    s.push(big_video(41, true, 100));
+    assert!(take_all(&q)[0].is_video_keyframe());
 }

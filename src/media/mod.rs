@@ -83,6 +83,9 @@ pub struct Media {
     /// stream id → subscribers and the kinds each receives.
     subscriptions: HashMap<String, HashMap<SessionId, Vec<Kind>>>,
     control: mpsc::Sender<ControlCommand>,
+    /// What the control task must hear (SDP, errors, a connection gone) but whose
+    /// queue was full: sent in order as it drains, never dropped below the bound.
+    to_control: std::collections::VecDeque<ControlCommand>,
     metrics: Arc<Metrics>,
     /// Last PLI sent to each publisher track, to throttle keyframe requests.
     last_pli: HashMap<(String, Kind), Instant>,
@@ -120,6 +123,9 @@ pub struct Media {
 /// network), and ufrags (the current one and the ones before the last ICE restarts).
 const MAX_ADDRS: usize = 8;
 const MAX_UFRAGS: usize = 3;
+
+/// Commands for the control task that may wait for its queue (see `to_control`).
+const CONTROL_BACKLOG: usize = 65_536;
 
 /// Keyframe requests to one publisher track are sent at most this often.
 const PLI_INTERVAL: Duration = Duration::from_millis(500);
@@ -207,6 +213,7 @@ impl Media {
             publishers: HashMap::new(),
             subscriptions: HashMap::new(),
             control,
+            to_control: Default::default(),
             metrics,
             last_pli: HashMap::new(),
             bridged: HashMap::new(),
@@ -233,6 +240,7 @@ impl Media {
         mut bridge_rx: mpsc::Receiver<BridgeInput>,
     ) {
         let socket = self.socket.clone();
+        let control = self.control.clone();
         let mut buf = vec![0u8; 2048];
         let (tcp_tx, mut tcp_rx) = mpsc::channel(4096);
         let acceptor = self
@@ -250,6 +258,12 @@ impl Media {
                 .min(self.next_tick);
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline.max(now)));
             tokio::select! {
+                permit = control.reserve(), if !self.to_control.is_empty() => {
+                    if let (Ok(permit), Some(cmd)) = (permit, self.to_control.pop_front()) {
+                        permit.send(cmd);
+                    }
+                    self.flush_control();
+                }
                 input = rx.recv() => match input {
                     Some(input) => self.input(input),
                     None => break,
@@ -356,16 +370,39 @@ impl Media {
         }
     }
 
-    fn tell(&self, session: SessionId, msg: ServerMessage) {
-        if self
-            .control
-            .try_send(ControlCommand::MediaSignal { session, msg })
-            .is_err()
-        {
+    fn tell(&mut self, session: SessionId, msg: ServerMessage) {
+        self.to_control(ControlCommand::MediaSignal { session, msg });
+    }
+
+    /// Hands `cmd` to the control task, after what is already waiting for it. A full
+    /// queue (everyone leaving at once, a control task busy) delays it; only past
+    /// `CONTROL_BACKLOG` waiting commands is one dropped, and that is logged.
+    fn to_control(&mut self, cmd: ControlCommand) {
+        if self.to_control.len() >= CONTROL_BACKLOG {
             warn!(
-                session = session.0,
-                "control queue full; a signaling message was dropped"
+                ?cmd,
+                "control backlog full; a message to the control task was dropped"
             );
+            self.metrics.control_backlog_drops.inc();
+            return;
+        }
+        self.to_control.push_back(cmd);
+        self.flush_control();
+    }
+
+    fn flush_control(&mut self) {
+        while let Some(cmd) = self.to_control.pop_front() {
+            match self.control.try_send(cmd) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(cmd)) => {
+                    self.to_control.push_front(cmd);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.to_control.clear();
+                    break;
+                }
+            }
         }
     }
 
@@ -771,9 +808,7 @@ impl Media {
                 ?key,
                 "peer connection failed; the member is removed"
             );
-            let _ = self
-                .control
-                .try_send(ControlCommand::MediaGone { session: key.0 });
+            self.to_control(ControlCommand::MediaGone { session: key.0 });
             self.close_peer(key);
         }
         for p in self.peers.values_mut() {

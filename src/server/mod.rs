@@ -278,6 +278,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
 
     let hub = {
         let metrics = metrics.clone();
+        let forget = metrics.clone();
         Arc::new(crate::live::Hub::new(
             config.server.play_max_latency_ms,
             Arc::new(move |stream: &str, n: u64| {
@@ -285,6 +286,10 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
                     .player_dropped_tags
                     .with_label_values(&[stream])
                     .inc_by(n)
+            }),
+            // A stream's series go with it (label sets stay bounded).
+            Arc::new(move |stream: &str| {
+                let _ = forget.player_dropped_tags.remove_label_values(&[stream]);
             }),
         ))
     };
