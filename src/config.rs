@@ -29,6 +29,10 @@ pub struct Config {
 pub struct ServerConfig {
     /// HTTP: websocket signaling, metrics, health, demo page.
     pub http_addr: String,
+    /// PEM certificate chain and private key: when both are set, `http_addr` serves
+    /// HTTPS and WSS only (reloaded on SIGHUP or when the files change).
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
     /// Prometheus `/metrics` (with `/healthz`, `/readyz`) on its own listener: its
     /// labels name rooms and users, so it is loopback by default. Empty: no listener.
     pub metrics_addr: String,
@@ -117,6 +121,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             http_addr: "0.0.0.0:8080".into(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
             metrics_addr: "127.0.0.1:9100".into(),
             metrics_token: String::new(),
             dev_mode: false,

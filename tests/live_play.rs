@@ -776,6 +776,12 @@ async fn a_slow_player_is_cut_back_to_keyframes_and_a_normal_one_is_not() {
     )
     .unwrap();
     let path = slow_url.split_once(&http.to_string()).unwrap().1.to_owned();
+    // While the stream is live (it ends at 12 s), the drops are in /metrics.
+    let metrics_addr = t.server.metrics_addr.unwrap();
+    let live_metrics = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        common::http_get(metrics_addr, "/metrics").await
+    });
     // Reads at less than half the stream's rate.
     let seen = throttled_http_flv(http, &path, 40_000, Duration::from_secs(20)).await;
     assert!(ffmpeg.wait().await.unwrap().success(), "push");
@@ -817,9 +823,12 @@ async fn a_slow_player_is_cut_back_to_keyframes_and_a_normal_one_is_not() {
         }
     }
     assert!(jumps >= 2, "the slow player was cut back ({jumps} skips)");
-    let metrics = t.metrics().await;
+    let metrics = live_metrics.await.unwrap();
     let dropped = common::metric(&metrics, "weir_player_dropped_tags_total{stream=\"busy\"}");
     assert!(dropped > 0.0, "drops are counted per stream");
+    // The stream has ended: its series is gone (label sets stay bounded).
+    let metrics = t.metrics().await;
+    assert!(!metrics.contains("weir_player_dropped_tags_total{stream=\"busy\"}"));
     // Reading under half the stream, an unbounded queue would leave it > 5 s behind at
     // the end (13 s it was, before unsent bytes in the kernel were limited; 1.9-3.6 s
     // while the writer took the whole queue at a time and hyper buffered up to 400 KiB).

@@ -49,10 +49,12 @@ pub fn ops_routes(state: Arc<AppState>) -> Router {
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// Serves `app` on `listener` (over TLS when `tls` is given) until `stop`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     limit: Arc<crate::limits::Connections>,
+    tls: Option<Arc<super::tls::Tls>>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Connections are told to finish when this sender is dropped; the serve loop
@@ -87,25 +89,19 @@ pub async fn serve(
         let service = hyper_util::service::TowerToHyperService::new(
             app.clone().layer(axum::Extension(PeerAddr(peer))),
         );
-        let mut closing = closing_rx.clone();
+        let closing = closing_rx.clone();
         let done = done_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .max_buf_size(HTTP_BUFFER_BYTES)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            match tls {
+                None => serve_connection(socket, service, peer, closing).await,
+                Some(tls) => {
+                    let handshake = tls.acceptor().accept(socket);
+                    match tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(stream)) => serve_connection(stream, service, peer, closing).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                }
-                _ = closing.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
                 }
             }
             drop(done);
@@ -116,6 +112,36 @@ pub async fn serve(
     drop(closing_tx);
     drop(done_rx);
     done_tx.closed().await;
+}
+
+/// One HTTP/1 connection (plain or TLS), bounded as the constants above say, until it
+/// ends or the server closes.
+async fn serve_connection<I>(
+    io: I,
+    service: hyper_util::service::TowerToHyperService<Router>,
+    peer: std::net::SocketAddr,
+    mut closing: watch::Receiver<()>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(HTTP_BUFFER_BYTES)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            }
+        }
+        _ = closing.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 async fn websocket(

@@ -22,6 +22,7 @@ pub mod control;
 mod http;
 pub mod rtmp;
 mod supervise;
+pub mod tls;
 mod web;
 mod ws;
 
@@ -198,6 +199,18 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
                 .with_context(|| format!("binding metrics on {}", config.server.metrics_addr))?,
         )
     };
+    let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+        (c, k) if c.is_empty() && k.is_empty() => None,
+        (c, k) if c.is_empty() || k.is_empty() => {
+            anyhow::bail!("TLS needs both tls_cert_file and tls_key_file")
+        }
+        (c, k) => {
+            let tls = tls::Tls::load(std::path::Path::new(c), std::path::Path::new(k))?;
+            tokio::spawn(tls.clone().watch());
+            info!(cert = %c, "HTTPS and WSS on the HTTP listener (reloaded on SIGHUP or change)");
+            Some(tls)
+        }
+    };
     let host = public_host(&config);
     let rtmp_listener = if config.server.rtmp_addr.is_empty() {
         None
@@ -214,7 +227,11 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             "rtmp://{host}:{}/live",
             rtmp_addr.map_or(1935, |a| a.port())
         ),
-        flv: format!("http://{host}:{}/live", http_addr.port()),
+        flv: format!(
+            "{}://{host}:{}/live",
+            if tls.is_some() { "https" } else { "http" },
+            http_addr.port()
+        ),
         webrtc: format!("webrtc://{host}:{}/live", http_addr.port()),
     };
     let rooms = Rooms::new(
@@ -356,7 +373,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             let addr = l.local_addr()?;
             let app = http::ops_routes(state.clone());
             let limit = connections("metrics");
-            supervisor.spawn("metrics", http::serve(l, app, limit, stop_rx.clone()));
+            supervisor.spawn("metrics", http::serve(l, app, limit, None, stop_rx.clone()));
             info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
             Some(addr)
         }
@@ -365,7 +382,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     let app = http::public_routes(state.clone());
     let http = supervisor.spawn(
         "http",
-        http::serve(listener, app, connections("http"), stop_rx),
+        http::serve(listener, app, connections("http"), tls, stop_rx),
     );
     info!(
         addr = %http_addr,
