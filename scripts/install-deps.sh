@@ -36,3 +36,9 @@ if ! command -v cargo >/dev/null; then
   echo "install-deps: cargo is missing; install Rust with rustup (https://rustup.rs)" >&2
   exit 1
 fi
+
+# Testing also fuzzes every parser briefly: cargo-fuzz, from crates.io.
+if [ "$mode" = test ] && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --version 0.13.2
+fi

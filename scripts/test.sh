@@ -9,4 +9,6 @@ scripts/install-deps.sh test
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check
 fi
+# Every parser of peer input, fuzzed briefly from its seeds (WEIR_FUZZ_SECONDS each).
+scripts/fuzz-ci.sh "${WEIR_FUZZ_SECONDS:-10}"
 cargo test --workspace --locked

@@ -19,7 +19,7 @@ mod peer;
 mod tcp;
 
 pub use demux::stun_username;
-pub use forward::{keyframe_dimensions, kind_label, starts_keyframe};
+pub use forward::{codec_compatible, keyframe_dimensions, kind_label, starts_keyframe};
 pub use nack_guard::{NackGuard, PausedSsrcs};
 pub use peer::{RtcpTap, RTCP_TAP_SLOT};
 
