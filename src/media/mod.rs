@@ -124,7 +124,7 @@ pub struct Media {
 const MAX_ADDRS: usize = 8;
 const MAX_UFRAGS: usize = 3;
 
-/// Commands for the control task that may wait for its queue (see `to_control`).
+/// Commands for the control task that may wait for its queue (see `send_control`).
 const CONTROL_BACKLOG: usize = 65_536;
 
 /// Keyframe requests to one publisher track are sent at most this often.
@@ -371,13 +371,13 @@ impl Media {
     }
 
     fn tell(&mut self, session: SessionId, msg: ServerMessage) {
-        self.to_control(ControlCommand::MediaSignal { session, msg });
+        self.send_control(ControlCommand::MediaSignal { session, msg });
     }
 
     /// Hands `cmd` to the control task, after what is already waiting for it. A full
     /// queue (everyone leaving at once, a control task busy) delays it; only past
     /// `CONTROL_BACKLOG` waiting commands is one dropped, and that is logged.
-    fn to_control(&mut self, cmd: ControlCommand) {
+    fn send_control(&mut self, cmd: ControlCommand) {
         if self.to_control.len() >= CONTROL_BACKLOG {
             warn!(
                 ?cmd,
@@ -808,7 +808,7 @@ impl Media {
                 ?key,
                 "peer connection failed; the member is removed"
             );
-            self.to_control(ControlCommand::MediaGone { session: key.0 });
+            self.send_control(ControlCommand::MediaGone { session: key.0 });
             self.close_peer(key);
         }
         for p in self.peers.values_mut() {
