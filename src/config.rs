@@ -79,7 +79,12 @@ pub struct ServerConfig {
     /// either. 0 leaves the kernel's default.
     pub tcp_unsent_limit_bytes: u32,
     pub max_rooms: usize,
+    /// Members of one room (a class is hundreds).
     pub max_members_per_room: usize,
+    /// Streams published at once in one room, and on the node: each is forwarded to
+    /// everyone in its room, so publishers multiply a node's load.
+    pub max_publishers_per_room: usize,
+    pub max_publishers: usize,
     /// Open TCP connections per listener (HTTP, RTMP, ICE-TCP), in total and from one
     /// client (an IPv4 address or an IPv6 /64); more are closed at accept.
     pub max_connections: usize,
@@ -138,7 +143,9 @@ impl Default for ServerConfig {
             play_max_latency_ms: 500,
             tcp_unsent_limit_bytes: 16 * 1024,
             max_rooms: 1000,
-            max_members_per_room: 50,
+            max_members_per_room: 500,
+            max_publishers_per_room: 50,
+            max_publishers: 1000,
             max_connections: 10_000,
             max_connections_per_ip: 256,
             max_failed_joins_per_ip: 20,

@@ -61,6 +61,10 @@ pub enum RoomError {
     TooManyRooms(usize),
     #[error("room {room} has {limit} members, its limit")]
     RoomFull { room: String, limit: usize },
+    #[error("room {room} has {limit} publishers, its limit")]
+    TooManyPublishersInRoom { room: String, limit: usize },
+    #[error("this node carries {0} published streams, its limit")]
+    TooManyPublishers(usize),
     #[error("text message is {len} bytes, more than {limit}")]
     TextTooLong { len: usize, limit: usize },
     #[error("stream name {0:?} is already live on this node")]
@@ -79,6 +83,8 @@ impl RoomError {
             }
             RoomError::TooManyRooms(_)
             | RoomError::RoomFull { .. }
+            | RoomError::TooManyPublishersInRoom { .. }
+            | RoomError::TooManyPublishers(_)
             | RoomError::TextTooLong { .. } => ErrorCode::LimitExceeded,
         }
     }
@@ -132,6 +138,9 @@ pub enum Output {
 pub struct Limits {
     pub max_rooms: usize,
     pub max_members_per_room: usize,
+    /// Streams published at once in one room, and on the node.
+    pub max_publishers_per_room: usize,
+    pub max_publishers: usize,
     /// The congestion policy of rooms whose creator did not choose one.
     pub congestion_policy: CongestionPolicy,
 }
@@ -559,6 +568,20 @@ impl Rooms {
         let id = name.unwrap_or_else(|| stream_id_for(&key, &e.user_id));
         if self.streams.contains_key(&id) {
             return Err(RoomError::StreamNameTaken(id));
+        }
+        if self.streams.len() >= self.limits.max_publishers {
+            return Err(RoomError::TooManyPublishers(self.limits.max_publishers));
+        }
+        let publishing = self.rooms[&key]
+            .members
+            .values()
+            .filter(|m| m.stream.is_some())
+            .count();
+        if publishing >= self.limits.max_publishers_per_room {
+            return Err(RoomError::TooManyPublishersInRoom {
+                room: key.name(),
+                limit: self.limits.max_publishers_per_room,
+            });
         }
         let member = self.member_mut(&e);
         let stream = Stream {

@@ -24,6 +24,8 @@ fn rooms() -> Rooms {
         Limits {
             max_rooms: 2,
             max_members_per_room: 3,
+            max_publishers_per_room: 2,
+            max_publishers: 3,
             congestion_policy: Default::default(),
         },
         UrlBase {
@@ -223,6 +225,37 @@ fn limits_are_enforced() {
     ));
     let e = r.text(SessionId(10), &"x".repeat(5000), 0).unwrap_err();
     assert_eq!(e.code(), ErrorCode::LimitExceeded);
+}
+
+#[test]
+fn publishers_are_limited_per_room_and_per_node() {
+    let mut r = rooms();
+    for (s, user, room) in [
+        (10, "a", 1),
+        (11, "b", 1),
+        (12, "c", 1),
+        (13, "d", 2),
+        (14, "e", 2),
+    ] {
+        r.join(SessionId(s), APP, &ticket(user, room, 0xff), true)
+            .unwrap();
+    }
+    r.publish(SessionId(10), true, true).unwrap();
+    r.publish(SessionId(11), true, true).unwrap();
+    // Room 1 has 2 publishers, its limit.
+    let e = r.publish(SessionId(12), true, true).unwrap_err();
+    assert!(
+        matches!(e, RoomError::TooManyPublishersInRoom { limit: 2, .. }),
+        "{e}"
+    );
+    assert_eq!(e.code(), ErrorCode::LimitExceeded);
+    // The node carries 3 streams, its limit.
+    r.publish(SessionId(13), true, false).unwrap();
+    let e = r.publish(SessionId(14), true, false).unwrap_err();
+    assert!(matches!(e, RoomError::TooManyPublishers(3)), "{e}");
+    // A publisher that stops makes room.
+    r.unpublish(SessionId(10)).unwrap();
+    r.publish(SessionId(12), true, true).unwrap();
 }
 
 #[test]

@@ -238,6 +238,8 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         Limits {
             max_rooms: config.server.max_rooms,
             max_members_per_room: config.server.max_members_per_room,
+            max_publishers_per_room: config.server.max_publishers_per_room,
+            max_publishers: config.server.max_publishers,
             congestion_policy: config.server.congestion_policy,
         },
         urls.clone(),
