@@ -230,29 +230,13 @@ async fn a_dead_media_task_fails_the_health_checks_and_refuses_joins() {
 async fn unauthenticated_stun_from_many_ports_does_not_grow_the_index() {
     let t = TestServer::start().await;
     let (mut a, _) = Client::join(&t.ws_url(), t.join("alice", 31, 0xff)).await;
-    a.publish(true, true).await;
-    let mut peer = RtcPeer::new().await;
-    let _video = peer
-        .add_send_track(RtpCodecKind::Video, h264(), 0x1234)
-        .await;
-    a.send(&ClientMessage::Offer {
-        target: Target::Publisher,
-        sdp: peer.offer().await,
-    })
-    .await;
-    let answer = a
-        .expect(|m| match m {
-            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
-            _ => None,
-        })
-        .await;
+    let (peer, _video) = publish(&t, &mut a, None).await;
+    let answer = peer.pc.remote_description().await.expect("the answer").sdp;
     let ufrag = answer
         .lines()
         .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
         .expect("the answer has a ufrag")
         .to_owned();
-    peer.accept_answer(answer).await;
-    peer.connected().await;
 
     // A Binding request with USERNAME "ufrag:x" and a wrong MESSAGE-INTEGRITY.
     let username = format!("{ufrag}:x");

@@ -387,16 +387,9 @@ async fn a_member_flooding_text_is_limited_and_disconnects_nobody() {
 /// was on the public listener for anyone.
 #[tokio::test]
 async fn metrics_are_not_public() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     async fn get(addr: std::net::SocketAddr, auth: Option<&str>) -> String {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
-        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
+        common::http_get_with(addr, "/metrics", &auth).await
     }
     let t = TestServer::start().await;
     let public = t.server.http_addr;

@@ -136,9 +136,14 @@ pub fn metric(text: &str, selector: &str) -> f64 {
 
 /// A minimal HTTP/1.0 GET, enough for /metrics and /healthz.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    http_get_with(addr, path, "").await
+}
+
+/// [`http_get`] with extra header lines (each ending in `\r\n`).
+pub async fn http_get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{headers}\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();
