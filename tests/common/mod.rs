@@ -17,6 +17,7 @@ pub mod media;
 pub mod peer;
 pub mod plot;
 pub mod relay;
+pub mod source;
 pub mod watcher;
 
 pub const APP: u64 = 1_400_000_000;

@@ -153,3 +153,97 @@ pub fn congestion_run(
     svg.push_str("</svg>\n");
     std::fs::write(dir.join("congestion-run.svg"), svg).unwrap();
 }
+
+/// One line of a trace plot: a label, a colour and (t, value) points.
+pub struct Line<'a> {
+    pub label: &'a str,
+    pub color: &'a str,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A trace over time as SVG: one panel, several lines, the y axis from 0 to the
+/// largest value (or `y_max`), the x axis in seconds.
+pub fn trace_svg(title: &str, y_label: &str, lines: &[Line], y_max: Option<f64>) -> String {
+    let t_max = lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let v_max = y_max.unwrap_or_else(|| {
+        lines
+            .iter()
+            .flat_map(|l| l.points.iter().map(|p| p.1))
+            .fold(10.0, f64::max)
+            * 1.1
+    });
+    let v_min = lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.1))
+        .fold(0.0, f64::min);
+    let v_min = if v_min < 0.0 {
+        (v_min / 10.0).floor() * 10.0
+    } else {
+        0.0
+    };
+    let (w, h, left, right, top) = (900.0, 360.0, 60.0, 20.0, 40.0);
+    let ph = h - top - 50.0;
+    let x = |t: f64| left + (t / t_max) * (w - left - right);
+    let y = |v: f64| top + ph - ((v - v_min) / (v_max - v_min)).clamp(0.0, 1.0) * ph;
+    let mut svg = String::new();
+    writeln!(svg, r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"##).unwrap();
+    writeln!(svg, r##"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="18" font-size="14">{title}</text>"##).unwrap();
+    writeln!(
+        svg,
+        r##"<rect x="{left}" y="{top}" width="{}" height="{ph}" fill="none" stroke="#888"/>"##,
+        w - left - right
+    )
+    .unwrap();
+    let step = if v_max > 400.0 {
+        100.0
+    } else if v_max > 100.0 {
+        50.0
+    } else {
+        10.0
+    };
+    let mut v = (v_min / step).ceil() * step;
+    while v <= v_max {
+        writeln!(svg, r##"<line x1="{left}" x2="{}" y1="{1}" y2="{1}" stroke="#eee"/><text x="{2}" y="{3}" text-anchor="end">{v:.0}</text>"##, w - right, y(v), left - 4.0, y(v) + 4.0).unwrap();
+        v += step;
+    }
+    let t_step = if t_max > 120.0 { 30.0 } else { 10.0 };
+    let mut t = 0.0;
+    while t <= t_max {
+        writeln!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="middle">{t:.0}</text>"##,
+            x(t),
+            top + ph + 16.0
+        )
+        .unwrap();
+        t += t_step;
+    }
+    writeln!(
+        svg,
+        r##"<text x="{}" y="{}" text-anchor="middle">seconds · {y_label}</text>"##,
+        left + (w - left - right) / 2.0,
+        top + ph + 34.0
+    )
+    .unwrap();
+    let slot = (w - left - right) / lines.len().max(1) as f64;
+    for (i, l) in lines.iter().enumerate() {
+        let pts: Vec<String> = l
+            .points
+            .iter()
+            .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v)))
+            .collect();
+        writeln!(
+            svg,
+            r##"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"##,
+            l.color,
+            pts.join(" ")
+        )
+        .unwrap();
+        writeln!(svg, r##"<rect x="{0}" y="{1}" width="12" height="3" fill="{2}"/><text x="{3}" y="{4}">{5}</text>"##, left + 8.0 + slot * i as f64, h - 12.0, l.color, left + 24.0 + slot * i as f64, h - 8.0, l.label).unwrap();
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
