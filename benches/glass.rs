@@ -295,8 +295,6 @@ fn play_flv(url: &str, seconds: u64, with_audio: bool) -> Received {
         "low_delay",
         "-i",
         url,
-        "-t",
-        &seconds.to_string(),
         "-map",
         "0:v",
         "-f",
@@ -370,17 +368,25 @@ fn play_flv(url: &str, seconds: u64, with_audio: bool) -> Received {
     let mut frames = Vec::new();
     let mut first = None;
     let mut gray = vec![0u8; W * H];
-    eprintln!("player started: {url}");
+    // Stopped by the wall clock (a stream that stalls must not hang the bench).
+    let deadline = started + seconds as f64 * 1000.0 + 2000.0;
+    let killer = {
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let wait = (deadline - wall_ms()).max(0.0);
+            std::thread::sleep(Duration::from_millis(wait as u64));
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        })
+    };
     while out.read_exact(&mut gray).is_ok() {
         let now = wall_ms();
         first.get_or_insert(now - started);
         frames.push((source::read_index(&gray), now));
-        if frames.len() % 150 == 1 {
-            eprintln!("player: {} frames", frames.len());
-        }
     }
-    eprintln!("player's video ended after {} frames", frames.len());
     let _ = child.kill();
+    let _ = killer.join();
     let status = child.wait();
     // If ffmpeg never opened the FIFO (no audio stream found), the reader still waits
     // in open(): a non-blocking writer lets it go.
