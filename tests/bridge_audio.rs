@@ -61,12 +61,18 @@ fn tag(packet_type: u8, body: &[u8]) -> Bytes {
     Bytes::from(t)
 }
 
-/// Feeds the frames with the given FLV timestamps; returns the Opus RTP timestamps.
-fn run(asc: &[u8], frames: &[Vec<u8>], flv_ms: impl Fn(usize) -> u32) -> (Vec<u32>, Bridge) {
+/// Feeds the frames with the given FLV timestamps; returns the Opus RTP timestamps and
+/// each packet's duration in samples.
+fn run(
+    asc: &[u8],
+    frames: &[Vec<u8>],
+    flv_ms: impl Fn(usize) -> u32,
+) -> (Vec<u32>, Vec<u32>, Bridge) {
     let t0 = Instant::now();
     let mut b = Bridge::new(BridgeConfig::default(), t0, 0);
     b.handle_audio(0, &tag(0, asc), t0);
     let mut ts = Vec::new();
+    let mut durations = Vec::new();
     for (n, f) in frames.iter().enumerate() {
         let ms = flv_ms(n);
         // Arrival in real time, so nothing counts as a burst or a backlog.
@@ -80,10 +86,12 @@ fn run(asc: &[u8], frames: &[Vec<u8>], flv_ms: impl Fn(usize) -> u32) -> (Vec<u3
             } = o
             {
                 ts.push(packet.header.timestamp);
+                durations
+                    .push(opus::packet::get_nb_samples(&packet.payload, 48_000).unwrap() as u32);
             }
         }
     }
-    (ts, b)
+    (ts, durations, b)
 }
 
 #[test]
@@ -91,7 +99,7 @@ fn opus_timestamps_count_samples_and_ignore_jitter() {
     let (asc, frames) = aac_frames(44_100, 2, 3);
     assert!(frames.len() > 100);
     // FLV timestamps rounded to ms plus ±15 ms of jitter.
-    let (ts, b) = run(&asc, &frames, |n| {
+    let (ts, durations, b) = run(&asc, &frames, |n| {
         let ideal = (n as f64 * 1024.0 * 1000.0 / 44_100.0) as u32;
         let jitter = [0i32, 15, -15, 7][n % 4];
         (ideal as i32 + 20 + jitter).max(0) as u32
@@ -99,8 +107,14 @@ fn opus_timestamps_count_samples_and_ignore_jitter() {
     assert_eq!(b.stats.audio_reanchors, 0);
     assert_eq!(b.stats.audio_decode_errors, 0);
     assert!(ts.len() > 100);
-    for w in ts.windows(2) {
-        assert_eq!(w[1].wrapping_sub(w[0]), 960, "exactly 20 ms per packet");
+    // 20 ms packets, and a 10 ms one whenever 10 ms more were held; each starts
+    // exactly where the last ended.
+    assert!(
+        durations.iter().all(|d| *d == 960 || *d == 480),
+        "{durations:?}"
+    );
+    for (i, w) in ts.windows(2).enumerate() {
+        assert_eq!(w[1].wrapping_sub(w[0]), durations[i], "packet {i}");
     }
 }
 
@@ -109,7 +123,7 @@ fn a_jump_in_the_source_clock_reanchors_once() {
     let (asc, frames) = aac_frames(48_000, 1, 3);
     let frame_ms = 1024.0 * 1000.0 / 48_000.0;
     let jump_at = 60;
-    let (ts, b) = run(&asc, &frames, |n| {
+    let (ts, durations, b) = run(&asc, &frames, |n| {
         let ms = (n as f64 * frame_ms) as u32;
         if n >= jump_at {
             ms + 2000
@@ -121,8 +135,9 @@ fn a_jump_in_the_source_clock_reanchors_once() {
     // One step in the timestamps, of about the jump plus what the restart discarded.
     let steps: Vec<u32> = ts
         .windows(2)
-        .map(|w| w[1].wrapping_sub(w[0]))
-        .filter(|d| *d != 960)
+        .enumerate()
+        .filter(|(i, w)| w[1].wrapping_sub(w[0]) != durations[*i])
+        .map(|(_, w)| w[1].wrapping_sub(w[0]))
         .collect();
     assert_eq!(steps.len(), 1, "{steps:?}");
     let jump_ms = f64::from(steps[0]) / 48.0;
