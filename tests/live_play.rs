@@ -148,7 +148,7 @@ async fn an_rtmp_push_plays_over_rtmp_and_http_flv_from_start_and_mid_stream() {
     let http = t.server.http_addr;
     let push = format!("rtmp://{rtmp}/live/show?{}", credentials(&t, "host", 0xff));
     let mut ffmpeg = pusher(&push, 6);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for_publish(&t).await;
 
     let dir = tempfile::tempdir().unwrap();
     // An RTMP player with room credentials (receive privileges only).
@@ -198,7 +198,7 @@ async fn play_urls_without_valid_credentials_are_refused() {
     let http = t.server.http_addr;
     let push = format!("rtmp://{rtmp}/live/show?{}", credentials(&t, "host", 0xff));
     let mut ffmpeg = pusher(&push, 4);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for_publish(&t).await;
 
     // No receive privilege.
     let no_recv = format!(
@@ -760,7 +760,10 @@ async fn a_slow_player_is_cut_back_to_keyframes_and_a_normal_one_is_not() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Players come once the push is on (a fixed 700 ms was too short for ffmpeg's
+    // start on a loaded CI machine: the slow player got a 404).
+    wait_for_publish(&t).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let dir = tempfile::tempdir().unwrap();
     let normal_url = format!(
         "rtmp://{rtmp}/live/busy?{}",
@@ -839,4 +842,18 @@ async fn a_slow_player_is_cut_back_to_keyframes_and_a_normal_one_is_not() {
         max_lag < 2.5,
         "the slow player's lag stayed bounded: {max_lag:.2} s"
     );
+}
+
+/// Waits (up to 15 s) until an RTMP pusher is publishing on the server.
+async fn wait_for_publish(t: &TestServer) {
+    for _ in 0..300 {
+        let m = t.metrics().await;
+        if m.lines()
+            .any(|l| l.starts_with("weir_rtmp_connections{role=\"publish\"}") && !l.ends_with(" 0"))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no RTMP push was published within 15 s");
 }
