@@ -22,7 +22,8 @@
 //!
 //! Run: `BENCH_PATH=rtmp-chrome BENCH_SECONDS=180 cargo bench --bench glass`
 //! (paths: rtmp-chrome, chrome-chrome, rtmp-flv, rtmp-rtmp, chrome-flv, chrome-rtmp;
-//! BENCH_AUDIO=0 for video only). Writes `benches/artifacts/glass-PATH.{csv,svg}`.
+//! BENCH_AUDIO=0 for video only; BENCH_SHOW_URL=1 prints the FLV player's URL, to try
+//! other players against the same stream). Writes `benches/artifacts/glass-PATH.{csv,svg}`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -328,6 +329,9 @@ fn play_flv(url: &str, seconds: u64, with_audio: bool) -> Received {
             .iter()
             .map(|s| s.to_string()),
         );
+    }
+    if std::env::var("BENCH_SHOW_URL").is_ok() {
+        eprintln!("player url: {url}");
     }
     let started = wall_ms();
     let mut child = std::process::Command::new("ffmpeg")
