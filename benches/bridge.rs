@@ -23,56 +23,16 @@ use std::time::{Duration, Instant};
 
 use common::media::h264_annex_b;
 use common::peer::RtcPeer;
+use common::source::{frame, read_index, FPS, H, W};
 use common::{Client, TestServer, APP};
 use weir::auth::{Privileges, RoomId, TokenKind};
 use weir_signaling::{ClientMessage, ServerMessage, Target};
-
-const W: usize = 640;
-const H: usize = 360;
-const FPS: u64 = 30;
-const BITS: usize = 16;
-const BLOCK: usize = 32;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A yuv420p frame: moving texture below, the frame index in blocks along the top.
-fn frame(n: usize) -> Vec<u8> {
-    let mut f = vec![128u8; W * H * 3 / 2];
-    for y in BLOCK..H {
-        for x in 0..W {
-            f[y * W + x] = ((x + 3 * n) ^ (y + n)) as u8 & 0xf0 | 0x10;
-        }
-    }
-    for b in 0..BITS {
-        let v = if (n >> b) & 1 == 1 { 235 } else { 16 };
-        for y in 0..BLOCK {
-            for x in b * BLOCK..(b + 1) * BLOCK {
-                f[y * W + x] = v;
-            }
-        }
-    }
-    f
-}
-
-fn read_index(gray: &[u8]) -> usize {
-    let mut n = 0;
-    for b in 0..BITS {
-        let mut sum = 0u32;
-        for y in 8..24 {
-            for x in b * BLOCK + 8..b * BLOCK + 24 {
-                sum += u32::from(gray[y * W + x]);
-            }
-        }
-        if sum / 256 > 128 {
-            n |= 1 << b;
-        }
-    }
-    n
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

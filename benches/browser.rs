@@ -21,17 +21,13 @@ mod common;
 use std::io::Write;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::browser::Browser;
+use common::source::{frame, wall_ms, FPS, H, W};
 use common::{TestServer, APP};
 use weir::auth::{Privileges, RoomId, TokenKind};
 
-const W: usize = 640;
-const H: usize = 360;
-const FPS: u64 = 30;
-const BITS: usize = 16;
-const BLOCK: usize = 32;
 const ROOM: u32 = 7;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -39,33 +35,6 @@ fn env(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn wall_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        * 1000.0
-}
-
-/// A yuv420p frame: moving texture below, the frame index in blocks along the top.
-fn frame(n: usize) -> Vec<u8> {
-    let mut f = vec![128u8; W * H * 3 / 2];
-    for y in BLOCK..H {
-        for x in 0..W {
-            f[y * W + x] = ((x + 3 * n) ^ (y + n)) as u8 & 0xf0 | 0x10;
-        }
-    }
-    for b in 0..BITS {
-        let v = if (n >> b) & 1 == 1 { 235 } else { 16 };
-        for y in 0..BLOCK {
-            for x in b * BLOCK..(b + 1) * BLOCK {
-                f[y * W + x] = v;
-            }
-        }
-    }
-    f
 }
 
 fn pct(sorted: &[f64], q: f64) -> f64 {
