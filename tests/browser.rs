@@ -197,12 +197,14 @@ async fn chrome_receives_an_rtmp_pusher() {
     let t = server().await;
     let rtmp = t.server.rtmp_addr.unwrap();
     let stream = format!("{}_{ROOM}_pusher_main", common::APP);
+    // The browser first: on a loaded 2-core machine its start took 18 s in CI, and a
+    // push started before it had ended by the time the viewer joined.
+    let browser = Browser::launch().await;
+    let viewer = browser.open(&page_url(&t)).await;
     let mut ffmpeg = rtmp_pusher(
         &format!("rtmp://{rtmp}/live/{stream}?{}", query(&t, "pusher", 0xff)),
         15,
     );
-    let browser = Browser::launch().await;
-    let viewer = browser.open(&page_url(&t)).await;
     sdk_join(&viewer, &options(&t, "viewer"), false).await;
     let got = sees_and_hears(&browser, &viewer, &stream).await;
     eprintln!("Chrome receives the RTMP pusher: {got}");
@@ -394,14 +396,15 @@ async fn the_sdk_restarts_ice_after_a_network_change() {
     let t = server().await;
     let rtmp = t.server.rtmp_addr.unwrap();
     let stream = format!("{}_{ROOM}_pusher_main", common::APP);
+    let port = t.udp_addr().port();
+    let first = Relay::start(t.udp_addr(), Box::new(|_| false)).await;
+    // The browser first, so a slow start does not eat into the push.
+    let browser = Browser::launch().await;
+    let viewer = browser.open(&page_url(&t)).await;
     let mut ffmpeg = rtmp_pusher(
         &format!("rtmp://{rtmp}/live/{stream}?{}", query(&t, "pusher", 0xff)),
         30,
     );
-    let port = t.udp_addr().port();
-    let first = Relay::start(t.udp_addr(), Box::new(|_| false)).await;
-    let browser = Browser::launch().await;
-    let viewer = browser.open(&page_url(&t)).await;
     // Every remote description the page applies has the server's UDP candidate
     // rewritten to window.relayPort (and TCP candidates dropped).
     viewer

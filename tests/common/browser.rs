@@ -95,7 +95,7 @@ impl Browser {
         // Chromium writes its port and browser target path once it listens.
         let port_file = profile.path().join("DevToolsActivePort");
         let mut ws_url = None;
-        for _ in 0..300 {
+        for _ in 0..600 {
             if let Ok(text) = std::fs::read_to_string(&port_file) {
                 let mut lines = text.lines();
                 if let (Some(port), Some(path)) = (lines.next(), lines.next()) {
@@ -108,7 +108,7 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let ws_url = ws_url.expect("chromium opened its DevTools port within 30 s");
+        let ws_url = ws_url.expect("chromium opened its DevTools port within 60 s");
         let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
             .await
             .expect("DevTools websocket");
