@@ -442,8 +442,8 @@ async fn main() {
     let origin = format!("http://{}/", t.server.http_addr);
 
     // The source.
-    let mut stamps_from_page = None;
-    let mut _source = None;
+    // Where the stamps are read at the end: the RTMP source, or the publishing page.
+    let mut source = None;
     let stream;
     let pub_page;
     match from {
@@ -497,7 +497,7 @@ async fn main() {
                     pusher.send(&tag).await;
                 }
             });
-            _source = Some(src);
+            source = Some(src);
             pub_page = None;
         }
         "chrome" => {
@@ -511,7 +511,6 @@ async fn main() {
             ))
             .await;
             stream = format!("{APP}_{ROOM}_publisher_main");
-            stamps_from_page = Some(());
             pub_page = Some(page);
         }
         other => panic!("unknown source {other}"),
@@ -557,9 +556,9 @@ async fn main() {
         other => panic!("unknown sink {other}"),
     };
 
-    let stamps: Stamps = match (&_source, &pub_page, stamps_from_page) {
-        (Some(src), _, _) => src.stamps.lock().unwrap().clone(),
-        (_, Some(page), Some(())) => {
+    let stamps: Stamps = match (&source, &pub_page) {
+        (Some(src), _) => src.stamps.lock().unwrap().clone(),
+        (_, Some(page)) => {
             let f = page.eval("window.pubFrames").await;
             let b = page.eval("window.pubBeeps").await;
             Stamps {
