@@ -177,6 +177,13 @@ async fn a_publisher_that_stops_answering_ice_is_removed() {
         .then_some(())
     })
     .await;
+    assert_eq!(
+        a.close_code(Duration::from_secs(5))
+            .await
+            .flatten()
+            .map(|c| c.0),
+        Some(weir_signaling::close::MEDIA_TIMEOUT)
+    );
 }
 
 /// A task whose death matters is supervised: when the media task dies (here by a

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Client, TestServer};
-use weir_signaling::{ClientMessage, ErrorCode, Kind, LeaveReason, ServerMessage};
+use weir_signaling::{close, ClientMessage, ErrorCode, Kind, LeaveReason, ServerMessage};
 
 fn text(t: &str) -> ClientMessage {
     ClientMessage::TextMessage { text: t.into() }
@@ -219,6 +219,13 @@ async fn a_misbehaving_peer_is_disconnected_and_nobody_else_notices() {
         errors <= 9,
         "disconnected after a bounded number of bad messages, got {errors} errors"
     );
+    assert_eq!(
+        mallory.close_code(Duration::from_secs(1)).await,
+        Some(Some((
+            close::INVALID_DATA,
+            "too many invalid messages".into()
+        )))
+    );
     alice.expect(|m| matches!(m, ServerMessage::MemberLeft { user_id, reason: LeaveReason::Disconnected } if user_id == "mallory").then_some(())).await;
     alice.send(&ClientMessage::Ping { ts: 1 }).await;
     alice
@@ -244,9 +251,14 @@ async fn rejoining_with_the_same_user_replaces_the_old_session() {
             .then_some(())
         })
         .await;
-    assert!(
-        first.closed_within(Duration::from_secs(5)).await,
-        "the old socket is closed"
+    assert_eq!(
+        first
+            .close_code(Duration::from_secs(5))
+            .await
+            .flatten()
+            .map(|c| c.0),
+        Some(close::REPLACED),
+        "the old socket is closed, saying why"
     );
     bob.expect(|m| {
         matches!(
@@ -283,6 +295,14 @@ async fn shutdown_tells_clients_and_refuses_new_ones() {
             .then_some(())
         })
         .await;
+    assert_eq!(
+        alice
+            .close_code(Duration::from_secs(5))
+            .await
+            .flatten()
+            .map(|c| c.0),
+        Some(close::GOING_AWAY)
+    );
     stopping.await.unwrap();
     assert!(tokio_tungstenite::connect_async(&url).await.is_err());
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
@@ -470,5 +490,91 @@ async fn a_client_whose_credentials_keep_failing_is_refused_before_checking() {
     assert_eq!(
         common::metric(&metrics, "weir_joins_total{outcome=\"throttled\"}"),
         1.0
+    );
+}
+
+/// Every close the server makes carries a code (RFC 6455 §7.4) and a reason, after an
+/// `error` or `left` message where there is one: a client can tell "you left" from
+/// "your frame was too big" from "you were silent" without guessing.
+#[tokio::test]
+async fn every_server_side_close_says_why_with_a_code() {
+    let t = TestServer::start_with(|c| c.server.signaling_idle_timeout_s = 2).await;
+    let url = t.ws_url();
+
+    let (mut left, _) = Client::join(&url, t.join("left", 6, 0xff)).await;
+    left.send(&ClientMessage::Leave).await;
+    left.expect(|m| {
+        matches!(
+            m,
+            ServerMessage::Left {
+                reason: LeaveReason::Left
+            }
+        )
+        .then_some(())
+    })
+    .await;
+    assert_eq!(
+        left.close_code(Duration::from_secs(5)).await,
+        Some(Some((close::NORMAL, "left".into())))
+    );
+
+    // A frame over 64 KiB: an error first, then 1009.
+    let (mut big, _) = Client::join(&url, t.join("big", 6, 0xff)).await;
+    big.send_raw(&format!(
+        "{{\"type\":\"textMessage\",\"text\":\"{}\"}}",
+        "x".repeat(100 * 1024)
+    ))
+    .await;
+    let error = big
+        .expect(|m| match m {
+            ServerMessage::Error { code, message, .. } => Some((*code, message.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(error.0, ErrorCode::BadRequest, "{error:?}");
+    assert!(error.1.contains("65536"), "{error:?}");
+    assert_eq!(
+        big.close_code(Duration::from_secs(5))
+            .await
+            .flatten()
+            .map(|c| c.0),
+        Some(close::TOO_BIG)
+    );
+
+    // Binary frames, repeatedly: 1003.
+    let (mut binary, _) = Client::join(&url, t.join("binary", 6, 0xff)).await;
+    for _ in 0..10 {
+        binary.send_binary(vec![0u8; 16]).await;
+    }
+    assert_eq!(
+        binary
+            .close_code(Duration::from_secs(5))
+            .await
+            .flatten()
+            .map(|c| c.0),
+        Some(close::UNSUPPORTED_DATA)
+    );
+
+    // Silence past the idle timeout: `left` (timeout), then 4002.
+    let (mut quiet, _) = Client::join(&url, t.join("quiet", 6, 0xff)).await;
+    quiet
+        .try_recv_matching(Duration::from_secs(5), |m| {
+            matches!(
+                m,
+                ServerMessage::Left {
+                    reason: LeaveReason::Timeout
+                }
+            )
+            .then_some(())
+        })
+        .await
+        .expect("left with reason timeout before the close");
+    assert_eq!(
+        quiet
+            .close_code(Duration::from_secs(5))
+            .await
+            .flatten()
+            .map(|c| c.0),
+        Some(close::IDLE)
     );
 }

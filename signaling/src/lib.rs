@@ -19,6 +19,31 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Longest room text message, in bytes.
 pub const MAX_TEXT_BYTES: usize = 4 * 1024;
 
+/// The close codes the server ends a websocket with (RFC 6455 §7.4; 4000-4999 are
+/// the application's own). Each close also carries a reason text for people.
+pub mod close {
+    /// The member sent `leave`.
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down (after `left` with reason `serverShutdown`).
+    pub const GOING_AWAY: u16 = 1001;
+    /// Binary frames, repeatedly.
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// Unparsable messages, repeatedly.
+    pub const INVALID_DATA: u16 = 1007;
+    /// A frame larger than [`MAX_MESSAGE_BYTES`](super::MAX_MESSAGE_BYTES).
+    pub const TOO_BIG: u16 = 1009;
+    /// The server failed (its control plane is gone).
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// A new session with the same userID took over (after `left`, reason `replaced`).
+    pub const REPLACED: u16 = 4001;
+    /// Nothing arrived for the idle timeout (after `left`, reason `timeout`).
+    pub const IDLE: u16 = 4002;
+    /// The member's media connection failed (after `left`, reason `timeout`).
+    pub const MEDIA_TIMEOUT: u16 = 4003;
+    /// The session did not read its room events fast enough; they would have been lost.
+    pub const TOO_SLOW: u16 = 4004;
+}
+
 /// Which of a client's two peer connections a message is about.
 ///
 /// A client publishes on its *publisher* connection (the client offers) and receives on

@@ -14,7 +14,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 use weir_signaling::{
-    ClientMessage, ErrorCode, Join, LeaveReason, ServerMessage, PROTOCOL_VERSION,
+    close, ClientMessage, ErrorCode, Join, LeaveReason, ServerMessage, MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
 };
 
 use super::control::{ControlCommand, SessionEvent, SESSION_QUEUE};
@@ -57,18 +58,32 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
     let idle = Duration::from_secs(state.idle_timeout_s);
     let mut bad = 0u32;
     let (messages, texts) = (limiter(state.message_rate), limiter(state.text_rate));
-    let reason = loop {
+    // Why the session ends, and the close frame that says so (None: the peer closed
+    // or the socket broke, so there is no one to tell).
+    let (reason, close) = loop {
         tokio::select! {
             frame = tokio::time::timeout(idle, stream.next()) => {
                 let text = match frame {
-                    Err(_) => break LeaveReason::Timeout,
-                    Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break LeaveReason::Disconnected,
+                    Err(_) => {
+                        let left = ServerMessage::Left { reason: LeaveReason::Timeout };
+                        let _ = sink.send(Message::Text(left.to_json().into())).await;
+                        break (LeaveReason::Timeout, Some((close::IDLE, "nothing received for the idle timeout; send ping every 5-10 s")));
+                    }
+                    Ok(Some(Err(ref e))) if too_big(e) => {
+                        let e = ServerMessage::error(ErrorCode::BadRequest, format!("a frame larger than {MAX_MESSAGE_BYTES} bytes; the session is closed"));
+                        let _ = sink.send(Message::Text(e.to_json().into())).await;
+                        break (LeaveReason::Disconnected, Some((close::TOO_BIG, "frame too big")));
+                    }
+                    Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break (LeaveReason::Disconnected, None),
                     Ok(Some(Ok(Message::Text(t)))) => t,
                     Ok(Some(Ok(Message::Binary(_)))) => {
                         bad += 1;
                         let e = ServerMessage::error(ErrorCode::BadRequest, "binary frames are not part of the protocol; send JSON text");
-                        if sink.send(Message::Text(e.to_json().into())).await.is_err() || bad > MAX_BAD_MESSAGES {
-                            break LeaveReason::Disconnected;
+                        if sink.send(Message::Text(e.to_json().into())).await.is_err() {
+                            break (LeaveReason::Disconnected, None);
+                        }
+                        if bad > MAX_BAD_MESSAGES {
+                            break (LeaveReason::Disconnected, Some((close::UNSUPPORTED_DATA, "binary frames are not part of the protocol")));
                         }
                         continue;
                     }
@@ -79,9 +94,12 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
                         bad += 1;
                         state.metrics.signaling_messages.with_label_values(&["invalid"]).inc();
                         let e = ServerMessage::error(ErrorCode::BadRequest, format!("not a valid message: {e}"));
-                        if sink.send(Message::Text(e.to_json().into())).await.is_err() || bad > MAX_BAD_MESSAGES {
+                        if sink.send(Message::Text(e.to_json().into())).await.is_err() {
+                            break (LeaveReason::Disconnected, None);
+                        }
+                        if bad > MAX_BAD_MESSAGES {
                             info!(session = id.0, "disconnecting a peer that keeps sending invalid messages");
-                            break LeaveReason::Disconnected;
+                            break (LeaveReason::Disconnected, Some((close::INVALID_DATA, "too many invalid messages")));
                         }
                     }
                     Ok(msg) => {
@@ -107,7 +125,7 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
                         }};
                         if let Some(reply) = reply {
                             if sink.send(Message::Text(reply.to_json().into())).await.is_err() {
-                                break LeaveReason::Disconnected;
+                                break (LeaveReason::Disconnected, None);
                             }
                         }
                     }
@@ -117,21 +135,35 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
                 Some(SessionEvent::Send(msg)) => {
                     let last = matches!(msg, ServerMessage::Left { .. });
                     if sink.send(Message::Text(msg.to_json().into())).await.is_err() {
-                        break LeaveReason::Disconnected;
+                        break (LeaveReason::Disconnected, None);
                     }
                     if last {
-                        break LeaveReason::Left;
+                        break (LeaveReason::Left, Some((close::NORMAL, "left")));
                     }
                 }
                 Some(SessionEvent::Close(reason)) => {
                     let _ = sink.send(Message::Text(ServerMessage::Left { reason }.to_json().into())).await;
-                    break reason;
+                    break (reason, Some(closing(reason)));
                 }
-                None => break LeaveReason::Disconnected,
+                // The control task dropped this session: its queue of room events
+                // overflowed (or the control task itself is gone).
+                None if state.control.is_closed() => break (LeaveReason::Disconnected, Some((close::INTERNAL_ERROR, "the server's control plane stopped"))),
+                None => break (LeaveReason::Timeout, Some((close::TOO_SLOW, "room events were not read fast enough"))),
             },
         }
     };
-    let _ = sink.close().await;
+    match close {
+        Some((code, why)) => {
+            let frame = axum::extract::ws::CloseFrame {
+                code,
+                reason: why.into(),
+            };
+            let _ = sink.send(Message::Close(Some(frame))).await;
+        }
+        None => {
+            let _ = sink.close().await;
+        }
+    }
     debug!(session = id.0, ?reason, "signaling session ended");
     let _ = state
         .control
@@ -140,6 +172,29 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
             reason,
         })
         .await;
+}
+
+/// The close code and reason for a session the server ends with `left`.
+fn closing(reason: LeaveReason) -> (u16, &'static str) {
+    match reason {
+        LeaveReason::Left => (close::NORMAL, "left"),
+        LeaveReason::Replaced => (close::REPLACED, "replaced by a new session of this user"),
+        LeaveReason::ServerShutdown => (close::GOING_AWAY, "server shutting down"),
+        LeaveReason::Timeout => (close::MEDIA_TIMEOUT, "the media connection failed"),
+        LeaveReason::Disconnected => (close::NORMAL, "disconnected"),
+    }
+}
+
+/// Whether a websocket error is a frame or message over the size limit.
+fn too_big(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = s.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn credential_error(code: ErrorCode, e: &AuthError) -> ServerMessage {

@@ -12,6 +12,7 @@ use weir::auth::{AppKeys, Privileges, RoomId, TokenKind};
 use weir::config::{AppConfig, Config};
 use weir_signaling::{ClientMessage, Join, ServerMessage, PROTOCOL_VERSION};
 
+pub mod aiortc;
 pub mod browser;
 pub mod media;
 pub mod peer;
@@ -156,6 +157,8 @@ pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// Messages `expect` skipped; later reads see them first, so nothing is lost.
     stash: std::collections::VecDeque<ServerMessage>,
+    /// The close a read met (`Some(None)`: the socket ended without a close frame).
+    closed: Option<Option<(u16, String)>>,
 }
 
 impl Client {
@@ -164,6 +167,7 @@ impl Client {
         Self {
             ws,
             stash: Default::default(),
+            closed: None,
         }
     }
 
@@ -172,6 +176,10 @@ impl Client {
             .send(Message::Text(serde_json::to_string(msg).unwrap().into()))
             .await
             .unwrap();
+    }
+
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::Binary(bytes.into())).await.unwrap();
     }
 
     pub async fn send_raw(&mut self, text: &str) {
@@ -196,13 +204,28 @@ impl Client {
     /// True when the server closes the socket within `wait` (stashed and further
     /// messages are discarded); false if it stays open.
     pub async fn closed_within(&mut self, wait: Duration) -> bool {
+        self.close_code(wait).await.is_some()
+    }
+
+    /// The close code and reason the server closes the socket with within `wait`
+    /// (`Some(None)`: closed with no close frame; `None`: still open). Messages before
+    /// the close are discarded.
+    pub async fn close_code(&mut self, wait: Duration) -> Option<Option<(u16, String)>> {
         self.stash.clear();
+        if let Some(c) = self.closed.clone() {
+            return Some(c);
+        }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match tokio::time::timeout(left, self.ws.next()).await {
-                Err(_) => return false,
-                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return true,
+                Err(_) => return None,
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(None)))) => {
+                    return Some(None)
+                }
+                Ok(Some(Ok(Message::Close(Some(f))))) => {
+                    return Some(Some((f.code.into(), f.reason.to_string())))
+                }
                 Ok(Some(Ok(_))) => continue,
             }
         }
@@ -212,9 +235,15 @@ impl Client {
         loop {
             match tokio::time::timeout(wait, self.ws.next()).await {
                 Ok(Some(Ok(Message::Text(t)))) => return Some(ServerMessage::parse(&t).unwrap()),
-                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
-                    return None
+                Ok(Some(Ok(Message::Close(f)))) => {
+                    self.closed = Some(f.map(|f| (f.code.into(), f.reason.to_string())));
+                    return None;
                 }
+                Ok(None) | Ok(Some(Err(_))) => {
+                    self.closed.get_or_insert(None);
+                    return None;
+                }
+                Err(_) => return None,
                 Ok(Some(Ok(_))) => continue,
             }
         }
