@@ -116,9 +116,12 @@ pub struct ServerConfig {
     pub text_messages_per_s: u32,
     /// Seconds given to sessions to drain on SIGTERM.
     pub shutdown_grace_s: u64,
-    /// A peer silent this long (no ICE consent checks) is "disconnected"…
+    /// A peer that sends no authenticated packet (ICE check, SRTP, SRTCP) this long is
+    /// "disconnected" (logged; its media goes on)…
     pub ice_disconnected_timeout_ms: u64,
-    /// …and this much longer, "failed": its member is removed and the room told.
+    /// …and this much longer, "failed": its member is removed and the room told. A
+    /// connection that has not connected this long (both together) after its
+    /// negotiation fails too.
     pub ice_failed_timeout_ms: u64,
 }
 

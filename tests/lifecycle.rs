@@ -19,8 +19,16 @@ async fn publish(
     signal: &mut Client,
     relay: Option<&Relay>,
 ) -> (RtcPeer, common::peer::SendTrack) {
+    publish_from(t, signal, relay, RtcPeer::new().await).await
+}
+
+async fn publish_from(
+    t: &TestServer,
+    signal: &mut Client,
+    relay: Option<&Relay>,
+    mut peer: RtcPeer,
+) -> (RtcPeer, common::peer::SendTrack) {
     signal.publish(true, true).await;
-    let mut peer = RtcPeer::new().await;
     let video = peer
         .add_send_track(RtpCodecKind::Video, h264(), 0x1234)
         .await;
@@ -65,6 +73,10 @@ async fn send_some(video: &common::peer::SendTrack, from: u16, count: u16) {
 }
 
 async fn subscribe(signal: &mut Client) -> RtcPeer {
+    subscribe_with(signal, RtcPeer::new().await).await
+}
+
+async fn subscribe_with(signal: &mut Client, mut peer: RtcPeer) -> RtcPeer {
     let offer = signal
         .expect(|m| match m {
             ServerMessage::Offer {
@@ -74,7 +86,6 @@ async fn subscribe(signal: &mut Client) -> RtcPeer {
             _ => None,
         })
         .await;
-    let mut peer = RtcPeer::new().await;
     let answer = peer.answer(offer).await;
     signal
         .send(&ClientMessage::Answer {
@@ -275,4 +286,76 @@ async fn unauthenticated_stun_from_many_ports_does_not_grow_the_index() {
         webrtc::peer_connection::RTCPeerConnectionState::Connected,
         "the real client is undisturbed"
     );
+}
+
+/// RFC 7675: any authenticated packet shows the peer is alive, not only STUN checks.
+/// Clients send their consent checks every 4-6 s (aioice), and here every 2.5 s while
+/// the server calls a connection "disconnected" after 1 s without one: media must flow
+/// on between checks on both connections (before, it stopped 1 s after every check,
+/// until the next one), and nobody is removed while packets flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_flows_between_sparse_consent_checks() {
+    let t = TestServer::start_with(|c| {
+        c.server.ice_disconnected_timeout_ms = 1_000;
+        c.server.ice_failed_timeout_ms = 2_000;
+    })
+    .await;
+    let keepalive = Duration::from_millis(2_500);
+    let (mut a, _) = Client::join(&t.ws_url(), t.join("alice", 2, 0xff)).await;
+    let (_alice_pc, video) =
+        publish_from(&t, &mut a, None, RtcPeer::with_keepalive(keepalive).await).await;
+    send_some(&video, 0, 10).await;
+    let (mut b, _) = Client::join(&t.ws_url(), t.join("bob", 2, 0xff)).await;
+    let bob_pc = subscribe_with(&mut b, RtcPeer::with_keepalive(keepalive).await).await;
+    // 10 s of video at 100 packets a second.
+    let start = std::time::Instant::now();
+    let mut n = 10u16;
+    while start.elapsed() < Duration::from_secs(10) {
+        send_some(&video, n, 20).await;
+        n += 20;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let inbox = bob_pc.inbox.lock().unwrap().clone();
+    let got = inbox
+        .values()
+        .find(|v| {
+            v.iter()
+                .any(|p| p.ssrc != 0 && p.payload.first() == Some(&0x41))
+        })
+        .cloned()
+        .unwrap_or_default();
+    let later: Vec<_> = got
+        .iter()
+        .filter(|p| p.at >= start + Duration::from_secs(1))
+        .collect();
+    let longest = later
+        .windows(2)
+        .map(|w| w[1].at - w[0].at)
+        .max()
+        .unwrap_or(Duration::MAX);
+    assert!(
+        longest < Duration::from_millis(400),
+        "a {longest:?} gap in bob's video ({} packets after the first second of {n} sent)",
+        later.len()
+    );
+    assert!(
+        later.len() as f64 > 0.9 * f64::from(n - 110),
+        "{} of {} packets",
+        later.len(),
+        n - 110
+    );
+    for c in [&mut a, &mut b] {
+        assert!(
+            c.try_recv_matching(Duration::from_millis(10), |m| {
+                matches!(
+                    m,
+                    ServerMessage::MemberLeft { .. } | ServerMessage::Left { .. }
+                )
+                .then_some(())
+            })
+            .await
+            .is_none(),
+            "nobody was removed"
+        );
+    }
 }

@@ -49,7 +49,8 @@ pub struct MediaConfig {
     pub announce: Vec<SocketAddr>,
     /// The ICE-TCP port announced with the same addresses (passive candidates).
     pub tcp_port: Option<u16>,
-    /// ICE silence before "disconnected", and after that before "failed".
+    /// Silence (no authenticated packet) before "disconnected", and after that before
+    /// "failed".
     pub ice_disconnected: Duration,
     pub ice_failed: Duration,
     /// Per-subscriber estimation and allocation, per-room publisher targets.
@@ -365,8 +366,11 @@ impl Media {
                 "RTP/RTCP datagram"
             );
         }
-        if let Err(e) = p.pc.handle_read(msg) {
-            debug!(?key, error = %e, "peer rejected a datagram");
+        match p.pc.handle_read(msg) {
+            // A STUN check the connection took passed its integrity check.
+            Ok(()) if data.first().is_some_and(|b| *b < 2) => p.liveness.heard(Instant::now()),
+            Ok(()) => {}
+            Err(e) => debug!(?key, error = %e, "peer rejected a datagram"),
         }
     }
 
@@ -734,6 +738,10 @@ impl Media {
         let mut opened = Vec::new();
         for (key, p) in self.peers.iter_mut() {
             let drained = p.drain();
+            let gone = p.liveness.gone(now);
+            if let Some(why) = gone {
+                info!(session = key.0 .0, ?key, why, "peer gone");
+            }
             for kind in &drained.published {
                 self.metrics
                     .published_tracks
@@ -746,7 +754,7 @@ impl Media {
                     .with_label_values(&[forward::kind_label(*kind)])
                     .dec();
             }
-            if drained.failed {
+            if drained.failed || gone.is_some() {
                 failed.push(*key);
             }
             if drained.track_ready {

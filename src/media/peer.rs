@@ -166,6 +166,8 @@ pub struct Peer {
     pub keyframe_wanted: HashSet<String>,
     /// Which downtracks' NACKs go unanswered (paused ones), shared with the chain.
     paused_ssrcs: super::nack_guard::PausedSsrcs,
+    /// Whether the peer is still there, judged on every authenticated packet.
+    pub liveness: Liveness,
 }
 
 fn to_kind(k: RtpCodecKind) -> Option<Kind> {
@@ -226,6 +228,8 @@ pub struct RtcpTap {
     reads: VecDeque<TaggedPacket>,
     writes: VecDeque<TaggedPacket>,
     counters: Option<(prometheus::IntCounter, prometheus::IntCounter)>,
+    /// Stamped with every RTCP packet read (it decrypted: SRTCP authenticated it).
+    heard: Option<Heard>,
     /// Also deliver sender reports (the server translates publishers' SRs; clients
     /// may want to look at the ones they receive).
     sender_reports: bool,
@@ -238,7 +242,85 @@ impl RtcpTap {
             reads: VecDeque::new(),
             writes: VecDeque::new(),
             counters: None,
+            heard: None,
             sender_reports,
+        }
+    }
+}
+
+/// When a connection last heard from its peer, shared by the connection and its
+/// chain's tap: milliseconds after an epoch, so the tap can stamp it without a lock.
+#[derive(Clone)]
+pub struct Heard {
+    epoch: Instant,
+    ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Heard {
+    fn new(epoch: Instant) -> Self {
+        Self {
+            epoch,
+            ms: Default::default(),
+        }
+    }
+
+    fn at(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.ms.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch
+            + std::time::Duration::from_millis(self.ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// Whether a peer is still there (RFC 7675: any authenticated packet from it shows it
+/// is: an ICE check that passed its integrity check, SRTP or SRTCP that decrypted).
+/// STUN checks alone are not enough: stacks send them every 4-6 s (aioice) to 2.5 s
+/// (libwebrtc) while media flows; judging by them, a connection looked dead between
+/// two checks and its media was cut.
+#[derive(Clone)]
+pub struct Liveness {
+    heard: Heard,
+    /// When checks could start (our side of the negotiation is applied).
+    checking_since: Option<Instant>,
+    connected_once: bool,
+    /// Silence, or connecting, longer than this: the peer is gone.
+    limit: std::time::Duration,
+}
+
+impl Liveness {
+    pub fn new(now: Instant, limit: std::time::Duration) -> Self {
+        Self {
+            heard: Heard::new(now),
+            checking_since: None,
+            connected_once: false,
+            limit,
+        }
+    }
+
+    pub fn heard(&self, now: Instant) {
+        self.heard.at(now);
+    }
+
+    pub fn checking(&mut self, now: Instant) {
+        self.checking_since.get_or_insert(now);
+    }
+
+    pub fn connected(&mut self) {
+        self.connected_once = true;
+    }
+
+    /// Why the peer counts as gone at `now`, if it does.
+    pub fn gone(&self, now: Instant) -> Option<&'static str> {
+        if self.connected_once {
+            (now.saturating_duration_since(self.heard.last()) > self.limit)
+                .then_some("nothing authenticated heard from the peer")
+        } else {
+            self.checking_since
+                .filter(|since| now.saturating_duration_since(*since) > self.limit)
+                .map(|_| "ICE and DTLS did not connect")
         }
     }
 }
@@ -255,6 +337,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpTap {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
         if let Packet::Rtcp(packets) = &msg.message.packet {
+            if let Some(h) = &self.heard {
+                h.at(msg.now);
+            }
             if let Some((nacks, nacked_packets)) = &self.counters {
                 for nack in packets
                     .iter()
@@ -321,10 +406,18 @@ impl Peer {
         // restart (RFC 8445 wants both sides' to change; a client that sees ours
         // unchanged does not restart). The ufrags are read back from each local
         // description for the demultiplexer.
+        // rtc judges ICE liveness on STUN checks alone; it reports "disconnected"
+        // after `ice_disconnected` without one (logged, nothing else), and never
+        // "failed" (zero): `Liveness` decides that, on any authenticated packet.
         let settings = SettingEngineBuilder::new()
             .with_lite(true)
-            .with_ice_timeouts(Some(config.ice_disconnected), Some(config.ice_failed), None)
+            .with_ice_timeouts(
+                Some(config.ice_disconnected),
+                Some(std::time::Duration::ZERO),
+                None,
+            )
             .build();
+        let liveness = Liveness::new(Instant::now(), config.ice_disconnected + config.ice_failed);
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
         let tap = RtcpTap {
@@ -332,6 +425,7 @@ impl Peer {
                 metrics.nacks.with_label_values(&["received"]),
                 metrics.nacks.with_label_values(&["packets_requested"]),
             )),
+            heard: Some(liveness.heard.clone()),
             ..RtcpTap::new(true)
         };
         let paused_ssrcs = super::nack_guard::PausedSsrcs::default();
@@ -430,6 +524,7 @@ impl Peer {
             congestion,
             paused_ssrcs,
             keyframe_wanted: HashSet::new(),
+            liveness,
         })
     }
 
@@ -466,6 +561,7 @@ impl Peer {
             .set_remote_description(now, RTCSessionDescription::offer(sdp)?)?;
         let answer = self.pc.create_answer(None)?;
         self.pc.set_local_description(now, answer)?;
+        self.liveness.checking(now);
         self.pc
             .local_description()
             .map(|d| d.sdp)
@@ -475,6 +571,7 @@ impl Peer {
     pub fn accept_answer(&mut self, sdp: String) -> Result<(), RtcError> {
         self.pc
             .set_remote_description(Instant::now(), RTCSessionDescription::answer(sdp)?)?;
+        self.liveness.checking(Instant::now());
         self.negotiating = false;
         for d in self.downtracks.values_mut() {
             d.payload_type = None; // re-read what was negotiated
@@ -546,13 +643,19 @@ impl Peer {
             match event {
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                     debug!(key = ?self.key, %state, "connection state");
-                    self.connected = matches!(state, RTCPeerConnectionState::Connected);
-                    // Closed here means the remote ended DTLS; we close ours only after removing it.
-                    if matches!(
-                        state,
-                        RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
-                    ) {
-                        out.failed = true;
+                    // "Disconnected" (no STUN check for a while) changes nothing: media
+                    // goes on while `Liveness` hears the peer.
+                    match state {
+                        RTCPeerConnectionState::Connected => {
+                            self.connected = true;
+                            self.liveness.connected();
+                        }
+                        // Closed here means the remote ended DTLS; we close ours only after removing it.
+                        RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                            self.connected = false;
+                            out.failed = true;
+                        }
+                        _ => {}
                     }
                 }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
@@ -597,6 +700,7 @@ impl Peer {
         while let Some(TaggedRTCMessage { now, message }) = self.pc.poll_read() {
             match message {
                 RTCMessage::RtpPacket(track_id, packet) => {
+                    self.liveness.heard(now);
                     let Some(up) = self.uptracks.get_mut(&track_id) else {
                         continue;
                     };
@@ -1147,6 +1251,27 @@ impl Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_gone_only_after_the_limit_without_any_authenticated_packet() {
+        let t0 = Instant::now();
+        let s = std::time::Duration::from_secs;
+        let mut l = Liveness::new(t0, s(15));
+        assert_eq!(
+            l.gone(t0 + s(60)),
+            None,
+            "not negotiated yet: nothing to judge"
+        );
+        l.checking(t0 + s(1));
+        assert_eq!(l.gone(t0 + s(15)), None);
+        assert!(l.gone(t0 + s(17)).is_some(), "never connected");
+        l.connected();
+        l.heard(t0 + s(16));
+        assert_eq!(l.gone(t0 + s(30)), None);
+        l.heard(t0 + s(29)); // media, RTCP or a check: any of them
+        assert_eq!(l.gone(t0 + s(44)), None);
+        assert!(l.gone(t0 + s(45)).is_some());
+    }
 
     #[test]
     fn offered_kinds_follow_directions_and_rejections() {

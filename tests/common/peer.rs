@@ -165,15 +165,20 @@ pub struct RtcPeer {
 
 impl RtcPeer {
     pub async fn new() -> Self {
-        Self::build(false).await
+        Self::build(false, None).await
     }
 
     /// A client whose only candidates are active ICE-TCP ones (UDP "blocked").
     pub async fn new_tcp_only() -> Self {
-        Self::build(true).await
+        Self::build(true, None).await
     }
 
-    async fn build(tcp_only: bool) -> Self {
+    /// A client that sends its ICE consent checks only every `interval`.
+    pub async fn with_keepalive(interval: std::time::Duration) -> Self {
+        Self::build(false, Some(interval)).await
+    }
+
+    async fn build(tcp_only: bool, keepalive: Option<std::time::Duration>) -> Self {
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs().unwrap();
         // The server's own RTCP tap, so publishers see the keyframe requests relayed to them.
@@ -212,6 +217,16 @@ impl RtcPeer {
                 .await
                 .unwrap()
         } else {
+            let builder = match keepalive {
+                Some(k) => builder.with_setting_engine(
+                    rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder::new(
+                    )
+                    // Its own checks answered every `k`: not disconnected before 3 k.
+                    .with_ice_timeouts(Some(k * 3), Some(k * 6), Some(k))
+                    .build(),
+                ),
+                None => builder,
+            };
             builder
                 .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
                 .build()
