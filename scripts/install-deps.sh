@@ -3,14 +3,17 @@
 #   scripts/install-deps.sh build   what building the server needs
 #   scripts/install-deps.sh test    that, plus the real clients the tests drive
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 mode=${1:-build}
 
 # Building: C toolchain pieces for -sys crates (libopus is built from source by cmake).
 build_pkgs=(pkg-config cmake g++)
 # Testing: real clients: ffmpeg pushes and plays RTMP and decodes what Weir sends;
-# Debian's Chromium (with fake camera and microphone) is the browser client.
+# Debian's Chromium (with fake camera and microphone) is the browser client;
+# a python3 makes the virtualenv of the second WebRTC stack (aiortc) below.
 test_pkgs=(ffmpeg chromium)
+if ! command -v python3 >/dev/null; then test_pkgs+=(python3 python3-venv); fi
 
 pkgs=("${build_pkgs[@]}")
 if [ "$mode" = test ]; then
@@ -35,6 +38,25 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "install-deps: cargo is missing; install Rust with rustup (https://rustup.rs)" >&2
   exit 1
+fi
+
+# Testing drives a second WebRTC stack too: aiortc (Python, from PyPI, pinned), in a
+# virtualenv the interop tests find at target/interop-venv.
+if [ "$mode" = test ]; then
+  venv=target/interop-venv
+  if ! "$venv/bin/python" -c "import aiortc, websockets" 2>/dev/null \
+      || ! cmp -s tests/interop/requirements.txt "$venv/requirements.txt"; then
+    echo "install-deps: making $venv (aiortc)"
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+      sudo=""
+      if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-venv
+      python3 -m venv "$venv"
+    fi
+    "$venv/bin/pip" install -q --only-binary=:all: -r tests/interop/requirements.txt
+    cp tests/interop/requirements.txt "$venv/requirements.txt"
+  fi
 fi
 
 # Testing also fuzzes every parser briefly: cargo-fuzz, from crates.io.

@@ -31,7 +31,9 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
-use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
+use rtc::rtp_transceiver::{
+    RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit,
+};
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error as RtcError;
 use rtc::shared::marshal::MarshalSize;
@@ -168,6 +170,9 @@ pub struct Peer {
     paused_ssrcs: super::nack_guard::PausedSsrcs,
     /// Whether the peer is still there, judged on every authenticated packet.
     pub liveness: Liveness,
+    /// Subscriber transceivers whose stream left, by kind: the next stream of that
+    /// kind reuses one (its m-section) instead of adding another.
+    free: Vec<(Kind, RTCRtpSenderId)>,
 }
 
 fn to_kind(k: RtpCodecKind) -> Option<Kind> {
@@ -183,6 +188,128 @@ fn from_kind(k: Kind) -> RtpCodecKind {
         Kind::Audio => RtpCodecKind::Audio,
         Kind::Video => RtpCodecKind::Video,
     }
+}
+
+/// The codecs Weir accepts from publishers and offers subscribers: what it can forward
+/// and start at a keyframe. Opus only for audio (G.722 and G.711 would be accepted
+/// and then reach no one); VP8 and H.264 (Constrained Baseline, Baseline and High,
+/// packetization modes 1 and 0), each with RTX, for video.
+fn register_codecs(engine: &mut MediaEngine) -> Result<(), RtcError> {
+    use rtc::peer_connection::configuration::media_engine::{
+        MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8,
+    };
+    use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodecParameters};
+    let codec = |mime: &str, clock_rate, channels, fmtp: &str, feedback, payload_type| {
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: mime.to_owned(),
+                clock_rate,
+                channels,
+                sdp_fmtp_line: fmtp.to_owned(),
+                rtcp_feedback: feedback,
+            },
+            payload_type,
+        }
+    };
+    engine.register_codec(
+        codec(
+            MIME_TYPE_OPUS,
+            48_000,
+            2,
+            "minptime=10;useinbandfec=1",
+            vec![],
+            111,
+        ),
+        RtpCodecKind::Audio,
+    )?;
+    let feedback: Vec<RTCPFeedback> = [
+        ("goog-remb", ""),
+        ("ccm", "fir"),
+        ("nack", ""),
+        ("nack", "pli"),
+    ]
+    .iter()
+    .map(|(typ, parameter)| RTCPFeedback {
+        typ: (*typ).to_owned(),
+        parameter: (*parameter).to_owned(),
+    })
+    .collect();
+    let h264 = |mode: u8, profile: &str| {
+        format!("level-asymmetry-allowed=1;packetization-mode={mode};profile-level-id={profile}")
+    };
+    let video = [
+        (MIME_TYPE_VP8, String::new(), 96, 97),
+        (MIME_TYPE_H264, h264(1, "42001f"), 102, 103),
+        (MIME_TYPE_H264, h264(0, "42001f"), 127, 104),
+        (MIME_TYPE_H264, h264(1, "42e01f"), 125, 105),
+        (MIME_TYPE_H264, h264(0, "42e01f"), 108, 109),
+        (MIME_TYPE_H264, h264(1, "640032"), 123, 124),
+    ];
+    for (mime, fmtp, pt, rtx) in video {
+        engine.register_codec(
+            codec(mime, 90_000, 0, &fmtp, feedback.clone(), pt),
+            RtpCodecKind::Video,
+        )?;
+        engine.register_codec(
+            codec(MIME_TYPE_RTX, 90_000, 0, &format!("apt={pt}"), vec![], rtx),
+            RtpCodecKind::Video,
+        )?;
+    }
+    Ok(())
+}
+
+/// Our SDP as a client of any stack needs it, from the one rtc generated: our
+/// candidates and `end-of-candidates` in every m-section, not only the first of the
+/// BUNDLE group (legal, but stacks that look at another section find none and never
+/// start ICE), without the RTCP-component copies (RTCP is muxed), and
+/// `a=msid-semantic` in every description (rtc leaves it out of a first offer, and
+/// stacks that need it then ignore `a=msid`). If it does not parse, it is sent as it is.
+pub fn complete_sdp(sdp: &str) -> String {
+    use rtc::sdp::description::common::Attribute;
+    use rtc::sdp::description::session::SessionDescription;
+    let Ok(mut d) = SessionDescription::unmarshal(&mut std::io::Cursor::new(sdp.as_bytes())) else {
+        return sdp.to_owned();
+    };
+    if !d.attributes.iter().any(|a| a.key == "msid-semantic") {
+        d.attributes.push(Attribute {
+            key: "msid-semantic".into(),
+            value: Some("WMS *".into()),
+        });
+    }
+    // A candidate's component is its second field: `candidate:<foundation> <component> …`.
+    let rtp_component =
+        |a: &Attribute| a.value.as_deref().and_then(|v| v.split_whitespace().nth(1)) == Some("1");
+    let mut candidates: Vec<String> = Vec::new();
+    for a in d
+        .media_descriptions
+        .iter()
+        .flat_map(|m| m.attributes.iter())
+    {
+        if let (true, Some(v)) = (a.key == "candidate" && rtp_component(a), &a.value) {
+            if !candidates.contains(v) {
+                candidates.push(v.clone());
+            }
+        }
+    }
+    if candidates.is_empty() {
+        return d.marshal();
+    }
+    for m in &mut d.media_descriptions {
+        if m.media_name.port.value == 0 {
+            continue; // rejected or stopped: no transport
+        }
+        m.attributes
+            .retain(|a| a.key != "candidate" && a.key != "end-of-candidates");
+        m.attributes.extend(candidates.iter().map(|c| Attribute {
+            key: "candidate".into(),
+            value: Some(c.clone()),
+        }));
+        m.attributes.push(Attribute {
+            key: "end-of-candidates".into(),
+            value: None,
+        });
+    }
+    d.marshal()
 }
 
 /// The kinds an SDP offer *sends* (m-sections that are sendrecv or sendonly and not
@@ -419,7 +546,7 @@ impl Peer {
             .build();
         let liveness = Liveness::new(Instant::now(), config.ice_disconnected + config.ice_failed);
         let mut media_engine = MediaEngine::default();
-        media_engine.register_default_codecs()?;
+        register_codecs(&mut media_engine)?;
         let tap = RtcpTap {
             counters: Some((
                 metrics.nacks.with_label_values(&["received"]),
@@ -525,6 +652,7 @@ impl Peer {
             paused_ssrcs,
             keyframe_wanted: HashSet::new(),
             liveness,
+            free: Vec::new(),
         })
     }
 
@@ -564,7 +692,7 @@ impl Peer {
         self.liveness.checking(now);
         self.pc
             .local_description()
-            .map(|d| d.sdp)
+            .map(|d| complete_sdp(&d.sdp))
             .ok_or(RtcError::ErrPeerConnLocalDescriptionNil)
     }
 
@@ -861,7 +989,9 @@ impl Peer {
             .collect();
         for k in stale {
             if let Some(d) = self.downtracks.remove(&k) {
-                let _ = self.pc.remove_track(d.sender_id);
+                if self.pc.remove_track(d.sender_id).is_ok() {
+                    self.free.push((k.1, d.sender_id));
+                }
                 self.paused_ssrcs.forget(d.rewriter.ssrc());
                 self.keyframe_wanted.remove(&k.0);
                 metrics
@@ -892,15 +1022,51 @@ impl Peer {
                     ..Default::default()
                 }],
             );
-            let sender_id = self.pc.add_track(track).map_err(|e| e.to_string())?;
-            // Offer the publisher's codec only, so the subscriber takes it or refuses it.
-            let preferred = rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters {
-                rtp_codec: codec.clone(),
-                ..Default::default()
+            // A transceiver of this kind freed by a stream that left is reused (its
+            // m-section, with its mid, now carries this stream), else a new one is
+            // added: `sendonly`, as nothing comes back on it.
+            let reuse = self.free.iter().position(|(kind, _)| *kind == k.1);
+            let added = match reuse {
+                Some(_) => self.pc.add_track(track),
+                None => self
+                    .pc
+                    .add_transceiver_from_track(
+                        track,
+                        Some(RTCRtpTransceiverInit {
+                            direction: RTCRtpTransceiverDirection::Sendonly,
+                            streams: vec![],
+                            send_encodings: vec![],
+                        }),
+                    )
+                    .map(RTCRtpSenderId::from),
             };
+            let sender_id = match added {
+                Ok(id) => id,
+                Err(e) => {
+                    // The subscriber never negotiated this codec: it cannot have this
+                    // stream, but it keeps the others.
+                    tracing::warn!(
+                        key = ?self.key,
+                        stream_id = %k.0,
+                        codec = %codec.mime_type,
+                        fmtp = %codec.sdp_fmtp_line,
+                        error = %e,
+                        "subscriber cannot receive this stream's codec; not forwarding it"
+                    );
+                    continue;
+                }
+            };
+            if let Some(i) = self.free.iter().position(|(_, id)| *id == sender_id) {
+                self.free.remove(i);
+            }
+            // Every codec we forward stays offered on every m-section (rtc would narrow
+            // it to this stream's codec): the subscriber's answer then holds all it can
+            // decode, so a later stream in another codec (an RTMP pusher's H.264 after
+            // a VP8 browser) can reuse this m-section. The payload type sent is the
+            // stream's own (`payload_type` below).
             if let Some(mut t) = self.pc.rtp_transceiver(sender_id.into()) {
-                if let Err(e) = t.set_codec_preferences(vec![preferred]) {
-                    debug!(key = ?self.key, error = %e, "codec preference not applied");
+                if let Err(e) = t.set_codec_preferences(vec![]) {
+                    debug!(key = ?self.key, error = %e, "codec preferences not reset");
                 }
             }
             self.downtracks.insert(
@@ -941,7 +1107,7 @@ impl Peer {
         self.negotiating = true;
         self.pc
             .local_description()
-            .map(|d| Some(d.sdp))
+            .map(|d| Some(complete_sdp(&d.sdp)))
             .ok_or_else(|| "no local description after setting it".into())
     }
 
