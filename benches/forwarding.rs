@@ -73,7 +73,9 @@ async fn main() {
                 p.header.payload_type = vpt;
                 p.header.sequence_number = n as u16;
                 p.header.timestamp = (n * 900) as u32;
-                p.payload = vec![0x41; 1200].into();
+                // An IDR every second: subscribers' video starts at one.
+                let nal = if n % 100 == 0 { 0x65 } else { 0x41 };
+                p.payload = vec![nal; 1200].into();
                 let _ = video.track.write_rtp(p).await;
                 if n % 2 == 0 {
                     let mut a = rtc::rtp::Packet::default();

@@ -65,7 +65,9 @@ async fn a_tcp_only_publisher_reaches_a_udp_subscriber() {
             p.header.payload_type = pt;
             p.header.sequence_number = n;
             p.header.timestamp = n as u32 * 3000;
-            p.payload = vec![0x41, (n >> 8) as u8, n as u8].into();
+            // An IDR every 20 packets: a subscriber's video starts at one.
+            let nal = if n % 20 == 0 { 0x65 } else { 0x41 };
+            p.payload = vec![nal, (n >> 8) as u8, n as u8].into();
             if video.track.write_rtp(p).await.is_err() {
                 break;
             }

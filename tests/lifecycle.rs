@@ -66,7 +66,9 @@ async fn send_some(video: &common::peer::SendTrack, from: u16, count: u16) {
         p.header.payload_type = pt;
         p.header.sequence_number = n;
         p.header.timestamp = n as u32 * 3000;
-        p.payload = vec![0x41, 1, 2, 3].into();
+        // An IDR every 20 packets: a subscriber's video starts at one.
+        let nal = if n % 20 == 0 { 0x65 } else { 0x41 };
+        p.payload = vec![nal, 1, 2, 3].into();
         let _ = video.track.write_rtp(p).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -16,7 +16,9 @@ use weir_signaling::{ClientMessage, ServerMessage, Target};
 
 /// A payload that names its sender, kind and counter, so receivers can check it.
 fn payload(tag: u8, kind: u8, n: u32) -> Vec<u8> {
-    let mut p = vec![0x41, tag, kind];
+    // Video is H.264 in form: an IDR every 50 packets (subscribers start at one).
+    let nal = if kind == 1 && n % 50 == 0 { 0x65 } else { 0x41 };
+    let mut p = vec![nal, tag, kind];
     p.extend_from_slice(&n.to_be_bytes());
     p.extend((0..200u32).map(|i| (i.wrapping_mul(31) ^ n) as u8));
     p
@@ -158,6 +160,13 @@ async fn negotiate_subscriber(p: &mut Participant, wait: Duration) {
 fn check_track(packets: &[Received], tag: u8, kind: u8, publisher_ssrc: u32) -> usize {
     assert!(!packets.is_empty());
     let first = &packets[0];
+    if kind == 1 {
+        assert_eq!(
+            first.payload[0] & 0x1f,
+            5,
+            "a subscriber's video starts at a keyframe (IDR)"
+        );
+    }
     let counter = |r: &Received| u32::from_be_bytes(r.payload[3..7].try_into().unwrap());
     for r in packets {
         assert_ne!(r.ssrc, publisher_ssrc, "SSRC must be rewritten");

@@ -1081,7 +1081,9 @@ impl Peer {
                     codec: codec.clone(),
                     refused: false,
                     paused: false,
-                    await_keyframe: false,
+                    // A new subscriber's video starts at a keyframe (the publisher is
+                    // asked for one at once): frames before it would not decode.
+                    await_keyframe: k.1 == Kind::Video,
                     layer: None,
                     forwarding: None,
                 },
