@@ -361,3 +361,25 @@ async fn media_flows_between_sparse_consent_checks() {
         );
     }
 }
+
+/// A node bound to every interface (`0.0.0.0`, the production default) connects its
+/// clients: datagrams reach their connections as addressed to the announced
+/// candidate. Before, they were handed over as addressed to `0.0.0.0:port`, which is
+/// no local candidate, so rtc dropped every ICE check and nobody ever connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_bound_to_every_interface_connects_its_clients() {
+    let t = TestServer::start_with(|c| {
+        c.server.udp_addr = "0.0.0.0:0".into();
+        c.server.tcp_addr = "0.0.0.0:0".into();
+    })
+    .await;
+    let (mut a, _) = Client::join(&t.ws_url(), t.join("alice", 3, 0xff)).await;
+    let (_alice_pc, video) = publish(&t, &mut a, None).await;
+    send_some(&video, 0, 20).await;
+    let (mut b, _) = Client::join(&t.ws_url(), t.join("bob", 3, 0xff)).await;
+    let bob_pc = subscribe(&mut b).await;
+    send_some(&video, 20, 60).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got: usize = bob_pc.inbox.lock().unwrap().values().map(Vec::len).sum();
+    assert!(got >= 20, "bob got {got} packets");
+}

@@ -198,8 +198,15 @@ impl Media {
         control: mpsc::Sender<ControlCommand>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let local_addr = socket.local_addr()?;
-        let tcp_local_addr = tcp.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
+        // The address datagrams are handed to the connections with must be one of
+        // their local candidates, or rtc drops every check: the socket's own address
+        // when it is announced, else (bound to 0.0.0.0, or behind 1:1 NAT) the first
+        // announced address on the socket's port.
+        let local_addr = candidate_addr(socket.local_addr()?, &config.announce);
+        let tcp_local_addr = tcp
+            .as_ref()
+            .map(|(l, _)| l.local_addr().map(|a| candidate_addr(a, &config.announce)))
+            .transpose()?;
         Ok(Self {
             config,
             socket: Arc::new(socket),
@@ -1063,6 +1070,17 @@ impl Media {
 
 /// The addresses to announce: the configured ones, or every non-loopback interface
 /// address found by asking the kernel for a route, falling back to loopback.
+/// The local candidate a socket bound to `bound` stands for: itself if announced,
+/// else the first announced address with its port.
+fn candidate_addr(bound: SocketAddr, announce: &[SocketAddr]) -> SocketAddr {
+    if announce.iter().any(|a| a.ip() == bound.ip()) {
+        return bound;
+    }
+    announce
+        .first()
+        .map_or(bound, |a| SocketAddr::new(a.ip(), bound.port()))
+}
+
 pub fn announce_addresses(configured: &[String], port: u16) -> Result<Vec<SocketAddr>, String> {
     let mut out = Vec::new();
     for ip in configured {
