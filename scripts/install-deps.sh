@@ -10,9 +10,9 @@ mode=${1:-build}
 # Building: C toolchain pieces for -sys crates (libopus is built from source by cmake).
 build_pkgs=(pkg-config cmake g++)
 # Testing: real clients: ffmpeg pushes and plays RTMP and decodes what Weir sends;
-# Debian's Chromium (with fake camera and microphone) is the browser client;
+# Debian's Chromium and Firefox ESR (fake camera and microphone) are the browsers;
 # a python3 makes the virtualenv of the second WebRTC stack (aiortc) below.
-test_pkgs=(ffmpeg chromium)
+test_pkgs=(ffmpeg chromium firefox-esr)
 if ! command -v python3 >/dev/null; then test_pkgs+=(python3 python3-venv); fi
 
 pkgs=("${build_pkgs[@]}")

@@ -53,6 +53,11 @@ export interface PublishOptions {
   maxBitrate?: number;
   /** Three layers (¼, ½, full). Needs a server that forwards simulcast. */
   simulcast?: boolean;
+  /** The video codec to send when the browser has it: "h264" (default: RTMP/FLV
+   * players and mini programs need no transcoding) or "vp8" (for rooms with browsers
+   * that have no H.264, such as Firefox without OpenH264). Subscribers receive the
+   * codec sent. */
+  videoCodec?: "h264" | "vp8";
 }
 
 export interface PlayUrls {
@@ -106,6 +111,7 @@ export class WeirError extends Error {
 }
 
 export function preferH264(codecs: RTCRtpCodec[]): RTCRtpCodec[];
+export function preferCodec(codecs: RTCRtpCodec[], name?: "h264" | "vp8"): RTCRtpCodec[];
 
 export class WeirRoom extends EventTarget {
   constructor(options: WeirOptions);

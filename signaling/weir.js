@@ -39,6 +39,27 @@ export function preferH264(codecs) {
   return [...codecs].sort((a, b) => score(a) - score(b));
 }
 
+/**
+ * Orders codec capabilities so that `name` ("h264", the default, or "vp8") leads.
+ * H.264 reaches RTMP/HTTP-FLV players and mini programs without transcoding; VP8 is
+ * what a browser without H.264 (Firefox without its OpenH264 plugin) can decode, so
+ * a room with such members publishes VP8. A browser that lacks the codec keeps its
+ * own order.
+ * @param {RTCRtpCodec[]} codecs
+ * @param {string} [name]
+ */
+export function preferCodec(codecs, name = "h264") {
+  if (name === "h264") return preferH264(codecs);
+  const want = `video/${name}`.toLowerCase();
+  const score = (c) => {
+    const mime = c.mimeType.toLowerCase();
+    if (mime === want) return 0;
+    if (mime === "video/rtx" || mime === "video/red" || mime === "video/ulpfec") return 1;
+    return 2;
+  };
+  return [...codecs].sort((a, b) => score(a) - score(b));
+}
+
 /** A promise that settles when `pc` has gathered its candidates, or after `ms`. */
 function gathered(pc, ms) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
@@ -258,7 +279,7 @@ export class WeirRoom extends EventTarget {
       const t = pc.addTransceiver(track, init);
       if (track.kind === "video" && t.setCodecPreferences && RTCRtpSender.getCapabilities) {
         const caps = RTCRtpSender.getCapabilities("video");
-        if (caps) t.setCodecPreferences(preferH264(caps.codecs));
+        if (caps) t.setCodecPreferences(preferCodec(caps.codecs, options.videoCodec));
       }
     }
     await pc.setLocalDescription(await pc.createOffer());
@@ -269,7 +290,13 @@ export class WeirRoom extends EventTarget {
     );
     await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
     await this._flushCandidates("publisher");
-    this.publishing = { audio, video, simulcast: !!options.simulcast, maxBitrate: options.maxBitrate };
+    this.publishing = {
+      audio,
+      video,
+      simulcast: !!options.simulcast,
+      maxBitrate: options.maxBitrate,
+      videoCodec: options.videoCodec,
+    };
     this._emit("published", published.stream);
     return published.stream;
   }
@@ -372,6 +399,11 @@ export class WeirRoom extends EventTarget {
   _onTrack(e) {
     const stream = e.streams[0];
     if (!stream) return;
+    // Statistics name a remote track by its own id: Chrome takes the msid's track id
+    // (`<streamId>-video`), Firefox draws one. The stream id (from `a=msid`) is what
+    // both agree on, so remember which stream each track carries now.
+    this._trackStreams = this._trackStreams || new Map();
+    this._trackStreams.set(e.track.id, stream.id);
     const entry = this._streamInfo(
       (this.streams.get(stream.id) || {}).info || { streamId: stream.id },
     );
@@ -425,7 +457,9 @@ export class WeirRoom extends EventTarget {
       const rtt = rttOf(report);
       report.forEach((s) => {
         if (s.type !== "inbound-rtp" || !s.trackIdentifier) return;
-        const id = s.trackIdentifier.replace(/-(audio|video)$/, "");
+        const id =
+          (this._trackStreams && this._trackStreams.get(s.trackIdentifier)) ||
+          s.trackIdentifier.replace(/-(audio|video)$/, "");
         const e = entry(id);
         e.rttMs = rtt;
         const k = s.kind === "video" ? e.video : e.audio;

@@ -238,6 +238,26 @@ impl Drop for Browser {
     }
 }
 
+/// A page of either browser, as the tests use it.
+#[async_trait::async_trait]
+pub trait Js: Sync {
+    /// Evaluates `expression` (awaiting a promise) and returns its JSON value; a
+    /// JavaScript exception fails the test with the page's console.
+    async fn eval(&self, expression: &str) -> Value;
+    /// The browser's console so far, for a failing test's message.
+    fn console_dump(&self) -> String;
+}
+
+#[async_trait::async_trait]
+impl Js for Page<'_> {
+    async fn eval(&self, expression: &str) -> Value {
+        Page::eval(self, expression).await
+    }
+    fn console_dump(&self) -> String {
+        self.browser.console_dump()
+    }
+}
+
 impl Page<'_> {
     async fn call(&self, method: &str, params: Value) -> Value {
         self.browser.call(Some(&self.session), method, params).await

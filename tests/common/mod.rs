@@ -14,6 +14,7 @@ use weir_signaling::{ClientMessage, Join, ServerMessage, PROTOCOL_VERSION};
 
 pub mod aiortc;
 pub mod browser;
+pub mod firefox;
 pub mod media;
 pub mod peer;
 pub mod plot;
