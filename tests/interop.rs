@@ -91,7 +91,11 @@ fn assert_steady(summary: &Value, stream_id: &str) -> Vec<u64> {
     let windows: Vec<u64> = (first + 1..last)
         .step_by(10)
         .take_while(|w| w + 10 <= last)
-        .map(|w| (w..w + 10).map(|k| per_second.get(&k).copied().unwrap_or(0)).sum())
+        .map(|w| {
+            (w..w + 10)
+                .map(|k| per_second.get(&k).copied().unwrap_or(0))
+                .sum()
+        })
         .collect();
     assert!(
         windows.iter().all(|&n| n >= 270),
@@ -148,9 +152,13 @@ async fn aiortc_members_exchange_h264_vp8_and_opus_for_a_minute() {
     for (user, size, luma) in [("a", (320, 240), 60), ("b", (352, 288), 180)] {
         assert_received(&late, &stream_id(user, room), size, luma, 7.0);
         let s = stream(&late, &stream_id(user, room));
-        let join_to_frame = s["first_video_ms"].as_f64().unwrap() - late["joined_ms"].as_f64().unwrap();
+        let join_to_frame =
+            s["first_video_ms"].as_f64().unwrap() - late["joined_ms"].as_f64().unwrap();
         eprintln!("late joiner: first frame of {user}'s stream {join_to_frame:.0} ms after joined");
-        assert!(join_to_frame < 3000.0, "{join_to_frame} ms to the first frame");
+        assert!(
+            join_to_frame < 3000.0,
+            "{join_to_frame} ms to the first frame"
+        );
     }
     assert_clean(&a);
     assert_clean(&b);

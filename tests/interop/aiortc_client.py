@@ -135,6 +135,7 @@ class Member:
         self.left = None
         self.close = None
         self.ice_servers = None
+        self.leaving = False
 
     def stats(self, stream_id):
         return self.streams.setdefault(
@@ -144,7 +145,13 @@ class Member:
         )
 
     async def send(self, msg):
-        await self.ws.send(json.dumps(msg))
+        try:
+            await self.ws.send(json.dumps(msg))
+        except websockets.ConnectionClosedOK:
+            # After our `leave`, the server may close before an answer we were still
+            # making (to an offer sent as another member left) goes out.
+            if not self.leaving:
+                raise
 
     async def run(self):
         a = self.args
@@ -160,6 +167,7 @@ class Member:
                 if a.publish != "none":
                     await self.start_publishing()
                 await asyncio.sleep(a.seconds)
+                self.leaving = True
                 await self.send({"type": "leave"})
                 await asyncio.wait_for(reader, 10)
             except Exception as e:  # report, do not hide
