@@ -1420,6 +1420,83 @@ impl Peer {
 mod tests {
     use super::*;
 
+    /// What a publisher is answered: only codecs Weir forwards (Opus; VP8 and H.264),
+    /// and SDP any stack reads: candidates with end-of-candidates in every m-section,
+    /// RTCP-component copies left out, msid-semantic present.
+    #[test]
+    fn a_publisher_is_answered_with_forwardable_codecs_and_complete_sdp() {
+        let config = super::super::MediaConfig {
+            announce: vec!["192.0.2.7:7882".parse().unwrap()],
+            tcp_port: Some(7881),
+            ice_disconnected: std::time::Duration::from_secs(5),
+            ice_failed: std::time::Duration::from_secs(10),
+            congestion_control: false,
+            publisher_bitrate: (100_000.0, 1_000_000.0),
+        };
+        let metrics = Metrics::new();
+        let mut peer = Peer::new(
+            PeerKey(crate::room::SessionId(1), Target::Publisher),
+            &config,
+            &metrics,
+        )
+        .unwrap();
+        let offer = "v=0\r\n\
+o=- 1 1 IN IP4 0.0.0.0\r\n\
+s=-\r\n\
+t=0 0\r\n\
+a=group:BUNDLE 0 1\r\n\
+a=fingerprint:sha-256 11:4E:67:77:31:74:5D:76:D7:D6:DA:78:14:1B:9E:22:86:B4:E7:3B:82:57:61:50:1A:8F:86:DF:B3:8C:1A:07\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111 9 0 8\r\n\
+c=IN IP4 0.0.0.0\r\n\
+a=setup:actpass\r\n\
+a=mid:0\r\n\
+a=ice-ufrag:abcd\r\n\
+a=ice-pwd:abcdefghijklmnopqrstuvwx\r\n\
+a=rtcp-mux\r\n\
+a=rtpmap:111 opus/48000/2\r\n\
+a=rtpmap:9 G722/8000\r\n\
+a=rtpmap:0 PCMU/8000\r\n\
+a=rtpmap:8 PCMA/8000\r\n\
+a=sendonly\r\n\
+a=msid:s a\r\n\
+a=ssrc:1 cname:x\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 98 96\r\n\
+c=IN IP4 0.0.0.0\r\n\
+a=setup:actpass\r\n\
+a=mid:1\r\n\
+a=ice-ufrag:abcd\r\n\
+a=ice-pwd:abcdefghijklmnopqrstuvwx\r\n\
+a=rtcp-mux\r\n\
+a=rtpmap:98 VP9/90000\r\n\
+a=rtpmap:96 VP8/90000\r\n\
+a=sendonly\r\n\
+a=msid:s v\r\n\
+a=ssrc:2 cname:x\r\n";
+        let answer = peer.answer(offer.into()).unwrap();
+        let sections: Vec<&str> = answer.split("\r\nm=").skip(1).collect();
+        assert_eq!(sections.len(), 2, "{answer}");
+        let (audio, video) = (sections[0], sections[1]);
+        assert!(audio.contains("opus/48000"), "{answer}");
+        for other in ["G722", "PCMU", "PCMA"] {
+            assert!(!audio.contains(other), "{other} accepted: {answer}");
+        }
+        assert!(
+            video.contains("VP8/90000") && !video.contains("VP9"),
+            "{answer}"
+        );
+        for section in [audio, video] {
+            assert!(section.contains("a=candidate:"), "{answer}");
+            assert!(section.contains("192.0.2.7 7882 typ host"), "{answer}");
+            assert!(section.contains("tcptype passive"), "{answer}");
+            assert!(section.contains("a=end-of-candidates"), "{answer}");
+            assert!(
+                !section.contains(" 2 udp ") && !section.contains(" 2 tcp "),
+                "RTCP-component candidates: {answer}"
+            );
+        }
+        assert!(answer.contains("a=msid-semantic:WMS *"), "{answer}");
+    }
+
     #[test]
     fn a_peer_is_gone_only_after_the_limit_without_any_authenticated_packet() {
         let t0 = Instant::now();
