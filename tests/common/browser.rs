@@ -5,26 +5,19 @@
 //! machine's notes advise: no sandbox (root), no GPU, no background networking.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::Message;
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+use super::rpc::Rpc;
 
 pub struct Browser {
     child: tokio::process::Child,
     _profile: tempfile::TempDir,
-    out: mpsc::UnboundedSender<String>,
-    pending: Pending,
-    next_id: AtomicU64,
+    rpc: Rpc,
     /// Console lines and exceptions by session id, printed when a test fails.
     pub console: Arc<Mutex<Vec<String>>>,
 }
@@ -109,89 +102,56 @@ impl Browser {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let ws_url = ws_url.expect("chromium opened its DevTools port within 60 s");
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
-            .await
-            .expect("DevTools websocket");
-        let (mut sink, mut stream) = ws.split();
-        let (out, mut out_rx) = mpsc::unbounded_channel::<String>();
-        tokio::spawn(async move {
-            while let Some(text) = out_rx.recv().await {
-                if sink.send(Message::Text(text.into())).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let pending: Pending = Default::default();
         let console: Arc<Mutex<Vec<String>>> = Default::default();
-        let (p, c) = (pending.clone(), console.clone());
-        tokio::spawn(async move {
-            while let Some(Ok(msg)) = stream.next().await {
-                let Message::Text(text) = msg else { continue };
-                let Ok(v) = serde_json::from_str::<Value>(&text) else {
-                    continue;
-                };
-                if let Some(id) = v.get("id").and_then(Value::as_u64) {
-                    if let Some(tx) = p.lock().unwrap().remove(&id) {
-                        let _ = tx.send(v);
-                    }
-                    continue;
+        let c = console.clone();
+        let rpc = Rpc::connect(&ws_url, move |v| {
+            let method = v["method"].as_str().unwrap_or("");
+            let session = v["sessionId"].as_str().unwrap_or("").get(..6).unwrap_or("");
+            match method {
+                "Runtime.consoleAPICalled" => {
+                    let args: Vec<String> = v["params"]["args"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|x| {
+                                    x.get("value")
+                                        .map(|v| v.to_string())
+                                        .or_else(|| x["description"].as_str().map(String::from))
+                                        .unwrap_or_default()
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    c.lock().unwrap().push(format!(
+                        "[{session}] console.{}: {}",
+                        v["params"]["type"].as_str().unwrap_or(""),
+                        args.join(" ")
+                    ));
                 }
-                let method = v["method"].as_str().unwrap_or("");
-                let session = v["sessionId"].as_str().unwrap_or("").get(..6).unwrap_or("");
-                match method {
-                    "Runtime.consoleAPICalled" => {
-                        let args: Vec<String> = v["params"]["args"]
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .map(|x| {
-                                        x.get("value")
-                                            .map(|v| v.to_string())
-                                            .or_else(|| x["description"].as_str().map(String::from))
-                                            .unwrap_or_default()
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        c.lock().unwrap().push(format!(
-                            "[{session}] console.{}: {}",
-                            v["params"]["type"].as_str().unwrap_or(""),
-                            args.join(" ")
-                        ));
-                    }
-                    "Runtime.exceptionThrown" => {
-                        c.lock().unwrap().push(format!(
-                            "[{session}] exception: {}",
-                            v["params"]["exceptionDetails"]
-                        ));
-                    }
-                    _ => {}
+                "Runtime.exceptionThrown" => {
+                    c.lock().unwrap().push(format!(
+                        "[{session}] exception: {}",
+                        v["params"]["exceptionDetails"]
+                    ));
                 }
+                _ => {}
             }
-        });
+        })
+        .await;
         Self {
             child,
             _profile: profile,
-            out,
-            pending,
-            next_id: AtomicU64::new(1),
+            rpc,
             console,
         }
     }
 
     async fn call(&self, session: Option<&str>, method: &str, params: Value) -> Value {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = json!({"id": id, "method": method, "params": params});
+        let mut msg = json!({"method": method, "params": params});
         if let Some(s) = session {
             msg["sessionId"] = s.into();
         }
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id, tx);
-        self.out.send(msg.to_string()).expect("DevTools connection");
-        let v = tokio::time::timeout(Duration::from_secs(60), rx)
-            .await
-            .unwrap_or_else(|_| panic!("DevTools {method}: no answer in 60 s"))
-            .expect("DevTools connection");
+        let v = self.rpc.call(msg).await;
         if let Some(e) = v.get("error") {
             panic!("DevTools {method}: {e}");
         }

@@ -7,29 +7,21 @@
 //! AV1), not H.264: a second browser engine whose codecs differ from Chrome's.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::Message;
 
 use super::browser::Js;
-
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+use super::rpc::Rpc;
 
 pub struct Firefox {
     child: tokio::process::Child,
     _profile: tempfile::TempDir,
-    out: mpsc::UnboundedSender<String>,
-    pending: Pending,
-    next_id: AtomicU64,
+    rpc: Rpc,
     /// Console lines and JavaScript errors, printed when a test fails.
     pub console: Arc<Mutex<Vec<String>>>,
 }
@@ -93,48 +85,24 @@ impl Firefox {
         .flatten()
         .expect("firefox opened its WebDriver BiDi port within 60 s");
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let (ws, _) = tokio_tungstenite::connect_async(format!("{url}/session"))
-            .await
-            .expect("BiDi websocket");
-        let (mut sink, mut stream) = ws.split();
-        let (out, mut out_rx) = mpsc::unbounded_channel::<String>();
-        tokio::spawn(async move {
-            while let Some(text) = out_rx.recv().await {
-                if sink.send(Message::Text(text.into())).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let pending: Pending = Default::default();
         let console: Arc<Mutex<Vec<String>>> = Default::default();
-        let (p, c) = (pending.clone(), console.clone());
-        tokio::spawn(async move {
-            while let Some(Ok(msg)) = stream.next().await {
-                let Message::Text(text) = msg else { continue };
-                let Ok(v) = serde_json::from_str::<Value>(&text) else {
-                    continue;
-                };
-                if let Some(id) = v.get("id").and_then(Value::as_u64) {
-                    if let Some(tx) = p.lock().unwrap().remove(&id) {
-                        let _ = tx.send(v);
-                    }
-                } else if v["method"] == "log.entryAdded" {
-                    let e = &v["params"];
-                    c.lock().unwrap().push(format!(
-                        "[firefox] {}.{}: {}",
-                        e["type"].as_str().unwrap_or(""),
-                        e["level"].as_str().unwrap_or(""),
-                        e["text"].as_str().unwrap_or("")
-                    ));
-                }
+        let c = console.clone();
+        let rpc = Rpc::connect(&format!("{url}/session"), move |v| {
+            if v["method"] == "log.entryAdded" {
+                let e = &v["params"];
+                c.lock().unwrap().push(format!(
+                    "[firefox] {}.{}: {}",
+                    e["type"].as_str().unwrap_or(""),
+                    e["level"].as_str().unwrap_or(""),
+                    e["text"].as_str().unwrap_or("")
+                ));
             }
-        });
+        })
+        .await;
         let ff = Self {
             child,
             _profile: profile,
-            out,
-            pending,
-            next_id: AtomicU64::new(1),
+            rpc,
             console,
         };
         ff.call("session.new", json!({"capabilities": {}})).await;
@@ -144,15 +112,10 @@ impl Firefox {
     }
 
     async fn call(&self, method: &str, params: Value) -> Value {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id, tx);
-        let msg = json!({"id": id, "method": method, "params": params});
-        self.out.send(msg.to_string()).expect("BiDi connection");
-        let v = tokio::time::timeout(Duration::from_secs(60), rx)
-            .await
-            .unwrap_or_else(|_| panic!("BiDi {method}: no answer in 60 s"))
-            .expect("BiDi connection");
+        let v = self
+            .rpc
+            .call(json!({"method": method, "params": params}))
+            .await;
         if v["type"] == "error" {
             panic!("BiDi {method}: {v}");
         }

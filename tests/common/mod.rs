@@ -19,6 +19,7 @@ pub mod media;
 pub mod peer;
 pub mod plot;
 pub mod relay;
+pub mod rpc;
 pub mod source;
 pub mod watcher;
 
