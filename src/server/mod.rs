@@ -53,6 +53,25 @@ pub struct AppState {
     pub failed_joins: std::sync::Mutex<crate::limits::FailedJoins>,
     /// When the server started: the clock of `failed_joins`.
     pub epoch: std::time::Instant,
+    /// Signaling sessions still running, so a shutdown waits for each to write its
+    /// `left` and close frame before the runtime (and every task with it) ends.
+    pub live_sessions: watch::Sender<usize>,
+}
+
+/// Counts a signaling session as live while it exists.
+pub struct LiveSession(watch::Sender<usize>);
+
+impl LiveSession {
+    pub fn new(state: &AppState) -> Self {
+        state.live_sessions.send_modify(|n| *n += 1);
+        Self(state.live_sessions.clone())
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl AppState {
@@ -127,6 +146,17 @@ impl Server {
         self.state.shutting_down.store(true, Ordering::Relaxed);
         let _ = self.state.control.send(ControlCommand::Shutdown).await;
         let _ = tokio::time::timeout(self.grace, self.control).await;
+        // Every session has its `left` queued now; let each write it and close.
+        let mut live = self.state.live_sessions.subscribe();
+        let drained = tokio::time::timeout(self.grace, live.wait_for(|n| *n == 0))
+            .await
+            .is_ok();
+        if !drained {
+            warn!(
+                sessions = *live.borrow(),
+                "sessions still open after the grace period; closing them unannounced"
+            );
+        }
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(self.grace, self.http).await;
         info!("stopped");
@@ -344,6 +374,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             config.server.failed_join_window_s * 1000,
         )),
         epoch: std::time::Instant::now(),
+        live_sessions: watch::channel(0).0,
     });
 
     let (stop, stop_rx) = watch::channel(false);

@@ -44,6 +44,7 @@ fn within_rate(messages: &Option<Limiter>, texts: &Option<Limiter>, msg: &Client
 }
 
 pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAddr) {
+    let _live = super::LiveSession::new(&state);
     let id = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
     if state

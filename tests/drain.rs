@@ -1,0 +1,147 @@
+//! The binary under SIGTERM, as systemd or Kubernetes stops it: with 50 members in
+//! rooms, every one is told (`left` with reason `serverShutdown`, then close 1001),
+//! new joins are refused while it drains, and it exits 0 within its grace period.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Client, APP};
+use weir::auth::{AppKeys, Keyring};
+use weir::config::Config;
+use weir_signaling::{close, ClientMessage, Join, LeaveReason, ServerMessage, PROTOCOL_VERSION};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_fifty_members_tells_each_and_exits_cleanly() {
+    let app_config = AppKeys::generate_config(APP);
+    let app = AppKeys::from_config(&app_config).unwrap();
+    let mut config = Config::development(None);
+    config.server.dev_mode = false;
+    config.apps = vec![app_config];
+    let http = free_port();
+    config.server.http_addr = format!("127.0.0.1:{http}");
+    config.server.udp_addr = format!("127.0.0.1:{}", free_port());
+    config.server.tcp_addr = format!("127.0.0.1:{}", free_port());
+    config.server.rtmp_addr = format!("127.0.0.1:{}", free_port());
+    config.server.metrics_addr = format!("127.0.0.1:{}", free_port());
+    config.server.announce_ips = vec!["127.0.0.1".into()];
+    config.server.shutdown_grace_s = 5;
+    Keyring::from_configs(&config.apps).expect("the generated app loads");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    config.write(&path).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{http}/ws");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", http))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the server did not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let join = |user: String, room: u32| {
+        let now = weir::auth::unix_now();
+        let kind = weir::auth::TokenKind::V2;
+        Join {
+            protocol: PROTOCOL_VERSION,
+            sdk_app_id: APP,
+            user_sig: app.issue_user_sig(kind, &user, now, 3600).unwrap(),
+            private_map_key: app
+                .issue_private_map_key(
+                    kind,
+                    &user,
+                    &weir::auth::RoomId::Num(room),
+                    weir::auth::Privileges(0xff),
+                    now,
+                    3600,
+                )
+                .unwrap(),
+            user_id: user,
+            room_id: Some(room),
+            str_room_id: None,
+            auto_subscribe: true,
+            congestion_policy: None,
+        }
+    };
+    let mut members = Vec::new();
+    for i in 0..50u32 {
+        let (c, joined) = Client::join(&url, join(format!("member{i}"), 100 + i % 10)).await;
+        assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+        members.push(c);
+    }
+
+    let pid = child.id().unwrap();
+    let sent = Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+
+    let mut told = 0;
+    for (i, m) in members.iter_mut().enumerate() {
+        let left = m
+            .try_recv_matching(Duration::from_secs(5), |msg| match msg {
+                ServerMessage::Left { reason } => Some(*reason),
+                _ => None,
+            })
+            .await;
+        assert_eq!(left, Some(LeaveReason::ServerShutdown), "member{i}");
+        assert_eq!(
+            m.close_code(Duration::from_secs(5))
+                .await
+                .flatten()
+                .map(|c| c.0),
+            Some(close::GOING_AWAY),
+            "member{i}"
+        );
+        told += 1;
+    }
+    // Draining: nobody new gets in (refused, or the listener is already closed).
+    if let Ok((mut late, _)) = tokio_tungstenite::connect_async(&url).await {
+        use futures_util::{SinkExt, StreamExt};
+        let msg = serde_json::to_string(&ClientMessage::Join(join("late".into(), 100))).unwrap();
+        let _ = late
+            .send(tokio_tungstenite::tungstenite::Message::Text(msg.into()))
+            .await;
+        if let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_secs(5), late.next()).await
+        {
+            let answer = ServerMessage::parse(&t).unwrap();
+            assert!(
+                matches!(
+                    answer,
+                    ServerMessage::Error {
+                        code: weir_signaling::ErrorCode::Unavailable,
+                        ..
+                    }
+                ),
+                "a join while draining: {answer:?}"
+            );
+        }
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the binary exits within its grace period")
+        .unwrap();
+    let took = sent.elapsed();
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(told, 50);
+    assert!(took < Duration::from_secs(8), "stopping took {took:?}");
+}
