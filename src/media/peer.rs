@@ -82,6 +82,12 @@ struct Downtrack {
     pub paused: bool,
     /// Resumed: forward from the next keyframe.
     await_keyframe: bool,
+    /// The subscriber has answered an offer with this downtrack's m-section: until
+    /// then nothing is sent on it (the subscriber would drop it, and its payload type
+    /// is not known yet).
+    negotiated: bool,
+    /// It is in the offer the subscriber is answering now.
+    offered: bool,
     /// The simulcast layer wanted (0 = lowest; `None`: the top one), and the
     /// publisher SSRC being forwarded now.
     layer: Option<usize>,
@@ -313,38 +319,29 @@ pub fn complete_sdp(sdp: &str) -> String {
 }
 
 /// The kinds an SDP offer *sends* (m-sections that are sendrecv or sendonly and not
-/// rejected): what a publisher asks to publish.
+/// rejected): what a publisher asks to publish. Read with rtc-sdp, the parser rtc
+/// applies the offer with; an offer it cannot parse sends nothing.
 pub fn offered_send_kinds(sdp: &str) -> Vec<Kind> {
-    let mut out = Vec::new();
-    let mut current: Option<(Kind, bool, bool)> = None; // kind, rejected, sends
-    let finish = |c: Option<(Kind, bool, bool)>, out: &mut Vec<Kind>| {
-        if let Some((kind, rejected, sends)) = c {
-            if !rejected && sends && !out.contains(&kind) {
-                out.push(kind);
-            }
-        }
+    use rtc::sdp::description::session::SessionDescription;
+    let Ok(d) = SessionDescription::unmarshal(&mut std::io::Cursor::new(sdp.as_bytes())) else {
+        return Vec::new();
     };
-    for line in sdp.lines() {
-        let line = line.trim_end();
-        if let Some(m) = line.strip_prefix("m=") {
-            finish(current.take(), &mut out);
-            let mut parts = m.split_whitespace();
-            let kind = match parts.next() {
-                Some("audio") => Some(Kind::Audio),
-                Some("video") => Some(Kind::Video),
-                _ => None,
-            };
-            let rejected = parts.next() == Some("0");
-            current = kind.map(|k| (k, rejected, true));
-        } else if let Some(c) = current.as_mut() {
-            match line {
-                "a=recvonly" | "a=inactive" => c.2 = false,
-                "a=sendonly" | "a=sendrecv" => c.2 = true,
-                _ => {}
-            }
+    let mut out = Vec::new();
+    for m in &d.media_descriptions {
+        let kind = match m.media_name.media.as_str() {
+            "audio" => Kind::Audio,
+            "video" => Kind::Video,
+            _ => continue,
+        };
+        let sends = m.media_name.port.value != 0
+            && !m
+                .attributes
+                .iter()
+                .any(|a| a.key == "recvonly" || a.key == "inactive");
+        if sends && !out.contains(&kind) {
+            out.push(kind);
         }
     }
-    finish(current, &mut out);
     out
 }
 
@@ -704,6 +701,7 @@ impl Peer {
         for d in self.downtracks.values_mut() {
             d.payload_type = None; // re-read what was negotiated
             d.refused = false;
+            d.negotiated |= d.offered;
         }
         Ok(())
     }
@@ -1084,6 +1082,8 @@ impl Peer {
                     // A new subscriber's video starts at a keyframe (the publisher is
                     // asked for one at once): frames before it would not decode.
                     await_keyframe: k.1 == Kind::Video,
+                    negotiated: false,
+                    offered: false,
                     layer: None,
                     forwarding: None,
                 },
@@ -1102,6 +1102,9 @@ impl Peer {
             return Ok(None);
         }
         self.pending = false;
+        for d in self.downtracks.values_mut() {
+            d.offered = true;
+        }
         let offer = self.pc.create_offer(None).map_err(|e| e.to_string())?;
         self.pc
             .set_local_description(Instant::now(), offer)
@@ -1113,11 +1116,11 @@ impl Peer {
             .ok_or_else(|| "no local description after setting it".into())
     }
 
-    /// True if the downtrack exists and nothing has been sent on it yet.
+    /// True if the downtrack exists, is negotiated, and nothing has been sent on it yet.
     pub fn downtrack_fresh(&self, stream_id: &str, kind: Kind) -> bool {
         self.downtracks
             .get(&(stream_id.to_owned(), kind))
-            .is_some_and(|d| d.rewriter.packets == 0)
+            .is_some_and(|d| d.negotiated && d.rewriter.packets == 0)
     }
 
     /// Sends a publisher's packet on the matching downtrack. True if it went out.
@@ -1137,6 +1140,12 @@ impl Peer {
             return false;
         };
         if d.paused {
+            return false;
+        }
+        if !d.negotiated {
+            if d.await_keyframe {
+                want_keyframe(&mut self.keyframe_wanted, stream_id);
+            }
             return false;
         }
         if kind == Kind::Video && !layers.is_empty() {
@@ -1520,10 +1529,15 @@ a=ssrc:2 cname:x\r\n";
 
     #[test]
     fn offered_kinds_follow_directions_and_rejections() {
-        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=recvonly\r\nm=video 0 UDP/TLS/RTP/SAVPF 97\r\na=sendonly\r\n";
-        assert_eq!(offered_send_kinds(sdp), vec![Kind::Audio]);
-        let both = "m=audio 9 X 111\r\na=sendrecv\r\nm=video 9 X 96\r\n";
-        assert_eq!(offered_send_kinds(both), vec![Kind::Audio, Kind::Video]);
+        let head = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n";
+        let sdp = format!("{head}m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=recvonly\r\nm=video 0 UDP/TLS/RTP/SAVPF 97\r\na=sendonly\r\n");
+        assert_eq!(offered_send_kinds(&sdp), vec![Kind::Audio]);
+        let both = format!("{head}m=audio 9 X 111\r\na=sendrecv\r\nm=video 9 X 96\r\n");
+        assert_eq!(offered_send_kinds(&both), vec![Kind::Audio, Kind::Video]);
         assert!(offered_send_kinds("garbage").is_empty());
+        assert!(
+            offered_send_kinds("m=audio 9 X 111\r\n").is_empty(),
+            "not an SDP"
+        );
     }
 }
