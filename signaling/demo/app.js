@@ -225,7 +225,8 @@ async function join(ev) {
     setStatus(`in room ${roomText}`, "ok");
     const audio = $("send-audio").checked;
     const video = $("send-video").checked;
-    if (audio || video) await room.publish({ audio, video });
+    const videoCodec = $("video-codec").value;
+    if (audio || video) await room.publish({ audio, video, videoCodec });
   } catch (e) {
     $("join-error").textContent = e.message;
     $("join-panel").hidden = false;
