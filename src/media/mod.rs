@@ -745,7 +745,7 @@ impl Media {
         let mut opened = Vec::new();
         for (key, p) in self.peers.iter_mut() {
             let drained = p.drain();
-            let gone = p.liveness.gone(now, p.connected);
+            let gone = p.liveness.gone(now);
             if let Some(why) = gone {
                 info!(session = key.0 .0, ?key, why, "peer gone");
             }

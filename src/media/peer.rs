@@ -162,8 +162,7 @@ pub struct Peer {
     uptracks: HashMap<String, Uptrack>,
     downtracks: HashMap<(String, Kind), Downtrack>,
     /// DTLS is up: packets written now reach the peer (earlier ones would be dropped).
-    /// It stays true until the connection fails or closes, whatever rtc's ICE says.
-    pub connected: bool,
+    connected: bool,
     /// A local offer is waiting for its answer.
     negotiating: bool,
     /// Something changed while negotiating: offer again after the answer.
@@ -410,6 +409,7 @@ pub struct Liveness {
     heard: Heard,
     /// When checks could start (our side of the negotiation is applied).
     checking_since: Option<Instant>,
+    connected_once: bool,
     /// Silence, or connecting, longer than this: the peer is gone.
     limit: std::time::Duration,
 }
@@ -419,6 +419,7 @@ impl Liveness {
         Self {
             heard: Heard::new(now),
             checking_since: None,
+            connected_once: false,
             limit,
         }
     }
@@ -431,10 +432,13 @@ impl Liveness {
         self.checking_since.get_or_insert(now);
     }
 
-    /// Why the peer counts as gone at `now`, if it does; `connected`: it has
-    /// connected (the connection's own state says so).
-    pub fn gone(&self, now: Instant, connected: bool) -> Option<&'static str> {
-        if connected {
+    pub fn connected(&mut self) {
+        self.connected_once = true;
+    }
+
+    /// Why the peer counts as gone at `now`, if it does.
+    pub fn gone(&self, now: Instant) -> Option<&'static str> {
+        if self.connected_once {
             (now.saturating_duration_since(self.heard.last()) > self.limit)
                 .then_some("nothing authenticated heard from the peer")
         } else {
@@ -768,7 +772,10 @@ impl Peer {
                     // "Disconnected" (no STUN check for a while) changes nothing: media
                     // goes on while `Liveness` hears the peer.
                     match state {
-                        RTCPeerConnectionState::Connected => self.connected = true,
+                        RTCPeerConnectionState::Connected => {
+                            self.connected = true;
+                            self.liveness.connected();
+                        }
                         // Closed here means the remote ended DTLS; we close ours only after removing it.
                         RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
                             self.connected = false;
@@ -1505,18 +1512,19 @@ a=ssrc:2 cname:x\r\n";
         let s = std::time::Duration::from_secs;
         let mut l = Liveness::new(t0, s(15));
         assert_eq!(
-            l.gone(t0 + s(60), false),
+            l.gone(t0 + s(60)),
             None,
             "not negotiated yet: nothing to judge"
         );
         l.checking(t0 + s(1));
-        assert_eq!(l.gone(t0 + s(15), false), None);
-        assert!(l.gone(t0 + s(17), false).is_some(), "never connected");
+        assert_eq!(l.gone(t0 + s(15)), None);
+        assert!(l.gone(t0 + s(17)).is_some(), "never connected");
+        l.connected();
         l.heard(t0 + s(16));
-        assert_eq!(l.gone(t0 + s(30), true), None);
+        assert_eq!(l.gone(t0 + s(30)), None);
         l.heard(t0 + s(29)); // media, RTCP or a check: any of them
-        assert_eq!(l.gone(t0 + s(44), true), None);
-        assert!(l.gone(t0 + s(45), true).is_some());
+        assert_eq!(l.gone(t0 + s(44)), None);
+        assert!(l.gone(t0 + s(45)).is_some());
     }
 
     #[test]
