@@ -221,7 +221,15 @@ impl RtpToFlv {
                 Some((ntp, sr_rtp)) => {
                     let at = ntp_ms(ntp)
                         + f64::from(rtp.wrapping_sub(sr_rtp) as i32) * 1000.0 / clock.clock_rate;
-                    at - *self.ntp_origin.get_or_insert(at - START_MS)
+                    // The timeline's origin is set by the first track mapped this
+                    // way, at that packet's arrival: a track already anchored by
+                    // arrival (no report yet) stays on the same timeline. (Before,
+                    // that packet was put at START_MS: video whose first keyframe
+                    // came 0.9 s after the audio started was 0.9 s behind it, and
+                    // every player's latency control cut it.)
+                    let arrival = START_MS
+                        + arrived.saturating_duration_since(started).as_secs_f64() * 1000.0;
+                    at - *self.ntp_origin.get_or_insert(at - arrival)
                 }
                 // Without a sender report: the first packet's arrival.
                 None => {

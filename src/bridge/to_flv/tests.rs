@@ -150,3 +150,33 @@ fn sender_reports_put_both_tracks_on_the_publishers_clock() {
     );
     assert!((v - a).abs() < 1.0, "{v} vs {a}");
 }
+
+/// Audio that starts before any sender report (anchored at its arrival) and video
+/// whose first keyframe comes 0.9 s later with a report: both on one timeline. Before,
+/// the first report-mapped packet was put at the start (1000 ms) whatever its arrival,
+/// so that video ran 0.9 s behind its audio, and a player that joined before the
+/// keyframe (a mini program opening a browser publisher's accelerateURL at once) had
+/// every video frame cut by its latency control.
+#[test]
+fn a_track_mapped_by_sender_report_joins_a_track_anchored_by_arrival() {
+    let t0 = Instant::now();
+    let mut c = RtpToFlv::new(t0, 128_000);
+    let a0 = c.ms(Kind::Audio, 480_000, t0);
+    let ntp = |secs: f64| ((secs * 4_294_967_296.0) as u64) + (3_900_000_000u64 << 32);
+    c.handle_sender_report(
+        Kind::Video,
+        &SenderReport {
+            ntp_time: ntp(20.0),
+            rtp_time: 90_000,
+            ..Default::default()
+        },
+    );
+    let late = t0 + Duration::from_millis(900);
+    let v = c.ms(Kind::Video, 90_000, late);
+    let a = c.ms(Kind::Audio, 480_000 + 43_200, late);
+    assert!((a - a0 - 900.0).abs() < 1.0, "{a0} {a}");
+    assert!(
+        (v - a).abs() < 1.0,
+        "video {v} ms, audio {a} ms at the same moment"
+    );
+}
