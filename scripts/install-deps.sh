@@ -14,6 +14,8 @@ build_pkgs=(pkg-config cmake g++)
 # a python3 makes the virtualenv of the second WebRTC stack (aiortc) below.
 test_pkgs=(ffmpeg chromium firefox-esr)
 if ! command -v python3 >/dev/null; then test_pkgs+=(python3 python3-venv); fi
+# Node.js runs the mini program client module's tests (signaling/miniprogram/test.js).
+if ! command -v node >/dev/null; then test_pkgs+=(nodejs npm); fi
 
 pkgs=("${build_pkgs[@]}")
 if [ "$mode" = test ]; then
@@ -57,6 +59,20 @@ if [ "$mode" = test ]; then
     "$venv/bin/pip" install -q --only-binary=:all: -r tests/interop/requirements.txt
     cp tests/interop/requirements.txt "$venv/requirements.txt"
   fi
+fi
+
+# The mini program module's tests need a WebSocket in Node: Node 22 has one, Node 20
+# behind a flag; older ones (Debian's Node 18) get the `ws` package, pinned, in target/node.
+if [ "$mode" = test ] \
+    && ! node --experimental-websocket -e "process.exit(typeof WebSocket === 'function' ? 0 : 1)" 2>/dev/null \
+    && [ ! -d target/node/node_modules/ws ]; then
+  if ! command -v npm >/dev/null; then
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends npm
+  fi
+  echo "install-deps: installing ws for Node in target/node"
+  npm install --prefix target/node --no-save --no-audit --no-fund ws@8.18.3
 fi
 
 # Testing also fuzzes every parser briefly: cargo-fuzz, from crates.io.

@@ -21,6 +21,58 @@ pub struct Config {
     /// Apps known by `sdk_app_id` (`[[app]]` tables).
     #[serde(default, rename = "app")]
     pub apps: Vec<AppConfig>,
+    /// The mini program room service (`/weapp/...`).
+    #[serde(default)]
+    pub room_service: RoomServiceConfig,
+}
+
+/// The backend the mini program room components call (`/weapp/webrtc_room/`,
+/// `/weapp/multi_room/`, `/weapp/double_room/`, `/weapp/live_room/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomServiceConfig {
+    pub enabled: bool,
+    /// The app of `/weapp/webrtc_room/` (its calls name none); 0: the first `[[app]]`.
+    pub sdk_app_id: u64,
+    /// `webrtc_room/get_login_info` gives a userSig to anyone who asks (as Tencent's
+    /// demo backend did): only for a node behind the app's own login. Development
+    /// mode turns it on.
+    pub issue_user_sigs: bool,
+    /// `v1` (as the original backends), `v2` or `jwt`: the userSigs and
+    /// privateMapKeys handed out.
+    pub sig_kind: String,
+    /// A pusher (a webrtc_room member) with no heartbeat this long is removed from
+    /// its room, signaling included.
+    pub heartbeat_timeout_s: u64,
+    /// A room with nobody in it goes after this long.
+    pub idle_room_s: u64,
+    /// Pushers of one room (members of a webrtc_room); double rooms hold 2.
+    pub max_members: usize,
+    pub max_audiences: usize,
+    /// Bytes of roomInfo, userName, userAvatar, userInfo and each custom field.
+    pub max_field_bytes: usize,
+    /// Push and play URLs handed out stay valid this long.
+    pub url_validity_s: u64,
+    /// userSigs and privateMapKeys handed out stay valid this long.
+    pub sig_validity_s: u64,
+}
+
+impl Default for RoomServiceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sdk_app_id: 0,
+            issue_user_sigs: false,
+            sig_kind: "v1".into(),
+            heartbeat_timeout_s: 20,
+            idle_room_s: 30,
+            max_members: 4,
+            max_audiences: 30,
+            max_field_bytes: 1024,
+            url_validity_s: 7 * 24 * 3600,
+            sig_validity_s: 3600,
+        }
+    }
 }
 
 /// Where the server listens and how it behaves.
@@ -287,6 +339,7 @@ impl Config {
                 ..ServerConfig::default()
             },
             apps: vec![crate::auth::AppKeys::generate_config(DEV_SDK_APP_ID)],
+            room_service: RoomServiceConfig::default(),
         }
     }
 
@@ -371,6 +424,7 @@ mod tests {
         let mut c = Config {
             server: ServerConfig::default(),
             apps: Vec::new(),
+            room_service: RoomServiceConfig::default(),
         };
         c.apply_env([("WEIR_DEV_MODE".to_string(), "true".to_string())])
             .unwrap();

@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod room;
 pub mod rtmp;
 pub mod server;
+pub mod weapp;

@@ -23,6 +23,12 @@ pub struct Metrics {
     pub signaling_messages: IntCounterVec,
     /// Refusals sent to clients, by error code.
     pub signaling_errors: IntCounterVec,
+    /// Mini program room-service calls, by room `kind` and `outcome` (`ok`, `auth`,
+    /// `bad_request`, `full`, `refused`).
+    pub room_service_calls: IntCounterVec,
+    /// Room-service pushers and webrtc_room members removed because their
+    /// heartbeats stopped.
+    pub room_service_expired: prometheus::IntCounter,
     /// Sessions closed because they could not keep up with their outgoing messages.
     pub slow_sessions: IntGauge,
     /// Signaling messages refused by a session's rate limit, by `type`.
@@ -333,6 +339,15 @@ impl Metrics {
                 "weir_signaling_messages_total",
                 "Signaling messages received, by type",
                 &["type"],
+            ),
+            room_service_calls: counter_vec(
+                "weir_room_service_calls_total",
+                "Mini program room-service calls, by room kind and outcome",
+                &["kind", "outcome"],
+            ),
+            room_service_expired: counter(
+                "weir_room_service_expired_total",
+                "Room-service pushers removed because their heartbeats stopped",
             ),
             signaling_errors: counter_vec(
                 "weir_signaling_errors_total",

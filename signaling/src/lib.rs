@@ -42,6 +42,8 @@ pub mod close {
     pub const MEDIA_TIMEOUT: u16 = 4003;
     /// The session did not read its room events fast enough; they would have been lost.
     pub const TOO_SLOW: u16 = 4004;
+    /// The room service removed the member (after `left`, reason `removed`).
+    pub const REMOVED: u16 = 4005;
 }
 
 /// Which of a client's two peer connections a message is about.
@@ -345,6 +347,9 @@ pub enum LeaveReason {
     Replaced,
     /// The server is shutting down.
     ServerShutdown,
+    /// Removed from the room by the room service: a mini program pusher whose
+    /// heartbeats stopped, one removed by the room's owner, or a destroyed room.
+    Removed,
 }
 
 /// Messages the server sends.

@@ -823,6 +823,36 @@ impl Rooms {
         }
     }
 
+    /// The members of a room and the stream each publishes (the room service reads
+    /// them to list browsers and mini programs alike).
+    pub fn members_of(&self, key: &RoomKey) -> Vec<(String, Option<String>)> {
+        self.rooms
+            .get(key)
+            .map(|r| {
+                r.members
+                    .iter()
+                    .map(|(u, m)| (u.clone(), m.stream.as_ref().map(|s| s.id.clone())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Removes a member (the room service's decision): the room is told, and the
+    /// member's session told why and closed. Returns whether there was one.
+    pub fn kick(&mut self, key: &RoomKey, user_id: &str, reason: LeaveReason) -> bool {
+        let Some(session) = self
+            .rooms
+            .get(key)
+            .and_then(|r| r.members.get(user_id))
+            .map(|m| m.session)
+        else {
+            return false;
+        };
+        self.remove(session, reason, false);
+        self.out.push_back(Output::Close(session, reason));
+        true
+    }
+
     /// Ends every session (graceful shutdown).
     pub fn close_all(&mut self, reason: LeaveReason) {
         let all: Vec<SessionId> = self.sessions.keys().copied().collect();

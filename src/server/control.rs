@@ -12,9 +12,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use weir_signaling::{ClientMessage, ErrorCode, LeaveReason, ServerMessage};
 
-use crate::auth::RoomTicket;
+use crate::auth::{Identity, Privileges, RoomTicket, TokenKind};
 use crate::metrics::Metrics;
-use crate::room::{MediaCommand, Output, RoomError, Rooms, SessionId};
+use crate::room::{MediaCommand, Output, RoomError, RoomKey, Rooms, SessionId};
+use crate::weapp::{self, Effect, RoomService, RoomView, ViewMember};
 
 /// Outgoing messages a session may have queued before it counts as too slow.
 pub const SESSION_QUEUE: usize = 256;
@@ -74,6 +75,28 @@ pub enum ControlCommand {
         stream_id: String,
         bitrate: u64,
     },
+    /// A room-service call (`/weapp/...`); its JSON answer goes back on `reply`.
+    RoomService {
+        call: Box<weapp::Call>,
+        reply: tokio::sync::oneshot::Sender<serde_json::Map<String, serde_json::Value>>,
+    },
+    /// A room-service login whose userSig the HTTP shell verified; the token goes back.
+    RoomServiceLogin {
+        sdk_app_id: u64,
+        user_id: String,
+        expires_at: u64,
+        random: [u8; 16],
+        reply: tokio::sync::oneshot::Sender<Option<String>>,
+    },
+    /// An RTMP push of a room-service URL (`{sdkappid}_{userID}`): it joins and
+    /// publishes in the room an `add_pusher` binds it to, now or when that comes.
+    PushPending {
+        session: SessionId,
+        stream: String,
+        sdk_app_id: u64,
+        audio: bool,
+        video: bool,
+    },
     /// Every room of the node (the development page's room list).
     ListRooms {
         reply: tokio::sync::oneshot::Sender<Vec<crate::room::RoomSummary>>,
@@ -112,6 +135,31 @@ pub struct Control {
     /// Where WebRTC streams are offered to RTMP/FLV players, and the ones offered.
     live: Option<LivePlayback>,
     flv_sources: HashMap<String, Arc<crate::live::Source>>,
+    /// The mini program room service, if on.
+    weapp: Option<RoomService>,
+    /// RTMP pushes of room-service URLs not yet bound to a room, by stream name.
+    pending: HashMap<String, PendingPush>,
+}
+
+#[derive(Debug, Clone)]
+struct PendingPush {
+    session: SessionId,
+    sdk_app_id: u64,
+    audio: bool,
+    video: bool,
+}
+
+/// What the room service reads of the signaling rooms.
+struct View<'a>(&'a Rooms);
+
+impl RoomView for View<'_> {
+    fn members(&self, room: &RoomKey) -> Vec<ViewMember> {
+        self.0
+            .members_of(room)
+            .into_iter()
+            .map(|(user_id, stream)| ViewMember { user_id, stream })
+            .collect()
+    }
 }
 
 /// What the control task needs to offer WebRTC streams to RTMP/FLV players.
@@ -150,7 +198,92 @@ impl Control {
             metrics,
             live,
             flv_sources: HashMap::new(),
+            weapp: None,
+            pending: HashMap::new(),
         }
+    }
+
+    /// Serves the mini program room service too (when given one).
+    pub fn with_room_service_opt(mut self, service: Option<RoomService>) -> Self {
+        self.weapp = service;
+        self
+    }
+
+    /// Applies what the room service decided to the signaling rooms.
+    fn apply_effects(&mut self) {
+        let Some(service) = self.weapp.as_mut() else {
+            return;
+        };
+        for effect in service.take_effects() {
+            match effect {
+                Effect::Bind {
+                    stream,
+                    room,
+                    user_id,
+                } => {
+                    if let Some(p) = self.pending.remove(&stream) {
+                        self.join_pending(&stream, p, room, user_id);
+                    }
+                }
+                Effect::Remove { room, user_id } => {
+                    if self.rooms.kick(&room, &user_id, LeaveReason::Removed) {
+                        info!(room = %room.room, user = %user_id, "removed from the room by the room service");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A room-service RTMP push joins its room and publishes, as the user it was
+    /// handed to (`add_pusher` checked the URL is that user's).
+    fn join_pending(&mut self, stream: &str, p: PendingPush, room: RoomKey, user_id: String) {
+        if room.sdk_app_id != p.sdk_app_id {
+            return;
+        }
+        let now = crate::auth::unix_now();
+        let privileges = Privileges::CREATE_ROOM
+            | Privileges::ENTER_ROOM
+            | Privileges::SEND_AUDIO
+            | Privileges::SEND_VIDEO;
+        let ticket = RoomTicket {
+            identity: Identity {
+                kind: TokenKind::LiveUrl,
+                sdk_app_id: room.sdk_app_id,
+                user_id: user_id.clone(),
+                issued_at: now,
+                expires_at: u64::MAX,
+            },
+            room: room.room.clone(),
+            privileges,
+            privilege_names: privileges.names(),
+            room_expires_at: u64::MAX,
+        };
+        match self.rooms.join(p.session, room.sdk_app_id, &ticket, false) {
+            Ok(()) => {
+                info!(session = p.session.0, %stream, user = %user_id, room = %room.room, "room-service push joined its room");
+                if let Err(e) = self.rooms.publish_as(
+                    p.session,
+                    Some(stream.to_owned()),
+                    "rtmp",
+                    p.audio,
+                    p.video,
+                ) {
+                    self.tell(p.session, error_msg(&e, "publish"));
+                }
+            }
+            Err(e) => {
+                info!(session = p.session.0, %stream, error = %e, "room-service push could not join its room");
+                self.tell(p.session, error_msg(&e, "join"));
+            }
+        }
+    }
+
+    fn tick_room_service(&mut self) {
+        if let Some(service) = self.weapp.as_mut() {
+            let expired = service.tick(&View(&self.rooms), now_ms());
+            self.metrics.room_service_expired.inc_by(expired as u64);
+        }
+        self.apply_effects();
     }
 
     /// WebRTC streams become playable over RTMP/HTTP-FLV while they are published
@@ -189,9 +322,23 @@ impl Control {
     }
 
     pub async fn run(mut self, mut rx: mpsc::Receiver<ControlCommand>) {
-        while let Some(cmd) = rx.recv().await {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let cmd = tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    self.tick_room_service();
+                    self.flush().await;
+                    continue;
+                }
+            };
             let shutdown = matches!(cmd, ControlCommand::Shutdown);
             self.apply(cmd).await;
+            self.apply_effects();
             self.flush().await;
             self.metrics.rooms.set(self.rooms.room_count() as i64);
             self.metrics
@@ -293,7 +440,56 @@ impl Control {
                     self.tell(session, error_msg(&e, "publish"));
                 }
             }
+            ControlCommand::RoomService { call, reply } => {
+                let answer = match self.weapp.as_mut() {
+                    Some(service) => {
+                        service.handle(&call, &View(&self.rooms), now_ms(), rand::random::<u32>)
+                    }
+                    None => {
+                        let mut m = serde_json::Map::new();
+                        m.insert("code".into(), weapp::code::NOT_SUPPORTED.into());
+                        m.insert("message".into(), "the room service is off".into());
+                        m
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            ControlCommand::RoomServiceLogin {
+                sdk_app_id,
+                user_id,
+                expires_at,
+                random,
+                reply,
+            } => {
+                let token = self
+                    .weapp
+                    .as_mut()
+                    .map(|s| s.login(sdk_app_id, &user_id, expires_at, random, now_ms()));
+                let _ = reply.send(token);
+            }
+            ControlCommand::PushPending {
+                session,
+                stream,
+                sdk_app_id,
+                audio,
+                video,
+            } => {
+                let p = PendingPush {
+                    session,
+                    sdk_app_id,
+                    audio,
+                    video,
+                };
+                match self.weapp.as_ref().and_then(|s| s.binding(&stream)) {
+                    Some((room, user)) => self.join_pending(&stream, p, room, user),
+                    None => {
+                        debug!(session = session.0, %stream, "room-service push waits for add_pusher");
+                        self.pending.insert(stream, p);
+                    }
+                }
+            }
             ControlCommand::Closed { session, reason } => {
+                self.pending.retain(|_, p| p.session != session);
                 self.sessions.remove(&session);
                 self.rooms.leave(session, reason);
             }

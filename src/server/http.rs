@@ -32,6 +32,10 @@ pub fn public_routes(state: Arc<AppState>) -> Router {
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/live/{file}", get(http_flv))
+        .route(
+            "/weapp/{kind}/{action}",
+            axum::routing::any(super::weapp::call),
+        )
         .merge(super::web::routes())
         .with_state(state)
 }

@@ -23,6 +23,7 @@ mod http;
 pub mod rtmp;
 mod supervise;
 pub mod tls;
+mod weapp;
 mod web;
 mod ws;
 
@@ -203,6 +204,55 @@ async fn bind_tcp(addr: &str, unsent_limit: u32) -> std::io::Result<tokio::net::
     }))
 }
 
+/// The mini program room service of this node, as configured (None when off).
+fn room_service(
+    config: &Config,
+    keyring: &Arc<Keyring>,
+    urls: &UrlBase,
+) -> Result<Option<crate::weapp::RoomService>> {
+    let c = &config.room_service;
+    if !c.enabled {
+        return Ok(None);
+    }
+    let sdk_app_id = match c.sdk_app_id {
+        0 => config.apps.first().map_or(0, |a| a.sdk_app_id),
+        n => n,
+    };
+    let sig_kind = match c.sig_kind.as_str() {
+        "v1" => crate::auth::TokenKind::V1,
+        "v2" => crate::auth::TokenKind::V2,
+        "jwt" => crate::auth::TokenKind::Jwt,
+        other => anyhow::bail!("room_service.sig_kind is v1, v2 or jwt, not {other:?}"),
+    };
+    let issue_user_sigs = c.issue_user_sigs || config.server.dev_mode;
+    info!(
+        sdk_app_id,
+        issue_user_sigs,
+        "mini program room service at /weapp/ (webrtc_room, multi_room, double_room, live_room, utils)"
+    );
+    Ok(Some(crate::weapp::RoomService::new(
+        crate::weapp::Settings {
+            sdk_app_id,
+            issue_user_sigs,
+            sig_kind,
+            heartbeat_timeout_ms: c.heartbeat_timeout_s * 1000,
+            idle_room_ms: c.idle_room_s * 1000,
+            max_members: c.max_members,
+            max_audiences: c.max_audiences,
+            max_rooms: config.server.max_rooms,
+            max_field_bytes: c.max_field_bytes,
+            url_validity_s: c.url_validity_s,
+            sig_validity_s: c.sig_validity_s,
+            ..Default::default()
+        },
+        crate::weapp::Issuer {
+            keyring: keyring.clone(),
+            rtmp_base: urls.rtmp.clone(),
+            flv_base: urls.flv.clone(),
+        },
+    )))
+}
+
 pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     let metrics = Arc::new(Metrics::new());
     let supervisor = Supervisor::new(metrics.clone());
@@ -342,6 +392,8 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             }),
         ))
     };
+    let keyring = Arc::new(keyring);
+    let room_service = room_service(&config, &keyring, &urls)?;
     let control = supervisor.spawn(
         "control",
         Control::new(
@@ -353,10 +405,11 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
                 aac_bitrate: config.server.aac_bitrate,
             }),
         )
+        .with_room_service_opt(room_service)
         .run(control_rx),
     );
     let state = Arc::new(AppState {
-        keyring: Arc::new(keyring),
+        keyring,
         control: control_tx,
         metrics,
         next_session: AtomicU64::new(1),

@@ -157,7 +157,8 @@ impl Refusal {
 /// What an authorized push URL grants.
 struct PushGrant {
     sdk_app_id: u64,
-    ticket: RoomTicket,
+    /// None: a room-service push URL, whose room an `add_pusher` names later.
+    ticket: Option<RoomTicket>,
     stream: String,
     kinds: Vec<Kind>,
 }
@@ -341,6 +342,19 @@ fn authorize_push(
     let now = crate::auth::unix_now();
     if param(&params, "usersig").is_some() {
         let (sdk_app_id, ticket) = room_credentials(state, ip, &params, now)?;
+        // A room-service stream name (`{sdkappid}_{userID}`) is its user's alone.
+        if crate::weapp::push_stream_app(&stream).is_some()
+            && stream != crate::weapp::push_stream_name(sdk_app_id, &ticket.identity.user_id)
+        {
+            return Err(Refusal {
+                code: "NetStream.Publish.BadName",
+                outcome: "name_owned",
+                message: format!(
+                    "stream name {stream:?} is a room-service name of another user: push {:?}",
+                    crate::weapp::push_stream_name(sdk_app_id, &ticket.identity.user_id)
+                ),
+            });
+        }
         ticket
             .require(Privileges::ENTER_ROOM)
             .map_err(|e| Refusal::auth(e.to_string()))?;
@@ -359,12 +373,39 @@ fn authorize_push(
         }
         return Ok(PushGrant {
             sdk_app_id,
-            ticket,
+            ticket: Some(ticket),
             stream,
             kinds,
         });
     }
     if let (Some(secret), Some(time)) = (param(&params, "txSecret"), param(&params, "txTime")) {
+        // A URL the room service handed out (`{sdkappid}_{userID}`): signed, so the
+        // stream is that user's; its room is the one `add_pusher` binds it to.
+        if let Some(sdk_app_id) = crate::weapp::push_stream_app(&stream) {
+            let app = state
+                .keyring
+                .app(sdk_app_id)
+                .map_err(|e| Refusal::auth(e.to_string()))?;
+            let key = app
+                .live_key(crate::auth::live_url::LiveUrlKind::Push)
+                .map_err(|e| Refusal::auth(e.to_string()))?;
+            crate::auth::live_url::verify(
+                crate::auth::live_url::LiveUrlKind::Push,
+                key,
+                0,
+                &stream,
+                secret,
+                time,
+                now,
+            )
+            .map_err(|e| Refusal::auth(e.to_string()))?;
+            return Ok(PushGrant {
+                sdk_app_id,
+                ticket: None,
+                stream,
+                kinds: vec![Kind::Audio, Kind::Video],
+            });
+        }
         let (sdk_app_id, room, user_id) = bound_stream(&stream).ok_or_else(|| {
             Refusal::auth(format!(
                 "a txSecret push URL must name a stream bound to a room: \
@@ -407,7 +448,7 @@ fn authorize_push(
         };
         return Ok(PushGrant {
             sdk_app_id,
-            ticket,
+            ticket: Some(ticket),
             stream,
             kinds: vec![Kind::Audio, Kind::Video],
         });
@@ -433,6 +474,27 @@ struct Connection {
     leave: LeaveReason,
     /// This pusher's stream for RTMP and HTTP-FLV players.
     live: Option<Arc<crate::live::Source>>,
+    /// A room-service push not yet in a room: its app, whether the control task was
+    /// told (with the kinds), and the sequence headers and metadata seen so far (a
+    /// bridge and players made at binding start from them).
+    pending: Option<Pending>,
+    /// The room a pending push joined (from its `joined`).
+    bound_room: Option<RoomId>,
+}
+
+struct Pending {
+    sdk_app_id: u64,
+    announced: bool,
+    headers: Vec<Tag>,
+}
+
+/// An FLV sequence header (AVC decoder configuration, AAC AudioSpecificConfig).
+fn is_sequence_header(kind: TagKind, data: &[u8]) -> bool {
+    match kind {
+        TagKind::Video => data.len() >= 2 && data[0] & 0x0f == 7 && data[1] == 0,
+        TagKind::Audio => data.len() >= 2 && data[0] >> 4 == 10 && data[1] == 0,
+        TagKind::Script => false,
+    }
 }
 
 impl Connection {
@@ -452,6 +514,8 @@ impl Connection {
             stats: bridge::Stats::default(),
             leave: LeaveReason::Left,
             live: None,
+            pending: None,
+            bound_room: None,
         }
     }
 
@@ -488,10 +552,23 @@ impl Connection {
                         None => std::future::pending().await,
                     }
                 } => {
-                    if let SessionEvent::Close(reason) = ev {
-                        info!(peer = %self.peer, ?reason, "RTMP pusher closed by the room");
-                        self.leave = reason;
-                        return;
+                    match ev {
+                        SessionEvent::Close(reason) => {
+                            info!(peer = %self.peer, ?reason, "RTMP pusher closed by the room");
+                            self.leave = reason;
+                            return;
+                        }
+                        SessionEvent::Send(ServerMessage::Joined { room, .. }) if self.pending.is_some() => {
+                            self.bound_room = crate::weapp::room_id_of(&room);
+                        }
+                        SessionEvent::Send(ServerMessage::Published { .. }) if self.pending.is_some() => {
+                            self.start_bound();
+                        }
+                        SessionEvent::Send(ServerMessage::Error { message, .. }) if self.pending.is_some() => {
+                            info!(peer = %self.peer, stream = ?self.stream, %message, "room-service push refused by its room; closed");
+                            return;
+                        }
+                        SessionEvent::Send(_) => {}
                     }
                     continue;
                 }
@@ -585,6 +662,8 @@ impl Connection {
                     }
                     Event::Video { timestamp, data } => {
                         self.last_data_ms.store(self.now_ms(), Ordering::Relaxed);
+                        self.note_pending(TagKind::Video, timestamp, &data, None)
+                            .await;
                         if let Some(b) = self.bridge.as_mut() {
                             b.handle_video(timestamp, &data, arrived);
                         }
@@ -598,6 +677,8 @@ impl Connection {
                     }
                     Event::Audio { timestamp, data } => {
                         self.last_data_ms.store(self.now_ms(), Ordering::Relaxed);
+                        self.note_pending(TagKind::Audio, timestamp, &data, None)
+                            .await;
                         if let Some(b) = self.bridge.as_mut() {
                             b.handle_audio(timestamp, &data, arrived);
                         }
@@ -616,6 +697,16 @@ impl Connection {
                             Some("@setDataFrame") => values[1..].to_vec(),
                             _ => values,
                         };
+                        if values.first().and_then(Amf0::as_str) == Some("onMetaData") {
+                            let meta = Bytes::from(amf0::encode_all(&values));
+                            let kinds = values.get(1).map(|m| {
+                                (
+                                    m.get("audiocodecid").is_some(),
+                                    m.get("videocodecid").is_some(),
+                                )
+                            });
+                            self.note_pending(TagKind::Script, 0, &meta, kinds).await;
+                        }
                         if let (Some(live), Some("onMetaData")) =
                             (&self.live, values.first().and_then(Amf0::as_str))
                         {
@@ -654,10 +745,13 @@ impl Connection {
             });
         }
         let grant = authorize_push(&self.state, self.peer.ip(), app, tc_url, name)?;
+        let Some(ticket) = grant.ticket else {
+            return self.publish_pending(grant.sdk_app_id, grant.stream).await;
+        };
         let owner = Owner {
             sdk_app_id: grant.sdk_app_id,
-            room: grant.ticket.room.clone(),
-            user_id: grant.ticket.identity.user_id.clone(),
+            room: ticket.room.clone(),
+            user_id: ticket.identity.user_id.clone(),
         };
         let claimed = self
             .shared
@@ -680,17 +774,17 @@ impl Connection {
         let control = &self.state.control;
         let _ = control.send(ControlCommand::Open { session, tx }).await;
         self.session = Some(session);
-        let user = grant.ticket.identity.user_id.clone();
-        let room = grant.ticket.room.to_string();
+        let user = ticket.identity.user_id.clone();
+        let room = ticket.room.to_string();
         let place = crate::live::StreamPlace {
             sdk_app_id: grant.sdk_app_id,
-            room: grant.ticket.room.clone(),
+            room: ticket.room.clone(),
         };
         let _ = control
             .send(ControlCommand::Join {
                 session,
                 sdk_app_id: grant.sdk_app_id,
-                ticket: Box::new(grant.ticket),
+                ticket: Box::new(ticket),
                 auto_subscribe: false,
                 congestion_policy: None,
             })
@@ -758,6 +852,129 @@ impl Connection {
             ntp_now,
         ));
         Ok((grant.stream, rx))
+    }
+
+    /// A room-service push: accepted now, in no room until an `add_pusher` binds it
+    /// (the components push first and register the push URL after it started).
+    async fn publish_pending(
+        &mut self,
+        sdk_app_id: u64,
+        stream: String,
+    ) -> Result<(String, mpsc::Receiver<SessionEvent>), Refusal> {
+        self.take_name(&stream).await?;
+        self.stream = Some(stream.clone());
+        let session = SessionId(self.id);
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let _ = self
+            .state
+            .control
+            .send(ControlCommand::Open { session, tx })
+            .await;
+        self.session = Some(session);
+        self.pending = Some(Pending {
+            sdk_app_id,
+            announced: false,
+            headers: Vec::new(),
+        });
+        self.set_role("publish");
+        self.state
+            .metrics
+            .rtmp_requests
+            .with_label_values(&["publish", "ok"])
+            .inc();
+        info!(peer = %self.peer, session = session.0, %stream, "RTMP room-service push accepted; it joins the room add_pusher names");
+        Ok((stream, rx))
+    }
+
+    /// While a room-service push waits for its room: keeps its sequence headers and
+    /// metadata, and tells the control task about it once what it carries is known
+    /// (from the metadata, or the first media tag: then audio and video).
+    async fn note_pending(
+        &mut self,
+        kind: TagKind,
+        timestamp: u32,
+        data: &Bytes,
+        kinds: Option<(bool, bool)>,
+    ) {
+        let (Some(p), Some(session), Some(stream)) =
+            (self.pending.as_mut(), self.session, self.stream.clone())
+        else {
+            return;
+        };
+        if self.bridge.is_some() {
+            return;
+        }
+        if kind == TagKind::Script || is_sequence_header(kind, data) {
+            p.headers.retain(|t| {
+                t.kind != kind || (kind != TagKind::Script && !is_sequence_header(kind, &t.data))
+            });
+            if p.headers.len() < 8 {
+                p.headers.push(Tag {
+                    kind,
+                    timestamp,
+                    data: data.clone(),
+                });
+            }
+        }
+        if p.announced {
+            return;
+        }
+        let (audio, video) = match kinds {
+            Some((a, v)) if a || v => (a, v),
+            _ => (true, true),
+        };
+        p.announced = true;
+        let sdk_app_id = p.sdk_app_id;
+        let _ = self
+            .state
+            .control
+            .send(ControlCommand::PushPending {
+                session,
+                stream,
+                sdk_app_id,
+                audio,
+                video,
+            })
+            .await;
+    }
+
+    /// A pending push was published in its room: players and the bridge start, from
+    /// the sequence headers kept.
+    fn start_bound(&mut self) {
+        let (Some(p), Some(stream), Some(room)) = (
+            self.pending.take(),
+            self.stream.clone(),
+            self.bound_room.clone(),
+        ) else {
+            return;
+        };
+        info!(peer = %self.peer, %stream, room = %room, "RTMP room-service push publishing in its room");
+        let ntp_now = bridge::ntp_from_unix_micros(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0),
+        );
+        let live = self.state.hub.open(
+            &stream,
+            crate::live::StreamPlace {
+                sdk_app_id: p.sdk_app_id,
+                room,
+            },
+        );
+        let mut b = Bridge::new(self.shared.bridge_config.clone(), Instant::now(), ntp_now);
+        let now = Instant::now();
+        for t in p.headers {
+            match t.kind {
+                TagKind::Video => b.handle_video(t.timestamp, &t.data, now),
+                TagKind::Audio => b.handle_audio(t.timestamp, &t.data, now),
+                TagKind::Script => {}
+            }
+            live.push(t);
+        }
+        self.live = Some(live);
+        self.bridge = Some(b);
+        self.drain_bridge();
     }
 
     /// Sends a stream's tags to an RTMP player until either side ends.

@@ -183,6 +183,7 @@ fn closing(reason: LeaveReason) -> (u16, &'static str) {
         LeaveReason::ServerShutdown => (close::GOING_AWAY, "server shutting down"),
         LeaveReason::Timeout => (close::MEDIA_TIMEOUT, "the media connection failed"),
         LeaveReason::Disconnected => (close::NORMAL, "disconnected"),
+        LeaveReason::Removed => (close::REMOVED, "removed from the room"),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod firefox;
 pub mod media;
 pub mod peer;
 pub mod plot;
+pub mod publisher;
 pub mod relay;
 pub mod rpc;
 pub mod source;

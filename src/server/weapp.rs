@@ -1,0 +1,294 @@
+//! The HTTP shell of the mini program room service (`crate::weapp`): parses a call
+//! (path, query, a bounded JSON body), verifies a login's userSig here (an ECDSA or
+//! HMAC verify, off the control task), and hands the rest to the control task, which
+//! owns the rooms.
+//!
+//! Every answer is JSON `{code, message, ...}` with HTTP 200, as the original
+//! backends answer (the components read `code`); bad input is a code, never a 500.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use serde_json::{json, Map, Value};
+
+use super::control::ControlCommand;
+use super::http::PeerAddr;
+use super::AppState;
+use crate::weapp::{code, Call, Kind};
+
+/// Request bodies: roomInfo and the other fields are 1 KiB each.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+fn reply(status: StatusCode, m: Map<String, Value>) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json; charset=utf-8"),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
+        Value::Object(m).to_string(),
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, c: i64, message: impl Into<String>) -> Response {
+    let mut m = Map::new();
+    m.insert("code".into(), json!(c));
+    m.insert("message".into(), json!(message.into()));
+    reply(status, m)
+}
+
+fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
+    q.map(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .into_owned()
+            .take(32)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn get<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// `/weapp/{kind}/{action}`, GET or POST.
+pub async fn call(
+    State(state): State<Arc<AppState>>,
+    Extension(PeerAddr(peer)): Extension<PeerAddr>,
+    Path((prefix, action)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                code::MISSING_PARAM,
+                format!("请求失败: the body is over {MAX_BODY_BYTES} bytes"),
+            )
+        }
+    };
+    let body = match parse_body(&body) {
+        Ok(v) => v,
+        Err(why) => return error(StatusCode::OK, code::MISSING_PARAM, why),
+    };
+    let pairs = query_pairs(query.as_deref());
+    let (kind, action, utils) = match prefix.as_str() {
+        // The utilities are the webrtc_room's credential calls under other names.
+        "utils" => (Kind::WebRtc, action, true),
+        p => match Kind::from_prefix(p) {
+            Some(k) => (k, action, false),
+            None => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    code::NOT_SUPPORTED,
+                    "no such room service",
+                )
+            }
+        },
+    };
+    if let Some(why) = state.unavailable() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, -1, why);
+    }
+    if kind != Kind::WebRtc && action == "login" {
+        return login(&state, peer.ip(), kind, &pairs, &body).await;
+    }
+    let mut body = body;
+    // utils/get_login_info takes its userID in the query.
+    if utils {
+        if let (Some(u), Some(obj)) = (get(&pairs, "userID"), body.as_object_mut()) {
+            obj.entry("userID").or_insert_with(|| json!(u));
+        }
+    }
+    let c = Call {
+        kind,
+        action: action.clone(),
+        user_id: get(&pairs, "userID").map(str::to_owned),
+        token: get(&pairs, "token").map(str::to_owned),
+        body,
+    };
+    let mut m = match ask(
+        &state,
+        ControlCommand::RoomService {
+            call: Box::new(c),
+            reply: tokio::sync::oneshot::channel().0,
+        },
+    )
+    .await
+    {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    if utils && action == "get_login_info" {
+        if let Some(t) = m.get("accountType").cloned() {
+            m.insert("accType".into(), t);
+        }
+    }
+    state
+        .metrics
+        .room_service_calls
+        .with_label_values(&[kind.name(), outcome(&m)])
+        .inc();
+    reply(StatusCode::OK, m)
+}
+
+fn outcome(m: &Map<String, Value>) -> &'static str {
+    match m.get("code").and_then(Value::as_i64) {
+        Some(0) => "ok",
+        Some(code::AUTH) => "auth",
+        Some(code::MISSING_PARAM) => "bad_request",
+        Some(code::FULL) => "full",
+        _ => "refused",
+    }
+}
+
+fn parse_body(b: &Bytes) -> Result<Value, String> {
+    if b.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    match serde_json::from_slice::<Value>(b) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err("请求失败: the body must be a JSON object".into()),
+        Err(e) => Err(format!("请求失败: the body is not JSON ({e})")),
+    }
+}
+
+/// Sends a room-service command to the control task and waits for its answer.
+async fn ask(state: &AppState, cmd: ControlCommand) -> Result<Map<String, Value>, Response> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let cmd = match cmd {
+        ControlCommand::RoomService { call, .. } => ControlCommand::RoomService { call, reply: tx },
+        other => other,
+    };
+    if state.control.send(cmd).await.is_err() {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            -1,
+            "the control plane is gone",
+        ));
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(5), rx).await {
+        Ok(Ok(m)) => Ok(m),
+        _ => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            -1,
+            "the room service did not answer",
+        )),
+    }
+}
+
+/// `login?sdkAppID=&userID=&userSig=` (§5.3): the userSig is checked with Weir's own
+/// credential code; the answer's token authenticates the user's later calls.
+async fn login(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    kind: Kind,
+    pairs: &[(String, String)],
+    body: &Value,
+) -> Response {
+    let param = |name: &str| -> Option<String> {
+        get(pairs, name)
+            .map(str::to_owned)
+            .or_else(|| body.get(name).and_then(Value::as_str).map(str::to_owned))
+            .filter(|s| !s.is_empty())
+    };
+    let (Some(app), Some(user), Some(sig)) = (param("sdkAppID"), param("userID"), param("userSig"))
+    else {
+        return error(
+            StatusCode::OK,
+            code::MISSING_PARAM,
+            "请求失败，缺少参数: sdkAppID, userID, userSig",
+        );
+    };
+    if let Err(why) = state.may_verify(ip) {
+        return error(StatusCode::OK, code::AUTH, why);
+    }
+    let now = crate::auth::unix_now();
+    let verified = app
+        .parse::<u64>()
+        .map_err(|_| "sdkAppID is not a number".to_owned())
+        .and_then(|app| {
+            state
+                .keyring
+                .app(app)
+                .and_then(|k| k.verify_user_sig(&sig, &user, now))
+                .map_err(|e| e.to_string())
+        });
+    let identity = match verified {
+        Ok(id) => id,
+        Err(why) => {
+            state.verify_failed(ip);
+            state
+                .metrics
+                .room_service_calls
+                .with_label_values(&[kind.name(), "auth"])
+                .inc();
+            return error(
+                StatusCode::OK,
+                code::AUTH,
+                format!("请求失败，鉴权失败: {why}"),
+            );
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let cmd = ControlCommand::RoomServiceLogin {
+        sdk_app_id: identity.sdk_app_id,
+        user_id: identity.user_id.clone(),
+        expires_at: identity.expires_at,
+        random: rand::random(),
+        reply: tx,
+    };
+    if state.control.send(cmd).await.is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            -1,
+            "the control plane is gone",
+        );
+    }
+    let token = match tokio::time::timeout(std::time::Duration::from_secs(5), rx).await {
+        Ok(Ok(Some(t))) => t,
+        Ok(Ok(None)) => {
+            return error(
+                StatusCode::OK,
+                code::NOT_SUPPORTED,
+                "the room service is off",
+            )
+        }
+        _ => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                -1,
+                "the room service did not answer",
+            )
+        }
+    };
+    state
+        .metrics
+        .room_service_calls
+        .with_label_values(&[kind.name(), "ok"])
+        .inc();
+    let mut m = Map::new();
+    m.insert("code".into(), json!(0));
+    m.insert("message".into(), json!("请求成功"));
+    m.insert("userID".into(), json!(identity.user_id));
+    m.insert("token".into(), json!(token));
+    if kind == Kind::Live {
+        m.insert(
+            "timestamp".into(),
+            json!(std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)),
+        );
+    }
+    reply(StatusCode::OK, m)
+}

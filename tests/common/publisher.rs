@@ -1,0 +1,253 @@
+//! A `webrtc`-crate publisher of real H.264 (from ffmpeg) and Opus (libopus): what a
+//! browser publisher sends, for tests that need one.
+
+use std::time::Duration;
+
+use super::TestServer;
+
+/// Access units of an H.264 elementary stream ffmpeg makes (Annex B), in order.
+pub fn h264_access_units(seconds: u32) -> Vec<Vec<bytes::Bytes>> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.h264");
+    let ok = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=320x240:rate=30",
+        ])
+        .args([
+            "-t",
+            &seconds.to_string(),
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .args([
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-bf",
+            "0",
+            "-g",
+            "30",
+        ])
+        .args(["-f", "h264"])
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let data = std::fs::read(&path).unwrap();
+    // Split at start codes.
+    let mut nals = Vec::new();
+    let mut i = 0;
+    let mut start = None;
+    while i + 3 <= data.len() {
+        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
+            if let Some(s) = start {
+                let mut end = i;
+                while end > s && data[end - 1] == 0 {
+                    end -= 1;
+                }
+                nals.push(bytes::Bytes::copy_from_slice(&data[s..end]));
+            }
+            i += 3;
+            start = Some(i);
+        } else {
+            i += 1;
+        }
+    }
+    if let Some(s) = start {
+        nals.push(bytes::Bytes::copy_from_slice(&data[s..]));
+    }
+    // A slice with first_mb_in_slice == 0 starts a picture; parameter sets and SEI
+    // go with the picture that follows them.
+    let mut aus: Vec<Vec<bytes::Bytes>> = Vec::new();
+    let mut pending: Vec<bytes::Bytes> = Vec::new();
+    for n in nals {
+        let t = n[0] & 0x1f;
+        let is_slice = t == 1 || t == 5;
+        if is_slice && n[1] & 0x80 != 0 {
+            pending.push(n);
+            aus.push(std::mem::take(&mut pending));
+        } else if is_slice {
+            aus.last_mut().expect("a picture started").push(n);
+        } else {
+            pending.push(n);
+        }
+    }
+    aus
+}
+
+/// The Opus payload type an SDP names.
+pub fn audio_pt_in(sdp: &str) -> u8 {
+    sdp.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("a=rtpmap:")?;
+            let (pt, name) = rest.split_once(' ')?;
+            name.to_ascii_lowercase()
+                .starts_with("opus/")
+                .then(|| pt.parse().ok())?
+        })
+        .unwrap_or(111)
+}
+
+/// A `webrtc`-crate client publishing real H.264 (from ffmpeg) and Opus (libopus) on a
+/// real-time schedule; optionally through a relay losing about one RTP packet in
+/// `lose_one_in` on the way to the server, and every retransmission. Returns its signaling client, stream id,
+/// sending task, and the relay and peer (kept alive by the caller).
+pub async fn webrtc_publisher(
+    t: &TestServer,
+    user: &str,
+    room: u32,
+    seconds: u32,
+    lose_one_in: Option<u64>,
+) -> (
+    super::Client,
+    String,
+    tokio::task::JoinHandle<()>,
+    Option<super::relay::Relay>,
+    super::peer::RtcPeer,
+) {
+    use super::peer::{h264, opus, RtcPeer};
+    use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+    use webrtc::media_stream::track_local::TrackLocal;
+    use weir_signaling::{ClientMessage, ServerMessage, Target};
+    let aus = h264_access_units(seconds);
+
+    // The publisher: a webrtc-crate client sending real H.264 and Opus.
+    let (mut signal, _) = super::Client::join(&t.ws_url(), t.join(user, room, 0xff)).await;
+    signal
+        .send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+            min_bitrate: None,
+            max_bitrate: None,
+        })
+        .await;
+    let stream = signal
+        .expect(|m| match m {
+            ServerMessage::Published { stream } => Some(stream.clone()),
+            _ => None,
+        })
+        .await;
+    let mut publisher = RtcPeer::new().await;
+    let video = publisher
+        .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
+        .await;
+    let audio = publisher
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x5252)
+        .await;
+    let offer = publisher.offer().await;
+    signal
+        .send(&ClientMessage::Offer {
+            target: Target::Publisher,
+            sdp: offer,
+        })
+        .await;
+    let answer = signal
+        .expect(|m| match m {
+            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    // Through a relay that loses packets on the way up, when asked; TCP candidates go
+    // so the relay is the only way.
+    // Retransmissions (RTX) are lost too, so every loss needs a new keyframe.
+    let mut media_pts = super::relay::video_media_payload_types(&answer);
+    media_pts.push(audio_pt_in(&answer));
+    let relay = match lose_one_in {
+        Some(n) => {
+            let mut count = 0u64;
+            let relay = super::relay::Relay::start_with(
+                t.udp_addr(),
+                Box::new(|_| false),
+                Box::new(move |d| {
+                    let Some(pt) = super::relay::rtp_payload_type(d) else {
+                        return false;
+                    };
+                    if !media_pts.contains(&pt) {
+                        return true; // RTX
+                    }
+                    count += 1;
+                    // A fixed pseudo-random pattern: about one packet in `n`.
+                    (count.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) % n == 0
+                }),
+            )
+            .await;
+            Some(relay)
+        }
+        None => None,
+    };
+    let answer = match &relay {
+        Some(r) => super::relay::via_relay(&answer, t.udp_addr().port(), r.addr)
+            .lines()
+            .filter(|l| !l.contains(" tcp "))
+            .map(|l| format!("{l}\r\n"))
+            .collect(),
+        None => answer,
+    };
+    publisher.accept_answer(answer).await;
+    publisher.connected().await;
+    let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
+    let sender = tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        let mut enc =
+            opus::Encoder::new(48_000, opus::Channels::Stereo, opus::Application::Audio).unwrap();
+        let mut buf = vec![0u8; 1500];
+        let (mut vseq, mut aseq) = (0u16, 0u16);
+        let mut frame = 0usize;
+        let mut apkt = 0u32;
+        while frame < aus.len() {
+            // Interleave on one schedule: video every 33.3 ms, audio every 20 ms.
+            let vdue = start + Duration::from_micros(frame as u64 * 33_333);
+            let adue = start + Duration::from_millis(u64::from(apkt) * 20);
+            if adue <= vdue {
+                tokio::time::sleep_until(adue).await;
+                let pcm: Vec<f32> = (0..960u32)
+                    .flat_map(|i| {
+                        let n = (apkt * 960 + i) as f32;
+                        let v = (n * 2.0 * std::f32::consts::PI * 1000.0 / 48_000.0).sin() * 0.3;
+                        [v, v]
+                    })
+                    .collect();
+                let len = enc.encode_float(&pcm, &mut buf).unwrap();
+                let mut p = rtc::rtp::Packet::default();
+                p.header.version = 2;
+                p.header.payload_type = apt;
+                p.header.ssrc = 0x5252;
+                p.header.sequence_number = aseq;
+                p.header.timestamp = apkt * 960;
+                p.payload = bytes::Bytes::copy_from_slice(&buf[..len]);
+                let _ = audio.track.write_rtp(p).await;
+                aseq = aseq.wrapping_add(1);
+                apkt += 1;
+            } else {
+                tokio::time::sleep_until(vdue).await;
+                let mut payloads = Vec::new();
+                weir::codec::h264::packetize(&aus[frame], 1100, &mut payloads);
+                let n = payloads.len();
+                for (i, payload) in payloads.into_iter().enumerate() {
+                    let mut p = rtc::rtp::Packet::default();
+                    p.header.version = 2;
+                    p.header.payload_type = vpt;
+                    p.header.ssrc = 0x5151;
+                    p.header.sequence_number = vseq;
+                    p.header.timestamp = frame as u32 * 3000;
+                    p.header.marker = i + 1 == n;
+                    p.payload = payload;
+                    let _ = video.track.write_rtp(p).await;
+                    vseq = vseq.wrapping_add(1);
+                }
+                frame += 1;
+            }
+        }
+    });
+
+    (signal, stream.stream_id, sender, relay, publisher)
+}
