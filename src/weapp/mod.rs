@@ -501,15 +501,18 @@ impl RoomService {
     ) -> Reply {
         let body = &call.body;
         let app = self.settings.sdk_app_id;
+        // §5.1 authenticates nothing: its calls hand userSigs and privilege-255
+        // privateMapKeys to anyone who names a userID. So it is served only where the
+        // operator says the node is behind the app's own login (or in development).
+        if !self.settings.issue_user_sigs {
+            return Err(fail(
+                code::AUTH,
+                "this server does not serve webrtc_room, which hands out credentials to anyone \
+                 (room_service.issue_user_sigs is off): get credentials from your own backend",
+            ));
+        }
         match call.action.as_str() {
             "get_login_info" => {
-                if !self.settings.issue_user_sigs {
-                    return Err(fail(
-                        code::AUTH,
-                        "this server does not hand out userSigs (room_service.issue_user_sigs is off): \
-                         get one from your own backend",
-                    ));
-                }
                 let user = match field(body, "userID")?.filter(|s| !s.is_empty()) {
                     Some(u) => u,
                     None => {

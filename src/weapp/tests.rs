@@ -378,3 +378,30 @@ fn rooms_fill_up_and_fields_are_bounded() {
     );
     assert_eq!(r["code"], code::ROOM_OR_OWNER);
 }
+
+#[test]
+fn webrtc_room_hands_out_nothing_unless_the_operator_allows_it() {
+    let mut s = service();
+    s.settings.issue_user_sigs = false;
+    for action in [
+        "get_login_info",
+        "create_room",
+        "enter_room",
+        "get_room_list",
+    ] {
+        let r = s.handle(
+            &call(
+                Kind::WebRtc,
+                action,
+                "",
+                "",
+                json!({"userID": "user_a", "roomInfo": "x", "roomID": "1"}),
+            ),
+            &Nobody,
+            0,
+            rng(),
+        );
+        assert_eq!(r["code"], code::AUTH, "{action}: {r:?}");
+        assert!(r.get("userSig").is_none() && r.get("privateMapKey").is_none());
+    }
+}
