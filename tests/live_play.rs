@@ -47,29 +47,6 @@ fn credentials(t: &TestServer, user: &str, privileges: u32) -> String {
     )
 }
 
-fn pusher(url: &str, seconds: u32) -> tokio::process::Child {
-    tokio::process::Command::new("ffmpeg")
-        .args(["-hide_banner", "-v", "error", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=44100"])
-        .args(["-t", &seconds.to_string()])
-        .args([
-            "-c:v",
-            "libx264",
-            "-pix_fmt",
-            "yuv420p",
-            "-preset",
-            "ultrafast",
-        ])
-        .args(["-tune", "zerolatency", "-bf", "0", "-g", "30"])
-        .args(["-c:a", "aac", "-ar", "44100", "-ac", "2"])
-        .args(["-f", "flv", url])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ffmpeg runs (scripts/install-deps.sh test installs it)")
-}
-
 /// Records a play URL to `out` (stream copy) until the stream ends.
 fn player(url: &str, out: &Path) -> tokio::process::Child {
     tokio::process::Command::new("ffmpeg")
@@ -148,7 +125,7 @@ async fn an_rtmp_push_plays_over_rtmp_and_http_flv_from_start_and_mid_stream() {
     let rtmp = t.server.rtmp_addr.unwrap();
     let http = t.server.http_addr;
     let push = format!("rtmp://{rtmp}/live/show?{}", credentials(&t, "host", 0xff));
-    let mut ffmpeg = pusher(&push, 6);
+    let mut ffmpeg = common::source::ffmpeg_push(&push, 6);
     wait_for_publish(&t).await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -198,7 +175,7 @@ async fn play_urls_without_valid_credentials_are_refused() {
     let rtmp = t.server.rtmp_addr.unwrap();
     let http = t.server.http_addr;
     let push = format!("rtmp://{rtmp}/live/show?{}", credentials(&t, "host", 0xff));
-    let mut ffmpeg = pusher(&push, 4);
+    let mut ffmpeg = common::source::ffmpeg_push(&push, 4);
     wait_for_publish(&t).await;
 
     // No receive privilege.

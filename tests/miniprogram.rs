@@ -98,30 +98,6 @@ impl Member {
     }
 }
 
-/// ffmpeg pushing H.264 + AAC to `url` for `seconds`.
-fn push(url: &str, seconds: u32) -> tokio::process::Child {
-    tokio::process::Command::new("ffmpeg")
-        .args(["-hide_banner", "-v", "error", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=44100"])
-        .args(["-t", &seconds.to_string()])
-        .args([
-            "-c:v",
-            "libx264",
-            "-pix_fmt",
-            "yuv420p",
-            "-preset",
-            "ultrafast",
-        ])
-        .args(["-tune", "zerolatency", "-bf", "0", "-g", "30"])
-        .args(["-c:a", "aac", "-ar", "44100", "-ac", "2"])
-        .args(["-f", "flv", url])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ffmpeg runs (scripts/install-deps.sh test installs it)")
-}
-
 /// Waits for an event the watcher saw.
 async fn saw<T>(
     w: &Watcher,
@@ -186,7 +162,7 @@ async fn rtc_room_sequence_with_a_real_push_a_webrtc_member_and_a_played_browser
         "{push_url}"
     );
     // The component pushes first, and registers the room after the push started.
-    let mut ffmpeg = push(&push_url, 20);
+    let mut ffmpeg = common::source::ffmpeg_push(&push_url, 20);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let made = alice
         .call(
@@ -355,7 +331,7 @@ async fn a_pusher_without_heartbeats_is_removed_for_everyone() {
         "LiveRoom answers carry a timestamp: {url}"
     );
     let push_url = url["pushURL"].as_str().unwrap().to_owned();
-    let mut ffmpeg = push(&push_url, 30);
+    let mut ffmpeg = common::source::ffmpeg_push(&push_url, 30);
     tokio::time::sleep(Duration::from_millis(800)).await;
     let made = alice
         .call(

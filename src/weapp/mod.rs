@@ -291,6 +291,18 @@ fn field(body: &Value, name: &str) -> Result<Option<String>, Map<String, Value>>
     }
 }
 
+/// The body's `userID` must be the logged-in user's (code 7 otherwise).
+fn is_caller(user: &str, caller: &str) -> Result<(), Map<String, Value>> {
+    if user == caller {
+        Ok(())
+    } else {
+        Err(fail(
+            code::AUTH,
+            "请求失败，鉴权失败: userID is not the logged-in user",
+        ))
+    }
+}
+
 fn required(body: &Value, name: &str) -> Result<String, Map<String, Value>> {
     match field(body, name)? {
         Some(s) if !s.is_empty() => Ok(s),
@@ -933,12 +945,7 @@ impl RoomService {
             }
             "create_room" => {
                 let user = required(body, "userID")?;
-                if user != caller {
-                    return Err(fail(
-                        code::AUTH,
-                        "请求失败，鉴权失败: userID is not the logged-in user",
-                    ));
-                }
+                is_caller(&user, &caller)?;
                 let info = field(body, "roomInfo")?
                     .ok_or_else(|| fail(code::MISSING_PARAM, "请求失败，缺少参数: roomInfo"))?;
                 self.too_long("roomInfo", &info)?;
@@ -1004,12 +1011,7 @@ impl RoomService {
                 let avatar = field(body, "userAvatar")?.unwrap_or_default();
                 self.too_long("userName", &name)?;
                 self.too_long("userAvatar", &avatar)?;
-                if user != caller {
-                    return Err(fail(
-                        code::AUTH,
-                        "请求失败，鉴权失败: userID is not the logged-in user",
-                    ));
-                }
+                is_caller(&user, &caller)?;
                 let stream = self.check_push_url(app, &caller, &push_url, now_ms)?;
                 let key = self.key(app, &room)?;
                 let members = self.member_ids(&key, view);
@@ -1149,12 +1151,7 @@ impl RoomService {
                 let info = field(body, "userInfo")?
                     .ok_or_else(|| fail(code::MISSING_PARAM, "请求失败，缺少参数: userInfo"))?;
                 self.too_long("userInfo", &info)?;
-                if user != caller {
-                    return Err(fail(
-                        code::AUTH,
-                        "请求失败，鉴权失败: userID is not the logged-in user",
-                    ));
-                }
+                is_caller(&user, &caller)?;
                 let key = self.key(app, &room)?;
                 let max = self.settings.max_audiences;
                 let Some(r) = self.rooms.get_mut(&key).filter(|r| r.kind == kind) else {

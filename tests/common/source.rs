@@ -453,3 +453,28 @@ impl RtmpPusher {
         self.write.write_all(&self.buf).await.expect("rtmp write");
     }
 }
+
+/// ffmpeg pushing H.264 (x264 zerolatency, 1 s GOP, no B-frames) and AAC from its
+/// test sources to an RTMP `url` for `seconds`, in real time.
+pub fn ffmpeg_push(url: &str, seconds: u32) -> tokio::process::Child {
+    tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=44100"])
+        .args(["-t", &seconds.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-preset",
+            "ultrafast",
+        ])
+        .args(["-tune", "zerolatency", "-bf", "0", "-g", "30"])
+        .args(["-c:a", "aac", "-ar", "44100", "-ac", "2"])
+        .args(["-f", "flv", url])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ffmpeg runs (scripts/install-deps.sh test installs it)")
+}
