@@ -137,6 +137,10 @@ export class WeirRoom extends EventTarget {
   subscribe(streamIds: string[]): void;
   unsubscribe(streamIds: string[]): void;
   sendTextMsg(text: string): void;
+  /** A live room's stage (PROTOCOL.md `linkMic`). */
+  requestJoinAnchor(reason?: string): void;
+  responseJoinAnchor(userID: string, accept: boolean, reason?: string): void;
+  kickoutJoinAnchor(userID: string): void;
   getStats(): Promise<Map<string, StreamStats>>;
   stop(): Promise<void>;
   leave(): Promise<void>;

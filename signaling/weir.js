@@ -92,7 +92,9 @@ export class WeirError extends Error {
  * Events (CustomEvent, payload in `detail`): `joined`, `memberJoined`, `memberLeft`,
  * `streamAdded`, `streamRemoved`, `streamMuted`, `remoteStream` (a stream's media is
  * ready to render: `{streamId, stream, info}`), `localStream`, `published`,
- * `textMessage`, `error` (a WeirError or a media failure), `connectionState`
+ * `textMessage`, `linkMic` (a live room's stage: `{action: "request" | "accept" |
+ * "reject" | "kick", userID, reason}`, PROTOCOL.md), `error` (a WeirError or a media
+ * failure), `connectionState`
  * (`{target, state}`), `reconnecting`, `reconnected` (`{target, iceRestart: true}` for an
  * ICE restart within the session, `{}` for a rejoin), `left` (`{reason}`),
  * `congestion` (this client's downlink as the server sees it:
@@ -380,6 +382,21 @@ export class WeirRoom extends EventTarget {
   /** Sends a text message to every other member (`sendTextMsg`). */
   sendTextMsg(text) {
     this._send({ type: "textMessage", text });
+  }
+
+  /** A live room's stage (PROTOCOL.md `linkMic`): ask the presenter to join it. */
+  requestJoinAnchor(reason = "") {
+    this._send({ type: "linkMic", action: "request", reason });
+  }
+
+  /** The presenter answers a member's request: accepted, it may register its push. */
+  responseJoinAnchor(userID, accept, reason = "") {
+    this._send({ type: "linkMic", action: accept ? "accept" : "reject", userID, reason });
+  }
+
+  /** The presenter takes a member off the stage: its push leaves the room. */
+  kickoutJoinAnchor(userID) {
+    this._send({ type: "linkMic", action: "kick", userID });
   }
 
   _streamInfo(info) {
@@ -713,6 +730,9 @@ export class WeirRoom extends EventTarget {
       }
       case "textMessage":
         this._emit("textMessage", msg);
+        break;
+      case "linkMic":
+        this._emit("linkMic", msg);
         break;
       case "pong":
         this.rttMs = Date.now() - msg.ts;

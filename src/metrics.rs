@@ -29,6 +29,8 @@ pub struct Metrics {
     /// Room-service pushers and webrtc_room members removed because their
     /// heartbeats stopped.
     pub room_service_expired: prometheus::IntCounter,
+    /// Live-room stage messages (linkMic) the room service let through, by `action`.
+    pub link_mic: IntCounterVec,
     /// Sessions closed because they could not keep up with their outgoing messages.
     pub slow_sessions: IntGauge,
     /// Signaling messages refused by a session's rate limit, by `type`.
@@ -348,6 +350,11 @@ impl Metrics {
             room_service_expired: counter(
                 "weir_room_service_expired_total",
                 "Room-service pushers removed because their heartbeats stopped",
+            ),
+            link_mic: counter_vec(
+                "weir_link_mic_total",
+                "Live-room stage messages (linkMic) passed on, by action",
+                &["action"],
             ),
             signaling_errors: counter_vec(
                 "weir_signaling_errors_total",

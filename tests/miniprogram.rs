@@ -13,7 +13,7 @@ use common::watcher::Watcher;
 use common::{TestServer, APP};
 use serde_json::{json, Value};
 use weir::auth::TokenKind;
-use weir_signaling::{LeaveReason, ServerMessage};
+use weir_signaling::{ClientMessage, LeaveReason, LinkMicAction, ServerMessage};
 
 /// POSTs JSON (or raw bytes) and returns (HTTP status, the JSON answer).
 async fn post_raw(t: &TestServer, path_and_query: &str, body: &[u8]) -> (u16, Value) {
@@ -392,7 +392,7 @@ async fn a_pusher_without_heartbeats_is_removed_for_everyone() {
     assert!(
         anchors["pushers"]
             .as_array()
-            .map_or(true, |p| p.iter().all(|p| p["userID"] != "alice")),
+            .is_none_or(|p| p.iter().all(|p| p["userID"] != "alice")),
         "{anchors}"
     );
     let m = t.metrics().await;
@@ -816,5 +816,251 @@ async fn the_mini_program_client_module_passes_its_node_tests() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "weir-mp.js tests failed");
-    assert!(stdout.contains("1..8"), "every Node test ran");
+    assert!(stdout.contains("1..9"), "every Node test ran");
+}
+
+/// `<live-room>`'s stage: an audience member (a mini program: room service over HTTP,
+/// the signaling socket, an RTMP push) asks the presenter (a browser-side member) to
+/// join; before the presenter accepts, `add_pusher` is refused; accepted, its real
+/// RTMP push reaches the presenter over WebRTC; the presenter takes it off the stage:
+/// the stream goes for everyone, the push is closed, and the member's socket stays in
+/// the room (one member with two sessions, not one replacing the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_room_stage_request_accept_push_and_kick() {
+    let t = TestServer::start().await;
+    let pat = Member::login(&t, "live_room", "pat").await;
+    let made = pat
+        .call(
+            &t,
+            "create_room",
+            json!({"userID": "pat", "roomInfo": "a class"}),
+        )
+        .await;
+    assert_eq!(made["code"], 0, "{made}");
+    let room_id = made["roomID"].as_str().unwrap().to_owned();
+    let room: u32 = room_id.parse().unwrap();
+    // The presenter's browser: a webrtc-crate member that receives what is published.
+    let presenter = Watcher::join(&t, "pat", room, None).await;
+    // The audience member: room service, then the socket with its audience key.
+    let carol = Member::login(&t, "live_room", "carol").await;
+    let seat = carol
+        .call(
+            &t,
+            "add_audience",
+            json!({"roomID": room_id, "userID": "carol", "userInfo": "{}"}),
+        )
+        .await;
+    assert_eq!(seat["code"], 0, "{seat}");
+    let mut join = t.join("carol", room, 0);
+    join.private_map_key = seat["privateMapKey"].as_str().unwrap().to_owned();
+    join.auto_subscribe = false;
+    let (mut carol_socket, joined) = common::Client::join(&t.ws_url(), join).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+    let push_url = carol
+        .call(&t, "get_push_url", json!({"userID": "carol"}))
+        .await["pushURL"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let add = json!({"roomID": room_id, "userID": "carol", "userName": "Carol", "userAvatar": "", "pushURL": push_url});
+    let early = carol.call(&t, "add_pusher", add.clone()).await;
+    assert_eq!(
+        early["code"], 7,
+        "not on the stage before the presenter accepts: {early}"
+    );
+
+    // The request reaches the presenter; the presenter accepts.
+    carol_socket
+        .send(&ClientMessage::LinkMic {
+            action: LinkMicAction::Request,
+            user_id: None,
+            reason: "a question".into(),
+        })
+        .await;
+    let asked = saw(&presenter, Duration::from_secs(5), |m| match m {
+        ServerMessage::LinkMic {
+            action: LinkMicAction::Request,
+            user_id,
+            reason,
+        } => Some((user_id.clone(), reason.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(asked, Some(("carol".into(), "a question".into())));
+    presenter.send(ClientMessage::LinkMic {
+        action: LinkMicAction::Accept,
+        user_id: Some("carol".into()),
+        reason: String::new(),
+    });
+    let answer = carol_socket
+        .expect(|m| match m {
+            ServerMessage::LinkMic {
+                action, user_id, ..
+            } => Some((*action, user_id.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(answer, (LinkMicAction::Accept, "pat".into()));
+
+    // On the stage: the push, then add_pusher, as the component does.
+    let mut ffmpeg = common::source::ffmpeg_push(&push_url, 40);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let added = carol.call(&t, "add_pusher", add).await;
+    assert_eq!(added["code"], 0, "{added}");
+    let stream = format!("{APP}_carol");
+    let n = video_packets_within(&presenter, &stream, Duration::from_secs(20)).await;
+    assert!(
+        n > 30,
+        "the new pusher's RTMP stream reaches the presenter: {n} packets"
+    );
+    let listed = pat
+        .call(&t, "get_pushers", json!({"roomID": room_id}))
+        .await;
+    assert!(
+        listed["pushers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["userID"] == "carol"),
+        "{listed}"
+    );
+    // Carol's socket is still hers: the push joined beside it.
+    carol_socket
+        .send(&ClientMessage::TextMessage {
+            text: "thanks".into(),
+        })
+        .await;
+    assert!(saw(&presenter, Duration::from_secs(5), |m| {
+        matches!(m, ServerMessage::TextMessage { user_id, .. } if user_id == "carol").then_some(())
+    })
+    .await
+    .is_some());
+
+    // Only the presenter kicks; the presenter takes carol off the stage.
+    carol_socket
+        .send(&ClientMessage::LinkMic {
+            action: LinkMicAction::Kick,
+            user_id: Some("pat".into()),
+            reason: String::new(),
+        })
+        .await;
+    let refused = carol_socket
+        .expect(|m| match m {
+            ServerMessage::Error { code, request, .. } if request.as_deref() == Some("linkMic") => {
+                Some(u16::from(*code))
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(refused, 403);
+    presenter.send(ClientMessage::LinkMic {
+        action: LinkMicAction::Kick,
+        user_id: Some("carol".into()),
+        reason: String::new(),
+    });
+    let kicked = carol_socket
+        .expect(|m| match m {
+            ServerMessage::LinkMic { action, .. } => Some(*action),
+            _ => None,
+        })
+        .await;
+    assert_eq!(kicked, LinkMicAction::Kick);
+    assert!(
+        saw(&presenter, Duration::from_secs(5), |m| {
+            matches!(m, ServerMessage::StreamRemoved { stream_id, .. } if *stream_id == stream)
+                .then_some(())
+        })
+        .await
+        .is_some(),
+        "the stream is gone for everyone"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), ffmpeg.wait()).await;
+    assert!(ended.is_ok(), "the push is closed by the server");
+    let listed = pat
+        .call(&t, "get_pushers", json!({"roomID": room_id}))
+        .await;
+    assert!(
+        !listed["pushers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["userID"] == "carol"),
+        "{listed}"
+    );
+    // Carol is still in the room (off the stage, in the audience): nobody saw her leave,
+    // and her socket still speaks.
+    assert!(saw(&presenter, Duration::from_millis(500), |m| {
+        matches!(m, ServerMessage::MemberLeft { user_id, .. } if user_id == "carol").then_some(())
+    })
+    .await
+    .is_none());
+    carol_socket
+        .send(&ClientMessage::TextMessage {
+            text: "back in the audience".into(),
+        })
+        .await;
+    assert!(saw(&presenter, Duration::from_secs(5), |m| {
+        matches!(m, ServerMessage::TextMessage { text, .. } if text == "back in the audience")
+            .then_some(())
+    })
+    .await
+    .is_some());
+    let m = t.metrics().await;
+    assert_eq!(
+        common::metric(&m, "weir_link_mic_total{action=\"kick\"}"),
+        1.0
+    );
+}
+
+/// `pureaudio`: a mini program pushing audio only (`<live-pusher enable-camera=false>`)
+/// is an audio-only stream for browsers, and its audio reaches them as Opus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audio_only_push_reaches_browsers_as_audio_only() {
+    let t = TestServer::start().await;
+    let alice = Member::login(&t, "multi_room", "alice").await;
+    let push_url = alice
+        .call(&t, "get_push_url", json!({"userID": "alice"}))
+        .await["pushURL"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut ffmpeg = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+        .args(["-t", "20", "-vn", "-c:a", "aac", "-ar", "48000", "-ac", "1"])
+        .args(["-f", "flv", &push_url])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let made = alice
+        .call(
+            &t,
+            "create_room",
+            json!({"userID": "alice", "roomInfo": "voice"}),
+        )
+        .await;
+    let room_id = made["roomID"].as_str().unwrap().to_owned();
+    let watcher = Watcher::join(&t, "bob", room_id.parse().unwrap(), None).await;
+    let added = alice
+        .call(&t, "add_pusher", json!({"roomID": room_id, "userID": "alice", "userName": "A", "userAvatar": "", "pushURL": push_url}))
+        .await;
+    assert_eq!(added["code"], 0, "{added}");
+    let info = saw(&watcher, Duration::from_secs(10), |m| match m {
+        ServerMessage::StreamAdded { stream } if stream.user_id == "alice" => Some(stream.clone()),
+        _ => None,
+    })
+    .await
+    .expect("the audio-only push is announced");
+    assert!(info.audio && !info.video, "audio only: {info:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut audio = 0;
+    while Instant::now() < deadline && audio < 100 {
+        audio = watcher.packets("audio").await.len();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(audio >= 100, "Opus packets reach the browser side: {audio}");
+    assert!(watcher.packets("video").await.is_empty());
+    let _ = ffmpeg.kill().await;
 }

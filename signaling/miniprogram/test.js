@@ -137,6 +137,48 @@ async function main() {
   bob.stopHeartbeat();
   ok('the owner removes a pusher: removed for everyone');
 
+  // A live room's stage (linkMic): bob, in the audience, asks; alice, the presenter,
+  // accepts; bob registers his push; alice takes him off, and his socket stays.
+  const aliceLive = new RoomService(wx, { server, kind: 'live_room' });
+  await aliceLive.login(app, 'mp_alice', sigs.mp_alice);
+  const live = await aliceLive.createRoom('class');
+  const aliceStage = new WeirRoom(wx, {
+    url: wsURL, sdkAppID: app, userID: 'mp_alice', userSig: sigs.mp_alice,
+    roomID: Number(live.roomID), privateMapKey: live.privateMapKey,
+  });
+  await aliceStage.join();
+  const bobLive = new RoomService(wx, { server, kind: 'live_room' });
+  await bobLive.login(app, 'mp_bob', sigs.mp_bob);
+  const seat = await bobLive.call('add_audience', { roomID: live.roomID, userID: 'mp_bob', userInfo: '{}' });
+  const bobStage = new WeirRoom(wx, {
+    url: wsURL, sdkAppID: app, userID: 'mp_bob', userSig: sigs.mp_bob,
+    roomID: Number(live.roomID), privateMapKey: seat.privateMapKey,
+  });
+  await bobStage.join();
+  const bobPush = await bobLive.getPushURL();
+  await assert.rejects(bobLive.addPusher(live.roomID, bobPush, 'Bob'), (e) => e.code === 7);
+  const asked = next(aliceStage, 'linkMic', (e) => e.action === 'request');
+  bobStage.requestJoinAnchor('may I?');
+  const request = await asked;
+  assert.equal(request.userID, 'mp_bob');
+  assert.equal(request.reason, 'may I?');
+  const answered = next(bobStage, 'linkMic', (e) => e.action === 'accept');
+  aliceStage.responseJoinAnchor('mp_bob', true);
+  assert.equal((await answered).userID, 'mp_alice');
+  await bobLive.addPusher(live.roomID, bobPush, 'Bob', '', 500);
+  const kicked = next(bobStage, 'linkMic', (e) => e.action === 'kick');
+  aliceStage.kickoutJoinAnchor('mp_bob');
+  await kicked;
+  bobLive.stopHeartbeat();
+  const after = await aliceLive.getPushers(live.roomID);
+  assert.ok(!after.pushers.some((p) => p.userID === 'mp_bob'), JSON.stringify(after));
+  const refused = next(bobStage, 'error', (e) => e.request === 'linkMic');
+  bobStage.kickoutJoinAnchor('mp_alice');
+  assert.equal((await refused).code, 403, 'only the presenter kicks');
+  ok('linkMic: request, accept, add_pusher, kick; only the presenter decides');
+  bobStage.leave();
+  aliceStage.leave();
+
   // Leaving.
   const closed = next(aliceRoom, 'close');
   aliceRoom.leave();

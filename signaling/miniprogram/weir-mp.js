@@ -147,8 +147,9 @@ RoomService.prototype.logout = function () {
  *
  * Events (`on(name, fn)`): `joined` (the `joined` message), `memberJoined`,
  * `memberLeft`, `streamAdded` (its `stream.playURLs` carry this member's credentials,
- * ready for `<live-player>`), `streamRemoved`, `textMessage`, `error`, `left`
- * ({reason, code}: the room ended this member's session), `close`.
+ * ready for `<live-player>`), `streamRemoved`, `textMessage`, `linkMic` (the live
+ * room's stage: `{action: 'request' | 'accept' | 'reject' | 'kick', userID, reason}`),
+ * `error`, `left` ({reason, code}: the room ended this member's session), `close`.
  */
 function WeirRoom(wx, options) {
   this.wx = wx;
@@ -251,6 +252,9 @@ WeirRoom.prototype.join = function () {
         case 'textMessage':
           self._emit('textMessage', m);
           break;
+        case 'linkMic':
+          self._emit('linkMic', m);
+          break;
         case 'left':
           self._left = m.reason;
           break;
@@ -287,6 +291,36 @@ WeirRoom.prototype.join = function () {
 /** A room text message (5 a second at most). */
 WeirRoom.prototype.sendText = function (text) {
   if (this.task) this.task.send({ data: JSON.stringify({ type: 'textMessage', text: String(text) }) });
+};
+
+WeirRoom.prototype._linkMic = function (action, userID, reason) {
+  const m = { type: 'linkMic', action: action };
+  if (userID) m.userID = String(userID);
+  if (reason) m.reason = String(reason);
+  if (this.task) this.task.send({ data: JSON.stringify(m) });
+};
+
+/**
+ * The live room's stage (what `<live-room>` did over IM C2C messages). An audience
+ * member asks the presenter (the room's creator) to join it; the presenter gets a
+ * `linkMic` event `{action: 'request', userID, reason}`.
+ */
+WeirRoom.prototype.requestJoinAnchor = function (reason) {
+  this._linkMic('request', null, reason);
+};
+
+/**
+ * The presenter answers a request. Accepted, the member gets `{action: 'accept'}` and
+ * may register its push (`RoomService.addPusher`, within 60 s); Weir refuses
+ * `add_pusher` in a live room to anyone the presenter has not accepted.
+ */
+WeirRoom.prototype.responseJoinAnchor = function (userID, accept, reason) {
+  this._linkMic(accept ? 'accept' : 'reject', userID, reason);
+};
+
+/** The presenter takes a member off the stage: its push leaves the room, its socket stays. */
+WeirRoom.prototype.kickoutJoinAnchor = function (userID) {
+  this._linkMic('kick', userID);
 };
 
 WeirRoom.prototype.leave = function () {

@@ -322,6 +322,17 @@ pub enum ClientMessage {
     TextMessage {
         text: String,
     },
+    /// The live room's stage (what the room components did over IM C2C messages):
+    /// an audience member asks the presenter (`request`); the presenter answers the
+    /// member named by `userID` (`accept`, `reject`) or takes it off the stage (`kick`).
+    #[serde(rename_all = "camelCase")]
+    LinkMic {
+        action: LinkMicAction,
+        #[serde(rename = "userID", default, skip_serializing_if = "Option::is_none")]
+        user_id: Option<String>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
     /// The client's network changed (ICE failed or disconnected): the server restarts
     /// ICE on its subscriber connection and offers again with fresh credentials. (The
     /// publisher connection restarts with a new `offer` made with `iceRestart`.)
@@ -350,6 +361,19 @@ pub enum LeaveReason {
     /// Removed from the room by the room service: a mini program pusher whose
     /// heartbeats stopped, one removed by the room's owner, or a destroyed room.
     Removed,
+}
+
+/// What a `linkMic` message does (the live room's stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LinkMicAction {
+    /// An audience member asks to join the presenter on the stage.
+    Request,
+    /// The presenter lets the member on: it may now register its push (`add_pusher`).
+    Accept,
+    Reject,
+    /// The presenter takes the member off the stage: its push leaves the room.
+    Kick,
 }
 
 /// Messages the server sends.
@@ -411,6 +435,16 @@ pub enum ServerMessage {
         user_id: String,
         text: String,
         ts: u64,
+    },
+    /// The live room's stage: to the presenter, a member's `request`; to the member,
+    /// the presenter's `accept`, `reject` or `kick`. `userID` is who sent it.
+    #[serde(rename_all = "camelCase")]
+    LinkMic {
+        action: LinkMicAction,
+        #[serde(rename = "userID")]
+        user_id: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
     },
     #[serde(rename_all = "camelCase")]
     Pong { ts: u64 },
@@ -475,6 +509,7 @@ impl ClientMessage {
             ClientMessage::Unsubscribe { .. } => "unsubscribe",
             ClientMessage::Mute { .. } => "mute",
             ClientMessage::TextMessage { .. } => "textMessage",
+            ClientMessage::LinkMic { .. } => "linkMic",
             ClientMessage::RestartIce => "restartIce",
             ClientMessage::Leave => "leave",
             ClientMessage::Ping { .. } => "ping",

@@ -182,6 +182,8 @@ impl UrlBase {
 #[derive(Debug, Clone)]
 struct Stream {
     id: String,
+    /// The session that published it (a member's signaling session or its push).
+    publisher: SessionId,
     source: &'static str,
     audio: bool,
     video: bool,
@@ -189,9 +191,19 @@ struct Stream {
     video_muted: bool,
 }
 
+/// A member is one user in one room. It may have two sessions at once: a signaling
+/// session (events, text, WebRTC) and an RTMP push that carries its stream (a mini
+/// program pushes with `<live-pusher>` and hears the room on `wx.connectSocket`). Each
+/// kind replaces only its own kind (a reconnect); room messages go to `session`.
 #[derive(Debug)]
 struct Member {
+    /// Who hears the room: the signaling session, or the push when it is alone.
     session: SessionId,
+    /// The member's RTMP push, when there is one (then `session` is either the push
+    /// itself or a signaling session beside it).
+    push: Option<SessionId>,
+    /// What the push's credentials allow (it publishes with them).
+    push_privileges: Privileges,
     privileges: Privileges,
     auto_subscribe: bool,
     stream: Option<Stream>,
@@ -312,13 +324,35 @@ impl Rooms {
         }
     }
 
-    /// Admits a verified session to the ticket's room.
+    /// Admits a verified signaling session to the ticket's room.
     pub fn join(
         &mut self,
         session: SessionId,
         sdk_app_id: u64,
         ticket: &RoomTicket,
         auto_subscribe: bool,
+    ) -> Result<(), RoomError> {
+        self.join_as(session, sdk_app_id, ticket, auto_subscribe, false)
+    }
+
+    /// Admits an RTMP push (authorized for the ticket's user) to the room: beside the
+    /// user's signaling session when it is there, as a member of its own otherwise.
+    pub fn join_push(
+        &mut self,
+        session: SessionId,
+        sdk_app_id: u64,
+        ticket: &RoomTicket,
+    ) -> Result<(), RoomError> {
+        self.join_as(session, sdk_app_id, ticket, false, true)
+    }
+
+    fn join_as(
+        &mut self,
+        session: SessionId,
+        sdk_app_id: u64,
+        ticket: &RoomTicket,
+        auto_subscribe: bool,
+        is_push: bool,
     ) -> Result<(), RoomError> {
         if self.sessions.contains_key(&session) {
             return Err(RoomError::AlreadyJoined);
@@ -340,40 +374,85 @@ impl Rooms {
                 return Err(RoomError::TooManyRooms(self.limits.max_rooms));
             }
         }
-        // The same user joining again replaces the old session (a reconnect).
+        // The same kind of session of the same user again replaces the old one (a
+        // reconnect); a push and a signaling session of one user live side by side.
         let replaced = self
             .rooms
             .get(&key)
             .and_then(|r| r.members.get(&user_id))
-            .map(|m| m.session);
+            .and_then(|m| {
+                if is_push {
+                    m.push
+                } else if m.push == Some(m.session) {
+                    None
+                } else {
+                    Some(m.session)
+                }
+            });
         if let Some(old) = replaced {
             self.remove(old, LeaveReason::Replaced, false);
             self.out
                 .push_back(Output::Close(old, LeaveReason::Replaced));
-        } else if let Some(room) = self.rooms.get(&key) {
-            if room.members.len() >= self.limits.max_members_per_room {
-                return Err(RoomError::RoomFull {
-                    room: key.name(),
-                    limit: self.limits.max_members_per_room,
-                });
+        }
+        let present = self
+            .rooms
+            .get(&key)
+            .is_some_and(|r| r.members.contains_key(&user_id));
+        if !present {
+            if let Some(room) = self.rooms.get(&key) {
+                if room.members.len() >= self.limits.max_members_per_room {
+                    return Err(RoomError::RoomFull {
+                        room: key.name(),
+                        limit: self.limits.max_members_per_room,
+                    });
+                }
             }
         }
         let room = self.rooms.entry(key.clone()).or_default();
         let others: Vec<(String, SessionId, Option<Stream>)> = room
             .members
             .iter()
+            .filter(|(u, _)| **u != user_id)
             .map(|(u, m)| (u.clone(), m.session, m.stream.clone()))
             .collect();
-        room.members.insert(
-            user_id.clone(),
-            Member {
-                session,
-                privileges: ticket.privileges,
-                auto_subscribe,
-                stream: None,
-                subscriptions: HashSet::new(),
-            },
-        );
+        match room.members.get_mut(&user_id) {
+            // Beside the member's other session: the room already knows the member.
+            Some(m) if is_push => {
+                m.push = Some(session);
+                m.push_privileges = ticket.privileges;
+            }
+            Some(m) => {
+                m.session = session;
+                m.privileges = ticket.privileges;
+                m.auto_subscribe = auto_subscribe;
+            }
+            None => {
+                room.members.insert(
+                    user_id.clone(),
+                    Member {
+                        session,
+                        push: is_push.then_some(session),
+                        push_privileges: if is_push {
+                            ticket.privileges
+                        } else {
+                            Privileges(0)
+                        },
+                        privileges: ticket.privileges,
+                        auto_subscribe,
+                        stream: None,
+                        subscriptions: HashSet::new(),
+                    },
+                );
+                for (_, other, _) in &others {
+                    self.out.push_back(Output::Send(
+                        *other,
+                        ServerMessage::MemberJoined {
+                            user_id: user_id.clone(),
+                        },
+                    ));
+                }
+            }
+        }
         self.sessions.insert(
             session,
             SessionEntry {
@@ -399,15 +478,7 @@ impl Rooms {
                 ice_servers: Vec::new(),
             },
         );
-        for (_, other, _) in &others {
-            self.send(
-                *other,
-                ServerMessage::MemberJoined {
-                    user_id: user_id.clone(),
-                },
-            );
-        }
-        if auto_subscribe {
+        if auto_subscribe && !is_push {
             for (publisher, _, stream) in others {
                 if let Some(s) = stream {
                     self.subscribe_one(session, &key, &user_id, &publisher, &s);
@@ -561,10 +632,12 @@ impl Rooms {
         if video {
             needed = needed | Privileges::SEND_VIDEO;
         }
-        member
-            .privileges
-            .require(needed)
-            .map_err(RoomError::Privilege)?;
+        let allowed = if member.push == Some(session) {
+            member.push_privileges
+        } else {
+            member.privileges
+        };
+        allowed.require(needed).map_err(RoomError::Privilege)?;
         let id = name.unwrap_or_else(|| stream_id_for(&key, &e.user_id));
         if self.streams.contains_key(&id) {
             return Err(RoomError::StreamNameTaken(id));
@@ -586,6 +659,7 @@ impl Rooms {
         let member = self.member_mut(&e);
         let stream = Stream {
             id,
+            publisher: session,
             source,
             audio,
             video,
@@ -645,6 +719,9 @@ impl Rooms {
     pub fn unpublish(&mut self, session: SessionId) -> Result<(), RoomError> {
         let e = self.entry(session)?;
         let member = self.member_mut(&e);
+        if member.stream.as_ref().map(|s| s.publisher) != Some(session) {
+            return Err(RoomError::NotPublishing);
+        }
         let stream = member.stream.take().ok_or(RoomError::NotPublishing)?;
         self.end_stream(&e.room, &e.user_id, &stream.id);
         Ok(())
@@ -789,9 +866,49 @@ impl Rooms {
     }
 
     fn remove(&mut self, session: SessionId, reason: LeaveReason, tell_self: bool) {
-        let Some(e) = self.sessions.remove(&session) else {
+        let Some(e) = self.sessions.get(&session).cloned() else {
             return;
         };
+        // One of a member's two sessions: the member stays, with the other.
+        let other = self
+            .rooms
+            .get(&e.room)
+            .and_then(|r| r.members.get(&e.user_id))
+            .and_then(|m| {
+                if m.session != session {
+                    Some(m.session)
+                } else {
+                    m.push.filter(|p| *p != session)
+                }
+            });
+        if let Some(other) = other {
+            self.sessions.remove(&session);
+            let m = self.member_mut(&e);
+            let ended = match &m.stream {
+                Some(s) if s.publisher == session => m.stream.take().map(|s| s.id),
+                _ => None,
+            };
+            if m.push == Some(session) {
+                m.push = None;
+            } else {
+                // The signaling session went: its subscriptions go with its peer
+                // connections, and the push hears the room again.
+                m.session = other;
+                m.subscriptions.clear();
+                m.auto_subscribe = false;
+                m.privileges = m.push_privileges;
+            }
+            if let Some(id) = ended {
+                self.end_stream(&e.room, &e.user_id, &id);
+            }
+            self.out
+                .push_back(Output::Media(MediaCommand::CloseSession { session }));
+            if tell_self && reason == LeaveReason::Left {
+                self.send(session, ServerMessage::Left { reason });
+            }
+            return;
+        }
+        self.sessions.remove(&session);
         let member = self
             .rooms
             .get_mut(&e.room)
@@ -823,6 +940,22 @@ impl Rooms {
         }
     }
 
+    /// The room and user of a session.
+    pub fn place_of(&self, session: SessionId) -> Option<(RoomKey, String)> {
+        self.sessions
+            .get(&session)
+            .map(|e| (e.room.clone(), e.user_id.clone()))
+    }
+
+    /// The session that hears the room for a member (its signaling session, or its
+    /// push when that is alone).
+    pub fn session_of(&self, key: &RoomKey, user_id: &str) -> Option<SessionId> {
+        self.rooms
+            .get(key)
+            .and_then(|r| r.members.get(user_id))
+            .map(|m| m.session)
+    }
+
     /// The members of a room and the stream each publishes (the room service reads
     /// them to list browsers and mini programs alike).
     pub fn members_of(&self, key: &RoomKey) -> Vec<(String, Option<String>)> {
@@ -838,18 +971,39 @@ impl Rooms {
     }
 
     /// Removes a member (the room service's decision): the room is told, and the
-    /// member's session told why and closed. Returns whether there was one.
+    /// member's sessions told why and closed. Returns whether there was one.
     pub fn kick(&mut self, key: &RoomKey, user_id: &str, reason: LeaveReason) -> bool {
-        let Some(session) = self
+        let Some((session, push)) = self
             .rooms
             .get(key)
             .and_then(|r| r.members.get(user_id))
-            .map(|m| m.session)
+            .map(|m| (m.session, m.push))
         else {
             return false;
         };
+        if let Some(p) = push.filter(|p| *p != session) {
+            self.remove(p, reason, false);
+            self.out.push_back(Output::Close(p, reason));
+        }
         self.remove(session, reason, false);
         self.out.push_back(Output::Close(session, reason));
+        true
+    }
+
+    /// Takes a member's RTMP push off the room (the presenter or the member ended it),
+    /// leaving its signaling session in the room: others see its stream go. A member
+    /// with no signaling session beside its push leaves. Returns whether it had a push.
+    pub fn end_push(&mut self, key: &RoomKey, user_id: &str, reason: LeaveReason) -> bool {
+        let Some(push) = self
+            .rooms
+            .get(key)
+            .and_then(|r| r.members.get(user_id))
+            .and_then(|m| m.push)
+        else {
+            return false;
+        };
+        self.remove(push, reason, false);
+        self.out.push_back(Output::Close(push, reason));
         true
     }
 

@@ -296,3 +296,135 @@ fn strange_room_names_make_url_safe_stream_ids() {
     };
     assert_eq!(stream_id_for(&key, "u"), "1_----7-a_u_main");
 }
+
+/// A mini program pushes RTMP and hears the room on a socket, both as one user: the
+/// two sessions are one member (before, the second replaced the first, so a mini
+/// program that followed MINIPROGRAM.md cut off its own push).
+#[test]
+fn a_push_and_a_signaling_session_of_one_user_are_one_member() {
+    const PUSH: SessionId = SessionId(20);
+    const PUSH2: SessionId = SessionId(21);
+    let mut r = rooms();
+    r.join(B, APP, &ticket("bob", 1, 0xff), true).unwrap();
+    // The push first, then the mini program's socket with audience privileges.
+    r.join_push(PUSH, APP, &ticket("mp", 1, 0x17)).unwrap();
+    r.publish_as(PUSH, Some("app_mp".into()), "rtmp", true, true)
+        .unwrap();
+    drain(&mut r);
+    r.join(A, APP, &ticket("mp", 1, 0x2a), false).unwrap();
+    let out = drain(&mut r);
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Close(..))),
+        "nobody is replaced: {out:?}"
+    );
+    assert!(sent_to(&out, B).is_empty(), "bob knows mp already: {out:?}");
+    assert!(
+        matches!(sent_to(&out, A)[0], ServerMessage::Joined { members, .. } if members.len() == 1)
+    );
+    assert_eq!(
+        r.members_of(&RoomKey {
+            sdk_app_id: APP,
+            room: RoomId::Num(1)
+        })
+        .len(),
+        2
+    );
+    assert_eq!(
+        r.session_of(
+            &RoomKey {
+                sdk_app_id: APP,
+                room: RoomId::Num(1)
+            },
+            "mp"
+        ),
+        Some(A)
+    );
+    // Text from the socket reaches bob; the socket cannot end the push's stream.
+    r.text(A, "hi", 1).unwrap();
+    assert!(
+        matches!(sent_to(&drain(&mut r), B)[0], ServerMessage::TextMessage { user_id, .. } if user_id == "mp")
+    );
+    assert!(matches!(r.unpublish(A), Err(RoomError::NotPublishing)));
+    // A new push of the same user replaces only the push.
+    r.join_push(PUSH2, APP, &ticket("mp", 1, 0x17)).unwrap();
+    let out = drain(&mut r);
+    assert!(out.contains(&Output::Close(PUSH, LeaveReason::Replaced)));
+    assert!(!out
+        .iter()
+        .any(|o| matches!(o, Output::Close(s, _) if *s == A)));
+    assert!(sent_to(&out, B)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::StreamRemoved { .. })));
+    assert!(!sent_to(&out, B)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::MemberLeft { .. })));
+    r.publish_as(PUSH2, Some("app_mp".into()), "rtmp", true, true)
+        .unwrap();
+    drain(&mut r);
+    // The push ends (delete_pusher, a kick off the stage): the socket stays.
+    let key = RoomKey {
+        sdk_app_id: APP,
+        room: RoomId::Num(1),
+    };
+    assert!(r.end_push(&key, "mp", LeaveReason::Removed));
+    let out = drain(&mut r);
+    assert!(out.contains(&Output::Close(PUSH2, LeaveReason::Removed)));
+    assert!(sent_to(&out, B)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::StreamRemoved { user_id, .. } if user_id == "mp")));
+    assert!(!sent_to(&out, B)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::MemberLeft { .. })));
+    assert!(r.is_joined(A));
+    assert!(
+        !r.end_push(&key, "mp", LeaveReason::Removed),
+        "no push left"
+    );
+    // A push again, then the socket leaves: the push stays, and hears the room.
+    r.join_push(PUSH, APP, &ticket("mp", 1, 0x17)).unwrap();
+    r.leave(A, LeaveReason::Disconnected);
+    let out = drain(&mut r);
+    assert!(!sent_to(&out, B)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::MemberLeft { .. })));
+    assert_eq!(r.session_of(&key, "mp"), Some(PUSH));
+    // A kick takes both.
+    r.join(C, APP, &ticket("mp", 1, 0x2a), false).unwrap();
+    drain(&mut r);
+    assert!(r.kick(&key, "mp", LeaveReason::Removed));
+    let out = drain(&mut r);
+    assert!(out.contains(&Output::Close(PUSH, LeaveReason::Removed)));
+    assert!(out.contains(&Output::Close(C, LeaveReason::Removed)));
+    assert!(sent_to(&out, B)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::MemberLeft { user_id, .. } if user_id == "mp")));
+    assert_eq!(r.participant_count(), 1);
+}
+
+/// A signaling session replaced by a new one of the same user keeps the member's push.
+#[test]
+fn a_reconnecting_socket_keeps_the_push_beside_it() {
+    const PUSH: SessionId = SessionId(20);
+    let mut r = rooms();
+    r.join(B, APP, &ticket("bob", 1, 0xff), true).unwrap();
+    r.join(A, APP, &ticket("mp", 1, 0xff), false).unwrap();
+    r.join_push(PUSH, APP, &ticket("mp", 1, 0xff)).unwrap();
+    r.publish_as(PUSH, Some("app_mp".into()), "rtmp", true, true)
+        .unwrap();
+    drain(&mut r);
+    r.join(C, APP, &ticket("mp", 1, 0xff), false).unwrap();
+    let out = drain(&mut r);
+    assert!(out.contains(&Output::Close(A, LeaveReason::Replaced)));
+    assert!(!out
+        .iter()
+        .any(|o| matches!(o, Output::Close(s, _) if *s == PUSH)));
+    assert!(
+        sent_to(&out, B).is_empty(),
+        "the stream and the member stay: {out:?}"
+    );
+    // A WebRTC publish beside a live push is refused: one stream a member.
+    assert!(matches!(
+        r.publish(C, true, true),
+        Err(RoomError::AlreadyPublishing)
+    ));
+}

@@ -42,6 +42,8 @@ pub enum ControlCommand {
         auto_subscribe: bool,
         /// The policy of the room if this join creates it.
         congestion_policy: Option<weir_signaling::CongestionPolicy>,
+        /// An RTMP push: it joins beside its user's signaling session, if any.
+        push: bool,
     },
     Message {
         session: SessionId,
@@ -177,6 +179,15 @@ fn error_msg(e: &RoomError, request: &str) -> ServerMessage {
     }
 }
 
+fn refused(code: ErrorCode, message: String, request: &str) -> ServerMessage {
+    ServerMessage::Error {
+        code,
+        message,
+        request: Some(request.to_owned()),
+        tencent_code: None,
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -230,6 +241,18 @@ impl Control {
                         info!(room = %room.room, user = %user_id, "removed from the room by the room service");
                     }
                 }
+                Effect::EndPush {
+                    room,
+                    user_id,
+                    else_remove,
+                } => {
+                    if self.rooms.end_push(&room, &user_id, LeaveReason::Removed) {
+                        info!(room = %room.room, user = %user_id, "push taken off the room by the room service");
+                    } else if else_remove && self.rooms.kick(&room, &user_id, LeaveReason::Removed)
+                    {
+                        info!(room = %room.room, user = %user_id, "removed from the room by the room service");
+                    }
+                }
             }
         }
     }
@@ -258,7 +281,7 @@ impl Control {
             privilege_names: privileges.names(),
             room_expires_at: u64::MAX,
         };
-        match self.rooms.join(p.session, room.sdk_app_id, &ticket, false) {
+        match self.rooms.join_push(p.session, room.sdk_app_id, &ticket) {
             Ok(()) => {
                 info!(session = p.session.0, %stream, user = %user_id, room = %room.room, "room-service push joined its room");
                 if let Err(e) = self.rooms.publish_as(
@@ -403,10 +426,13 @@ impl Control {
                 ticket,
                 auto_subscribe,
                 congestion_policy,
-            } => match self
-                .rooms
-                .join(session, sdk_app_id, &ticket, auto_subscribe)
-            {
+                push,
+            } => match if push {
+                self.rooms.join_push(session, sdk_app_id, &ticket)
+            } else {
+                self.rooms
+                    .join(session, sdk_app_id, &ticket, auto_subscribe)
+            } {
                 Ok(()) => {
                     if let Some(policy) = congestion_policy {
                         self.rooms.configure_new_room(session, policy);
@@ -535,6 +561,14 @@ impl Control {
             }
             ClientMessage::Mute { kind, muted } => self.rooms.mute(session, kind, muted),
             ClientMessage::TextMessage { text } => self.rooms.text(session, &text, now_ms()),
+            ClientMessage::LinkMic {
+                action,
+                user_id,
+                reason,
+            } => {
+                self.link_mic(session, action, user_id, reason);
+                Ok(())
+            }
             ClientMessage::Leave => {
                 self.rooms.leave(session, LeaveReason::Left);
                 Ok(())
@@ -567,6 +601,61 @@ impl Control {
         }
     }
 
+    /// The live room's stage: the room service decides, the other member is told.
+    fn link_mic(
+        &mut self,
+        session: SessionId,
+        action: weir_signaling::LinkMicAction,
+        user: Option<String>,
+        reason: String,
+    ) {
+        let Some((room, from)) = self.rooms.place_of(session) else {
+            self.tell(session, error_msg(&RoomError::NotJoined, "linkMic"));
+            return;
+        };
+        let decided = match self.weapp.as_mut() {
+            Some(service) => service.link_mic(&room, &from, action, user.as_deref(), now_ms()),
+            None => Err(crate::weapp::StageRefusal {
+                code: ErrorCode::Unavailable,
+                message: "this node serves no room service".into(),
+            }),
+        };
+        match decided {
+            Ok(to) => {
+                info!(room = %room.room, from = %from, to = %to, ?action, "linkMic");
+                self.metrics
+                    .link_mic
+                    .with_label_values(&[action_name(action)])
+                    .inc();
+                let reason = reason
+                    .chars()
+                    .take(weir_signaling::MAX_TEXT_BYTES / 4)
+                    .collect();
+                match self.rooms.session_of(&room, &to) {
+                    Some(target) => self.tell(
+                        target,
+                        ServerMessage::LinkMic {
+                            action,
+                            user_id: from,
+                            reason,
+                        },
+                    ),
+                    None if action == weir_signaling::LinkMicAction::Request => self.tell(
+                        session,
+                        refused(
+                            ErrorCode::NotFound,
+                            format!("the presenter {to:?} is not in the room"),
+                            "linkMic",
+                        ),
+                    ),
+                    None => {}
+                }
+                self.apply_effects();
+            }
+            Err(refusal) => self.tell(session, refused(refusal.code, refusal.message, "linkMic")),
+        }
+    }
+
     async fn flush(&mut self) {
         while let Some(out) = self.rooms.poll_output() {
             match out {
@@ -582,5 +671,15 @@ impl Control {
                 }
             }
         }
+    }
+}
+
+fn action_name(a: weir_signaling::LinkMicAction) -> &'static str {
+    use weir_signaling::LinkMicAction::*;
+    match a {
+        Request => "request",
+        Accept => "accept",
+        Reject => "reject",
+        Kick => "kick",
     }
 }

@@ -787,6 +787,7 @@ impl Connection {
                 ticket: Box::new(ticket),
                 auto_subscribe: false,
                 congestion_policy: None,
+                push: true,
             })
             .await;
         let _ = control

@@ -40,7 +40,11 @@ fn limiter(per_s: u32) -> Option<Limiter> {
 /// Whether `msg` is within the session's rates (all messages, and text messages).
 fn within_rate(messages: &Option<Limiter>, texts: &Option<Limiter>, msg: &ClientMessage) -> bool {
     let ok = |l: &Option<Limiter>| l.as_ref().is_none_or(|l| l.check().is_ok());
-    ok(messages) && (!matches!(msg, ClientMessage::TextMessage { .. }) || ok(texts))
+    ok(messages)
+        && (!matches!(
+            msg,
+            ClientMessage::TextMessage { .. } | ClientMessage::LinkMic { .. }
+        ) || ok(texts))
 }
 
 pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAddr) {
@@ -308,6 +312,7 @@ async fn join_command(
             ticket: Box::new(ticket),
             auto_subscribe: join.auto_subscribe,
             congestion_policy: join.congestion_policy,
+            push: false,
         })
         .await;
     None

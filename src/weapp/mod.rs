@@ -162,6 +162,33 @@ pub enum Effect {
     /// The user leaves the signaling room (heartbeat expired, removed by the room's
     /// owner, the room destroyed, or the user's own delete/quit): everyone is told.
     Remove { room: RoomKey, user_id: String },
+    /// The user's RTMP push leaves the room (its own `delete_pusher`, or the presenter
+    /// took it off the stage): others see its stream go; a signaling session of the
+    /// same user stays (a mini program keeps hearing the room). A member with no push
+    /// leaves, as for [`Effect::Remove`], if `else_remove` (`delete_pusher`: a browser
+    /// publisher taken off by the owner), and stays otherwise (a linkMic kick).
+    EndPush {
+        room: RoomKey,
+        user_id: String,
+        else_remove: bool,
+    },
+}
+
+/// A linkMic request, or an acceptance not yet used by `add_pusher`, lasts this long.
+pub const STAGE_TTL_MS: u64 = 60_000;
+
+/// A refused `linkMic`: a signaling error code and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageRefusal {
+    pub code: weir_signaling::ErrorCode,
+    pub message: String,
+}
+
+fn stage_refusal(code: weir_signaling::ErrorCode, message: impl Into<String>) -> StageRefusal {
+    StageRefusal {
+        code,
+        message: message.into(),
+    }
 }
 
 /// The stream name of a user's room-service push URL: `{sdkappid}_{userID}` (the
@@ -243,6 +270,11 @@ struct ServiceRoom {
     creator: String,
     pushers: BTreeMap<String, Pusher>,
     audiences: BTreeMap<String, String>,
+    /// The live room's stage (linkMic): who asked the presenter, and who it let on
+    /// (each with when; both expire after [`STAGE_TTL_MS`], an acceptance also when
+    /// its user registers its push).
+    requests: BTreeMap<String, u64>,
+    accepted: BTreeMap<String, u64>,
     custom: Map<String, Value>,
     /// When the room was last seen with nobody in it.
     empty_since_ms: Option<u64>,
@@ -354,6 +386,92 @@ impl RoomService {
         std::mem::take(&mut self.effects)
     }
 
+    /// A `linkMic` message from `from`, a signaling member of `key`: the user to tell
+    /// (the presenter, for a request; the member named, for an answer or a kick), or
+    /// why not. A kick also ends the member's push ([`Effect::EndPush`]).
+    ///
+    /// The stage is a live room's (`/weapp/live_room/`): its presenter is the room's
+    /// creator. A request lasts [`STAGE_TTL_MS`]; so does an acceptance until the
+    /// member registers its push, which `add_pusher` refuses (code 7) to anyone the
+    /// presenter has not accepted.
+    pub fn link_mic(
+        &mut self,
+        key: &RoomKey,
+        from: &str,
+        action: weir_signaling::LinkMicAction,
+        user: Option<&str>,
+        now_ms: u64,
+    ) -> Result<String, StageRefusal> {
+        use weir_signaling::{ErrorCode, LinkMicAction};
+        let max = self.settings.max_audiences;
+        let Some(r) = self.rooms.get_mut(key).filter(|r| r.kind == Kind::Live) else {
+            return Err(stage_refusal(
+                ErrorCode::NotFound,
+                "linkMic needs a live room of the room service (/weapp/live_room/): this room has no presenter",
+            ));
+        };
+        if action == LinkMicAction::Request {
+            if from == r.creator {
+                return Err(stage_refusal(
+                    ErrorCode::BadRequest,
+                    "the presenter is on the stage already",
+                ));
+            }
+            if r.pushers.contains_key(from) {
+                return Err(stage_refusal(ErrorCode::BadRequest, "already on the stage"));
+            }
+            if !r.requests.contains_key(from) && r.requests.len() >= max {
+                return Err(stage_refusal(
+                    ErrorCode::LimitExceeded,
+                    format!("the presenter has {max} requests waiting"),
+                ));
+            }
+            r.requests.insert(from.to_owned(), now_ms);
+            return Ok(r.creator.clone());
+        }
+        if from != r.creator {
+            return Err(stage_refusal(
+                ErrorCode::MissingPrivilege,
+                "only the room's presenter (its creator) answers linkMic requests and kicks",
+            ));
+        }
+        let Some(user) = user.filter(|u| !u.is_empty()) else {
+            return Err(stage_refusal(
+                ErrorCode::BadRequest,
+                "linkMic accept, reject and kick name the member (userID)",
+            ));
+        };
+        match action {
+            LinkMicAction::Accept | LinkMicAction::Reject => {
+                if r.requests.remove(user).is_none() {
+                    return Err(stage_refusal(
+                        ErrorCode::NotFound,
+                        format!("no linkMic request from {user:?} is waiting"),
+                    ));
+                }
+                if action == LinkMicAction::Accept {
+                    r.accepted.insert(user.to_owned(), now_ms);
+                }
+            }
+            LinkMicAction::Kick => {
+                let accepted = r.accepted.remove(user).is_some();
+                if r.pushers.remove(user).is_none() && !accepted {
+                    return Err(stage_refusal(
+                        ErrorCode::NotFound,
+                        format!("{user:?} is not on the stage"),
+                    ));
+                }
+                self.effects.push(Effect::EndPush {
+                    room: key.clone(),
+                    user_id: user.to_owned(),
+                    else_remove: false,
+                });
+            }
+            LinkMicAction::Request => unreachable!("handled above"),
+        }
+        Ok(user.to_owned())
+    }
+
     pub fn room_count(&self) -> usize {
         self.rooms.len()
     }
@@ -444,7 +562,7 @@ impl RoomService {
 
     fn max_members(&self, kind: Kind) -> usize {
         match kind {
-            Kind::Double => 2.min(self.settings.max_members.max(2)),
+            Kind::Double => 2,
             _ => self.settings.max_members,
         }
     }
@@ -586,6 +704,8 @@ impl RoomService {
                             },
                         )]),
                         audiences: BTreeMap::new(),
+                        requests: BTreeMap::new(),
+                        accepted: BTreeMap::new(),
                         custom: Map::new(),
                         empty_since_ms: None,
                     },
@@ -970,6 +1090,8 @@ impl RoomService {
                         creator: caller.clone(),
                         pushers: BTreeMap::new(),
                         audiences: BTreeMap::new(),
+                        requests: BTreeMap::new(),
+                        accepted: BTreeMap::new(),
                         custom: Map::new(),
                         empty_since_ms: Some(now_ms),
                     },
@@ -1027,8 +1149,17 @@ impl RoomService {
                     }
                     Some(r) => {
                         // A live room's stage is its owner's: others are let on by it
-                        // (the linkmic flow), not by asking the server.
-                        let _ = r;
+                        // (linkMic accept), not by asking the server.
+                        if r.kind == Kind::Live
+                            && r.creator != caller
+                            && !r.pushers.contains_key(&caller)
+                            && !r.accepted.contains_key(&caller)
+                        {
+                            return Err(fail(
+                                code::AUTH,
+                                "请求失败，鉴权失败: the presenter has not let this user on the stage (linkMic)",
+                            ));
+                        }
                         if !r.pushers.contains_key(&caller)
                             && members.len() >= max
                             && !members.contains(&caller)
@@ -1056,6 +1187,8 @@ impl RoomService {
                                 creator: caller.clone(),
                                 pushers: BTreeMap::new(),
                                 audiences: BTreeMap::new(),
+                                requests: BTreeMap::new(),
+                                accepted: BTreeMap::new(),
                                 custom: Map::new(),
                                 empty_since_ms: None,
                             },
@@ -1080,6 +1213,8 @@ impl RoomService {
                 }
                 let r = self.rooms.get_mut(&key).expect("present");
                 r.empty_since_ms = None;
+                r.accepted.remove(&caller);
+                r.requests.remove(&caller);
                 r.pushers.insert(
                     caller.clone(),
                     Pusher {
@@ -1116,14 +1251,16 @@ impl RoomService {
                         "请求失败，鉴权失败: only the room's owner removes others",
                     ));
                 }
+                r.accepted.remove(&user);
                 if r.pushers.remove(&user).is_none()
                     && !view.members(&key).iter().any(|m| m.user_id == user)
                 {
                     return Err(fail(code::NOT_MEMBER, "退出房间失败，不是房间成员"));
                 }
-                self.effects.push(Effect::Remove {
+                self.effects.push(Effect::EndPush {
                     room: key.clone(),
                     user_id: user,
+                    else_remove: true,
                 });
                 Ok(ok())
             }
@@ -1321,6 +1458,10 @@ impl RoomService {
         let idle = self.settings.idle_room_ms;
         let mut gone_rooms = Vec::new();
         for (key, r) in self.rooms.iter_mut() {
+            r.requests
+                .retain(|_, at| now_ms.saturating_sub(*at) <= STAGE_TTL_MS);
+            r.accepted
+                .retain(|_, at| now_ms.saturating_sub(*at) <= STAGE_TTL_MS);
             let expired: Vec<String> = r
                 .pushers
                 .iter()

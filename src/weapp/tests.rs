@@ -405,3 +405,148 @@ fn webrtc_room_hands_out_nothing_unless_the_operator_allows_it() {
         assert!(r.get("userSig").is_none() && r.get("privateMapKey").is_none());
     }
 }
+
+/// The live room's stage: an audience member asks, the presenter (the room's creator)
+/// answers; `add_pusher` lets on only those the presenter accepted; a kick ends the push.
+#[test]
+fn the_presenter_decides_who_joins_the_stage() {
+    use weir_signaling::{ErrorCode, LinkMicAction::*};
+    let mut s = service();
+    let pat = s.login(APP, "pat", u64::MAX, [1; 16], 0);
+    let carol = s.login(APP, "carol", u64::MAX, [2; 16], 0);
+    let dave = s.login(APP, "dave", u64::MAX, [3; 16], 0);
+    let made = s.handle(
+        &call(
+            Kind::Live,
+            "create_room",
+            "pat",
+            &pat,
+            json!({"userID": "pat", "roomInfo": "class", "roomID": "stage1"}),
+        ),
+        &Nobody,
+        0,
+        rng(),
+    );
+    assert_eq!(made["code"], 0, "{made:?}");
+    let key = RoomKey {
+        sdk_app_id: APP,
+        room: RoomId::Str("stage1".into()),
+    };
+    let url = |s: &mut RoomService, who: &str, token: &str| {
+        s.handle(
+            &call(
+                Kind::Live,
+                "get_push_url",
+                who,
+                token,
+                json!({"userID": who}),
+            ),
+            &Nobody,
+            0,
+            rng(),
+        )["pushURL"]
+            .clone()
+    };
+    let add = |s: &mut RoomService, who: &str, token: &str, push: &Value, at: u64| {
+        s.handle(
+            &call(Kind::Live, "add_pusher", who, token, json!({"roomID": "stage1", "userID": who, "userName": who, "userAvatar": "", "pushURL": push})),
+            &Nobody, at, rng())["code"].clone()
+    };
+    let pat_url = url(&mut s, "pat", &pat);
+    assert_eq!(add(&mut s, "pat", &pat, &pat_url, 0), 0, "the presenter");
+    let carol_url = url(&mut s, "carol", &carol);
+    assert_eq!(
+        add(&mut s, "carol", &carol, &carol_url, 0),
+        code::AUTH,
+        "not accepted yet"
+    );
+    // Only a live room has a stage; only its presenter answers; answers need a request.
+    let other = RoomKey {
+        sdk_app_id: APP,
+        room: RoomId::Num(77),
+    };
+    assert_eq!(
+        s.link_mic(&other, "carol", Request, None, 0)
+            .unwrap_err()
+            .code,
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        s.link_mic(&key, "pat", Accept, Some("carol"), 0)
+            .unwrap_err()
+            .code,
+        ErrorCode::NotFound,
+        "nobody asked"
+    );
+    assert_eq!(
+        s.link_mic(&key, "carol", Request, None, 1_000),
+        Ok("pat".into())
+    );
+    assert_eq!(
+        s.link_mic(&key, "dave", Request, None, 1_000),
+        Ok("pat".into())
+    );
+    assert_eq!(
+        s.link_mic(&key, "dave", Accept, Some("carol"), 0)
+            .unwrap_err()
+            .code,
+        ErrorCode::MissingPrivilege,
+        "only the presenter answers"
+    );
+    assert_eq!(
+        s.link_mic(&key, "pat", Reject, Some("dave"), 2_000),
+        Ok("dave".into())
+    );
+    assert_eq!(
+        s.link_mic(&key, "pat", Accept, Some("carol"), 2_000),
+        Ok("carol".into())
+    );
+    let dave_url = url(&mut s, "dave", &dave);
+    assert_eq!(
+        add(&mut s, "dave", &dave, &dave_url, 2_500),
+        code::AUTH,
+        "refused"
+    );
+    assert_eq!(
+        add(&mut s, "carol", &carol, &carol_url, 2_500),
+        0,
+        "accepted"
+    );
+    s.take_effects();
+    assert_eq!(
+        s.link_mic(&key, "carol", Request, None, 3_000)
+            .unwrap_err()
+            .code,
+        ErrorCode::BadRequest,
+        "already on the stage"
+    );
+    // The presenter takes carol off: her push ends, and she must ask again.
+    assert_eq!(
+        s.link_mic(&key, "pat", Kick, Some("carol"), 4_000),
+        Ok("carol".into())
+    );
+    assert_eq!(
+        s.take_effects(),
+        vec![Effect::EndPush {
+            room: key.clone(),
+            user_id: "carol".into(),
+            else_remove: false,
+        }]
+    );
+    assert_eq!(add(&mut s, "carol", &carol, &carol_url, 4_500), code::AUTH);
+    assert_eq!(
+        s.link_mic(&key, "pat", Kick, Some("carol"), 5_000)
+            .unwrap_err()
+            .code,
+        ErrorCode::NotFound
+    );
+    // Requests and unused acceptances expire.
+    s.link_mic(&key, "dave", Request, None, 10_000).unwrap();
+    s.link_mic(&key, "pat", Accept, Some("dave"), 10_000)
+        .unwrap();
+    s.tick(&Nobody, 10_000 + STAGE_TTL_MS + 1);
+    assert_eq!(
+        add(&mut s, "dave", &dave, &dave_url, 10_000 + STAGE_TTL_MS + 2),
+        code::AUTH
+    );
+}

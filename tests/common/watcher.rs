@@ -17,6 +17,7 @@ pub type Events = Arc<Mutex<Vec<(Instant, ServerMessage)>>>;
 pub struct Watcher {
     pub peer: Arc<tokio::sync::Mutex<Option<RtcPeer>>>,
     pub events: Events,
+    outbox: tokio::sync::mpsc::UnboundedSender<ClientMessage>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,12 +34,16 @@ impl Watcher {
         let peer: Arc<tokio::sync::Mutex<Option<RtcPeer>>> = Arc::default();
         let server_port = t.udp_addr().port();
         let (e, pr) = (events.clone(), peer.clone());
+        let (outbox, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<ClientMessage>();
         let task = tokio::spawn(async move {
             let mut last_ping = Instant::now();
             loop {
                 if last_ping.elapsed() > Duration::from_secs(5) {
                     signal.send(&ClientMessage::Ping { ts: 1 }).await;
                     last_ping = Instant::now();
+                }
+                while let Ok(m) = outgoing.try_recv() {
+                    signal.send(&m).await;
                 }
                 let Some(msg) = signal.try_recv(Duration::from_millis(100)).await else {
                     continue;
@@ -79,8 +84,14 @@ impl Watcher {
         Self {
             peer,
             events,
+            outbox,
             _task: task,
         }
+    }
+
+    /// Sends a message on the watcher's signaling session (within 100 ms).
+    pub fn send(&self, msg: ClientMessage) {
+        let _ = self.outbox.send(msg);
     }
 
     /// (arrival, seq, payload length) of every packet of the track of this kind.
