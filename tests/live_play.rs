@@ -126,7 +126,7 @@ async fn an_rtmp_push_plays_over_rtmp_and_http_flv_from_start_and_mid_stream() {
     let http = t.server.http_addr;
     let push = format!("rtmp://{rtmp}/live/show?{}", credentials(&t, "host", 0xff));
     let mut ffmpeg = common::source::ffmpeg_push(&push, 6);
-    wait_for_publish(&t).await;
+    wait_for_publish(&t, &mut ffmpeg).await;
 
     let dir = tempfile::tempdir().unwrap();
     // An RTMP player with room credentials (receive privileges only).
@@ -176,7 +176,7 @@ async fn play_urls_without_valid_credentials_are_refused() {
     let http = t.server.http_addr;
     let push = format!("rtmp://{rtmp}/live/show?{}", credentials(&t, "host", 0xff));
     let mut ffmpeg = common::source::ffmpeg_push(&push, 4);
-    wait_for_publish(&t).await;
+    wait_for_publish(&t, &mut ffmpeg).await;
 
     // No receive privilege.
     let no_recv = format!(
@@ -496,7 +496,7 @@ async fn a_slow_player_is_cut_back_to_keyframes_and_a_normal_one_is_not() {
         .unwrap();
     // Players come once the push is on (a fixed 700 ms was too short for ffmpeg's
     // start on a loaded CI machine: the slow player got a 404).
-    wait_for_publish(&t).await;
+    wait_for_publish(&t, &mut ffmpeg).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let dir = tempfile::tempdir().unwrap();
     let normal_url = format!(
@@ -578,8 +578,11 @@ async fn a_slow_player_is_cut_back_to_keyframes_and_a_normal_one_is_not() {
     );
 }
 
-/// Waits (up to 15 s) until an RTMP pusher is publishing on the server.
-async fn wait_for_publish(t: &TestServer) {
+/// Waits (up to 15 s) until an RTMP pusher is publishing on the server. If it is not,
+/// says whether the pusher (`ffmpeg`) is still running and where the server's RTMP
+/// connections stand (handshake, publish, play, refused), so that a failure in CI says
+/// which side stalled.
+async fn wait_for_publish(t: &TestServer, ffmpeg: &mut tokio::process::Child) {
     for _ in 0..300 {
         let m = t.metrics().await;
         if m.lines()
@@ -589,5 +592,19 @@ async fn wait_for_publish(t: &TestServer) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("no RTMP push was published within 15 s");
+    let pusher = match ffmpeg.try_wait() {
+        Ok(None) => "still running".to_owned(),
+        Ok(Some(status)) => format!("exited: {status}"),
+        Err(e) => format!("unknown: {e}"),
+    };
+    let m = t.metrics().await;
+    let rtmp: Vec<&str> = m
+        .lines()
+        .filter(|l| !l.starts_with('#') && (l.contains("rtmp") || l.contains("connections")))
+        .collect();
+    panic!(
+        "no RTMP push was published within 15 s; the pusher (ffmpeg) is {pusher}; the \
+         server's RTMP and connection series:\n{}",
+        rtmp.join("\n")
+    );
 }
