@@ -137,6 +137,10 @@ pub struct ServerConfig {
     /// everyone in its room, so publishers multiply a node's load.
     pub max_publishers_per_room: usize,
     pub max_publishers: usize,
+    /// Streams one member receives at once, and subscriptions (stream × receiver) on
+    /// the node: each is a forwarded copy of every packet, the node's real load.
+    pub max_subscriptions_per_member: usize,
+    pub max_subscriptions: usize,
     /// Open TCP connections per listener (HTTP, RTMP, ICE-TCP), in total and from one
     /// client (an IPv4 address or an IPv6 /64); more are closed at accept.
     pub max_connections: usize,
@@ -201,6 +205,8 @@ impl Default for ServerConfig {
             max_members_per_room: 500,
             max_publishers_per_room: 50,
             max_publishers: 1000,
+            max_subscriptions_per_member: 100,
+            max_subscriptions: 20_000,
             max_connections: 10_000,
             max_connections_per_ip: 256,
             max_failed_joins_per_ip: 20,

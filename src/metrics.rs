@@ -29,6 +29,12 @@ pub struct Metrics {
     /// Room-service pushers and webrtc_room members removed because their
     /// heartbeats stopped.
     pub room_service_expired: prometheus::IntCounter,
+    /// Requests refused because a node or room limit was reached, by `limit` (`rooms`,
+    /// `members_per_room`, `publishers_per_room`, `publishers`,
+    /// `subscriptions_per_member`, `subscriptions`, `text_bytes`).
+    pub limit_refusals: IntCounterVec,
+    /// Subscriptions (stream × receiver) on the node.
+    pub subscriptions: IntGauge,
     /// Live-room stage messages (linkMic) the room service let through, by `action`.
     pub link_mic: IntCounterVec,
     /// Sessions closed because they could not keep up with their outgoing messages.
@@ -350,6 +356,15 @@ impl Metrics {
             room_service_expired: counter(
                 "weir_room_service_expired_total",
                 "Room-service pushers removed because their heartbeats stopped",
+            ),
+            limit_refusals: counter_vec(
+                "weir_limit_refusals_total",
+                "Requests refused because a node or room limit was reached, by limit",
+                &["limit"],
+            ),
+            subscriptions: gauge(
+                "weir_subscriptions",
+                "Subscriptions (stream x receiver) on this node",
             ),
             link_mic: counter_vec(
                 "weir_link_mic_total",

@@ -138,6 +138,34 @@ async fn video_packets_within(w: &Watcher, stream: &str, wait: Duration) -> usiz
     }
 }
 
+/// What the member received of `stream`'s `kind` track, in arrival order.
+async fn received(w: &Watcher, stream: &str, kind: &str) -> Vec<common::peer::Received> {
+    let guard = w.peer.lock().await;
+    let Some(p) = guard.as_ref() else {
+        return Vec::new();
+    };
+    let inbox = p.inbox.lock().unwrap();
+    let mut v: Vec<common::peer::Received> = inbox
+        .iter()
+        .filter(|(id, _)| id.starts_with(stream) && id.ends_with(kind))
+        .flat_map(|(_, v)| v.iter().cloned())
+        .filter(|r| !r.payload.is_empty())
+        .collect();
+    v.sort_by_key(|r| r.at);
+    v
+}
+
+/// The member decodes the pushed video (ffmpeg's 320x240 test picture).
+async fn decodes_the_push(w: &Watcher, stream: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let packets = received(w, stream, "video").await;
+    let d = common::media::decode_h264(&common::media::h264_annex_b(&packets), dir.path()).await;
+    assert!(
+        d.frames >= 20 && (d.width, d.height) == (320, 240),
+        "the member decodes the pushed video: {d:?}"
+    );
+}
+
 /// `<rtc-room>` (rtcroom.js): login → get_push_url → push → create_room → add_pusher →
 /// heartbeats and get_pushers → delete_pusher; with a browser-side member in the same
 /// room that receives the push, and a WebRTC publisher the mini program can play.
@@ -196,6 +224,8 @@ async fn rtc_room_sequence_with_a_real_push_a_webrtc_member_and_a_played_browser
         n > 30,
         "the member receives the pushed video over WebRTC: {n} packets"
     );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    decodes_the_push(&carol, &stream).await;
 
     // A WebRTC publisher (a browser) in the room: listed by get_pushers, with an
     // accelerateURL that an RTMP player (here ffmpeg, for <live-player>) plays.
@@ -913,6 +943,8 @@ async fn live_room_stage_request_accept_push_and_kick() {
         n > 30,
         "the new pusher's RTMP stream reaches the presenter: {n} packets"
     );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    decodes_the_push(&presenter, &stream).await;
     let listed = pat
         .call(&t, "get_pushers", json!({"roomID": room_id}))
         .await;
@@ -1062,5 +1094,16 @@ async fn an_audio_only_push_reaches_browsers_as_audio_only() {
     }
     assert!(audio >= 100, "Opus packets reach the browser side: {audio}");
     assert!(watcher.packets("video").await.is_empty());
+    // The 440 Hz tone is heard (after the first 0.1 s).
+    let packets = received(&watcher, &format!("{APP}_alice"), "audio").await;
+    let channels = 2;
+    let pcm = common::media::decode_opus(&packets, channels);
+    let left: Vec<f32> = pcm.chunks(channels).map(|c| c[0]).skip(4800).collect();
+    let tone = common::media::tone_power(&left, 48_000.0, 440.0);
+    let off = common::media::tone_power(&left, 48_000.0, 1000.0);
+    assert!(
+        tone > 1e-3 && tone > 100.0 * off,
+        "the pushed tone is heard: 440 Hz power {tone}, 1 kHz {off}"
+    );
     let _ = ffmpeg.kill().await;
 }

@@ -554,3 +554,168 @@ async fn main_and_high_profiles_are_negotiated_and_decoded() {
         );
     }
 }
+
+/// Fault: an RTMP pusher's connection is reset in the middle of a video message,
+/// mid-GOP (its uplink died: RST, no unpublish), and it reconnects 300 ms later, as a
+/// phone does: sequence headers, then from its next keyframe. The viewer sees the stream
+/// go and come back, and once back its video is as fresh as a new stream's: nothing of
+/// the outage is replayed and no lag stays. Latency here is from the moment a raw frame
+/// went into the pusher's encoder to its arrival at the viewer (`Source`'s stamps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pusher_reset_mid_gop_comes_back_without_lasting_lag() {
+    use common::source::{wall_ms, RtmpPusher, Source, Tag};
+    use std::time::Instant;
+    let t = server().await;
+    let mut viewer = Viewer::join(&t, "viewer").await;
+    let url = push_url(&t, "cam", "pusher", ROOM, 0xff);
+    let name = url.split_once("/live/").unwrap().1.to_owned();
+    let addr = t.server.rtmp_addr.unwrap();
+    let (i0, w0) = (Instant::now(), wall_ms());
+    let mut source = Source::start(12, true);
+    let stamps = source.stamps.clone();
+    let push = tokio::spawn(async move {
+        let is_header = |t: &Tag| {
+            t.data.len() >= 2
+                && t.data[1] == 0
+                && ((t.type_id == 9 && t.data[0] & 0x0f == 7)
+                    || (t.type_id == 8 && t.data[0] >> 4 == 10))
+        };
+        let is_key =
+            |t: &Tag| t.type_id == 9 && t.data.len() >= 2 && t.data[0] >> 4 == 1 && t.data[1] == 1;
+        let mut headers: Vec<Tag> = Vec::new();
+        let mut pusher = Some(RtmpPusher::publish(addr, "live", &name).await);
+        let started = Instant::now();
+        let mut since_key = 0usize;
+        let mut reset_at = None;
+        let mut resumed = None;
+        let mut waiting_for_key = false;
+        while let Some(tag) = source.tags.recv().await {
+            if is_header(&tag) {
+                headers.retain(|h| h.type_id != tag.type_id);
+                headers.push(tag.clone());
+                pusher.as_mut().unwrap().send(&tag).await;
+                continue;
+            }
+            if tag.type_id == 9 {
+                since_key = if is_key(&tag) { 0 } else { since_key + 1 };
+            }
+            if reset_at.is_none()
+                && tag.type_id == 9
+                && since_key == 12
+                && started.elapsed() > Duration::from_secs(3)
+            {
+                pusher.take().unwrap().reset_in_the_middle_of(&tag).await;
+                reset_at = Some(Instant::now());
+                // The uplink is down for 300 ms: what the encoder made meanwhile is lost.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                while source.tags.try_recv().is_ok() {}
+                let mut p = RtmpPusher::publish(addr, "live", &name).await;
+                for h in &headers {
+                    p.send(h).await;
+                }
+                pusher = Some(p);
+                waiting_for_key = true;
+                continue;
+            }
+            if waiting_for_key {
+                if !is_key(&tag) {
+                    continue;
+                }
+                waiting_for_key = false;
+                // The frame's index, from its FLV time (30 fps from 0).
+                resumed = Some((f64::from(tag.timestamp) * 30.0 / 1000.0).round() as usize);
+            }
+            pusher.as_mut().unwrap().send(&tag).await;
+        }
+        (
+            reset_at.expect("the push was reset"),
+            resumed.expect("the push resumed at a keyframe"),
+        )
+    });
+    viewer.negotiate_for(Duration::from_secs(13)).await;
+    let (reset_at, resumed) = push.await.unwrap();
+
+    // The room saw the stream go, and come back.
+    let added = |m: &ServerMessage| match m {
+        ServerMessage::StreamAdded { stream } if stream.stream_id == "cam" => Some(()),
+        _ => None,
+    };
+    viewer.signal.expect(added).await;
+    viewer
+        .signal
+        .expect(|m| match m {
+            ServerMessage::StreamRemoved { stream_id, .. } if stream_id == "cam" => Some(()),
+            _ => None,
+        })
+        .await;
+    viewer.signal.expect(added).await;
+
+    // Frames (by RTP timestamp, complete at their last packet) after the outage.
+    let packets = viewer
+        .peer
+        .as_ref()
+        .expect("subscribed")
+        .inbox
+        .lock()
+        .unwrap()["cam-video"]
+        .clone();
+    let after = reset_at + Duration::from_millis(100);
+    let mut frames: std::collections::BTreeMap<u32, Instant> = Default::default();
+    for p in packets.iter().filter(|p| p.at > after) {
+        let e = frames.entry(p.ts).or_insert(p.at);
+        *e = (*e).max(p.at);
+    }
+    let mut frames: Vec<(u32, Instant)> = frames.into_iter().collect();
+    frames.sort_by_key(|(_, at)| *at);
+    assert!(
+        frames.len() > 150,
+        "video comes back after the reset: {} frames",
+        frames.len()
+    );
+    let first_ts = frames.iter().map(|(ts, _)| *ts).min().unwrap();
+    let sent = stamps.lock().unwrap().frames.clone();
+    let wall = |at: Instant| w0 + at.duration_since(i0).as_secs_f64() * 1000.0;
+    let lat: Vec<(f64, f64)> = frames
+        .iter()
+        .filter_map(|(ts, at)| {
+            let n = resumed + (ts.wrapping_sub(first_ts) as f64 / 3000.0).round() as usize;
+            Some((wall(*at), wall(*at) - sent.get(n)?))
+        })
+        .collect();
+    let back = lat.first().unwrap().0;
+    let median = |from: f64, to: f64| {
+        let mut v: Vec<f64> = lat
+            .iter()
+            .filter(|(at, _)| (from..to).contains(at))
+            .map(|(_, l)| *l)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let end = lat.last().unwrap().0;
+    let first_second = median(back, back + 1000.0);
+    let last_3s = median(end - 3000.0, end + 1.0);
+    let max_last_3s = lat
+        .iter()
+        .filter(|(at, _)| *at > end - 3000.0)
+        .map(|(_, l)| *l)
+        .fold(0.0, f64::max);
+    eprintln!(
+        "back {:.0} ms after the reset, at frame {resumed}; latency median {first_second:.0} ms \
+         in its first second, {last_3s:.0} ms (max {max_last_3s:.0}) in the last 3 s, {} frames",
+        back - wall(reset_at),
+        lat.len()
+    );
+    assert!(
+        last_3s < 150.0 && max_last_3s < 400.0,
+        "no lasting lag: {last_3s:.0} ms median, {max_last_3s:.0} ms max in the last 3 s"
+    );
+    assert!(
+        last_3s < first_second + 50.0,
+        "no climb after the reconnect: {first_second:.0} → {last_3s:.0} ms"
+    );
+    assert!(
+        back - wall(reset_at) < 2500.0,
+        "the stream is back within 2.5 s of the reset"
+    );
+}

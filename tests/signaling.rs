@@ -578,3 +578,86 @@ async fn every_server_side_close_says_why_with_a_code() {
         Some(close::IDLE)
     );
 }
+
+/// Room and node limits: each refusal is a 429 naming the limit, to the request it
+/// refused (an automatic subscription included), and counted by limit in /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_refuse_with_429_and_are_counted() {
+    let t = TestServer::start_with(|c| {
+        c.server.max_members_per_room = 3;
+        c.server.max_publishers_per_room = 2;
+        c.server.max_subscriptions_per_member = 1;
+    })
+    .await;
+    let quiet = |user: &str| {
+        let mut j = t.join(user, 91, 0xff);
+        j.auto_subscribe = false;
+        j
+    };
+    let (mut a, _) = Client::join(&t.ws_url(), quiet("a")).await;
+    a.publish(true, true).await;
+    let (mut b, _) = Client::join(&t.ws_url(), quiet("b")).await;
+    b.publish(true, true).await;
+    // c subscribes to everything: one place, so one stream and a 429 for the other.
+    let (mut c, joined) = Client::join(&t.ws_url(), t.join("c", 91, 0xff)).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+    let (code, request, message) = c
+        .expect(|m| match m {
+            ServerMessage::Error {
+                code,
+                request,
+                message,
+                ..
+            } => Some((*code, request.clone(), message.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert_eq!(request.as_deref(), Some("subscribe"));
+    assert!(message.contains("1 streams"), "{message}");
+    // A third publisher, and a fourth member: refused.
+    c.send(&ClientMessage::Publish {
+        audio: true,
+        video: false,
+        min_bitrate: None,
+        max_bitrate: None,
+    })
+    .await;
+    let code = c
+        .expect(|m| match m {
+            ServerMessage::Error { code, request, .. } if request.as_deref() == Some("publish") => {
+                Some(*code)
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    let (_d, refused) = Client::join(&t.ws_url(), quiet("d")).await;
+    assert!(
+        matches!(
+            refused,
+            ServerMessage::Error {
+                code: ErrorCode::LimitExceeded,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let m = t.metrics().await;
+    for limit in [
+        "subscriptions_per_member",
+        "publishers_per_room",
+        "members_per_room",
+    ] {
+        assert_eq!(
+            common::metric(
+                &m,
+                &format!("weir_limit_refusals_total{{limit=\"{limit}\"}}")
+            ),
+            1.0,
+            "{limit}"
+        );
+    }
+    assert_eq!(common::metric(&m, "weir_subscriptions"), 1.0);
+    drop((a, b));
+}

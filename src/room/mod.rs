@@ -69,6 +69,10 @@ pub enum RoomError {
     TextTooLong { len: usize, limit: usize },
     #[error("stream name {0:?} is already live on this node")]
     StreamNameTaken(String),
+    #[error("this member receives {0} streams, its limit")]
+    TooManySubscriptionsForMember(usize),
+    #[error("this node forwards {0} subscriptions, its limit")]
+    TooManySubscriptions(usize),
 }
 
 impl RoomError {
@@ -85,8 +89,24 @@ impl RoomError {
             | RoomError::RoomFull { .. }
             | RoomError::TooManyPublishersInRoom { .. }
             | RoomError::TooManyPublishers(_)
+            | RoomError::TooManySubscriptionsForMember(_)
+            | RoomError::TooManySubscriptions(_)
             | RoomError::TextTooLong { .. } => ErrorCode::LimitExceeded,
         }
+    }
+
+    /// The limit a refusal hit, for `weir_limit_refusals_total{limit}` (None: not a limit).
+    pub fn limit(&self) -> Option<&'static str> {
+        Some(match self {
+            RoomError::TooManyRooms(_) => "rooms",
+            RoomError::RoomFull { .. } => "members_per_room",
+            RoomError::TooManyPublishersInRoom { .. } => "publishers_per_room",
+            RoomError::TooManyPublishers(_) => "publishers",
+            RoomError::TooManySubscriptionsForMember(_) => "subscriptions_per_member",
+            RoomError::TooManySubscriptions(_) => "subscriptions",
+            RoomError::TextTooLong { .. } => "text_bytes",
+            _ => return None,
+        })
     }
 }
 
@@ -128,6 +148,9 @@ pub enum MediaCommand {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     Send(SessionId, ServerMessage),
+    /// Something the session did not ask for explicitly was refused (a subscription
+    /// its `autoSubscribe` would have made, over a limit): tell it, and count it.
+    Refused(SessionId, RoomError, &'static str),
     /// Tell the session why and close it (replaced, shutdown).
     Close(SessionId, LeaveReason),
     Media(MediaCommand),
@@ -141,6 +164,9 @@ pub struct Limits {
     /// Streams published at once in one room, and on the node.
     pub max_publishers_per_room: usize,
     pub max_publishers: usize,
+    /// Streams one member receives, and subscriptions on the node.
+    pub max_subscriptions_per_member: usize,
+    pub max_subscriptions: usize,
     /// The congestion policy of rooms whose creator did not choose one.
     pub congestion_policy: CongestionPolicy,
 }
@@ -233,6 +259,8 @@ pub struct Rooms {
     sessions: HashMap<SessionId, SessionEntry>,
     /// Every live stream by id: stream ids are unique on the node (they are URL paths).
     streams: HashMap<String, (RoomKey, String)>,
+    /// Subscriptions on the node (the sum of every member's `subscriptions`).
+    subscription_count: usize,
     out: VecDeque<Output>,
 }
 
@@ -266,6 +294,7 @@ impl Rooms {
             rooms: HashMap::new(),
             sessions: HashMap::new(),
             streams: HashMap::new(),
+            subscription_count: 0,
             out: VecDeque::new(),
         }
     }
@@ -481,7 +510,7 @@ impl Rooms {
         if auto_subscribe && !is_push {
             for (publisher, _, stream) in others {
                 if let Some(s) = stream {
-                    self.subscribe_one(session, &key, &user_id, &publisher, &s);
+                    self.auto_subscribe(session, &key, &user_id, &publisher, &s);
                 }
             }
         }
@@ -489,7 +518,8 @@ impl Rooms {
     }
 
     /// Starts forwarding `stream` (published by `publisher`) to `subscriber`, limited to
-    /// the kinds the subscriber may receive. Quietly does nothing when it may receive none.
+    /// the kinds the subscriber may receive. Quietly does nothing when it may receive
+    /// none; refuses past the member's or the node's subscription limit.
     fn subscribe_one(
         &mut self,
         subscriber: SessionId,
@@ -497,16 +527,21 @@ impl Rooms {
         subscriber_user: &str,
         publisher: &str,
         stream: &Stream,
-    ) {
+    ) -> Result<(), RoomError> {
+        let (per_member, on_node) = (
+            self.limits.max_subscriptions_per_member,
+            self.limits.max_subscriptions,
+        );
+        let total = self.subscription_count;
         let Some(member) = self
             .rooms
             .get_mut(key)
             .and_then(|r| r.members.get_mut(subscriber_user))
         else {
-            return;
+            return Ok(());
         };
         if publisher == subscriber_user || member.subscriptions.contains(&stream.id) {
-            return;
+            return Ok(());
         }
         let kinds: Vec<Kind> = [(stream.audio, Kind::Audio), (stream.video, Kind::Video)]
             .into_iter()
@@ -514,14 +549,47 @@ impl Rooms {
             .map(|(_, kind)| kind)
             .collect();
         if kinds.is_empty() {
-            return;
+            return Ok(());
+        }
+        if member.subscriptions.len() >= per_member {
+            return Err(RoomError::TooManySubscriptionsForMember(per_member));
+        }
+        if total >= on_node {
+            return Err(RoomError::TooManySubscriptions(on_node));
         }
         member.subscriptions.insert(stream.id.clone());
+        self.subscription_count += 1;
         self.out.push_back(Output::Media(MediaCommand::Subscribe {
             subscriber,
             stream_id: stream.id.clone(),
             kinds,
         }));
+        Ok(())
+    }
+
+    /// An automatic subscription (`autoSubscribe`): a refusal is told, not returned.
+    fn auto_subscribe(
+        &mut self,
+        subscriber: SessionId,
+        key: &RoomKey,
+        subscriber_user: &str,
+        publisher: &str,
+        stream: &Stream,
+    ) {
+        if let Err(e) = self.subscribe_one(subscriber, key, subscriber_user, publisher, stream) {
+            self.out
+                .push_back(Output::Refused(subscriber, e, "subscribe"));
+        }
+    }
+
+    /// Subscriptions dropped (unsubscribed, their stream ended, their member gone).
+    fn released(&mut self, n: usize) {
+        self.subscription_count = self.subscription_count.saturating_sub(n);
+    }
+
+    /// Subscriptions on the node.
+    pub fn subscription_count(&self) -> usize {
+        self.subscription_count
     }
 
     fn entry(&self, session: SessionId) -> Result<SessionEntry, RoomError> {
@@ -710,7 +778,7 @@ impl Rooms {
                 },
             );
             if auto {
-                self.subscribe_one(other, &key, &user, &e.user_id, &stream);
+                self.auto_subscribe(other, &key, &user, &e.user_id, &stream);
             }
         }
         Ok(info)
@@ -732,18 +800,20 @@ impl Rooms {
         self.out.push_back(Output::Media(MediaCommand::EndStream {
             stream_id: stream_id.to_owned(),
         }));
+        let mut dropped = 0;
         let others: Vec<SessionId> = match self.rooms.get_mut(key) {
             Some(room) => room
                 .members
                 .iter_mut()
                 .filter(|(u, _)| u.as_str() != user_id)
                 .map(|(_, m)| {
-                    m.subscriptions.remove(stream_id);
+                    dropped += usize::from(m.subscriptions.remove(stream_id));
                     m.session
                 })
                 .collect(),
             None => Vec::new(),
         };
+        self.released(dropped);
         for other in others {
             self.send(
                 other,
@@ -783,7 +853,7 @@ impl Rooms {
                     .require(receive_privileges(kind))
                     .map_err(RoomError::Privilege)?;
             }
-            self.subscribe_one(session, &e.room, &e.user_id, &publisher, &stream);
+            self.subscribe_one(session, &e.room, &e.user_id, &publisher, &stream)?;
         }
         Ok(())
     }
@@ -796,6 +866,7 @@ impl Rooms {
         let e = self.entry(session)?;
         for id in stream_ids {
             if self.member_mut(&e).subscriptions.remove(id) {
+                self.released(1);
                 self.out.push_back(Output::Media(MediaCommand::Unsubscribe {
                     subscriber: session,
                     stream_id: id.clone(),
@@ -894,7 +965,9 @@ impl Rooms {
                 // The signaling session went: its subscriptions go with its peer
                 // connections, and the push hears the room again.
                 m.session = other;
-                m.subscriptions.clear();
+                let dropped = std::mem::take(&mut m.subscriptions).len();
+                self.subscription_count = self.subscription_count.saturating_sub(dropped);
+                let m = self.member_mut(&e);
                 m.auto_subscribe = false;
                 m.privileges = m.push_privileges;
             }
@@ -913,6 +986,7 @@ impl Rooms {
             .rooms
             .get_mut(&e.room)
             .and_then(|r| r.members.remove(&e.user_id));
+        self.released(member.as_ref().map_or(0, |m| m.subscriptions.len()));
         if let Some(stream) = member.and_then(|m| m.stream) {
             self.end_stream(&e.room, &e.user_id, &stream.id);
         }

@@ -26,6 +26,8 @@ fn rooms() -> Rooms {
             max_members_per_room: 3,
             max_publishers_per_room: 2,
             max_publishers: 3,
+            max_subscriptions_per_member: 100,
+            max_subscriptions: 1000,
             congestion_policy: Default::default(),
         },
         UrlBase {
@@ -427,4 +429,84 @@ fn a_reconnecting_socket_keeps_the_push_beside_it() {
         r.publish(C, true, true),
         Err(RoomError::AlreadyPublishing)
     ));
+}
+
+/// Subscriptions are bounded per member and on the node; a refused automatic one is
+/// told (429) and counted, an explicit one is an error; the count follows every way a
+/// subscription ends.
+#[test]
+fn subscriptions_are_limited_per_member_and_on_the_node() {
+    let mut r = Rooms::new(
+        Limits {
+            max_rooms: 10,
+            max_members_per_room: 10,
+            max_publishers_per_room: 10,
+            max_publishers: 10,
+            max_subscriptions_per_member: 2,
+            max_subscriptions: 4,
+            congestion_policy: Default::default(),
+        },
+        UrlBase {
+            rtmp: "rtmp://h/live".into(),
+            flv: "http://h/live".into(),
+            webrtc: "webrtc://h/live".into(),
+        },
+    );
+    let s = |n: u64| SessionId(100 + n);
+    // Three publishers; the first watcher takes two of them, then is refused the third.
+    for (i, u) in ["p1", "p2", "p3"].iter().enumerate() {
+        r.join(s(i as u64), APP, &ticket(u, 1, 0xff), false)
+            .unwrap();
+        r.publish(s(i as u64), true, true).unwrap();
+    }
+    drain(&mut r);
+    r.join(s(10), APP, &ticket("w1", 1, 0xff), true).unwrap();
+    let out = drain(&mut r);
+    let subs = media(&out)
+        .iter()
+        .filter(|m| matches!(m, MediaCommand::Subscribe { .. }))
+        .count();
+    assert_eq!(subs, 2);
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Refused(to, RoomError::TooManySubscriptionsForMember(2), "subscribe") if *to == s(10)
+    )));
+    assert_eq!(
+        RoomError::TooManySubscriptionsForMember(2).limit(),
+        Some("subscriptions_per_member")
+    );
+    assert_eq!(r.subscription_count(), 2);
+    // The second watcher fills the node (4), the third is refused by the node's limit.
+    r.join(s(11), APP, &ticket("w2", 1, 0xff), true).unwrap();
+    drain(&mut r);
+    assert_eq!(r.subscription_count(), 4);
+    r.join(s(12), APP, &ticket("w3", 1, 0x2a), false).unwrap();
+    drain(&mut r);
+    let p1 = stream_id_for(
+        &RoomKey {
+            sdk_app_id: APP,
+            room: RoomId::Num(1),
+        },
+        "p1",
+    );
+    assert_eq!(
+        r.subscribe(s(12), std::slice::from_ref(&p1)),
+        Err(RoomError::TooManySubscriptions(4))
+    );
+    // Every way out gives the place back: an unsubscribe, a stream that ends, a member
+    // that leaves.
+    r.unsubscribe(s(10), std::slice::from_ref(&p1)).unwrap();
+    assert_eq!(r.subscription_count(), 3);
+    r.subscribe(s(12), std::slice::from_ref(&p1)).unwrap();
+    assert_eq!(r.subscription_count(), 4);
+    r.unpublish(s(0)).unwrap();
+    assert_eq!(
+        r.subscription_count(),
+        2,
+        "p1's stream ended: w2's and w3's copies"
+    );
+    r.leave(s(11), LeaveReason::Left);
+    assert_eq!(r.subscription_count(), 1);
+    r.leave(s(10), LeaveReason::Left);
+    assert_eq!(r.subscription_count(), 0);
 }

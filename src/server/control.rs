@@ -291,12 +291,12 @@ impl Control {
                     p.audio,
                     p.video,
                 ) {
-                    self.tell(p.session, error_msg(&e, "publish"));
+                    self.refuse(p.session, &e, "publish");
                 }
             }
             Err(e) => {
                 info!(session = p.session.0, %stream, error = %e, "room-service push could not join its room");
-                self.tell(p.session, error_msg(&e, "join"));
+                self.refuse(p.session, &e, "join");
             }
         }
     }
@@ -367,11 +367,25 @@ impl Control {
             self.metrics
                 .participants
                 .set(self.rooms.participant_count() as i64);
+            self.metrics
+                .subscriptions
+                .set(self.rooms.subscription_count() as i64);
             if shutdown {
                 break;
             }
         }
         debug!("control task stopped");
+    }
+
+    /// Tells a session its request was refused; a limit's refusal is counted by limit.
+    fn refuse(&mut self, session: SessionId, e: &RoomError, request: &str) {
+        if let Some(limit) = e.limit() {
+            self.metrics
+                .limit_refusals
+                .with_label_values(&[limit])
+                .inc();
+        }
+        self.tell(session, error_msg(e, request));
     }
 
     fn tell(&mut self, session: SessionId, msg: ServerMessage) {
@@ -448,7 +462,7 @@ impl Control {
                     };
                     self.metrics.joins.with_label_values(&[outcome]).inc();
                     info!(session = session.0, user = %ticket.identity.user_id, room = %ticket.room, error = %e, "join refused");
-                    self.tell(session, error_msg(&e, "join"));
+                    self.refuse(session, &e, "join");
                 }
             },
             ControlCommand::Message { session, msg } => self.message(session, msg).await,
@@ -463,7 +477,7 @@ impl Control {
                     self.rooms
                         .publish_as(session, Some(stream_id), source, audio, video)
                 {
-                    self.tell(session, error_msg(&e, "publish"));
+                    self.refuse(session, &e, "publish");
                 }
             }
             ControlCommand::RoomService { call, reply } => {
@@ -597,7 +611,7 @@ impl Control {
             ClientMessage::Join(_) | ClientMessage::Ping { .. } => Ok(()),
         };
         if let Err(e) = result {
-            self.tell(session, error_msg(&e, request));
+            self.refuse(session, &e, request);
         }
     }
 
@@ -660,6 +674,7 @@ impl Control {
         while let Some(out) = self.rooms.poll_output() {
             match out {
                 Output::Send(session, msg) => self.tell(session, msg),
+                Output::Refused(session, e, request) => self.refuse(session, &e, request),
                 Output::Close(session, reason) => {
                     if let Some(tx) = self.sessions.remove(&session) {
                         let _ = tx.try_send(SessionEvent::Close(reason));

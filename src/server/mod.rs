@@ -320,6 +320,8 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             max_members_per_room: config.server.max_members_per_room,
             max_publishers_per_room: config.server.max_publishers_per_room,
             max_publishers: config.server.max_publishers,
+            max_subscriptions_per_member: config.server.max_subscriptions_per_member,
+            max_subscriptions: config.server.max_subscriptions,
             congestion_policy: config.server.congestion_policy,
         },
         urls.clone(),

@@ -587,7 +587,13 @@ impl Connection {
                 Ok(Ok(0)) => return,
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => {
-                    debug!(peer = %self.peer, error = %e, "RTMP read failed");
+                    // A pusher's or player's connection reset is why its stream stopped:
+                    // worth a line; a stranger's failed handshake is not.
+                    if self.session.is_some() {
+                        info!(peer = %self.peer, stream = ?self.stream, error = %e, "RTMP connection failed");
+                    } else {
+                        debug!(peer = %self.peer, error = %e, "RTMP read failed");
+                    }
                     return;
                 }
             };

@@ -268,6 +268,8 @@ impl Source {
 /// as chunked messages, Nagle off, each tag written the moment it is given.
 pub struct RtmpPusher {
     write: tokio::net::tcp::OwnedWriteHalf,
+    /// Reads (and drops) what the server sends, for the life of the connection.
+    reader: Option<tokio::task::JoinHandle<()>>,
     stream_id: u32,
     buf: Vec<u8>,
 }
@@ -352,6 +354,7 @@ impl RtmpPusher {
         write.write_all(&s[1..1537]).await.unwrap(); // C2 echoes S1
         let mut p = Self {
             write,
+            reader: None,
             stream_id: 0,
             buf: Vec::new(),
         };
@@ -401,11 +404,44 @@ impl RtmpPusher {
         )
         .await;
         // Keep reading (acknowledgements, pings) so the server never blocks on us.
-        tokio::spawn(async move {
+        p.reader = Some(tokio::spawn(async move {
             let mut b = [0u8; 4096];
             while matches!(read.read(&mut b).await, Ok(n) if n > 0) {}
-        });
+        }));
         p
+    }
+
+    /// A network failure in the middle of a message: writes the first half of `tag`'s
+    /// chunks, then resets the connection (RST, as a phone's dying uplink or a NAT
+    /// timeout looks to the server), without a close or an unpublish.
+    pub async fn reset_in_the_middle_of(mut self, tag: &Tag) {
+        let csid = if tag.type_id == 8 { 4 } else { 6 };
+        self.buf.clear();
+        chunk::encode(
+            &Message {
+                csid,
+                timestamp: tag.timestamp,
+                type_id: tag.type_id,
+                stream_id: self.stream_id,
+                payload: tag.data.clone(),
+            },
+            CHUNK_SIZE,
+            &mut self.buf,
+        );
+        let half = self.buf.len() / 2;
+        self.write
+            .write_all(&self.buf[..half])
+            .await
+            .expect("rtmp write");
+        socket2::SockRef::from(self.write.as_ref())
+            .set_linger(Some(Duration::ZERO))
+            .expect("SO_LINGER 0");
+        if let Some(r) = self.reader.take() {
+            r.abort();
+            let _ = r.await;
+        }
+        // The last handle: closing with a zero linger sends RST, not FIN.
+        self.write.forget();
     }
 
     async fn command(&mut self, stream_id: u32, values: &[Amf0]) {
