@@ -245,6 +245,7 @@ impl KeyArgs {
             app.jwt_keys.push(JwtKeyConfig {
                 kid: kid.clone(),
                 public_key_pem: read(p)?,
+                alg: None,
             });
         }
         if !self.jwt_private_key.is_empty() {

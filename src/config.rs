@@ -239,9 +239,14 @@ pub struct AppConfig {
     /// v1 private key for issuing, PKCS#8 or SEC1 PEM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_key_pem: Option<String>,
-    /// ES256 JWT verifying keys.
+    /// JWT verifying keys, PEM: P-256 (ES256), RSA (RS256 unless `alg` says RS384,
+    /// RS512, PS256, PS384, PS512) or Ed25519 (EdDSA).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jwt_keys: Vec<JwtKeyConfig>,
+    /// JWT verifying keys as a JWKS document (`{"keys": [...]}`, as identity providers
+    /// publish them), each with its `kid`: EC P-256, RSA or Ed25519; no `oct` keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
     /// ES256 JWT signing keys (the first one issues).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jwt_private_keys: Vec<JwtPrivateKeyConfig>,
@@ -261,6 +266,9 @@ pub struct AppConfig {
 pub struct JwtKeyConfig {
     pub kid: String,
     pub public_key_pem: String,
+    /// The algorithm of an RSA key (RS256 by default); EC and Ed25519 keys have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alg: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -661,3 +661,57 @@ async fn limits_refuse_with_429_and_are_counted() {
     assert_eq!(common::metric(&m, "weir_subscriptions"), 1.0);
     drop((a, b));
 }
+
+/// A deployment whose identity provider signs with its own Ed25519 key and publishes it
+/// as a JWKS set: a member joins with the JWT userSig and privateMapKey it issued, and
+/// a token naming the same kid with another algorithm is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joins_with_jwts_of_an_identity_providers_jwks_key() {
+    use base64::Engine;
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    use weir::auth::jwt::JwtClaims;
+    let idp = ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]);
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(idp.verifying_key().as_bytes());
+    let jwks = format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"idp-1","x":"{x}"}}]}}"#);
+    let t = TestServer::start_with(|c| c.apps[0].jwks = Some(jwks)).await;
+    let der = idp.to_pkcs8_der().unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes());
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = Some("idp-1".into());
+    let now = weir::auth::unix_now();
+    let claims = |privileges: Option<u32>| JwtClaims {
+        sub: "ivy".into(),
+        sdkappid: common::APP,
+        iat: now,
+        exp: now + 600,
+        nbf: None,
+        roomid: privileges.map(|_| 92),
+        strroomid: None,
+        privileges,
+    };
+    let sig = jsonwebtoken::encode(&header, &claims(None), &key).unwrap();
+    let pmk = jsonwebtoken::encode(&header, &claims(Some(0x2b)), &key).unwrap();
+    let mut join = t.join("ivy", 92, 0);
+    join.user_sig = sig.clone();
+    join.private_map_key = pmk;
+    let (_c, joined) = Client::join(&t.ws_url(), join.clone()).await;
+    match joined {
+        ServerMessage::Joined { privileges, .. } => assert_eq!(privileges, 0x2b),
+        other => panic!("{other:?}"),
+    }
+    // The same kid, with the header saying HS256 (the JWKS key's bytes as an HMAC
+    // secret would be the classic confusion): refused.
+    let mut forged = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    forged.kid = Some("idp-1".into());
+    join.user_sig = jsonwebtoken::encode(
+        &forged,
+        &claims(None),
+        &jsonwebtoken::EncodingKey::from_secret(idp.verifying_key().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let (_c, refused) = Client::join(&t.ws_url(), join).await;
+    assert!(
+        matches!(&refused, ServerMessage::Error { code: ErrorCode::InvalidUserSig, message, .. } if message.contains("HS256")),
+        "{refused:?}"
+    );
+}

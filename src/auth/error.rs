@@ -73,7 +73,7 @@ pub enum AuthError {
     },
     #[error("JWT is malformed: {0}")]
     JwtMalformed(String),
-    #[error("JWT algorithm {got:?} is not accepted (only ES256)")]
+    #[error("JWT algorithm {got} is not accepted (ES256, RS*/PS* and EdDSA are, each by its own key; never none or HMAC)")]
     JwtAlgorithm { got: String },
     #[error("JWT key id {kid:?} is not among the keys of app {sdk_app_id}")]
     JwtUnknownKid { kid: String, sdk_app_id: u64 },

@@ -20,8 +20,8 @@ pub struct AppKeys {
     pub public_key: Option<PublicKey>,
     /// v1 ECDSA signing key, for issuing.
     pub private_key: Option<PrivateKey>,
-    /// ES256 verifying keys by `kid`.
-    pub jwt_keys: Vec<(String, p256::ecdsa::VerifyingKey)>,
+    /// JWT verifying keys by `kid`, each with its one algorithm.
+    pub jwt_keys: Vec<(String, super::jwt::JwtKey)>,
     /// ES256 signing keys by `kid`, for issuing.
     pub jwt_private_keys: Vec<(String, p256::ecdsa::SigningKey)>,
     pub live_push_key: Option<String>,
@@ -32,19 +32,6 @@ pub struct AppKeys {
 
 fn field_err(sdk_app_id: u64, field: &str, e: AuthError) -> AuthError {
     AuthError::BadKey(format!("app {sdk_app_id}, `{field}`: {e}"))
-}
-
-fn p256_only(
-    key: PublicKey,
-    sdk_app_id: u64,
-    kid: &str,
-) -> Result<p256::ecdsa::VerifyingKey, AuthError> {
-    match key {
-        PublicKey::P256(k) => Ok(k),
-        PublicKey::K256(_) => Err(AuthError::BadKey(format!(
-            "app {sdk_app_id}, JWT key {kid:?}: ES256 needs a P-256 key, this one is secp256k1"
-        ))),
-    }
 }
 
 impl AppKeys {
@@ -78,14 +65,26 @@ impl AppKeys {
         }
         let mut jwt_keys = Vec::new();
         for k in &c.jwt_keys {
-            let key =
-                PublicKey::from_pem(&k.public_key_pem).map_err(|e| field_err(id, "jwt_keys", e))?;
-            jwt_keys.push((k.kid.clone(), p256_only(key, id, &k.kid)?));
+            let key = super::jwt::JwtKey::from_pem(&k.public_key_pem, k.alg.as_deref())
+                .map_err(|e| field_err(id, &format!("jwt_keys {:?}", k.kid), e))?;
+            jwt_keys.push((k.kid.clone(), key));
+        }
+        if let Some(jwks) = &c.jwks {
+            for (kid, key) in
+                super::jwt::JwtKey::from_jwks(jwks).map_err(|e| field_err(id, "jwks", e))?
+            {
+                if jwt_keys.iter().any(|(k, _)| *k == kid) {
+                    return Err(AuthError::BadKey(format!(
+                        "app {id}: JWT key id {kid:?} is both in jwt_keys and in jwks"
+                    )));
+                }
+                jwt_keys.push((kid, key));
+            }
         }
         // A signing key whose kid has no listed verifying key verifies with its own public half.
         for (kid, s) in &jwt_private_keys {
             if !jwt_keys.iter().any(|(k, _)| k == kid) {
-                jwt_keys.push((kid.clone(), *s.verifying_key()));
+                jwt_keys.push((kid.clone(), super::jwt::JwtKey::es256(s.verifying_key())));
             }
         }
         Ok(Self {
@@ -120,7 +119,9 @@ impl AppKeys {
             jwt_keys: vec![crate::config::JwtKeyConfig {
                 kid: "dev-1".into(),
                 public_key_pem: jwt.public_key().to_pem(),
+                alg: None,
             }],
+            jwks: None,
             jwt_private_keys: vec![crate::config::JwtPrivateKeyConfig {
                 kid: "dev-1".into(),
                 private_key_pem: jwt.to_pem(),
@@ -131,7 +132,7 @@ impl AppKeys {
         }
     }
 
-    pub fn jwt_key(&self, kid: &str) -> Result<&p256::ecdsa::VerifyingKey, AuthError> {
+    pub fn jwt_key(&self, kid: &str) -> Result<&super::jwt::JwtKey, AuthError> {
         self.jwt_keys
             .iter()
             .find(|(k, _)| k == kid)

@@ -6,7 +6,7 @@
 //!
 //! * Tencent TLS sig **v1** (ECDSA-SHA256, P-256 or secp256k1) — see [`tls`];
 //! * Tencent TLS sig **v2** (HMAC-SHA256) — see [`tls`];
-//! * **ES256 JWT** with a `kid` — see [`jwt`].
+//! * **JWTs** with a `kid` (ES256, RS*/PS*, EdDSA; PEM keys or a JWKS set) — see [`jwt`].
 //!
 //! A *userSig* proves identity (user, app). A *privateMapKey* is a userSig that also
 //! carries a room ticket ([`userbuf`]): room, absolute expiry, [`Privileges`].
