@@ -35,6 +35,8 @@ pub struct Metrics {
     pub limit_refusals: IntCounterVec,
     /// Subscriptions (stream × receiver) on the node.
     pub subscriptions: IntGauge,
+    /// Tasks alive on the server's runtime, read at each scrape.
+    pub tasks: IntGauge,
     /// Live-room stage messages (linkMic) the room service let through, by `action`.
     pub link_mic: IntCounterVec,
     /// Sessions closed because they could not keep up with their outgoing messages.
@@ -365,6 +367,10 @@ impl Metrics {
             subscriptions: gauge(
                 "weir_subscriptions",
                 "Subscriptions (stream x receiver) on this node",
+            ),
+            tasks: gauge(
+                "weir_tasks",
+                "Tasks alive on the server's async runtime (read at each scrape)",
             ),
             link_mic: counter_vec(
                 "weir_link_mic_total",

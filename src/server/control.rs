@@ -409,14 +409,23 @@ impl Control {
             );
             return;
         }
-        if tx.try_send(SessionEvent::Send(msg)).is_err() {
-            warn!(
-                session = session.0,
-                "signaling session cannot keep up; closing it"
-            );
-            self.metrics.slow_sessions.inc();
-            self.sessions.remove(&session);
-            self.rooms.leave(session, LeaveReason::Timeout);
+        match tx.try_send(SessionEvent::Send(msg)) {
+            Ok(()) => {}
+            // The session has ended (its socket closed) and its `Closed`, with the real
+            // reason, is on its way: nothing to tell it, and no one to blame. (Before,
+            // this read as "cannot keep up": when members left together, the offers and
+            // events still addressed to the ones already gone closed them as slow, and
+            // the room was told `timeout` instead of why they left.)
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(
+                    session = session.0,
+                    "signaling session cannot keep up; closing it"
+                );
+                self.metrics.slow_sessions.inc();
+                self.sessions.remove(&session);
+                self.rooms.leave(session, LeaveReason::Timeout);
+            }
         }
     }
 

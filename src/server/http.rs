@@ -273,6 +273,12 @@ async fn guarded_metrics(
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    // Tasks alive on the runtime: a leak of sessions or connections shows here first.
+    state.metrics.tasks.set(
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks() as i64,
+    );
     (
         [("content-type", "text/plain; version=0.0.4")],
         state.metrics.render(),

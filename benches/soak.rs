@@ -1,0 +1,495 @@
+//! Soak: what a node keeps after being used for a long time.
+//!
+//! Runs the `weir` binary (release, its own process, so that what is measured is the
+//! server's alone) and drives it from this process over loopback:
+//!
+//! 1. **Join/leave cycles** (`BENCH_CYCLES`, 10,000): ten at a time, a member connects,
+//!    joins one of 50 rooms, declares a stream (every other one), subscribes to what is
+//!    there, and leaves; every 20th cycle leaves by dropping its socket instead.
+//! 2. **A 10-person room** for `BENCH_SOAK_MINUTES` (60): ten `webrtc`-crate members,
+//!    each publishing H.264 (320×240, 30 fps, a looped clip) and Opus and receiving the
+//!    nine others (90 forwarded streams).
+//!
+//! Every sample reads the server process's resident memory, open file descriptors and
+//! threads from /proc, and from its `/metrics`: tasks alive on its runtime
+//! (`weir_tasks`), the number of metric series, participants, rooms and subscriptions.
+//! It prints the trace (phase 2: also the media the members received in the window)
+//! and writes `benches/artifacts/soak-cycles.csv` and `soak-room.csv`.
+//!
+//! `cargo bench --bench soak` (`BENCH_CYCLES=1000 BENCH_SOAK_MINUTES=2` for a short run).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::peer::{h264, opus, RtcPeer};
+use common::{Client, APP};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use weir::auth::{AppKeys, Keyring, Privileges, RoomId, TokenKind};
+use weir::config::Config;
+use weir_signaling::{ClientMessage, Join, ServerMessage, Target, PROTOCOL_VERSION};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Node {
+    _child: tokio::process::Child,
+    pid: u32,
+    ws: String,
+    metrics: std::net::SocketAddr,
+    app: AppKeys,
+}
+
+impl Node {
+    async fn start(dir: &std::path::Path) -> Self {
+        let app_config = AppKeys::generate_config(APP);
+        let app = AppKeys::from_config(&app_config).unwrap();
+        let mut config = Config::development(None);
+        config.server.dev_mode = false;
+        config.apps = vec![app_config];
+        let http = free_port();
+        let metrics = free_port();
+        config.server.http_addr = format!("127.0.0.1:{http}");
+        config.server.udp_addr = format!("127.0.0.1:{}", free_port());
+        config.server.tcp_addr = format!("127.0.0.1:{}", free_port());
+        config.server.rtmp_addr = format!("127.0.0.1:{}", free_port());
+        config.server.metrics_addr = format!("127.0.0.1:{metrics}");
+        config.server.announce_ips = vec!["127.0.0.1".into()];
+        // The cycles come from one address faster than any real client would.
+        config.server.signaling_messages_per_s = 0;
+        Keyring::from_configs(&config.apps).expect("the generated app loads");
+        let path = dir.join("weir.toml");
+        config.write(&path).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", http))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the server did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            _child: child,
+            pid,
+            ws: format!("ws://127.0.0.1:{http}/ws"),
+            metrics: format!("127.0.0.1:{metrics}").parse().unwrap(),
+            app,
+        }
+    }
+
+    fn join(&self, user: &str, room: u32, auto_subscribe: bool) -> Join {
+        let now = weir::auth::unix_now();
+        Join {
+            protocol: PROTOCOL_VERSION,
+            sdk_app_id: APP,
+            user_id: user.into(),
+            user_sig: self
+                .app
+                .issue_user_sig(TokenKind::V2, user, now, 7200)
+                .unwrap(),
+            room_id: Some(room),
+            str_room_id: None,
+            private_map_key: self
+                .app
+                .issue_private_map_key(
+                    TokenKind::V2,
+                    user,
+                    &RoomId::Num(room),
+                    Privileges(0xff),
+                    now,
+                    7200,
+                )
+                .unwrap(),
+            auto_subscribe,
+            congestion_policy: None,
+        }
+    }
+
+    /// Every `weir_` series (name and labels) in /metrics.
+    async fn series(&self) -> std::collections::BTreeSet<String> {
+        common::http_get(self.metrics, "/metrics")
+            .await
+            .lines()
+            .filter(|l| l.starts_with("weir_"))
+            .filter_map(|l| l.rsplit_once(' ').map(|(k, _)| k.to_owned()))
+            .collect()
+    }
+
+    /// (RSS MiB, fds, threads, tasks, series, participants, rooms, subscriptions)
+    async fn sample(&self) -> [f64; 8] {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        let field = |name: &str| -> f64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| d.count())
+            .unwrap_or(0) as f64;
+        let m = common::http_get(self.metrics, "/metrics").await;
+        let series = m
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty() && !l.starts_with("HTTP"))
+            .filter(|l| l.starts_with("weir_"))
+            .count() as f64;
+        let value = |name: &str| common::metric(&m, name);
+        [
+            field("VmRSS:") / 1024.0,
+            fds,
+            field("Threads:"),
+            value("weir_tasks"),
+            series,
+            value("weir_participants"),
+            value("weir_rooms"),
+            value("weir_subscriptions"),
+        ]
+    }
+}
+
+const COLUMNS: &str = "rss_mib,fds,threads,tasks,series,participants,rooms,subscriptions";
+
+fn row(s: &[f64; 8]) -> String {
+    format!(
+        "{:8.1} {:5.0} {:7.0} {:6.0} {:6.0} {:6.0} {:5.0} {:6.0}",
+        s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]
+    )
+}
+
+/// One join/leave cycle: join, maybe declare a stream, leave (or drop the socket).
+async fn cycle(node: Arc<Node>, n: u64) {
+    let room = 1000 + (n % 50) as u32;
+    let (mut c, joined) = Client::join(&node.ws, node.join(&format!("u{n}"), room, true)).await;
+    assert!(
+        matches!(joined, ServerMessage::Joined { .. }),
+        "cycle {n}: {joined:?}"
+    );
+    if n % 2 == 0 {
+        c.send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+            min_bitrate: None,
+            max_bitrate: None,
+        })
+        .await;
+        c.expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
+            .await;
+    }
+    if n % 20 == 19 {
+        drop(c); // the socket just goes
+        return;
+    }
+    c.send(&ClientMessage::Leave).await;
+    let _ = c
+        .try_recv_matching(Duration::from_secs(5), |m| {
+            matches!(m, ServerMessage::Left { .. }).then_some(())
+        })
+        .await;
+}
+
+/// A member of the soak room: publishes a looped H.264 clip and Opus, receives the
+/// others, counts what it receives (and forgets it: an hour would fill memory).
+async fn member(
+    node: Arc<Node>,
+    user: String,
+    room: u32,
+    aus: Arc<Vec<Vec<bytes::Bytes>>>,
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+) {
+    let (mut signal, joined) = Client::join(&node.ws, node.join(&user, room, true)).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+    signal
+        .send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+            min_bitrate: None,
+            max_bitrate: None,
+        })
+        .await;
+    signal
+        .expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
+        .await;
+    let mut publisher = RtcPeer::new().await;
+    let video = publisher
+        .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
+        .await;
+    let audio = publisher
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x5252)
+        .await;
+    let offer = publisher.offer().await;
+    signal
+        .send(&ClientMessage::Offer {
+            target: Target::Publisher,
+            sdp: offer,
+        })
+        .await;
+    let mut subscriber: Option<RtcPeer> = None;
+    let mut answered = false;
+    let mut sending: Option<tokio::task::JoinHandle<()>> = None;
+    let mut last_ping = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if last_ping.elapsed() > Duration::from_secs(5) {
+            signal.send(&ClientMessage::Ping { ts: 1 }).await;
+            last_ping = Instant::now();
+            if let Some(s) = &subscriber {
+                let mut inbox = s.inbox.lock().unwrap();
+                let n: usize = inbox.values().map(Vec::len).sum();
+                received.fetch_add(n as u64, Ordering::Relaxed);
+                inbox.clear();
+            }
+        }
+        let Some(msg) = signal.try_recv(Duration::from_millis(100)).await else {
+            continue;
+        };
+        match msg {
+            ServerMessage::Answer {
+                target: Target::Publisher,
+                sdp,
+            } if !answered => {
+                answered = true;
+                publisher.accept_answer(sdp).await;
+                publisher.connected().await;
+                let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
+                let (aus, stop, vtrack, atrack) = (
+                    aus.clone(),
+                    stop.clone(),
+                    video.track.clone(),
+                    audio.track.clone(),
+                );
+                sending = Some(tokio::spawn(async move {
+                    send_media(aus, vtrack, atrack, vpt, apt, stop).await;
+                }));
+            }
+            ServerMessage::Offer {
+                target: Target::Subscriber,
+                sdp,
+            } => {
+                if subscriber.is_none() {
+                    subscriber = Some(RtcPeer::new().await);
+                }
+                let answer = subscriber.as_mut().unwrap().answer(sdp).await;
+                signal
+                    .send(&ClientMessage::Answer {
+                        target: Target::Subscriber,
+                        sdp: answer,
+                    })
+                    .await;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = sending {
+        let _ = s.await;
+    }
+    signal.send(&ClientMessage::Leave).await;
+}
+
+async fn send_media(
+    aus: Arc<Vec<Vec<bytes::Bytes>>>,
+    video: Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
+    audio: Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
+    vpt: u8,
+    apt: u8,
+    stop: Arc<AtomicBool>,
+) {
+    use webrtc::media_stream::track_local::TrackLocal;
+    let start = tokio::time::Instant::now();
+    let mut enc =
+        opus::Encoder::new(48_000, opus::Channels::Stereo, opus::Application::Audio).unwrap();
+    let mut buf = vec![0u8; 1500];
+    let (mut vseq, mut aseq) = (0u16, 0u16);
+    let (mut frame, mut apkt) = (0u32, 0u32);
+    let silence = vec![0f32; 1920];
+    while !stop.load(Ordering::Relaxed) {
+        let vdue = start + Duration::from_micros(u64::from(frame) * 33_333);
+        let adue = start + Duration::from_millis(u64::from(apkt) * 20);
+        if adue <= vdue {
+            tokio::time::sleep_until(adue).await;
+            let len = enc.encode_float(&silence, &mut buf).unwrap();
+            let mut p = rtc::rtp::Packet::default();
+            p.header.version = 2;
+            p.header.payload_type = apt;
+            p.header.ssrc = 0x5252;
+            p.header.sequence_number = aseq;
+            p.header.timestamp = apkt.wrapping_mul(960);
+            p.payload = bytes::Bytes::copy_from_slice(&buf[..len]);
+            let _ = audio.write_rtp(p).await;
+            aseq = aseq.wrapping_add(1);
+            apkt += 1;
+        } else {
+            tokio::time::sleep_until(vdue).await;
+            let mut payloads = Vec::new();
+            weir::codec::h264::packetize(&aus[frame as usize % aus.len()], 1100, &mut payloads);
+            let n = payloads.len();
+            for (i, payload) in payloads.into_iter().enumerate() {
+                let mut p = rtc::rtp::Packet::default();
+                p.header.version = 2;
+                p.header.payload_type = vpt;
+                p.header.ssrc = 0x5151;
+                p.header.sequence_number = vseq;
+                p.header.timestamp = frame.wrapping_mul(3000);
+                p.header.marker = i + 1 == n;
+                p.payload = payload;
+                let _ = video.write_rtp(p).await;
+                vseq = vseq.wrapping_add(1);
+            }
+            frame += 1;
+        }
+    }
+}
+
+fn write_csv(name: &str, header: &str, rows: &[String]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut f = std::fs::File::create(dir.join(name)).unwrap();
+    writeln!(f, "{header}").unwrap();
+    for r in rows {
+        writeln!(f, "{r}").unwrap();
+    }
+    println!("wrote benches/artifacts/{name}");
+}
+
+fn csv(s: &[f64; 8]) -> String {
+    s.iter()
+        .map(|v| format!("{v:.1}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let cycles = env_u64("BENCH_CYCLES", 10_000);
+    let minutes = env_u64("BENCH_SOAK_MINUTES", 60);
+    let dir = tempfile::tempdir().unwrap();
+    let node = Arc::new(Node::start(dir.path()).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let base = node.sample().await;
+    println!(
+        "soak: weir pid {}, {cycles} join/leave cycles, then a 10-person room for {minutes} min",
+        node.pid
+    );
+    println!("  cycles     s {COLUMNS}");
+    println!("  {:6} {:5.0} {}", 0, 0.0, row(&base));
+
+    // 1. Join/leave cycles, ten at a time.
+    let t0 = Instant::now();
+    let mut rows = vec![format!("0,0.0,{}", csv(&base))];
+    let step = (cycles / 20).max(1);
+    let mut done = 0;
+    while done < cycles {
+        let batch = step.min(cycles - done);
+        let mut n = done;
+        while n < done + batch {
+            let group: Vec<_> = (n..(n + 10).min(done + batch))
+                .map(|k| tokio::spawn(cycle(node.clone(), k)))
+                .collect();
+            for g in group {
+                g.await.expect("a cycle failed");
+            }
+            n += 10;
+        }
+        done += batch;
+        // Let the server notice the dropped sockets.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let s = node.sample().await;
+        let secs = t0.elapsed().as_secs_f64();
+        println!("  {done:6} {secs:5.0} {}", row(&s));
+        rows.push(format!("{done},{secs:.1},{}", csv(&s)));
+    }
+    write_csv(
+        "soak-cycles.csv",
+        &format!("cycles,seconds,{COLUMNS}"),
+        &rows,
+    );
+
+    // 2. A 10-person room.
+    let before_room = node.series().await;
+    let aus = Arc::new(common::publisher::h264_access_units(10));
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let members: Vec<_> = (0..10)
+        .map(|i| {
+            tokio::spawn(member(
+                node.clone(),
+                format!("m{i}"),
+                77,
+                aus.clone(),
+                stop.clone(),
+                received.clone(),
+            ))
+        })
+        .collect();
+    let t1 = Instant::now();
+    let every = Duration::from_secs(env_u64("BENCH_SOAK_SAMPLE_S", 60));
+    let mut rows = Vec::new();
+    println!("  minute {COLUMNS},received pkt/s");
+    let mut last = (Instant::now(), 0u64);
+    while t1.elapsed() < Duration::from_secs(minutes * 60) {
+        tokio::time::sleep(every).await;
+        let s = node.sample().await;
+        let got = received.load(Ordering::Relaxed);
+        let rate = (got - last.1) as f64 / last.0.elapsed().as_secs_f64();
+        last = (Instant::now(), got);
+        let min = t1.elapsed().as_secs_f64() / 60.0;
+        println!("  {min:6.1} {} {rate:8.0}", row(&s));
+        rows.push(format!("{min:.2},{},{rate:.0}", csv(&s)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for m in members {
+        let _ = m.await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let end = node.sample().await;
+    println!("  after everyone left: {}", row(&end));
+    // What the room left in /metrics: label sets of fixed size are fine (a direction, a
+    // kind); anything naming the room, a user or a stream is a leak.
+    let left: Vec<String> = node
+        .series()
+        .await
+        .difference(&before_room)
+        .cloned()
+        .collect();
+    println!("  series first seen in the room that remain after it: {left:?}");
+    rows.push(format!("end,{},0", csv(&end)));
+    write_csv(
+        "soak-room.csv",
+        &format!("minute,{COLUMNS},received_pkt_per_s"),
+        &rows,
+    );
+    // The server process is killed as `node` goes (kill_on_drop).
+    drop(node);
+}
