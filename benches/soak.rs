@@ -6,6 +6,9 @@
 //! 1. **Join/leave cycles** (`BENCH_CYCLES`, 10,000): ten at a time, a member connects,
 //!    joins one of 50 rooms, declares a stream (every other one), subscribes to what is
 //!    there, and leaves; every 20th cycle leaves by dropping its socket instead.
+//!    Then `BENCH_MEDIA_CYCLES` (500), five at a time, with real media: join, publish
+//!    over WebRTC (ICE, DTLS, SRTP), send for half a second, leave (every 4th drops its
+//!    socket and connection instead, and is found out by liveness).
 //! 2. **A 10-person room** for `BENCH_SOAK_MINUTES` (60): ten `webrtc`-crate members,
 //!    each publishing H.264 (320×240, 30 fps, a looped clip) and Opus and receiving the
 //!    nine others (90 forwarded streams).
@@ -14,9 +17,11 @@
 //! threads from /proc, and from its `/metrics`: tasks alive on its runtime
 //! (`weir_tasks`), the number of metric series, participants, rooms and subscriptions.
 //! It prints the trace (phase 2: also the media the members received in the window)
-//! and writes `benches/artifacts/soak-cycles.csv` and `soak-room.csv`.
+//! and writes `benches/artifacts/soak-cycles.csv`, `soak-media-cycles.csv` and
+//! `soak-room.csv`.
 //!
-//! `cargo bench --bench soak` (`BENCH_CYCLES=1000 BENCH_SOAK_MINUTES=2` for a short run).
+//! `cargo bench --bench soak` (`BENCH_CYCLES=1000 BENCH_MEDIA_CYCLES=50
+//! BENCH_SOAK_MINUTES=2` for a short run).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -210,6 +215,73 @@ async fn cycle(node: Arc<Node>, n: u64) {
             matches!(m, ServerMessage::Left { .. }).then_some(())
         })
         .await;
+}
+
+/// One cycle with real media: join, publish over WebRTC (ICE, DTLS, SRTP), send for
+/// half a second, and leave (every 4th drops its socket and its connection instead).
+async fn media_cycle(node: Arc<Node>, n: u64, aus: Arc<Vec<Vec<bytes::Bytes>>>) {
+    let room = 2000 + (n % 5) as u32;
+    let (mut signal, joined) =
+        Client::join(&node.ws, node.join(&format!("p{n}"), room, false)).await;
+    assert!(
+        matches!(joined, ServerMessage::Joined { .. }),
+        "media cycle {n}: {joined:?}"
+    );
+    signal
+        .send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+            min_bitrate: None,
+            max_bitrate: None,
+        })
+        .await;
+    signal
+        .expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
+        .await;
+    let mut publisher = RtcPeer::new().await;
+    let video = publisher
+        .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
+        .await;
+    let audio = publisher
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x5252)
+        .await;
+    let offer = publisher.offer().await;
+    signal
+        .send(&ClientMessage::Offer {
+            target: Target::Publisher,
+            sdp: offer,
+        })
+        .await;
+    let answer = signal
+        .expect(|m| match m {
+            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    publisher.accept_answer(answer).await;
+    publisher.connected().await;
+    let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = tokio::spawn(send_media(
+        aus,
+        video.track.clone(),
+        audio.track.clone(),
+        vpt,
+        apt,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sender.await;
+    if n % 4 != 3 {
+        signal.send(&ClientMessage::Leave).await;
+        let _ = signal
+            .try_recv_matching(Duration::from_secs(5), |m| {
+                matches!(m, ServerMessage::Left { .. }).then_some(())
+            })
+            .await;
+    }
+    let _ = publisher.pc.close().await;
 }
 
 /// A member of the soak room: publishes a looped H.264 clip and Opus, receives the
@@ -436,9 +508,53 @@ async fn run() {
         &rows,
     );
 
-    // 2. A 10-person room.
-    let before_room = node.series().await;
+    // 1b. Cycles with real media, five at a time.
     let aus = Arc::new(common::publisher::h264_access_units(10));
+    let media_cycles = env_u64("BENCH_MEDIA_CYCLES", 500);
+    let t0 = Instant::now();
+    let mut rows = vec![format!("0,0.0,{}", csv(&node.sample().await))];
+    println!("  media cycles (WebRTC publish, 0.5 s of media, leave or drop)");
+    let step = (media_cycles / 10).max(1);
+    let mut done = 0;
+    while done < media_cycles {
+        let batch = step.min(media_cycles - done);
+        let mut n = done;
+        while n < done + batch {
+            let group: Vec<_> = (n..(n + 5).min(done + batch))
+                .map(|k| tokio::spawn(media_cycle(node.clone(), k, aus.clone())))
+                .collect();
+            for g in group {
+                g.await.expect("a media cycle failed");
+            }
+            n += 5;
+        }
+        done += batch;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let s = node.sample().await;
+        let secs = t0.elapsed().as_secs_f64();
+        println!("  {done:6} {secs:5.0} {}", row(&s));
+        rows.push(format!("{done},{secs:.1},{}", csv(&s)));
+    }
+    // Dropped connections end at the liveness limit; then everything is released.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let s = node.sample().await;
+    println!("  40 s later: {}", row(&s));
+    rows.push(format!(
+        "settled,{:.1},{}",
+        t0.elapsed().as_secs_f64(),
+        csv(&s)
+    ));
+    write_csv(
+        "soak-media-cycles.csv",
+        &format!("cycles,seconds,{COLUMNS}"),
+        &rows,
+    );
+
+    // 2. A 10-person room (none with BENCH_SOAK_MINUTES=0).
+    if minutes == 0 {
+        return;
+    }
+    let before_room = node.series().await;
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
     let members: Vec<_> = (0..10)
