@@ -3,7 +3,19 @@
 //!
 //! The decoder is incremental (feed bytes as they come, take whole messages out), never
 //! panics, and bounds what a peer can make it hold: message size, chunk streams in
-//! flight, and the total of partial messages.
+//! flight, and the total of partial messages. Each chunk stream keeps its own partial
+//! message, so chunks of several streams may interleave (RTMP allows it; encoders put
+//! audio between the chunks of a large video message).
+//!
+//! Why not `rml_rtmp`, the crate made for this (measured 2026-12-05 with rml_rtmp 0.8.0):
+//! its `ChunkDeserializer` keeps one partial-message buffer for every chunk stream, so a
+//! chunk of another stream arriving mid-message underflows its remaining-length
+//! arithmetic and it **panics** (`capacity overflow`, release build) on that valid input
+//! (the `interleaved_chunk_streams_…` test below is the same byte sequence); it has no
+//! message-size bound either (a 12-byte header makes it reserve the announced 16 MiB).
+//! A remote panic before login is what this module must never have. This decoder is
+//! linear in its input (one copy of each payload byte), bounded, and fuzzed
+//! (`fuzz/fuzz_targets/rtmp_session.rs`, CI).
 
 use std::collections::HashMap;
 
@@ -298,6 +310,35 @@ mod tests {
             stream_id: 1,
             payload: Bytes::from((0..len).map(|i| i as u8).collect::<Vec<_>>()),
         }
+    }
+
+    /// A 300-byte video message in 128-byte chunks with a 20-byte audio message (another
+    /// chunk stream) between its first and second chunks: both come out intact. (rml_rtmp
+    /// 0.8 panics on exactly these bytes; see the module's documentation.)
+    #[test]
+    fn interleaved_chunk_streams_each_keep_their_partial_message() {
+        let video = msg(6, 0, 300);
+        let audio = Message {
+            csid: 4,
+            timestamp: 0,
+            type_id: 8,
+            stream_id: 1,
+            payload: Bytes::from(vec![0xaf; 20]),
+        };
+        let (mut v, mut a) = (Vec::new(), Vec::new());
+        encode(&video, 128, &mut v);
+        encode(&audio, 128, &mut a);
+        // v: a 12-byte header and 128 bytes, then two 1-byte headers with 128 and 44.
+        let mut wire = v[..12 + 128].to_vec();
+        wire.extend_from_slice(&a);
+        wire.extend_from_slice(&v[12 + 128..]);
+        let mut dec = ChunkDecoder::new(Limits::default());
+        let mut input = BytesMut::from(&wire[..]);
+        let first = dec.decode(&mut input).unwrap().expect("the audio message");
+        let second = dec.decode(&mut input).unwrap().expect("the video message");
+        assert_eq!((first.csid, first.payload.clone()), (4, audio.payload));
+        assert_eq!((second.csid, second.payload.clone()), (6, video.payload));
+        assert!(dec.decode(&mut input).unwrap().is_none());
     }
 
     #[test]
