@@ -145,6 +145,10 @@ pub struct ServerConfig {
     /// client (an IPv4 address or an IPv6 /64); more are closed at accept.
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Reverse proxies in front of Weir (addresses or networks: an ingress, a load
+    /// balancer, the TLS proxy of RTMP): not held to the per-IP connection limit, and
+    /// on HTTP the client is the nearest untrusted address of their `X-Forwarded-For`.
+    pub trusted_proxies: Vec<String>,
     /// A client whose credentials failed this many checks within
     /// `failed_join_window_s` is refused before the next check until the window ends
     /// (each check costs an ECDSA verify). 0: no limit.
@@ -209,6 +213,7 @@ impl Default for ServerConfig {
             max_subscriptions: 20_000,
             max_connections: 10_000,
             max_connections_per_ip: 256,
+            trusted_proxies: Vec::new(),
             max_failed_joins_per_ip: 20,
             failed_join_window_s: 60,
             congestion_control: true,

@@ -8,6 +8,11 @@
 //!   until the window passes. IPs that only send valid credentials are never slowed,
 //!   so a crowd behind one enterprise NAT joins as fast as it likes.
 //!
+//! - [`TrustedProxies`]: reverse proxies (a load balancer, an ingress, the TLS proxy in
+//!   front of RTMP) that carry many clients on one address. They are not held to the
+//!   per-IP connection limit, and on HTTP the client behind them is the one their
+//!   `X-Forwarded-For` names, so per-client limits count clients, not the proxy.
+//!
 //! Both are bounded in memory: an entry per IP that holds a connection or failed
 //! recently, and at most `MAX_TRACKED_IPS` of the latter.
 
@@ -27,11 +32,77 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The reverse proxies a deployment puts in front of Weir (`trusted_proxies`: addresses
+/// or networks, `10.0.0.0/8`, `127.0.0.1`).
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl TrustedProxies {
+    pub fn parse(list: &[String]) -> Result<Self, String> {
+        list.iter()
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("trusted_proxies: {s:?} is not an address or a network"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The client a request from `peer` comes from: `peer` itself, unless it is a
+    /// trusted proxy; then the nearest address in `X-Forwarded-For` (its values in
+    /// order, read from the right) that is not a trusted proxy. Anything unreadable on
+    /// the way stops the walk at the last proxy: a client can prepend what it likes to
+    /// the header, but cannot make a trusted proxy append it.
+    pub fn client(&self, peer: IpAddr, forwarded_for: &[&str]) -> IpAddr {
+        if !self.contains(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        let hops = forwarded_for
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>();
+        for hop in hops.into_iter().rev().take(32) {
+            let Some(ip) = parse_hop(hop) else {
+                return client;
+            };
+            client = ip;
+            if !self.contains(ip) {
+                return ip;
+            }
+        }
+        client
+    }
+}
+
+/// An `X-Forwarded-For` entry: an address, with or without a port (`[v6]:port`).
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Ok(sa) = hop.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
 /// Open connections of one listener.
 pub struct Connections {
     listener: &'static str,
     max_total: usize,
     max_per_ip: usize,
+    /// Proxies carry many clients: held to the total only.
+    proxies: TrustedProxies,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -47,6 +118,7 @@ impl Connections {
         listener: &'static str,
         max_total: usize,
         max_per_ip: usize,
+        proxies: TrustedProxies,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let _ = metrics.connections.with_label_values(&[listener]);
@@ -54,6 +126,7 @@ impl Connections {
             listener,
             max_total,
             max_per_ip,
+            proxies,
             open: Mutex::new((0, HashMap::new())),
             metrics,
         })
@@ -61,11 +134,12 @@ impl Connections {
 
     /// A place for a connection from `ip`, or why there is none.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, &'static str> {
+        let proxy = self.proxies.contains(ip);
         let ip = client_key(ip);
         let mut open = self.open.lock().expect("connections lock");
         let refused = if open.0 >= self.max_total {
             Some("total")
-        } else if open.1.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
+        } else if !proxy && open.1.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
             Some("per_ip")
         } else {
             None
@@ -177,7 +251,7 @@ mod tests {
     #[test]
     fn connections_are_limited_in_total_and_per_ip_and_freed_on_drop() {
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let c = Connections::new("http", 3, 2, metrics.clone());
+        let c = Connections::new("http", 3, 2, TrustedProxies::default(), metrics.clone());
         let a1 = c.admit(ip(1)).unwrap();
         let _a2 = c.admit(ip(1)).unwrap();
         assert_eq!(c.admit(ip(1)).err(), Some("per_ip"));
@@ -208,6 +282,39 @@ mod tests {
         assert_eq!(f.check(ip(1), 10_000), Ok(()));
         f.failed(ip(1), 10_000);
         assert_eq!(f.check(ip(1), 10_001), Ok(()), "a new window");
+    }
+
+    /// Behind trusted proxies the client is the nearest untrusted address of
+    /// `X-Forwarded-For`; what a client writes there itself counts for nothing past
+    /// that, and a stranger's header is not read at all.
+    #[test]
+    fn the_client_behind_trusted_proxies_is_the_nearest_untrusted_hop() {
+        let p = TrustedProxies::parse(&["10.0.0.0/8".into(), "192.0.2.1".into()]).unwrap();
+        let client: IpAddr = "203.0.113.9".parse().unwrap();
+        let lb = ip(5);
+        // Not through a proxy: the header is ignored.
+        assert_eq!(p.client(client, &["198.51.100.1"]), client);
+        // Through one proxy, and through two (an ingress behind a load balancer).
+        assert_eq!(p.client(lb, &["203.0.113.9"]), client);
+        assert_eq!(p.client(lb, &["203.0.113.9, 192.0.2.1"]), client);
+        assert_eq!(p.client(lb, &["203.0.113.9", "192.0.2.1"]), client);
+        // A forged left part is not believed past the first untrusted hop.
+        assert_eq!(p.client(lb, &["1.2.3.4, 203.0.113.9"]), client);
+        // Ports and brackets; garbage stops the walk at the last proxy.
+        assert_eq!(p.client(lb, &["203.0.113.9:5555"]), client);
+        assert_eq!(
+            p.client(lb, &["[2001:db8::7]"]),
+            "2001:db8::7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(p.client(lb, &["nonsense"]), lb);
+        assert_eq!(p.client(lb, &[]), lb);
+        assert!(TrustedProxies::parse(&["not/an/ip".into()]).is_err());
+        // A proxy is held to the total of connections, not to the per-IP limit.
+        let c = Connections::new("http", 4, 1, p, Arc::new(crate::metrics::Metrics::new()));
+        let _a = c.admit(lb).unwrap();
+        let _b = c.admit(lb).unwrap();
+        let _c = c.admit(client).unwrap();
+        assert_eq!(c.admit(client).err(), Some("per_ip"));
     }
 
     #[test]

@@ -715,3 +715,55 @@ async fn a_member_joins_with_jwts_of_an_identity_providers_jwks_key() {
         "{refused:?}"
     );
 }
+
+/// Behind a trusted reverse proxy (an ingress on 127.0.0.1 here) the client is the one
+/// its `X-Forwarded-For` names: one client whose credentials keep failing is throttled,
+/// and the other clients behind the same proxy are not (before, everyone behind a
+/// proxy was one IP: one bad client locked out the whole ingress). Without the proxy
+/// trusted, the header is not believed.
+#[tokio::test]
+async fn clients_behind_a_trusted_proxy_are_told_apart_by_x_forwarded_for() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    async fn join_via(url: &str, client: &str, join: weir_signaling::Join) -> ServerMessage {
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("x-forwarded-for", client.parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        ws.send(Message::text(
+            serde_json::to_string(&ClientMessage::Join(join)).unwrap(),
+        ))
+        .await
+        .unwrap();
+        loop {
+            if let Some(Ok(Message::Text(t))) = ws.next().await {
+                return ServerMessage::parse(&t).unwrap();
+            }
+        }
+    }
+    for trusted in [true, false] {
+        let t = TestServer::start_with(|c| {
+            c.server.max_failed_joins_per_ip = 3;
+            if trusted {
+                c.server.trusted_proxies = vec!["127.0.0.1".into()];
+            }
+        })
+        .await;
+        for _ in 0..3 {
+            let mut bad = t.join("mallory", 1, 0xff);
+            bad.user_sig = bad.user_sig.replacen('A', "B", 1);
+            let answer = join_via(&t.ws_url(), "203.0.113.9", bad).await;
+            assert_eq!(error_of(&answer).0, ErrorCode::InvalidUserSig);
+        }
+        let other = join_via(&t.ws_url(), "203.0.113.10", t.join("alice", 1, 0xff)).await;
+        let again = join_via(&t.ws_url(), "203.0.113.9", t.join("mallory", 1, 0xff)).await;
+        if trusted {
+            assert!(matches!(other, ServerMessage::Joined { .. }), "{other:?}");
+            assert_eq!(error_of(&again).0, ErrorCode::LimitExceeded);
+        } else {
+            // One address for all: the header is a client's word, not believed.
+            assert_eq!(error_of(&other).0, ErrorCode::LimitExceeded);
+            assert_eq!(error_of(&again).0, ErrorCode::LimitExceeded);
+        }
+    }
+}

@@ -37,7 +37,35 @@ pub fn public_routes(state: Arc<AppState>) -> Router {
             axum::routing::any(super::weapp::call),
         )
         .merge(super::web::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            behind_proxies,
+        ))
         .with_state(state)
+}
+
+/// Through a trusted reverse proxy, the client is the one its `X-Forwarded-For`
+/// names: every handler's [`PeerAddr`] (per-client limits, failed-credential
+/// throttling, logs) is that client's.
+async fn behind_proxies(
+    State(state): State<Arc<AppState>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(PeerAddr(peer)) = req.extensions().get::<PeerAddr>().copied() {
+        if state.proxies.contains(peer.ip()) {
+            let hops: Vec<&str> = req
+                .headers()
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let client = state.proxies.client(peer.ip(), &hops);
+            req.extensions_mut()
+                .insert(PeerAddr(std::net::SocketAddr::new(client, 0)));
+        }
+    }
+    next.run(req).await
 }
 
 /// The operator's listener (`metrics_addr`, loopback by default): metrics and health.

@@ -57,6 +57,8 @@ pub struct AppState {
     /// Signaling sessions still running, so a shutdown waits for each to write its
     /// `left` and close frame before the runtime (and every task with it) ends.
     pub live_sessions: watch::Sender<usize>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client.
+    pub proxies: crate::limits::TrustedProxies,
 }
 
 /// Counts a signaling session as live while it exists.
@@ -257,11 +259,14 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     let metrics = Arc::new(Metrics::new());
     let supervisor = Supervisor::new(metrics.clone());
     let limit_metrics = metrics.clone();
+    let proxies = crate::limits::TrustedProxies::parse(&config.server.trusted_proxies)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let connections = |listener: &'static str| {
         crate::limits::Connections::new(
             listener,
             config.server.max_connections,
             config.server.max_connections_per_ip,
+            proxies.clone(),
             limit_metrics.clone(),
         )
     };
@@ -430,6 +435,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         )),
         epoch: std::time::Instant::now(),
         live_sessions: watch::channel(0).0,
+        proxies: proxies.clone(),
     });
 
     let (stop, stop_rx) = watch::channel(false);
