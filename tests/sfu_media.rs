@@ -504,3 +504,91 @@ async fn subscribers_get_the_publishers_sender_reports_in_their_own_timestamp_sp
         "{metrics}"
     );
 }
+
+/// Fault: a subscriber on a link that loses 5 % of the datagrams sent to it
+/// (pseudo-random) keeps its video decodable and its audio: NACK/RTX repair the video's
+/// losses, and the loss is not read as congestion (the video is not paused).
+///
+/// Known and not yet fixed: with the same loss on the way back too, this subscriber's
+/// video is paused within ~10 s (estimate 500 → 88 kbit/s). A lost transport-wide CC
+/// feedback packet makes webrtc-rs's feedback history (`rtc-interceptor`
+/// `rtpfb::History::take_reports`) report every packet it covered as lost once a later
+/// feedback arrives, so 5 % feedback loss reads as ~10 % packet loss, past GCC's and
+/// the estimator's 10 % thresholds (measured 2026-12-05; see the stop-23 note).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_a_five_percent_loss_link_keeps_video_and_audio() {
+    use common::relay::{DropFn, Relay};
+    use common::watcher::Watcher;
+    let t = TestServer::start().await;
+    let room = 55;
+    let (_signal, stream, _sender, _r, _p) =
+        common::publisher::webrtc_publisher(&t, "alice", room, 18, None).await;
+    let lossy = |seed: u64| -> DropFn {
+        let mut x = seed;
+        Box::new(move |_: &[u8]| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % 100 < 5
+        })
+    };
+    let relay = Relay::start_with(t.udp_addr(), lossy(0x1234_5678), Box::new(|_| false)).await;
+    let bob = Watcher::join(&t, "bob", room, Some(relay.addr)).await;
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    let dropped = relay.dropped.load(Ordering::Relaxed);
+    let (video, audio): (Vec<Received>, Vec<Received>) = {
+        let guard = bob.peer.lock().await;
+        let inbox = guard.as_ref().expect("subscribed").inbox.lock().unwrap();
+        let pick = |kind: &str| -> Vec<Received> {
+            inbox
+                .iter()
+                .filter(|(id, _)| id.starts_with(&stream) && id.ends_with(kind))
+                .flat_map(|(_, v)| v.iter().cloned())
+                .collect()
+        };
+        (pick("video"), pick("audio"))
+    };
+    // Sequence numbers missing at the end (after repair), per track.
+    let missing = |p: &[Received]| -> (usize, usize) {
+        let seqs: std::collections::BTreeSet<u16> = p.iter().map(|r| r.seq).collect();
+        let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else {
+            return (0, 0);
+        };
+        let span = usize::from(last.wrapping_sub(*first)) + 1;
+        (span - seqs.len(), span)
+    };
+    let (video_missing, video_span) = missing(&video);
+    let (audio_missing, audio_span) = missing(&audio);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ordered = video.clone();
+    ordered.sort_by_key(|r| r.at);
+    let decoded =
+        common::media::decode_h264(&common::media::h264_annex_b(&ordered), dir.path()).await;
+    eprintln!(
+        "5 % loss towards the subscriber: {dropped} datagrams dropped; video {video_missing} of {video_span} \
+         packets missing after repair, audio {audio_missing} of {audio_span}; {} frames decoded \
+         ({}x{})",
+        decoded.frames, decoded.width, decoded.height
+    );
+    assert!(dropped > 50, "the link lost datagrams: {dropped}");
+    assert!(
+        decoded.frames >= 250 && decoded.width == 320,
+        "video keeps decoding: {decoded:?}"
+    );
+    assert!(
+        video_missing * 100 < video_span,
+        "NACK/RTX repair the video: {video_missing} of {video_span} still missing"
+    );
+    // Audio is not retransmitted: what the link lost stays lost, and no more.
+    assert!(
+        audio_span > 500 && audio_missing * 100 < audio_span * 9,
+        "audio flows: {audio_missing} of {audio_span} missing"
+    );
+    assert!(
+        bob.congestion()
+            .iter()
+            .all(|(_, _, _, paused)| paused.is_empty()),
+        "5 % loss is not congestion: {:?}",
+        bob.congestion()
+    );
+}
