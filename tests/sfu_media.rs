@@ -505,16 +505,12 @@ async fn subscribers_get_the_publishers_sender_reports_in_their_own_timestamp_sp
     );
 }
 
-/// Fault: a subscriber on a link that loses 5 % of the datagrams sent to it
-/// (pseudo-random) keeps its video decodable and its audio: NACK/RTX repair the video's
-/// losses, and the loss is not read as congestion (the video is not paused).
-///
-/// Known and not yet fixed: with the same loss on the way back too, this subscriber's
-/// video is paused within ~10 s (estimate 500 → 88 kbit/s). A lost transport-wide CC
-/// feedback packet makes webrtc-rs's feedback history (`rtc-interceptor`
-/// `rtpfb::History::take_reports`) report every packet it covered as lost once a later
-/// feedback arrives, so 5 % feedback loss reads as ~10 % packet loss, past GCC's and
-/// the estimator's 10 % thresholds (measured 2026-12-05; see the stop-23 note).
+/// Fault: a subscriber on a link that loses 5 % of datagrams both ways (media, RTCP
+/// and ICE alike, pseudo-random) keeps its video decodable and its audio: NACK/RTX
+/// repair the video's losses, and the loss is not read as congestion (the video is not
+/// paused). Before, it was paused within ~10 s (estimate 500 -> 88 kbit/s): a lost
+/// transport-wide CC feedback made webrtc-rs's feedback history report every packet
+/// it covered as lost, so 5 % loss each way read as ~10 % (`FeedbackCoverage`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_on_a_five_percent_loss_link_keeps_video_and_audio() {
     use common::relay::{DropFn, Relay};
@@ -532,7 +528,7 @@ async fn a_subscriber_on_a_five_percent_loss_link_keeps_video_and_audio() {
             x % 100 < 5
         })
     };
-    let relay = Relay::start_with(t.udp_addr(), lossy(0x1234_5678), Box::new(|_| false)).await;
+    let relay = Relay::start_with(t.udp_addr(), lossy(0x1234_5678), lossy(0x8765_4321)).await;
     let bob = Watcher::join(&t, "bob", room, Some(relay.addr)).await;
     tokio::time::sleep(Duration::from_secs(14)).await;
     let dropped = relay.dropped.load(Ordering::Relaxed);
@@ -565,7 +561,7 @@ async fn a_subscriber_on_a_five_percent_loss_link_keeps_video_and_audio() {
     let decoded =
         common::media::decode_h264(&common::media::h264_annex_b(&ordered), dir.path()).await;
     eprintln!(
-        "5 % loss towards the subscriber: {dropped} datagrams dropped; video {video_missing} of {video_span} \
+        "5 % loss both ways: {dropped} datagrams dropped; video {video_missing} of {video_span} \
          packets missing after repair, audio {audio_missing} of {audio_span}; {} frames decoded \
          ({}x{})",
         decoded.frames, decoded.width, decoded.height

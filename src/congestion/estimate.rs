@@ -94,28 +94,76 @@ pub struct Snapshot {
     pub batches: usize,
 }
 
+/// Feedback batches whose coverage is remembered (a few seconds of feedback).
+const COVERAGE_KEPT: usize = 128;
+
+/// The transport-wide sequence numbers the subscriber's *received* feedback spoke of:
+/// `(base, count)` of each TWCC feedback, recorded by the connection's coverage tap,
+/// which reads inbound RTCP before the congestion-control interceptor does.
+///
+/// Why: webrtc-rs's feedback history reports every packet no feedback mentioned as
+/// lost once a later one is acknowledged, so a lost *feedback* packet reads as the loss
+/// of every packet it covered. On a path losing 5 % both ways that doubled the loss GCC
+/// saw, past its 10 % threshold, and a subscriber's video was paused on a link with
+/// room to spare (`tests/sfu_media.rs`, the 5 % loss fault test). A loss counts only
+/// when received feedback said so.
+#[derive(Clone, Default)]
+pub struct FeedbackCoverage(Arc<Mutex<VecDeque<(u16, u16)>>>);
+
+impl FeedbackCoverage {
+    /// A received feedback covered `count` sequence numbers from `base`.
+    pub fn record(&self, base: u16, count: u16) {
+        let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        c.push_back((base, count));
+        while c.len() > COVERAGE_KEPT {
+            c.pop_front();
+        }
+    }
+
+    /// Whether received feedback spoke of `seq`; `None` while none has been recorded
+    /// (nothing to judge by: every report stands).
+    fn covers(&self, seq: u16) -> Option<bool> {
+        let c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if c.is_empty() {
+            return None;
+        }
+        Some(
+            c.iter()
+                .any(|&(base, count)| seq.wrapping_sub(base) < count),
+        )
+    }
+}
+
 /// The estimator handle: give one clone to the connection's congestion-control
 /// interceptor, keep one to read.
 #[derive(Clone)]
-pub struct SharedEstimator(Arc<Mutex<State>>);
+pub struct SharedEstimator(Arc<Mutex<State>>, FeedbackCoverage);
 
 impl SharedEstimator {
     /// Starts optimistic at `initial` (GCC only ever backs off from evidence; the
     /// acknowledged-rate ceiling keeps the estimate honest above what was sent).
     pub fn new(initial: f64, min: f64, max: f64) -> Self {
-        Self(Arc::new(Mutex::new(State {
-            gcc: Gcc::new(initial, min, max),
-            min,
-            max,
-            batches: VecDeque::new(),
-            delay_minima: VecDeque::new(),
-            last_delay_ms: None,
-            epoch: None,
-            verified: None,
-            last_feedback: None,
-            last_backoff: None,
-            last_target: initial,
-        })))
+        Self(
+            Arc::new(Mutex::new(State {
+                gcc: Gcc::new(initial, min, max),
+                min,
+                max,
+                batches: VecDeque::new(),
+                delay_minima: VecDeque::new(),
+                last_delay_ms: None,
+                epoch: None,
+                verified: None,
+                last_feedback: None,
+                last_backoff: None,
+                last_target: initial,
+            })),
+            FeedbackCoverage::default(),
+        )
+    }
+
+    /// What the connection's coverage tap records into.
+    pub fn coverage(&self) -> FeedbackCoverage {
+        self.1.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -199,6 +247,23 @@ impl SharedEstimator {
 
 impl BandwidthEstimator for SharedEstimator {
     fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
+        // A "loss" no received feedback reported is a lost feedback packet, not a lost
+        // media packet: it is left out (see `FeedbackCoverage`).
+        let kept: Vec<PacketReport>;
+        let reports = if reports.iter().any(|r| {
+            !r.arrived && r.is_twcc && self.1.covers(r.twcc_sequence_number) == Some(false)
+        }) {
+            kept = reports
+                .iter()
+                .filter(|r| {
+                    r.arrived || !r.is_twcc || self.1.covers(r.twcc_sequence_number) != Some(false)
+                })
+                .cloned()
+                .collect();
+            &kept[..]
+        } else {
+            reports
+        };
         if reports.is_empty() {
             return;
         }
@@ -328,6 +393,47 @@ mod tests {
         let e = s.estimate.unwrap();
         assert!(e > 1_400_000.0 && e < 1_700_000.0, "{s:?}");
         assert!(s.loss < 0.01 && s.queuing_delay_ms < 1.0, "{s:?}");
+    }
+
+    /// A packet counts as lost only when received feedback said so: the packets of a
+    /// feedback that never arrived (webrtc-rs reports them as lost once a later one
+    /// arrives) are left out, and the losses feedback did report still count.
+    #[test]
+    fn packets_of_a_lost_feedback_are_not_losses() {
+        let mut est = SharedEstimator::new(1_000_000.0, 50_000.0, 20_000_000.0);
+        let epoch = Instant::now();
+        let cov = est.coverage();
+        // Feedback covered 0..50 and 60..100; the one for 50..60 was lost.
+        cov.record(0, 50);
+        cov.record(60, 40);
+        let reports: Vec<PacketReport> = (0..100u16)
+            .map(|i| {
+                let arrived = !(50..60).contains(&i) && i != 70 && i != 71;
+                PacketReport {
+                    ssrc: 1,
+                    id: u64::from(i),
+                    rtp_sequence_number: i,
+                    is_twcc: true,
+                    twcc_sequence_number: i,
+                    size: 1000,
+                    arrived,
+                    departure: epoch + Duration::from_millis(u64::from(i) * 10),
+                    arrival: arrived.then(|| Duration::from_millis(u64::from(i) * 10 + 20)),
+                    ecn: Ecn::default(),
+                }
+            })
+            .collect();
+        est.on_reports(epoch + Duration::from_millis(500), &reports[..50]);
+        est.on_reports(epoch + Duration::from_millis(1000), &reports[50..]);
+        let s = est.snapshot(epoch + Duration::from_millis(1000));
+        // 2 of the 90 packets feedback spoke of.
+        assert!((s.loss - 2.0 / 90.0).abs() < 0.001, "{s:?}");
+        // Without any coverage recorded (no tap), every report stands, as before.
+        let mut bare = SharedEstimator::new(1_000_000.0, 50_000.0, 20_000_000.0);
+        bare.on_reports(epoch + Duration::from_millis(500), &reports[..50]);
+        bare.on_reports(epoch + Duration::from_millis(1000), &reports[50..]);
+        let s = bare.snapshot(epoch + Duration::from_millis(1000));
+        assert!((s.loss - 0.12).abs() < 0.001, "{s:?}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -519,6 +520,74 @@ impl Interceptor for RtcpTap {
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
+/// The slot of the feedback coverage tap: below the congestion-control interceptor
+/// (1_000), so inbound feedback reaches it first (the read walk starts wire-most).
+pub const FEEDBACK_COVERAGE_SLOT: usize = 500;
+
+/// Records which transport-wide sequence numbers each received TWCC feedback covers,
+/// so the estimator can tell a lost packet from a lost feedback
+/// ([`crate::congestion::estimate::FeedbackCoverage`]). Passes everything on.
+pub struct FeedbackCoverageTap {
+    coverage: crate::congestion::estimate::FeedbackCoverage,
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+impl FeedbackCoverageTap {
+    pub fn new(coverage: crate::congestion::estimate::FeedbackCoverage) -> Self {
+        Self {
+            coverage,
+            reads: VecDeque::new(),
+            writes: VecDeque::new(),
+        }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackCoverageTap {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = RtcError;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            for cc in packets
+                .iter()
+                .filter_map(|p| p.as_any().downcast_ref::<TransportLayerCc>())
+            {
+                self.coverage
+                    .record(cc.base_sequence_number, cc.packet_status_count);
+            }
+        }
+        self.reads.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.reads.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
+        self.writes.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.writes.pop_front()
+    }
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), RtcError> {
+        Ok(())
+    }
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        None
+    }
+}
+
+impl Interceptor for FeedbackCoverageTap {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
 impl Peer {
     pub fn new(
         key: PeerKey,
@@ -594,6 +663,10 @@ impl Peer {
                 .with(
                     Slot::TwccSender,
                     rtc::interceptor::TwccSenderBuilder::new().build(),
+                )
+                .with(
+                    Slot::from(FEEDBACK_COVERAGE_SLOT),
+                    FeedbackCoverageTap::new(c.estimator.coverage()),
                 ),
             None => registry,
         };
