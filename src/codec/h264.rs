@@ -300,6 +300,13 @@ pub fn nal_ref_idc(nal: &[u8]) -> u8 {
 
 /// RFC 6184 packetization of one access unit into RTP payloads, in order; the last
 /// payload carries the frame's end (the caller sets the marker bit on it).
+///
+/// Why not webrtc-rs's `H264Payloader` (measured 2026-12-05, `cargo bench --bench
+/// h264_rtp`, BENCHMARKS.md): it takes an Annex B stream, so the bridge would first copy
+/// each access unit out of FLV's length-prefixed form, and it then scans for start
+/// codes; on a real x264 stream it took 39 µs per 60 frames (49 µs with that copy)
+/// where this takes 2.1 µs, handing out slices of the access unit (FU-A fragments
+/// carry their 2-byte header). Fuzzed in `codec_configs`.
 pub fn packetize(nalus: &[Bytes], max_payload: usize, out: &mut Vec<Bytes>) {
     for nal in nalus {
         if nal.len() <= max_payload {
