@@ -10,8 +10,8 @@
 //!    over WebRTC (ICE, DTLS, SRTP), send for half a second, leave (every 4th drops its
 //!    socket and connection instead, and is found out by liveness).
 //! 2. **A 10-person room** for `BENCH_SOAK_MINUTES` (60): ten `webrtc`-crate members,
-//!    each publishing H.264 (320×240, 30 fps, a looped clip) and Opus and receiving the
-//!    nine others (90 forwarded streams).
+//!    each publishing H.264 (320×240, 30 fps, a looped clip) and Opus (a tone) and
+//!    receiving the nine others (90 forwarded streams).
 //!
 //! Every sample reads the server process's resident memory, open file descriptors and
 //! threads from /proc, and from its `/metrics`: tasks alive on its runtime
@@ -31,9 +31,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::peer::{h264, opus, RtcPeer};
+use common::peer::RtcPeer;
+use common::publisher::{offer_to_publish, send_h264_and_opus, Offered, Pace};
 use common::{Client, APP};
-use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use weir::auth::{AppKeys, Keyring, Privileges, RoomId, TokenKind};
 use weir::config::Config;
 use weir_signaling::{ClientMessage, Join, ServerMessage, Target, PROTOCOL_VERSION};
@@ -217,59 +217,48 @@ async fn cycle(node: Arc<Node>, n: u64) {
         .await;
 }
 
-/// One cycle with real media: join, publish over WebRTC (ICE, DTLS, SRTP), send for
-/// half a second, and leave (every 4th drops its socket and its connection instead).
-async fn media_cycle(node: Arc<Node>, n: u64, aus: Arc<Vec<Vec<bytes::Bytes>>>) {
-    let room = 2000 + (n % 5) as u32;
-    let (mut signal, joined) =
-        Client::join(&node.ws, node.join(&format!("p{n}"), room, false)).await;
+/// Joins `room` as `user`, publishes over WebRTC (ICE, DTLS, SRTP) and starts sending
+/// H.264 and Opus until `stop`.
+async fn join_and_send(
+    node: &Node,
+    user: &str,
+    room: u32,
+    auto_subscribe: bool,
+    aus: Arc<Vec<Vec<bytes::Bytes>>>,
+    stop: Arc<AtomicBool>,
+) -> (Client, RtcPeer, tokio::task::JoinHandle<()>) {
+    let (mut signal, joined) = Client::join(&node.ws, node.join(user, room, auto_subscribe)).await;
     assert!(
         matches!(joined, ServerMessage::Joined { .. }),
-        "media cycle {n}: {joined:?}"
+        "{user}: {joined:?}"
     );
-    signal
-        .send(&ClientMessage::Publish {
-            audio: true,
-            video: true,
-            min_bitrate: None,
-            max_bitrate: None,
-        })
-        .await;
-    signal
-        .expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
-        .await;
-    let mut publisher = RtcPeer::new().await;
-    let video = publisher
-        .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
-        .await;
-    let audio = publisher
-        .add_send_track(RtpCodecKind::Audio, opus(), 0x5252)
-        .await;
-    let offer = publisher.offer().await;
-    signal
-        .send(&ClientMessage::Offer {
-            target: Target::Publisher,
-            sdp: offer,
-        })
-        .await;
-    let answer = signal
-        .expect(|m| match m {
-            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
-            _ => None,
-        })
-        .await;
-    publisher.accept_answer(answer).await;
-    publisher.connected().await;
-    let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = tokio::spawn(send_media(
+    let Offered {
+        mut peer,
+        video,
+        audio,
+        answer,
+        ..
+    } = offer_to_publish(&mut signal).await;
+    peer.accept_answer(answer).await;
+    peer.connected().await;
+    let pts = (video.payload_type().await, audio.payload_type().await);
+    let sender = tokio::spawn(send_h264_and_opus(
         aus,
         video.track.clone(),
         audio.track.clone(),
-        vpt,
-        apt,
-        stop.clone(),
+        pts,
+        Pace::Until(stop),
     ));
+    (signal, peer, sender)
+}
+
+/// One cycle with real media: join, publish over WebRTC, send for half a second, and
+/// leave (every 4th drops its socket and its connection instead).
+async fn media_cycle(node: Arc<Node>, n: u64, aus: Arc<Vec<Vec<bytes::Bytes>>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let room = 2000 + (n % 5) as u32;
+    let (mut signal, publisher, sender) =
+        join_and_send(&node, &format!("p{n}"), room, false, aus, stop.clone()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let _ = sender.await;
@@ -294,36 +283,9 @@ async fn member(
     stop: Arc<AtomicBool>,
     received: Arc<AtomicU64>,
 ) {
-    let (mut signal, joined) = Client::join(&node.ws, node.join(&user, room, true)).await;
-    assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
-    signal
-        .send(&ClientMessage::Publish {
-            audio: true,
-            video: true,
-            min_bitrate: None,
-            max_bitrate: None,
-        })
-        .await;
-    signal
-        .expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
-        .await;
-    let mut publisher = RtcPeer::new().await;
-    let video = publisher
-        .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
-        .await;
-    let audio = publisher
-        .add_send_track(RtpCodecKind::Audio, opus(), 0x5252)
-        .await;
-    let offer = publisher.offer().await;
-    signal
-        .send(&ClientMessage::Offer {
-            target: Target::Publisher,
-            sdp: offer,
-        })
-        .await;
+    let (mut signal, _publisher, sending) =
+        join_and_send(&node, &user, room, true, aus, stop.clone()).await;
     let mut subscriber: Option<RtcPeer> = None;
-    let mut answered = false;
-    let mut sending: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_ping = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if last_ping.elapsed() > Duration::from_secs(5) {
@@ -339,101 +301,25 @@ async fn member(
         let Some(msg) = signal.try_recv(Duration::from_millis(100)).await else {
             continue;
         };
-        match msg {
-            ServerMessage::Answer {
-                target: Target::Publisher,
-                sdp,
-            } if !answered => {
-                answered = true;
-                publisher.accept_answer(sdp).await;
-                publisher.connected().await;
-                let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
-                let (aus, stop, vtrack, atrack) = (
-                    aus.clone(),
-                    stop.clone(),
-                    video.track.clone(),
-                    audio.track.clone(),
-                );
-                sending = Some(tokio::spawn(async move {
-                    send_media(aus, vtrack, atrack, vpt, apt, stop).await;
-                }));
+        if let ServerMessage::Offer {
+            target: Target::Subscriber,
+            sdp,
+        } = msg
+        {
+            if subscriber.is_none() {
+                subscriber = Some(RtcPeer::new().await);
             }
-            ServerMessage::Offer {
-                target: Target::Subscriber,
-                sdp,
-            } => {
-                if subscriber.is_none() {
-                    subscriber = Some(RtcPeer::new().await);
-                }
-                let answer = subscriber.as_mut().unwrap().answer(sdp).await;
-                signal
-                    .send(&ClientMessage::Answer {
-                        target: Target::Subscriber,
-                        sdp: answer,
-                    })
-                    .await;
-            }
-            _ => {}
+            let answer = subscriber.as_mut().unwrap().answer(sdp).await;
+            signal
+                .send(&ClientMessage::Answer {
+                    target: Target::Subscriber,
+                    sdp: answer,
+                })
+                .await;
         }
     }
-    if let Some(s) = sending {
-        let _ = s.await;
-    }
+    let _ = sending.await;
     signal.send(&ClientMessage::Leave).await;
-}
-
-async fn send_media(
-    aus: Arc<Vec<Vec<bytes::Bytes>>>,
-    video: Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
-    audio: Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
-    vpt: u8,
-    apt: u8,
-    stop: Arc<AtomicBool>,
-) {
-    use webrtc::media_stream::track_local::TrackLocal;
-    let start = tokio::time::Instant::now();
-    let mut enc =
-        opus::Encoder::new(48_000, opus::Channels::Stereo, opus::Application::Audio).unwrap();
-    let mut buf = vec![0u8; 1500];
-    let (mut vseq, mut aseq) = (0u16, 0u16);
-    let (mut frame, mut apkt) = (0u32, 0u32);
-    let silence = vec![0f32; 1920];
-    while !stop.load(Ordering::Relaxed) {
-        let vdue = start + Duration::from_micros(u64::from(frame) * 33_333);
-        let adue = start + Duration::from_millis(u64::from(apkt) * 20);
-        if adue <= vdue {
-            tokio::time::sleep_until(adue).await;
-            let len = enc.encode_float(&silence, &mut buf).unwrap();
-            let mut p = rtc::rtp::Packet::default();
-            p.header.version = 2;
-            p.header.payload_type = apt;
-            p.header.ssrc = 0x5252;
-            p.header.sequence_number = aseq;
-            p.header.timestamp = apkt.wrapping_mul(960);
-            p.payload = bytes::Bytes::copy_from_slice(&buf[..len]);
-            let _ = audio.write_rtp(p).await;
-            aseq = aseq.wrapping_add(1);
-            apkt += 1;
-        } else {
-            tokio::time::sleep_until(vdue).await;
-            let mut payloads = Vec::new();
-            weir::codec::h264::packetize(&aus[frame as usize % aus.len()], 1100, &mut payloads);
-            let n = payloads.len();
-            for (i, payload) in payloads.into_iter().enumerate() {
-                let mut p = rtc::rtp::Packet::default();
-                p.header.version = 2;
-                p.header.payload_type = vpt;
-                p.header.ssrc = 0x5151;
-                p.header.sequence_number = vseq;
-                p.header.timestamp = frame.wrapping_mul(3000);
-                p.header.marker = i + 1 == n;
-                p.payload = payload;
-                let _ = video.write_rtp(p).await;
-                vseq = vseq.wrapping_add(1);
-            }
-            frame += 1;
-        }
-    }
 }
 
 fn write_csv(name: &str, header: &str, rows: &[String]) {

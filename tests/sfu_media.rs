@@ -532,18 +532,10 @@ async fn a_subscriber_on_a_five_percent_loss_link_keeps_video_and_audio() {
     let bob = Watcher::join(&t, "bob", room, Some(relay.addr)).await;
     tokio::time::sleep(Duration::from_secs(14)).await;
     let dropped = relay.dropped.load(Ordering::Relaxed);
-    let (video, audio): (Vec<Received>, Vec<Received>) = {
-        let guard = bob.peer.lock().await;
-        let inbox = guard.as_ref().expect("subscribed").inbox.lock().unwrap();
-        let pick = |kind: &str| -> Vec<Received> {
-            inbox
-                .iter()
-                .filter(|(id, _)| id.starts_with(&stream) && id.ends_with(kind))
-                .flat_map(|(_, v)| v.iter().cloned())
-                .collect()
-        };
-        (pick("video"), pick("audio"))
-    };
+    let (video, audio) = (
+        bob.received(&stream, "video").await,
+        bob.received(&stream, "audio").await,
+    );
     // Sequence numbers missing at the end (after repair), per track.
     let missing = |p: &[Received]| -> (usize, usize) {
         let seqs: std::collections::BTreeSet<u16> = p.iter().map(|r| r.seq).collect();
@@ -556,10 +548,8 @@ async fn a_subscriber_on_a_five_percent_loss_link_keeps_video_and_audio() {
     let (video_missing, video_span) = missing(&video);
     let (audio_missing, audio_span) = missing(&audio);
     let dir = tempfile::tempdir().unwrap();
-    let mut ordered = video.clone();
-    ordered.sort_by_key(|r| r.at);
     let decoded =
-        common::media::decode_h264(&common::media::h264_annex_b(&ordered), dir.path()).await;
+        common::media::decode_h264(&common::media::h264_annex_b(&video), dir.path()).await;
     eprintln!(
         "5 % loss both ways: {dropped} datagrams dropped; video {video_missing} of {video_span} \
          packets missing after repair, audio {audio_missing} of {audio_span}; {} frames decoded \

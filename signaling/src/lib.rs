@@ -376,6 +376,18 @@ pub enum LinkMicAction {
     Kick,
 }
 
+impl LinkMicAction {
+    /// As it is spelled on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkMicAction::Request => "request",
+            LinkMicAction::Accept => "accept",
+            LinkMicAction::Reject => "reject",
+            LinkMicAction::Kick => "kick",
+        }
+    }
+}
+
 /// Messages the server sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]

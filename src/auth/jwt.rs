@@ -226,9 +226,9 @@ fn check_len(token: &str) -> Result<(), AuthError> {
     Ok(())
 }
 
-/// The `kid` of a JWT's header, read without verifying anything; `alg: none` and
+/// A JWT's header, read without verifying anything; over-long tokens, `alg: none` and
 /// HMAC algorithms are refused here, before any key is looked up.
-pub fn peek_kid(token: &str) -> Result<String, AuthError> {
+fn header(token: &str) -> Result<jsonwebtoken::Header, AuthError> {
     check_len(token)?;
     let header = jsonwebtoken::decode_header(token).map_err(|e| match written_alg(token) {
         Some(alg)
@@ -250,7 +250,12 @@ pub fn peek_kid(token: &str) -> Result<String, AuthError> {
             got: format!("{:?}", header.alg),
         });
     }
-    header
+    Ok(header)
+}
+
+/// The `kid` of a JWT's header (see [`header`] for what is refused first).
+pub fn peek_kid(token: &str) -> Result<String, AuthError> {
+    header(token)?
         .kid
         .ok_or_else(|| AuthError::JwtMalformed("header has no `kid`".into()))
 }
@@ -263,9 +268,10 @@ pub fn verify_signature(
     key: &JwtKey,
     sdk_app_id: u64,
 ) -> Result<JwtClaims, AuthError> {
-    peek_kid(token)?;
-    let header = jsonwebtoken::decode_header(token)
-        .map_err(|e| AuthError::JwtMalformed(format!("header: {e}")))?;
+    let header = header(token)?;
+    if header.kid.is_none() {
+        return Err(AuthError::JwtMalformed("header has no `kid`".into()));
+    }
     if header.alg != key.alg {
         return Err(AuthError::JwtAlgorithm {
             got: format!("{:?} (this kid verifies {:?})", header.alg, key.alg),

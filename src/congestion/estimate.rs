@@ -120,17 +120,23 @@ impl FeedbackCoverage {
         }
     }
 
-    /// Whether received feedback spoke of `seq`; `None` while none has been recorded
-    /// (nothing to judge by: every report stands).
-    fn covers(&self, seq: u16) -> Option<bool> {
+    /// `reports` less the losses no received feedback reported (lost feedback packets,
+    /// not lost media packets); all of them while none has been recorded (no tap).
+    fn real<'a>(&self, reports: &'a [PacketReport]) -> std::borrow::Cow<'a, [PacketReport]> {
         let c = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if c.is_empty() {
-            return None;
+        let phantom = |r: &PacketReport| {
+            !r.arrived
+                && r.is_twcc
+                && !c.is_empty()
+                && !c
+                    .iter()
+                    .any(|&(base, count)| r.twcc_sequence_number.wrapping_sub(base) < count)
+        };
+        if reports.iter().any(phantom) {
+            reports.iter().filter(|r| !phantom(r)).cloned().collect()
+        } else {
+            std::borrow::Cow::Borrowed(reports)
         }
-        Some(
-            c.iter()
-                .any(|&(base, count)| seq.wrapping_sub(base) < count),
-        )
     }
 }
 
@@ -249,21 +255,8 @@ impl BandwidthEstimator for SharedEstimator {
     fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
         // A "loss" no received feedback reported is a lost feedback packet, not a lost
         // media packet: it is left out (see `FeedbackCoverage`).
-        let kept: Vec<PacketReport>;
-        let reports = if reports.iter().any(|r| {
-            !r.arrived && r.is_twcc && self.1.covers(r.twcc_sequence_number) == Some(false)
-        }) {
-            kept = reports
-                .iter()
-                .filter(|r| {
-                    r.arrived || !r.is_twcc || self.1.covers(r.twcc_sequence_number) != Some(false)
-                })
-                .cloned()
-                .collect();
-            &kept[..]
-        } else {
-            reports
-        };
+        let reports = self.1.real(reports);
+        let reports = &reports[..];
         if reports.is_empty() {
             return;
         }

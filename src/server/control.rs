@@ -171,12 +171,7 @@ pub struct LivePlayback {
 }
 
 fn error_msg(e: &RoomError, request: &str) -> ServerMessage {
-    ServerMessage::Error {
-        code: e.code(),
-        message: e.to_string(),
-        request: Some(request.to_owned()),
-        tencent_code: None,
-    }
+    refused(e.code(), e.to_string(), request)
 }
 
 fn refused(code: ErrorCode, message: String, request: &str) -> ServerMessage {
@@ -648,7 +643,7 @@ impl Control {
                 info!(room = %room.room, from = %from, to = %to, ?action, "linkMic");
                 self.metrics
                     .link_mic
-                    .with_label_values(&[action_name(action)])
+                    .with_label_values(&[action.name()])
                     .inc();
                 let reason = reason
                     .chars()
@@ -695,15 +690,5 @@ impl Control {
                 }
             }
         }
-    }
-}
-
-fn action_name(a: weir_signaling::LinkMicAction) -> &'static str {
-    use weir_signaling::LinkMicAction::*;
-    match a {
-        Request => "request",
-        Accept => "accept",
-        Reject => "reject",
-        Kick => "kick",
     }
 }

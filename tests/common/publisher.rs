@@ -114,48 +114,17 @@ pub async fn webrtc_publisher(
     Option<super::relay::Relay>,
     super::peer::RtcPeer,
 ) {
-    use super::peer::{h264, opus, RtcPeer};
-    use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
-    use webrtc::media_stream::track_local::TrackLocal;
-    use weir_signaling::{ClientMessage, ServerMessage, Target};
     let aus = h264_access_units(seconds);
 
     // The publisher: a webrtc-crate client sending real H.264 and Opus.
     let (mut signal, _) = super::Client::join(&t.ws_url(), t.join(user, room, 0xff)).await;
-    signal
-        .send(&ClientMessage::Publish {
-            audio: true,
-            video: true,
-            min_bitrate: None,
-            max_bitrate: None,
-        })
-        .await;
-    let stream = signal
-        .expect(|m| match m {
-            ServerMessage::Published { stream } => Some(stream.clone()),
-            _ => None,
-        })
-        .await;
-    let mut publisher = RtcPeer::new().await;
-    let video = publisher
-        .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
-        .await;
-    let audio = publisher
-        .add_send_track(RtpCodecKind::Audio, opus(), 0x5252)
-        .await;
-    let offer = publisher.offer().await;
-    signal
-        .send(&ClientMessage::Offer {
-            target: Target::Publisher,
-            sdp: offer,
-        })
-        .await;
-    let answer = signal
-        .expect(|m| match m {
-            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
-            _ => None,
-        })
-        .await;
+    let Offered {
+        stream,
+        peer: mut publisher,
+        video,
+        audio,
+        answer,
+    } = offer_to_publish(&mut signal).await;
     // Through a relay that loses packets on the way up, when asked; TCP candidates go
     // so the relay is the only way.
     // Retransmissions (RTX) are lost too, so every loss needs a new keyframe.
@@ -195,59 +164,149 @@ pub async fn webrtc_publisher(
     publisher.accept_answer(answer).await;
     publisher.connected().await;
     let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
-    let sender = tokio::spawn(async move {
-        let start = tokio::time::Instant::now();
-        let mut enc =
-            opus::Encoder::new(48_000, opus::Channels::Stereo, opus::Application::Audio).unwrap();
-        let mut buf = vec![0u8; 1500];
-        let (mut vseq, mut aseq) = (0u16, 0u16);
-        let mut frame = 0usize;
-        let mut apkt = 0u32;
-        while frame < aus.len() {
-            // Interleave on one schedule: video every 33.3 ms, audio every 20 ms.
-            let vdue = start + Duration::from_micros(frame as u64 * 33_333);
-            let adue = start + Duration::from_millis(u64::from(apkt) * 20);
-            if adue <= vdue {
-                tokio::time::sleep_until(adue).await;
-                let pcm: Vec<f32> = (0..960u32)
-                    .flat_map(|i| {
-                        let n = (apkt * 960 + i) as f32;
-                        let v = (n * 2.0 * std::f32::consts::PI * 1000.0 / 48_000.0).sin() * 0.3;
-                        [v, v]
-                    })
-                    .collect();
-                let len = enc.encode_float(&pcm, &mut buf).unwrap();
-                let mut p = rtc::rtp::Packet::default();
-                p.header.version = 2;
-                p.header.payload_type = apt;
-                p.header.ssrc = 0x5252;
-                p.header.sequence_number = aseq;
-                p.header.timestamp = apkt * 960;
-                p.payload = bytes::Bytes::copy_from_slice(&buf[..len]);
-                let _ = audio.track.write_rtp(p).await;
-                aseq = aseq.wrapping_add(1);
-                apkt += 1;
-            } else {
-                tokio::time::sleep_until(vdue).await;
-                let mut payloads = Vec::new();
-                weir::codec::h264::packetize(&aus[frame], 1100, &mut payloads);
-                let n = payloads.len();
-                for (i, payload) in payloads.into_iter().enumerate() {
-                    let mut p = rtc::rtp::Packet::default();
-                    p.header.version = 2;
-                    p.header.payload_type = vpt;
-                    p.header.ssrc = 0x5151;
-                    p.header.sequence_number = vseq;
-                    p.header.timestamp = frame as u32 * 3000;
-                    p.header.marker = i + 1 == n;
-                    p.payload = payload;
-                    let _ = video.track.write_rtp(p).await;
-                    vseq = vseq.wrapping_add(1);
-                }
-                frame += 1;
-            }
-        }
-    });
+    let sender = tokio::spawn(send_h264_and_opus(
+        std::sync::Arc::new(aus),
+        video.track.clone(),
+        audio.track.clone(),
+        (vpt, apt),
+        Pace::Once,
+    ));
 
     (signal, stream.stream_id, sender, relay, publisher)
+}
+
+/// A publish under way: the stream, the publisher connection with its two tracks, and
+/// the server's answer to its offer (not yet applied).
+pub struct Offered {
+    pub stream: weir_signaling::StreamInfo,
+    pub peer: super::peer::RtcPeer,
+    pub video: super::peer::SendTrack,
+    pub audio: super::peer::SendTrack,
+    pub answer: String,
+}
+
+/// On a joined session: `publish` audio and video, then offer an H.264 and an Opus track
+/// from a new `webrtc`-crate connection and wait for the answer.
+pub async fn offer_to_publish(signal: &mut super::Client) -> Offered {
+    use super::peer::{h264, opus, RtcPeer};
+    use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+    use weir_signaling::{ClientMessage, ServerMessage, Target};
+    signal
+        .send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+            min_bitrate: None,
+            max_bitrate: None,
+        })
+        .await;
+    let stream = signal
+        .expect(|m| match m {
+            ServerMessage::Published { stream } => Some(stream.clone()),
+            _ => None,
+        })
+        .await;
+    let mut peer = RtcPeer::new().await;
+    let video = peer
+        .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
+        .await;
+    let audio = peer
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x5252)
+        .await;
+    let offer = peer.offer().await;
+    signal
+        .send(&ClientMessage::Offer {
+            target: Target::Publisher,
+            sdp: offer,
+        })
+        .await;
+    let answer = signal
+        .expect(|m| match m {
+            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    Offered {
+        stream,
+        peer,
+        video,
+        audio,
+        answer,
+    }
+}
+
+/// How long [`send_h264_and_opus`] sends.
+pub enum Pace {
+    /// The access units once, then stop.
+    Once,
+    /// The access units again and again (timestamps running on) until the flag is set.
+    Until(std::sync::Arc<std::sync::atomic::AtomicBool>),
+}
+
+/// Sends `aus` as H.264 at 30 fps and a 1 kHz Opus tone in 20 ms packets, interleaved
+/// on one real-time schedule, on already negotiated tracks with payload types `(video,
+/// audio)`.
+pub async fn send_h264_and_opus(
+    aus: std::sync::Arc<Vec<Vec<bytes::Bytes>>>,
+    video: std::sync::Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
+    audio: std::sync::Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
+    (vpt, apt): (u8, u8),
+    pace: Pace,
+) {
+    use webrtc::media_stream::track_local::TrackLocal;
+    let start = tokio::time::Instant::now();
+    let mut enc =
+        opus::Encoder::new(48_000, opus::Channels::Stereo, opus::Application::Audio).unwrap();
+    let mut buf = vec![0u8; 1500];
+    let (mut vseq, mut aseq) = (0u16, 0u16);
+    let mut frame = 0usize;
+    let mut apkt = 0u32;
+    loop {
+        match &pace {
+            Pace::Once if frame >= aus.len() => return,
+            Pace::Until(stop) if stop.load(std::sync::atomic::Ordering::Relaxed) => return,
+            _ => {}
+        }
+        // Interleave on one schedule: video every 33.3 ms, audio every 20 ms.
+        let vdue = start + Duration::from_micros(frame as u64 * 33_333);
+        let adue = start + Duration::from_millis(u64::from(apkt) * 20);
+        if adue <= vdue {
+            tokio::time::sleep_until(adue).await;
+            let pcm: Vec<f32> = (0..960u32)
+                .flat_map(|i| {
+                    let n = (apkt.wrapping_mul(960).wrapping_add(i) % 48_000) as f32;
+                    let v = (n * 2.0 * std::f32::consts::PI * 1000.0 / 48_000.0).sin() * 0.3;
+                    [v, v]
+                })
+                .collect();
+            let len = enc.encode_float(&pcm, &mut buf).unwrap();
+            let mut p = rtc::rtp::Packet::default();
+            p.header.version = 2;
+            p.header.payload_type = apt;
+            p.header.ssrc = 0x5252;
+            p.header.sequence_number = aseq;
+            p.header.timestamp = apkt.wrapping_mul(960);
+            p.payload = bytes::Bytes::copy_from_slice(&buf[..len]);
+            let _ = audio.write_rtp(p).await;
+            aseq = aseq.wrapping_add(1);
+            apkt += 1;
+        } else {
+            tokio::time::sleep_until(vdue).await;
+            let mut payloads = Vec::new();
+            weir::codec::h264::packetize(&aus[frame % aus.len()], 1100, &mut payloads);
+            let n = payloads.len();
+            for (i, payload) in payloads.into_iter().enumerate() {
+                let mut p = rtc::rtp::Packet::default();
+                p.header.version = 2;
+                p.header.payload_type = vpt;
+                p.header.ssrc = 0x5151;
+                p.header.sequence_number = vseq;
+                p.header.timestamp = (frame as u32).wrapping_mul(3000);
+                p.header.marker = i + 1 == n;
+                p.payload = payload;
+                let _ = video.write_rtp(p).await;
+                vseq = vseq.wrapping_add(1);
+            }
+            frame += 1;
+        }
+    }
 }

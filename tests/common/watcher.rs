@@ -94,6 +94,22 @@ impl Watcher {
         let _ = self.outbox.send(msg);
     }
 
+    /// Every packet of `stream`'s track of `kind` (`audio`, `video`), in arrival order.
+    pub async fn received(&self, stream: &str, kind: &str) -> Vec<super::peer::Received> {
+        let guard = self.peer.lock().await;
+        let Some(p) = guard.as_ref() else {
+            return Vec::new();
+        };
+        let inbox = p.inbox.lock().unwrap();
+        let mut v: Vec<super::peer::Received> = inbox
+            .iter()
+            .filter(|(id, _)| id.starts_with(stream) && id.ends_with(kind))
+            .flat_map(|(_, v)| v.iter().cloned())
+            .collect();
+        v.sort_by_key(|r| r.at);
+        v
+    }
+
     /// (arrival, seq, payload length) of every packet of the track of this kind.
     pub async fn packets(&self, kind: &str) -> Vec<(Instant, u16, usize)> {
         let guard = self.peer.lock().await;
