@@ -177,14 +177,25 @@ impl SharedEstimator {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A probe delivered `bps` without queuing or loss: restart GCC from there and let
-    /// the estimate claim it for a while.
+    /// A probe delivered `bps` without queuing or loss: restart GCC from there if that
+    /// is above its target, and let the estimate claim it for a while.
+    ///
+    /// A probe's rate is a floor, never a ceiling: a probe towards a small goal (a
+    /// layer that has just started and measures a few kbit/s) succeeds at what little
+    /// it asked for, and restarting GCC from there dropped a clean subscriber's
+    /// estimate from its start to 83 kbit/s, whence GCC climbs slowly: its video was
+    /// paused on an idle link (CI, `tests/simulcast.rs`).
     pub fn verified(&self, bps: f64, now: Instant) {
         let mut s = self.lock();
         let bps = bps.clamp(s.min, s.max);
-        s.gcc = Gcc::new(bps, s.min, s.max);
-        s.last_target = bps;
-        s.verified = Some((bps, now));
+        if bps > s.gcc.target_bitrate() {
+            s.gcc = Gcc::new(bps, s.min, s.max);
+            s.last_target = bps;
+        }
+        let kept = s
+            .verified
+            .filter(|(v, at)| *v > bps && now.saturating_duration_since(*at) < VERIFIED_FOR);
+        s.verified = Some(kept.unwrap_or((bps, now)));
     }
 
     pub fn snapshot(&self, now: Instant) -> Snapshot {
@@ -475,5 +486,20 @@ mod tests {
             .snapshot(now + Duration::from_secs(3))
             .estimate
             .is_none());
+    }
+
+    #[test]
+    fn a_probe_verifying_less_than_the_estimate_does_not_lower_it() {
+        let mut est = SharedEstimator::new(1_000_000.0, 50_000.0, 20_000_000.0);
+        let epoch = Instant::now();
+        let now = feed(&mut est, epoch, 0.0, 3.0, 1250, |_| 0.0, 0);
+        let before = est.snapshot(now);
+        est.verified(83_000.0, now);
+        let after = est.snapshot(now);
+        assert!(after.gcc >= before.gcc, "{before:?} -> {after:?}");
+        assert_eq!(after.estimate, before.estimate);
+        // A probe above the target still lifts it.
+        est.verified(5_000_000.0, now);
+        assert!(est.snapshot(now).gcc >= 5_000_000.0);
     }
 }
