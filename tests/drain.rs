@@ -19,41 +19,76 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The `weir` binary on free loopback ports with a generated app, listening; `env`: more
+/// environment for it. The child is killed when dropped.
+struct Node {
+    child: tokio::process::Child,
+    http: u16,
+    app: AppKeys,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start(env: &[(&str, &str)]) -> Self {
+        let app_config = AppKeys::generate_config(APP);
+        let app = AppKeys::from_config(&app_config).unwrap();
+        let mut config = Config::development(None);
+        config.server.dev_mode = false;
+        config.apps = vec![app_config];
+        let http = free_port();
+        config.server.http_addr = format!("127.0.0.1:{http}");
+        config.server.udp_addr = format!("127.0.0.1:{}", free_port());
+        config.server.tcp_addr = format!("127.0.0.1:{}", free_port());
+        config.server.rtmp_addr = format!("127.0.0.1:{}", free_port());
+        config.server.metrics_addr = format!("127.0.0.1:{}", free_port());
+        config.server.announce_ips = vec!["127.0.0.1".into()];
+        config.server.shutdown_grace_s = 5;
+        Keyring::from_configs(&config.apps).expect("the generated app loads");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weir.toml");
+        config.write(&path).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", http))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the server did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child,
+            http,
+            app,
+            _dir: dir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_fifty_members_tells_each_and_exits_cleanly() {
-    let app_config = AppKeys::generate_config(APP);
-    let app = AppKeys::from_config(&app_config).unwrap();
-    let mut config = Config::development(None);
-    config.server.dev_mode = false;
-    config.apps = vec![app_config];
-    let http = free_port();
-    config.server.http_addr = format!("127.0.0.1:{http}");
-    config.server.udp_addr = format!("127.0.0.1:{}", free_port());
-    config.server.tcp_addr = format!("127.0.0.1:{}", free_port());
-    config.server.rtmp_addr = format!("127.0.0.1:{}", free_port());
-    config.server.metrics_addr = format!("127.0.0.1:{}", free_port());
-    config.server.announce_ips = vec!["127.0.0.1".into()];
-    config.server.shutdown_grace_s = 5;
-    Keyring::from_configs(&config.apps).expect("the generated app loads");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("weir.toml");
-    config.write(&path).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let Node {
+        mut child,
+        http,
+        app,
+        _dir,
+    } = Node::start(&[]).await;
+    // Its log, read so that the pipe never fills.
+    let mut log = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut sink = Vec::new();
+        let _ = log.read_to_end(&mut sink).await;
+    });
     let url = format!("ws://127.0.0.1:{http}/ws");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", http))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the server did not listen");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     let join = |user: String, room: u32| {
         let now = weir::auth::unix_now();
@@ -144,4 +179,36 @@ async fn sigterm_with_fifty_members_tells_each_and_exits_cleanly() {
     assert!(status.success(), "exit status {status}");
     assert_eq!(told, 50);
     assert!(took < Duration::from_secs(8), "stopping took {took:?}");
+}
+
+/// A part of the node dies (the media task panics, by a test-only trigger): the binary
+/// itself exits non-zero with the reason, so systemd or Kubernetes starts a healthy
+/// node, instead of living on as a zombie that admits people and forwards nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_part_makes_the_binary_exit_non_zero() {
+    let Node {
+        mut child, http, ..
+    } = Node::start(&[("WEIR_FAULT_MEDIA_PANIC_AFTER_MS", "1500")]).await;
+    let health = common::http_get(([127, 0, 0, 1], http).into(), "/healthz").await;
+    assert!(health.starts_with("HTTP/1.0 200"), "{health}");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the binary exits once its media task is dead")
+        .unwrap();
+    let mut stderr = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    // An exit, not a signal: `weir` ends every error with code 2.
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("media task panicked")
+            && stderr.contains("exiting so the node is restarted"),
+        "{stderr}"
+    );
 }

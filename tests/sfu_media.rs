@@ -537,12 +537,24 @@ async fn a_subscriber_on_a_five_percent_loss_link_keeps_video_and_audio() {
         bob.received(&stream, "audio").await,
     );
     // Sequence numbers missing at the end (after repair), per track.
+    // Sequence numbers start anywhere and wrap: each is unwrapped next to the last one.
     let missing = |p: &[Received]| -> (usize, usize) {
-        let seqs: std::collections::BTreeSet<u16> = p.iter().map(|r| r.seq).collect();
+        let mut last: Option<i64> = None;
+        let seqs: std::collections::BTreeSet<i64> = p
+            .iter()
+            .map(|r| {
+                let s = match last {
+                    None => i64::from(r.seq),
+                    Some(l) => l + i64::from(r.seq.wrapping_sub(l as u16) as i16),
+                };
+                last = Some(s);
+                s
+            })
+            .collect();
         let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else {
             return (0, 0);
         };
-        let span = usize::from(last.wrapping_sub(*first)) + 1;
+        let span = (last - first) as usize + 1;
         (span - seqs.len(), span)
     };
     let (video_missing, video_span) = missing(&video);
@@ -577,4 +589,173 @@ async fn a_subscriber_on_a_five_percent_loss_link_keeps_video_and_audio() {
         "5 % loss is not congestion: {:?}",
         bob.congestion()
     );
+}
+
+/// Fault: a publisher killed in the middle of a frame, as `kill -9` or a crash leaves
+/// it: its signaling socket ends with no `leave` and no close frame, and its media stops
+/// between two packets of a keyframe with nothing said on UDP (no BYE, no DTLS close).
+/// Everyone in the room is told at once (member left, stream removed), another
+/// publisher's audio and video to the same subscriber flow on without a gap, nothing of
+/// it stays on the node, and when it comes back as the same user its new stream reaches
+/// the subscriber and decodes from the first frame the subscriber gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_killed_mid_frame_is_gone_for_everyone_and_can_come_back() {
+    use common::publisher::{
+        h264_access_units, offer_to_publish, send_h264_and_opus, webrtc_publisher, Offered, Pace,
+    };
+    use common::relay::{via_relay, Relay};
+    use common::watcher::Watcher;
+    use std::time::Instant;
+    let t = TestServer::start().await;
+    let room = 56;
+    let (_carol, carol_stream, _carol_sender, _r, _carol_peer) =
+        webrtc_publisher(&t, "carol", room, 25, None).await;
+    let bob = Watcher::join(&t, "bob", room, None).await;
+
+    // Alice publishes through a relay, so that her datagrams can stop mid-frame.
+    let aus = h264_access_units(3);
+    let keyframe = &aus[60];
+    assert!(
+        keyframe.iter().any(|n| n[0] & 0x1f == 5),
+        "frame 60 is an IDR (GOP 30)"
+    );
+    let relay = Relay::start(t.udp_addr(), Box::new(|_| false)).await;
+    let (mut alice, _) = Client::join(&t.ws_url(), t.join("alice", room, 0xff)).await;
+    let Offered {
+        stream,
+        mut peer,
+        video,
+        audio,
+        answer,
+    } = offer_to_publish(&mut alice).await;
+    let answer: String = via_relay(&answer, t.udp_addr().port(), relay.addr)
+        .lines()
+        .filter(|l| !l.contains(" tcp "))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    peer.accept_answer(answer).await;
+    peer.connected().await;
+    let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
+    // Two seconds of media, then half of the next keyframe's packets.
+    send_h264_and_opus(
+        Arc::new(aus[..60].to_vec()),
+        video.track.clone(),
+        audio.track.clone(),
+        (vpt, apt),
+        Pace::Once,
+    )
+    .await;
+    let mut sent_packets = 0u16;
+    for au in &aus[..60] {
+        let mut p = Vec::new();
+        weir::codec::h264::packetize(au, 1100, &mut p);
+        sent_packets += p.len() as u16;
+    }
+    let mut halves = Vec::new();
+    weir::codec::h264::packetize(keyframe, 1100, &mut halves);
+    assert!(halves.len() >= 2, "the keyframe spans packets");
+    let half = halves.len() / 2;
+    for (i, payload) in halves.into_iter().take(half).enumerate() {
+        let mut p = rtc::rtp::Packet::default();
+        p.header.version = 2;
+        p.header.payload_type = vpt;
+        p.header.ssrc = 0x5151;
+        p.header.sequence_number = sent_packets.wrapping_add(i as u16);
+        p.header.timestamp = 60 * 3000;
+        p.payload = payload;
+        let _ = video.track.write_rtp(p).await;
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let before = t.metrics().await;
+    // Killed: nothing more leaves on UDP, and the socket ends without a word.
+    relay.cut.store(true, Ordering::Relaxed);
+    let killed = Instant::now();
+    drop(alice);
+    drop(peer);
+
+    let told = |pred: &dyn Fn(&ServerMessage) -> bool| {
+        bob.events
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(at, m)| *at > killed && pred(m))
+            .map(|(at, _)| at.duration_since(killed))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (left, removed) = loop {
+        let left =
+            told(&|m| matches!(m, ServerMessage::MemberLeft { user_id, .. } if user_id == "alice"));
+        let removed = told(
+            &|m| matches!(m, ServerMessage::StreamRemoved { stream_id, .. } if *stream_id == stream.stream_id),
+        );
+        if (left.is_some() && removed.is_some()) || Instant::now() > deadline {
+            break (left, removed);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let left = left.expect("bob is told alice left");
+    let removed = removed.expect("bob is told alice's stream is gone");
+    assert!(
+        left < Duration::from_secs(2) && removed < Duration::from_secs(2),
+        "told after {left:?} / {removed:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = t.metrics().await;
+    for series in ["weir_published_tracks", "weir_participants"] {
+        let (b, a) = (
+            common::metric(&before, series),
+            common::metric(&after, series),
+        );
+        assert!(b > a, "{series}: {b} before the kill, {a} after");
+    }
+    assert_eq!(common::metric(&after, "weir_published_tracks"), 2.0);
+
+    // Carol's media to bob flowed on through it.
+    for kind in ["video", "audio"] {
+        let got = bob.received(&carol_stream, kind).await;
+        let around: Vec<Instant> = got
+            .iter()
+            .map(|r| r.at)
+            .filter(|at| *at + Duration::from_secs(2) > killed)
+            .collect();
+        let gap = around
+            .windows(2)
+            .map(|w| w[1].duration_since(w[0]))
+            .max()
+            .unwrap_or(Duration::MAX);
+        assert!(
+            around.len() > 50 && gap < Duration::from_millis(400),
+            "carol's {kind} around the kill: {} packets, longest gap {gap:?}",
+            around.len()
+        );
+    }
+
+    // Alice comes back as herself, on a new connection.
+    let back = Instant::now();
+    let (_alice, again, _sender, _r, _peer) = webrtc_publisher(&t, "alice", room, 4, None).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let added = bob.events.lock().unwrap().iter().any(|(at, m)| {
+        *at > back
+            && matches!(m, ServerMessage::StreamAdded { stream } if stream.stream_id == again)
+    });
+    assert!(added, "bob is told of alice's new stream");
+    let new: Vec<Received> = bob
+        .received(&again, "video")
+        .await
+        .into_iter()
+        .filter(|r| r.at > back)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let decoded = common::media::decode_h264(&common::media::h264_annex_b(&new), dir.path()).await;
+    eprintln!(
+        "killed mid-frame: told in {left:?} (left) / {removed:?} (removed); back: {} packets, \
+         {decoded:?}",
+        new.len()
+    );
+    assert!(
+        decoded.frames >= 60 && decoded.width == 320,
+        "alice's new stream decodes: {decoded:?}"
+    );
+    let m = t.metrics().await;
+    assert_eq!(common::metric(&m, "weir_published_tracks"), 4.0, "{m}");
 }

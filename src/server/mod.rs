@@ -524,6 +524,8 @@ pub fn main(config_path: Option<PathBuf>, bind: Option<String>) -> Result<()> {
         .build()?
         .block_on(async {
             let server = start(config, keyring).await?;
+            #[cfg(feature = "fault-injection")]
+            inject_faults_from_env(&server);
             tokio::select! {
                 () = shutdown_signal() => {
                     server.shutdown().await;
@@ -534,6 +536,24 @@ pub fn main(config_path: Option<PathBuf>, bind: Option<String>) -> Result<()> {
                 why = server.failed() => Err(anyhow::anyhow!("{why}; exiting so the node is restarted")),
             }
         })
+}
+
+/// Test-only: `WEIR_FAULT_MEDIA_PANIC_AFTER_MS` makes the media task panic that long
+/// after start, so a test can watch the binary itself exit (`tests/drain.rs`).
+#[cfg(feature = "fault-injection")]
+fn inject_faults_from_env(server: &Server) {
+    let Some(ms) = std::env::var("WEIR_FAULT_MEDIA_PANIC_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    warn!(ms, "fault injection: the media task will panic");
+    let media = server.media_tx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let _ = media.send(control::MediaInput::InjectPanic).await;
+    });
 }
 
 async fn shutdown_signal() {
