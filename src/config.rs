@@ -114,6 +114,9 @@ pub struct ServerConfig {
     /// RTMP ingest (mini program pushers, OBS, ffmpeg) and play; empty disables it.
     /// Its port is the one named in play URLs.
     pub rtmp_addr: String,
+    /// RTMPS (RTMP in TLS) ingest and play, with `tls_cert_file`/`tls_key_file`; empty
+    /// (the default) disables it. Usually port 443 or 1936.
+    pub rtmps_addr: String,
     /// Opus bitrate (bit/s) of AAC audio bridged to WebRTC.
     pub opus_bitrate: u32,
     /// AAC bitrate (bit/s) of Opus audio from WebRTC publishers for RTMP/FLV players.
@@ -200,6 +203,7 @@ impl Default for ServerConfig {
             announce_ips: Vec::new(),
             public_host: String::new(),
             rtmp_addr: "0.0.0.0:1935".into(),
+            rtmps_addr: String::new(),
             opus_bitrate: 64_000,
             aac_bitrate: 128_000,
             rtmp_max_lag_ms: 400,

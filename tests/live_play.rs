@@ -608,3 +608,61 @@ async fn wait_for_publish(t: &TestServer, ffmpeg: &mut tokio::process::Child) {
         rtmp.join("\n")
     );
 }
+
+/// RTMPS: with a certificate, the RTMPS listener takes a push and serves a player over
+/// TLS (ffmpeg both ways, the recording checked as over plain RTMP); plain RTMP on that
+/// port gets nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmps_pushes_and_plays_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).unwrap();
+    let t = TestServer::start_with(|c| {
+        c.server.rtmp_addr = String::new();
+        c.server.rtmps_addr = "127.0.0.1:0".into();
+        c.server.tls_cert_file = cert_file.display().to_string();
+        c.server.tls_key_file = key_file.display().to_string();
+    })
+    .await;
+    assert!(t.server.rtmp_addr.is_none());
+    let rtmps = t.server.rtmps_addr.expect("the RTMPS listener");
+
+    // Plain RTMP to the TLS port: refused before anything is published.
+    let plain = format!(
+        "rtmp://{rtmps}/live/secure?{}",
+        credentials(&t, "host", 0xff)
+    );
+    let mut wrong = common::source::ffmpeg_push(&plain, 2);
+    let status = tokio::time::timeout(Duration::from_secs(20), wrong.wait())
+        .await
+        .expect("a plain push to the RTMPS port ends")
+        .unwrap();
+    assert!(!status.success(), "plain RTMP on the RTMPS port");
+
+    let push = format!(
+        "rtmps://{rtmps}/live/secure?{}",
+        credentials(&t, "host", 0xff)
+    );
+    let mut ffmpeg = common::source::ffmpeg_push(&push, 5);
+    wait_for_publish(&t, &mut ffmpeg).await;
+    let play = format!(
+        "rtmps://{rtmps}/live/secure?{}",
+        credentials(&t, "watcher", 0x02 | 0x08 | 0x20)
+    );
+    let out = dir.path().join("rtmps.flv");
+    let mut player = player(&play, &out);
+    assert!(ffmpeg.wait().await.unwrap().success(), "push");
+    let status = tokio::time::timeout(Duration::from_secs(10), player.wait())
+        .await
+        .expect("the RTMPS player ends with the stream")
+        .unwrap();
+    assert!(status.success(), "RTMPS player");
+    check_recording(&out, 4.0);
+    let m = t.metrics().await;
+    assert!(
+        m.contains("weir_play_requests_total{outcome=\"ok\",protocol=\"rtmp\"} 1"),
+        "{m}"
+    );
+}

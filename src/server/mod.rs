@@ -119,6 +119,8 @@ pub struct Server {
     pub udp_addr: SocketAddr,
     /// RTMP ingest, when enabled.
     pub rtmp_addr: Option<SocketAddr>,
+    /// RTMPS ingest, when enabled.
+    pub rtmps_addr: Option<SocketAddr>,
     /// The metrics listener, when enabled.
     pub metrics_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
@@ -307,6 +309,20 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         )
     };
     let rtmp_addr = rtmp_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let rtmps_listener = match (&config.server.rtmps_addr, &tls) {
+        (a, _) if a.is_empty() => None,
+        (a, None) => anyhow::bail!("rtmps_addr {a} needs tls_cert_file and tls_key_file"),
+        (a, Some(tls)) => Some((
+            bind_tcp(a, send_buffer)
+                .await
+                .with_context(|| format!("binding RTMPS on {a}"))?,
+            tls.clone(),
+        )),
+    };
+    let rtmps_addr = rtmps_listener
+        .as_ref()
+        .map(|(l, _)| l.local_addr())
+        .transpose()?;
     let urls = UrlBase {
         rtmp: format!(
             "rtmp://{host}:{}/live",
@@ -439,7 +455,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     });
 
     let (stop, stop_rx) = watch::channel(false);
-    if let Some(l) = rtmp_listener {
+    if rtmp_listener.is_some() || rtmps_listener.is_some() {
         let shared = Arc::new(rtmp::RtmpShared {
             pushers: rtmp::Pushers::default(),
             bridge_tx,
@@ -450,17 +466,29 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             },
             epoch: std::time::Instant::now(),
         });
-        info!(addr = %l.local_addr()?, "RTMP listening (push with room credentials or a txSecret URL)");
-        supervisor.spawn(
-            "rtmp",
-            rtmp::serve(
-                l,
-                state.clone(),
-                shared,
-                connections("rtmp"),
-                stop_rx.clone(),
-            ),
-        );
+        // RTMP and RTMPS count against one connection limit.
+        let limit = connections("rtmp");
+        if let Some(l) = rtmp_listener {
+            info!(addr = %l.local_addr()?, "RTMP listening (push with room credentials or a txSecret URL)");
+            supervisor.spawn(
+                "rtmp",
+                rtmp::serve(
+                    l,
+                    None,
+                    state.clone(),
+                    shared.clone(),
+                    limit.clone(),
+                    stop_rx.clone(),
+                ),
+            );
+        }
+        if let Some((l, tls)) = rtmps_listener {
+            info!(addr = %l.local_addr()?, "RTMPS listening (RTMP in TLS, the HTTPS certificate)");
+            supervisor.spawn(
+                "rtmps",
+                rtmp::serve(l, Some(tls), state.clone(), shared, limit, stop_rx.clone()),
+            );
+        }
     }
     let metrics_addr = match metrics_listener {
         Some(l) => {
@@ -487,6 +515,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         http_addr,
         udp_addr,
         rtmp_addr,
+        rtmps_addr,
         metrics_addr,
         state,
         stop,

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
@@ -72,11 +72,29 @@ pub struct RtmpShared {
 /// an interactive connection, every command round trip cost ~42 ms (three of them,
 /// 130 ms, before a player's first frame). Linux resets the flag as it goes, so it is
 /// set after every read.
-fn quick_ack(socket: &TcpStream) {
+fn quick_ack(socket: &impl RtmpSocket) {
     #[cfg(target_os = "linux")]
-    let _ = socket2::SockRef::from(socket).set_tcp_quickack(true);
+    let _ = socket2::SockRef::from(socket.tcp()).set_tcp_quickack(true);
     #[cfg(not(target_os = "linux"))]
     let _ = socket;
+}
+
+/// What an RTMP connection runs over: TCP, or TLS over TCP (RTMPS).
+pub trait RtmpSocket: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The TCP connection underneath.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl RtmpSocket for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl RtmpSocket for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
 }
 
 /// Sends a refusal and closes so that the client reads it. Closing a socket with
@@ -84,7 +102,7 @@ fn quick_ack(socket: &TcpStream) {
 /// sends more after `play`) then loses the refusal, printing "Broken pipe" instead of
 /// the reason. So: send, end our side, and discard what the client still sends, for a
 /// bounded time and amount, until it closes too.
-async fn close_after(socket: &mut TcpStream, refusal: &[u8]) {
+async fn close_after(socket: &mut impl RtmpSocket, refusal: &[u8]) {
     let _ = socket.write_all(refusal).await;
     let _ = socket.shutdown().await;
     let mut sink = [0u8; 4096];
@@ -98,8 +116,10 @@ async fn close_after(socket: &mut TcpStream, refusal: &[u8]) {
     }
 }
 
+/// Serves RTMP on `listener`, or RTMPS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<super::tls::Tls>>,
     state: Arc<AppState>,
     shared: Arc<RtmpShared>,
     limit: Arc<crate::limits::Connections>,
@@ -119,10 +139,27 @@ pub async fn serve(
                     let _ = stream.set_nodelay(true);
                     let state = state.clone();
                     let shared = shared.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        state.metrics.rtmp_connections.with_label_values(&["handshake"]).inc();
                         let mut conn = Connection::new(state.clone(), shared, peer);
-                        conn.run(stream).await;
+                        match tls {
+                            None => {
+                                state.metrics.rtmp_connections.with_label_values(&["handshake"]).inc();
+                                conn.run(stream).await;
+                            }
+                            Some(tls) => {
+                                let handshake = tls.rtmps_acceptor().accept(stream);
+                                match tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, handshake).await {
+                                    Ok(Ok(s)) => {
+                                        state.metrics.rtmp_connections.with_label_values(&["handshake"]).inc();
+                                        conn.run(s).await;
+                                    }
+                                    // Nothing was counted or claimed: nothing to clean.
+                                    Ok(Err(e)) => return debug!(%peer, error = %e, "RTMPS handshake failed"),
+                                    Err(_) => return debug!(%peer, "RTMPS handshake timed out"),
+                                }
+                            }
+                        }
                         conn.cleanup().await;
                         drop(permit);
                     });
@@ -530,7 +567,7 @@ impl Connection {
         self.shared.epoch.elapsed().as_millis() as u64
     }
 
-    async fn run(&mut self, mut socket: TcpStream) {
+    async fn run(&mut self, mut socket: impl RtmpSocket) {
         let mut rtmp = ServerSession::new(self.now_ms() as u32);
         let mut buf = vec![0u8; 64 * 1024];
         let mut app = String::new();
@@ -987,7 +1024,7 @@ impl Connection {
     /// Sends a stream's tags to an RTMP player until either side ends.
     async fn play(
         &mut self,
-        socket: &mut TcpStream,
+        socket: &mut impl RtmpSocket,
         rtmp: &mut ServerSession,
         player: crate::live::Player,
     ) {

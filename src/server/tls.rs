@@ -10,8 +10,8 @@
 //! fails to load is logged and the old one kept. A TLS handshake must finish within
 //! [`HANDSHAKE_TIMEOUT`].
 //!
-//! RTMP stays plain on its port; RTMPS is served by a TLS proxy in front of it (see
-//! the README).
+//! With `rtmps_addr` set too, that listener serves RTMPS (RTMP in TLS, the same
+//! certificate, the same reloads) beside the plain RTMP port.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -49,6 +49,14 @@ impl Tls {
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         let config = self.current.read().expect("tls lock").0.clone();
         tokio_rustls::TlsAcceptor::from(config)
+    }
+
+    /// The acceptor for a new RTMPS connection: the same certificate, no ALPN (RTMP
+    /// clients offer none, and one offering something else is not refused for it).
+    pub fn rtmps_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let mut config = (*self.current.read().expect("tls lock").0).clone();
+        config.alpn_protocols.clear();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 
     /// Reads the files again; on failure the old pair stays.
