@@ -95,7 +95,9 @@ async fn join_and_publish(
     )
 }
 
-/// Sends video and audio packets every 10 ms until `stop`.
+/// Sends video and audio packets every 10 ms until `stop`, timestamped by the wall
+/// clock as a real sender does (a loop that falls behind still keeps RTP time with
+/// real time, which its sender reports map to).
 fn send_media(
     tag: u8,
     video: SendTrack,
@@ -105,6 +107,7 @@ fn send_media(
     tokio::spawn(async move {
         let mut n: u32 = 0;
         let (video_pt, audio_pt) = (video.payload_type().await, audio.payload_type().await);
+        let start = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             for (track, kind, clock, pt) in [
                 (&video, 1u8, 900u32, video_pt),
@@ -116,7 +119,9 @@ fn send_media(
                 p.header.ssrc = (kind as u32) << 28 | tag as u32;
                 p.header.version = 2;
                 p.header.sequence_number = (n as u16).wrapping_add(1000 * kind as u16);
-                p.header.timestamp = n.wrapping_mul(clock);
+                // `clock` ticks per 10 ms.
+                let elapsed = start.elapsed().as_micros() as u64;
+                p.header.timestamp = (elapsed * u64::from(clock) / 10_000) as u32;
                 p.header.marker = true;
                 p.payload = payload(tag, kind, n).into();
                 if let Err(e) = track.write_rtp(p).await {
