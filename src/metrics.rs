@@ -68,6 +68,8 @@ pub struct Metrics {
     /// RTMP connections by role, and publish/play attempts by outcome.
     pub rtmp_connections: IntGaugeVec,
     pub rtmp_requests: IntCounterVec,
+    /// WHIP publish requests by outcome (and resources deleted).
+    pub whip_requests: IntCounterVec,
     /// Bridged packets dropped because the media plane's queue was full.
     pub bridge_queue_drops: prometheus::IntCounter,
     /// RTMP and HTTP-FLV players by protocol, play requests by outcome, and FLV tags
@@ -305,6 +307,11 @@ impl Metrics {
                 "weir_rtmp_requests_total",
                 "RTMP publish and play requests by outcome",
                 &["request", "outcome"],
+            ),
+            whip_requests: counter_vec(
+                "weir_whip_requests_total",
+                "WHIP publish requests by outcome (ok, unauthorized, refused, bad_request, unavailable) and resources deleted",
+                &["outcome"],
             ),
             bridge_queue_drops: counter(
                 "weir_bridge_queue_drops_total",

@@ -260,6 +260,15 @@ pub fn peek_kid(token: &str) -> Result<String, AuthError> {
         .ok_or_else(|| AuthError::JwtMalformed("header has no `kid`".into()))
 }
 
+/// A JWT's claims, read **without verifying anything**: only to learn which app and
+/// user a bearer token names, so that the right key can then verify it (WHIP's
+/// `Authorization: Bearer`). Refused like [`header`] first.
+pub fn peek_claims(token: &str) -> Result<JwtClaims, AuthError> {
+    header(token)?;
+    jsonwebtoken::dangerous::insecure_decode_claims::<JwtClaims>(token)
+        .map_err(|e| AuthError::JwtMalformed(format!("claims: {e}")))
+}
+
 /// Checks the signature with `key` (whose algorithm the header must name) and returns
 /// the claims; expiry and identity checks are the caller's (they differ between userSig
 /// and privateMapKey).

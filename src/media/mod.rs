@@ -13,7 +13,7 @@
 
 mod congestion;
 mod demux;
-mod forward;
+pub mod forward;
 mod nack_guard;
 mod peer;
 mod tcp;

@@ -36,6 +36,20 @@ pub fn public_routes(state: Arc<AppState>) -> Router {
             "/weapp/{kind}/{action}",
             axum::routing::any(super::weapp::call),
         )
+        .route(
+            "/whip",
+            axum::routing::post(super::whip::publish)
+                .options(super::whip::options)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    super::whip::MAX_OFFER_BYTES,
+                )),
+        )
+        .route(
+            "/whip/resource/{id}",
+            axum::routing::delete(super::whip::delete)
+                .patch(super::whip::patch)
+                .options(super::whip::options),
+        )
         .merge(super::web::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

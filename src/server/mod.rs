@@ -25,6 +25,7 @@ mod supervise;
 pub mod tls;
 mod weapp;
 mod web;
+pub mod whip;
 mod ws;
 
 use control::{Control, ControlCommand};
@@ -59,6 +60,8 @@ pub struct AppState {
     pub live_sessions: watch::Sender<usize>,
     /// Reverse proxies whose `X-Forwarded-For` names the client.
     pub proxies: crate::limits::TrustedProxies,
+    /// WHIP publishers' resources.
+    pub whip: whip::Resources,
 }
 
 /// Counts a signaling session as live while it exists.
@@ -452,6 +455,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         epoch: std::time::Instant::now(),
         live_sessions: watch::channel(0).0,
         proxies: proxies.clone(),
+        whip: whip::Resources::default(),
     });
 
     let (stop, stop_rx) = watch::channel(false);

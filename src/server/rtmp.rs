@@ -257,6 +257,15 @@ fn room_credentials(
     checked
 }
 
+/// Room credentials in URL parameters (as on a push URL), checked now; the caller
+/// applies the failed-check throttle (WHIP's query form).
+pub(super) fn room_credentials_checked(
+    state: &AppState,
+    params: &[(String, String)],
+) -> Result<(u64, RoomTicket), Refusal> {
+    check_room_credentials(state, params, crate::auth::unix_now())
+}
+
 fn check_room_credentials(
     state: &AppState,
     params: &[(String, String)],

@@ -1,0 +1,348 @@
+//! WHIP ingest (RFC 9725) with a client shaped like OBS: one POST of an offer with no
+//! candidates (it never trickles), OBS's SDP quirks (`a=group:LS`, the codec name
+//! `OPUS` in capitals), a bearer token; the publisher is a room member that a
+//! `webrtc`-crate subscriber decodes and an ffmpeg RTMP player plays; DELETE removes
+//! it for everyone. Bad requests get their status codes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::peer::{h264, opus, RtcPeer};
+use common::publisher::{h264_access_units, send_h264_and_opus, Pace};
+use common::watcher::Watcher;
+use common::TestServer;
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir::auth::{Privileges, RoomId, TokenKind};
+use weir_signaling::ServerMessage;
+
+const ROOM: u32 = 91;
+
+/// One HTTP/1.1 request; (status, headers lower-cased, body).
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// An offer as OBS sends it: no candidates at all, `a=group:LS`, `OPUS`.
+fn obs_shaped(offer: &str) -> String {
+    let mut out = String::new();
+    for line in offer.lines() {
+        if line.starts_with("a=candidate") || line.starts_with("a=end-of-candidates") {
+            continue;
+        }
+        let line = line.replace("opus/48000", "OPUS/48000");
+        out.push_str(&line);
+        out.push_str("\r\n");
+        if line.starts_with("a=group:BUNDLE") {
+            out.push_str("a=group:LS 0 1\r\n");
+        }
+    }
+    out
+}
+
+/// Video frames ffprobe decodes from a file.
+fn video_frames(file: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
+        .args(["-show_entries", "stream=nb_read_frames", "-of", "csv=p=0"])
+        .arg(file)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+fn pmk_jwt(t: &TestServer, user: &str, privileges: u32) -> String {
+    t.app
+        .issue_private_map_key(
+            TokenKind::Jwt,
+            user,
+            &RoomId::Num(ROOM),
+            Privileges(privileges),
+            weir::auth::unix_now(),
+            3600,
+        )
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_obs_shaped_whip_publisher_is_a_member_everyone_receives_until_delete() {
+    let t = TestServer::start_with(|c| c.server.rtmp_addr = "127.0.0.1:0".into()).await;
+    let addr = t.server.http_addr;
+    let bob = Watcher::join(&t, "bob", ROOM, None).await;
+
+    let mut peer = RtcPeer::new().await;
+    let video = peer
+        .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
+        .await;
+    let audio = peer
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x5252)
+        .await;
+    let offer = obs_shaped(&peer.offer().await);
+    assert!(!offer.contains("a=candidate"));
+    let token = format!("Bearer {}", pmk_jwt(&t, "obs", 0xff));
+    let (status, headers, answer) = http(
+        addr,
+        "POST",
+        "/whip",
+        &[
+            ("Content-Type", "application/sdp"),
+            ("Authorization", &token),
+        ],
+        &offer,
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(header(&headers, "content-type"), Some("application/sdp"));
+    let location = header(&headers, "location").expect("Location").to_owned();
+    assert!(location.starts_with("/whip/resource/"), "{location}");
+    assert!(header(&headers, "etag").is_some());
+    assert!(
+        answer.starts_with("v=0") && answer.contains("a=candidate"),
+        "{answer}"
+    );
+
+    peer.accept_answer(answer).await;
+    peer.connected().await;
+    let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = tokio::spawn(send_h264_and_opus(
+        std::sync::Arc::new(h264_access_units(2)),
+        video.track.clone(),
+        audio.track.clone(),
+        (vpt, apt),
+        Pace::Until(stop.clone()),
+    ));
+
+    // A member of the room: bob is told, subscribes and decodes it.
+    let stream = format!("{}_{ROOM}_obs_main", common::APP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bob.received(&stream, "video").await.len() < 200 {
+        assert!(Instant::now() < deadline, "bob receives the WHIP stream");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ffmpeg plays it over RTMP.
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let key = t.config.apps[0].live_play_key.clone().unwrap();
+    let url = weir::auth::live_url::sign_url(
+        &format!("rtmp://{rtmp}/live/{stream}"),
+        &key,
+        weir::auth::unix_now() + 600,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("whip.flv");
+    let played = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-i", &url, "-t", "2"])
+        .args(["-c", "copy", "-f", "flv", "-y"])
+        .arg(&out)
+        .kill_on_drop(true)
+        .status();
+    let played = tokio::time::timeout(Duration::from_secs(20), played)
+        .await
+        .expect("the RTMP player ends")
+        .unwrap();
+    assert!(played.success(), "ffmpeg plays the WHIP stream over RTMP");
+    let frames = video_frames(&out);
+    assert!(
+        frames >= 25,
+        "{frames} video frames played over RTMP in 2 s"
+    );
+    let video_in = bob.received(&stream, "video").await;
+    let decoded =
+        common::media::decode_h264(&common::media::h264_annex_b(&video_in), dir.path()).await;
+    assert!(
+        decoded.frames >= 30 && decoded.width == 320,
+        "bob decodes it: {decoded:?}"
+    );
+    assert!(
+        !bob.received(&stream, "audio").await.is_empty(),
+        "audio too"
+    );
+
+    // DELETE: gone for everyone.
+    let deleted = Instant::now();
+    let (status, _, body) = http(addr, "DELETE", &location, &[], "").await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let gone = bob.events.lock().unwrap().iter().any(|(at, m)| {
+            *at > deleted
+                && matches!(m, ServerMessage::StreamRemoved { stream_id, .. } if *stream_id == stream)
+        });
+        if gone {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob is told the stream is gone");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, ..) = http(addr, "DELETE", &location, &[], "").await;
+    assert_eq!(status, 404, "a resource is deleted once");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sender.await;
+    let m = t.metrics().await;
+    assert_eq!(
+        common::metric(&m, "weir_whip_requests_total{outcome=\"ok\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        common::metric(&m, "weir_whip_requests_total{outcome=\"deleted\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_whip_requests_get_their_status_codes() {
+    let t = TestServer::start().await;
+    let addr = t.server.http_addr;
+    let mut peer = RtcPeer::new().await;
+    peer.add_send_track(RtpCodecKind::Video, h264(), 0x5151)
+        .await;
+    let offer = peer.offer().await;
+    let good = format!("Bearer {}", pmk_jwt(&t, "obs", 0xff));
+    let sdp = ("Content-Type", "application/sdp");
+    // No credentials; a forged token; the wrong content type.
+    let (status, headers, _) = http(addr, "POST", "/whip", &[sdp], &offer).await;
+    assert_eq!(status, 401);
+    assert_eq!(header(&headers, "www-authenticate"), Some("Bearer"));
+    let mut forged = pmk_jwt(&t, "obs", 0xff);
+    forged.pop();
+    forged.push('A');
+    let forged = format!("Bearer {forged}");
+    let (status, _, body) = http(
+        addr,
+        "POST",
+        "/whip",
+        &[sdp, ("Authorization", &forged)],
+        &offer,
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    let (status, ..) = http(
+        addr,
+        "POST",
+        "/whip",
+        &[("Content-Type", "text/plain"), ("Authorization", &good)],
+        &offer,
+    )
+    .await;
+    assert_eq!(status, 415);
+    // A receive-only member may not publish.
+    let viewer = format!(
+        "Bearer {}",
+        pmk_jwt(&t, "viewer", 0x01 | 0x02 | 0x08 | 0x20)
+    );
+    let (status, _, body) = http(
+        addr,
+        "POST",
+        "/whip",
+        &[sdp, ("Authorization", &viewer)],
+        &offer,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    // An offer that sends nothing; an oversized body.
+    let recvonly = offer
+        .replace("a=sendrecv", "a=recvonly")
+        .replace("a=sendonly", "a=recvonly");
+    let (status, ..) = http(
+        addr,
+        "POST",
+        "/whip",
+        &[sdp, ("Authorization", &good)],
+        &recvonly,
+    )
+    .await;
+    assert_eq!(status, 422);
+    // Credentials in the query string, as on an RTMP push URL, are taken too (the
+    // offer is then what is refused).
+    let now = weir::auth::unix_now();
+    let sig = t
+        .app
+        .issue_user_sig(TokenKind::V2, "obs", now, 3600)
+        .unwrap();
+    let pmk = t
+        .app
+        .issue_private_map_key(
+            TokenKind::V2,
+            "obs",
+            &RoomId::Num(ROOM),
+            Privileges(0xff),
+            now,
+            3600,
+        )
+        .unwrap();
+    let enc = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    let path = format!(
+        "/whip?sdkappid={}&userid=obs&roomid={ROOM}&usersig={}&privatemapkey={}",
+        common::APP,
+        enc(&sig),
+        enc(&pmk)
+    );
+    let (status, _, body) = http(addr, "POST", &path, &[sdp], &recvonly).await;
+    assert_eq!(status, 422, "{body}");
+    let huge = "a".repeat(weir::server::whip::MAX_OFFER_BYTES + 1);
+    let (status, ..) = http(
+        addr,
+        "POST",
+        "/whip",
+        &[sdp, ("Authorization", &good)],
+        &huge,
+    )
+    .await;
+    assert_eq!(status, 413);
+    // Unknown resources; PATCH is refused with what is allowed; CORS preflight.
+    let (status, ..) = http(addr, "DELETE", "/whip/resource/nope", &[], "").await;
+    assert_eq!(status, 404);
+    let (status, headers, _) = http(addr, "OPTIONS", "/whip", &[], "").await;
+    assert_eq!(status, 204);
+    assert_eq!(header(&headers, "access-control-allow-origin"), Some("*"));
+    assert!(header(&headers, "access-control-allow-headers")
+        .is_some_and(|h| h.contains("Authorization")));
+    let m = t.metrics().await;
+    assert!(
+        common::metric(&m, "weir_whip_requests_total{outcome=\"unauthorized\"}") >= 2.0,
+        "{m}"
+    );
+}
