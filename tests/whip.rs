@@ -1,8 +1,8 @@
 //! WHIP ingest (RFC 9725) with a client shaped like OBS: one POST of an offer with no
 //! candidates (it never trickles), OBS's SDP quirks (`a=group:LS`, the codec name
-//! `OPUS` in capitals), a bearer token; the publisher is a room member that a
-//! `webrtc`-crate subscriber decodes and an ffmpeg RTMP player plays; DELETE removes
-//! it for everyone. Bad requests get their status codes.
+//! `OPUS` in capitals), a bearer token; the publisher is a room member that Chrome
+//! (through the SDK) and a `webrtc`-crate subscriber decode and an ffmpeg RTMP player
+//! plays; DELETE removes it for everyone. Bad requests get their status codes.
 
 mod common;
 
@@ -110,6 +110,29 @@ async fn an_obs_shaped_whip_publisher_is_a_member_everyone_receives_until_delete
     let t = TestServer::start_with(|c| c.server.rtmp_addr = "127.0.0.1:0".into()).await;
     let addr = t.server.http_addr;
     let bob = Watcher::join(&t, "bob", ROOM, None).await;
+    // Chrome in the room, through the SDK (started first: its start is slow on 2 cores).
+    let browser = common::browser::Browser::launch().await;
+    let chrome = browser.open(&format!("http://{addr}/")).await;
+    let options = serde_json::to_string(&t.join("chrome", ROOM, 0xff)).unwrap();
+    chrome
+        .eval(&format!(
+            r#"(async () => {{
+                const {{ WeirRoom }} = await import('/sdk/weir.js');
+                const room = new WeirRoom({options});
+                window.room = room;
+                window.gone = [];
+                room.on('streamRemoved', (s) => window.gone.push(s.streamId));
+                room.on('remoteStream', ({{ stream }}) => {{
+                    const v = document.createElement('video');
+                    v.autoplay = true; v.muted = true; v.srcObject = stream;
+                    document.body.append(v);
+                    v.play().catch(() => {{}});
+                }});
+                await room.join();
+                return true;
+            }})()"#
+        ))
+        .await;
 
     let mut peer = RtcPeer::new().await;
     let video = peer
@@ -159,6 +182,25 @@ async fn an_obs_shaped_whip_publisher_is_a_member_everyone_receives_until_delete
     let deadline = Instant::now() + Duration::from_secs(10);
     while bob.received(&stream, "video").await.len() < 200 {
         assert!(Instant::now() < deadline, "bob receives the WHIP stream");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Chrome decodes it.
+    let stats = format!(
+        r#"(async () => {{ const s = (await window.room.getStats()).get('{stream}');
+            return s ? {{ frames: s.video.framesDecoded || 0, width: s.video.width || 0 }} : null; }})()"#
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = chrome.eval(&stats).await;
+        if got["frames"].as_u64().unwrap_or(0) > 30 {
+            assert_eq!(got["width"], 320, "{got}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Chrome decodes the WHIP stream: {got}\n{}",
+            browser.console_dump()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // ffmpeg plays it over RTMP.
@@ -216,6 +258,12 @@ async fn an_obs_shaped_whip_publisher_is_a_member_everyone_receives_until_delete
         assert!(Instant::now() < deadline, "bob is told the stream is gone");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let gone = chrome.eval("window.gone").await;
+    assert!(
+        gone.as_array()
+            .is_some_and(|g| g.iter().any(|s| s.as_str() == Some(stream.as_str()))),
+        "Chrome is told too: {gone}"
+    );
     let (status, ..) = http(addr, "DELETE", &location, &[], "").await;
     assert_eq!(status, 404, "a resource is deleted once");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -246,9 +294,11 @@ async fn bad_whip_requests_get_their_status_codes() {
     let (status, headers, _) = http(addr, "POST", "/whip", &[sdp], &offer).await;
     assert_eq!(status, 401);
     assert_eq!(header(&headers, "www-authenticate"), Some("Bearer"));
-    let mut forged = pmk_jwt(&t, "obs", 0xff);
-    forged.pop();
-    forged.push('A');
+    // One signature character changed (not the last: its low bits are padding).
+    let mut forged = pmk_jwt(&t, "obs", 0xff).into_bytes();
+    let i = forged.len() - 10;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
     let forged = format!("Bearer {forged}");
     let (status, _, body) = http(
         addr,
