@@ -70,6 +70,8 @@ pub struct Metrics {
     pub rtmp_requests: IntCounterVec,
     /// WHIP publish requests by outcome (and resources deleted).
     pub whip_requests: IntCounterVec,
+    /// WHEP play requests by outcome.
+    pub whep_requests: IntCounterVec,
     /// Bridged packets dropped because the media plane's queue was full.
     pub bridge_queue_drops: prometheus::IntCounter,
     /// RTMP and HTTP-FLV players by protocol, play requests by outcome, and FLV tags
@@ -311,6 +313,11 @@ impl Metrics {
             whip_requests: counter_vec(
                 "weir_whip_requests_total",
                 "WHIP publish requests by outcome (ok, unauthorized, refused, bad_request, unavailable) and resources deleted",
+                &["outcome"],
+            ),
+            whep_requests: counter_vec(
+                "weir_whep_requests_total",
+                "WHEP play requests by outcome (ok, unauthorized, refused, bad_request, unavailable)",
                 &["outcome"],
             ),
             bridge_queue_drops: counter(

@@ -396,3 +396,116 @@ async fn bad_whip_requests_get_their_status_codes() {
         "{m}"
     );
 }
+
+/// WHEP: headless Chromium with a plain page (an `RTCPeerConnection` and `fetch`, no
+/// Weir SDK) plays an RTMP pusher's stream: one POST of a receive-only offer, the
+/// answer, decoded video and audio; DELETE ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_whep_page_in_chrome_plays_an_rtmp_push() {
+    let t = TestServer::start_with(|c| c.server.rtmp_addr = "127.0.0.1:0".into()).await;
+    let addr = t.server.http_addr;
+    let browser = common::browser::Browser::launch().await;
+    let page = browser.open(&format!("http://{addr}/")).await;
+    let stream = format!("{}_{ROOM}_pusher_main", common::APP);
+    let now = weir::auth::unix_now();
+    let enc = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    let sig = t
+        .app
+        .issue_user_sig(TokenKind::V2, "pusher", now, 3600)
+        .unwrap();
+    let pmk = t
+        .app
+        .issue_private_map_key(
+            TokenKind::V2,
+            "pusher",
+            &RoomId::Num(ROOM),
+            Privileges(0xff),
+            now,
+            3600,
+        )
+        .unwrap();
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let mut ffmpeg = common::source::ffmpeg_push(
+        &format!(
+            "rtmp://{rtmp}/live/{stream}?sdkappid={}&userid=pusher&roomid={ROOM}&usersig={}&privatemapkey={}",
+            common::APP,
+            enc(&sig),
+            enc(&pmk)
+        ),
+        20,
+    );
+    // The stream is in the room once the pusher has published.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !t
+        .metrics()
+        .await
+        .contains("weir_rtmp_connections{role=\"publish\"} 1")
+    {
+        assert!(Instant::now() < deadline, "the RTMP push is published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let token = pmk_jwt(&t, "whep-viewer", 0x01 | 0x02 | 0x08 | 0x20);
+    let started = page
+        .eval(&format!(
+            r#"(async () => {{
+                const pc = new RTCPeerConnection();
+                window.pc = pc;
+                pc.addTransceiver('video', {{ direction: 'recvonly' }});
+                pc.addTransceiver('audio', {{ direction: 'recvonly' }});
+                pc.ontrack = (e) => {{
+                    if (e.track.kind !== 'video') return;
+                    const v = document.createElement('video');
+                    v.autoplay = true; v.muted = true; v.srcObject = e.streams[0] || new MediaStream([e.track]);
+                    document.body.append(v);
+                    v.play().catch(() => {{}});
+                }};
+                await pc.setLocalDescription(await pc.createOffer());
+                const r = await fetch('/whep/{stream}', {{
+                    method: 'POST',
+                    headers: {{ 'Content-Type': 'application/sdp', 'Authorization': 'Bearer {token}' }},
+                    body: pc.localDescription.sdp,
+                }});
+                const answer = await r.text();
+                window.location_ = r.headers.get('Location');
+                if (r.status !== 201) return {{ status: r.status, answer }};
+                await pc.setRemoteDescription({{ type: 'answer', sdp: answer }});
+                return {{ status: r.status, location: window.location_ }};
+            }})()"#
+        ))
+        .await;
+    assert_eq!(started["status"], 201, "{started}");
+    let location = started["location"].as_str().expect("Location").to_owned();
+    assert!(location.starts_with("/whep/resource/"), "{location}");
+    let stats = r#"(async () => {
+        const out = { frames: 0, width: 0, audio: 0, state: window.pc.connectionState };
+        (await window.pc.getStats()).forEach((s) => {
+            if (s.type === 'inbound-rtp' && s.kind === 'video') { out.frames = s.framesDecoded || 0; out.width = s.frameWidth || 0; }
+            if (s.type === 'inbound-rtp' && s.kind === 'audio') { out.audio = s.packetsReceived || 0; }
+        });
+        return out;
+    })()"#;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let got = page.eval(stats).await;
+        if got["frames"].as_u64().unwrap_or(0) > 30 && got["audio"].as_u64().unwrap_or(0) > 50 {
+            break got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the WHEP page decodes video and receives audio: {got}\n{}",
+            browser.console_dump()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(got["width"], 320, "{got}");
+    let (status, ..) = http(addr, "DELETE", &location, &[], "").await;
+    assert_eq!(status, 200);
+    let m = t.metrics().await;
+    assert_eq!(
+        common::metric(&m, "weir_whep_requests_total{outcome=\"ok\"}"),
+        1.0,
+        "{m}"
+    );
+    ffmpeg.kill().await.unwrap();
+}

@@ -79,6 +79,8 @@ pub struct Media {
     /// A transport address (UDP or TCP) → the connection it belongs to.
     by_addr: HashMap<(TransportProtocol, SocketAddr), PeerKey>,
     allowed: HashMap<SessionId, Allowed>,
+    /// Subscriber offers from clients (WHEP), answered once their subscriptions exist.
+    client_offers: HashMap<SessionId, String>,
     /// stream id → its publisher.
     publishers: HashMap<String, SessionId>,
     /// stream id → subscribers and the kinds each receives.
@@ -218,6 +220,7 @@ impl Media {
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             allowed: HashMap::new(),
+            client_offers: HashMap::new(),
             publishers: HashMap::new(),
             subscriptions: HashMap::new(),
             control,
@@ -538,6 +541,7 @@ impl Media {
                     subs.remove(&session);
                 }
                 self.allowed.remove(&session);
+                self.client_offers.remove(&session);
                 self.close_peer(PeerKey(session, Target::Publisher));
                 self.close_peer(PeerKey(session, Target::Subscriber));
                 self.drop_bridged(session);
@@ -619,6 +623,25 @@ impl Media {
                 );
                 Ok(())
             }
+            ClientMessage::Offer {
+                target: Target::Subscriber,
+                sdp,
+            } => {
+                // A client that offers its own receiving connection (a WHEP player):
+                // answered as soon as it subscribes to something.
+                if self
+                    .peers
+                    .contains_key(&PeerKey(session, Target::Subscriber))
+                {
+                    return Err(
+                        "this session's subscriber connection exists; its offers come from the server"
+                            .into(),
+                    );
+                }
+                self.client_offers.insert(session, sdp);
+                self.sync_subscriber(session);
+                Ok(())
+            }
             ClientMessage::Answer {
                 target: Target::Subscriber,
                 sdp,
@@ -696,6 +719,28 @@ impl Media {
             return;
         }
         let metrics = self.metrics.clone();
+        if let Some(offer) = self.client_offers.remove(&subscriber) {
+            let answer = match self.new_peer(key) {
+                Ok(p) => p.answer_subscriber(offer, &wanted, &codecs, &metrics),
+                Err(e) => Err(e),
+            };
+            self.index_ufrag(key);
+            match answer {
+                Ok(sdp) => self.tell(
+                    subscriber,
+                    ServerMessage::Answer {
+                        target: Target::Subscriber,
+                        sdp,
+                    },
+                ),
+                Err(e) => {
+                    warn!(session = subscriber.0, error = %e, "a client's subscriber offer failed");
+                    self.close_peer(key);
+                    self.tell(subscriber, ServerMessage::error(ErrorCode::Negotiation, e));
+                }
+            }
+            return;
+        }
         let offer = match self.new_peer(key) {
             Ok(p) => p.sync_downtracks(&wanted, &codecs, &metrics),
             Err(e) => Err(e),

@@ -180,6 +180,8 @@ pub struct Peer {
     /// Subscriber transceivers whose stream left, by kind: the next stream of that
     /// kind reuses one (its m-section) instead of adding another.
     free: Vec<(Kind, RTCRtpSenderId)>,
+    /// The client offered this connection (WHEP): nothing is offered to it.
+    pub answer_mode: bool,
 }
 
 fn to_kind(k: RtpCodecKind) -> Option<Kind> {
@@ -723,6 +725,7 @@ impl Peer {
             keyframe_wanted: HashSet::new(),
             liveness,
             free: Vec::new(),
+            answer_mode: false,
         })
     }
 
@@ -1043,14 +1046,107 @@ impl Peer {
         sent
     }
 
+    /// Answer mode (a WHEP player): the client offered (its m-sections receive), and
+    /// the answer puts `wanted` on them. Nothing is renegotiated afterwards (such a
+    /// client has no channel for offers): [`Self::apply_downtracks`] only removes.
+    pub fn answer_subscriber(
+        &mut self,
+        sdp: String,
+        wanted: &HashSet<(String, Kind)>,
+        codecs: &HashMap<(String, Kind), RTCRtpCodec>,
+        metrics: &Metrics,
+    ) -> Result<String, String> {
+        // The transceivers the offer makes, in m-section order.
+        let sections: Vec<Option<Kind>> = sdp
+            .lines()
+            .filter_map(|l| l.strip_prefix("m="))
+            .map(|m| {
+                if m.starts_with("audio ") {
+                    Some(Kind::Audio)
+                } else if m.starts_with("video ") {
+                    Some(Kind::Video)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let now = Instant::now();
+        let offer = RTCSessionDescription::offer(sdp).map_err(|e| e.to_string())?;
+        self.pc
+            .set_remote_description(now, offer)
+            .map_err(|e| format!("cannot apply the offer: {e}"))?;
+        self.free = sections
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| k.map(|k| (k, RTCRtpSenderId::from(i))))
+            .collect();
+        self.answer_mode = true;
+        self.apply_downtracks(wanted, codecs, metrics);
+        self.free.clear();
+        let answer = self.pc.create_answer(None).map_err(|e| e.to_string())?;
+        self.pc
+            .set_local_description(now, answer)
+            .map_err(|e| e.to_string())?;
+        self.liveness.checking(now);
+        for d in self.downtracks.values_mut() {
+            d.offered = true;
+            d.negotiated = true;
+        }
+        self.pc
+            .local_description()
+            .map(|d| complete_sdp(&d.sdp))
+            .ok_or_else(|| "no local description after setting it".into())
+    }
+
     /// Adds and removes downtracks to match `wanted`; returns an offer if the
-    /// connection must be renegotiated now.
+    /// connection must be renegotiated now (never in answer mode, where only removals
+    /// are made: nothing can be offered to such a client).
     pub fn sync_downtracks(
         &mut self,
         wanted: &HashSet<(String, Kind)>,
         codecs: &HashMap<(String, Kind), RTCRtpCodec>,
         metrics: &Metrics,
     ) -> Result<Option<String>, String> {
+        if self.answer_mode {
+            let kept: HashSet<(String, Kind)> = self
+                .downtracks
+                .keys()
+                .filter(|k| wanted.contains(*k))
+                .cloned()
+                .collect();
+            self.apply_downtracks(&kept, codecs, metrics);
+            return Ok(None);
+        }
+        let changed = self.apply_downtracks(wanted, codecs, metrics);
+        if !(changed || self.pending) {
+            return Ok(None);
+        }
+        if self.negotiating {
+            self.pending = true;
+            return Ok(None);
+        }
+        self.pending = false;
+        for d in self.downtracks.values_mut() {
+            d.offered = true;
+        }
+        let offer = self.pc.create_offer(None).map_err(|e| e.to_string())?;
+        self.pc
+            .set_local_description(Instant::now(), offer)
+            .map_err(|e| e.to_string())?;
+        self.negotiating = true;
+        self.pc
+            .local_description()
+            .map(|d| Some(complete_sdp(&d.sdp)))
+            .ok_or_else(|| "no local description after setting it".into())
+    }
+
+    /// Adds and removes downtracks to match `wanted`; true if any changed.
+    fn apply_downtracks(
+        &mut self,
+        wanted: &HashSet<(String, Kind)>,
+        codecs: &HashMap<(String, Kind), RTCRtpCodec>,
+        metrics: &Metrics,
+    ) -> bool {
         let mut changed = false;
         let stale: Vec<(String, Kind)> = self
             .downtracks
@@ -1135,7 +1231,11 @@ impl Peer {
             // decode, so a later stream in another codec (an RTMP pusher's H.264 after
             // a VP8 browser) can reuse this m-section. The payload type sent is the
             // stream's own (`payload_type` below).
-            if let Some(mut t) = self.pc.rtp_transceiver(sender_id.into()) {
+            // (In answer mode the offer's codecs are the ones to keep.)
+            if let Some(mut t) = (!self.answer_mode)
+                .then(|| self.pc.rtp_transceiver(sender_id.into()))
+                .flatten()
+            {
                 if let Err(e) = t.set_codec_preferences(vec![]) {
                     debug!(key = ?self.key, error = %e, "codec preferences not reset");
                 }
@@ -1167,26 +1267,7 @@ impl Peer {
                 .inc();
             changed = true;
         }
-        if !(changed || self.pending) {
-            return Ok(None);
-        }
-        if self.negotiating {
-            self.pending = true;
-            return Ok(None);
-        }
-        self.pending = false;
-        for d in self.downtracks.values_mut() {
-            d.offered = true;
-        }
-        let offer = self.pc.create_offer(None).map_err(|e| e.to_string())?;
-        self.pc
-            .set_local_description(Instant::now(), offer)
-            .map_err(|e| e.to_string())?;
-        self.negotiating = true;
-        self.pc
-            .local_description()
-            .map(|d| Some(complete_sdp(&d.sdp)))
-            .ok_or_else(|| "no local description after setting it".into())
+        changed
     }
 
     /// True if the downtrack exists, is negotiated, and nothing has been sent on it yet.

@@ -45,6 +45,20 @@ pub fn public_routes(state: Arc<AppState>) -> Router {
                 )),
         )
         .route(
+            "/whep/{stream}",
+            axum::routing::post(super::whip::play)
+                .options(super::whip::options)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    super::whip::MAX_OFFER_BYTES,
+                )),
+        )
+        .route(
+            "/whep/resource/{id}",
+            axum::routing::delete(super::whip::delete)
+                .patch(super::whip::patch)
+                .options(super::whip::options),
+        )
+        .route(
             "/whip/resource/{id}",
             axum::routing::delete(super::whip::delete)
                 .patch(super::whip::patch)

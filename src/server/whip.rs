@@ -198,6 +198,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::MissingPrivilege => StatusCode::FORBIDDEN,
         ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::Negotiation | ErrorCode::BadRequest => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -223,11 +224,7 @@ pub async fn publish(
         count("unavailable");
         return refuse(StatusCode::SERVICE_UNAVAILABLE, why);
     }
-    let sdp_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/sdp"));
-    if !sdp_type {
+    if !is_sdp(&headers) {
         count("bad_request");
         return refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -260,29 +257,7 @@ pub async fn publish(
     let control = &state.control;
     let closed = |reason| ControlCommand::Closed { session, reason };
     let steps = async {
-        control
-            .send(ControlCommand::Open { session, tx })
-            .await
-            .map_err(|_| {
-                (
-                    ErrorCode::Unavailable,
-                    "the control task is gone".to_owned(),
-                )
-            })?;
-        let _ = control
-            .send(ControlCommand::Join {
-                session,
-                sdk_app_id,
-                ticket: Box::new(ticket),
-                auto_subscribe: false,
-                congestion_policy: None,
-                push: false,
-            })
-            .await;
-        next_answer(&mut rx, |m| {
-            matches!(m, ServerMessage::Joined { .. }).then_some(())
-        })
-        .await?;
+        join(&state, &mut rx, session, tx, sdk_app_id, ticket).await?;
         let publish = ClientMessage::Publish {
             audio: kinds.contains(&weir_signaling::Kind::Audio),
             video: kinds.contains(&weir_signaling::Kind::Video),
@@ -328,7 +303,71 @@ pub async fn publish(
             return refuse(status_of(code), why);
         }
     };
-    let id = { hex::encode(rand::random::<[u8; 16]>()) };
+    match created(&state, session, rx, "whip", answer).await {
+        Ok(r) => {
+            count("ok");
+            info!(%user, %room, %stream, "WHIP publisher joined");
+            r
+        }
+        Err(r) => {
+            count("refused");
+            r
+        }
+    }
+}
+
+fn is_sdp(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/sdp"))
+}
+
+/// Opens a session for `ticket` and joins its room (no automatic subscriptions).
+async fn join(
+    state: &AppState,
+    rx: &mut mpsc::Receiver<SessionEvent>,
+    session: SessionId,
+    tx: mpsc::Sender<SessionEvent>,
+    sdk_app_id: u64,
+    ticket: RoomTicket,
+) -> Result<(), (ErrorCode, String)> {
+    let control = &state.control;
+    control
+        .send(ControlCommand::Open { session, tx })
+        .await
+        .map_err(|_| {
+            (
+                ErrorCode::Unavailable,
+                "the control task is gone".to_owned(),
+            )
+        })?;
+    let _ = control
+        .send(ControlCommand::Join {
+            session,
+            sdk_app_id,
+            ticket: Box::new(ticket),
+            auto_subscribe: false,
+            congestion_policy: None,
+            push: false,
+        })
+        .await;
+    next_answer(rx, |m| {
+        matches!(m, ServerMessage::Joined { .. }).then_some(())
+    })
+    .await
+}
+
+/// Registers the session as a resource under `/{prefix}/resource/<id>`, lets its
+/// events drain until the room closes it, and makes the `201 Created`.
+async fn created(
+    state: &Arc<AppState>,
+    session: SessionId,
+    mut rx: mpsc::Receiver<SessionEvent>,
+    prefix: &str,
+    answer: String,
+) -> Result<Response, Response> {
+    let id = hex::encode(rand::random::<[u8; 16]>());
     let full = {
         let mut r = state.whip.lock();
         let full = r.len() >= MAX_RESOURCES;
@@ -338,14 +377,19 @@ pub async fn publish(
         full
     };
     if full {
-        let _ = control.send(closed(LeaveReason::Left)).await;
-        count("refused");
-        return refuse(
+        let _ = state
+            .control
+            .send(ControlCommand::Closed {
+                session,
+                reason: LeaveReason::Left,
+            })
+            .await;
+        return Err(refuse(
             StatusCode::TOO_MANY_REQUESTS,
-            "too many WHIP publishers on this node",
-        );
+            "too many WHIP/WHEP sessions on this node",
+        ));
     }
-    // The member's events go nowhere (a WHIP client has no channel for them); the
+    // The member's events go nowhere (such a client has no channel for them); the
     // session ends when the room closes it (DELETE, media gone, shutdown).
     let keep = state.clone();
     let resource = id.clone();
@@ -357,8 +401,6 @@ pub async fn publish(
         }
         keep.whip.lock().remove(&resource);
     });
-    count("ok");
-    info!(%user, %room, %stream, resource = %id, "WHIP publisher joined");
     let mut r = (StatusCode::CREATED, answer).into_response();
     let h = r.headers_mut();
     cors(h);
@@ -366,13 +408,115 @@ pub async fn publish(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/sdp"),
     );
-    if let Ok(v) = HeaderValue::from_str(&format!("/whip/resource/{id}")) {
+    if let Ok(v) = HeaderValue::from_str(&format!("/{prefix}/resource/{id}")) {
         h.insert(header::LOCATION, v);
     }
     if let Ok(v) = HeaderValue::from_str(&format!("\"{id}\"")) {
         h.insert(header::ETAG, v);
     }
-    r
+    Ok(r)
+}
+
+/// `POST /whep/<stream>`: join, subscribe to `stream`, answer the player's offer.
+pub async fn play(
+    State(state): State<Arc<AppState>>,
+    axum::Extension(PeerAddr(peer)): axum::Extension<PeerAddr>,
+    Path(stream): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let count = |outcome: &str| {
+        state
+            .metrics
+            .whep_requests
+            .with_label_values(&[outcome])
+            .inc()
+    };
+    if let Some(why) = state.unavailable() {
+        count("unavailable");
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, why);
+    }
+    if !is_sdp(&headers) {
+        count("bad_request");
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a WHEP offer is Content-Type: application/sdp",
+        );
+    }
+    let (sdk_app_id, ticket) = match credentials(&state, peer.ip(), &headers, query.as_deref()) {
+        Ok(c) => c,
+        Err(r) => {
+            count("unauthorized");
+            return *r;
+        }
+    };
+    let Ok(offer) = std::str::from_utf8(&body) else {
+        count("bad_request");
+        return refuse(StatusCode::BAD_REQUEST, "the offer is not UTF-8");
+    };
+    if !offer
+        .lines()
+        .any(|l| l.starts_with("m=audio ") || l.starts_with("m=video "))
+    {
+        count("bad_request");
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the offer has no audio or video section",
+        );
+    }
+    let user = ticket.identity.user_id.clone();
+    let session = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
+    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+    let control = &state.control;
+    let steps = async {
+        join(&state, &mut rx, session, tx, sdk_app_id, ticket).await?;
+        // The offer first, so that the subscription is answered on it, not offered.
+        for msg in [
+            ClientMessage::Offer {
+                target: Target::Subscriber,
+                sdp: offer.to_owned(),
+            },
+            ClientMessage::Subscribe {
+                stream_ids: vec![stream.clone()],
+            },
+        ] {
+            let _ = control.send(ControlCommand::Message { session, msg }).await;
+        }
+        next_answer(&mut rx, |m| match m {
+            ServerMessage::Answer {
+                target: Target::Subscriber,
+                sdp,
+            } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await
+    };
+    let answer = match steps.await {
+        Ok(a) => a,
+        Err((code, why)) => {
+            let _ = control
+                .send(ControlCommand::Closed {
+                    session,
+                    reason: LeaveReason::Left,
+                })
+                .await;
+            count("refused");
+            info!(%user, %stream, ?code, %why, "WHEP play refused");
+            return refuse(status_of(code), why);
+        }
+    };
+    match created(&state, session, rx, "whep", answer).await {
+        Ok(r) => {
+            count("ok");
+            info!(%user, %stream, "WHEP player joined");
+            r
+        }
+        Err(r) => {
+            count("refused");
+            r
+        }
+    }
 }
 
 /// `DELETE /whip/resource/<id>`: the publisher leaves.
