@@ -12,7 +12,8 @@ build_pkgs=(pkg-config cmake g++)
 # Testing: real clients: ffmpeg pushes and plays RTMP and decodes what Weir sends;
 # Debian's Chromium and Firefox ESR (fake camera and microphone) are the browsers;
 # a python3 makes the virtualenv of the second WebRTC stack (aiortc) below.
-test_pkgs=(ffmpeg chromium firefox-esr)
+# coturn is the TURN server the relay-only browser test goes through.
+test_pkgs=(ffmpeg chromium firefox-esr coturn)
 if ! command -v python3 >/dev/null; then test_pkgs+=(python3 python3-venv); fi
 # Node.js runs the mini program client module's tests (signaling/miniprogram/test.js).
 if ! command -v node >/dev/null; then test_pkgs+=(nodejs npm); fi

@@ -18,6 +18,9 @@ export interface WeirOptions {
   reconnect?: boolean;
   /** The room's congestion policy, taken if this join creates the room. */
   congestionPolicy?: "weakest" | "majority";
+  /** `"relay"`: connect only through the TURN servers the join answer names
+   * (networks where nothing else gets through); default `"all"`. */
+  iceTransportPolicy?: "all" | "relay";
 }
 
 /** This client's downlink as the server sees it (the `congestion` event). */

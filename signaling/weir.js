@@ -535,6 +535,8 @@ export class WeirRoom extends EventTarget {
     if (this[target]) return this[target];
     const pc = new RTCPeerConnection({
       iceServers: this.iceServers,
+      // "relay": only through the TURN servers the join answer named.
+      ...(this.options.iceTransportPolicy ? { iceTransportPolicy: this.options.iceTransportPolicy } : {}),
       bundlePolicy: "max-bundle",
       rtcpMuxPolicy: "require",
     });

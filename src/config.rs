@@ -111,6 +111,15 @@ pub struct ServerConfig {
     pub announce_ips: Vec<String>,
     /// Host name or address used in play URLs (defaults to the first announced IP).
     pub public_host: String,
+    /// ICE servers handed to every client (the join answer's `iceServers`, WHIP and
+    /// WHEP `Link` headers): STUN URLs as they are, and TURN URLs (`turn:`/`turns:`)
+    /// with short-lived credentials made from `turn_secret` (the TURN REST API
+    /// scheme; coturn's `use-auth-secret` with the same `static-auth-secret`).
+    pub stun_urls: Vec<String>,
+    pub turn_urls: Vec<String>,
+    pub turn_secret: String,
+    /// How long a TURN credential handed out stays valid.
+    pub turn_credential_ttl_s: u64,
     /// RTMP ingest (mini program pushers, OBS, ffmpeg) and play; empty disables it.
     /// Its port is the one named in play URLs.
     pub rtmp_addr: String,
@@ -202,6 +211,10 @@ impl Default for ServerConfig {
             tcp_addr: "0.0.0.0:7881".into(),
             announce_ips: Vec::new(),
             public_host: String::new(),
+            stun_urls: Vec::new(),
+            turn_urls: Vec::new(),
+            turn_secret: String::new(),
+            turn_credential_ttl_s: 86_400,
             rtmp_addr: "0.0.0.0:1935".into(),
             rtmps_addr: String::new(),
             opus_bitrate: 64_000,

@@ -21,6 +21,7 @@ pub mod live_url;
 mod privilege;
 mod time;
 pub mod tls;
+pub mod turn;
 pub mod userbuf;
 
 use serde::Serialize;

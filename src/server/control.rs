@@ -141,6 +141,9 @@ pub struct Control {
     weapp: Option<RoomService>,
     /// RTMP pushes of room-service URLs not yet bound to a room, by stream name.
     pending: HashMap<String, PendingPush>,
+    /// The ICE servers stamped into every `joined` (TURN credentials depend on the
+    /// user and the time, which the sans-I/O rooms do not know).
+    ice: super::IceConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -206,7 +209,14 @@ impl Control {
             flv_sources: HashMap::new(),
             weapp: None,
             pending: HashMap::new(),
+            ice: super::IceConfig::default(),
         }
+    }
+
+    /// Tells every joining client of these ICE servers.
+    pub fn with_ice_servers(mut self, ice: super::IceConfig) -> Self {
+        self.ice = ice;
+        self
     }
 
     /// Serves the mini program room service too (when given one).
@@ -383,7 +393,15 @@ impl Control {
         self.tell(session, error_msg(e, request));
     }
 
-    fn tell(&mut self, session: SessionId, msg: ServerMessage) {
+    fn tell(&mut self, session: SessionId, mut msg: ServerMessage) {
+        if let ServerMessage::Joined {
+            user_id,
+            ice_servers,
+            ..
+        } = &mut msg
+        {
+            *ice_servers = self.ice.for_user(user_id, now_ms() / 1000);
+        }
         if let ServerMessage::Error { code, .. } = &msg {
             self.metrics
                 .signaling_errors

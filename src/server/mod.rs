@@ -62,6 +62,54 @@ pub struct AppState {
     pub proxies: crate::limits::TrustedProxies,
     /// WHIP publishers' resources.
     pub whip: whip::Resources,
+    /// The ICE servers clients are told of.
+    pub ice: IceConfig,
+}
+
+/// The ICE servers every client is told of: STUN as configured, TURN with
+/// credentials made per user and time (`auth::turn`).
+#[derive(Debug, Clone, Default)]
+pub struct IceConfig {
+    pub stun_urls: Vec<String>,
+    pub turn_urls: Vec<String>,
+    pub turn_secret: String,
+    pub ttl_s: u64,
+}
+
+impl IceConfig {
+    pub fn from_config(c: &crate::config::ServerConfig) -> Result<Self> {
+        if !c.turn_urls.is_empty() && c.turn_secret.is_empty() {
+            anyhow::bail!("turn_urls need turn_secret (the TURN server's static-auth-secret)");
+        }
+        Ok(Self {
+            stun_urls: c.stun_urls.clone(),
+            turn_urls: c.turn_urls.clone(),
+            turn_secret: c.turn_secret.clone(),
+            ttl_s: c.turn_credential_ttl_s,
+        })
+    }
+
+    /// The servers for `user_id`, with TURN credentials valid from `now` (Unix s).
+    pub fn for_user(&self, user_id: &str, now: u64) -> Vec<weir_signaling::IceServer> {
+        let mut out = Vec::new();
+        if !self.stun_urls.is_empty() {
+            out.push(weir_signaling::IceServer {
+                urls: self.stun_urls.clone(),
+                username: None,
+                credential: None,
+            });
+        }
+        if !self.turn_urls.is_empty() {
+            let (username, credential) =
+                crate::auth::turn::credentials(&self.turn_secret, user_id, now + self.ttl_s);
+            out.push(weir_signaling::IceServer {
+                urls: self.turn_urls.clone(),
+                username: Some(username),
+                credential: Some(credential),
+            });
+        }
+        out
+    }
 }
 
 /// Counts a signaling session as live while it exists.
@@ -420,6 +468,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     };
     let keyring = Arc::new(keyring);
     let room_service = room_service(&config, &keyring, &urls)?;
+    let ice = IceConfig::from_config(&config.server)?;
     let control = supervisor.spawn(
         "control",
         Control::new(
@@ -432,6 +481,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             }),
         )
         .with_room_service_opt(room_service)
+        .with_ice_servers(ice.clone())
         .run(control_rx),
     );
     let state = Arc::new(AppState {
@@ -456,6 +506,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         live_sessions: watch::channel(0).0,
         proxies: proxies.clone(),
         whip: whip::Resources::default(),
+        ice: ice.clone(),
     });
 
     let (stop, stop_rx) = watch::channel(false);

@@ -303,7 +303,7 @@ pub async fn publish(
             return refuse(status_of(code), why);
         }
     };
-    match created(&state, session, rx, "whip", answer).await {
+    match created(&state, session, &user, rx, "whip", answer).await {
         Ok(r) => {
             count("ok");
             info!(%user, %room, %stream, "WHIP publisher joined");
@@ -363,6 +363,7 @@ async fn join(
 async fn created(
     state: &Arc<AppState>,
     session: SessionId,
+    user_id: &str,
     mut rx: mpsc::Receiver<SessionEvent>,
     prefix: &str,
     answer: String,
@@ -413,6 +414,20 @@ async fn created(
     }
     if let Ok(v) = HeaderValue::from_str(&format!("\"{id}\"")) {
         h.insert(header::ETAG, v);
+    }
+    // The ICE servers, as RFC 9725 §4.6 spells them.
+    for server in state.ice.for_user(user_id, crate::auth::unix_now()) {
+        for url in &server.urls {
+            let mut link = format!("<{url}>; rel=\"ice-server\"");
+            if let (Some(u), Some(c)) = (&server.username, &server.credential) {
+                link.push_str(&format!(
+                    "; username=\"{u}\"; credential=\"{c}\"; credential-type=\"password\""
+                ));
+            }
+            if let Ok(v) = HeaderValue::from_str(&link) {
+                h.append(header::LINK, v);
+            }
+        }
     }
     Ok(r)
 }
@@ -506,7 +521,7 @@ pub async fn play(
             return refuse(status_of(code), why);
         }
     };
-    match created(&state, session, rx, "whep", answer).await {
+    match created(&state, session, &user, rx, "whep", answer).await {
         Ok(r) => {
             count("ok");
             info!(%user, %stream, "WHEP player joined");
