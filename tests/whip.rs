@@ -382,7 +382,59 @@ async fn bad_whip_requests_get_their_status_codes() {
     )
     .await;
     assert_eq!(status, 413);
-    // Unknown resources; PATCH is refused with what is allowed; CORS preflight.
+    // PATCH on a live resource: trickled candidates (204), an ICE restart (422), a
+    // stale ETag (412), the wrong type (415), an unknown resource (404).
+    let (status, headers, body) = http(
+        addr,
+        "POST",
+        "/whip",
+        &[sdp, ("Authorization", &good)],
+        &offer,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let location = header(&headers, "location").unwrap().to_owned();
+    let etag = header(&headers, "etag").unwrap().to_owned();
+    let ufrag = offer
+        .lines()
+        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let frag = ("Content-Type", "application/trickle-ice-sdpfrag");
+    let trickle = format!(
+        "a=ice-ufrag:{ufrag}\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n\
+         a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\na=end-of-candidates\r\n"
+    );
+    let (status, headers, body) = http(
+        addr,
+        "PATCH",
+        &location,
+        &[frag, ("If-Match", &etag)],
+        &trickle,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(header(&headers, "etag"), Some(etag.as_str()));
+    let restart = trickle.replace(&ufrag, "aNewUfrag");
+    let (status, ..) = http(addr, "PATCH", &location, &[frag], &restart).await;
+    assert_eq!(status, 422);
+    let (status, ..) = http(
+        addr,
+        "PATCH",
+        &location,
+        &[frag, ("If-Match", "\"stale\"")],
+        &trickle,
+    )
+    .await;
+    assert_eq!(status, 412);
+    let (status, ..) = http(addr, "PATCH", &location, &[sdp], &trickle).await;
+    assert_eq!(status, 415);
+    let (status, ..) = http(addr, "DELETE", &location, &[], "").await;
+    assert_eq!(status, 200);
+    let (status, ..) = http(addr, "PATCH", &location, &[frag], &trickle).await;
+    assert_eq!(status, 404);
+    // Unknown resources; CORS preflight.
     let (status, ..) = http(addr, "DELETE", "/whip/resource/nope", &[], "").await;
     assert_eq!(status, 404);
     let (status, headers, _) = http(addr, "OPTIONS", "/whip", &[], "").await;

@@ -1,7 +1,7 @@
 //! Short strings a peer controls: the STUN USERNAME of a datagram (read before any
 //! integrity check), H.264 fmtp lines of an offer (a non-ASCII profile-level-id once
-//! panicked the media task), what an offer sends (rtc-sdp), and stream names an RTMP
-//! pusher asks for.
+//! panicked the media task), what an offer sends (rtc-sdp), a WHIP/WHEP trickle
+//! fragment, and stream names an RTMP pusher asks for.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = weir::media::codec_compatible(&codec(a), &codec(b));
     let _ = weir::media::codec_compatible(&codec(text), &codec("profile-level-id=42e01f"));
     let _ = weir::media::offered_send_kinds(text);
+    let _ = weir::server::whip::trickle_fragment(text);
     let _ = bound_stream(text);
     let mut claims = NameClaims::default();
     let owner = |user: &str| Owner {

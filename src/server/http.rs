@@ -56,13 +56,19 @@ pub fn public_routes(state: Arc<AppState>) -> Router {
             "/whep/resource/{id}",
             axum::routing::delete(super::whip::delete)
                 .patch(super::whip::patch)
-                .options(super::whip::options),
+                .options(super::whip::options)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    super::whip::MAX_OFFER_BYTES,
+                )),
         )
         .route(
             "/whip/resource/{id}",
             axum::routing::delete(super::whip::delete)
                 .patch(super::whip::patch)
-                .options(super::whip::options),
+                .options(super::whip::options)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    super::whip::MAX_OFFER_BYTES,
+                )),
         )
         .merge(super::web::routes())
         .layer(axum::middleware::from_fn_with_state(

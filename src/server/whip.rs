@@ -1,28 +1,33 @@
-//! WHIP ingest (RFC 9725): a publisher with no SDK (OBS, GStreamer, a browser page)
-//! POSTs its SDP offer and gets the answer. The HTTP shell over the same control
-//! plane as a websocket session: a WHIP publisher is a room member like any other
-//! (browsers subscribe to it, RTMP/FLV players play it, limits and congestion control
-//! apply); its "socket" is the resource the `Location` header names, and `DELETE` on
-//! it is its `leave`.
+//! WHIP ingest (RFC 9725) and WHEP playback (draft-ietf-wish-whep): a publisher or
+//! player with no SDK (OBS, GStreamer, a plain browser page) POSTs its SDP offer and
+//! gets the answer. The HTTP shell over the same control plane as a websocket
+//! session: such a client is a room member like any other (browsers subscribe to a
+//! WHIP publisher, RTMP/FLV players play it; a WHEP player is a subscriber under
+//! congestion control and simulcast); its "socket" is the resource the `Location`
+//! header names, and `DELETE` on it is its `leave`.
 //!
-//! - `POST /whip`, `Content-Type: application/sdp`, the offer in the body (≤
-//!   [`MAX_OFFER_BYTES`]). Credentials: `Authorization: Bearer <privateMapKey JWT>`
-//!   (a JWT privateMapKey names its app, user, room and privileges, and is signed by
-//!   the app's key), or the query string an RTMP push URL carries
-//!   (`?sdkappid=&userid=&roomid=|strroomid=&usersig=&privatemapkey=`). Answered
-//!   `201 Created` with the answer, `Location: /whip/resource/<id>`, an `ETag`, and
-//!   CORS headers exposing them. The answer carries every server candidate with
+//! - `POST /whip`, `POST /whep/<stream>`: `Content-Type: application/sdp`, the offer
+//!   in the body (≤ [`MAX_OFFER_BYTES`]). Credentials: `Authorization: Bearer
+//!   <privateMapKey JWT>` (a JWT privateMapKey names its app, user, room and
+//!   privileges, and is signed by the app's key), or the query string an RTMP push URL
+//!   carries (`?sdkappid=&userid=&roomid=|strroomid=&usersig=&privatemapkey=`).
+//!   Answered `201 Created` with the answer, `Location: /whip|whep/resource/<id>`, an
+//!   `ETag`, `Link` headers naming the ICE servers (TURN with credentials), and CORS
+//!   headers exposing them. The answer carries every server candidate with
 //!   end-of-candidates, so a client that never trickles (OBS) connects, and one whose
 //!   offer has no candidates is reached through its own connectivity checks.
-//! - `DELETE /whip/resource/<id>`: the member leaves; `200`.
-//! - `PATCH`: `405` (no trickle or ICE restart over WHIP yet: RFC 9725 §4.3.1 lets
-//!   a server refuse them; clients then send complete offers).
+//! - `DELETE …/resource/<id>`: the member leaves; `200`.
+//! - `PATCH …/resource/<id>` with an RFC 8840 fragment
+//!   (`application/trickle-ice-sdpfrag`, `If-Match` optional): its candidates reach
+//!   the connection, `204`. An ICE restart (a new ufrag) is refused with `422`: POST
+//!   a new offer.
 //! - `OPTIONS`: CORS preflight for browser clients.
 //!
 //! Errors: `401` (missing or invalid credentials; the failed-check throttle applies),
-//! `403` (no send privilege), `415` (not `application/sdp`), `400`/`422` (an offer
-//! that publishes nothing or does not apply), `429` (a limit), `503` (draining).
-//! The stream is the member's `{sdkappid}_{room}_{user}_main`; a member leaves when
+//! `403` (no send or receive privilege), `404` (no such stream or resource), `412`
+//! (a stale `If-Match`), `413` (too large), `415` (the wrong content type),
+//! `400`/`422` (an offer that does not apply), `429` (a limit), `503` (draining).
+//! A WHIP stream is the member's `{sdkappid}_{room}_{user}_main`; a member leaves when
 //! its media fails (ICE consent), as any other.
 
 use std::collections::HashMap;
@@ -36,7 +41,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc;
 use tracing::info;
-use weir_signaling::{ClientMessage, ErrorCode, LeaveReason, ServerMessage, Target};
+use weir_signaling::{ClientMessage, ErrorCode, IceCandidate, LeaveReason, ServerMessage, Target};
 
 use super::control::{ControlCommand, SessionEvent, SESSION_QUEUE};
 use super::http::PeerAddr;
@@ -51,14 +56,82 @@ pub const MAX_RESOURCES: usize = 10_000;
 /// How long the room may take to answer each step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The WHIP resources alive on this node: id → its session.
+/// The WHIP and WHEP resources alive on this node, by id.
 #[derive(Default)]
-pub struct Resources(Mutex<HashMap<String, SessionId>>);
+pub struct Resources(Mutex<HashMap<String, Resource>>);
+
+/// One resource: its member's session, which of its connections the resource is, and
+/// the client's ICE username fragment (a PATCH naming another is an ICE restart).
+#[derive(Debug, Clone)]
+pub struct Resource {
+    session: SessionId,
+    target: Target,
+    ufrag: Option<String>,
+}
 
 impl Resources {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionId>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Resource>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Candidates a trickle PATCH carries (RFC 8840 `application/trickle-ice-sdpfrag`).
+#[derive(Debug, Default, PartialEq)]
+pub struct Trickle {
+    pub ufrag: Option<String>,
+    pub candidates: Vec<IceCandidate>,
+    pub end: bool,
+}
+
+/// The most candidates one PATCH may carry.
+pub const MAX_TRICKLE_CANDIDATES: usize = 64;
+
+/// Reads an SDP fragment: `a=ice-ufrag`, and per media section (`m=`, `a=mid:`) its
+/// `a=candidate` and `a=end-of-candidates` lines; everything else is ignored. Linear
+/// in its input; at most [`MAX_TRICKLE_CANDIDATES`] candidates.
+pub fn trickle_fragment(body: &str) -> Result<Trickle, String> {
+    let mut t = Trickle::default();
+    let mut section: Option<u16> = None;
+    let mut mid: Option<String> = None;
+    for line in body.lines() {
+        let line = line.trim_end();
+        if line.starts_with("m=") {
+            section = Some(section.map_or(0, |s| s.saturating_add(1)));
+            mid = None;
+        } else if let Some(v) = line.strip_prefix("a=mid:") {
+            mid = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("a=ice-ufrag:") {
+            if t.ufrag.as_deref().is_some_and(|u| u != v) {
+                return Err("two different ice-ufrag values in one fragment".into());
+            }
+            t.ufrag = Some(v.to_owned());
+        } else if let Some(c) = line.strip_prefix("a=") {
+            if c.starts_with("candidate:") {
+                if t.candidates.len() >= MAX_TRICKLE_CANDIDATES {
+                    return Err(format!("more than {MAX_TRICKLE_CANDIDATES} candidates"));
+                }
+                t.candidates.push(IceCandidate {
+                    candidate: c.to_owned(),
+                    sdp_mid: mid.clone(),
+                    sdp_m_line_index: section,
+                    username_fragment: None,
+                });
+            } else if c == "end-of-candidates" {
+                t.end = true;
+            }
+        }
+    }
+    for c in &mut t.candidates {
+        c.username_fragment = t.ufrag.clone();
+    }
+    Ok(t)
+}
+
+/// The `a=ice-ufrag` of an SDP (the first one).
+fn sdp_ufrag(sdp: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+        .map(str::to_owned)
 }
 
 /// A WHIP error: a status and a plain-text reason.
@@ -303,7 +376,20 @@ pub async fn publish(
             return refuse(status_of(code), why);
         }
     };
-    match created(&state, session, &user, rx, "whip", answer).await {
+    match created(
+        &state,
+        Resource {
+            session,
+            target: Target::Publisher,
+            ufrag: sdp_ufrag(offer),
+        },
+        &user,
+        rx,
+        "whip",
+        answer,
+    )
+    .await
+    {
         Ok(r) => {
             count("ok");
             info!(%user, %room, %stream, "WHIP publisher joined");
@@ -362,18 +448,19 @@ async fn join(
 /// events drain until the room closes it, and makes the `201 Created`.
 async fn created(
     state: &Arc<AppState>,
-    session: SessionId,
+    resource: Resource,
     user_id: &str,
     mut rx: mpsc::Receiver<SessionEvent>,
     prefix: &str,
     answer: String,
 ) -> Result<Response, Response> {
+    let session = resource.session;
     let id = hex::encode(rand::random::<[u8; 16]>());
     let full = {
         let mut r = state.whip.lock();
         let full = r.len() >= MAX_RESOURCES;
         if !full {
-            r.insert(id.clone(), session);
+            r.insert(id.clone(), resource);
         }
         full
     };
@@ -521,7 +608,20 @@ pub async fn play(
             return refuse(status_of(code), why);
         }
     };
-    match created(&state, session, &user, rx, "whep", answer).await {
+    match created(
+        &state,
+        Resource {
+            session,
+            target: Target::Subscriber,
+            ufrag: sdp_ufrag(offer),
+        },
+        &user,
+        rx,
+        "whep",
+        answer,
+    )
+    .await
+    {
         Ok(r) => {
             count("ok");
             info!(%user, %stream, "WHEP player joined");
@@ -536,8 +636,8 @@ pub async fn play(
 
 /// `DELETE /whip/resource/<id>`: the publisher leaves.
 pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    let Some(session) = state.whip.lock().remove(&id) else {
-        return refuse(StatusCode::NOT_FOUND, "no such WHIP resource");
+    let Some(Resource { session, .. }) = state.whip.lock().remove(&id) else {
+        return refuse(StatusCode::NOT_FOUND, "no such WHIP or WHEP resource");
     };
     let _ = state
         .control
@@ -556,16 +656,113 @@ pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
     r
 }
 
-/// `PATCH /whip/resource/<id>`: trickle and ICE restarts are not taken over WHIP.
-pub async fn patch(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    if !state.whip.lock().contains_key(&id) {
-        return refuse(StatusCode::NOT_FOUND, "no such WHIP resource");
+/// `PATCH /whip/resource/<id>` (and WHEP's): trickled candidates (RFC 8840 SDP
+/// fragments) reach the connection; `204`. An ICE restart (a fragment with a new
+/// ufrag) is refused with `422`: POST a new offer instead.
+pub async fn patch(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(resource) = state.whip.lock().get(&id).cloned() else {
+        return refuse(StatusCode::NOT_FOUND, "no such WHIP or WHEP resource");
+    };
+    let etag = format!("\"{id}\"");
+    if let Some(m) = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
+        if m.trim() != "*" && m.trim() != etag {
+            return refuse(StatusCode::PRECONDITION_FAILED, "the ETag does not match");
+        }
     }
-    let mut r = refuse(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "no trickle ICE or ICE restart over WHIP: offer with every candidate",
-    );
-    r.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("DELETE, OPTIONS"));
+    let fragment = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/trickle-ice-sdpfrag")
+        });
+    if !fragment {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a PATCH is Content-Type: application/trickle-ice-sdpfrag",
+        );
+    }
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return refuse(StatusCode::BAD_REQUEST, "the fragment is not UTF-8");
+    };
+    let trickle = match trickle_fragment(text) {
+        Ok(t) => t,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
+    };
+    if trickle.ufrag.is_some() && resource.ufrag.is_some() && trickle.ufrag != resource.ufrag {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ICE restarts are not taken over PATCH: POST a new offer",
+        );
+    }
+    let session = resource.session;
+    let mut messages: Vec<ClientMessage> = trickle
+        .candidates
+        .into_iter()
+        .map(|c| ClientMessage::Candidate {
+            target: resource.target,
+            candidate: Some(c),
+        })
+        .collect();
+    if trickle.end {
+        messages.push(ClientMessage::Candidate {
+            target: resource.target,
+            candidate: None,
+        });
+    }
+    for msg in messages {
+        let _ = state
+            .control
+            .send(ControlCommand::Message { session, msg })
+            .await;
+    }
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    cors(r.headers_mut());
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trickle_fragment_gives_its_candidates_with_their_section() {
+        let t = trickle_fragment(
+            "a=group:BUNDLE 0 1\r\na=ice-ufrag:EsAw\r\na=ice-pwd:P2uYro0UCOQ4zxjKXaWCBui1\r\n\
+             m=audio 9 RTP/AVP 0\r\na=mid:0\r\n\
+             a=candidate:1387637174 1 udp 2122260223 192.0.2.1 61764 typ host generation 0\r\n\
+             a=end-of-candidates\r\nm=video 9 RTP/AVP 0\r\na=mid:1\r\n\
+             a=candidate:3471623853 1 udp 2122194687 198.51.100.2 61765 typ host\r\n",
+        )
+        .unwrap();
+        assert_eq!(t.ufrag.as_deref(), Some("EsAw"));
+        assert!(t.end);
+        assert_eq!(t.candidates.len(), 2);
+        assert_eq!(t.candidates[0].sdp_mid.as_deref(), Some("0"));
+        assert_eq!(t.candidates[0].sdp_m_line_index, Some(0));
+        assert_eq!(t.candidates[1].sdp_mid.as_deref(), Some("1"));
+        assert_eq!(t.candidates[1].sdp_m_line_index, Some(1));
+        assert!(t.candidates[1]
+            .candidate
+            .starts_with("candidate:3471623853"));
+        assert_eq!(t.candidates[1].username_fragment.as_deref(), Some("EsAw"));
+    }
+
+    #[test]
+    fn a_fragment_is_bounded_and_consistent() {
+        let many =
+            "a=candidate:1 1 udp 1 192.0.2.1 1 typ host\n".repeat(MAX_TRICKLE_CANDIDATES + 1);
+        assert!(trickle_fragment(&many).is_err());
+        assert!(trickle_fragment("a=ice-ufrag:a\na=ice-ufrag:b\n").is_err());
+        assert_eq!(trickle_fragment("").unwrap(), Trickle::default());
+    }
 }
