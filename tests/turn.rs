@@ -157,6 +157,38 @@ async fn relay_only_chrome_clients_exchange_media_through_turn() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // A WHIP publisher is told of the TURN server too, in `Link` headers (RFC 9725 §4.6).
+    let mut peer = common::peer::RtcPeer::new().await;
+    peer.add_send_track(
+        rtc::rtp_transceiver::rtp_sender::RtpCodecKind::Video,
+        common::peer::h264(),
+        0x5151,
+    )
+    .await;
+    let offer = peer.offer().await;
+    let token = t
+        .app
+        .issue_private_map_key(
+            weir::auth::TokenKind::Jwt,
+            "obs",
+            &weir::auth::RoomId::Num(ROOM),
+            weir::auth::Privileges(0xff),
+            weir::auth::unix_now(),
+            600,
+        )
+        .unwrap();
+    let raw = whip_post(t.server.http_addr, &token, &offer).await;
+    let link = raw
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("link:"))
+        .unwrap_or_else(|| panic!("no Link header: {raw}"));
+    assert!(
+        link.contains(&format!("<{turn_url}>"))
+            && link.contains("rel=\"ice-server\"")
+            && link.contains(":obs\"")
+            && link.contains("credential-type=\"password\""),
+        "{link}"
+    );
     for (name, page) in [("alice", &a), ("bob", &b)] {
         let types = local_candidate_types(page).await;
         assert_eq!(
@@ -165,4 +197,24 @@ async fn relay_only_chrome_clients_exchange_media_through_turn() {
             "{name}'s publisher and subscriber connections"
         );
     }
+}
+
+/// A WHIP POST; the raw response head.
+async fn whip_post(addr: std::net::SocketAddr, token: &str, offer: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST /whip HTTP/1.1\r\nHost: weir\r\nConnection: close\r\nContent-Type: application/sdp\r\n\
+         Authorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{offer}",
+        offer.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+    text.split("\r\n\r\n").next().unwrap_or_default().to_owned()
 }
