@@ -19,12 +19,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::peer::{h264, opus, RtcPeer};
+use common::peer::RtcPeer;
 use common::{Client, TestServer, APP};
-use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use weir::auth::{Privileges, RoomId, TokenKind};
-use weir_signaling::{ClientMessage, ServerMessage, Target};
+use weir_signaling::ClientMessage;
 
 const ROOM: u32 = 99;
 
@@ -138,40 +137,14 @@ async fn webrtc_publisher(t: &TestServer, stop: Arc<AtomicBool>) -> (Client, Str
     let normal = access_units(300, false);
     let idrs = access_units(300, true);
     let (mut signal, _) = Client::join(&t.ws_url(), t.join("webcam", ROOM, 0xff)).await;
-    signal
-        .send(&ClientMessage::Publish {
-            audio: true,
-            video: true,
-            min_bitrate: None,
-            max_bitrate: None,
-        })
-        .await;
-    let stream = signal
-        .expect(|m| match m {
-            ServerMessage::Published { stream } => Some(stream.stream_id.clone()),
-            _ => None,
-        })
-        .await;
-    let mut peer = RtcPeer::new().await;
-    let video = peer
-        .add_send_track(RtpCodecKind::Video, h264(), 0x7171)
-        .await;
-    let audio = peer
-        .add_send_track(RtpCodecKind::Audio, opus(), 0x7272)
-        .await;
-    let offer = peer.offer().await;
-    signal
-        .send(&ClientMessage::Offer {
-            target: Target::Publisher,
-            sdp: offer,
-        })
-        .await;
-    let answer = signal
-        .expect(|m| match m {
-            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
-            _ => None,
-        })
-        .await;
+    let common::publisher::Offered {
+        stream,
+        mut peer,
+        video,
+        audio,
+        answer,
+    } = common::publisher::offer_to_publish(&mut signal).await;
+    let stream = stream.stream_id;
     peer.accept_answer(answer).await;
     peer.connected().await;
     let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
@@ -212,7 +185,7 @@ async fn webrtc_publisher(t: &TestServer, stop: Arc<AtomicBool>) -> (Client, Str
                 let mut p = rtc::rtp::Packet::default();
                 p.header.version = 2;
                 p.header.payload_type = apt;
-                p.header.ssrc = 0x7272;
+                p.header.ssrc = 0x5252;
                 p.header.sequence_number = aseq;
                 p.header.timestamp = apkt * 960;
                 p.payload = Bytes::copy_from_slice(&buf[..len]);
@@ -235,7 +208,7 @@ async fn webrtc_publisher(t: &TestServer, stop: Arc<AtomicBool>) -> (Client, Str
                     let mut p = rtc::rtp::Packet::default();
                     p.header.version = 2;
                     p.header.payload_type = vpt;
-                    p.header.ssrc = 0x7171;
+                    p.header.ssrc = 0x5151;
                     p.header.sequence_number = vseq;
                     p.header.timestamp = frame as u32 * 3000;
                     p.header.marker = k + 1 == n;

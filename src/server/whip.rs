@@ -293,28 +293,14 @@ pub async fn publish(
             .with_label_values(&[outcome])
             .inc()
     };
-    if let Some(why) = state.unavailable() {
-        count("unavailable");
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, why);
-    }
-    if !is_sdp(&headers) {
-        count("bad_request");
-        return refuse(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "a WHIP offer is Content-Type: application/sdp",
-        );
-    }
-    let (sdk_app_id, ticket) = match credentials(&state, peer.ip(), &headers, query.as_deref()) {
-        Ok(c) => c,
-        Err(r) => {
-            count("unauthorized");
-            return *r;
-        }
-    };
-    let Ok(offer) = std::str::from_utf8(&body) else {
-        count("bad_request");
-        return refuse(StatusCode::BAD_REQUEST, "the offer is not UTF-8");
-    };
+    let (sdk_app_id, ticket, offer) =
+        match admit(&state, peer.ip(), query.as_deref(), &headers, &body, "WHIP") {
+            Ok(a) => a,
+            Err((outcome, r)) => {
+                count(outcome);
+                return *r;
+            }
+        };
     let kinds = crate::media::offered_send_kinds(offer);
     if kinds.is_empty() {
         count("bad_request");
@@ -328,7 +314,6 @@ pub async fn publish(
     let session = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
     let control = &state.control;
-    let closed = |reason| ControlCommand::Closed { session, reason };
     let steps = async {
         join(&state, &mut rx, session, tx, sdk_app_id, ticket).await?;
         let publish = ClientMessage::Publish {
@@ -343,9 +328,8 @@ pub async fn publish(
                 msg: publish,
             })
             .await;
-        let stream = next_answer(&mut rx, |m| match m {
-            ServerMessage::Published { stream } => Some(stream.stream_id.clone()),
-            _ => None,
+        next_answer(&mut rx, |m| {
+            matches!(m, ServerMessage::Published { .. }).then_some(())
         })
         .await?;
         let _ = control
@@ -357,56 +341,106 @@ pub async fn publish(
                 },
             })
             .await;
-        let answer = next_answer(&mut rx, |m| match m {
-            ServerMessage::Answer {
-                target: Target::Publisher,
-                sdp,
-            } => Some(sdp.clone()),
-            _ => None,
-        })
-        .await?;
-        Ok::<_, (ErrorCode, String)>((stream, answer))
-    };
-    let (stream, answer) = match steps.await {
-        Ok(ok) => ok,
-        Err((code, why)) => {
-            let _ = control.send(closed(LeaveReason::Left)).await;
-            count("refused");
-            info!(%user, %room, ?code, %why, "WHIP publish refused");
-            return refuse(status_of(code), why);
-        }
-    };
-    match created(
-        &state,
-        Resource {
-            session,
-            target: Target::Publisher,
-            ufrag: sdp_ufrag(offer),
-        },
-        &user,
-        rx,
-        "whip",
-        answer,
-    )
-    .await
-    {
-        Ok(r) => {
-            count("ok");
-            info!(%user, %room, %stream, "WHIP publisher joined");
-            r
-        }
-        Err(r) => {
-            count("refused");
-            r
-        }
+        answer_for(&mut rx, Target::Publisher).await
     }
+    .await;
+    let resource = Resource {
+        session,
+        target: Target::Publisher,
+        ufrag: sdp_ufrag(offer),
+    };
+    let (outcome, r) = conclude(&state, resource, &user, &room, rx, "whip", steps).await;
+    count(outcome);
+    r
 }
 
-fn is_sdp(headers: &HeaderMap) -> bool {
-    headers
+/// The checks every WHIP and WHEP POST passes before anything joins: the node serves,
+/// the body is an SDP offer, the credentials verify. `Err`: the outcome to count and
+/// the answer.
+fn admit<'a>(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &'a [u8],
+    what: &str,
+) -> Result<(u64, RoomTicket, &'a str), (&'static str, Box<Response>)> {
+    let no = |outcome, r| (outcome, Box::new(r));
+    if let Some(why) = state.unavailable() {
+        return Err(no(
+            "unavailable",
+            refuse(StatusCode::SERVICE_UNAVAILABLE, why),
+        ));
+    }
+    let sdp = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/sdp"))
+        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/sdp"));
+    if !sdp {
+        return Err(no(
+            "bad_request",
+            refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("a {what} offer is Content-Type: application/sdp"),
+            ),
+        ));
+    }
+    let (sdk_app_id, ticket) =
+        credentials(state, ip, headers, query).map_err(|r| ("unauthorized", r))?;
+    let offer = std::str::from_utf8(body).map_err(|_| {
+        no(
+            "bad_request",
+            refuse(StatusCode::BAD_REQUEST, "the offer is not UTF-8"),
+        )
+    })?;
+    Ok((sdk_app_id, ticket, offer))
+}
+
+/// The room's answer on `target`'s connection.
+async fn answer_for(
+    rx: &mut mpsc::Receiver<SessionEvent>,
+    target: Target,
+) -> Result<String, (ErrorCode, String)> {
+    next_answer(rx, |m| match m {
+        ServerMessage::Answer { target: t, sdp } if *t == target => Some(sdp.clone()),
+        _ => None,
+    })
+    .await
+}
+
+/// After the room's steps: a refusal makes the member leave and says why; an answer
+/// becomes a resource (`201 Created`). The outcome to count, and the response.
+async fn conclude(
+    state: &Arc<AppState>,
+    resource: Resource,
+    user: &str,
+    place: &str,
+    rx: mpsc::Receiver<SessionEvent>,
+    prefix: &str,
+    steps: Result<String, (ErrorCode, String)>,
+) -> (&'static str, Response) {
+    let session = resource.session;
+    let answer = match steps {
+        Ok(a) => a,
+        Err((code, why)) => {
+            let _ = state
+                .control
+                .send(ControlCommand::Closed {
+                    session,
+                    reason: LeaveReason::Left,
+                })
+                .await;
+            info!(%user, %place, ?code, %why, kind = prefix, "WHIP/WHEP request refused");
+            return ("refused", refuse(status_of(code), why));
+        }
+    };
+    match created(state, resource, user, rx, prefix, answer).await {
+        Ok(r) => {
+            info!(%user, %place, kind = prefix, "WHIP/WHEP client joined");
+            ("ok", r)
+        }
+        Err(r) => ("refused", r),
+    }
 }
 
 /// Opens a session for `ticket` and joins its room (no automatic subscriptions).
@@ -535,28 +569,14 @@ pub async fn play(
             .with_label_values(&[outcome])
             .inc()
     };
-    if let Some(why) = state.unavailable() {
-        count("unavailable");
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, why);
-    }
-    if !is_sdp(&headers) {
-        count("bad_request");
-        return refuse(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "a WHEP offer is Content-Type: application/sdp",
-        );
-    }
-    let (sdk_app_id, ticket) = match credentials(&state, peer.ip(), &headers, query.as_deref()) {
-        Ok(c) => c,
-        Err(r) => {
-            count("unauthorized");
-            return *r;
-        }
-    };
-    let Ok(offer) = std::str::from_utf8(&body) else {
-        count("bad_request");
-        return refuse(StatusCode::BAD_REQUEST, "the offer is not UTF-8");
-    };
+    let (sdk_app_id, ticket, offer) =
+        match admit(&state, peer.ip(), query.as_deref(), &headers, &body, "WHEP") {
+            Ok(a) => a,
+            Err((outcome, r)) => {
+                count(outcome);
+                return *r;
+            }
+        };
     if !offer
         .lines()
         .any(|l| l.starts_with("m=audio ") || l.starts_with("m=video "))
@@ -585,53 +605,17 @@ pub async fn play(
         ] {
             let _ = control.send(ControlCommand::Message { session, msg }).await;
         }
-        next_answer(&mut rx, |m| match m {
-            ServerMessage::Answer {
-                target: Target::Subscriber,
-                sdp,
-            } => Some(sdp.clone()),
-            _ => None,
-        })
-        .await
-    };
-    let answer = match steps.await {
-        Ok(a) => a,
-        Err((code, why)) => {
-            let _ = control
-                .send(ControlCommand::Closed {
-                    session,
-                    reason: LeaveReason::Left,
-                })
-                .await;
-            count("refused");
-            info!(%user, %stream, ?code, %why, "WHEP play refused");
-            return refuse(status_of(code), why);
-        }
-    };
-    match created(
-        &state,
-        Resource {
-            session,
-            target: Target::Subscriber,
-            ufrag: sdp_ufrag(offer),
-        },
-        &user,
-        rx,
-        "whep",
-        answer,
-    )
-    .await
-    {
-        Ok(r) => {
-            count("ok");
-            info!(%user, %stream, "WHEP player joined");
-            r
-        }
-        Err(r) => {
-            count("refused");
-            r
-        }
+        answer_for(&mut rx, Target::Subscriber).await
     }
+    .await;
+    let resource = Resource {
+        session,
+        target: Target::Subscriber,
+        ufrag: sdp_ufrag(offer),
+    };
+    let (outcome, r) = conclude(&state, resource, &user, &stream, rx, "whep", steps).await;
+    count(outcome);
+    r
 }
 
 /// `DELETE /whip/resource/<id>`: the publisher leaves.

@@ -281,8 +281,8 @@ impl Client {
         }
     }
 
-    /// Publishes (no bitrate bounds) and waits for the server's `published`.
-    pub async fn publish(&mut self, audio: bool, video: bool) {
+    /// Publishes (no bitrate bounds) and waits for the server's `published`: the stream.
+    pub async fn publish(&mut self, audio: bool, video: bool) -> weir_signaling::StreamInfo {
         self.send(&ClientMessage::Publish {
             audio,
             video,
@@ -290,8 +290,11 @@ impl Client {
             max_bitrate: None,
         })
         .await;
-        self.expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))
-            .await;
+        self.expect(|m| match m {
+            ServerMessage::Published { stream } => Some(stream.clone()),
+            _ => None,
+        })
+        .await
     }
 
     pub async fn join(url: &str, join: Join) -> (Self, ServerMessage) {

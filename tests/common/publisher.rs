@@ -191,20 +191,7 @@ pub async fn offer_to_publish(signal: &mut super::Client) -> Offered {
     use super::peer::{h264, opus, RtcPeer};
     use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
     use weir_signaling::{ClientMessage, ServerMessage, Target};
-    signal
-        .send(&ClientMessage::Publish {
-            audio: true,
-            video: true,
-            min_bitrate: None,
-            max_bitrate: None,
-        })
-        .await;
-    let stream = signal
-        .expect(|m| match m {
-            ServerMessage::Published { stream } => Some(stream.clone()),
-            _ => None,
-        })
-        .await;
+    let stream = signal.publish(true, true).await;
     let mut peer = RtcPeer::new().await;
     let video = peer
         .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
