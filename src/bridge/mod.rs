@@ -7,8 +7,8 @@
 //!   composition time) at 90 kHz. Profiles browsers cannot decode are refused.
 //!   Non-reference B-frames are dropped (counted); reference B-frames are forwarded
 //!   (counted, and warned about: browsers may stutter on them).
-//! - Audio: AAC-LC → Opus, 20 ms frames and a 10 ms one whenever 10 ms more are held,
-//!   so no frame waits more than 10 ms for its samples ([`crate::codec::aac_opus`]); the RTP timestamp
+//! - Audio: AAC-LC → Opus, one packet of 5 ms frames per AAC frame, so a packet's first
+//!   sample always leaves at the same age ([`crate::codec::aac_opus`]); the RTP timestamp
 //!   is a 48 kHz sample count anchored to the source clock, re-anchored only when the
 //!   source drifts from it by more than `drift_reanchor_ms`.
 //! - One clock: both kinds map source milliseconds to the same NTP timeline, and a
