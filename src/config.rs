@@ -24,6 +24,116 @@ pub struct Config {
     /// The mini program room service (`/weapp/...`).
     #[serde(default)]
     pub room_service: RoomServiceConfig,
+    /// Recording streams to files.
+    #[serde(default)]
+    pub record: RecordConfig,
+    /// Callbacks (webhooks) to the customer's backend.
+    #[serde(default)]
+    pub callbacks: CallbacksConfig,
+}
+
+/// Which streams are recorded, and how. A stream is recorded when `all` is set, or
+/// its app is in `apps`, its room in `rooms` (`"<sdk_app_id>/<room>"`), or its name
+/// in `streams`. Nothing is recorded by default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordConfig {
+    pub all: bool,
+    pub apps: Vec<u64>,
+    pub rooms: Vec<String>,
+    pub streams: Vec<String>,
+    /// Where files go: `<dir>/<stream>/<stream>-<start unix ms>.flv`.
+    pub dir: String,
+    /// A new file at the first keyframe after this long (Tencent's default: 30 min).
+    pub fragment_s: u64,
+    /// Files holding less media than this are deleted, not kept.
+    pub min_ms: u32,
+    /// Media a recording may fall behind (a slow disk) before it skips to the next
+    /// keyframe (counted in `weir_player_dropped_tags_total`).
+    pub max_lag_ms: u32,
+    /// Prefix of the `video_url` told to the backend (`<prefix>/<stream>/<file>`):
+    /// where the operator serves `dir`. Empty: the file's path.
+    pub url_prefix: String,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        Self {
+            all: false,
+            apps: Vec::new(),
+            rooms: Vec::new(),
+            streams: Vec::new(),
+            dir: "recordings".into(),
+            fragment_s: 1800,
+            min_ms: 1000,
+            max_lag_ms: 10_000,
+            url_prefix: String::new(),
+        }
+    }
+}
+
+impl RecordConfig {
+    /// Is this stream recorded.
+    pub fn applies(&self, stream: &str, sdk_app_id: u64, room: &str) -> bool {
+        self.all
+            || self.apps.contains(&sdk_app_id)
+            || self.streams.iter().any(|s| s == stream)
+            || self
+                .rooms
+                .iter()
+                .any(|r| r.split_once('/') == Some((&sdk_app_id.to_string(), room)))
+    }
+}
+
+/// Where events go: `url` for every app, or an app's own (`[[callbacks.app]]`).
+/// Each event is POSTed as JSON, signed with the URL's key, retried with backoff
+/// until a 2xx answer or `give_up_after_s`; at most `max_queued` wait per URL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbacksConfig {
+    pub url: String,
+    pub key: String,
+    #[serde(rename = "app")]
+    pub apps: Vec<AppCallbacks>,
+    /// One attempt's limit.
+    pub timeout_ms: u64,
+    pub max_queued: usize,
+    /// Retry delays double from 0.5 s up to this.
+    pub backoff_max_ms: u64,
+    pub give_up_after_s: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppCallbacks {
+    pub sdk_app_id: u64,
+    pub url: String,
+    #[serde(default)]
+    pub key: String,
+}
+
+impl Default for CallbacksConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            key: String::new(),
+            apps: Vec::new(),
+            timeout_ms: 5000,
+            max_queued: 10_000,
+            backoff_max_ms: 10_000,
+            give_up_after_s: 24 * 3600,
+        }
+    }
+}
+
+impl CallbacksConfig {
+    /// The URL and key for an app's events, if any.
+    pub fn target(&self, sdk_app_id: u64) -> Option<(&str, &str)> {
+        match self.apps.iter().find(|a| a.sdk_app_id == sdk_app_id) {
+            Some(a) => Some((a.url.as_str(), a.key.as_str())),
+            None => (!self.url.is_empty()).then_some((self.url.as_str(), self.key.as_str())),
+        }
+    }
 }
 
 /// The backend the mini program room components call (`/weapp/webrtc_room/`,
@@ -376,6 +486,8 @@ impl Config {
             },
             apps: vec![crate::auth::AppKeys::generate_config(DEV_SDK_APP_ID)],
             room_service: RoomServiceConfig::default(),
+            record: RecordConfig::default(),
+            callbacks: CallbacksConfig::default(),
         }
     }
 
@@ -461,6 +573,8 @@ mod tests {
             server: ServerConfig::default(),
             apps: Vec::new(),
             room_service: RoomServiceConfig::default(),
+            record: RecordConfig::default(),
+            callbacks: CallbacksConfig::default(),
         };
         c.apply_env([("WEIR_DEV_MODE".to_string(), "true".to_string())])
             .unwrap();

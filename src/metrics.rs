@@ -72,6 +72,15 @@ pub struct Metrics {
     pub whip_requests: IntCounterVec,
     /// WHEP play requests by outcome.
     pub whep_requests: IntCounterVec,
+    /// Streams being recorded now; files closed by `outcome` (`kept`, `discarded`
+    /// for under the minimum, `failed` for a write error); bytes written.
+    pub recordings: IntGauge,
+    pub record_files: IntCounterVec,
+    pub record_bytes: prometheus::IntCounter,
+    /// Callbacks to the customer's backend by `event` and `outcome` (`delivered`,
+    /// `failed_attempt`, `dropped_full`, `expired`), and events queued now.
+    pub callbacks: IntCounterVec,
+    pub callbacks_queued: IntGauge,
     /// Bridged packets dropped because the media plane's queue was full.
     pub bridge_queue_drops: prometheus::IntCounter,
     /// RTMP and HTTP-FLV players by protocol, play requests by outcome, and FLV tags
@@ -319,6 +328,28 @@ impl Metrics {
                 "weir_whep_requests_total",
                 "WHEP play requests by outcome (ok, unauthorized, refused, bad_request, unavailable)",
                 &["outcome"],
+            ),
+            recordings: gauge(
+                "weir_recordings",
+                "Streams being recorded now",
+            ),
+            record_files: counter_vec(
+                "weir_record_files_total",
+                "Recording files closed by outcome (kept, discarded: under the minimum length, failed: a write error)",
+                &["outcome"],
+            ),
+            record_bytes: counter(
+                "weir_record_bytes_total",
+                "Bytes written to recording files",
+            ),
+            callbacks: counter_vec(
+                "weir_callbacks_total",
+                "Callbacks to the backend by event and outcome (delivered, failed_attempt, dropped_full, expired)",
+                &["event", "outcome"],
+            ),
+            callbacks_queued: gauge(
+                "weir_callbacks_queued",
+                "Callback events waiting for delivery",
             ),
             bridge_queue_drops: counter(
                 "weir_bridge_queue_drops_total",

@@ -6,72 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::node::Node;
 use common::{Client, APP};
-use weir::auth::{AppKeys, Keyring};
-use weir::config::Config;
 use weir_signaling::{close, ClientMessage, Join, LeaveReason, ServerMessage, PROTOCOL_VERSION};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The `weir` binary on free loopback ports with a generated app, listening; `env`: more
-/// environment for it. The child is killed when dropped.
-struct Node {
-    child: tokio::process::Child,
-    http: u16,
-    app: AppKeys,
-    _dir: tempfile::TempDir,
-}
-
-impl Node {
-    async fn start(env: &[(&str, &str)]) -> Self {
-        let app_config = AppKeys::generate_config(APP);
-        let app = AppKeys::from_config(&app_config).unwrap();
-        let mut config = Config::development(None);
-        config.server.dev_mode = false;
-        config.apps = vec![app_config];
-        let http = free_port();
-        config.server.http_addr = format!("127.0.0.1:{http}");
-        config.server.udp_addr = format!("127.0.0.1:{}", free_port());
-        config.server.tcp_addr = format!("127.0.0.1:{}", free_port());
-        config.server.rtmp_addr = format!("127.0.0.1:{}", free_port());
-        config.server.metrics_addr = format!("127.0.0.1:{}", free_port());
-        config.server.announce_ips = vec!["127.0.0.1".into()];
-        config.server.shutdown_grace_s = 5;
-        Keyring::from_configs(&config.apps).expect("the generated app loads");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("weir.toml");
-        config.write(&path).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", http))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "the server did not listen");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self {
-            child,
-            http,
-            app,
-            _dir: dir,
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_fifty_members_tells_each_and_exits_cleanly() {
@@ -80,6 +17,7 @@ async fn sigterm_with_fifty_members_tells_each_and_exits_cleanly() {
         http,
         app,
         _dir,
+        ..
     } = Node::start(&[]).await;
     // Its log, read so that the pipe never fills.
     let mut log = child.stderr.take().unwrap();

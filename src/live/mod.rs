@@ -118,7 +118,9 @@ pub enum Demand {
     Left { players: usize },
 }
 
-type DemandFn = Box<dyn Fn(Demand) + Send + Sync>;
+pub type DemandFn = Box<dyn Fn(Demand) + Send + Sync>;
+/// Makes a source's [`DemandFn`] once the source exists.
+pub type MakeDemandFn = Box<dyn FnOnce(&Arc<Source>) -> DemandFn>;
 
 /// What a player's writer gets next.
 pub enum Next {
@@ -323,7 +325,13 @@ impl Source {
     /// (so its first video tag after the header is a keyframe), then live tags. The
     /// player leaves when the handle is dropped.
     pub fn subscribe(self: &Arc<Self>) -> Player {
-        let queue = self.subscribe_queue();
+        self.subscribe_with(self.max_latency_ms)
+    }
+
+    /// [`Self::subscribe`] with its own latency bound (a recorder tolerates more
+    /// backlog than a viewer: a slow disk, not a person waiting).
+    pub fn subscribe_with(self: &Arc<Self>, max_latency_ms: u32) -> Player {
+        let queue = self.subscribe_queue(max_latency_ms);
         let players = self.players();
         self.tell(Demand::Joined { players });
         Player {
@@ -348,8 +356,8 @@ impl Source {
         self.tell(Demand::Left { players });
     }
 
-    fn subscribe_queue(&self) -> Arc<PlayerQueue> {
-        let q = Arc::new(PlayerQueue::new(self.max_latency_ms));
+    fn subscribe_queue(&self, max_latency_ms: u32) -> Arc<PlayerQueue> {
+        let q = Arc::new(PlayerQueue::new(max_latency_ms));
         let mut s = self.state.lock().expect("source lock");
         {
             let mut qs = q.state.lock().expect("queue lock");
@@ -418,9 +426,25 @@ pub struct StreamPlace {
     pub room: crate::auth::RoomId,
 }
 
+/// A stream coming or going, for whoever watches the hub (recording, callbacks).
+pub enum HubEvent<'a> {
+    Opened {
+        source: &'a Arc<Source>,
+        place: &'a StreamPlace,
+    },
+    Closed {
+        name: &'a str,
+        place: &'a StreamPlace,
+    },
+}
+
+/// Told every [`HubEvent`]; must not block (it runs on the caller's task).
+pub type ObserveFn = Arc<dyn Fn(HubEvent<'_>) + Send + Sync>;
+
 /// Every stream that can be played, by name.
 pub struct Hub {
     sources: Mutex<HashMap<String, (Arc<Source>, StreamPlace)>>,
+    observers: Mutex<Vec<ObserveFn>>,
     max_latency_ms: u32,
     /// Called with (stream, tags dropped) when latency control drops tags.
     on_drop: DropFn,
@@ -438,6 +462,7 @@ impl Hub {
     pub fn new(max_latency_ms: u32, on_drop: DropFn, on_close: CloseFn) -> Self {
         Self {
             sources: Mutex::new(HashMap::new()),
+            observers: Mutex::new(Vec::new()),
             max_latency_ms,
             on_drop,
             on_close,
@@ -446,6 +471,17 @@ impl Hub {
 
     /// Registers a stream (replacing an ended one of the same name).
     pub fn open(&self, name: &str, place: StreamPlace) -> Arc<Source> {
+        self.open_with(name, place, None)
+    }
+
+    /// [`Self::open`] for a source converted on demand: `demand` is in place before
+    /// anyone (a recorder the observers start) can subscribe.
+    pub fn open_with(
+        &self,
+        name: &str,
+        place: StreamPlace,
+        demand: Option<MakeDemandFn>,
+    ) -> Arc<Source> {
         let on_drop = self.on_drop.clone();
         let stream = name.to_owned();
         let source = Arc::new(Source {
@@ -455,28 +491,56 @@ impl Hub {
             on_drop: Box::new(move |n| on_drop(&stream, n)),
             demand: Mutex::new(None),
         });
+        if let Some(make) = demand {
+            source.set_demand(make(&source));
+        }
         let old = self
             .sources
             .lock()
             .expect("hub lock")
-            .insert(name.to_owned(), (source.clone(), place));
-        if let Some((old, _)) = old {
+            .insert(name.to_owned(), (source.clone(), place.clone()));
+        if let Some((old, old_place)) = old {
             old.end();
+            self.tell(HubEvent::Closed {
+                name,
+                place: &old_place,
+            });
         }
+        self.tell(HubEvent::Opened {
+            source: &source,
+            place: &place,
+        });
         source
+    }
+
+    /// Calls `f` for every stream opened and closed from now on.
+    pub fn observe(&self, f: ObserveFn) {
+        self.observers.lock().expect("observers lock").push(f);
+    }
+
+    fn tell(&self, event: HubEvent<'_>) {
+        let observers = self.observers.lock().expect("observers lock").clone();
+        for f in observers {
+            f(match &event {
+                HubEvent::Opened { source, place } => HubEvent::Opened { source, place },
+                HubEvent::Closed { name, place } => HubEvent::Closed { name, place },
+            });
+        }
     }
 
     /// Ends a stream: its players are closed.
     pub fn close(&self, name: &str, source: &Arc<Source>) {
         let mut map = self.sources.lock().expect("hub lock");
         let current = map.get(name).is_some_and(|(s, _)| Arc::ptr_eq(s, source));
-        if current {
-            map.remove(name);
-        }
+        let removed = if current { map.remove(name) } else { None };
         drop(map);
         source.end();
-        if current {
+        if let Some((_, place)) = removed {
             (self.on_close)(name);
+            self.tell(HubEvent::Closed {
+                name,
+                place: &place,
+            });
         }
     }
 

@@ -27,36 +27,37 @@ pub fn register(
     aac_bitrate: u32,
     metrics: Arc<Metrics>,
 ) -> Arc<Source> {
-    let source = hub.open(stream_id, place);
-    let weak = Arc::downgrade(&source);
     let stream = stream_id.to_owned();
-    source.set_demand(Box::new(move |d| match d {
-        Demand::Joined { players: 1 } => {
-            info!(stream = %stream, "first player: converting the WebRTC stream to FLV");
-            tokio::spawn(convert(
-                stream.clone(),
-                weak.clone(),
-                media.clone(),
-                aac_bitrate,
-                metrics.clone(),
-            ));
-        }
-        Demand::Joined { .. } => {
-            // A new player starts at the GOP cache; a fresh keyframe shortens the wait.
-            let _ = media.try_send(MediaInput::RequestKeyframe {
-                stream_id: stream.clone(),
-            });
-        }
-        Demand::Left { players: 0 } => {
-            info!(stream = %stream, "last player left: conversion stops");
-            let _ = media.try_send(MediaInput::Tap {
-                stream_id: stream.clone(),
-                tx: None,
-            });
-        }
-        Demand::Left { .. } => {}
-    }));
-    source
+    let demand = move |source: &Arc<Source>| -> super::DemandFn {
+        let weak = Arc::downgrade(source);
+        Box::new(move |d| match d {
+            Demand::Joined { players: 1 } => {
+                info!(stream = %stream, "first player: converting the WebRTC stream to FLV");
+                tokio::spawn(convert(
+                    stream.clone(),
+                    weak.clone(),
+                    media.clone(),
+                    aac_bitrate,
+                    metrics.clone(),
+                ));
+            }
+            Demand::Joined { .. } => {
+                // A new player starts at the GOP cache; a fresh keyframe shortens the wait.
+                let _ = media.try_send(MediaInput::RequestKeyframe {
+                    stream_id: stream.clone(),
+                });
+            }
+            Demand::Left { players: 0 } => {
+                info!(stream = %stream, "last player left: conversion stops");
+                let _ = media.try_send(MediaInput::Tap {
+                    stream_id: stream.clone(),
+                    tx: None,
+                });
+            }
+            Demand::Left { .. } => {}
+        })
+    };
+    hub.open_with(stream_id, place, Some(Box::new(demand)))
 }
 
 async fn convert(

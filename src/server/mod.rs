@@ -19,7 +19,9 @@ use crate::metrics::Metrics;
 use crate::room::{Limits, Rooms, UrlBase};
 
 pub mod control;
+mod hooks;
 mod http;
+mod record;
 pub mod rtmp;
 mod supervise;
 pub mod tls;
@@ -466,6 +468,26 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             }),
         ))
     };
+    // Callbacks to the backend and recording both watch the hub's streams.
+    let callbacks =
+        hooks::Callbacks::start(&config.callbacks, metrics.clone()).map(|(cb, task)| {
+            supervisor.spawn("callbacks", task);
+            cb
+        });
+    if callbacks.is_some()
+        || config.record.all
+        || !config.record.apps.is_empty()
+        || !config.record.rooms.is_empty()
+        || !config.record.streams.is_empty()
+    {
+        let recording = record::Recording::new(
+            config.record.clone(),
+            callbacks.clone(),
+            metrics.clone(),
+            host.clone(),
+        );
+        hub.observe(recording.observer());
+    }
     let keyring = Arc::new(keyring);
     let room_service = room_service(&config, &keyring, &urls)?;
     let ice = IceConfig::from_config(&config.server)?;

@@ -16,6 +16,7 @@ pub mod aiortc;
 pub mod browser;
 pub mod firefox;
 pub mod media;
+pub mod node;
 pub mod peer;
 pub mod plot;
 pub mod publisher;
@@ -303,4 +304,27 @@ impl Client {
         let answer = c.recv().await;
         (c, answer)
     }
+}
+
+/// The query string of an RTMP push or play URL with room credentials (v2 userSig and
+/// privateMapKey, an hour's validity).
+pub fn rtmp_query(app: &AppKeys, user: &str, room: u32, privileges: u32) -> String {
+    let now = weir::auth::unix_now();
+    let sig = app.issue_user_sig(TokenKind::V2, user, now, 3600).unwrap();
+    let pmk = app
+        .issue_private_map_key(
+            TokenKind::V2,
+            user,
+            &RoomId::Num(room),
+            Privileges(privileges),
+            now,
+            3600,
+        )
+        .unwrap();
+    let enc = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    format!(
+        "sdkappid={APP}&userid={user}&roomid={room}&usersig={}&privatemapkey={}",
+        enc(&sig),
+        enc(&pmk)
+    )
 }

@@ -1,0 +1,202 @@
+//! The shell of [`crate::hooks`]: one task owns an outbox per callback URL and sends
+//! each outbox's head with reqwest (one request in flight per URL, each bounded by
+//! `timeout_ms`). Events reach it through a bounded channel that never blocks the
+//! sender: a full channel drops the event (counted), so neither a dead backend nor a
+//! slow one can hold up media, signaling or recording.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::config::CallbacksConfig;
+use crate::hooks::{Outbox, OutboxConfig, OutboxStats, Request};
+use crate::metrics::Metrics;
+
+/// Events in the channel to the callbacks task.
+const CHANNEL: usize = 4096;
+
+struct Event {
+    sdk_app_id: u64,
+    kind: &'static str,
+    body: Map<String, Value>,
+}
+
+/// Where events are handed in; cheap to clone.
+#[derive(Clone)]
+pub struct Callbacks {
+    tx: mpsc::Sender<Event>,
+    metrics: Arc<Metrics>,
+    config: Arc<CallbacksConfig>,
+}
+
+impl Callbacks {
+    /// The callbacks task, if any URL is configured (None: events go nowhere).
+    pub fn start(
+        config: &CallbacksConfig,
+        metrics: Arc<Metrics>,
+    ) -> Option<(Self, impl std::future::Future<Output = ()> + Send + 'static)> {
+        if config.url.is_empty() && config.apps.is_empty() {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        let config = Arc::new(config.clone());
+        let task = run(rx, config.clone(), metrics.clone());
+        Some((
+            Self {
+                tx,
+                metrics,
+                config,
+            },
+            task,
+        ))
+    }
+
+    /// Does this app have a callback URL.
+    pub fn wants(&self, sdk_app_id: u64) -> bool {
+        self.config.target(sdk_app_id).is_some()
+    }
+
+    /// Hands an event over; never waits.
+    pub fn send(&self, sdk_app_id: u64, kind: &'static str, body: Map<String, Value>) {
+        if !self.wants(sdk_app_id) {
+            return;
+        }
+        let event = Event {
+            sdk_app_id,
+            kind,
+            body,
+        };
+        if self.tx.try_send(event).is_err() {
+            self.metrics
+                .callbacks
+                .with_label_values(&[kind, "dropped_full"])
+                .inc();
+        }
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Target {
+    outbox: Outbox,
+    /// Stats already counted in metrics.
+    counted: OutboxStats,
+    /// The kind of the request in flight, for its outcome's label.
+    in_flight: Option<&'static str>,
+}
+
+async fn run(mut rx: mpsc::Receiver<Event>, config: Arc<CallbacksConfig>, metrics: Arc<Metrics>) {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_millis(config.timeout_ms.max(1)))
+        .connect_timeout(Duration::from_millis(config.timeout_ms.max(1)))
+        .pool_max_idle_per_host(2)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            // Without a client nothing can be delivered; say so and keep draining.
+            warn!(error = %e, "callbacks: no HTTP client, events will be dropped");
+            while rx.recv().await.is_some() {}
+            return;
+        }
+    };
+    let outbox_config = OutboxConfig {
+        max_events: config.max_queued.max(1),
+        backoff_max: Duration::from_millis(config.backoff_max_ms.max(500)),
+        give_up_after: Duration::from_secs(config.give_up_after_s.max(1)),
+        ..Default::default()
+    };
+    let mut targets: HashMap<String, Target> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::channel::<(String, bool)>(64);
+    loop {
+        let wake = targets
+            .values()
+            .filter_map(|t| t.outbox.poll_timeout())
+            .min();
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                let Some((url, key)) = config.target(ev.sdk_app_id) else { continue };
+                let target = targets.entry(url.to_owned()).or_insert_with(|| Target {
+                    outbox: Outbox::new(outbox_config, key),
+                    counted: OutboxStats::default(),
+                    in_flight: None,
+                });
+                target.outbox.push(ev.kind, ev.body, Instant::now());
+            }
+            done = done_rx.recv() => {
+                let Some((url, ok)) = done else { break };
+                if let Some(t) = targets.get_mut(&url) {
+                    t.outbox.on_result(ok, Instant::now());
+                }
+            }
+            _ = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+        let now = Instant::now();
+        let unix_s = unix_ms() / 1000;
+        for (url, t) in targets.iter_mut() {
+            // Count what happened since the last turn, under the event kind in
+            // flight (outcomes of the head) or "any" for queue-wide drops.
+            let s = t.outbox.stats;
+            let kind = t.in_flight.unwrap_or("any");
+            let c = &metrics.callbacks;
+            c.with_label_values(&[kind, "delivered"])
+                .inc_by(s.delivered - t.counted.delivered);
+            c.with_label_values(&[kind, "failed_attempt"])
+                .inc_by(s.failed_attempts - t.counted.failed_attempts);
+            c.with_label_values(&["any", "dropped_full"])
+                .inc_by(s.dropped_full - t.counted.dropped_full);
+            c.with_label_values(&["any", "expired"])
+                .inc_by(s.expired - t.counted.expired);
+            t.counted = s;
+            if let Some(req) = t.outbox.poll_send(now, unix_s) {
+                t.in_flight = Some(req.kind);
+                tokio::spawn(deliver(client.clone(), url.clone(), req, done_tx.clone()));
+            }
+        }
+        metrics
+            .callbacks_queued
+            .set(targets.values().map(|t| t.outbox.len() as i64).sum());
+    }
+}
+
+async fn deliver(
+    client: reqwest::Client,
+    url: String,
+    req: Request,
+    done: mpsc::Sender<(String, bool)>,
+) {
+    let result = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("x-weir-signature", &req.signature)
+        .header("x-weir-event", req.kind)
+        .body(req.body)
+        .send()
+        .await;
+    let ok = match result {
+        Ok(r) if r.status().is_success() => true,
+        Ok(r) => {
+            debug!(%url, status = %r.status(), event = req.kind, "callback refused; retrying");
+            false
+        }
+        Err(e) => {
+            debug!(%url, error = %e, event = req.kind, "callback not delivered; retrying");
+            false
+        }
+    };
+    let _ = done.send((url, ok)).await;
+}

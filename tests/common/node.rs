@@ -1,0 +1,83 @@
+//! The `weir` binary as its own process (what systemd or Kubernetes runs), for tests
+//! that signal or kill it.
+
+use std::time::{Duration, Instant};
+
+use weir::auth::{AppKeys, Keyring};
+use weir::config::Config;
+
+use super::APP;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `weir` binary on free loopback ports with a generated app, listening. The child
+/// is killed when dropped.
+pub struct Node {
+    pub child: tokio::process::Child,
+    pub http: u16,
+    pub rtmp: u16,
+    pub app: AppKeys,
+    pub config: Config,
+    pub _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// `env`: more environment for it.
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_with(env, |_| {}).await
+    }
+
+    /// `tweak` changes the configuration file before the node starts.
+    pub async fn start_with(env: &[(&str, &str)], tweak: impl FnOnce(&mut Config)) -> Self {
+        let app_config = AppKeys::generate_config(APP);
+        let app = AppKeys::from_config(&app_config).unwrap();
+        let mut config = Config::development(None);
+        config.server.dev_mode = false;
+        config.apps = vec![app_config];
+        let http = free_port();
+        let rtmp = free_port();
+        config.server.http_addr = format!("127.0.0.1:{http}");
+        config.server.udp_addr = format!("127.0.0.1:{}", free_port());
+        config.server.tcp_addr = format!("127.0.0.1:{}", free_port());
+        config.server.rtmp_addr = format!("127.0.0.1:{rtmp}");
+        config.server.metrics_addr = format!("127.0.0.1:{}", free_port());
+        config.server.announce_ips = vec!["127.0.0.1".into()];
+        config.server.shutdown_grace_s = 5;
+        tweak(&mut config);
+        Keyring::from_configs(&config.apps).expect("the generated app loads");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weir.toml");
+        config.write(&path).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", http))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the server did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child,
+            http,
+            rtmp,
+            app,
+            config,
+            _dir: dir,
+        }
+    }
+}

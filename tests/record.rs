@@ -1,0 +1,424 @@
+//! Recording and callbacks: ffmpeg pushes over RTMP and a WebRTC member publishes;
+//! Weir records each stream into FLV files cut at keyframes, ffmpeg decodes every file,
+//! and a test HTTP receiver gets Tencent-shaped callbacks (stream begin and end, one
+//! `event_type` 100 per file) with a valid `sign`, also after being down for 30 s. A
+//! SIGKILLed node leaves a partial file that decodes up to the kill.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use common::media::flv_decode_errors;
+use common::node::{free_port, Node};
+use common::{rtmp_query, TestServer, APP};
+use serde_json::Value;
+
+const ROOM: u32 = 4242;
+const KEY: &str = "callback-key";
+
+/// What a callback receiver got: (X-Weir-Signature header, body).
+type Got = Arc<Mutex<Vec<(String, Value)>>>;
+
+/// A callback receiver on `port`, answering 200 (as Tencent's backends do, `{"code":0}`).
+async fn receiver_on(port: u16, got: Got) {
+    let app = axum::Router::new()
+        .route(
+            "/cb",
+            post(
+                |State(got): State<Got>, headers: HeaderMap, body: String| async move {
+                    let sig = headers
+                        .get("x-weir-signature")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    let v: Value = serde_json::from_str(&body).expect("callback body is JSON");
+                    assert_eq!(
+                        sig,
+                        weir::hooks::body_signature(KEY, body.as_bytes()),
+                        "body signature"
+                    );
+                    got.lock().unwrap().push((sig, v));
+                    (StatusCode::OK, "{\"code\":0}")
+                },
+            ),
+        )
+        .with_state(got);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+}
+
+fn events(got: &Got, event_type: u64) -> Vec<Value> {
+    got.lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| v["event_type"] == event_type)
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+async fn wait_for_events(got: &Got, event_type: u64, n: usize, within: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let e = events(got, event_type);
+        if e.len() >= n || Instant::now() > deadline {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The recording files of a stream, oldest first.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    all.sort();
+    all
+}
+
+/// Per stream kind: (packets, first pts, last pts, first packet's flags).
+fn probe(file: &Path) -> std::collections::BTreeMap<String, (usize, f64, f64, String)> {
+    let out = std::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "packet=codec_type,pts_time,flags",
+        ])
+        .args(["-of", "csv=p=0"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let mut by: std::collections::BTreeMap<String, (usize, f64, f64, String)> = Default::default();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        let (Some(kind), Some(Ok(pts))) = (f.first(), f.get(1).map(|p| p.parse::<f64>())) else {
+            continue;
+        };
+        let flags = f.get(2).unwrap_or(&"").to_string();
+        let e = by
+            .entry(kind.to_string())
+            .or_insert((0, f64::MAX, f64::MIN, flags));
+        e.0 += 1;
+        e.1 = e.1.min(pts);
+        e.2 = e.2.max(pts);
+    }
+    by
+}
+
+fn md5_hex(s: &str) -> String {
+    let out = std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_70_s_push_with_30_s_fragments_is_three_files_and_three_callbacks() {
+    let got: Got = Arc::default();
+    let port = free_port();
+    receiver_on(port, got.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record_dir = dir.path().to_owned();
+    let t = TestServer::start_with(|c| {
+        c.record.all = true;
+        c.record.dir = record_dir.display().to_string();
+        c.record.fragment_s = 30;
+        c.callbacks.url = format!("http://127.0.0.1:{port}/cb");
+        c.callbacks.key = KEY.into();
+    })
+    .await;
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let push_url = format!(
+        "rtmp://{rtmp}/live/hearing?{}",
+        rtmp_query(&t.app, "clerk", ROOM, 0xff)
+    );
+    let pushed = 70;
+    let mut ffmpeg = common::source::ffmpeg_push(&push_url, pushed);
+    let status = tokio::time::timeout(Duration::from_secs(100), ffmpeg.wait())
+        .await
+        .expect("the push ends")
+        .unwrap();
+    assert!(status.success(), "ffmpeg push");
+
+    let records = wait_for_events(&got, 100, 3, Duration::from_secs(15)).await;
+    let stream_dir = dir.path().join("hearing");
+    let files = files(&stream_dir);
+    assert_eq!(files.len(), 3, "files: {files:?}");
+    let mut total = 0.0;
+    for f in &files {
+        let errors = flv_decode_errors(f);
+        assert!(errors.trim().is_empty(), "decoding {f:?}: {errors}");
+        let p = probe(f);
+        let (vn, v0, v1, vflags) = p.get("video").expect("video").clone();
+        let (_, a0, a1, _) = p.get("audio").expect("audio").clone();
+        // From its first frame: a keyframe at 0, audio from 0 too.
+        assert!(v0.abs() < 0.001, "{f:?} video starts at {v0}");
+        assert!(
+            vflags.starts_with('K'),
+            "{f:?} starts with a keyframe: {vflags}"
+        );
+        assert!(a0.abs() < 0.05, "{f:?} audio starts at {a0}");
+        assert!((a1 - v1).abs() < 0.1, "{f:?} ends: audio {a1} video {v1}");
+        let fps = (vn - 1) as f64 / v1;
+        assert!((fps - 30.0).abs() < 1.5, "{f:?}: {fps:.2} fps");
+        total += v1 + 1.0 / 30.0;
+    }
+    // The files hold the whole push (the first keyframe is the push's first frame;
+    // the AAC encoder's tail is not flushed by a live pusher).
+    assert!(
+        (total - f64::from(pushed)).abs() < 0.5,
+        "recorded {total:.2} s of {pushed}"
+    );
+
+    // One `event_type` 100 per file, Tencent's fields, a sign that checks.
+    assert_eq!(records.len(), 3, "{records:#?}");
+    let now = weir::auth::unix_now();
+    for (r, f) in records.iter().zip(&files) {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        assert_eq!(r["stream_id"], "hearing");
+        assert_eq!(r["appid"], APP);
+        assert_eq!(r["room_id"], ROOM.to_string());
+        assert_eq!(r["file_format"], "flv");
+        assert_eq!(r["file_id"], name.trim_end_matches(".flv"));
+        assert_eq!(r["file_size"], std::fs::metadata(f).unwrap().len());
+        assert_eq!(r["video_url"], f.display().to_string());
+        let t_ = r["t"].as_u64().unwrap();
+        assert!(t_ > now, "t is the signature's expiry");
+        assert_eq!(
+            r["sign"],
+            md5_hex(&format!("{KEY}{t_}")),
+            "sign = MD5(key + t)"
+        );
+        let (start, end, duration) = (
+            r["start_time"].as_u64().unwrap(),
+            r["end_time"].as_u64().unwrap(),
+            r["duration"].as_u64().unwrap(),
+        );
+        assert!(end >= start && end - start + 1 >= duration.saturating_sub(1));
+    }
+    let durations: Vec<u64> = records
+        .iter()
+        .map(|r| r["duration"].as_u64().unwrap())
+        .collect();
+    assert!(durations[0] == 30 || durations[0] == 31, "{durations:?}");
+    assert_eq!(events(&got, 1).len(), 1, "push began");
+    let ended = wait_for_events(&got, 0, 1, Duration::from_secs(5)).await;
+    assert_eq!(ended.len(), 1, "push ended");
+
+    let m = t.metrics().await;
+    assert_eq!(
+        common::metric(&m, "weir_record_files_total{outcome=\"kept\"}"),
+        3.0
+    );
+    assert_eq!(common::metric(&m, "weir_recordings"), 0.0);
+    assert!(
+        common::metric(
+            &m,
+            "weir_callbacks_total{event=\"record\",outcome=\"delivered\"}"
+        ) >= 3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_for_30_s_gets_every_callback_when_back() {
+    let got: Got = Arc::default();
+    // Nothing listens on the port for the first 30 s.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let record_dir = dir.path().to_owned();
+    let t = TestServer::start_with(|c| {
+        c.record.streams = vec!["court".into()];
+        c.record.dir = record_dir.display().to_string();
+        c.record.fragment_s = 3;
+        c.callbacks.url = format!("http://127.0.0.1:{port}/cb");
+        c.callbacks.key = KEY.into();
+    })
+    .await;
+    let down_from = Instant::now();
+    let rtmp = t.server.rtmp_addr.unwrap();
+    // Two streams: "court" is recorded, "other" is not (only its begin/end are told).
+    let mut court = common::source::ffmpeg_push(
+        &format!(
+            "rtmp://{rtmp}/live/court?{}",
+            rtmp_query(&t.app, "judge", ROOM, 0xff)
+        ),
+        8,
+    );
+    let mut other = common::source::ffmpeg_push(
+        &format!(
+            "rtmp://{rtmp}/live/other?{}",
+            rtmp_query(&t.app, "witness", ROOM, 0xff)
+        ),
+        4,
+    );
+    assert!(court.wait().await.unwrap().success());
+    assert!(other.wait().await.unwrap().success());
+    let files = files(&dir.path().join("court"));
+    assert!(files.len() >= 2, "{files:?}");
+    assert!(
+        !dir.path().join("other").exists(),
+        "only the selected stream is recorded"
+    );
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(down_from.elapsed())).await;
+    let m = t.metrics().await;
+    let failed = common::metric(
+        &m,
+        "weir_callbacks_total{event=\"stream_begin\",outcome=\"failed_attempt\"}",
+    );
+    assert!(failed >= 3.0, "retried while down: {failed}");
+    assert!(common::metric(&m, "weir_callbacks_queued") >= 1.0);
+
+    receiver_on(port, got.clone()).await;
+    let back = Instant::now();
+    // begin + end for both streams, one per file.
+    let want = 4 + files.len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.lock().unwrap().len() < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all: Vec<Value> = got.lock().unwrap().iter().map(|(_, v)| v.clone()).collect();
+    eprintln!(
+        "all {} callbacks delivered {:?} after the receiver came back",
+        all.len(),
+        back.elapsed()
+    );
+    assert_eq!(all.len(), want, "{all:#?}");
+    assert_eq!(events(&got, 1).len(), 2);
+    assert_eq!(events(&got, 0).len(), 2);
+    assert_eq!(events(&got, 100).len(), files.len());
+    // In the order they happened: each stream's begin before its end and files.
+    let court_events: Vec<u64> = all
+        .iter()
+        .filter(|v| v["stream_id"] == "court")
+        .map(|v| v["event_type"].as_u64().unwrap())
+        .collect();
+    assert_eq!(court_events.first(), Some(&1), "{court_events:?}");
+    let m = t.metrics().await;
+    assert_eq!(common::metric(&m, "weir_callbacks_queued"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webrtc_publication_is_recorded_with_aac_audio_in_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let record_dir = dir.path().to_owned();
+    let t = TestServer::start_with(|c| {
+        c.record.rooms = vec![format!("{APP}/{ROOM}")];
+        c.record.dir = record_dir.display().to_string();
+    })
+    .await;
+    let seconds = 6;
+    let (mut signal, stream_id, sender, _relay, _peer) =
+        common::publisher::webrtc_publisher(&t, "agent", ROOM, seconds, None).await;
+    sender.await.unwrap();
+    signal.send(&weir_signaling::ClientMessage::Unpublish).await;
+    let stream_dir = dir.path().join(weir::record::file_stem(&stream_id));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The series appears when the first file is closed.
+    while !t
+        .metrics()
+        .await
+        .contains("weir_record_files_total{outcome=\"kept\"} 1")
+    {
+        assert!(Instant::now() < deadline, "the recording was not closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let files = files(&stream_dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let f = &files[0];
+    let errors = flv_decode_errors(f);
+    assert!(errors.trim().is_empty(), "decoding {f:?}: {errors}");
+    let p = probe(f);
+    let (_, v0, v1, vflags) = p.get("video").expect("video").clone();
+    let (an, a0, a1, _) = p.get("audio").expect("AAC audio").clone();
+    assert!(vflags.starts_with('K'));
+    // The publisher's first keyframe is its first frame; conversion starts with the
+    // recording, so the file holds the whole publication less the time to join.
+    assert!(v1 - v0 > f64::from(seconds) - 2.0, "video {v0}..{v1}");
+    // Audio and video in sync within 50 ms at both ends (one clock: the sender
+    // reports' NTP mapping).
+    assert!(
+        (a0 - v0).abs() < 0.05 || a0 < v0,
+        "starts: audio {a0} video {v0}"
+    );
+    assert!(
+        (a1 - v1).abs() < 0.05 + 0.065,
+        "ends: audio {a1} video {v1}"
+    );
+    let aps = an as f64 / (a1 - a0);
+    assert!((aps - 46.875).abs() < 2.0, "{aps:.2} AAC frames/s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_recording_leaves_a_file_that_decodes_up_to_the_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let record_dir = dir.path().to_owned();
+    let node = Node::start_with(&[], |c| {
+        c.record.all = true;
+        c.record.dir = record_dir.display().to_string();
+    })
+    .await;
+    let mut child = node.child;
+    let mut log = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut sink = Vec::new();
+        let _ = log.read_to_end(&mut sink).await;
+    });
+    let push_url = format!(
+        "rtmp://127.0.0.1:{}/live/claim?{}",
+        node.rtmp,
+        rtmp_query(&node.app, "adjuster", ROOM, 0xff)
+    );
+    let mut ffmpeg = common::source::ffmpeg_push(&push_url, 30);
+    // Wait for the file, then give it 8 s.
+    let stream_dir = dir.path().join("claim");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while files(&stream_dir).is_empty() {
+        assert!(Instant::now() < deadline, "no recording file appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let opened = Instant::now();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    child.start_kill().unwrap(); // SIGKILL
+    let killed_after = opened.elapsed().as_secs_f64();
+    child.wait().await.unwrap();
+    let _ = ffmpeg.kill().await;
+
+    let files = files(&stream_dir);
+    assert_eq!(files.len(), 1);
+    let f = &files[0];
+    // The last tag may be cut short by the kill; everything before it decodes.
+    let errors = flv_decode_errors(f);
+    let bad: Vec<&str> = errors
+        .lines()
+        .filter(|l| {
+            !l.contains("Packet mismatch") && !l.contains("truncat") && !l.contains("Invalid data")
+        })
+        .collect();
+    assert!(bad.is_empty(), "decoding {f:?}: {errors}");
+    let p = probe(f);
+    let (_, v0, v1, vflags) = p.get("video").expect("video").clone();
+    assert!(vflags.starts_with('K') && v0.abs() < 0.001);
+    let lost = killed_after - v1;
+    eprintln!("killed {killed_after:.2} s into the file; it plays to {v1:.2} s (lost {lost:.2} s)");
+    assert!(lost < 5.0, "the file ends {lost:.2} s before the kill");
+}
