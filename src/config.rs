@@ -42,7 +42,7 @@ pub struct RecordConfig {
     pub apps: Vec<u64>,
     pub rooms: Vec<String>,
     pub streams: Vec<String>,
-    /// Where files go: `<dir>/<stream>/<stream>-<start unix ms>.flv`.
+    /// Where files go: `<dir>/<sdk_app_id>/<stream>/<stream>-<start unix ms>.flv`.
     pub dir: String,
     /// A new file at the first keyframe after this long (Tencent's default: 30 min).
     pub fragment_s: u64,
@@ -51,9 +51,13 @@ pub struct RecordConfig {
     /// Media a recording may fall behind (a slow disk) before it skips to the next
     /// keyframe (counted in `weir_player_dropped_tags_total`).
     pub max_lag_ms: u32,
-    /// Prefix of the `video_url` told to the backend (`<prefix>/<stream>/<file>`):
-    /// where the operator serves `dir`. Empty: the file's path.
+    /// Prefix of the `video_url` told to the backend
+    /// (`<prefix>/<sdk_app_id>/<stream>/<file>`): where the operator serves `dir`.
+    /// Empty: the file's path.
     pub url_prefix: String,
+    /// The user whose userSig opens the recording REST calls (`/v1/record/...`), as
+    /// Tencent's server APIs take the app administrator's.
+    pub admin_user: String,
 }
 
 impl Default for RecordConfig {
@@ -68,6 +72,7 @@ impl Default for RecordConfig {
             min_ms: 1000,
             max_lag_ms: 10_000,
             url_prefix: String::new(),
+            admin_user: "administrator".into(),
         }
     }
 }

@@ -160,7 +160,7 @@ async fn a_70_s_push_with_30_s_fragments_is_three_files_and_three_callbacks() {
     assert!(status.success(), "ffmpeg push");
 
     let records = wait_for_events(&got, 100, 3, Duration::from_secs(15)).await;
-    let stream_dir = dir.path().join("hearing");
+    let stream_dir = dir.path().join(APP.to_string()).join("hearing");
     let files = files(&stream_dir);
     assert_eq!(files.len(), 3, "files: {files:?}");
     let mut total = 0.0;
@@ -272,10 +272,10 @@ async fn a_receiver_down_for_30_s_gets_every_callback_when_back() {
     );
     assert!(court.wait().await.unwrap().success());
     assert!(other.wait().await.unwrap().success());
-    let files = files(&dir.path().join("court"));
+    let files = files(&dir.path().join(APP.to_string()).join("court"));
     assert!(files.len() >= 2, "{files:?}");
     assert!(
-        !dir.path().join("other").exists(),
+        !dir.path().join(APP.to_string()).join("other").exists(),
         "only the selected stream is recorded"
     );
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(down_from.elapsed())).await;
@@ -330,7 +330,10 @@ async fn a_webrtc_publication_is_recorded_with_aac_audio_in_sync() {
         common::publisher::webrtc_publisher(&t, "agent", ROOM, seconds, None).await;
     sender.await.unwrap();
     signal.send(&weir_signaling::ClientMessage::Unpublish).await;
-    let stream_dir = dir.path().join(weir::record::file_stem(&stream_id));
+    let stream_dir = dir
+        .path()
+        .join(APP.to_string())
+        .join(weir::record::file_stem(&stream_id));
     let deadline = Instant::now() + Duration::from_secs(10);
     // The series appears when the first file is closed.
     while !t
@@ -390,7 +393,7 @@ async fn sigkill_mid_recording_leaves_a_file_that_decodes_up_to_the_kill() {
     );
     let mut ffmpeg = common::source::ffmpeg_push(&push_url, 30);
     // Wait for the file, then give it 8 s.
-    let stream_dir = dir.path().join("claim");
+    let stream_dir = dir.path().join(APP.to_string()).join("claim");
     let deadline = Instant::now() + Duration::from_secs(15);
     while files(&stream_dir).is_empty() {
         assert!(Instant::now() < deadline, "no recording file appeared");
@@ -421,4 +424,134 @@ async fn sigkill_mid_recording_leaves_a_file_that_decodes_up_to_the_kill() {
     let lost = killed_after - v1;
     eprintln!("killed {killed_after:.2} s into the file; it plays to {v1:.2} s (lost {lost:.2} s)");
     assert!(lost < 5.0, "the file ends {lost:.2} s before the kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_starts_stops_lists_and_fetches_recordings() {
+    let dir = tempfile::tempdir().unwrap();
+    let record_dir = dir.path().to_owned();
+    // No rule records anything: only the REST calls do.
+    let t = TestServer::start_with(|c| c.record.dir = record_dir.display().to_string()).await;
+    let http = t.server.http_addr;
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let mut ffmpeg = common::source::ffmpeg_push(
+        &format!(
+            "rtmp://{rtmp}/live/lesson?{}",
+            rtmp_query(&t.app, "teacher", ROOM, 0xff)
+        ),
+        7,
+    );
+    let creds = |user: &str| {
+        let sig = t
+            .app
+            .issue_user_sig(weir::auth::TokenKind::V2, user, weir::auth::unix_now(), 600)
+            .unwrap();
+        let sig: String = url::form_urlencoded::byte_serialize(sig.as_bytes()).collect();
+        format!("sdkappid={APP}&identifier={user}&usersig={sig}")
+    };
+    let admin = creds("administrator");
+    let client = reqwest::Client::new();
+    let call = |path: &str, q: &str, stream: &str| {
+        client
+            .post(format!("http://{http}/v1/record/{path}?{q}"))
+            .json(&serde_json::json!({"stream_id": stream}))
+            .send()
+    };
+    // Not live yet: nothing to record.
+    assert_eq!(call("start", &admin, "lesson").await.unwrap().status(), 404);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = call("start", &admin, "lesson").await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "start: {}", r.status());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(call("start", &admin, "lesson").await.unwrap().status(), 409);
+    // Another user of the app, a bad signature, no credentials.
+    assert_eq!(
+        call("start", &creds("student"), "lesson")
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let forged = admin.replace("usersig=", "usersig=x");
+    assert_eq!(call("stop", &forged, "lesson").await.unwrap().status(), 401);
+    assert_eq!(call("stop", "", "lesson").await.unwrap().status(), 401);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(call("stop", &admin, "lesson").await.unwrap().status(), 200);
+    assert_eq!(call("stop", &admin, "lesson").await.unwrap().status(), 404);
+    assert!(ffmpeg.wait().await.unwrap().success());
+
+    let list: Value = client
+        .get(format!(
+            "http://{http}/v1/record/files?{admin}&stream_id=lesson"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let files = list["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{list}");
+    let url = files[0]["url"].as_str().unwrap();
+    let size = files[0]["file_size"].as_u64().unwrap();
+    // A time range after it lists nothing.
+    let later = weir::auth::unix_now() * 1000 + 60_000;
+    let none: Value = client
+        .get(format!(
+            "http://{http}/v1/record/files?{admin}&from={later}"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(none["files"].as_array().unwrap().len(), 0, "{none}");
+
+    // The whole file, then a range of it.
+    let whole = client
+        .get(format!("http://{http}{url}?{admin}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whole.status(), 200);
+    let body = whole.bytes().await.unwrap();
+    assert_eq!(body.len() as u64, size);
+    let local = dir.path().join("fetched.flv");
+    std::fs::write(&local, &body).unwrap();
+    let errors = flv_decode_errors(&local);
+    assert!(errors.trim().is_empty(), "{errors}");
+    let p = probe(&local);
+    let (_, v0, v1, vflags) = p.get("video").expect("video").clone();
+    // Started mid-stream at the cached GOP's keyframe, stopped ~4 s later.
+    assert!(vflags.starts_with('K') && v0.abs() < 0.001);
+    assert!(v1 > 3.0 && v1 < 6.5, "recorded {v1:.2} s");
+    let part = client
+        .get(format!("http://{http}{url}?{admin}"))
+        .header("range", "bytes=0-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(&part.bytes().await.unwrap()[..], b"FLV");
+    // Without the administrator's signature, or outside the app's files: nothing.
+    let r = client
+        .get(format!("http://{http}{url}?{}", creds("student")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = client
+        .get(format!(
+            "http://{http}/v1/record/files/lesson/..%2F..%2Fweir.toml?{admin}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
 }

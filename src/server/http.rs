@@ -70,6 +70,19 @@ pub fn public_routes(state: Arc<AppState>) -> Router {
                     super::whip::MAX_OFFER_BYTES,
                 )),
         )
+        .route(
+            "/v1/record/start",
+            axum::routing::post(super::record_api::start),
+        )
+        .route(
+            "/v1/record/stop",
+            axum::routing::post(super::record_api::stop),
+        )
+        .route("/v1/record/files", get(super::record_api::list))
+        .route(
+            "/v1/record/files/{stream}/{file}",
+            get(super::record_api::file),
+        )
         .merge(super::web::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

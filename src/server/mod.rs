@@ -22,6 +22,7 @@ pub mod control;
 mod hooks;
 mod http;
 mod record;
+mod record_api;
 pub mod rtmp;
 mod supervise;
 pub mod tls;
@@ -64,6 +65,8 @@ pub struct AppState {
     pub proxies: crate::limits::TrustedProxies,
     /// WHIP publishers' resources.
     pub whip: whip::Resources,
+    /// Recording (started by config rules or the REST calls).
+    pub recording: Arc<record::Recording>,
     /// The ICE servers clients are told of.
     pub ice: IceConfig,
 }
@@ -474,20 +477,13 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             supervisor.spawn("callbacks", task);
             cb
         });
-    if callbacks.is_some()
-        || config.record.all
-        || !config.record.apps.is_empty()
-        || !config.record.rooms.is_empty()
-        || !config.record.streams.is_empty()
-    {
-        let recording = record::Recording::new(
-            config.record.clone(),
-            callbacks.clone(),
-            metrics.clone(),
-            host.clone(),
-        );
-        hub.observe(recording.observer());
-    }
+    let recording = record::Recording::new(
+        config.record.clone(),
+        callbacks.clone(),
+        metrics.clone(),
+        host.clone(),
+    );
+    hub.observe(recording.observer());
     let keyring = Arc::new(keyring);
     let room_service = room_service(&config, &keyring, &urls)?;
     let ice = IceConfig::from_config(&config.server)?;
@@ -528,6 +524,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         live_sessions: watch::channel(0).0,
         proxies: proxies.clone(),
         whip: whip::Resources::default(),
+        recording,
         ice: ice.clone(),
     });
 

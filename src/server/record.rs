@@ -6,11 +6,14 @@
 //! crash or SIGKILL loses at most what was still queued. Each closed file and each
 //! stream's start and end become callbacks (`server::hooks`).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::hooks::{unix_ms, Callbacks};
@@ -20,11 +23,25 @@ use crate::metrics::Metrics;
 use crate::record::{file_stem, Action, Finished, SegmentConfig, Segmenter};
 
 pub struct Recording {
-    config: RecordConfig,
+    pub config: RecordConfig,
     callbacks: Option<Callbacks>,
     metrics: Arc<Metrics>,
     /// Named in callbacks (`node`, the `app` domain).
     node: String,
+    /// Streams being recorded: a recording's id and what stops it.
+    active: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
+    next_id: AtomicU64,
+}
+
+/// A recorded file, as the query call lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileInfo {
+    pub stream_id: String,
+    pub file: String,
+    pub file_size: u64,
+    /// Unix ms: when it started (from its name) and when it was last written.
+    pub start_ms: u64,
+    pub end_ms: u64,
 }
 
 impl Recording {
@@ -39,7 +56,103 @@ impl Recording {
             callbacks,
             metrics,
             node,
+            active: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
         })
+    }
+
+    /// Starts recording a live stream; false if it is being recorded already.
+    pub fn start(self: &Arc<Self>, source: &Arc<Source>, place: &StreamPlace) -> bool {
+        let mut active = self.active.lock().expect("recordings lock");
+        if active.contains_key(&source.name) {
+            return false;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (stop, stopped) = oneshot::channel();
+        active.insert(source.name.clone(), (id, stop));
+        drop(active);
+        tokio::spawn(
+            self.clone()
+                .record(id, source.clone(), place.clone(), stopped),
+        );
+        true
+    }
+
+    /// Stops recording a stream (its file is closed as at the stream's end); false if
+    /// it was not being recorded.
+    pub fn stop(&self, stream: &str) -> bool {
+        let removed = self.active.lock().expect("recordings lock").remove(stream);
+        match removed {
+            Some((_, stop)) => {
+                let _ = stop.send(());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Where an app's stream's files are.
+    pub fn stream_dir(&self, sdk_app_id: u64, stream: &str) -> PathBuf {
+        Path::new(&self.config.dir)
+            .join(sdk_app_id.to_string())
+            .join(file_stem(stream))
+    }
+
+    /// An app's recorded files (of one stream, or all), overlapping `[from_ms, to_ms]`,
+    /// oldest first, at most `limit`.
+    pub fn list(
+        &self,
+        sdk_app_id: u64,
+        stream: Option<&str>,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Vec<FileInfo> {
+        let app_dir = Path::new(&self.config.dir).join(sdk_app_id.to_string());
+        let dirs: Vec<PathBuf> = match stream {
+            Some(s) => vec![app_dir.join(file_stem(s))],
+            None => std::fs::read_dir(&app_dir)
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default(),
+        };
+        let mut out = Vec::new();
+        for dir in dirs {
+            let Some(stem) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(start_ms) = name
+                    .strip_suffix(".flv")
+                    .and_then(|n| n.rsplit_once('-'))
+                    .and_then(|(_, ms)| ms.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                let Ok(meta) = e.metadata() else { continue };
+                let end_ms = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(start_ms, |d| d.as_millis() as u64);
+                if end_ms < from_ms || start_ms > to_ms {
+                    continue;
+                }
+                out.push(FileInfo {
+                    stream_id: stem.clone(),
+                    file: name,
+                    file_size: meta.len(),
+                    start_ms,
+                    end_ms,
+                });
+            }
+        }
+        out.sort_by(|a, b| (a.start_ms, &a.file).cmp(&(b.start_ms, &b.file)));
+        out.truncate(limit);
+        out
     }
 
     /// What the hub calls on every stream opened and closed.
@@ -57,7 +170,7 @@ impl Recording {
             .config
             .applies(&source.name, place.sdk_app_id, &room_name(&place.room))
         {
-            tokio::spawn(self.clone().record(source.clone(), place.clone()));
+            self.start(source, place);
         }
     }
 
@@ -97,12 +210,18 @@ impl Recording {
         }
     }
 
-    async fn record(self: Arc<Self>, source: Arc<Source>, place: StreamPlace) {
+    async fn record(
+        self: Arc<Self>,
+        id: u64,
+        source: Arc<Source>,
+        place: StreamPlace,
+        mut stopped: oneshot::Receiver<()>,
+    ) {
         let stream = source.name.clone();
         let player = source.subscribe_with(self.config.max_lag_ms);
         drop(source);
         let stem = file_stem(&stream);
-        let dir = Path::new(&self.config.dir).join(&stem);
+        let dir = self.stream_dir(place.sdk_app_id, &stream);
         let task_id = format!("{stem}-{}", unix_ms());
         info!(%stream, dir = %dir.display(), "recording");
         self.metrics.recordings.inc();
@@ -117,7 +236,11 @@ impl Recording {
         let mut actions = Vec::new();
         let mut received = 0u64;
         loop {
-            let tags = match player.next().await {
+            let next = tokio::select! {
+                next = player.next() => next,
+                _ = &mut stopped => break,
+            };
+            let tags = match next {
                 Next::Tags(t) => t,
                 Next::Closed => break,
             };
@@ -151,6 +274,12 @@ impl Recording {
         )
         .await;
         self.metrics.recordings.dec();
+        {
+            let mut active = self.active.lock().expect("recordings lock");
+            if active.get(&stream).is_some_and(|(i, _)| *i == id) {
+                active.remove(&stream);
+            }
+        }
         info!(%stream, tags = received, skipped = seg.skipped, "recording ended");
     }
 
@@ -247,8 +376,9 @@ impl Recording {
             path.display().to_string()
         } else {
             format!(
-                "{}/{}/{}",
+                "{}/{}/{}/{}",
                 self.config.url_prefix.trim_end_matches('/'),
+                place.sdk_app_id,
                 file_stem(stream),
                 name
             )
