@@ -42,6 +42,17 @@ async fn receiver_on(port: u16, got: Got) {
                         weir::hooks::body_signature(KEY, body.as_bytes()),
                         "body signature"
                     );
+                    // TRTC's headers: the same HMAC in base64, and the app.
+                    use base64::Engine;
+                    let trtc = headers
+                        .get("sign")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    let mac = base64::engine::general_purpose::STANDARD
+                        .decode(trtc)
+                        .unwrap();
+                    assert_eq!(format!("sha256={}", hex::encode(mac)), sig, "Sign header");
+                    assert_eq!(headers.get("sdkappid").unwrap(), &APP.to_string());
                     got.lock().unwrap().push((sig, v));
                     (StatusCode::OK, "{\"code\":0}")
                 },
@@ -554,4 +565,52 @@ async fn the_backend_starts_stops_lists_and_fetches_recordings() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_and_members_are_told_as_trtc_room_events() {
+    let got: Got = Arc::default();
+    let port = free_port();
+    receiver_on(port, got.clone()).await;
+    let t = TestServer::start_with(|c| {
+        c.callbacks.url = format!("http://127.0.0.1:{port}/cb");
+        c.callbacks.key = KEY.into();
+    })
+    .await;
+    let url = t.ws_url();
+    let (mut a, _) = common::Client::join(&url, t.join("ann", 77, 0xff)).await;
+    let (b, _) = common::Client::join(&url, t.join("ben", 77, 0xff)).await;
+    a.send(&weir_signaling::ClientMessage::Leave).await;
+    drop(b); // the socket closes without a word
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let trtc = |got: &Got| -> Vec<(u64, String, u64)> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v["EventGroupId"] == 1)
+            .map(|(_, v)| {
+                let info = &v["EventInfo"];
+                assert_eq!(info["RoomId"], 77);
+                (
+                    v["EventType"].as_u64().unwrap(),
+                    info["UserId"].as_str().unwrap_or("").to_owned(),
+                    info["Reason"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    while trtc(&got).len() < 6 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        trtc(&got),
+        vec![
+            (101, String::new(), 0),
+            (103, "ann".into(), 0),
+            (103, "ben".into(), 0),
+            (104, "ann".into(), 1),
+            (104, "ben".into(), 2),
+            (102, String::new(), 0),
+        ]
+    );
 }

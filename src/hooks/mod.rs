@@ -6,12 +6,14 @@
 //! Bodies are Tencent-shaped so existing backends can take them: the CSS events
 //! (`event_type` 1 push began, 0 push ended, 100 recording file) carry `t` (when the
 //! signature expires) and `sign` = MD5(key + t), stamped when each attempt is sent.
-//! Every request also carries `X-Weir-Signature: sha256=<hex HMAC-SHA256(key, body)>`,
-//! which unlike `sign` covers the body.
+//! TRTC's room events (`EventGroupId` 1) are bodies of their own shape. Every request
+//! carries `X-Weir-Signature: sha256=<hex HMAC-SHA256(key, body)>`, which unlike `sign`
+//! covers the body, and TRTC's `Sign` (the same HMAC in base64) and `SdkAppId` headers.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
@@ -59,6 +61,7 @@ pub struct OutboxStats {
 
 struct Pending {
     kind: &'static str,
+    sdk_app_id: u64,
     body: Map<String, Value>,
     /// Serialized size, for the byte bound.
     size: usize,
@@ -69,9 +72,12 @@ struct Pending {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub kind: &'static str,
+    pub sdk_app_id: u64,
     pub body: Bytes,
     /// `sha256=<hex>` of the body under the key.
     pub signature: String,
+    /// TRTC's `Sign` header: base64 of the same HMAC.
+    pub trtc_sign: String,
 }
 
 pub struct Outbox {
@@ -108,10 +114,17 @@ impl Outbox {
     }
 
     /// Queues an event (a JSON object without `t` and `sign`).
-    pub fn push(&mut self, kind: &'static str, body: Map<String, Value>, now: Instant) {
+    pub fn push(
+        &mut self,
+        kind: &'static str,
+        sdk_app_id: u64,
+        body: Map<String, Value>,
+        now: Instant,
+    ) {
         let size = serde_json::to_vec(&body).map_or(0, |b| b.len());
         self.queue.push_back(Pending {
             kind,
+            sdk_app_id,
             body,
             size,
             queued: now,
@@ -163,9 +176,12 @@ impl Outbox {
         }
         let body = Bytes::from(serde_json::to_vec(&body).expect("a JSON map serializes"));
         self.in_flight = true;
+        let mac = hmac_sha256(&self.key, &body);
         Some(Request {
             kind: head.kind,
-            signature: body_signature(&self.key, &body),
+            sdk_app_id: head.sdk_app_id,
+            signature: format!("sha256={}", hex::encode(mac)),
+            trtc_sign: base64::engine::general_purpose::STANDARD.encode(mac),
             body,
         })
     }
@@ -206,9 +222,13 @@ pub fn tencent_sign(key: &str, t: u64) -> String {
 
 /// `sha256=<hex HMAC-SHA256(key, body)>`.
 pub fn body_signature(key: &str, body: &[u8]) -> String {
+    format!("sha256={}", hex::encode(hmac_sha256(key, body)))
+}
+
+fn hmac_sha256(key: &str, body: &[u8]) -> [u8; 32] {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
     mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    mac.finalize().into_bytes().into()
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ fn n_of(r: &Request) -> u64 {
 fn delivers_in_order_one_at_a_time_with_tencent_signs() {
     let t0 = Instant::now();
     let mut o = Outbox::new(OutboxConfig::default(), "key123");
-    o.push("record", event(1), t0);
-    o.push("record", event(2), t0);
+    o.push("record", 1, event(1), t0);
+    o.push("record", 1, event(2), t0);
     let r = o.poll_send(t0, 1_700_000_000).unwrap();
     assert_eq!(n_of(&r), 1);
     assert!(o.poll_send(t0, 1_700_000_000).is_none(), "one in flight");
@@ -46,7 +46,7 @@ fn retries_with_backoff_until_the_backend_comes_back() {
     let t0 = Instant::now();
     let cfg = OutboxConfig::default();
     let mut o = Outbox::new(cfg, "k");
-    o.push("record", event(1), t0);
+    o.push("record", 1, event(1), t0);
     let mut now = t0;
     let mut delays = Vec::new();
     for _ in 0..8 {
@@ -78,10 +78,10 @@ fn bounded_by_count_and_bytes_dropping_the_oldest_but_not_the_one_in_flight() {
         ..Default::default()
     };
     let mut o = Outbox::new(cfg, "k");
-    o.push("x", event(1), t0);
+    o.push("x", 1, event(1), t0);
     let r = o.poll_send(t0, 0).unwrap();
     for n in 2..=10 {
-        o.push("x", event(n), t0);
+        o.push("x", 1, event(n), t0);
     }
     assert_eq!(o.len(), 3);
     assert_eq!(o.stats.dropped_full, 7);
@@ -102,7 +102,7 @@ fn bounded_by_count_and_bytes_dropping_the_oldest_but_not_the_one_in_flight() {
     };
     let mut o = Outbox::new(cfg, "k");
     for n in 0..100 {
-        o.push("x", event(n), t0);
+        o.push("x", 1, event(n), t0);
     }
     assert!(o.len() * 20 <= 220, "{} queued", o.len());
 }
@@ -115,8 +115,8 @@ fn an_event_too_old_is_given_up() {
         ..Default::default()
     };
     let mut o = Outbox::new(cfg, "k");
-    o.push("x", event(1), t0);
-    o.push("x", event(2), t0 + Duration::from_secs(50));
+    o.push("x", 1, event(1), t0);
+    o.push("x", 1, event(2), t0 + Duration::from_secs(50));
     assert!(o.poll_send(t0, 0).is_some());
     o.on_result(false, t0);
     let later = t0 + Duration::from_secs(61);

@@ -154,6 +154,28 @@ pub enum Output {
     /// Tell the session why and close it (replaced, shutdown).
     Close(SessionId, LeaveReason),
     Media(MediaCommand),
+    /// For the backend's callbacks: rooms made and gone, members in and out.
+    Event(RoomEvent),
+}
+
+/// A room's life as the backend hears of it (TRTC's room events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomEvent {
+    Created {
+        room: RoomKey,
+    },
+    Dismissed {
+        room: RoomKey,
+    },
+    Entered {
+        room: RoomKey,
+        user_id: String,
+    },
+    Exited {
+        room: RoomKey,
+        user_id: String,
+        reason: LeaveReason,
+    },
 }
 
 /// Node-wide bounds.
@@ -437,6 +459,10 @@ impl Rooms {
                 }
             }
         }
+        if !exists {
+            self.out
+                .push_back(Output::Event(RoomEvent::Created { room: key.clone() }));
+        }
         let room = self.rooms.entry(key.clone()).or_default();
         let others: Vec<(String, SessionId, Option<Stream>)> = room
             .members
@@ -456,6 +482,10 @@ impl Rooms {
                 m.auto_subscribe = auto_subscribe;
             }
             None => {
+                self.out.push_back(Output::Event(RoomEvent::Entered {
+                    room: key.clone(),
+                    user_id: user_id.clone(),
+                }));
                 room.members.insert(
                     user_id.clone(),
                     Member {
@@ -986,6 +1016,13 @@ impl Rooms {
             .rooms
             .get_mut(&e.room)
             .and_then(|r| r.members.remove(&e.user_id));
+        if member.is_some() {
+            self.out.push_back(Output::Event(RoomEvent::Exited {
+                room: e.room.clone(),
+                user_id: e.user_id.clone(),
+                reason,
+            }));
+        }
         self.released(member.as_ref().map_or(0, |m| m.subscriptions.len()));
         if let Some(stream) = member.and_then(|m| m.stream) {
             self.end_stream(&e.room, &e.user_id, &stream.id);
@@ -1011,6 +1048,8 @@ impl Rooms {
         }
         if remaining.is_empty() {
             self.rooms.remove(&e.room);
+            self.out
+                .push_back(Output::Event(RoomEvent::Dismissed { room: e.room }));
         }
     }
 

@@ -144,6 +144,8 @@ pub struct Control {
     /// The ICE servers stamped into every `joined` (TURN credentials depend on the
     /// user and the time, which the sans-I/O rooms do not know).
     ice: super::IceConfig,
+    /// Room and member events for the backend, if callbacks are configured.
+    callbacks: Option<super::hooks::Callbacks>,
 }
 
 #[derive(Debug, Clone)]
@@ -210,7 +212,14 @@ impl Control {
             weapp: None,
             pending: HashMap::new(),
             ice: super::IceConfig::default(),
+            callbacks: None,
         }
+    }
+
+    /// Tells the backend of rooms and members (TRTC's room events).
+    pub fn with_callbacks(mut self, callbacks: Option<super::hooks::Callbacks>) -> Self {
+        self.callbacks = callbacks;
+        self
     }
 
     /// Tells every joining client of these ICE servers.
@@ -705,6 +714,11 @@ impl Control {
                 Output::Media(cmd) => {
                     self.offer_to_players(&cmd);
                     self.send_to_media(MediaInput::Command(cmd)).await
+                }
+                Output::Event(event) => {
+                    if let Some(cb) = &self.callbacks {
+                        super::hooks::room_event(cb, &event, now_ms());
+                    }
                 }
             }
         }

@@ -130,7 +130,7 @@ async fn run(mut rx: mpsc::Receiver<Event>, config: Arc<CallbacksConfig>, metric
                     counted: OutboxStats::default(),
                     in_flight: None,
                 });
-                target.outbox.push(ev.kind, ev.body, Instant::now());
+                target.outbox.push(ev.kind, ev.sdk_app_id, ev.body, Instant::now());
             }
             done = done_rx.recv() => {
                 let Some((url, ok)) = done else { break };
@@ -183,6 +183,9 @@ async fn deliver(
         .post(&url)
         .header("content-type", "application/json")
         .header("x-weir-signature", &req.signature)
+        // TRTC's header names: base64 HMAC-SHA256 of the body, and the app.
+        .header("sign", &req.trtc_sign)
+        .header("sdkappid", req.sdk_app_id.to_string())
         .header("x-weir-event", req.kind)
         .body(req.body)
         .send()
@@ -199,4 +202,57 @@ async fn deliver(
         }
     };
     let _ = done.send((url, ok)).await;
+}
+
+/// TRTC's room event callback (EventGroupId 1): 101 room created, 102 dismissed, 103 a
+/// member entered, 104 exited (`Reason` 1 left, 2 timed out or disconnected, 3
+/// removed, 4 replaced by a new session of the same user, 5 server shutdown).
+pub fn room_event(cb: &Callbacks, event: &crate::room::RoomEvent, now_ms: u64) {
+    use crate::room::RoomEvent;
+    use weir_signaling::LeaveReason;
+    let (room, event_type, user, reason) = match event {
+        RoomEvent::Created { room } => (room, 101, None, None),
+        RoomEvent::Dismissed { room } => (room, 102, None, None),
+        RoomEvent::Entered { room, user_id } => (room, 103, Some(user_id), None),
+        RoomEvent::Exited {
+            room,
+            user_id,
+            reason,
+        } => {
+            let r = match reason {
+                LeaveReason::Left => 1,
+                LeaveReason::Disconnected | LeaveReason::Timeout => 2,
+                LeaveReason::Removed => 3,
+                LeaveReason::Replaced => 4,
+                LeaveReason::ServerShutdown => 5,
+            };
+            (room, 104, Some(user_id), Some(r))
+        }
+    };
+    let room_id: Value = match &room.room {
+        crate::auth::RoomId::Num(n) => (*n).into(),
+        crate::auth::RoomId::Str(s) => s.clone().into(),
+    };
+    let mut info = Map::new();
+    info.insert("RoomId".into(), room_id);
+    info.insert("EventTs".into(), (now_ms / 1000).into());
+    info.insert("EventMsTs".into(), now_ms.into());
+    if let Some(u) = user {
+        info.insert("UserId".into(), u.clone().into());
+    }
+    if let Some(r) = reason {
+        info.insert("Reason".into(), r.into());
+    }
+    let mut body = Map::new();
+    body.insert("EventGroupId".into(), 1.into());
+    body.insert("EventType".into(), event_type.into());
+    body.insert("CallbackTs".into(), now_ms.into());
+    body.insert("EventInfo".into(), Value::Object(info));
+    let kind = match event_type {
+        101 => "room_created",
+        102 => "room_dismissed",
+        103 => "member_entered",
+        _ => "member_exited",
+    };
+    cb.send(room.sdk_app_id, kind, body);
 }

@@ -500,6 +500,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         )
         .with_room_service_opt(room_service)
         .with_ice_servers(ice.clone())
+        .with_callbacks(callbacks.clone())
         .run(control_rx),
     );
     let state = Arc::new(AppState {
