@@ -62,6 +62,20 @@ if [ "$mode" = test ]; then
   fi
 fi
 
+# An S3-compatible server for the recording upload tests: moto in server mode (PyPI,
+# pinned), in its own virtualenv at target/s3-venv.
+if [ "$mode" = test ]; then
+  s3venv=target/s3-venv
+  if ! "$s3venv/bin/python" -c "import moto.server, flask_cors" 2>/dev/null \
+      || ! cmp -s tests/s3/requirements.txt "$s3venv/requirements.txt"; then
+    echo "install-deps: making $s3venv (moto)"
+    rm -rf "$s3venv"
+    python3 -m venv "$s3venv"
+    "$s3venv/bin/pip" install -q --only-binary=:all: -r tests/s3/requirements.txt
+    cp tests/s3/requirements.txt "$s3venv/requirements.txt"
+  fi
+fi
+
 # The mini program module's tests need a WebSocket in Node: Node 22 has one, Node 20
 # behind a flag; older ones (Debian's Node 18) get the `ws` package, pinned, in target/node.
 if [ "$mode" = test ] \

@@ -58,6 +58,21 @@ pub struct RecordConfig {
     /// The user whose userSig opens the recording REST calls (`/v1/record/...`), as
     /// Tencent's server APIs take the app administrator's.
     pub admin_user: String,
+    /// An S3-compatible bucket each file is uploaded to when it closes (empty: none):
+    /// `<s3_prefix><sdk_app_id>/<stream>/<file>`. `s3_endpoint` for anything but AWS
+    /// (MinIO, Ceph, COS, OSS: `https://…`, or `http://…` on a private network).
+    pub s3_bucket: String,
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    pub s3_access_key: String,
+    pub s3_secret_key: String,
+    pub s3_prefix: String,
+    /// `video_url` of uploaded files: `<s3_public_url>/<key>`; empty: `s3://bucket/key`.
+    pub s3_public_url: String,
+    /// An upload is retried (with backoff) this long before it is given up (counted).
+    pub upload_retry_s: u64,
+    /// Keep the local file once uploaded.
+    pub keep_local: bool,
 }
 
 impl Default for RecordConfig {
@@ -73,6 +88,15 @@ impl Default for RecordConfig {
             max_lag_ms: 10_000,
             url_prefix: String::new(),
             admin_user: "administrator".into(),
+            s3_bucket: String::new(),
+            s3_endpoint: String::new(),
+            s3_region: String::new(),
+            s3_access_key: String::new(),
+            s3_secret_key: String::new(),
+            s3_prefix: String::new(),
+            s3_public_url: String::new(),
+            upload_retry_s: 3600,
+            keep_local: true,
         }
     }
 }

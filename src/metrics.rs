@@ -77,6 +77,9 @@ pub struct Metrics {
     pub recordings: IntGauge,
     pub record_files: IntCounterVec,
     pub record_bytes: prometheus::IntCounter,
+    /// Uploads of recording files by `outcome` (`ok`, `retried`: attempts that failed
+    /// and were tried again, `failed`: given up).
+    pub record_uploads: IntCounterVec,
     /// Callbacks to the customer's backend by `event` and `outcome` (`delivered`,
     /// `failed_attempt`, `dropped_full`, `expired`), and events queued now.
     pub callbacks: IntCounterVec,
@@ -341,6 +344,11 @@ impl Metrics {
             record_bytes: counter(
                 "weir_record_bytes_total",
                 "Bytes written to recording files",
+            ),
+            record_uploads: counter_vec(
+                "weir_record_uploads_total",
+                "Recording file uploads to the bucket by outcome (ok, retried, failed)",
+                &["outcome"],
             ),
             callbacks: counter_vec(
                 "weir_callbacks_total",

@@ -291,17 +291,19 @@ async fn a_receiver_down_for_30_s_gets_every_callback_when_back() {
     );
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(down_from.elapsed())).await;
     let m = t.metrics().await;
+    // The first event (the room's creation) is retried while the rest wait behind it.
     let failed = common::metric(
         &m,
-        "weir_callbacks_total{event=\"stream_begin\",outcome=\"failed_attempt\"}",
+        "weir_callbacks_total{event=\"room_created\",outcome=\"failed_attempt\"}",
     );
     assert!(failed >= 3.0, "retried while down: {failed}");
     assert!(common::metric(&m, "weir_callbacks_queued") >= 1.0);
 
     receiver_on(port, got.clone()).await;
     let back = Instant::now();
-    // begin + end for both streams, one per file.
-    let want = 4 + files.len();
+    // begin + end for both streams, one per file; and the room's events: created,
+    // two members in and out, dismissed.
+    let want = 4 + files.len() + 6;
     let deadline = Instant::now() + Duration::from_secs(20);
     while got.lock().unwrap().len() < want && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -316,6 +318,10 @@ async fn a_receiver_down_for_30_s_gets_every_callback_when_back() {
     assert_eq!(events(&got, 1).len(), 2);
     assert_eq!(events(&got, 0).len(), 2);
     assert_eq!(events(&got, 100).len(), files.len());
+    let room_events: Vec<u64> = all.iter().filter_map(|v| v["EventType"].as_u64()).collect();
+    assert_eq!(room_events.len(), 6, "{room_events:?}");
+    assert_eq!(room_events.first(), Some(&101));
+    assert_eq!(room_events.last(), Some(&102));
     // In the order they happened: each stream's begin before its end and files.
     let court_events: Vec<u64> = all
         .iter()
@@ -581,7 +587,10 @@ async fn rooms_and_members_are_told_as_trtc_room_events() {
     let (mut a, _) = common::Client::join(&url, t.join("ann", 77, 0xff)).await;
     let (b, _) = common::Client::join(&url, t.join("ben", 77, 0xff)).await;
     a.send(&weir_signaling::ClientMessage::Leave).await;
-    drop(b); // the socket closes without a word
+    // Ann's leave is through before Ben's socket closes without a word.
+    a.expect(|m| matches!(m, weir_signaling::ServerMessage::Left { .. }).then_some(()))
+        .await;
+    drop(b);
     let deadline = Instant::now() + Duration::from_secs(10);
     let trtc = |got: &Got| -> Vec<(u64, String, u64)> {
         got.lock()
@@ -613,4 +622,143 @@ async fn rooms_and_members_are_told_as_trtc_room_events() {
             (102, String::new(), 0),
         ]
     );
+}
+
+/// moto's S3 server (`scripts/install-deps.sh test` makes its virtualenv), on `port`.
+fn s3_server(port: u16) -> tokio::process::Child {
+    let python =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/s3-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/install-deps.sh test (it makes moto's virtualenv)",
+        python.display()
+    );
+    tokio::process::Command::new(python)
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_upload_to_an_s3_server_that_comes_up_late_and_are_listed() {
+    let got: Got = Arc::default();
+    let cb_port = free_port();
+    receiver_on(cb_port, got.clone()).await;
+    let s3_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let record_dir = dir.path().to_owned();
+    let t = TestServer::start_with(|c| {
+        c.record.all = true;
+        c.record.dir = record_dir.display().to_string();
+        c.record.fragment_s = 3;
+        c.record.s3_bucket = "hearings".into();
+        c.record.s3_endpoint = format!("http://127.0.0.1:{s3_port}");
+        c.record.s3_access_key = "test".into();
+        c.record.s3_secret_key = "test".into();
+        c.record.s3_prefix = "weir/".into();
+        c.record.keep_local = false;
+        c.callbacks.url = format!("http://127.0.0.1:{cb_port}/cb");
+        c.callbacks.key = KEY.into();
+    })
+    .await;
+    let http = t.server.http_addr;
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let mut ffmpeg = common::source::ffmpeg_push(
+        &format!(
+            "rtmp://{rtmp}/live/survey?{}",
+            rtmp_query(&t.app, "adjuster", ROOM, 0xff)
+        ),
+        7,
+    );
+    assert!(ffmpeg.wait().await.unwrap().success());
+    // The bucket's server was down for the whole push: nothing is lost, the uploads
+    // are retried until it is there.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(events(&got, 100).is_empty(), "told before the upload");
+    let _moto = s3_server(s3_port);
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let made = client
+            .put(format!("http://127.0.0.1:{s3_port}/hearings"))
+            .send()
+            .await;
+        if made.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "moto did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let records = wait_for_events(&got, 100, 2, Duration::from_secs(40)).await;
+    assert!(records.len() >= 2, "{records:#?}");
+    let m = t.metrics().await;
+    assert!(common::metric(&m, "weir_record_uploads_total{outcome=\"ok\"}") >= 2.0);
+    assert!(common::metric(&m, "weir_record_uploads_total{outcome=\"retried\"}") >= 1.0);
+    // Uploaded, and not kept locally.
+    assert!(files(&dir.path().join(APP.to_string()).join("survey")).is_empty());
+
+    let admin = {
+        let sig = t
+            .app
+            .issue_user_sig(
+                weir::auth::TokenKind::V2,
+                "administrator",
+                weir::auth::unix_now(),
+                600,
+            )
+            .unwrap();
+        let sig: String = url::form_urlencoded::byte_serialize(sig.as_bytes()).collect();
+        format!("sdkappid={APP}&identifier=administrator&usersig={sig}")
+    };
+    let list: Value = client
+        .get(format!(
+            "http://{http}/v1/record/files?{admin}&stream_id=survey"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = list["files"].as_array().unwrap();
+    assert_eq!(listed.len(), records.len(), "{list}");
+    for l in listed {
+        // Uploads run two at a time: callbacks come in the order they finish.
+        let name = l["file"].as_str().unwrap();
+        let r = records
+            .iter()
+            .find(|r| r["file_id"] == name.trim_end_matches(".flv"))
+            .expect("a callback for every listed file");
+        assert_eq!(l["storage"], "s3");
+        assert_eq!(l["file_size"], r["file_size"]);
+        let key = format!("weir/{APP}/survey/{}", l["file"].as_str().unwrap());
+        assert_eq!(l["url"], format!("s3://hearings/{key}"));
+        assert_eq!(r["video_url"], l["url"]);
+        // What is in the bucket is the file: fetch it and decode it.
+        let body = client
+            .get(format!("http://127.0.0.1:{s3_port}/hearings/{key}"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(body.len() as u64, r["file_size"].as_u64().unwrap());
+        let local = dir.path().join("from-bucket.flv");
+        std::fs::write(&local, &body).unwrap();
+        let errors = flv_decode_errors(&local);
+        assert!(errors.trim().is_empty(), "{errors}");
+        let p = probe(&local);
+        assert!(p.get("video").expect("video").3.starts_with('K'));
+    }
 }

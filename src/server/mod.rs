@@ -26,6 +26,7 @@ mod record_api;
 pub mod rtmp;
 mod supervise;
 pub mod tls;
+mod upload;
 mod weapp;
 mod web;
 pub mod whip;
@@ -477,8 +478,11 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             supervisor.spawn("callbacks", task);
             cb
         });
+    let uploader = upload::Uploader::from_config(&config.record)
+        .map_err(|e| anyhow::anyhow!("[record] s3 settings: {e}"))?;
     let recording = record::Recording::new(
         config.record.clone(),
+        uploader,
         callbacks.clone(),
         metrics.clone(),
         host.clone(),

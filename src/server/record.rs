@@ -24,6 +24,8 @@ use crate::record::{file_stem, Action, Finished, SegmentConfig, Segmenter};
 
 pub struct Recording {
     pub config: RecordConfig,
+    /// Where closed files go besides the local directory, if anywhere.
+    pub uploader: Option<super::upload::Uploader>,
     callbacks: Option<Callbacks>,
     metrics: Arc<Metrics>,
     /// Named in callbacks (`node`, the `app` domain).
@@ -47,12 +49,14 @@ pub struct FileInfo {
 impl Recording {
     pub fn new(
         config: RecordConfig,
+        uploader: Option<super::upload::Uploader>,
         callbacks: Option<Callbacks>,
         metrics: Arc<Metrics>,
         node: String,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
+            uploader,
             callbacks,
             metrics,
             node,
@@ -285,7 +289,7 @@ impl Recording {
 
     #[allow(clippy::too_many_arguments)]
     async fn apply(
-        &self,
+        self: &Arc<Self>,
         actions: &mut Vec<Action>,
         dir: &Path,
         stem: &str,
@@ -331,7 +335,18 @@ impl Recording {
                         let _ = f.sync_all().await;
                         self.metrics.record_files.with_label_values(&["kept"]).inc();
                         info!(%stream, path = %path.display(), duration_ms = done.duration_ms, bytes = done.bytes, "recording file closed");
-                        self.file_event(&done, &path, task_id, stream, place);
+                        if self.uploader.is_some() {
+                            // The backend hears of the file once it is in the bucket.
+                            let me = self.clone();
+                            let (task_id, stream, place) =
+                                (task_id.to_owned(), stream.to_owned(), place.clone());
+                            tokio::spawn(async move {
+                                me.upload(done, path, &task_id, &stream, &place).await
+                            });
+                        } else {
+                            let url = self.local_url(&path, stream, place);
+                            self.file_event(&done, &path, &url, task_id, stream, place);
+                        }
                     } else if *failed {
                         self.metrics
                             .record_files
@@ -357,22 +372,42 @@ impl Recording {
         }
     }
 
-    /// Tencent's recording callback, `event_type` 100.
-    fn file_event(
-        &self,
-        done: &Finished,
-        path: &Path,
+    /// Uploads a closed file, then tells the backend where it is.
+    async fn upload(
+        self: Arc<Self>,
+        done: Finished,
+        path: PathBuf,
         task_id: &str,
         stream: &str,
         place: &StreamPlace,
     ) {
-        let Some(cb) = &self.callbacks else { return };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let file_id = name.trim_end_matches(".flv").to_owned();
-        let video_url = if self.config.url_prefix.is_empty() {
+        let Some(up) = &self.uploader else { return };
+        let name = file_name(&path);
+        let key = up.key(place.sdk_app_id, &file_stem(stream), &name);
+        let uploads = &self.metrics.record_uploads;
+        match up.upload(&path, &key).await {
+            Ok(attempts) => {
+                uploads.with_label_values(&["ok"]).inc();
+                uploads
+                    .with_label_values(&["retried"])
+                    .inc_by(u64::from(attempts - 1));
+                if !self.config.keep_local {
+                    let _ = tokio::fs::remove_file(&path).await;
+                }
+                self.file_event(&done, &path, &up.url(&key), task_id, stream, place);
+            }
+            Err(e) => {
+                uploads.with_label_values(&["failed"]).inc();
+                warn!(%stream, path = %path.display(), error = %e, "recording upload given up; the file stays local");
+                let url = self.local_url(&path, stream, place);
+                self.file_event(&done, &path, &url, task_id, stream, place);
+            }
+        }
+    }
+
+    /// Where a local file is told to be: under `url_prefix`, or its path.
+    fn local_url(&self, path: &Path, stream: &str, place: &StreamPlace) -> String {
+        if self.config.url_prefix.is_empty() {
             path.display().to_string()
         } else {
             format!(
@@ -380,9 +415,24 @@ impl Recording {
                 self.config.url_prefix.trim_end_matches('/'),
                 place.sdk_app_id,
                 file_stem(stream),
-                name
+                file_name(path)
             )
-        };
+        }
+    }
+
+    /// Tencent's recording callback, `event_type` 100.
+    fn file_event(
+        &self,
+        done: &Finished,
+        path: &Path,
+        video_url: &str,
+        task_id: &str,
+        stream: &str,
+        place: &StreamPlace,
+    ) {
+        let Some(cb) = &self.callbacks else { return };
+        let name = file_name(path);
+        let file_id = name.trim_end_matches(".flv").to_owned();
         let duration_s = done.duration_ms.div_ceil(1000);
         let mut body = self.common(stream, place);
         body.insert("event_type".into(), 100.into());
@@ -410,6 +460,12 @@ impl Recording {
         body.insert("callback_ext".into(), "{}".into());
         cb.send(place.sdk_app_id, "record", body);
     }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// A room id as written in config and callbacks: the number, or the string as is.

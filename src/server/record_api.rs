@@ -145,15 +145,55 @@ pub async fn list(
     })
     .await
     .unwrap_or_default();
-    let files: Vec<_> = files
-        .into_iter()
+    let mut listed: Vec<serde_json::Value> = files
+        .iter()
         .map(|f| {
             let url = format!("/v1/record/files/{}/{}", f.stream_id, f.file);
-            let mut v = serde_json::to_value(&f).expect("serializes");
+            let mut v = serde_json::to_value(f).expect("serializes");
             v["url"] = url.into();
+            v["storage"] = "local".into();
             v
         })
         .collect();
+    // Uploaded files: those no longer (or never) kept locally are listed from the
+    // bucket, with the URL the backend was told.
+    if let Some(up) = &state.recording.uploader {
+        let stem = c.stream_id.as_deref().map(file_stem);
+        for o in up.list(app, stem.as_deref(), MAX_LISTED).await {
+            let mut parts = o.key.rsplit('/');
+            let (Some(name), Some(stream)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let start_ms = name
+                .strip_suffix(".flv")
+                .and_then(|n| n.rsplit_once('-'))
+                .and_then(|(_, ms)| ms.parse::<u64>().ok())
+                .unwrap_or(o.modified_ms);
+            if o.modified_ms < from || start_ms > to {
+                continue;
+            }
+            if files
+                .iter()
+                .any(|f| f.file == name && f.stream_id == stream)
+            {
+                if let Some(v) = listed.iter_mut().find(|v| v["file"] == name) {
+                    v["uploaded_url"] = up.url(&o.key).into();
+                }
+                continue;
+            }
+            listed.push(json!({
+                "stream_id": stream,
+                "file": name,
+                "file_size": o.size,
+                "start_ms": start_ms,
+                "end_ms": o.modified_ms,
+                "url": up.url(&o.key),
+                "storage": "s3",
+            }));
+        }
+    }
+    listed.truncate(MAX_LISTED);
+    let files = listed;
     (StatusCode::OK, Json(json!({"code": 0, "files": files}))).into_response()
 }
 
