@@ -130,6 +130,13 @@ pub struct CallbacksConfig {
     /// Retry delays double from 0.5 s up to this.
     pub backoff_max_ms: u64,
     pub give_up_after_s: u64,
+    /// Asked before an RTMP push (`on_publish`) or an RTMP/HTTP-FLV play (`on_play`)
+    /// is let in; empty: not asked. Answers within `hook_timeout_ms`, or
+    /// `hook_allow_on_timeout` decides.
+    pub on_publish_url: String,
+    pub on_play_url: String,
+    pub hook_timeout_ms: u64,
+    pub hook_allow_on_timeout: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -151,6 +158,10 @@ impl Default for CallbacksConfig {
             max_queued: 10_000,
             backoff_max_ms: 10_000,
             give_up_after_s: 24 * 3600,
+            on_publish_url: String::new(),
+            on_play_url: String::new(),
+            hook_timeout_ms: 2000,
+            hook_allow_on_timeout: false,
         }
     }
 }

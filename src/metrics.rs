@@ -84,6 +84,9 @@ pub struct Metrics {
     /// `failed_attempt`, `dropped_full`, `expired`), and events queued now.
     pub callbacks: IntCounterVec,
     pub callbacks_queued: IntGauge,
+    /// `on_publish`/`on_play` answers by `action` and `outcome` (`allowed`, `refused`,
+    /// `timeout_allowed`, `timeout_refused`).
+    pub admission_hooks: IntCounterVec,
     /// Bridged packets dropped because the media plane's queue was full.
     pub bridge_queue_drops: prometheus::IntCounter,
     /// RTMP and HTTP-FLV players by protocol, play requests by outcome, and FLV tags
@@ -354,6 +357,11 @@ impl Metrics {
                 "weir_callbacks_total",
                 "Callbacks to the backend by event and outcome (delivered, failed_attempt, dropped_full, expired)",
                 &["event", "outcome"],
+            ),
+            admission_hooks: counter_vec(
+                "weir_admission_hooks_total",
+                "on_publish/on_play hook answers by action and outcome (allowed, refused, timeout_allowed, timeout_refused)",
+                &["action", "outcome"],
             ),
             callbacks_queued: gauge(
                 "weir_callbacks_queued",

@@ -762,3 +762,186 @@ async fn files_upload_to_an_s3_server_that_comes_up_late_and_are_listed() {
         assert!(p.get("video").expect("video").3.starts_with('K'));
     }
 }
+
+/// A backend's `on_publish`/`on_play` hooks: refuses pushes of "banned", and the first
+/// play it is asked about; records what it was asked.
+async fn admission_backend(port: u16, asked: Got) {
+    let plays = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            post(
+                move |State(asked): State<Got>, headers: HeaderMap, body: String| {
+                    let plays = plays.clone();
+                    async move {
+                        let v: Value = serde_json::from_str(&body).unwrap();
+                        let sig = headers
+                            .get("x-weir-signature")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let signed = sig == weir::hooks::body_signature(KEY, body.as_bytes());
+                        asked.lock().unwrap().push((sig, v.clone()));
+                        if !signed {
+                            return (StatusCode::UNAUTHORIZED, "bad signature".to_owned());
+                        }
+                        let refuse = match v["action"].as_str() {
+                            Some("on_publish") => v["stream"] == "banned",
+                            Some("on_play") => {
+                                plays.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0
+                            }
+                            _ => true,
+                        };
+                        if refuse {
+                            (StatusCode::FORBIDDEN, "not this one".to_owned())
+                        } else {
+                            (StatusCode::OK, "0".to_owned())
+                        }
+                    }
+                },
+            ),
+        )
+        .with_state(asked);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_may_refuse_a_push_or_a_play_and_a_silent_one_refuses_by_default() {
+    let asked: Got = Arc::default();
+    let port = free_port();
+    admission_backend(port, asked.clone()).await;
+    let t = TestServer::start_with(|c| {
+        c.callbacks.key = KEY.into();
+        c.callbacks.on_publish_url = format!("http://127.0.0.1:{port}/hook");
+        c.callbacks.on_play_url = format!("http://127.0.0.1:{port}/hook");
+    })
+    .await;
+    let rtmp = t.server.rtmp_addr.unwrap();
+    let http = t.server.http_addr;
+    let push = |name: &str, secs| {
+        common::source::ffmpeg_push(
+            &format!(
+                "rtmp://{rtmp}/live/{name}?{}",
+                rtmp_query(&t.app, name, ROOM, 0xff)
+            ),
+            secs,
+        )
+    };
+    // Refused: ffmpeg fails at once.
+    let status = tokio::time::timeout(Duration::from_secs(10), push("banned", 5).wait())
+        .await
+        .expect("a refused push ends")
+        .unwrap();
+    assert!(!status.success(), "a refused push fails");
+    let mut open = push("open", 6);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !t
+        .metrics()
+        .await
+        .contains("weir_rtmp_requests_total{outcome=\"ok\",request=\"publish\"} 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the allowed push was not published"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key = t.config.apps[0].live_play_key.clone().unwrap();
+    let url = weir::auth::live_url::sign_url(
+        &format!("http://{http}/live/open.flv"),
+        &key,
+        weir::auth::unix_now() + 600,
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    // The backend refuses the first play and allows the next.
+    let first = client.get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 403);
+    assert!(first.text().await.unwrap().contains("not this one"));
+    let mut second = client.get(&url).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    let chunk = second.chunk().await.unwrap().unwrap();
+    assert_eq!(&chunk[..3], b"FLV");
+    drop(second);
+    assert!(open.wait().await.unwrap().success());
+
+    let asked: Vec<Value> = asked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, v)| v.clone())
+        .collect();
+    let publishes: Vec<&Value> = asked
+        .iter()
+        .filter(|v| v["action"] == "on_publish")
+        .collect();
+    assert_eq!(publishes.len(), 2, "{asked:#?}");
+    assert_eq!(publishes[1]["stream"], "open");
+    assert_eq!(publishes[1]["protocol"], "rtmp");
+    assert_eq!(publishes[1]["sdk_app_id"], APP);
+    assert_eq!(publishes[1]["room_id"], ROOM.to_string());
+    assert_eq!(publishes[1]["user_id"], "open");
+    let plays: Vec<&Value> = asked.iter().filter(|v| v["action"] == "on_play").collect();
+    assert_eq!(plays.len(), 2);
+    assert_eq!(plays[0]["protocol"], "http-flv");
+    let m = t.metrics().await;
+    assert_eq!(
+        common::metric(
+            &m,
+            "weir_admission_hooks_total{action=\"on_publish\",outcome=\"refused\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        common::metric(
+            &m,
+            "weir_admission_hooks_total{action=\"on_play\",outcome=\"allowed\"}"
+        ),
+        1.0
+    );
+
+    // A backend that accepts the connection and never answers: refused after the
+    // timeout (the default), and the refusal counted.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let t2 = TestServer::start_with(|c| {
+        c.callbacks.key = KEY.into();
+        c.callbacks.on_publish_url = format!("http://127.0.0.1:{silent_port}/hook");
+        c.callbacks.hook_timeout_ms = 500;
+    })
+    .await;
+    let rtmp2 = t2.server.rtmp_addr.unwrap();
+    let started = Instant::now();
+    let status = common::source::ffmpeg_push(
+        &format!(
+            "rtmp://{rtmp2}/live/quiet?{}",
+            rtmp_query(&t2.app, "quiet", ROOM, 0xff)
+        ),
+        5,
+    )
+    .wait()
+    .await
+    .unwrap();
+    assert!(!status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "refused after the timeout, not the push"
+    );
+    let m = t2.metrics().await;
+    assert_eq!(
+        common::metric(
+            &m,
+            "weir_admission_hooks_total{action=\"on_publish\",outcome=\"timeout_refused\"}"
+        ),
+        1.0
+    );
+}

@@ -256,3 +256,111 @@ pub fn room_event(cb: &Callbacks, event: &crate::room::RoomEvent, now_ms: u64) {
     };
     cb.send(room.sdk_app_id, kind, body);
 }
+
+/// `on_publish` and `on_play`: the backend is asked before a push or a play is let
+/// in (SRS's hooks): the request is POSTed as JSON (`action`, `ip`, `app`, `stream`,
+/// `protocol`, `sdk_app_id`, `room_id`, `user_id`) with `X-Weir-Signature`, after
+/// Weir's own credential check. A 2xx answer whose body is `0` or `{"code":0}` lets it
+/// in; any other answer refuses it (the body is the reason). No answer within
+/// `hook_timeout_ms` (or an unreachable backend) does what `hook_allow_on_timeout` says.
+pub struct Admission {
+    client: reqwest::Client,
+    on_publish: String,
+    on_play: String,
+    key: String,
+    allow_on_timeout: bool,
+    metrics: Arc<Metrics>,
+}
+
+/// What is asked of the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    Publish,
+    Play,
+}
+
+impl Admission {
+    pub fn from_config(config: &CallbacksConfig, metrics: Arc<Metrics>) -> Option<Arc<Self>> {
+        if config.on_publish_url.is_empty() && config.on_play_url.is_empty() {
+            return None;
+        }
+        let timeout = Duration::from_millis(config.hook_timeout_ms.max(1));
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .ok()?;
+        Some(Arc::new(Self {
+            client,
+            on_publish: config.on_publish_url.clone(),
+            on_play: config.on_play_url.clone(),
+            key: config.key.clone(),
+            allow_on_timeout: config.hook_allow_on_timeout,
+            metrics,
+        }))
+    }
+
+    /// Asks the backend; Err is the refusal's reason.
+    pub async fn ask(&self, ask: Ask, mut fields: Map<String, Value>) -> Result<(), String> {
+        let (url, action) = match ask {
+            Ask::Publish => (&self.on_publish, "on_publish"),
+            Ask::Play => (&self.on_play, "on_play"),
+        };
+        if url.is_empty() {
+            return Ok(());
+        }
+        fields.insert("action".into(), action.into());
+        fields.insert("app".into(), "live".into());
+        let body = serde_json::to_vec(&fields).expect("a JSON map serializes");
+        let signature = crate::hooks::body_signature(&self.key, &body);
+        let count = |outcome: &str| {
+            self.metrics
+                .admission_hooks
+                .with_label_values(&[action, outcome])
+                .inc()
+        };
+        let answer = self
+            .client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("x-weir-signature", signature)
+            .body(body)
+            .send()
+            .await;
+        let answer = match answer {
+            Ok(r) => {
+                let status = r.status();
+                // The answer's body is bounded: a reason, not a document.
+                let text = r.text().await.unwrap_or_default();
+                Some((status, text.chars().take(200).collect::<String>()))
+            }
+            Err(e) => {
+                debug!(%url, error = %e, action, "admission hook did not answer");
+                None
+            }
+        };
+        match answer {
+            Some((status, text)) => {
+                let t = text.trim();
+                let zero = t == "0"
+                    || serde_json::from_str::<Value>(t)
+                        .is_ok_and(|v| v.get("code").and_then(Value::as_i64) == Some(0));
+                if status.is_success() && zero {
+                    count("allowed");
+                    Ok(())
+                } else {
+                    count("refused");
+                    Err(format!("refused by the backend ({status}): {t}"))
+                }
+            }
+            None if self.allow_on_timeout => {
+                count("timeout_allowed");
+                Ok(())
+            }
+            None => {
+                count("timeout_refused");
+                Err("the backend's admission hook did not answer".into())
+            }
+        }
+    }
+}

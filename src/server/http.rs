@@ -268,7 +268,11 @@ async fn http_flv(
         url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
-    let source = match super::rtmp::authorize_play(&state, peer.ip(), stream, &params) {
+    let authorized = match super::rtmp::authorize_play(&state, peer.ip(), stream, &params) {
+        Ok(source) => super::rtmp::ask_play(&state, peer.ip(), stream, "http-flv", source).await,
+        Err(r) => Err(r),
+    };
+    let source = match authorized {
         Ok(s) => s,
         Err(r) => {
             count(r.outcome);

@@ -68,6 +68,8 @@ pub struct AppState {
     pub whip: whip::Resources,
     /// Recording (started by config rules or the REST calls).
     pub recording: Arc<record::Recording>,
+    /// The backend's `on_publish`/`on_play` hooks, if configured.
+    pub admission: Option<Arc<hooks::Admission>>,
     /// The ICE servers clients are told of.
     pub ice: IceConfig,
 }
@@ -507,6 +509,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         .with_callbacks(callbacks.clone())
         .run(control_rx),
     );
+    let admission = hooks::Admission::from_config(&config.callbacks, metrics.clone());
     let state = Arc::new(AppState {
         keyring,
         control: control_tx,
@@ -530,6 +533,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         proxies: proxies.clone(),
         whip: whip::Resources::default(),
         recording,
+        admission,
         ice: ice.clone(),
     });
 

@@ -304,6 +304,38 @@ fn check_room_credentials(
 
 /// Who may play `stream`: room credentials with a receive privilege for the stream's
 /// room, or a txSecret URL signed with the app's play key.
+/// The backend's `on_play` hook, if configured, after Weir's own check.
+pub(super) async fn ask_play(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    stream: &str,
+    protocol: &str,
+    source: Arc<crate::live::Source>,
+) -> Result<Arc<crate::live::Source>, Refusal> {
+    let Some(hooks) = &state.admission else {
+        return Ok(source);
+    };
+    let mut fields = serde_json::Map::new();
+    fields.insert("ip".into(), ip.to_string().into());
+    fields.insert("stream".into(), stream.into());
+    fields.insert("protocol".into(), protocol.into());
+    if let Some((_, place)) = state.hub.get(stream) {
+        fields.insert("sdk_app_id".into(), place.sdk_app_id.into());
+        fields.insert(
+            "room_id".into(),
+            place.room.to_string().trim_matches('"').into(),
+        );
+    }
+    match hooks.ask(super::hooks::Ask::Play, fields).await {
+        Ok(()) => Ok(source),
+        Err(why) => Err(Refusal {
+            code: "NetStream.Play.Failed",
+            outcome: "hook_refused",
+            message: why,
+        }),
+    }
+}
+
 pub(super) fn authorize_play(
     state: &AppState,
     ip: std::net::IpAddr,
@@ -682,7 +714,15 @@ impl Connection {
                     }
                     Event::Play { name } => {
                         let (stream, params) = split_name_and_query(&name, &tc_url, &app);
-                        match authorize_play(&self.state, self.peer.ip(), &stream, &params) {
+                        let authorized =
+                            authorize_play(&self.state, self.peer.ip(), &stream, &params);
+                        let authorized = match authorized {
+                            Ok(source) => {
+                                ask_play(&self.state, self.peer.ip(), &stream, "rtmp", source).await
+                            }
+                            Err(r) => Err(r),
+                        };
+                        match authorized {
                             Ok(source) => {
                                 self.state
                                     .metrics
@@ -797,6 +837,27 @@ impl Connection {
             });
         }
         let grant = authorize_push(&self.state, self.peer.ip(), app, tc_url, name)?;
+        if let Some(hooks) = &self.state.admission {
+            let mut fields = serde_json::Map::new();
+            fields.insert("ip".into(), self.peer.ip().to_string().into());
+            fields.insert("stream".into(), grant.stream.clone().into());
+            fields.insert("protocol".into(), "rtmp".into());
+            fields.insert("sdk_app_id".into(), grant.sdk_app_id.into());
+            if let Some(t) = &grant.ticket {
+                fields.insert(
+                    "room_id".into(),
+                    t.room.to_string().trim_matches('"').into(),
+                );
+                fields.insert("user_id".into(), t.identity.user_id.clone().into());
+            }
+            if let Err(why) = hooks.ask(super::hooks::Ask::Publish, fields).await {
+                return Err(Refusal {
+                    code: "NetStream.Publish.Rejected",
+                    outcome: "hook_refused",
+                    message: why,
+                });
+            }
+        }
         let Some(ticket) = grant.ticket else {
             return self.publish_pending(grant.sdk_app_id, grant.stream).await;
         };
