@@ -4,6 +4,11 @@
 //! to its copy leaving for a subscriber) is read from /metrics.
 //!
 //! Run: `cargo bench --bench forwarding` (env: BENCH_SECONDS=60, BENCH_SUBSCRIBERS=4)
+//!
+//! `BENCH_SILENT_BACKEND=1`: callbacks go to a backend that accepts connections and
+//! never answers, while a member joins and leaves another room ten times a second (four
+//! room events each): the callbacks' queue stays full and every request times out, the
+//! case issue 19 asks to show does not touch forwarding.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -29,7 +34,29 @@ fn env(name: &str, default: u64) -> u64 {
 async fn main() {
     let seconds = env("BENCH_SECONDS", 60);
     let subscribers = env("BENCH_SUBSCRIBERS", 4) as usize;
-    let t = TestServer::start().await;
+    let silent = std::env::var("BENCH_SILENT_BACKEND").is_ok_and(|v| v == "1");
+    let silent_port = if silent {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        Some(port)
+    } else {
+        None
+    };
+    let t = TestServer::start_with(|c| {
+        if let Some(port) = silent_port {
+            c.callbacks.url = format!("http://127.0.0.1:{port}/cb");
+            c.callbacks.key = "k".into();
+            c.callbacks.timeout_ms = 2000;
+            c.callbacks.max_queued = 1000;
+        }
+    })
+    .await;
 
     let (mut signal, _) = Client::join(&t.ws_url(), t.join("pub", 1, 0xff)).await;
     signal.publish(true, true).await;
@@ -115,7 +142,31 @@ async fn main() {
         peer.connected().await;
         watchers.push((signal, peer));
     }
-    eprintln!("1 publisher, {subscribers} subscribers; forwarding for {seconds} s…");
+    let churn = silent.then(|| {
+        let url = t.ws_url();
+        let joins: Vec<_> = (0..10_000)
+            .map(|i| t.join(&format!("churn{i}"), 2, 0xff))
+            .collect();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            for j in joins {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (mut c, _) = Client::join(&url, j).await;
+                c.send(&ClientMessage::Leave).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    eprintln!(
+        "1 publisher, {subscribers} subscribers; forwarding for {seconds} s{}…",
+        if silent {
+            ", callbacks to a silent backend, a join and leave every 100 ms"
+        } else {
+            ""
+        }
+    );
     let cpu_before = cpu_seconds();
     let until = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < until {
@@ -129,6 +180,9 @@ async fn main() {
     let cpu = cpu_seconds() - cpu_before;
     stop.store(true, Ordering::Relaxed);
     let _ = sender.await;
+    if let Some(c) = churn {
+        let _ = c.await;
+    }
 
     let metrics = t.metrics().await;
     let buckets: Vec<(f64, f64)> = metrics
@@ -154,6 +208,22 @@ async fn main() {
                 .sum::<usize>()
         })
         .sum();
+    if silent {
+        println!(
+            "callbacks: {} queued, {} failed attempts, {} dropped (queue full)",
+            common::metric(&metrics, "weir_callbacks_queued"),
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("weir_callbacks_total") && l.contains("failed_attempt"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>(),
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("weir_callbacks_total") && l.contains("dropped_full"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>(),
+        );
+    }
     println!("forwarded packets      {count}");
     println!("received by clients    {received}");
     for q in [0.5, 0.9, 0.99, 0.999] {

@@ -22,6 +22,18 @@ use crate::live::{HubEvent, Next, ObserveFn, Source, StreamPlace};
 use crate::metrics::Metrics;
 use crate::record::{file_stem, Action, Finished, SegmentConfig, Segmenter};
 
+/// One recording's open file and what its callbacks name.
+struct Writing {
+    dir: PathBuf,
+    stem: String,
+    file: Option<(tokio::fs::File, PathBuf)>,
+    /// The open file could not be created or written: the rest of it is dropped.
+    failed: bool,
+    task_id: String,
+    stream: String,
+    place: StreamPlace,
+}
+
 pub struct Recording {
     pub config: RecordConfig,
     /// Where closed files go besides the local directory, if anywhere.
@@ -235,8 +247,15 @@ impl Recording {
             min_ms: self.config.min_ms,
             ..Default::default()
         });
-        let mut file: Option<(tokio::fs::File, PathBuf)> = None;
-        let mut failed = false;
+        let mut w = Writing {
+            dir,
+            stem,
+            file: None,
+            failed: false,
+            task_id,
+            stream: stream.clone(),
+            place,
+        };
         let mut actions = Vec::new();
         let mut received = 0u64;
         loop {
@@ -253,30 +272,10 @@ impl Recording {
             for t in &tags {
                 seg.push(t, now, &mut actions);
             }
-            self.apply(
-                &mut actions,
-                &dir,
-                &stem,
-                &mut file,
-                &mut failed,
-                &task_id,
-                &stream,
-                &place,
-            )
-            .await;
+            self.apply(&mut actions, &mut w).await;
         }
         seg.finish(&mut actions);
-        self.apply(
-            &mut actions,
-            &dir,
-            &stem,
-            &mut file,
-            &mut failed,
-            &task_id,
-            &stream,
-            &place,
-        )
-        .await;
+        self.apply(&mut actions, &mut w).await;
         self.metrics.recordings.dec();
         {
             let mut active = self.active.lock().expect("recordings lock");
@@ -287,18 +286,23 @@ impl Recording {
         info!(%stream, tags = received, skipped = seg.skipped, "recording ended");
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn apply(
-        self: &Arc<Self>,
-        actions: &mut Vec<Action>,
-        dir: &Path,
-        stem: &str,
-        file: &mut Option<(tokio::fs::File, PathBuf)>,
-        failed: &mut bool,
-        task_id: &str,
-        stream: &str,
-        place: &StreamPlace,
-    ) {
+    async fn apply(self: &Arc<Self>, actions: &mut Vec<Action>, w: &mut Writing) {
+        let Writing {
+            dir,
+            stem,
+            file,
+            failed,
+            task_id,
+            stream,
+            place,
+        } = w;
+        let (dir, stem, task_id, stream, place) = (
+            dir.as_path(),
+            stem.as_str(),
+            task_id.as_str(),
+            stream.as_str(),
+            &*place,
+        );
         for action in actions.drain(..) {
             match action {
                 Action::Open { start_unix_ms, .. } => {
