@@ -328,10 +328,18 @@ impl Admission {
             .send()
             .await;
         let answer = match answer {
-            Ok(r) => {
+            Ok(mut r) => {
                 let status = r.status();
-                // The answer's body is bounded: a reason, not a document.
-                let text = r.text().await.unwrap_or_default();
+                // The answer's body is read up to 4 KiB: a verdict and a reason, not a
+                // document (a backend's mistake must not cost the node memory).
+                let mut body = Vec::new();
+                while body.len() < 4096 {
+                    match r.chunk().await {
+                        Ok(Some(c)) => body.extend_from_slice(&c[..c.len().min(4096 - body.len())]),
+                        _ => break,
+                    }
+                }
+                let text = String::from_utf8_lossy(&body);
                 Some((status, text.chars().take(200).collect::<String>()))
             }
             Err(e) => {
