@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use common::media::flv_decode_errors as decode_errors;
 use common::publisher::webrtc_publisher;
-use common::{TestServer, APP};
-use weir::auth::{Privileges, RoomId, TokenKind};
+use common::TestServer;
 
 const ROOM: u32 = 777;
 
@@ -19,32 +18,8 @@ async fn server() -> TestServer {
     TestServer::start_with(|c| c.server.rtmp_addr = "127.0.0.1:0".into()).await
 }
 
-fn enc(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
 fn credentials(t: &TestServer, user: &str, privileges: u32) -> String {
-    let now = weir::auth::unix_now();
-    let sig = t
-        .app
-        .issue_user_sig(TokenKind::V2, user, now, 3600)
-        .unwrap();
-    let pmk = t
-        .app
-        .issue_private_map_key(
-            TokenKind::V2,
-            user,
-            &RoomId::Num(ROOM),
-            Privileges(privileges),
-            now,
-            3600,
-        )
-        .unwrap();
-    format!(
-        "sdkappid={APP}&userid={user}&roomid={ROOM}&usersig={}&privatemapkey={}",
-        enc(&sig),
-        enc(&pmk)
-    )
+    common::rtmp_query(&t.app, user, ROOM, privileges)
 }
 
 /// Records a play URL to `out` (stream copy) until the stream ends.

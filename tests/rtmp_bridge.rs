@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::media::{decode_h264, decode_opus, h264_annex_b, tone_power};
 use common::peer::RtcPeer;
 use common::{Client, TestServer, APP};
-use weir::auth::{Privileges, RoomId, TokenKind};
 use weir_signaling::{ClientMessage, ServerMessage, Target};
 
 const ROOM: u32 = 4321;
@@ -19,33 +18,12 @@ async fn server() -> TestServer {
     TestServer::start_with(|c| c.server.rtmp_addr = "127.0.0.1:0".into()).await
 }
 
-fn enc(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
 /// A push URL with room credentials for `user` in `room`.
 fn push_url(t: &TestServer, stream: &str, user: &str, room: u32, privileges: u32) -> String {
-    let now = weir::auth::unix_now();
-    let sig = t
-        .app
-        .issue_user_sig(TokenKind::V2, user, now, 3600)
-        .unwrap();
-    let pmk = t
-        .app
-        .issue_private_map_key(
-            TokenKind::V2,
-            user,
-            &RoomId::Num(room),
-            Privileges(privileges),
-            now,
-            3600,
-        )
-        .unwrap();
     format!(
-        "rtmp://{}/live/{stream}?sdkappid={APP}&userid={user}&roomid={room}&usersig={}&privatemapkey={}",
+        "rtmp://{}/live/{stream}?{}",
         t.server.rtmp_addr.unwrap(),
-        enc(&sig),
-        enc(&pmk)
+        common::rtmp_query(&t.app, user, room, privileges)
     )
 }
 
