@@ -29,6 +29,17 @@ pub enum RoomId {
     Str(String),
 }
 
+impl RoomId {
+    /// The room as clients name it: digits for a `roomID`, the string as it is for a
+    /// `strRoomID` (`Display` quotes strings, for logs).
+    pub fn name(&self) -> String {
+        match self {
+            RoomId::Num(n) => n.to_string(),
+            RoomId::Str(s) => s.clone(),
+        }
+    }
+}
+
 impl fmt::Display for RoomId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -103,11 +103,6 @@ impl Segmenter {
         }
     }
 
-    /// Is a file open now.
-    pub fn is_open(&self) -> bool {
-        self.open.is_some()
-    }
-
     /// One tag of the stream, arriving at `now_unix_ms`.
     pub fn push(&mut self, tag: &Tag, now_unix_ms: u64, out: &mut Vec<Action>) {
         if tag.kind == TagKind::Script {

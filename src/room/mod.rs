@@ -33,10 +33,7 @@ pub struct RoomKey {
 impl RoomKey {
     /// The room as clients name it: digits for a `roomID`, the string for a `strRoomID`.
     pub fn name(&self) -> String {
-        match &self.room {
-            RoomId::Num(n) => n.to_string(),
-            RoomId::Str(s) => s.clone(),
-        }
+        self.room.name()
     }
 }
 

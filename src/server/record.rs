@@ -141,11 +141,7 @@ impl Recording {
             };
             for e in entries.filter_map(|e| e.ok()) {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let Some(start_ms) = name
-                    .strip_suffix(".flv")
-                    .and_then(|n| n.rsplit_once('-'))
-                    .and_then(|(_, ms)| ms.parse::<u64>().ok())
-                else {
+                let Some(start_ms) = start_ms_of(&name) else {
                     continue;
                 };
                 let Ok(meta) = e.metadata() else { continue };
@@ -184,7 +180,7 @@ impl Recording {
         self.stream_event(1, &source.name, place);
         if self
             .config
-            .applies(&source.name, place.sdk_app_id, &room_name(&place.room))
+            .applies(&source.name, place.sdk_app_id, &place.room.name())
         {
             self.start(source, place);
         }
@@ -216,7 +212,7 @@ impl Recording {
             "appname": "live",
             "stream_id": stream,
             "channel_id": stream,
-            "room_id": room_name(&place.room),
+            "room_id": place.room.name(),
             "node": self.node,
             "stream_param": "",
         });
@@ -472,10 +468,9 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// A room id as written in config and callbacks: the number, or the string as is.
-fn room_name(room: &crate::auth::RoomId) -> String {
-    match room {
-        crate::auth::RoomId::Num(n) => n.to_string(),
-        crate::auth::RoomId::Str(s) => s.clone(),
-    }
+/// When a recording file started, from its name (`<stream>-<start unix ms>.flv`).
+pub fn start_ms_of(name: &str) -> Option<u64> {
+    name.strip_suffix(".flv")
+        .and_then(|n| n.rsplit_once('-'))
+        .and_then(|(_, ms)| ms.parse::<u64>().ok())
 }

@@ -164,11 +164,7 @@ pub async fn list(
             let (Some(name), Some(stream)) = (parts.next(), parts.next()) else {
                 continue;
             };
-            let start_ms = name
-                .strip_suffix(".flv")
-                .and_then(|n| n.rsplit_once('-'))
-                .and_then(|(_, ms)| ms.parse::<u64>().ok())
-                .unwrap_or(o.modified_ms);
+            let start_ms = super::record::start_ms_of(name).unwrap_or(o.modified_ms);
             if o.modified_ms < from || start_ms > to {
                 continue;
             }

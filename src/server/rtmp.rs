@@ -321,10 +321,7 @@ pub(super) async fn ask_play(
     fields.insert("protocol".into(), protocol.into());
     if let Some((_, place)) = state.hub.get(stream) {
         fields.insert("sdk_app_id".into(), place.sdk_app_id.into());
-        fields.insert(
-            "room_id".into(),
-            place.room.to_string().trim_matches('"').into(),
-        );
+        fields.insert("room_id".into(), place.room.name().into());
     }
     match hooks.ask(super::hooks::Ask::Play, fields).await {
         Ok(()) => Ok(source),
@@ -844,10 +841,7 @@ impl Connection {
             fields.insert("protocol".into(), "rtmp".into());
             fields.insert("sdk_app_id".into(), grant.sdk_app_id.into());
             if let Some(t) = &grant.ticket {
-                fields.insert(
-                    "room_id".into(),
-                    t.room.to_string().trim_matches('"').into(),
-                );
+                fields.insert("room_id".into(), t.room.name().into());
                 fields.insert("user_id".into(), t.identity.user_id.clone().into());
             }
             if let Err(why) = hooks.ask(super::hooks::Ask::Publish, fields).await {
