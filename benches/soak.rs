@@ -33,18 +33,13 @@ use std::time::{Duration, Instant};
 
 use common::peer::RtcPeer;
 use common::publisher::{offer_to_publish, send_h264_and_opus, Offered, Pace};
-use common::{Client, APP};
-use weir::auth::{AppKeys, Keyring, Privileges, RoomId, TokenKind};
-use weir::config::Config;
-use weir_signaling::{ClientMessage, Join, ServerMessage, Target, PROTOCOL_VERSION};
+use common::Client;
+use weir_signaling::{ClientMessage, ServerMessage, Target};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "support/proc_node.rs"]
+mod proc_node;
+
+use proc_node::ProcNode as Node;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -53,87 +48,12 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-struct Node {
-    _child: tokio::process::Child,
-    pid: u32,
-    ws: String,
-    metrics: std::net::SocketAddr,
-    app: AppKeys,
+async fn start_node(dir: &std::path::Path) -> Node {
+    // The cycles come from one address faster than any real client would.
+    Node::start(dir, None, |c| c.server.signaling_messages_per_s = 0).await
 }
 
 impl Node {
-    async fn start(dir: &std::path::Path) -> Self {
-        let app_config = AppKeys::generate_config(APP);
-        let app = AppKeys::from_config(&app_config).unwrap();
-        let mut config = Config::development(None);
-        config.server.dev_mode = false;
-        config.apps = vec![app_config];
-        let http = free_port();
-        let metrics = free_port();
-        config.server.http_addr = format!("127.0.0.1:{http}");
-        config.server.udp_addr = format!("127.0.0.1:{}", free_port());
-        config.server.tcp_addr = format!("127.0.0.1:{}", free_port());
-        config.server.rtmp_addr = format!("127.0.0.1:{}", free_port());
-        config.server.metrics_addr = format!("127.0.0.1:{metrics}");
-        config.server.announce_ips = vec!["127.0.0.1".into()];
-        // The cycles come from one address faster than any real client would.
-        config.server.signaling_messages_per_s = 0;
-        Keyring::from_configs(&config.apps).expect("the generated app loads");
-        let path = dir.join("weir.toml");
-        config.write(&path).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let pid = child.id().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", http))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "the server did not listen");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self {
-            _child: child,
-            pid,
-            ws: format!("ws://127.0.0.1:{http}/ws"),
-            metrics: format!("127.0.0.1:{metrics}").parse().unwrap(),
-            app,
-        }
-    }
-
-    fn join(&self, user: &str, room: u32, auto_subscribe: bool) -> Join {
-        let now = weir::auth::unix_now();
-        Join {
-            protocol: PROTOCOL_VERSION,
-            sdk_app_id: APP,
-            user_id: user.into(),
-            user_sig: self
-                .app
-                .issue_user_sig(TokenKind::V2, user, now, 7200)
-                .unwrap(),
-            room_id: Some(room),
-            str_room_id: None,
-            private_map_key: self
-                .app
-                .issue_private_map_key(
-                    TokenKind::V2,
-                    user,
-                    &RoomId::Num(room),
-                    Privileges(0xff),
-                    now,
-                    7200,
-                )
-                .unwrap(),
-            auto_subscribe,
-            congestion_policy: None,
-        }
-    }
-
     /// Every `weir_` series (name and labels) in /metrics.
     async fn series(&self) -> std::collections::BTreeSet<String> {
         common::http_get(self.metrics, "/metrics")
@@ -353,7 +273,7 @@ async fn run() {
     let cycles = env_u64("BENCH_CYCLES", 10_000);
     let minutes = env_u64("BENCH_SOAK_MINUTES", 60);
     let dir = tempfile::tempdir().unwrap();
-    let node = Arc::new(Node::start(dir.path()).await);
+    let node = Arc::new(start_node(dir.path()).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let base = node.sample().await;
     println!(

@@ -78,31 +78,7 @@ impl TestServer {
 
     /// A join message with valid v2 credentials for `user` in numeric `room`.
     pub fn join(&self, user: &str, room: u32, privileges: u32) -> Join {
-        let now = weir::auth::unix_now();
-        Join {
-            protocol: PROTOCOL_VERSION,
-            sdk_app_id: APP,
-            user_id: user.into(),
-            user_sig: self
-                .app
-                .issue_user_sig(TokenKind::V2, user, now, 3600)
-                .unwrap(),
-            room_id: Some(room),
-            str_room_id: None,
-            private_map_key: self
-                .app
-                .issue_private_map_key(
-                    TokenKind::V2,
-                    user,
-                    &RoomId::Num(room),
-                    Privileges(privileges),
-                    now,
-                    3600,
-                )
-                .unwrap(),
-            auto_subscribe: true,
-            congestion_policy: None,
-        }
+        join_with(&self.app, user, room, privileges, true)
     }
 
     /// `/metrics`, from the metrics listener.
@@ -112,6 +88,38 @@ impl TestServer {
             "/metrics",
         )
         .await
+    }
+}
+
+/// A join message with valid v2 credentials of `app` (an hour) for `user` in numeric
+/// `room` with `privileges`.
+pub fn join_with(
+    app: &AppKeys,
+    user: &str,
+    room: u32,
+    privileges: u32,
+    auto_subscribe: bool,
+) -> Join {
+    let now = weir::auth::unix_now();
+    Join {
+        protocol: PROTOCOL_VERSION,
+        sdk_app_id: APP,
+        user_id: user.into(),
+        user_sig: app.issue_user_sig(TokenKind::V2, user, now, 3600).unwrap(),
+        room_id: Some(room),
+        str_room_id: None,
+        private_map_key: app
+            .issue_private_map_key(
+                TokenKind::V2,
+                user,
+                &RoomId::Num(room),
+                Privileges(privileges),
+                now,
+                3600,
+            )
+            .unwrap(),
+        auto_subscribe,
+        congestion_policy: None,
     }
 }
 

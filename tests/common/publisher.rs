@@ -7,17 +7,16 @@ use super::TestServer;
 
 /// Access units of an H.264 elementary stream ffmpeg makes (Annex B), in order.
 pub fn h264_access_units(seconds: u32) -> Vec<Vec<bytes::Bytes>> {
+    h264_clip("testsrc=size=320x240:rate=30", seconds, &["-g", "30"])
+}
+
+/// Access units of `seconds` of the lavfi `source` encoded by x264 (ultrafast,
+/// zerolatency, no B-frames) with `extra` encoder options (GOP, bitrate), in order.
+pub fn h264_clip(source: &str, seconds: u32, extra: &[&str]) -> Vec<Vec<bytes::Bytes>> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v.h264");
     let ok = std::process::Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=320x240:rate=30",
-        ])
+        .args(["-v", "error", "-f", "lavfi", "-i", source])
         .args([
             "-t",
             &seconds.to_string(),
@@ -26,16 +25,8 @@ pub fn h264_access_units(seconds: u32) -> Vec<Vec<bytes::Bytes>> {
             "-pix_fmt",
             "yuv420p",
         ])
-        .args([
-            "-preset",
-            "ultrafast",
-            "-tune",
-            "zerolatency",
-            "-bf",
-            "0",
-            "-g",
-            "30",
-        ])
+        .args(["-preset", "ultrafast", "-tune", "zerolatency", "-bf", "0"])
+        .args(extra)
         .args(["-f", "h264"])
         .arg(&path)
         .status()

@@ -1,0 +1,1019 @@
+//! Capacity: a load generator that is not the bottleneck (issue 16).
+//!
+//! Runs the `weir` binary (release, its own process) pinned to `BENCH_WEIR_CPUS`
+//! (default "0") with `taskset`, and pins itself to `BENCH_LOAD_CPUS` (default "1").
+//! Media is pre-encoded (an x264 clip and Opus packets made once, looped): nothing is
+//! encoded while the load runs.
+//!
+//! - **Publishers** are `webrtc`-crate clients (a handful at most); each video frame
+//!   carries an SEI NAL unit (user data unregistered, ASCII hex) with the wall-clock
+//!   microsecond it was handed to the connection, so the stream stays valid H.264.
+//! - **Subscribers** are many `rtc` (webrtc-rs's sans-I/O core) peer connections in
+//!   this one process, one UDP socket each, driven by a task each on a runtime of as
+//!   many threads as `BENCH_LOAD_CPUS` has cores. They join through the real signaling
+//!   with real credentials, answer Weir's offers, and run the full receive path (ICE,
+//!   DTLS, SRTP, NACK, receiver reports, transport-wide CC feedback). They do not
+//!   decode: they count packets per SSRC (loss after retransmission, order, duplicates)
+//!   and read each frame's SEI stamp: a frame's latency is from its send to the arrival
+//!   of its last packet (when it could be decoded).
+//!
+//! Scenarios (`BENCH_SCENARIO`):
+//! - `fanout` (default): 1 publisher (H.264 at `BENCH_VIDEO_KBPS`, 1500, 30 fps, 1 s
+//!   GOP, + Opus) → N subscribers, N stepping through `BENCH_SUBS` ("50,100,200,400").
+//! - `audio`: 10 audio-only publishers → N subscribers (LiveKit's second scenario).
+//!
+//! For each N: subscribers join in a burst (the join storm: time until every one
+//! receives video, failures), 3 s settle, then `BENCH_SECONDS` (20) measured, with a
+//! per-second trace: packets received per second, loss, subscribers that got no video
+//! in that second, latency p50/p99/max, Weir's CPU and the generator's, Weir's own
+//! forwarding residence p99 (from its `weir_forward_latency_seconds`). A summary row
+//! per N is printed and appended to `benches/artifacts/load-<scenario>.csv`.
+//!
+//! `BENCH_CC=0` turns Weir's congestion control off. `WEIR_LOG=weir=info` shows the
+//! server's log.
+//!
+//! `cargo bench --bench load` (`BENCH_SUBS=100 BENCH_SECONDS=10` for a short run).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "support/proc_node.rs"]
+mod proc_node;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use rtc::interceptor::Registry;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::event::RTCPeerConnectionEvent;
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use tokio::net::UdpSocket;
+
+use common::publisher::offer_to_publish;
+use common::Client;
+use proc_node::{cpu_seconds, rss_mib, ProcNode};
+use weir_signaling::{ClientMessage, ServerMessage, Target};
+
+/// Marks the SEI payload that carries the send time (no zero byte, so no emulation
+/// prevention is ever needed).
+const STAMP_UUID: [u8; 16] = *b"weir-load-stamp!";
+
+fn env_str(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// An SEI NAL unit (user data unregistered) stamped with `us`.
+fn stamp_sei(us: u64) -> Bytes {
+    let hex = format!("{us:016x}");
+    let mut nal = vec![0x06, 0x05, (16 + hex.len()) as u8];
+    nal.extend_from_slice(&STAMP_UUID);
+    nal.extend_from_slice(hex.as_bytes());
+    nal.push(0x80);
+    Bytes::from(nal)
+}
+
+/// The send time in an SEI NAL unit made by [`stamp_sei`].
+fn read_stamp(payload: &[u8]) -> Option<u64> {
+    if payload.first()? & 0x1f != 6 || payload.len() < 3 + 16 + 16 {
+        return None;
+    }
+    if payload[3..19] != STAMP_UUID {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(&payload[19..35]).ok()?, 16).ok()
+}
+
+// ---------------------------------------------------------------------------------
+// What the subscribers count.
+
+/// Counters every subscriber adds to; the sampler reads and resets the window.
+#[derive(Default)]
+struct Totals {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    /// Sequence numbers skipped (a gap opened) and gaps later filled (a retransmission
+    /// or reordering); missing = skipped − filled.
+    skipped: AtomicU64,
+    filled: AtomicU64,
+    duplicates: AtomicU64,
+    expected: AtomicU64,
+    connected: AtomicUsize,
+    with_video: AtomicUsize,
+    failed: AtomicUsize,
+    /// Latency samples (ms) of the current window.
+    latency: Mutex<Vec<f32>>,
+}
+
+/// One subscriber's own counters.
+#[derive(Default)]
+struct SubCounters {
+    video: AtomicU64,
+    got_video_at: Mutex<Option<Instant>>,
+}
+
+/// Loss and order of one SSRC: the highest extended sequence number and which of the
+/// last 1,024 arrived.
+struct SeqTrack {
+    highest: i64,
+    seen: [u64; 16],
+}
+
+enum Arrival {
+    InOrder,
+    /// `n` sequence numbers skipped before this one.
+    Gap(u64),
+    /// Fills a gap (a retransmission or a reordered packet).
+    Late,
+    Duplicate,
+    TooOld,
+}
+
+impl SeqTrack {
+    fn new(seq: u16) -> Self {
+        let mut t = Self {
+            highest: i64::from(seq),
+            seen: [0; 16],
+        };
+        t.mark(i64::from(seq));
+        t
+    }
+
+    fn bit(ext: i64) -> (usize, u64) {
+        let i = ext.rem_euclid(1024) as usize;
+        (i / 64, 1u64 << (i % 64))
+    }
+
+    fn mark(&mut self, ext: i64) {
+        let (w, b) = Self::bit(ext);
+        self.seen[w] |= b;
+    }
+
+    fn on(&mut self, seq: u16) -> Arrival {
+        // Extend to the sequence number nearest the highest.
+        let base = self.highest - (self.highest.rem_euclid(65536));
+        let mut ext = base + i64::from(seq);
+        if ext - self.highest > 32768 {
+            ext -= 65536;
+        } else if self.highest - ext > 32768 {
+            ext += 65536;
+        }
+        if ext > self.highest {
+            // Forget the bits that now wrap around into the window.
+            for e in (self.highest + 1).max(ext - 1023)..=ext {
+                let (w, b) = Self::bit(e);
+                self.seen[w] &= !b;
+            }
+            let skipped = (ext - self.highest - 1) as u64;
+            self.highest = ext;
+            self.mark(ext);
+            if skipped == 0 {
+                Arrival::InOrder
+            } else {
+                Arrival::Gap(skipped)
+            }
+        } else if self.highest - ext >= 1024 {
+            Arrival::TooOld
+        } else {
+            let (w, b) = Self::bit(ext);
+            if self.seen[w] & b != 0 {
+                Arrival::Duplicate
+            } else {
+                self.seen[w] |= b;
+                Arrival::Late
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// A subscriber on the sans-I/O core.
+
+fn new_subscriber_pc() -> RTCPeerConnection {
+    let mut engine = MediaEngine::default();
+    engine.register_default_codecs().unwrap();
+    let registry = register_default_interceptors(Registry::new(), &mut engine).unwrap();
+    RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(engine)
+        .with_interceptor_registry(registry)
+        .build(Instant::now())
+        .unwrap()
+}
+
+fn answer(pc: &mut RTCPeerConnection, local: SocketAddr, sdp: String, first: bool) -> String {
+    pc.set_remote_description(Instant::now(), RTCSessionDescription::offer(sdp).unwrap())
+        .unwrap();
+    if first {
+        let candidate = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "udp".to_owned(),
+                address: local.ip().to_string(),
+                port: local.port(),
+                component: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .new_candidate_host()
+        .unwrap();
+        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json().unwrap())
+            .unwrap();
+    }
+    let answer = pc.create_answer(None).unwrap();
+    pc.set_local_description(Instant::now(), answer).unwrap();
+    pc.local_description().unwrap().sdp
+}
+
+struct Subscriber {
+    pc: Option<RTCPeerConnection>,
+    socket: UdpSocket,
+    local: SocketAddr,
+    totals: Arc<Totals>,
+    own: Arc<SubCounters>,
+    tracks: HashMap<u32, SeqTrack>,
+    video_tracks: std::collections::HashSet<String>,
+    connected: bool,
+    /// The send time of the video frame being received.
+    stamp: Option<u64>,
+}
+
+impl Subscriber {
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
+        let Some(pc) = self.pc.as_mut() else { return };
+        let _ = pc.handle_read(TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr: self.local,
+                peer_addr: from,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: BytesMut::from(data),
+        });
+    }
+
+    /// Everything the connection has for us after an input.
+    fn drain(&mut self) {
+        let Some(pc) = self.pc.as_mut() else { return };
+        while let Some(out) = pc.poll_write() {
+            let _ = self
+                .socket
+                .try_send_to(&out.message, out.transport.peer_addr);
+        }
+        while let Some(event) = pc.poll_event() {
+            match event {
+                RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => match state {
+                    RTCPeerConnectionState::Connected if !self.connected => {
+                        self.connected = true;
+                        self.totals.connected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                        if self.connected {
+                            self.totals.connected.fetch_sub(1, Ordering::Relaxed);
+                            self.connected = false;
+                        }
+                        self.totals.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                },
+                RTCPeerConnectionEvent::OnTrack(
+                    rtc::peer_connection::event::RTCTrackEvent::OnOpen(init),
+                ) => {
+                    let video = pc.rtp_receiver(init.receiver_id).is_some_and(|r| {
+                        r.track().kind() == rtc::rtp_transceiver::rtp_sender::RtpCodecKind::Video
+                    });
+                    if video {
+                        self.video_tracks.insert(init.track_id.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let now_us = wall_us();
+        while let Some(TaggedRTCMessage { message, .. }) = pc.poll_read() {
+            let RTCMessage::RtpPacket(track_id, packet) = message else {
+                continue;
+            };
+            let t = &self.totals;
+            t.packets.fetch_add(1, Ordering::Relaxed);
+            t.bytes
+                .fetch_add(packet.payload.len() as u64, Ordering::Relaxed);
+            let seq = packet.header.sequence_number;
+            match self.tracks.get_mut(&packet.header.ssrc) {
+                None => {
+                    self.tracks.insert(packet.header.ssrc, SeqTrack::new(seq));
+                    t.expected.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(track) => match track.on(seq) {
+                    Arrival::InOrder => {
+                        t.expected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Arrival::Gap(n) => {
+                        t.expected.fetch_add(n + 1, Ordering::Relaxed);
+                        t.skipped.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Arrival::Late => {
+                        t.filled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Arrival::Duplicate | Arrival::TooOld => {
+                        t.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+            }
+            if self.video_tracks.contains(&track_id) {
+                if self.own.video.fetch_add(1, Ordering::Relaxed) == 0 {
+                    *self.own.got_video_at.lock().unwrap() = Some(Instant::now());
+                    t.with_video.fetch_add(1, Ordering::Relaxed);
+                }
+                // A frame's latency: from its stamp (sent with its first packet) to its
+                // last packet (the marker), when it could be decoded.
+                if let Some(sent) = read_stamp(&packet.payload) {
+                    self.stamp = Some(sent);
+                }
+                if packet.header.marker {
+                    if let Some(sent) = self.stamp.take() {
+                        let ms = now_us.saturating_sub(sent) as f32 / 1000.0;
+                        t.latency.lock().unwrap().push(ms);
+                    }
+                }
+            }
+        }
+    }
+
+    fn timeout(&mut self) -> Option<Instant> {
+        let pc = self.pc.as_mut()?;
+        let now = Instant::now();
+        if pc.poll_timeout().is_some_and(|t| t <= now) {
+            let _ = pc.handle_timeout(now);
+        }
+        pc.poll_timeout()
+    }
+}
+
+/// Joins as `user`, answers every subscriber offer, and receives until `stop`.
+async fn subscribe(
+    ws: String,
+    join: weir_signaling::Join,
+    totals: Arc<Totals>,
+    own: Arc<SubCounters>,
+    stop: Arc<AtomicBool>,
+) {
+    let Ok((mut signal, joined)) =
+        tokio::time::timeout(Duration::from_secs(20), Client::join(&ws, join)).await
+    else {
+        totals.failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    if !matches!(joined, ServerMessage::Joined { .. }) {
+        eprintln!("join refused: {joined:?}");
+        totals.failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = socket.local_addr().unwrap();
+    let mut sub = Subscriber {
+        pc: None,
+        socket,
+        local,
+        totals,
+        own,
+        tracks: HashMap::new(),
+        video_tracks: Default::default(),
+        connected: false,
+        stamp: None,
+    };
+    let mut buf = vec![0u8; 2048];
+    let mut deadline = Instant::now() + Duration::from_secs(1);
+    let mut ping = tokio::time::interval(Duration::from_secs(10));
+    while !stop.load(Ordering::Relaxed) {
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
+            deadline.min(Instant::now() + Duration::from_millis(200)),
+        ));
+        tokio::select! {
+            r = sub.socket.recv_from(&mut buf) => {
+                let now = Instant::now();
+                if let Ok((n, from)) = r {
+                    sub.datagram(&buf[..n], from, now);
+                }
+                // Take what else is waiting before polling the connection.
+                for _ in 0..32 {
+                    match sub.socket.try_recv_from(&mut buf) {
+                        Ok((n, from)) => sub.datagram(&buf[..n], from, now),
+                        Err(_) => break,
+                    }
+                }
+            }
+            m = signal.try_recv(Duration::from_secs(3600)) => match m {
+                Some(ServerMessage::Offer { target: Target::Subscriber, sdp }) => {
+                    let first = sub.pc.is_none();
+                    let pc = sub.pc.get_or_insert_with(new_subscriber_pc);
+                    let sdp = answer(pc, local, sdp, first);
+                    signal
+                        .send(&ClientMessage::Answer { target: Target::Subscriber, sdp })
+                        .await;
+                }
+                Some(_) => {}
+                None => break,
+            },
+            _ = ping.tick() => signal.send(&ClientMessage::Ping { ts: 1 }).await,
+            _ = sleep => {}
+        }
+        deadline = sub
+            .timeout()
+            .unwrap_or(Instant::now() + Duration::from_secs(1));
+        sub.drain();
+    }
+    if sub.connected {
+        sub.totals.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+    signal.send(&ClientMessage::Leave).await;
+}
+
+// ---------------------------------------------------------------------------------
+// Publishers.
+
+/// Publishes a looped clip: `aus` at 30 fps (each frame stamped) and `opus` packets
+/// every 20 ms, until `stop`. With `aus` empty, audio only.
+async fn publish(
+    node: Arc<ProcNode>,
+    user: String,
+    room: u32,
+    aus: Arc<Vec<Vec<Bytes>>>,
+    opus: Arc<Vec<Bytes>>,
+    stop: Arc<AtomicBool>,
+) {
+    use webrtc::media_stream::track_local::TrackLocal;
+    let (mut signal, joined) = Client::join(&node.ws, node.join(&user, room, false)).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+    let offered = offer_to_publish(&mut signal).await;
+    let mut peer = offered.peer;
+    peer.accept_answer(offered.answer).await;
+    peer.connected().await;
+    let (vpt, apt) = (
+        offered.video.payload_type().await,
+        offered.audio.payload_type().await,
+    );
+    let (video, audio) = (offered.video.track, offered.audio.track);
+    let start = tokio::time::Instant::now();
+    let (mut vseq, mut aseq) = (0u16, 0u16);
+    let (mut frame, mut apkt) = (0usize, 0u32);
+    let mut last_ping = Instant::now();
+    let mut payloads = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if last_ping.elapsed() > Duration::from_secs(10) {
+            signal.send(&ClientMessage::Ping { ts: 1 }).await;
+            last_ping = Instant::now();
+            // Whatever the server said meanwhile (nothing it says needs an answer).
+            while signal.try_recv(Duration::ZERO).await.is_some() {}
+        }
+        let vdue = if aus.is_empty() {
+            start + Duration::from_secs(3600 * 24)
+        } else {
+            start + Duration::from_micros(frame as u64 * 33_333)
+        };
+        let adue = start + Duration::from_millis(u64::from(apkt) * 20);
+        if adue <= vdue {
+            tokio::time::sleep_until(adue).await;
+            let mut p = rtc::rtp::Packet::default();
+            p.header.version = 2;
+            p.header.payload_type = apt;
+            p.header.ssrc = 0x5252;
+            p.header.sequence_number = aseq;
+            p.header.timestamp = apkt.wrapping_mul(960);
+            p.payload = opus[apkt as usize % opus.len()].clone();
+            let _ = audio.write_rtp(p).await;
+            aseq = aseq.wrapping_add(1);
+            apkt += 1;
+        } else {
+            tokio::time::sleep_until(vdue).await;
+            let au = &aus[frame % aus.len()];
+            // The stamp goes after the parameter sets, just before the first slice.
+            let at = au
+                .iter()
+                .position(|n| matches!(n[0] & 0x1f, 1 | 5))
+                .unwrap_or(0);
+            let mut nals = au.clone();
+            nals.insert(at, stamp_sei(wall_us()));
+            payloads.clear();
+            weir::codec::h264::packetize(&nals, 1100, &mut payloads);
+            let n = payloads.len();
+            for (i, payload) in payloads.drain(..).enumerate() {
+                let mut p = rtc::rtp::Packet::default();
+                p.header.version = 2;
+                p.header.payload_type = vpt;
+                p.header.ssrc = 0x5151;
+                p.header.sequence_number = vseq;
+                p.header.timestamp = (frame as u32).wrapping_mul(3000);
+                p.header.marker = i + 1 == n;
+                p.payload = payload;
+                let _ = video.write_rtp(p).await;
+                vseq = vseq.wrapping_add(1);
+            }
+            frame += 1;
+        }
+    }
+    signal.send(&ClientMessage::Leave).await;
+    let _ = peer.pc.close().await;
+}
+
+/// 1 s of a 1 kHz tone as 20 ms Opus packets (64 kbit/s), encoded once.
+fn opus_packets() -> Vec<Bytes> {
+    let mut enc =
+        opus::Encoder::new(48_000, opus::Channels::Stereo, opus::Application::Audio).unwrap();
+    enc.set_bitrate(opus::Bitrate::Bits(64_000)).unwrap();
+    let mut buf = vec![0u8; 1500];
+    (0..50u32)
+        .map(|k| {
+            let pcm: Vec<f32> = (0..960u32)
+                .flat_map(|i| {
+                    let n = (k * 960 + i) as f32;
+                    let v = (n * 2.0 * std::f32::consts::PI * 1000.0 / 48_000.0).sin() * 0.3;
+                    [v, v]
+                })
+                .collect();
+            let len = enc.encode_float(&pcm, &mut buf).unwrap();
+            Bytes::copy_from_slice(&buf[..len])
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------
+// Measuring.
+
+fn percentile(sorted: &[f32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[i])
+}
+
+/// Weir's forwarding residence histogram (cumulative buckets and count).
+fn forward_histogram(metrics: &str) -> Vec<(f64, f64)> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("weir_forward_latency_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once('"')?;
+            let v = rest.rsplit_once(' ')?.1.parse().ok()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, v))
+        })
+        .collect()
+}
+
+/// The `p` quantile (ms, the bucket's upper bound) of what was added between two
+/// histogram readings.
+fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], p: f64) -> f64 {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, v)| {
+            let b = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, v)| *v);
+            (*le, v - b)
+        })
+        .collect();
+    let total = delta.last().map_or(0.0, |(_, v)| *v);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    delta
+        .iter()
+        .find(|(_, v)| *v >= total * p)
+        .map_or(f64::NAN, |(le, _)| le * 1000.0)
+}
+
+fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+struct Window {
+    at: Instant,
+    weir_cpu: f64,
+    load_cpu: f64,
+    packets: u64,
+    expected: u64,
+    missing: i64,
+    hist: Vec<(f64, f64)>,
+    out_packets: f64,
+    paused: f64,
+}
+
+impl Window {
+    async fn read(node: &ProcNode, totals: &Totals) -> Self {
+        let m = node.metrics().await;
+        Self {
+            at: Instant::now(),
+            weir_cpu: cpu_seconds(node.pid),
+            load_cpu: cpu_seconds(std::process::id()),
+            packets: totals.packets.load(Ordering::Relaxed),
+            expected: totals.expected.load(Ordering::Relaxed),
+            missing: totals.skipped.load(Ordering::Relaxed) as i64
+                - totals.filled.load(Ordering::Relaxed) as i64,
+            hist: forward_histogram(&m),
+            out_packets: metric_sum(&m, "weir_rtp_packets_total{direction=\"out\""),
+            paused: metric_sum(&m, "weir_congestion_paused_videos"),
+        }
+    }
+}
+
+/// What one measured stretch showed.
+struct Measured {
+    rx_pps: f64,
+    out_pps: f64,
+    loss_pct: f64,
+    lat_p50: f64,
+    lat_p99: f64,
+    lat_max: f64,
+    fwd_p99: f64,
+    weir_cpu_pct: f64,
+    load_cpu_pct: f64,
+    us_per_packet: f64,
+    starved_seconds: usize,
+    paused_max: f64,
+}
+
+/// One step: the join storm that reached N subscribers, then the measurement.
+struct Step {
+    subscribers: usize,
+    receiving: usize,
+    join_ms: f64,
+    failures: usize,
+    rss_mib: f64,
+    m: Measured,
+}
+
+async fn measure(
+    node: &ProcNode,
+    totals: &Totals,
+    subs: &[Arc<SubCounters>],
+    seconds: u64,
+    trace: &mut Vec<String>,
+) -> Measured {
+    totals.latency.lock().unwrap().clear();
+    let first = Window::read(node, totals).await;
+    let mut prev = Window::read(node, totals).await;
+    let mut all_latency: Vec<f32> = Vec::new();
+    let mut prev_video: Vec<u64> = subs
+        .iter()
+        .map(|s| s.video.load(Ordering::Relaxed))
+        .collect();
+    let mut starved_total = 0usize;
+    let mut paused_max: f64 = 0.0;
+    println!(
+        "    {:>4} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6}",
+        "s",
+        "rx pkt/s",
+        "out pkt/s",
+        "loss %",
+        "no video",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "fwd p99",
+        "weir%",
+        "gen%",
+        "paused"
+    );
+    for s in 1..=seconds {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(
+            first.at + Duration::from_secs(s),
+        ))
+        .await;
+        let now = Window::read(node, totals).await;
+        let dt = now.at.duration_since(prev.at).as_secs_f64();
+        let mut lat = std::mem::take(&mut *totals.latency.lock().unwrap());
+        lat.sort_by(f32::total_cmp);
+        let video: Vec<u64> = subs
+            .iter()
+            .map(|s| s.video.load(Ordering::Relaxed))
+            .collect();
+        // Subscribers receiving video before this second that got none in it (a
+        // subscriber refused at the door is not counted).
+        let starved = video
+            .iter()
+            .zip(&prev_video)
+            .filter(|(a, b)| **b > 0 && a == b)
+            .count();
+        starved_total += starved;
+        prev_video = video;
+        let expected = (now.expected - prev.expected) as f64;
+        let missing = (now.missing - prev.missing) as f64;
+        paused_max = paused_max.max(now.paused);
+        trace.push(format!(
+            "{},{},{:.0},{:.0},{:.3},{},{:.2},{:.2},{:.2},{:.3},{:.1},{:.1},{}",
+            subs.len(),
+            s,
+            (now.packets - prev.packets) as f64 / dt,
+            (now.out_packets - prev.out_packets) / dt,
+            if expected > 0.0 {
+                100.0 * missing / expected
+            } else {
+                0.0
+            },
+            starved,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            lat.last().copied().map_or(f64::NAN, f64::from),
+            histogram_quantile(&prev.hist, &now.hist, 0.99),
+            100.0 * (now.weir_cpu - prev.weir_cpu) / dt,
+            100.0 * (now.load_cpu - prev.load_cpu) / dt,
+            now.paused,
+        ));
+        println!(
+            "    {:>4} {:>9.0} {:>9.0} {:>7.2} {:>8} {:>7.1} {:>7.1} {:>7.1} {:>7.2} {:>6.1} {:>6.1} {:>6.0}",
+            s,
+            (now.packets - prev.packets) as f64 / dt,
+            (now.out_packets - prev.out_packets) / dt,
+            if expected > 0.0 { 100.0 * missing / expected } else { 0.0 },
+            starved,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            lat.last().copied().map_or(f64::NAN, f64::from),
+            histogram_quantile(&prev.hist, &now.hist, 0.99),
+            100.0 * (now.weir_cpu - prev.weir_cpu) / dt,
+            100.0 * (now.load_cpu - prev.load_cpu) / dt,
+            now.paused,
+        );
+        all_latency.extend_from_slice(&lat);
+        prev = now;
+    }
+    let dt = prev.at.duration_since(first.at).as_secs_f64();
+    all_latency.sort_by(f32::total_cmp);
+    let expected = (prev.expected - first.expected) as f64;
+    let missing = (prev.missing - first.missing) as f64;
+    let out = prev.out_packets - first.out_packets;
+    let weir_cpu = prev.weir_cpu - first.weir_cpu;
+    Measured {
+        rx_pps: (prev.packets - first.packets) as f64 / dt,
+        out_pps: out / dt,
+        loss_pct: if expected > 0.0 {
+            100.0 * missing / expected
+        } else {
+            0.0
+        },
+        lat_p50: percentile(&all_latency, 0.5),
+        lat_p99: percentile(&all_latency, 0.99),
+        lat_max: all_latency.last().copied().map_or(f64::NAN, f64::from),
+        fwd_p99: histogram_quantile(&first.hist, &prev.hist, 0.99),
+        weir_cpu_pct: 100.0 * weir_cpu / dt,
+        load_cpu_pct: 100.0 * (prev.load_cpu - first.load_cpu) / dt,
+        us_per_packet: if out > 0.0 {
+            weir_cpu * 1e6 / out
+        } else {
+            f64::NAN
+        },
+        starved_seconds: starved_total,
+        paused_max,
+    }
+}
+
+fn main() {
+    // Pin this process before any thread starts: every thread inherits it.
+    let load_cpus = env_str("BENCH_LOAD_CPUS", "1");
+    let pinned = std::process::Command::new("taskset")
+        .args(["-a", "-cp", &load_cpus, &std::process::id().to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(pinned, "taskset could not pin the generator to {load_cpus}");
+    let threads = cpu_count(&load_cpus);
+    // The generator's own stacks log errors only (rtc warns once per DTLS client), and
+    // not the publisher's RTCP it does not read (its track's queue is full).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "error,webrtc::peer_connection::driver=off",
+        ))
+        .try_init();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run(threads));
+}
+
+/// How many cores a `taskset` list names ("1", "0-3", "1,3").
+fn cpu_count(list: &str) -> usize {
+    list.split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => {
+                b.trim().parse::<usize>().unwrap() - a.trim().parse::<usize>().unwrap() + 1
+            }
+            None => 1,
+        })
+        .sum()
+}
+
+async fn run(threads: usize) {
+    let scenario = env_str("BENCH_SCENARIO", "fanout");
+    let steps: Vec<usize> = env_str("BENCH_SUBS", "50,100,200,400")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let seconds = env_u64("BENCH_SECONDS", 20);
+    let kbps = env_u64("BENCH_VIDEO_KBPS", 1500);
+    let weir_cpus = env_str("BENCH_WEIR_CPUS", "0");
+    let cc = env_u64("BENCH_CC", 1) == 1;
+    let max_n = steps.iter().copied().max().unwrap_or(0);
+    let dir = tempfile::tempdir().unwrap();
+    let node = Arc::new(
+        ProcNode::start(dir.path(), Some(&weir_cpus), |c| {
+            // Every client comes from 127.0.0.1, faster than any real one would.
+            c.server.signaling_messages_per_s = 0;
+            c.server.max_connections_per_ip = 100_000;
+            c.server.max_connections = 100_000;
+            c.server.max_members_per_room = c.server.max_members_per_room.max(max_n + 20);
+            c.server.max_subscriptions = 1_000_000;
+            c.server.congestion_control = cc;
+        })
+        .await,
+    );
+    let room = 1;
+    let stop = Arc::new(AtomicBool::new(false));
+    let opus = Arc::new(opus_packets());
+    let mut publishers = Vec::new();
+    let what = match scenario.as_str() {
+        "audio" => {
+            for i in 0..10 {
+                publishers.push(tokio::spawn(publish(
+                    node.clone(),
+                    format!("p{i}"),
+                    room,
+                    Arc::new(Vec::new()),
+                    opus.clone(),
+                    stop.clone(),
+                )));
+            }
+            "10 audio publishers (Opus 64 kbit/s)".to_owned()
+        }
+        _ => {
+            let aus = Arc::new(common::publisher::h264_clip(
+                "testsrc2=size=1280x720:rate=30",
+                10,
+                &[
+                    "-g",
+                    "30",
+                    "-b:v",
+                    &format!("{kbps}k"),
+                    "-maxrate",
+                    &format!("{kbps}k"),
+                    "-bufsize",
+                    &format!("{}k", kbps / 2),
+                ],
+            ));
+            let bytes: usize = aus.iter().flatten().map(|n| n.len()).sum();
+            println!(
+                "clip: {} frames, {:.0} kbit/s",
+                aus.len(),
+                bytes as f64 * 8.0 / (aus.len() as f64 / 30.0) / 1000.0
+            );
+            publishers.push(tokio::spawn(publish(
+                node.clone(),
+                "p0".into(),
+                room,
+                aus,
+                opus.clone(),
+                stop.clone(),
+            )));
+            format!("1 publisher (H.264 720p {kbps} kbit/s 30 fps, 1 s GOP + Opus 64 kbit/s)")
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "scenario {scenario}: {what}; Weir on cpu {weir_cpus}, generator on {} ({threads} threads); congestion control {}",
+        env_str("BENCH_LOAD_CPUS", "1"),
+        if cc { "on" } else { "off" }
+    );
+    let totals = Arc::new(Totals::default());
+    let mut subs: Vec<Arc<SubCounters>> = Vec::new();
+    let mut tasks = Vec::new();
+    let mut summaries = Vec::new();
+    let mut trace = Vec::new();
+    for &n in &steps {
+        // The join storm: everyone missing joins at once.
+        let started = Instant::now();
+        let failed_before = totals.failed.load(Ordering::Relaxed);
+        let newcomers: Vec<Arc<SubCounters>> = (subs.len()..n)
+            .map(|i| {
+                let own = Arc::new(SubCounters::default());
+                tasks.push(tokio::spawn(subscribe(
+                    node.ws.clone(),
+                    node.join(&format!("s{i}"), room, true),
+                    totals.clone(),
+                    own.clone(),
+                    stop.clone(),
+                )));
+                own
+            })
+            .collect();
+        let deadline = started + Duration::from_secs(30);
+        while Instant::now() < deadline
+            && newcomers
+                .iter()
+                .any(|s| s.got_video_at.lock().unwrap().is_none())
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let join_ms = newcomers
+            .iter()
+            .filter_map(|s| *s.got_video_at.lock().unwrap())
+            .map(|t| t.duration_since(started).as_secs_f64() * 1000.0)
+            .fold(0.0, f64::max);
+        let got = newcomers
+            .iter()
+            .filter(|s| s.got_video_at.lock().unwrap().is_some())
+            .count();
+        subs.extend(newcomers.iter().cloned());
+        println!(
+            "  N = {n}: {} joined at once, {got} receiving video after {join_ms:.0} ms ({} failures)",
+            newcomers.len(),
+            totals.failed.load(Ordering::Relaxed) - failed_before
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let m = measure(&node, &totals, &subs, seconds, &mut trace).await;
+        let s = Step {
+            subscribers: n,
+            receiving: totals.with_video.load(Ordering::Relaxed),
+            join_ms,
+            failures: totals.failed.load(Ordering::Relaxed) - failed_before,
+            rss_mib: rss_mib(node.pid),
+            m,
+        };
+        let m = &s.m;
+        println!(
+            "  N = {n}: {:.0} pkt/s received, {:.0} sent by Weir, loss {:.3} %, latency p50 {:.1} / p99 {:.1} / max {:.1} ms, Weir forwarding p99 {:.2} ms, Weir CPU {:.0} % ({:.2} µs per packet sent), generator CPU {:.0} %, Weir RSS {:.0} MiB, {} subscriber-seconds without video, up to {} videos paused",
+            m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd_p99, m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds, m.paused_max
+        );
+        summaries.push(s);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    for p in publishers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), p).await;
+    }
+    println!();
+    println!("| subscribers | receiving | join storm: all receiving | rx packets/s | Weir packets/s out | loss % | latency p50 / p99 / max ms | Weir forwarding p99 ms | Weir CPU % | µs per packet | generator CPU % | Weir RSS MiB | subscriber-s without video |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut csv = Vec::new();
+    for s in &summaries {
+        let m = &s.m;
+        println!(
+            "| {} | {} | {:.0} ms ({} failed) | {:.0} | {:.0} | {:.3} | {:.1} / {:.1} / {:.1} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {} |",
+            s.subscribers, s.receiving, s.join_ms, s.failures, m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd_p99, m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds
+        );
+        csv.push(format!(
+            "{},{},{:.0},{},{:.0},{:.0},{:.4},{:.2},{:.2},{:.2},{:.3},{:.1},{:.3},{:.1},{:.1},{},{}",
+            s.subscribers, s.receiving, s.join_ms, s.failures, m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd_p99, m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds, m.paused_max
+        ));
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut f = std::fs::File::create(dir.join(format!("load-{scenario}.csv"))).unwrap();
+    writeln!(f, "subscribers,receiving,join_ms,failures,rx_pps,out_pps,loss_pct,lat_p50_ms,lat_p99_ms,lat_max_ms,fwd_p99_ms,weir_cpu_pct,us_per_packet,load_cpu_pct,weir_rss_mib,starved_subscriber_seconds,paused_max").unwrap();
+    for r in csv {
+        writeln!(f, "{r}").unwrap();
+    }
+    let mut f = std::fs::File::create(dir.join(format!("load-{scenario}-trace.csv"))).unwrap();
+    writeln!(f, "subscribers,second,rx_pps,out_pps,loss_pct,without_video,lat_p50_ms,lat_p99_ms,lat_max_ms,fwd_p99_ms,weir_cpu_pct,load_cpu_pct,paused").unwrap();
+    for r in trace {
+        writeln!(f, "{r}").unwrap();
+    }
+}
