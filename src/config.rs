@@ -292,6 +292,14 @@ pub struct ServerConfig {
     /// video). Data in flight is not limited, so throughput on long paths is not
     /// either. 0 leaves the kernel's default.
     pub tcp_unsent_limit_bytes: u32,
+    /// Receive and send buffer asked for the WebRTC UDP socket (the kernel caps it at
+    /// net.core.rmem_max / wmem_max; the effective size is logged). A keyframe for
+    /// hundreds of subscribers is a burst the default ~200 KiB cannot hold.
+    pub udp_buffer_bytes: u32,
+    /// The media plane's busy share (percent of a second spent working, not waiting)
+    /// above which the node counts as overloaded: new joins are refused (503) until it
+    /// drops, instead of every member's media degrading. 0 never refuses.
+    pub overload_busy_percent: u8,
     pub max_rooms: usize,
     /// Members of one room (a class is hundreds).
     pub max_members_per_room: usize,
@@ -372,6 +380,8 @@ impl Default for ServerConfig {
             rtmp_max_lag_ms: 400,
             play_max_latency_ms: 500,
             tcp_unsent_limit_bytes: 16 * 1024,
+            udp_buffer_bytes: 4 * 1024 * 1024,
+            overload_busy_percent: 90,
             max_rooms: 1000,
             max_members_per_room: 500,
             max_publishers_per_room: 50,

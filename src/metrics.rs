@@ -37,6 +37,12 @@ pub struct Metrics {
     pub subscriptions: IntGauge,
     /// Tasks alive on the server's runtime, read at each scrape.
     pub tasks: IntGauge,
+    /// Share of the last second the media plane spent working (percent), whether it
+    /// counts as overloaded (1: joins refused), and datagrams the kernel dropped on its
+    /// UDP socket because Weir did not read them in time.
+    pub media_busy_percent: IntGauge,
+    pub media_overloaded: IntGauge,
+    pub udp_receive_drops: prometheus::IntCounter,
     /// Live-room stage messages (linkMic) the room service let through, by `action`.
     pub link_mic: IntCounterVec,
     /// Sessions closed because they could not keep up with their outgoing messages.
@@ -155,7 +161,7 @@ impl Metrics {
         let forward_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "weir_forward_latency_seconds",
-                "Time from a publisher's RTP packet arriving to its copy leaving for a subscriber",
+                "Time from a publisher's RTP packet arriving to its last copy leaving for a subscriber (once per forwarded packet)",
             )
             .buckets(vec![
                 0.000_01, 0.000_02, 0.000_03, 0.000_05, 0.000_07, 0.000_1, 0.000_15, 0.000_2,
@@ -432,6 +438,20 @@ impl Metrics {
             tasks: gauge(
                 "weir_tasks",
                 "Tasks alive on the server's async runtime (read at each scrape)",
+            ),
+            media_busy_percent: gauge(
+                "weir_media_busy_percent",
+                "Share of the last second the media plane spent working, not waiting",
+            ),
+            media_overloaded: gauge(
+                "weir_media_overloaded",
+                "1 while the media plane cannot keep up (busy over overload_busy_percent, \
+                 or the kernel dropping its datagrams): joins are refused",
+            ),
+            udp_receive_drops: counter(
+                "weir_udp_receive_drops_total",
+                "Datagrams the kernel dropped on the WebRTC UDP socket: its buffer was full \
+                 because the media plane did not read in time",
             ),
             link_mic: counter_vec(
                 "weir_link_mic_total",

@@ -51,7 +51,7 @@ pub mod close {
 /// A client publishes on its *publisher* connection (the client offers) and receives on
 /// its *subscriber* connection (the server offers), so neither side ever has to resolve
 /// an offer collision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     Publisher,

@@ -14,6 +14,7 @@
 mod congestion;
 mod demux;
 pub mod forward;
+mod load;
 mod nack_guard;
 mod peer;
 mod tcp;
@@ -57,6 +58,8 @@ pub struct MediaConfig {
     pub congestion_control: bool,
     /// Publishers' video bitrate bounds (bit/s) when they give none.
     pub publisher_bitrate: (f64, f64),
+    /// Busy percent over which the plane counts as overloaded (0: never).
+    pub overload_busy_percent: u8,
 }
 
 /// What a publisher may send, from the room's `AllowPublish`.
@@ -94,8 +97,6 @@ pub struct Media {
     last_pli: HashMap<(String, Kind), Instant>,
     /// Publishers that are bridges rather than peer connections.
     bridged: HashMap<SessionId, Bridged>,
-    /// Bridged packets handed to connections, waiting for the write to be timed.
-    pending_bridge_latency: Vec<(&'static str, Instant)>,
     /// Streams being converted to FLV, and each stream's latest sender reports.
     taps: HashMap<String, mpsc::Sender<TapEvent>>,
     last_srs: HashMap<(String, Kind), rtc::rtcp::sender_report::SenderReport>,
@@ -120,12 +121,39 @@ pub struct Media {
     /// Since when each simulcast layer sends (over 10 kbit/s).
     layer_sending_since: HashMap<(String, u32), Instant>,
     dynacast: HashMap<String, congestion::Dynacast>,
+    /// Connections given input since the last pump (a datagram, a forwarded packet, a
+    /// timer, a report): only these are drained and written, so a datagram costs the
+    /// connections it reaches, not all of them.
+    dirty: HashSet<PeerKey>,
+    /// Every connection is drained on the next pump (after a control input, and on
+    /// each congestion tick, which also judges liveness).
+    sweep: bool,
+    /// Connection timers, earliest first; an entry is live while it equals its peer's
+    /// `timer` (a peer is pushed again only when its deadline moves earlier).
+    timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, PeerKey)>>,
+    load: load::Load,
+    overloaded: Arc<std::sync::atomic::AtomicBool>,
+    /// The UDP socket's own address (its kernel drop counter is found by its port).
+    bound: SocketAddr,
 }
 
 /// Transport addresses remembered per connection (candidate pairs, a changed
 /// network), and ufrags (the current one and the ones before the last ICE restarts).
 const MAX_ADDRS: usize = 8;
 const MAX_UFRAGS: usize = 3;
+
+/// Datagrams read after one that woke the loop, before the connections are pumped.
+const UDP_BATCH: usize = 63;
+
+/// What woke the media loop.
+enum Wake<'a> {
+    Control(Option<mpsc::Permit<'a, ControlCommand>>),
+    Input(MediaInput),
+    Bridge(BridgeInput),
+    Udp(std::io::Result<(usize, SocketAddr)>),
+    Tcp(tcp::TcpEvent),
+    Timer,
+}
 
 /// Commands for the control task that may wait for its queue (see `send_control`).
 const CONTROL_BACKLOG: usize = 65_536;
@@ -204,7 +232,9 @@ impl Media {
         // their local candidates, or rtc drops every check: the socket's own address
         // when it is announced, else (bound to 0.0.0.0, or behind 1:1 NAT) the first
         // announced address on the socket's port.
-        let local_addr = candidate_addr(socket.local_addr()?, &config.announce);
+        let bound = socket.local_addr()?;
+        let local_addr = candidate_addr(bound, &config.announce);
+        let load = load::Load::new(config.overload_busy_percent, Instant::now());
         let tcp_local_addr = tcp
             .as_ref()
             .map(|(l, _)| l.local_addr().map(|a| candidate_addr(a, &config.announce)))
@@ -228,7 +258,6 @@ impl Media {
             metrics,
             last_pli: HashMap::new(),
             bridged: HashMap::new(),
-            pending_bridge_latency: Vec::new(),
             taps: HashMap::new(),
             last_srs: HashMap::new(),
             rates: HashMap::new(),
@@ -242,6 +271,12 @@ impl Media {
             layer_sending_since: HashMap::new(),
             placeholder_layers: Default::default(),
             dynacast: HashMap::new(),
+            dirty: HashSet::new(),
+            sweep: false,
+            timers: Default::default(),
+            load,
+            bound,
+            overloaded: Default::default(),
         })
     }
 
@@ -261,48 +296,75 @@ impl Media {
         loop {
             let now = Instant::now();
             let deadline = self
-                .peers
-                .values_mut()
-                .filter_map(|p| p.pc.poll_timeout())
-                .min()
+                .timers
+                .peek()
+                .map(|std::cmp::Reverse((t, _))| *t)
                 .unwrap_or(now + Duration::from_secs(1))
                 .min(self.next_tick);
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline.max(now)));
-            tokio::select! {
-                permit = control.reserve(), if !self.to_control.is_empty() => {
-                    if let (Ok(permit), Some(cmd)) = (permit, self.to_control.pop_front()) {
+            let wake = tokio::select! {
+                permit = control.reserve(), if !self.to_control.is_empty() => Wake::Control(permit.ok()),
+                input = rx.recv() => match input {
+                    Some(input) => Wake::Input(input),
+                    None => break,
+                },
+                Some(input) = bridge_rx.recv() => Wake::Bridge(input),
+                res = socket.recv_from(&mut buf) => Wake::Udp(res),
+                Some(event) = tcp_rx.recv() => Wake::Tcp(event),
+                _ = sleep => Wake::Timer,
+            };
+            let woke = Instant::now();
+            match wake {
+                Wake::Control(permit) => {
+                    if let (Some(permit), Some(cmd)) = (permit, self.to_control.pop_front()) {
                         permit.send(cmd);
                     }
                     self.flush_control();
                 }
-                input = rx.recv() => match input {
-                    Some(input) => self.input(input),
-                    None => break,
-                },
-                Some(input) = bridge_rx.recv() => {
+                Wake::Input(input) => {
+                    self.input(input);
+                    self.sweep = true;
+                }
+                Wake::Bridge(input) => {
                     self.bridge_input(input);
                     // Take whatever else is queued before writing: one pump per burst.
                     while let Ok(more) = bridge_rx.try_recv() {
                         self.bridge_input(more);
                     }
                 }
-                res = socket.recv_from(&mut buf) => match res {
-                    Ok((n, from)) => self.datagram(&buf[..n], from, TransportProtocol::UDP),
-                    Err(e) => debug!(error = %e, "UDP receive error"),
-                },
-                Some(event) = tcp_rx.recv() => match event {
+                Wake::Udp(res) => {
+                    match res {
+                        Ok((n, from)) => self.datagram(&buf[..n], from, TransportProtocol::UDP),
+                        Err(e) => debug!(error = %e, "UDP receive error"),
+                    }
+                    // Take what else has arrived before pumping: one pump per burst.
+                    for _ in 0..UDP_BATCH {
+                        match socket.try_recv_from(&mut buf) {
+                            Ok((n, from)) => self.datagram(&buf[..n], from, TransportProtocol::UDP),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Wake::Tcp(event) => match event {
                     tcp::TcpEvent::Opened { from, writer } => {
                         self.tcp_writers.insert(from, writer);
                     }
-                    tcp::TcpEvent::Frame { from, data } => self.datagram(&data, from, TransportProtocol::TCP),
+                    tcp::TcpEvent::Frame { from, data } => {
+                        self.datagram(&data, from, TransportProtocol::TCP)
+                    }
                     tcp::TcpEvent::Closed { from } => {
                         self.tcp_writers.remove(&from);
                         self.by_addr.remove(&(TransportProtocol::TCP, from));
                     }
                 },
-                _ = sleep => self.timeout(Instant::now()),
+                Wake::Timer => self.timeout(woke),
             }
             self.pump().await;
+            let now = Instant::now();
+            self.load.worked(woke, now);
+            if self.load.due(now) {
+                self.judge_load(now);
+            }
         }
         if let Some(a) = acceptor {
             a.abort();
@@ -310,16 +372,64 @@ impl Media {
         debug!("media task stopped");
     }
 
+    /// Publishes the last second's load, and refuses or takes joins again when the
+    /// node becomes or stops being overloaded.
+    fn judge_load(&mut self, now: Instant) {
+        let drops = load::udp_socket_drops(self.bound.port(), self.bound.is_ipv6());
+        let j = self.load.judge(now, drops);
+        self.metrics
+            .media_busy_percent
+            .set(j.busy_percent.round() as i64);
+        self.metrics.udp_receive_drops.inc_by(j.drops);
+        if let Some(overloaded) = j.changed {
+            self.overloaded
+                .store(overloaded, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.media_overloaded.set(i64::from(overloaded));
+            if overloaded {
+                warn!(
+                    busy_percent = j.busy_percent.round(),
+                    dropped = j.drops,
+                    peers = self.peers.len(),
+                    "media plane overloaded: new joins are refused until it recovers"
+                );
+            } else {
+                info!(
+                    busy_percent = j.busy_percent.round(),
+                    "media plane recovered: joins are taken again"
+                );
+            }
+        }
+    }
+
+    /// Set while the media plane is overloaded (the control task refuses joins).
+    pub fn overload_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.overloaded.clone()
+    }
+
     fn timeout(&mut self, now: Instant) {
         if now >= self.next_tick {
             self.congestion_tick(now);
+            self.sweep = true;
         }
-        for (key, p) in self.peers.iter_mut() {
+        while let Some(std::cmp::Reverse((at, key))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(p) = self.peers.get_mut(&key) else {
+                continue; // closed since
+            };
+            if p.timer != Some(at) {
+                continue; // superseded by an earlier entry
+            }
+            p.timer = None;
             if p.pc.poll_timeout().is_some_and(|t| t <= now) {
                 if let Err(e) = p.pc.handle_timeout(now) {
                     debug!(?key, error = %e, "peer timeout handling failed");
                 }
             }
+            // Drained, written and rescheduled by the pump.
+            self.dirty.insert(key);
         }
     }
 
@@ -376,6 +486,7 @@ impl Media {
                 "RTP/RTCP datagram"
             );
         }
+        self.dirty.insert(key);
         match p.pc.handle_read(msg) {
             // A STUN check the connection took passed its integrity check.
             Ok(()) if data.first().is_some_and(|b| *b < 2) => p.liveness.heard(Instant::now()),
@@ -450,6 +561,8 @@ impl Media {
             }
             #[cfg(feature = "fault-injection")]
             MediaInput::InjectPanic => panic!("injected fault"),
+            #[cfg(feature = "fault-injection")]
+            MediaInput::InjectStall(d) => std::thread::sleep(d),
         }
     }
 
@@ -772,7 +885,9 @@ impl Media {
                 }
             }
         }
-        if let Some(p) = self.peers.get_mut(&PeerKey(publisher, Target::Publisher)) {
+        let key = PeerKey(publisher, Target::Publisher);
+        if let Some(p) = self.peers.get_mut(&key) {
+            self.dirty.insert(key);
             if p.send_pli(now) {
                 self.last_pli.insert(throttle_key, now);
                 self.metrics.plis.with_label_values(&["to_publisher"]).inc();
@@ -780,7 +895,8 @@ impl Media {
         }
     }
 
-    /// Drains every peer: datagrams out, events, and media to forward.
+    /// Drains the connections given input since the last pump (all of them after a
+    /// control input or a tick): datagrams out, events, and media to forward.
     async fn pump(&mut self) {
         let now = Instant::now();
         let mut forwards = Vec::new();
@@ -788,7 +904,15 @@ impl Media {
         let mut sender_reports = Vec::new();
         let mut failed = Vec::new();
         let mut opened = Vec::new();
-        for (key, p) in self.peers.iter_mut() {
+        let keys: Vec<PeerKey> = if std::mem::take(&mut self.sweep) {
+            self.peers.keys().copied().collect()
+        } else {
+            self.dirty.iter().copied().collect()
+        };
+        for key in &keys {
+            let Some(p) = self.peers.get_mut(key) else {
+                continue;
+            };
             let drained = p.drain();
             let gone = p.liveness.gone(now);
             if let Some(why) = gone {
@@ -841,16 +965,13 @@ impl Media {
                 self.request_keyframe(&stream_id, now, true);
             }
         }
-        let mut sent_arrivals = Vec::new();
         for (publisher, kind, packet, arrived, keyframe) in forwards {
-            self.forward_gated(
-                publisher,
-                kind,
-                packet,
-                keyframe,
-                arrived,
-                &mut sent_arrivals,
-            );
+            // Residence: datagram handed to the connection → its last copy sent.
+            if let Some(sent) = self.forward_gated(publisher, kind, packet, keyframe, arrived) {
+                self.metrics
+                    .forward_latency
+                    .observe(sent.saturating_duration_since(arrived).as_secs_f64());
+            }
         }
         for (publisher, kind, sr) in sender_reports {
             self.relay_sender_report(publisher, kind, &sr, now);
@@ -871,33 +992,19 @@ impl Media {
             self.send_control(ControlCommand::MediaGone { session: key.0 });
             self.close_peer(key);
         }
-        for p in self.peers.values_mut() {
-            while let Some(out) = p.pc.poll_write() {
-                if out.transport.transport_protocol == TransportProtocol::TCP {
-                    if let Some(w) = self.tcp_writers.get(&out.transport.peer_addr) {
-                        // A full queue drops the packet, as a full UDP buffer would.
-                        let _ = w.try_send(tcp::frame(&out.message));
-                    }
-                } else {
-                    let _ = self
-                        .socket
-                        .try_send_to(&out.message, out.transport.peer_addr);
+        // What was drained, and whatever forwarding, reports and requests reached.
+        self.dirty.extend(keys);
+        for key in self.dirty.drain() {
+            let Some(p) = self.peers.get_mut(&key) else {
+                continue;
+            };
+            transmit(&self.socket, &self.tcp_writers, p);
+            if let Some(t) = p.pc.poll_timeout() {
+                if p.timer.is_none_or(|s| t < s) {
+                    p.timer = Some(t);
+                    self.timers.push(std::cmp::Reverse((t, key)));
                 }
             }
-        }
-        // Residence time: datagram handed to the connection → its copies handed to the kernel.
-        let sent = Instant::now();
-        for arrived in sent_arrivals {
-            self.metrics
-                .forward_latency
-                .observe(sent.saturating_duration_since(arrived).as_secs_f64());
-        }
-        // Bridged: RTMP message read from the socket → its RTP handed to the kernel.
-        for (kind, arrived) in self.pending_bridge_latency.drain(..) {
-            self.metrics
-                .bridge_latency
-                .with_label_values(&[kind])
-                .observe(sent.saturating_duration_since(arrived).as_secs_f64());
         }
     }
 
@@ -926,7 +1033,9 @@ impl Media {
         };
         let targets: Vec<SessionId> = subs.keys().copied().collect();
         for s in targets {
-            if let Some(p) = self.peers.get_mut(&PeerKey(s, Target::Subscriber)) {
+            let key = PeerKey(s, Target::Subscriber);
+            if let Some(p) = self.peers.get_mut(&key) {
+                self.dirty.insert(key);
                 if p.send_sender_report(&stream_id, kind, sr, now) {
                     self.metrics.sender_reports.inc();
                 }
@@ -935,6 +1044,10 @@ impl Media {
     }
 
     fn bridge_input(&mut self, input: BridgeInput) {
+        // A track or a pusher gone changes subscriptions: every connection is looked at.
+        if matches!(input, BridgeInput::Track { .. } | BridgeInput::Gone { .. }) {
+            self.sweep = true;
+        }
         match input {
             BridgeInput::Track {
                 session,
@@ -967,7 +1080,6 @@ impl Media {
                 keyframe,
                 arrived,
             } => {
-                let mut sent = Vec::new();
                 let gated = (kind == Kind::Video).then_some(keyframe);
                 if kind == Kind::Video {
                     if let Some(b) = self.bridged.get_mut(&session) {
@@ -977,7 +1089,15 @@ impl Media {
                         }
                     }
                 }
-                self.forward_gated(session, kind, packet.clone(), gated, arrived, &mut sent);
+                // Bridged: RTMP message read from the socket → its last RTP copy sent.
+                if let Some(sent) =
+                    self.forward_gated(session, kind, packet.clone(), gated, arrived)
+                {
+                    self.metrics
+                        .bridge_latency
+                        .with_label_values(&[forward::kind_label(kind)])
+                        .observe(sent.saturating_duration_since(arrived).as_secs_f64());
+                }
                 if kind == Kind::Video {
                     if let Some(b) = self.bridged.get_mut(&session) {
                         if b.gop.len() < GOP_MAX_PACKETS {
@@ -987,9 +1107,6 @@ impl Media {
                         }
                     }
                 }
-                let label = forward::kind_label(kind);
-                self.pending_bridge_latency
-                    .extend(sent.into_iter().map(|a| (label, a)));
             }
             BridgeInput::SenderReport {
                 session,
@@ -1023,11 +1140,8 @@ impl Media {
         packet: rtc::rtp::Packet,
         keyframe: Option<bool>,
         arrived: Instant,
-        sent_arrivals: &mut Vec<Instant>,
-    ) {
-        let Some(stream_id) = self.allowed.get(&publisher).map(|a| a.stream_id.clone()) else {
-            return;
-        };
+    ) -> Option<Instant> {
+        let stream_id = self.allowed.get(&publisher).map(|a| a.stream_id.clone())?;
         let label = forward::kind_label(kind);
         self.metrics
             .rtp_packets
@@ -1059,9 +1173,7 @@ impl Media {
                 }
             }
         }
-        let Some(subs) = self.subscriptions.get(&stream_id) else {
-            return;
-        };
+        let subs = self.subscriptions.get(&stream_id)?;
         let targets: Vec<SessionId> = subs
             .iter()
             .filter(|(_, kinds)| kinds.contains(&kind))
@@ -1082,10 +1194,13 @@ impl Media {
             Kind::Video => self.stream_layers.get(&stream_id).unwrap_or(&no_layers),
             Kind::Audio => &no_layers,
         };
+        let mut copies = 0u64;
         for s in targets {
-            let Some(p) = self.peers.get_mut(&PeerKey(s, Target::Subscriber)) else {
+            let key = PeerKey(s, Target::Subscriber);
+            let Some(p) = self.peers.get_mut(&key) else {
                 continue;
             };
+            self.dirty.insert(key);
             if keyframe == Some(false) && p.downtrack_fresh(&stream_id, kind) {
                 let Some(gop) = gop else {
                     continue; // wait for the next keyframe
@@ -1098,17 +1213,44 @@ impl Media {
                     self.metrics.gop_replays.inc();
                 }
             }
-            if p.send_forwarded(&stream_id, kind, &packet, keyframe, layers, now) {
-                self.metrics
-                    .rtp_packets
-                    .with_label_values(&["out", label])
-                    .inc();
-                self.metrics
-                    .rtp_bytes
-                    .with_label_values(&["out", label])
-                    .inc_by(packet.payload.len() as u64);
-                sent_arrivals.push(arrived);
+            // Sent at once, so the send time the congestion controller records (the
+            // `now` given with the packet) is when it leaves, not the start of a pump
+            // that may write thousands of copies before it.
+            if p.send_forwarded(&stream_id, kind, &packet, keyframe, layers, Instant::now()) {
+                copies += 1;
             }
+            transmit(&self.socket, &self.tcp_writers, p);
+        }
+        if copies > 0 {
+            self.metrics
+                .rtp_packets
+                .with_label_values(&["out", label])
+                .inc_by(copies);
+            self.metrics
+                .rtp_bytes
+                .with_label_values(&["out", label])
+                .inc_by(packet.payload.len() as u64 * copies);
+            return Some(Instant::now());
+        }
+        None
+    }
+}
+
+/// Hands everything `p` has to send to the socket it goes out on (UDP, or the ICE-TCP
+/// connection's writer). A full buffer or queue drops the datagram, as the network
+/// would.
+fn transmit(
+    socket: &UdpSocket,
+    tcp_writers: &HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    p: &mut Peer,
+) {
+    while let Some(out) = p.pc.poll_write() {
+        if out.transport.transport_protocol == TransportProtocol::TCP {
+            if let Some(w) = tcp_writers.get(&out.transport.peer_addr) {
+                let _ = w.try_send(tcp::frame(&out.message));
+            }
+        } else {
+            let _ = socket.try_send_to(&out.message, out.transport.peer_addr);
         }
     }
 }

@@ -50,7 +50,7 @@ use super::forward::{
 };
 use crate::congestion::{Allocator, SharedEstimator};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerKey(pub SessionId, pub Target);
 
 /// A track a publisher sends us.
@@ -182,6 +182,8 @@ pub struct Peer {
     free: Vec<(Kind, RTCRtpSenderId)>,
     /// The client offered this connection (WHEP): nothing is offered to it.
     pub answer_mode: bool,
+    /// The deadline this connection has in the media plane's timer heap, if any.
+    pub timer: Option<Instant>,
 }
 
 fn to_kind(k: RtpCodecKind) -> Option<Kind> {
@@ -624,23 +626,48 @@ impl Peer {
             ..RtcpTap::new(true)
         };
         let paused_ssrcs = super::nack_guard::PausedSsrcs::default();
-        let registry = Registry::new().with(Slot::from(RTCP_TAP_SLOT), tap).with(
-            Slot::from(super::nack_guard::NACK_GUARD_SLOT),
-            super::nack_guard::NackGuard::new(
-                Some(metrics.nacks.with_label_values(&["packets_suppressed"])),
-                paused_ssrcs.clone(),
-            ),
-        );
-        // The default chain minus its sender-report generator: a subscriber's SRs must
+        // What both directions advertise in their SDP: NACK and PLI feedback, the
+        // simulcast and transport-wide CC extensions (the interceptors those helpers
+        // would add are chosen below, so theirs are dropped).
+        let _ = configure_nack(Registry::new(), &mut media_engine);
+        configure_simulcast_extension_headers(&mut media_engine)?;
+        let _ = configure_twcc_receiver_only(Registry::new(), &mut media_engine)?;
+        // Each connection carries the interceptors of its own direction only: every
+        // packet is moved through every interceptor of the chain (a copy in and out of
+        // each one's queue; a third of the forwarding cost in `perf`), so a subscriber
+        // connection, which only sends media, has no NACK generator, receiver-report
+        // generator or TWCC receiver, and a publisher connection, which only receives
+        // it, no NACK responder. No SR generator on either: a subscriber's SRs must
         // come from the publisher's clock (Chrome lip-syncs from them), and we write
         // those ourselves; two SR sources would contradict each other.
-        let registry = configure_nack(registry, &mut media_engine);
-        configure_simulcast_extension_headers(&mut media_engine)?;
-        let registry = configure_twcc_receiver_only(registry, &mut media_engine)?;
-        let registry = registry.with(
-            Slot::ReceiverReport,
-            rtc::interceptor::ReceiverReportBuilder::new().build(),
-        );
+        let registry = Registry::new().with(Slot::from(RTCP_TAP_SLOT), tap);
+        let registry = match key.1 {
+            Target::Publisher => registry
+                .with(
+                    Slot::NackGenerator,
+                    rtc::interceptor::NackGeneratorBuilder::new().build(),
+                )
+                .with(
+                    Slot::TwccReceiver,
+                    rtc::interceptor::TwccReceiverBuilder::new().build(),
+                )
+                .with(
+                    Slot::ReceiverReport,
+                    rtc::interceptor::ReceiverReportBuilder::new().build(),
+                ),
+            Target::Subscriber => registry
+                .with(
+                    Slot::from(super::nack_guard::NACK_GUARD_SLOT),
+                    super::nack_guard::NackGuard::new(
+                        Some(metrics.nacks.with_label_values(&["packets_suppressed"])),
+                        paused_ssrcs.clone(),
+                    ),
+                )
+                .with(
+                    Slot::NackResponder,
+                    rtc::interceptor::NackResponderBuilder::new().build(),
+                ),
+        };
         // Subscriber connections estimate their downlink from the subscriber's
         // transport-wide CC feedback: every packet leaving is numbered (TWCC sender)
         // and recorded wire-most (the congestion-control interceptor), which drives our
@@ -726,6 +753,7 @@ impl Peer {
             liveness,
             free: Vec::new(),
             answer_mode: false,
+            timer: None,
         })
     }
 
@@ -1595,6 +1623,7 @@ mod tests {
             ice_failed: std::time::Duration::from_secs(10),
             congestion_control: false,
             publisher_bitrate: (100_000.0, 1_000_000.0),
+            overload_busy_percent: 90,
         };
         let metrics = Metrics::new();
         let mut peer = Peer::new(

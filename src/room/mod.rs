@@ -54,6 +54,8 @@ pub enum RoomError {
     AlreadyPublishing,
     #[error("not publishing")]
     NotPublishing,
+    #[error("this node is overloaded: try again later or another node")]
+    Overloaded,
     #[error("this node has {0} rooms, its limit")]
     TooManyRooms(usize),
     #[error("room {room} has {limit} members, its limit")]
@@ -79,6 +81,7 @@ impl RoomError {
             RoomError::NotJoined | RoomError::AlreadyJoined => ErrorCode::NotJoined,
             RoomError::NoSuchStream(_) => ErrorCode::NotFound,
             RoomError::StreamNameTaken(_) => ErrorCode::Conflict,
+            RoomError::Overloaded => ErrorCode::Unavailable,
             RoomError::EmptyPublish | RoomError::AlreadyPublishing | RoomError::NotPublishing => {
                 ErrorCode::BadRequest
             }
@@ -102,6 +105,7 @@ impl RoomError {
             RoomError::TooManySubscriptionsForMember(_) => "subscriptions_per_member",
             RoomError::TooManySubscriptions(_) => "subscriptions",
             RoomError::TextTooLong { .. } => "text_bytes",
+            RoomError::Overloaded => "overload",
             _ => return None,
         })
     }

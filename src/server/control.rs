@@ -127,6 +127,9 @@ pub enum MediaInput {
     /// Test-only: the media task panics, as a bug reached by a peer's input would.
     #[cfg(feature = "fault-injection")]
     InjectPanic,
+    /// Test-only: the media task works (blocks) this long, as a node past its capacity.
+    #[cfg(feature = "fault-injection")]
+    InjectStall(std::time::Duration),
 }
 
 pub struct Control {
@@ -146,6 +149,8 @@ pub struct Control {
     ice: super::IceConfig,
     /// Room and member events for the backend, if callbacks are configured.
     callbacks: Option<super::hooks::Callbacks>,
+    /// Set by the media plane while it cannot keep up: joins are refused.
+    overloaded: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone)]
@@ -213,7 +218,14 @@ impl Control {
             pending: HashMap::new(),
             ice: super::IceConfig::default(),
             callbacks: None,
+            overloaded: None,
         }
+    }
+
+    /// Refuses joins while `flag` is set (the media plane's overload).
+    pub fn with_overload_flag(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.overloaded = Some(flag);
+        self
     }
 
     /// Tells the backend of rooms and members (TRTC's room events).
@@ -472,7 +484,13 @@ impl Control {
                 auto_subscribe,
                 congestion_policy,
                 push,
-            } => match if push {
+            } => match if self
+                .overloaded
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                Err(RoomError::Overloaded)
+            } else if push {
                 self.rooms.join_push(session, sdk_app_id, &ticket)
             } else {
                 self.rooms
@@ -489,6 +507,7 @@ impl Control {
                     let outcome = match e {
                         RoomError::Privilege(_) => "missing_privilege",
                         RoomError::TooManyRooms(_) | RoomError::RoomFull { .. } => "limit",
+                        RoomError::Overloaded => "overloaded",
                         _ => "bad_request",
                     };
                     self.metrics.joins.with_label_values(&[outcome]).inc();

@@ -204,6 +204,15 @@ impl Server {
         let _ = self.media_tx.send(control::MediaInput::InjectPanic).await;
     }
 
+    /// Test-only: the media task blocks for `d`, as a node past its capacity works.
+    #[cfg(feature = "fault-injection")]
+    pub async fn inject_media_stall(&self, d: Duration) {
+        let _ = self
+            .media_tx
+            .send(control::MediaInput::InjectStall(d))
+            .await;
+    }
+
     /// Graceful shutdown: stop admitting, tell every session, drain, stop.
     pub async fn shutdown(self) {
         self.state.supervisor.stopping();
@@ -241,6 +250,37 @@ fn public_host(config: &Config) -> String {
 }
 
 /// A listening socket whose accepted connections inherit a limit on unsent bytes.
+/// Asks for `bytes` of receive and send buffer on the media socket and logs what the
+/// kernel granted (it caps the request at net.core.rmem_max / wmem_max).
+fn size_udp_buffers(socket: &tokio::net::UdpSocket, bytes: u32) {
+    if bytes == 0 {
+        return;
+    }
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_recv_buffer_size(bytes as usize);
+    let _ = s.set_send_buffer_size(bytes as usize);
+    // Linux reports twice what it grants (the other half is its bookkeeping).
+    let granted = (
+        s.recv_buffer_size().unwrap_or(0) / 2,
+        s.send_buffer_size().unwrap_or(0) / 2,
+    );
+    if granted.0 < bytes as usize || granted.1 < bytes as usize {
+        warn!(
+            asked = bytes,
+            receive = granted.0,
+            send = granted.1,
+            "the kernel granted the WebRTC UDP socket smaller buffers than udp_buffer_bytes: \
+             raise net.core.rmem_max and net.core.wmem_max (sysctl) for bursts to fit"
+        );
+    } else {
+        info!(
+            receive = granted.0,
+            send = granted.1,
+            "WebRTC UDP socket buffers"
+        );
+    }
+}
+
 async fn bind_tcp(addr: &str, unsent_limit: u32) -> std::io::Result<tokio::net::TcpListener> {
     let mut last = None;
     for a in tokio::net::lookup_host(addr).await? {
@@ -410,6 +450,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     let udp = tokio::net::UdpSocket::bind(&config.server.udp_addr)
         .await
         .with_context(|| format!("binding WebRTC UDP on {}", config.server.udp_addr))?;
+    size_udp_buffers(&udp, config.server.udp_buffer_bytes);
     let udp_addr = udp.local_addr()?;
     let udp_port = udp_addr.port();
     let announce = crate::media::announce_addresses(&config.server.announce_ips, udp_port)
@@ -446,6 +487,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
                 f64::from(config.server.publisher_min_bitrate),
                 f64::from(config.server.publisher_max_bitrate),
             ),
+            overload_busy_percent: config.server.overload_busy_percent,
         },
         udp,
         tcp.map(|l| (l, connections("ice_tcp"))),
@@ -455,6 +497,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     let (bridge_tx, bridge_rx) = mpsc::channel(4096);
     #[cfg(feature = "fault-injection")]
     let fault_tx = media_tx.clone();
+    let overload = media.overload_flag();
     supervisor.spawn("media", media.run(media_rx, bridge_rx));
 
     let hub = {
@@ -507,6 +550,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         .with_room_service_opt(room_service)
         .with_ice_servers(ice.clone())
         .with_callbacks(callbacks.clone())
+        .with_overload_flag(overload)
         .run(control_rx),
     );
     let admission = hooks::Admission::from_config(&config.callbacks, metrics.clone());

@@ -1,0 +1,195 @@
+//! How loaded the media plane is: the share of each second it spends working rather
+//! than waiting, and datagrams the kernel dropped because it did not read them in
+//! time. A node past its capacity must refuse new load, not let every member's media
+//! degrade (nor have its own lateness read as the subscribers' congestion).
+//!
+//! Sans-I/O: the loop reports how long it worked and, once a second, the socket's drop
+//! counter; [`Load::judge`] says when the node becomes or stops being overloaded.
+
+use std::time::{Duration, Instant};
+
+/// How often the load is judged.
+pub const WINDOW: Duration = Duration::from_secs(1);
+/// Percentage points under the threshold the busy share must fall to before an
+/// overloaded node takes joins again (no flapping at the edge).
+const HYSTERESIS: f64 = 15.0;
+
+/// One second's verdict.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Judgement {
+    pub busy_percent: f64,
+    /// Datagrams dropped since the last judgement.
+    pub drops: u64,
+    /// `Some(state)` when the node became (true) or stopped being (false) overloaded.
+    pub changed: Option<bool>,
+}
+
+#[derive(Debug)]
+pub struct Load {
+    /// Percent of a second above which the node is overloaded (0: never).
+    threshold: f64,
+    since: Instant,
+    busy: Duration,
+    drops: Option<u64>,
+    overloaded: bool,
+}
+
+impl Load {
+    pub fn new(threshold_percent: u8, now: Instant) -> Self {
+        Self {
+            threshold: f64::from(threshold_percent.min(100)),
+            since: now,
+            busy: Duration::ZERO,
+            drops: None,
+            overloaded: false,
+        }
+    }
+
+    /// The loop worked from `from` to `to` (not waiting for input).
+    pub fn worked(&mut self, from: Instant, to: Instant) {
+        self.busy += to.saturating_duration_since(from);
+    }
+
+    /// Whether a judgement is due (then read the drop counter and call `judge`).
+    pub fn due(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.since) >= WINDOW
+    }
+
+    #[cfg(test)]
+    fn overloaded(&self) -> bool {
+        self.overloaded
+    }
+
+    /// Closes the window: how busy it was, drops since the last reading of the socket's
+    /// cumulative counter `drops_total` (None: not known), and whether the overload
+    /// state changed. Overloaded: busy at or over the threshold, or dropping datagrams
+    /// while at least half as busy; no longer: busy under the threshold by the
+    /// hysteresis, with no drops.
+    pub fn judge(&mut self, now: Instant, drops_total: Option<u64>) -> Judgement {
+        let elapsed = now
+            .saturating_duration_since(self.since)
+            .max(Duration::from_millis(1));
+        let busy_percent = (100.0 * self.busy.as_secs_f64() / elapsed.as_secs_f64()).min(100.0);
+        let drops = match (self.drops, drops_total) {
+            (Some(before), Some(total)) => total.saturating_sub(before),
+            _ => 0,
+        };
+        if drops_total.is_some() {
+            self.drops = drops_total;
+        }
+        self.since = now;
+        self.busy = Duration::ZERO;
+        let mut changed = None;
+        if self.threshold > 0.0 {
+            let over = busy_percent >= self.threshold
+                || (drops > 0 && busy_percent >= self.threshold / 2.0);
+            let clear = busy_percent < self.threshold - HYSTERESIS && drops == 0;
+            if !self.overloaded && over {
+                self.overloaded = true;
+                changed = Some(true);
+            } else if self.overloaded && clear {
+                self.overloaded = false;
+                changed = Some(false);
+            }
+        }
+        Judgement {
+            busy_percent,
+            drops,
+            changed,
+        }
+    }
+}
+
+/// The kernel's drop counter of the UDP socket bound to `port` (IPv6 sockets in
+/// /proc/net/udp6), Linux only.
+pub fn udp_socket_drops(port: u16, v6: bool) -> Option<u64> {
+    let table = std::fs::read_to_string(if v6 {
+        "/proc/net/udp6"
+    } else {
+        "/proc/net/udp"
+    })
+    .ok()?;
+    parse_udp_drops(&table, port)
+}
+
+/// The `drops` column of the row whose local port is `port` in a /proc/net/udp table.
+fn parse_udp_drops(table: &str, port: u16) -> Option<u64> {
+    let want = format!("{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local = fields.get(1)?;
+        let (_, p) = local.rsplit_once(':')?;
+        if p != want {
+            return None;
+        }
+        fields.last()?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn second(load: &mut Load, at: Instant, busy_ms: u64, drops: Option<u64>) -> Judgement {
+        load.worked(at, at + Duration::from_millis(busy_ms));
+        load.judge(at + WINDOW, drops)
+    }
+
+    #[test]
+    fn a_node_busy_past_the_threshold_is_overloaded_until_it_is_well_under() {
+        let t = Instant::now();
+        let mut load = Load::new(90, t);
+        let j = second(&mut load, t, 500, None);
+        assert_eq!(j.changed, None);
+        assert!((j.busy_percent - 50.0).abs() < 0.5, "{j:?}");
+        let j = second(&mut load, t + WINDOW, 950, None);
+        assert_eq!(j.changed, Some(true));
+        assert!(load.overloaded());
+        // 80 % is under the threshold but within the hysteresis: still overloaded.
+        let j = second(&mut load, t + WINDOW * 2, 800, None);
+        assert_eq!(j.changed, None);
+        assert!(load.overloaded());
+        let j = second(&mut load, t + WINDOW * 3, 600, None);
+        assert_eq!(j.changed, Some(false));
+        assert!(!load.overloaded());
+    }
+
+    #[test]
+    fn dropped_datagrams_count_only_when_the_loop_is_busy_too() {
+        let t = Instant::now();
+        let mut load = Load::new(90, t);
+        // The first reading is the baseline, whatever it holds.
+        let j = second(&mut load, t, 10, Some(1_000));
+        assert_eq!((j.drops, j.changed), (0, None));
+        // Drops while idle: a burst the buffer could not hold, not overload.
+        let j = second(&mut load, t + WINDOW, 10, Some(1_005));
+        assert_eq!((j.drops, j.changed), (5, None));
+        // Drops while busy: overloaded.
+        let j = second(&mut load, t + WINDOW * 2, 600, Some(1_020));
+        assert_eq!((j.drops, j.changed), (15, Some(true)));
+        // Quiet, but not clear while it still drops.
+        let j = second(&mut load, t + WINDOW * 3, 100, Some(1_021));
+        assert_eq!(j.changed, None);
+        let j = second(&mut load, t + WINDOW * 4, 100, Some(1_021));
+        assert_eq!(j.changed, Some(false));
+    }
+
+    #[test]
+    fn a_zero_threshold_never_refuses() {
+        let t = Instant::now();
+        let mut load = Load::new(0, t);
+        let j = second(&mut load, t, 1_000, Some(0));
+        assert_eq!(j.changed, None);
+        assert!(!load.overloaded());
+    }
+
+    #[test]
+    fn the_drop_counter_is_read_from_the_row_of_the_port() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+  1: 00000000:0044 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1234 2 0000000000000000 0\n\
+  2: 0100007F:1ECA 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 5678 2 0000000000000000 42\n";
+        assert_eq!(parse_udp_drops(table, 7882), Some(42));
+        assert_eq!(parse_udp_drops(table, 68), Some(0));
+        assert_eq!(parse_udp_drops(table, 9999), None);
+    }
+}
