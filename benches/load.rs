@@ -20,7 +20,13 @@
 //! Scenarios (`BENCH_SCENARIO`):
 //! - `fanout` (default): 1 publisher (H.264 at `BENCH_VIDEO_KBPS`, 1500, 30 fps, 1 s
 //!   GOP, + Opus) → N subscribers, N stepping through `BENCH_SUBS` ("50,100,200,400").
-//! - `audio`: 10 audio-only publishers → N subscribers (LiveKit's second scenario).
+//! - `audio`: `BENCH_PUBLISHERS` (10) audio-only publishers → N subscribers (LiveKit's
+//!   second scenario).
+//! - `rtmp`: one RTMP pusher (ffmpeg sending a pre-made FLV file with `-c copy`; Weir
+//!   converts its AAC to Opus) → N WebRTC subscribers and `BENCH_PLAYERS` HTTP-FLV
+//!   players (bytes counted). No latency: the file carries no send-time stamps.
+//! - `meeting`: `BENCH_PUBLISHERS` (10) members, each publishing H.264 360p at
+//!   `BENCH_VIDEO_KBPS` (500) + Opus and receiving every stream.
 //!
 //! For each N: subscribers join in a burst (the join storm: time until every one
 //! receives video, failures), 3 s settle, then `BENCH_SECONDS` (20) measured, with a
@@ -133,6 +139,7 @@ struct Totals {
 /// One subscriber's own counters.
 #[derive(Default)]
 struct SubCounters {
+    /// Video packets (any packet in the audio scenario).
     video: AtomicU64,
     got_video_at: Mutex<Option<Instant>>,
 }
@@ -259,8 +266,10 @@ struct Subscriber {
     tracks: HashMap<u32, SeqTrack>,
     video_tracks: std::collections::HashSet<String>,
     connected: bool,
-    /// The send time of the video frame being received.
-    stamp: Option<u64>,
+    /// The send time of the video frame being received, per SSRC.
+    stamps: HashMap<u32, u64>,
+    /// No video is sent (the audio scenario): audio counts as "receiving".
+    audio_only: bool,
 }
 
 impl Subscriber {
@@ -346,18 +355,21 @@ impl Subscriber {
                     }
                 },
             }
-            if self.video_tracks.contains(&track_id) {
+            let video = self.video_tracks.contains(&track_id);
+            if video || self.audio_only {
                 if self.own.video.fetch_add(1, Ordering::Relaxed) == 0 {
                     *self.own.got_video_at.lock().unwrap() = Some(Instant::now());
                     t.with_video.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+            if video {
                 // A frame's latency: from its stamp (sent with its first packet) to its
                 // last packet (the marker), when it could be decoded.
                 if let Some(sent) = read_stamp(&packet.payload) {
-                    self.stamp = Some(sent);
+                    self.stamps.insert(packet.header.ssrc, sent);
                 }
                 if packet.header.marker {
-                    if let Some(sent) = self.stamp.take() {
+                    if let Some(sent) = self.stamps.remove(&packet.header.ssrc) {
                         let ms = now_us.saturating_sub(sent) as f32 / 1000.0;
                         t.latency.lock().unwrap().push(ms);
                     }
@@ -383,6 +395,7 @@ async fn subscribe(
     totals: Arc<Totals>,
     own: Arc<SubCounters>,
     stop: Arc<AtomicBool>,
+    audio_only: bool,
 ) {
     let Ok((mut signal, joined)) =
         tokio::time::timeout(Duration::from_secs(20), Client::join(&ws, join)).await
@@ -406,7 +419,8 @@ async fn subscribe(
         tracks: HashMap::new(),
         video_tracks: Default::default(),
         connected: false,
-        stamp: None,
+        stamps: HashMap::new(),
+        audio_only,
     };
     let mut buf = vec![0u8; 2048];
     let mut deadline = Instant::now() + Duration::from_secs(1);
@@ -439,7 +453,15 @@ async fn subscribe(
                         .await;
                 }
                 Some(_) => {}
-                None => break,
+                None => {
+                    let why = signal.close_code(Duration::ZERO).await;
+                    eprintln!("a subscriber's signaling ended: {why:?}");
+                    sub.totals.failed.fetch_add(1, Ordering::Relaxed);
+                    if sub.connected {
+                        sub.totals.connected.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
             },
             _ = ping.tick() => signal.send(&ClientMessage::Ping { ts: 1 }).await,
             _ = sleep => {}
@@ -489,9 +511,10 @@ async fn publish(
         if last_ping.elapsed() > Duration::from_secs(10) {
             signal.send(&ClientMessage::Ping { ts: 1 }).await;
             last_ping = Instant::now();
-            // Whatever the server said meanwhile (nothing it says needs an answer).
-            while signal.try_recv(Duration::ZERO).await.is_some() {}
         }
+        // Read what the server says as it comes (room events; nothing needs an answer):
+        // a client that does not read is closed as too slow once its queue is full.
+        while signal.try_recv(Duration::ZERO).await.is_some() {}
         let vdue = if aus.is_empty() {
             start + Duration::from_secs(3600 * 24)
         } else {
@@ -563,6 +586,89 @@ fn opus_packets() -> Vec<Bytes> {
         .collect()
 }
 
+/// A 10 s x264 clip of `size` at `kbps` (30 fps, 1 s GOP), split into access units.
+fn clip(size: &str, kbps: u64) -> Vec<Vec<Bytes>> {
+    let aus = common::publisher::h264_clip(
+        &format!("testsrc2=size={size}:rate=30"),
+        10,
+        &[
+            "-g",
+            "30",
+            "-b:v",
+            &format!("{kbps}k"),
+            "-maxrate",
+            &format!("{kbps}k"),
+            "-bufsize",
+            &format!("{}k", kbps / 2),
+        ],
+    );
+    let bytes: usize = aus.iter().flatten().map(|n| n.len()).sum();
+    println!(
+        "clip: {size}, {} frames, {:.0} kbit/s",
+        aus.len(),
+        bytes as f64 * 8.0 / (aus.len() as f64 / 30.0) / 1000.0
+    );
+    aus
+}
+
+/// A 10 s FLV file (x264 720p at `kbps`, 1 s GOP, AAC 48 kHz stereo), made once.
+fn flv_clip(dir: &std::path::Path, kbps: u64) -> std::path::PathBuf {
+    let path = dir.join("clip.flv");
+    let ok = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=1280x720:rate=30",
+        ])
+        .args(["-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=48000"])
+        .args(["-t", "10", "-c:v", "libx264", "-pix_fmt", "yuv420p"])
+        .args([
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-bf",
+            "0",
+            "-g",
+            "30",
+        ])
+        .args(["-b:v", &format!("{kbps}k"), "-maxrate", &format!("{kbps}k")])
+        .args(["-bufsize", &format!("{}k", kbps / 2)])
+        .args(["-c:a", "aac", "-ar", "48000", "-ac", "2", "-f", "flv"])
+        .arg(&path)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "ffmpeg made the FLV clip");
+    path
+}
+
+/// An HTTP-FLV player: reads `url` until `stop`, counting the bytes.
+async fn play_flv(url: String, bytes: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_once('/').expect("a path");
+    let Ok(mut stream) = tokio::net::TcpStream::connect(host).await else {
+        return;
+    };
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => {
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // Measuring.
 
@@ -574,11 +680,12 @@ fn percentile(sorted: &[f32], p: f64) -> f64 {
     f64::from(sorted[i])
 }
 
-/// Weir's forwarding residence histogram (cumulative buckets and count).
-fn forward_histogram(metrics: &str) -> Vec<(f64, f64)> {
+/// A histogram's cumulative buckets in a /metrics text; `prefix` is the bucket series
+/// up to its `le` label's value (`weir_forward_latency_seconds_bucket{le="`).
+fn histogram(metrics: &str, prefix: &str) -> Vec<(f64, f64)> {
     metrics
         .lines()
-        .filter_map(|l| l.strip_prefix("weir_forward_latency_seconds_bucket{le=\""))
+        .filter_map(|l| l.strip_prefix(prefix))
         .filter_map(|l| {
             let (le, rest) = l.split_once('"')?;
             let v = rest.rsplit_once(' ')?.1.parse().ok()?;
@@ -630,7 +737,10 @@ struct Window {
     packets: u64,
     expected: u64,
     missing: i64,
+    /// Weir's residence: a WebRTC packet in → its last copy out; an RTMP video
+    /// message in → its last RTP copy out.
     hist: Vec<(f64, f64)>,
+    bridge: Vec<(f64, f64)>,
     out_packets: f64,
     paused: f64,
 }
@@ -646,7 +756,11 @@ impl Window {
             expected: totals.expected.load(Ordering::Relaxed),
             missing: totals.skipped.load(Ordering::Relaxed) as i64
                 - totals.filled.load(Ordering::Relaxed) as i64,
-            hist: forward_histogram(&m),
+            hist: histogram(&m, "weir_forward_latency_seconds_bucket{le=\""),
+            bridge: histogram(
+                &m,
+                "weir_bridge_latency_seconds_bucket{kind=\"video\",le=\"",
+            ),
             out_packets: metric_sum(&m, "weir_rtp_packets_total{direction=\"out\""),
             paused: metric_sum(&m, "weir_congestion_paused_videos"),
         }
@@ -662,6 +776,10 @@ struct Measured {
     lat_p99: f64,
     lat_max: f64,
     fwd_p99: f64,
+    /// Weir's residence p50 / p99 / p99.9 over the stretch (ms, bucket bounds), for
+    /// WebRTC packets and for bridged RTMP video.
+    fwd: [f64; 3],
+    bridge: [f64; 3],
     weir_cpu_pct: f64,
     load_cpu_pct: f64,
     us_per_packet: f64,
@@ -792,6 +910,8 @@ async fn measure(
         lat_p99: percentile(&all_latency, 0.99),
         lat_max: all_latency.last().copied().map_or(f64::NAN, f64::from),
         fwd_p99: histogram_quantile(&first.hist, &prev.hist, 0.99),
+        fwd: [0.5, 0.99, 0.999].map(|q| histogram_quantile(&first.hist, &prev.hist, q)),
+        bridge: [0.5, 0.99, 0.999].map(|q| histogram_quantile(&first.bridge, &prev.bridge, q)),
         weir_cpu_pct: 100.0 * weir_cpu / dt,
         load_cpu_pct: 100.0 * (prev.load_cpu - first.load_cpu) / dt,
         us_per_packet: if out > 0.0 {
@@ -868,9 +988,12 @@ async fn run(threads: usize) {
     let stop = Arc::new(AtomicBool::new(false));
     let opus = Arc::new(opus_packets());
     let mut publishers = Vec::new();
+    let publishers_n = env_u64("BENCH_PUBLISHERS", 10) as usize;
+    let players = env_u64("BENCH_PLAYERS", 0) as usize;
+    let mut rtmp_pusher = None;
     let what = match scenario.as_str() {
         "audio" => {
-            for i in 0..10 {
+            for i in 0..publishers_n {
                 publishers.push(tokio::spawn(publish(
                     node.clone(),
                     format!("p{i}"),
@@ -880,29 +1003,52 @@ async fn run(threads: usize) {
                     stop.clone(),
                 )));
             }
-            "10 audio publishers (Opus 64 kbit/s)".to_owned()
+            format!("{publishers_n} audio publishers (Opus 64 kbit/s)")
+        }
+        "meeting" => {
+            let kbps = env_u64("BENCH_VIDEO_KBPS", 500);
+            let aus = Arc::new(clip("640x360", kbps));
+            for i in 0..publishers_n {
+                publishers.push(tokio::spawn(publish(
+                    node.clone(),
+                    format!("m{i}"),
+                    room,
+                    aus.clone(),
+                    opus.clone(),
+                    stop.clone(),
+                )));
+            }
+            format!(
+                "{publishers_n} members each publishing H.264 360p {kbps} kbit/s + Opus and \
+                 receiving every stream (a publishing and a receiving session per member, \
+                 so each receives its own stream too)"
+            )
+        }
+        "rtmp" => {
+            let flv = flv_clip(dir.path(), kbps);
+            let url = format!(
+                "rtmp://{}/live/cam?{}",
+                node.rtmp,
+                common::rtmp_query(&node.app, "pusher", room, 0xff)
+            );
+            // Copied, not encoded: ffmpeg only paces and sends the file, again and again.
+            let pusher = tokio::process::Command::new("ffmpeg")
+                .args(["-hide_banner", "-v", "error", "-re", "-stream_loop", "-1"])
+                .arg("-i")
+                .arg(&flv)
+                .args(["-c", "copy", "-f", "flv", &url])
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("ffmpeg runs");
+            rtmp_pusher = Some(pusher);
+            format!(
+                "1 RTMP pusher (ffmpeg copying a 720p {kbps} kbit/s H.264 + AAC 48 kHz FLV: \
+                 Weir converts AAC to Opus), {players} HTTP-FLV players"
+            )
         }
         _ => {
-            let aus = Arc::new(common::publisher::h264_clip(
-                "testsrc2=size=1280x720:rate=30",
-                10,
-                &[
-                    "-g",
-                    "30",
-                    "-b:v",
-                    &format!("{kbps}k"),
-                    "-maxrate",
-                    &format!("{kbps}k"),
-                    "-bufsize",
-                    &format!("{}k", kbps / 2),
-                ],
-            ));
-            let bytes: usize = aus.iter().flatten().map(|n| n.len()).sum();
-            println!(
-                "clip: {} frames, {:.0} kbit/s",
-                aus.len(),
-                bytes as f64 * 8.0 / (aus.len() as f64 / 30.0) / 1000.0
-            );
+            let aus = Arc::new(clip("1280x720", kbps));
             publishers.push(tokio::spawn(publish(
                 node.clone(),
                 "p0".into(),
@@ -914,12 +1060,38 @@ async fn run(threads: usize) {
             format!("1 publisher (H.264 720p {kbps} kbit/s 30 fps, 1 s GOP + Opus 64 kbit/s)")
         }
     };
+    let steps = if scenario == "meeting" {
+        vec![publishers_n]
+    } else {
+        steps
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!(
         "scenario {scenario}: {what}; Weir on cpu {weir_cpus}, generator on {} ({threads} threads); congestion control {}",
         env_str("BENCH_LOAD_CPUS", "1"),
         if cc { "on" } else { "off" }
     );
+    let flv_bytes = Arc::new(AtomicU64::new(0));
+    let mut player_tasks = Vec::new();
+    if players > 0 {
+        let key = node
+            .play_key
+            .clone()
+            .expect("the generated app has a play key");
+        let url = weir::auth::live_url::sign_url(
+            &format!("http://{}/live/cam.flv", node.http),
+            &key,
+            weir::auth::unix_now() + 3600,
+        )
+        .unwrap();
+        for _ in 0..players {
+            player_tasks.push(tokio::spawn(play_flv(
+                url.clone(),
+                flv_bytes.clone(),
+                stop.clone(),
+            )));
+        }
+    }
     let totals = Arc::new(Totals::default());
     let mut subs: Vec<Arc<SubCounters>> = Vec::new();
     let mut tasks = Vec::new();
@@ -938,6 +1110,7 @@ async fn run(threads: usize) {
                     totals.clone(),
                     own.clone(),
                     stop.clone(),
+                    scenario == "audio",
                 )));
                 own
             })
@@ -966,7 +1139,21 @@ async fn run(threads: usize) {
             totals.failed.load(Ordering::Relaxed) - failed_before
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
+        let flv_before = flv_bytes.load(Ordering::Relaxed);
         let m = measure(&node, &totals, &subs, seconds, &mut trace).await;
+        println!(
+            "  Weir's residence p50 / p99 / p99.9 (bucket bounds): WebRTC {:?} ms, RTMP video {:?} ms",
+            m.fwd, m.bridge
+        );
+        if players > 0 {
+            let mbps = (flv_bytes.load(Ordering::Relaxed) - flv_before) as f64 * 8.0
+                / seconds as f64
+                / 1e6;
+            println!(
+                "  {players} HTTP-FLV players received {mbps:.1} Mbit/s in all ({:.2} each)",
+                mbps / players as f64
+            );
+        }
         let s = Step {
             subscribers: n,
             receiving: totals.with_video.load(Ordering::Relaxed),
@@ -986,18 +1173,19 @@ async fn run(threads: usize) {
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
-    for p in publishers {
+    for p in publishers.into_iter().chain(player_tasks) {
         let _ = tokio::time::timeout(Duration::from_secs(5), p).await;
     }
+    drop(rtmp_pusher);
     println!();
-    println!("| subscribers | receiving | join storm: all receiving | rx packets/s | Weir packets/s out | loss % | latency p50 / p99 / max ms | Weir forwarding p99 ms | Weir CPU % | µs per packet | generator CPU % | Weir RSS MiB | subscriber-s without video |");
+    println!("| subscribers | receiving | join storm: all receiving | rx packets/s | Weir packets/s out | loss % | latency p50 / p99 / max ms | Weir residence p50 / p99 / p99.9 ms | Weir CPU % | µs per packet | generator CPU % | Weir RSS MiB | subscriber-s without video |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut csv = Vec::new();
     for s in &summaries {
         let m = &s.m;
         println!(
-            "| {} | {} | {:.0} ms ({} failed) | {:.0} | {:.0} | {:.3} | {:.1} / {:.1} / {:.1} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {} |",
-            s.subscribers, s.receiving, s.join_ms, s.failures, m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd_p99, m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds
+            "| {} | {} | {:.0} ms ({} failed) | {:.0} | {:.0} | {:.3} | {:.1} / {:.1} / {:.1} | {} / {} / {} | {:.0} | {:.2} | {:.0} | {:.0} | {} |",
+            s.subscribers, s.receiving, s.join_ms, s.failures, m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd[0], m.fwd[1], m.fwd[2], m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds
         );
         csv.push(format!(
             "{},{},{:.0},{},{:.0},{:.0},{:.4},{:.2},{:.2},{:.2},{:.3},{:.1},{:.3},{:.1},{:.1},{},{}",

@@ -182,7 +182,7 @@ impl Metrics {
         let bridge_latency = HistogramVec::new(
             HistogramOpts::new(
                 "weir_bridge_latency_seconds",
-                "RTMP message read from the socket to its RTP packets handed to the kernel, \
+                "RTMP message read from the socket to its RTP packets' last copy handed to the kernel, \
                  including AAC decode, resampling and Opus encode (not the wait for a whole \
                  20 ms Opus frame)",
             )

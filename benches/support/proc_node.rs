@@ -26,7 +26,10 @@ pub struct ProcNode {
     pub ws: String,
     pub metrics: std::net::SocketAddr,
     pub rtmp: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
     pub app: AppKeys,
+    /// The app's key for signed (txSecret) play URLs.
+    pub play_key: Option<String>,
 }
 
 impl ProcNode {
@@ -40,6 +43,7 @@ impl ProcNode {
     ) -> Self {
         let app_config = AppKeys::generate_config(common::APP);
         let app = AppKeys::from_config(&app_config).unwrap();
+        let play_key = app_config.live_play_key.clone();
         let mut config = Config::development(None);
         config.server.dev_mode = false;
         config.apps = vec![app_config];
@@ -102,7 +106,9 @@ impl ProcNode {
             ws: format!("ws://127.0.0.1:{http}/ws"),
             metrics: format!("127.0.0.1:{metrics}").parse().unwrap(),
             rtmp: format!("127.0.0.1:{rtmp}").parse().unwrap(),
+            http: format!("127.0.0.1:{http}").parse().unwrap(),
             app,
+            play_key,
         }
     }
 

@@ -13,8 +13,12 @@ use serde::{Deserialize, Serialize};
 /// The protocol version this crate describes.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Largest text frame a peer may send; larger frames close the connection.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Largest text frame a peer may send; larger frames close the connection. An SDP
+/// answer takes ~1.3 KB per m-section (two per stream), so a member receiving 100
+/// streams (`max_subscriptions_per_member`) sends ~260 KB: 64 KiB, the limit before,
+/// closed the signaling of every member of a 25-stream meeting answering with a
+/// full codec list (found by `cargo bench --bench load`).
+pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;
 
 /// Longest room text message, in bytes.
 pub const MAX_TEXT_BYTES: usize = 4 * 1024;
