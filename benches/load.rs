@@ -356,11 +356,9 @@ impl Subscriber {
                 },
             }
             let video = self.video_tracks.contains(&track_id);
-            if video || self.audio_only {
-                if self.own.video.fetch_add(1, Ordering::Relaxed) == 0 {
-                    *self.own.got_video_at.lock().unwrap() = Some(Instant::now());
-                    t.with_video.fetch_add(1, Ordering::Relaxed);
-                }
+            if (video || self.audio_only) && self.own.video.fetch_add(1, Ordering::Relaxed) == 0 {
+                *self.own.got_video_at.lock().unwrap() = Some(Instant::now());
+                t.with_video.fetch_add(1, Ordering::Relaxed);
             }
             if video {
                 // A frame's latency: from its stamp (sent with its first packet) to its
