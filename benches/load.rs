@@ -46,7 +46,6 @@ mod common;
 mod proc_node;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,7 +68,7 @@ use tokio::net::UdpSocket;
 
 use common::publisher::offer_to_publish;
 use common::Client;
-use proc_node::{cpu_seconds, rss_mib, ProcNode};
+use proc_node::{cpu_seconds, rss_mib, write_csv, ProcNode};
 use weir_signaling::{ClientMessage, ServerMessage, Target};
 
 /// Marks the SEI payload that carries the send time (no zero byte, so no emulation
@@ -122,7 +121,6 @@ fn read_stamp(payload: &[u8]) -> Option<u64> {
 #[derive(Default)]
 struct Totals {
     packets: AtomicU64,
-    bytes: AtomicU64,
     /// Sequence numbers skipped (a gap opened) and gaps later filled (a retransmission
     /// or reordering); missing = skipped − filled.
     skipped: AtomicU64,
@@ -331,8 +329,6 @@ impl Subscriber {
             };
             let t = &self.totals;
             t.packets.fetch_add(1, Ordering::Relaxed);
-            t.bytes
-                .fetch_add(packet.payload.len() as u64, Ordering::Relaxed);
             let seq = packet.header.sequence_number;
             match self.tracks.get_mut(&packet.header.ssrc) {
                 None => {
@@ -773,7 +769,6 @@ struct Measured {
     lat_p50: f64,
     lat_p99: f64,
     lat_max: f64,
-    fwd_p99: f64,
     /// Weir's residence p50 / p99 / p99.9 over the stretch (ms, bucket bounds), for
     /// WebRTC packets and for bridged RTMP video.
     fwd: [f64; 3],
@@ -907,7 +902,6 @@ async fn measure(
         lat_p50: percentile(&all_latency, 0.5),
         lat_p99: percentile(&all_latency, 0.99),
         lat_max: all_latency.last().copied().map_or(f64::NAN, f64::from),
-        fwd_p99: histogram_quantile(&first.hist, &prev.hist, 0.99),
         fwd: [0.5, 0.99, 0.999].map(|q| histogram_quantile(&first.hist, &prev.hist, q)),
         bridge: [0.5, 0.99, 0.999].map(|q| histogram_quantile(&first.bridge, &prev.bridge, q)),
         weir_cpu_pct: 100.0 * weir_cpu / dt,
@@ -1163,7 +1157,7 @@ async fn run(threads: usize) {
         let m = &s.m;
         println!(
             "  N = {n}: {:.0} pkt/s received, {:.0} sent by Weir, loss {:.3} %, latency p50 {:.1} / p99 {:.1} / max {:.1} ms, Weir forwarding p99 {:.2} ms, Weir CPU {:.0} % ({:.2} µs per packet sent), generator CPU {:.0} %, Weir RSS {:.0} MiB, {} subscriber-seconds without video, up to {} videos paused",
-            m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd_p99, m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds, m.paused_max
+            m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd[1], m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds, m.paused_max
         );
         summaries.push(s);
     }
@@ -1187,19 +1181,17 @@ async fn run(threads: usize) {
         );
         csv.push(format!(
             "{},{},{:.0},{},{:.0},{:.0},{:.4},{:.2},{:.2},{:.2},{:.3},{:.1},{:.3},{:.1},{:.1},{},{}",
-            s.subscribers, s.receiving, s.join_ms, s.failures, m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd_p99, m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds, m.paused_max
+            s.subscribers, s.receiving, s.join_ms, s.failures, m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd[1], m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds, m.paused_max
         ));
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/artifacts");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut f = std::fs::File::create(dir.join(format!("load-{scenario}.csv"))).unwrap();
-    writeln!(f, "subscribers,receiving,join_ms,failures,rx_pps,out_pps,loss_pct,lat_p50_ms,lat_p99_ms,lat_max_ms,fwd_p99_ms,weir_cpu_pct,us_per_packet,load_cpu_pct,weir_rss_mib,starved_subscriber_seconds,paused_max").unwrap();
-    for r in csv {
-        writeln!(f, "{r}").unwrap();
-    }
-    let mut f = std::fs::File::create(dir.join(format!("load-{scenario}-trace.csv"))).unwrap();
-    writeln!(f, "subscribers,second,rx_pps,out_pps,loss_pct,without_video,lat_p50_ms,lat_p99_ms,lat_max_ms,fwd_p99_ms,weir_cpu_pct,load_cpu_pct,paused").unwrap();
-    for r in trace {
-        writeln!(f, "{r}").unwrap();
-    }
+    write_csv(
+        &format!("load-{scenario}.csv"),
+        "subscribers,receiving,join_ms,failures,rx_pps,out_pps,loss_pct,lat_p50_ms,lat_p99_ms,lat_max_ms,fwd_p99_ms,weir_cpu_pct,us_per_packet,load_cpu_pct,weir_rss_mib,starved_subscriber_seconds,paused_max",
+        &csv,
+    );
+    write_csv(
+        &format!("load-{scenario}-trace.csv"),
+        "subscribers,second,rx_pps,out_pps,loss_pct,without_video,lat_p50_ms,lat_p99_ms,lat_max_ms,fwd_p99_ms,weir_cpu_pct,load_cpu_pct,paused",
+        &trace,
+    );
 }

@@ -26,7 +26,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +38,7 @@ use weir_signaling::{ClientMessage, ServerMessage, Target};
 #[path = "support/proc_node.rs"]
 mod proc_node;
 
-use proc_node::ProcNode as Node;
+use proc_node::{write_csv, ProcNode as Node};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -240,17 +239,6 @@ async fn member(
     }
     let _ = sending.await;
     signal.send(&ClientMessage::Leave).await;
-}
-
-fn write_csv(name: &str, header: &str, rows: &[String]) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/artifacts");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut f = std::fs::File::create(dir.join(name)).unwrap();
-    writeln!(f, "{header}").unwrap();
-    for r in rows {
-        writeln!(f, "{r}").unwrap();
-    }
-    println!("wrote benches/artifacts/{name}");
 }
 
 fn csv(s: &[f64; 8]) -> String {

@@ -161,3 +161,16 @@ pub fn rss_mib(pid: u32) -> f64 {
         .map(|kib| kib / 1024.0)
         .unwrap_or(f64::NAN)
 }
+
+/// Writes `rows` under `header` to `benches/artifacts/<name>`.
+pub fn write_csv(name: &str, header: &str, rows: &[String]) {
+    use std::io::Write;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut f = std::fs::File::create(dir.join(name)).unwrap();
+    writeln!(f, "{header}").unwrap();
+    for r in rows {
+        writeln!(f, "{r}").unwrap();
+    }
+    println!("wrote benches/artifacts/{name}");
+}
