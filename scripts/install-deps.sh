@@ -12,8 +12,9 @@ build_pkgs=(pkg-config cmake g++)
 # Testing: real clients: ffmpeg pushes and plays RTMP and decodes what Weir sends;
 # Debian's Chromium and Firefox ESR (fake camera and microphone) are the browsers;
 # a python3 makes the virtualenv of the second WebRTC stack (aiortc) below.
-# coturn is the TURN server the relay-only browser test goes through.
-test_pkgs=(ffmpeg chromium firefox-esr coturn)
+# coturn is the TURN server the relay-only browser test goes through; redis-server is
+# the cluster tests' shared state (each test starts its own on a free port).
+test_pkgs=(ffmpeg chromium firefox-esr coturn redis-server)
 if ! command -v python3 >/dev/null; then test_pkgs+=(python3 python3-venv); fi
 # Node.js runs the mini program client module's tests (signaling/miniprogram/test.js).
 if ! command -v node >/dev/null; then test_pkgs+=(nodejs npm); fi
@@ -73,6 +74,20 @@ if [ "$mode" = test ]; then
     python3 -m venv "$s3venv"
     "$s3venv/bin/pip" install -q --only-binary=:all: -r tests/s3/requirements.txt
     cp tests/s3/requirements.txt "$s3venv/requirements.txt"
+  fi
+fi
+
+# The Kubernetes manifests are validated offline against the API schemas that
+# kubernetes-validate (PyPI, pinned) carries, in its own virtualenv at target/k8s-venv.
+if [ "$mode" = test ]; then
+  k8svenv=target/k8s-venv
+  if ! "$k8svenv/bin/kubernetes-validate" --version >/dev/null 2>&1 \
+      || ! cmp -s k8s/requirements.txt "$k8svenv/requirements.txt"; then
+    echo "install-deps: making $k8svenv (kubernetes-validate)"
+    rm -rf "$k8svenv"
+    python3 -m venv "$k8svenv"
+    "$k8svenv/bin/pip" install -q --only-binary=:all: -r k8s/requirements.txt
+    cp k8s/requirements.txt "$k8svenv/requirements.txt"
   fi
 fi
 

@@ -30,6 +30,55 @@ pub struct Config {
     /// Callbacks (webhooks) to the customer's backend.
     #[serde(default)]
     pub callbacks: CallbacksConfig,
+    /// Several nodes behind Redis (`[cluster]`); without `redis_url`, one node.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// Several Weir nodes sharing rooms through Redis (see `cluster`). Every key can be
+/// set from the environment as `WEIR_CLUSTER_<KEY>` (Kubernetes passes the pod's
+/// name and addresses that way).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://[:password@]host:port[/db]` (`rediss://` for TLS). Empty: one node,
+    /// no cluster.
+    pub redis_url: String,
+    /// This node's id, unique in the cluster (empty: the host name and the HTTP port).
+    pub node_id: String,
+    /// A region name; a new room is placed in the region of the node that saw its
+    /// first join when a node there takes rooms.
+    pub region: String,
+    /// Where other nodes reach this node's HTTP listener to relay signaling
+    /// (`http://10.0.0.5:8080`); empty: `http://{first announce_ip or public_host}:{port}`.
+    pub advertise_http: String,
+    /// Seconds between heartbeats (the node's record, its rooms' mappings).
+    pub heartbeat_ms: u64,
+    /// A node whose record is older than this is dead.
+    pub node_ttl_ms: u64,
+    /// Nodes whose own CPU use, as a share of their cores, is at or over this take
+    /// no new rooms (nor do nodes whose media plane is overloaded).
+    pub max_cpu: f64,
+    /// On SIGTERM, how long the node keeps serving its rooms (taking no new ones)
+    /// before it tells their members to move (`left` `serverShutdown`, which the SDK
+    /// answers by joining again, through any node) and exits. Kubernetes'
+    /// `terminationGracePeriodSeconds` must be longer.
+    pub drain_s: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            node_id: String::new(),
+            region: String::new(),
+            advertise_http: String::new(),
+            heartbeat_ms: 1000,
+            node_ttl_ms: 5000,
+            max_cpu: 0.9,
+            drain_s: 0,
+        }
+    }
 }
 
 /// Which streams are recorded, and how. A stream is recorded when `all` is set, or
@@ -538,6 +587,7 @@ impl Config {
             room_service: RoomServiceConfig::default(),
             record: RecordConfig::default(),
             callbacks: CallbacksConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 
@@ -557,35 +607,49 @@ impl Config {
         &mut self,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(), ConfigError> {
-        let mut table = toml::Table::try_from(&self.server).expect("server config serializes");
-        let keys: Vec<String> = table.keys().cloned().collect();
-        let mut changed = false;
-        for (var, value) in vars {
-            let Some(key) = var.strip_prefix("WEIR_") else {
-                continue;
-            };
-            let key = key.to_ascii_lowercase();
-            if !keys.contains(&key) {
-                continue;
-            }
-            let parsed = format!("v = {value}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or(toml::Value::String(value));
-            table.insert(key, parsed);
-            changed = true;
-        }
-        if changed {
-            self.server = table
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Env {
-                    var: "WEIR_*".into(),
-                    message: e.to_string(),
-                })?;
-        }
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        // `WEIR_CLUSTER_*` first: the `[server]` table has no key starting `cluster_`.
+        self.cluster = overridden(&self.cluster, "WEIR_CLUSTER_", &vars)?;
+        self.server = overridden(&self.server, "WEIR_", &vars)?;
         Ok(())
     }
+}
+
+/// `table` with each of its keys that `vars` names as `{prefix}{KEY}` replaced (the
+/// value read as TOML, else as a string).
+fn overridden<T: Clone + Serialize + serde::de::DeserializeOwned>(
+    table: &T,
+    prefix: &str,
+    vars: &[(String, String)],
+) -> Result<T, ConfigError> {
+    let mut t = toml::Table::try_from(table).expect("config tables serialize");
+    let keys: Vec<String> = t.keys().cloned().collect();
+    let mut changed = false;
+    for (var, value) in vars {
+        let Some(key) = var.strip_prefix(prefix) else {
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        if !keys.contains(&key) {
+            continue;
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        t.insert(key, parsed);
+        changed = true;
+    }
+    if !changed {
+        return Ok(table.clone());
+    }
+    toml::Value::Table(t)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Env {
+            var: format!("{prefix}*"),
+            message: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -625,6 +689,7 @@ mod tests {
             room_service: RoomServiceConfig::default(),
             record: RecordConfig::default(),
             callbacks: CallbacksConfig::default(),
+            cluster: ClusterConfig::default(),
         };
         c.apply_env([("WEIR_DEV_MODE".to_string(), "true".to_string())])
             .unwrap();
@@ -667,6 +732,24 @@ mod tests {
             )])
             .unwrap_err();
         assert!(err.to_string().contains("WEIR_"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_cluster_keys_with_their_own_prefix() {
+        let mut c = Config::development(None);
+        c.apply_env([
+            (
+                "WEIR_CLUSTER_REDIS_URL".to_string(),
+                "redis://10.0.0.2:6379".to_string(),
+            ),
+            ("WEIR_CLUSTER_NODE_ID".to_string(), "weir-0".to_string()),
+            ("WEIR_CLUSTER_HEARTBEAT_MS".to_string(), "500".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(c.cluster.redis_url, "redis://10.0.0.2:6379");
+        assert_eq!(c.cluster.node_id, "weir-0");
+        assert_eq!(c.cluster.heartbeat_ms, 500);
+        assert_eq!(c.cluster.node_ttl_ms, 5000);
     }
 
     #[test]

@@ -36,6 +36,11 @@ enum Command {
     /// Issue and verify userSigs, privateMapKeys and signed live URLs.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The cluster as Redis knows it: nodes, their load, rooms.
+    Cluster {
+        #[command(subcommand)]
+        what: ClusterCommand,
+    },
     /// Make an ECDSA key pair (P-256 for ES256 JWTs and v1 tokens; secp256k1 for legacy v1).
     Keygen {
         #[arg(long, value_enum, default_value = "p256")]
@@ -43,6 +48,21 @@ enum Command {
         /// Write PREFIX.key (private, mode 600) and PREFIX.pub instead of printing.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every live node (id, region, addresses, load, draining) and the rooms each serves.
+    Status {
+        /// The Redis URL; default: `[cluster] redis_url` of the configuration.
+        #[arg(long, env = "WEIR_CLUSTER_REDIS_URL")]
+        redis: Option<String>,
+        #[arg(long, env = "WEIR_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -57,6 +77,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, bind } => weir::server::main(config, bind).map(|()| true),
         Command::Token(cmd) => cli::run_token(cmd),
+        Command::Cluster {
+            what:
+                ClusterCommand::Status {
+                    redis,
+                    config,
+                    json,
+                },
+        } => weir::server::cluster::status(redis, config, json).map(|()| true),
         Command::Keygen { curve, out } => {
             let curve = match curve {
                 CurveArg::P256 => Curve::P256,

@@ -43,6 +43,19 @@ pub struct Metrics {
     pub media_busy_percent: IntGauge,
     pub media_overloaded: IntGauge,
     pub udp_receive_drops: prometheus::IntCounter,
+    /// This node in a cluster: 1, labelled with its id and region.
+    pub node_info: IntGaugeVec,
+    /// Whether the last heartbeat reached Redis, and the live nodes it read.
+    pub cluster_redis_up: IntGauge,
+    pub cluster_nodes: IntGauge,
+    pub cluster_heartbeat_failures: prometheus::IntCounter,
+    /// Where joins, pushes and plays of rooms went: `local`, `remote` (relayed to the
+    /// room's node), `refused` (no node takes rooms), `redis_down` (served here).
+    pub cluster_routes: IntCounterVec,
+    /// Rooms another node serves as well (placed twice while Redis was unreachable).
+    pub cluster_room_conflicts: prometheus::IntCounter,
+    /// Signaling sessions and RTMP connections relayed to another node now, by `kind`.
+    pub cluster_relays: IntGaugeVec,
     /// Live-room stage messages (linkMic) the room service let through, by `action`.
     pub link_mic: IntCounterVec,
     /// Sessions closed because they could not keep up with their outgoing messages.
@@ -447,6 +460,37 @@ impl Metrics {
                 "weir_media_overloaded",
                 "1 while the media plane cannot keep up (busy over overload_busy_percent, \
                  or the kernel dropping its datagrams): joins are refused",
+            ),
+            node_info: gauge_vec(
+                "weir_node_info",
+                "This node of a cluster (1), by its id and region",
+                &["node_id", "region"],
+            ),
+            cluster_redis_up: gauge(
+                "weir_cluster_redis_up",
+                "1 when this node's last heartbeat reached Redis",
+            ),
+            cluster_nodes: gauge(
+                "weir_cluster_nodes",
+                "Live nodes of the cluster, as this node last read them",
+            ),
+            cluster_heartbeat_failures: counter(
+                "weir_cluster_heartbeat_failures_total",
+                "Heartbeats that did not reach Redis",
+            ),
+            cluster_routes: counter_vec(
+                "weir_cluster_routes_total",
+                "Where room joins, pushes and plays went: local, remote (relayed to the room's node), refused (no node takes rooms), redis_down (served here)",
+                &["route"],
+            ),
+            cluster_room_conflicts: counter(
+                "weir_cluster_room_conflicts_total",
+                "Heartbeats that found a room of this node mapped to another node",
+            ),
+            cluster_relays: gauge_vec(
+                "weir_cluster_relays",
+                "Connections relayed to the node serving their room now, by kind (signaling, rtmp)",
+                &["kind"],
             ),
             udp_receive_drops: counter(
                 "weir_udp_receive_drops_total",

@@ -121,6 +121,7 @@ pub fn ops_routes(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
+        .route("/cluster", get(cluster))
         .with_state(state)
 }
 
@@ -372,11 +373,32 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// The cluster as this node sees it (404 when it runs alone).
+async fn cluster(State(state): State<Arc<AppState>>) -> Response {
+    let Some(c) = &state.cluster else {
+        return (
+            StatusCode::NOT_FOUND,
+            "this node runs alone (no [cluster] redis_url)\n",
+        )
+            .into_response();
+    };
+    axum::Json(serde_json::json!({
+        "node": c.id,
+        "redisUp": c.redis_up(),
+        "draining": c.is_draining(),
+        "nodes": c.nodes(),
+        "localRooms": c.local_rooms(),
+    }))
+    .into_response()
+}
+
 /// Readiness: alive and taking new work.
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if let Some(f) = state.supervisor.failure() {
         (StatusCode::SERVICE_UNAVAILABLE, format!("failing: {f}\n")).into_response()
-    } else if state.shutting_down.load(Ordering::Relaxed) {
+    } else if state.shutting_down.load(Ordering::Relaxed)
+        || state.cluster.as_ref().is_some_and(|c| c.is_draining())
+    {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         "ready\n".into_response()

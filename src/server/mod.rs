@@ -18,11 +18,13 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::room::{Limits, Rooms, UrlBase};
 
+pub mod cluster;
 pub mod control;
 mod hooks;
 mod http;
 mod record;
 mod record_api;
+mod relay;
 pub mod rtmp;
 mod supervise;
 pub mod tls;
@@ -72,6 +74,8 @@ pub struct AppState {
     pub admission: Option<Arc<hooks::Admission>>,
     /// The ICE servers clients are told of.
     pub ice: IceConfig,
+    /// This node's cluster membership, with `[cluster] redis_url`.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// The ICE servers every client is told of: STUN as configured, TURN with
@@ -187,6 +191,8 @@ pub struct Server {
     http: tokio::task::JoinHandle<()>,
     control: tokio::task::JoinHandle<()>,
     grace: Duration,
+    /// In a cluster: how long a SIGTERM waits for this node's rooms to end.
+    drain: Duration,
     #[cfg(feature = "fault-injection")]
     media_tx: mpsc::Sender<control::MediaInput>,
 }
@@ -213,8 +219,31 @@ impl Server {
             .await;
     }
 
-    /// Graceful shutdown: stop admitting, tell every session, drain, stop.
+    /// Graceful shutdown: stop admitting, tell every session, drain, stop. In a
+    /// cluster, first drain: out of room placement at once, and wait (up to
+    /// `[cluster] drain_s`) until this node's rooms and relayed sessions have ended.
     pub async fn shutdown(self) {
+        if let Some(cluster) = &self.state.cluster {
+            cluster.drain();
+            let deadline = tokio::time::Instant::now() + self.drain;
+            let metrics = &self.state.metrics;
+            let busy = || {
+                metrics.rooms.get() > 0
+                    || metrics
+                        .cluster_relays
+                        .with_label_values(&["signaling"])
+                        .get()
+                        > 0
+                    || metrics.cluster_relays.with_label_values(&["rtmp"]).get() > 0
+            };
+            while busy() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            info!(
+                rooms = metrics.rooms.get(),
+                "drained (or the drain period ended); telling the rest to move"
+            );
+        }
         self.state.supervisor.stopping();
         self.state.shutting_down.store(true, Ordering::Relaxed);
         let _ = self.state.control.send(ControlCommand::Shutdown).await;
@@ -498,6 +527,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     #[cfg(feature = "fault-injection")]
     let fault_tx = media_tx.clone();
     let overload = media.overload_flag();
+    let overload_for_cluster = overload.clone();
     supervisor.spawn("media", media.run(media_rx, bridge_rx));
 
     let hub = {
@@ -554,6 +584,40 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         .run(control_rx),
     );
     let admission = hooks::Admission::from_config(&config.callbacks, metrics.clone());
+    let cluster = cluster::Cluster::new(
+        &config.cluster,
+        crate::cluster::Addresses {
+            http: if config.cluster.advertise_http.is_empty() {
+                format!(
+                    "{}://{}:{}",
+                    if tls.is_some() { "https" } else { "http" },
+                    advertised_host(&config, &host),
+                    http_addr.port()
+                )
+            } else {
+                config
+                    .cluster
+                    .advertise_http
+                    .trim_end_matches('/')
+                    .to_owned()
+            },
+            rtmp: rtmp_addr.map_or(String::new(), |a| {
+                format!("rtmp://{}:{}", advertised_host(&config, &host), a.port())
+            }),
+            udp: format!("{}:{}", advertised_host(&config, &host), udp_port),
+            tcp: tcp_port.map_or(String::new(), |p| {
+                format!("{}:{p}", advertised_host(&config, &host))
+            }),
+        },
+        config.server.max_rooms,
+        overload_for_cluster,
+        metrics.clone(),
+    )?;
+    if let Some(c) = &cluster {
+        // Know the cluster (and be known) before serving: one heartbeat, bounded.
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.beat(&control_tx, 0, 0.0)).await;
+        supervisor.spawn("cluster", c.clone().run(control_tx.clone()));
+    }
     let state = Arc::new(AppState {
         keyring,
         control: control_tx,
@@ -579,6 +643,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         recording,
         admission,
         ice: ice.clone(),
+        cluster,
     });
 
     let (stop, stop_rx) = watch::channel(false);
@@ -649,9 +714,21 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         http,
         control,
         grace: Duration::from_secs(config.server.shutdown_grace_s),
+        drain: Duration::from_secs(config.cluster.drain_s),
         #[cfg(feature = "fault-injection")]
         media_tx: fault_tx,
     })
+}
+
+/// The host other nodes reach this one at: the first announced IP, else the public
+/// host.
+fn advertised_host(config: &Config, public: &str) -> String {
+    config
+        .server
+        .announce_ips
+        .first()
+        .cloned()
+        .unwrap_or_else(|| public.to_owned())
 }
 
 /// Loads the configuration (or, without one, makes a development one listening on

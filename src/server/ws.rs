@@ -63,6 +63,8 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
     let idle = Duration::from_secs(state.idle_timeout_s);
     let mut bad = 0u32;
     let (messages, texts) = (limiter(state.message_rate), limiter(state.text_rate));
+    // A join for a room another node serves: the session becomes a relay to it.
+    let mut relay: Option<(Upstream, String)> = None;
     // Why the session ends, and the close frame that says so (None: the peer closed
     // or the socket broke, so there is no one to tell).
     let (reason, close) = loop {
@@ -122,7 +124,14 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
                             })
                         } else { match msg {
                             ClientMessage::Ping { ts } => Some(ServerMessage::Pong { ts }),
-                            ClientMessage::Join(join) => join_command(&state, id, ip, join).await,
+                            ClientMessage::Join(join) => match join_command(&state, id, ip, join).await {
+                                JoinOutcome::Reply(m) => Some(m),
+                                JoinOutcome::Done => None,
+                                JoinOutcome::Relay(up) => {
+                                    relay = Some((up, text.to_string()));
+                                    break (LeaveReason::Disconnected, None);
+                                }
+                            },
                             other => {
                                 let _ = state.control.send(ControlCommand::Message { session: id, msg: other }).await;
                                 None
@@ -156,6 +165,10 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
                 None => break (LeaveReason::Timeout, Some((close::TOO_SLOW, "room events were not read fast enough"))),
             },
         }
+    };
+    let close: Option<(u16, String)> = match relay {
+        Some((up, join)) => super::relay::pipe(&state, &mut sink, &mut stream, up, join).await,
+        None => close.map(|(c, w)| (c, w.to_owned())),
     };
     match close {
         Some((code, why)) => {
@@ -212,17 +225,29 @@ fn credential_error(code: ErrorCode, e: &AuthError) -> ServerMessage {
     }
 }
 
-/// Verifies a `join`; on success hands the control task the ticket and returns nothing,
-/// otherwise returns the error to send.
+type Upstream = super::relay::Upstream;
+
+/// What a `join` became.
+enum JoinOutcome {
+    /// Refused: the error to send.
+    Reply(ServerMessage),
+    /// Handed to the control task with its verified ticket.
+    Done,
+    /// Its room is served by another node, reached: relay the session there.
+    Relay(Upstream),
+}
+
+/// Verifies a `join`; on success hands the control task the ticket (or, in a cluster,
+/// connects to the node serving the room), otherwise returns the error to send.
 async fn join_command(
     state: &AppState,
     id: SessionId,
     ip: std::net::IpAddr,
     join: Join,
-) -> Option<ServerMessage> {
+) -> JoinOutcome {
     let refuse = |outcome: &str, msg: ServerMessage| {
         state.metrics.joins.with_label_values(&[outcome]).inc();
-        Some(msg)
+        JoinOutcome::Reply(msg)
     };
     if let Some(why) = state.unavailable() {
         return refuse(
@@ -304,6 +329,52 @@ async fn join_command(
             );
         }
     };
+    if let Some(cluster) = &state.cluster {
+        let key = crate::room::RoomKey {
+            sdk_app_id: join.sdk_app_id,
+            room: ticket.room.clone(),
+        };
+        // A node that cannot be reached is suspected and the room placed again: at
+        // most one retry.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match cluster.route(&key).await {
+                Ok(crate::cluster::Route::Local) => break,
+                Ok(crate::cluster::Route::Remote(node)) => {
+                    match super::relay::connect(&node, ip).await {
+                        Ok(up) => {
+                            info!(session = id.0, user = %join.user_id, node = %node.id, "join relayed to the room's node");
+                            state.metrics.joins.with_label_values(&["relayed"]).inc();
+                            return JoinOutcome::Relay(up);
+                        }
+                        Err(e) if tries < 2 => {
+                            debug!(node = %node.id, error = %e, "the room's node did not answer");
+                            cluster.suspect(&node);
+                        }
+                        Err(e) => {
+                            return refuse(
+                                "unavailable",
+                                ServerMessage::error(
+                                    ErrorCode::Unavailable,
+                                    format!(
+                                        "the room's node {} cannot be reached now ({e}); try again",
+                                        node.id
+                                    ),
+                                ),
+                            )
+                        }
+                    }
+                }
+                Err(why) => {
+                    return refuse(
+                        "unavailable",
+                        ServerMessage::error(ErrorCode::Unavailable, why),
+                    )
+                }
+            }
+        }
+    }
     let _ = state
         .control
         .send(ControlCommand::Join {
@@ -315,5 +386,5 @@ async fn join_command(
             push: false,
         })
         .await;
-    None
+    JoinOutcome::Done
 }

@@ -20,6 +20,7 @@ pub mod node;
 pub mod peer;
 pub mod plot;
 pub mod publisher;
+pub mod redis;
 pub mod relay;
 pub mod rpc;
 pub mod source;

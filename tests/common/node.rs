@@ -35,7 +35,15 @@ impl Node {
 
     /// `tweak` changes the configuration file before the node starts.
     pub async fn start_with(env: &[(&str, &str)], tweak: impl FnOnce(&mut Config)) -> Self {
-        let app_config = AppKeys::generate_config(APP);
+        Self::start_app(AppKeys::generate_config(APP), env, tweak).await
+    }
+
+    /// A node serving `app_config` (several nodes of one cluster share their apps).
+    pub async fn start_app(
+        app_config: weir::config::AppConfig,
+        env: &[(&str, &str)],
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let app = AppKeys::from_config(&app_config).unwrap();
         let mut config = Config::development(None);
         config.server.dev_mode = false;
@@ -79,5 +87,51 @@ impl Node {
             config,
             _dir: dir,
         }
+    }
+}
+
+impl Node {
+    /// Copies the node's log lines to the test's output, prefixed with `name` (and
+    /// keeps its pipe from filling).
+    pub fn echo_stderr(&mut self, name: &'static str) {
+        use tokio::io::AsyncBufReadExt;
+        if let Some(err) = self.child.stderr.take() {
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(err).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    eprintln!("[{name}] {l}");
+                }
+            });
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.http)
+    }
+
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.config.server.metrics_addr.parse().unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        super::http_get(self.metrics_addr(), "/metrics").await
+    }
+
+    /// The node's `/cluster` view.
+    pub async fn cluster(&self) -> serde_json::Value {
+        let text = super::http_get(self.metrics_addr(), "/cluster").await;
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Sends a signal (`libc` names: "TERM", "KILL").
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {pid}");
     }
 }

@@ -28,11 +28,27 @@ impl Watcher {
         room: u32,
         relay: Option<std::net::SocketAddr>,
     ) -> Self {
-        let (mut signal, joined) = Client::join(&t.ws_url(), t.join(user, room, 0xff)).await;
+        Self::join_url(
+            &t.ws_url(),
+            t.join(user, room, 0xff),
+            relay,
+            t.udp_addr().port(),
+        )
+        .await
+    }
+
+    /// Joins with `join` at `url` (any node of a cluster); media through `relay` to
+    /// the server's `server_port` when given.
+    pub async fn join_url(
+        url: &str,
+        join: weir_signaling::Join,
+        relay: Option<std::net::SocketAddr>,
+        server_port: u16,
+    ) -> Self {
+        let (mut signal, joined) = Client::join(url, join).await;
         assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
         let events: Events = Arc::default();
         let peer: Arc<tokio::sync::Mutex<Option<RtcPeer>>> = Arc::default();
-        let server_port = t.udp_addr().port();
         let (e, pr) = (events.clone(), peer.clone());
         let (outbox, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<ClientMessage>();
         let task = tokio::spawn(async move {

@@ -1,0 +1,388 @@
+//! Several `weir` processes behind a real `redis-server`: rooms placed and found
+//! through Redis, sessions relayed to the node serving their room, a node killed or
+//! drained, Redis restarted under the cluster.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::node::Node;
+use common::publisher::{offer_to_publish, send_h264_and_opus, Offered, Pace};
+use common::redis::Redis;
+use common::watcher::Watcher;
+use common::{join_with, metric, Client, APP};
+use weir::auth::AppKeys;
+use weir::config::AppConfig;
+use weir_signaling::ServerMessage;
+
+/// A cluster node named `id` on `redis`, serving `app`.
+async fn cluster_node(
+    redis: &Redis,
+    app: &AppConfig,
+    id: &'static str,
+    tweak: impl FnOnce(&mut weir::config::Config),
+) -> Node {
+    let url = redis.url();
+    let mut node = Node::start_app(app.clone(), &[("RUST_LOG", "weir=info")], |c| {
+        c.cluster.redis_url = url;
+        c.cluster.node_id = id.into();
+        // The nodes relay each other's clients: they trust each other's
+        // X-Forwarded-For (here everyone is on loopback).
+        c.server.trusted_proxies = vec!["127.0.0.1".into()];
+        tweak(c);
+    })
+    .await;
+    node.echo_stderr(id);
+    node
+}
+
+async fn three_nodes(redis: &Redis) -> (AppConfig, Node, Node, Node) {
+    let app = AppKeys::generate_config(APP);
+    let a = cluster_node(redis, &app, "node-a", |_| {}).await;
+    let b = cluster_node(redis, &app, "node-b", |_| {}).await;
+    let c = cluster_node(redis, &app, "node-c", |_| {}).await;
+    // Each knows the other two within a heartbeat or two.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in [&a, &b, &c] {
+        loop {
+            let v = n.cluster().await;
+            if v["nodes"].as_array().map_or(0, |n| n.len()) == 3 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the nodes did not see each other: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    (app, a, b, c)
+}
+
+/// A publisher of H.264 + Opus joined through `url`, sending until the flag is set.
+struct Publisher {
+    signal: Client,
+    stream: String,
+    stop: Arc<AtomicBool>,
+    _peer: common::peer::RtcPeer,
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn publish_through(url: &str, app: &AppKeys, user: &str, room: u32) -> Publisher {
+    let (mut signal, joined) = Client::join(url, join_with(app, user, room, 0xff, true)).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+    let Offered {
+        stream,
+        mut peer,
+        video,
+        audio,
+        answer,
+    } = offer_to_publish(&mut signal).await;
+    peer.accept_answer(answer).await;
+    peer.connected().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let pts = (video.payload_type().await, audio.payload_type().await);
+    tokio::spawn(send_h264_and_opus(
+        Arc::new(common::publisher::h264_access_units(4)),
+        video.track.clone(),
+        audio.track.clone(),
+        pts,
+        Pace::Until(stop.clone()),
+    ));
+    Publisher {
+        signal,
+        stream: stream.stream_id,
+        stop,
+        _peer: peer,
+    }
+}
+
+/// Waits until `w` has received `n` packets of `kind` of `stream`.
+async fn until_received(w: &Watcher, stream: &str, kind: &str, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = w.received(stream, kind).await.len();
+        if got >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{got} {kind} packets of {stream} within {within:?}, wanted {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn joined_members(m: &ServerMessage) -> Vec<String> {
+    match m {
+        ServerMessage::Joined { members, .. } => {
+            members.iter().map(|m| m.user_id.clone()).collect()
+        }
+        other => panic!("not joined: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_through_any_node_lands_where_its_room_is_and_media_flows() {
+    let redis = Redis::start().await;
+    let (app_config, a, b, c) = three_nodes(&redis).await;
+    let app = AppKeys::from_config(&app_config).unwrap();
+    // The room's first member comes through B: the room is placed there (an equally
+    // loaded cluster keeps a room where its first member already is).
+    let publisher = publish_through(&b.ws_url(), &app, "presenter", 777).await;
+    assert_eq!(
+        redis.get("weir:room:1400000000/777").await.as_deref(),
+        Some("node-b")
+    );
+    // Viewers come through A and C: their sessions are relayed to B, their media goes
+    // to B's UDP port (its candidates are in B's offers).
+    let via_a = Watcher::join_url(
+        &a.ws_url(),
+        join_with(&app, "viewer-a", 777, 0xff, true),
+        None,
+        0,
+    )
+    .await;
+    let via_c = Watcher::join_url(
+        &c.ws_url(),
+        join_with(&app, "viewer-c", 777, 0xff, true),
+        None,
+        0,
+    )
+    .await;
+    for w in [&via_a, &via_c] {
+        until_received(w, &publisher.stream, "video", 60, Duration::from_secs(15)).await;
+        until_received(w, &publisher.stream, "audio", 50, Duration::from_secs(5)).await;
+    }
+    // One room, on B, with its three members; A and C relay one session each.
+    let (ma, mb, mc) = (a.metrics().await, b.metrics().await, c.metrics().await);
+    assert_eq!(metric(&mb, "weir_rooms"), 1.0);
+    assert_eq!(metric(&mb, "weir_participants"), 3.0);
+    for m in [&ma, &mc] {
+        assert_eq!(metric(m, "weir_rooms"), 0.0);
+        assert_eq!(metric(m, "weir_joins_total{outcome=\"relayed\""), 1.0);
+        assert_eq!(metric(m, "weir_cluster_relays{kind=\"signaling\""), 1.0);
+        assert_eq!(metric(m, "weir_cluster_routes_total{route=\"remote\""), 1.0);
+    }
+    // B routed all three joins (its own and the two relayed) to itself.
+    assert_eq!(
+        metric(&mb, "weir_cluster_routes_total{route=\"local\""),
+        3.0
+    );
+    // A later member sees the others (room events cross the relay both ways).
+    let (_late, joined) = Client::join(&c.ws_url(), join_with(&app, "late", 777, 0xff, true)).await;
+    let mut members = joined_members(&joined);
+    members.sort();
+    assert_eq!(members, ["presenter", "viewer-a", "viewer-c"]);
+    // Every node's view lists the three, with B's room counted.
+    let view = a.cluster().await;
+    let nodes = view["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{view}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let view = c.cluster().await;
+        let b_rooms = view["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == "node-b")
+            .map(|n| n["load"]["rooms"].as_u64().unwrap_or(0));
+        if b_rooms == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B's record never counted its room: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(publisher);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_clients_are_back_on_a_live_node_within_10_s() {
+    let redis = Redis::start().await;
+    let (app_config, a, b, c) = three_nodes(&redis).await;
+    let app = AppKeys::from_config(&app_config).unwrap();
+    // Room 1 on B (presenter through B, a viewer through A); room 2 on C, untouched.
+    let p1 = publish_through(&b.ws_url(), &app, "p1", 1).await;
+    let mut relayed = {
+        let (cl, joined) = Client::join(&a.ws_url(), join_with(&app, "v1", 1, 0xff, false)).await;
+        joined_members(&joined);
+        cl
+    };
+    let p2 = publish_through(&c.ws_url(), &app, "p2", 2).await;
+    let w2 = Watcher::join_url(&c.ws_url(), join_with(&app, "v2", 2, 0xff, true), None, 0).await;
+    until_received(&w2, &p2.stream, "video", 30, Duration::from_secs(15)).await;
+    let mut p1 = p1;
+
+    let killed = Instant::now();
+    b.signal("KILL");
+    // Both of room 1's sessions end: the direct one at once, the relayed one with 1001.
+    assert!(p1.signal.closed_within(Duration::from_secs(3)).await);
+    let close = relayed.close_code(Duration::from_secs(3)).await;
+    assert!(
+        matches!(close, Some(Some((1001, _)))),
+        "the relayed session ends with 1001 (join again): {close:?}"
+    );
+    let noticed = killed.elapsed();
+    // As the SDK does on a close: join again, through the entry node (A here).
+    let p1 = publish_through(&a.ws_url(), &app, "p1", 1).await;
+    let v1 = Watcher::join_url(&a.ws_url(), join_with(&app, "v1", 1, 0xff, true), None, 0).await;
+    until_received(&v1, &p1.stream, "video", 1, Duration::from_secs(10)).await;
+    let back = killed.elapsed();
+    eprintln!("node B killed: sessions closed after {noticed:?}, media back on a live node after {back:?}");
+    assert!(back < Duration::from_secs(10), "back after {back:?}");
+    let owner = redis.get("weir:room:1400000000/1").await;
+    assert!(
+        matches!(owner.as_deref(), Some("node-a") | Some("node-c")),
+        "room 1 placed again on a live node: {owner:?}"
+    );
+    // Room 2 did not notice: its video kept coming through the kill (no gap over 1 s).
+    let before = w2.received(&p2.stream, "video").await.len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let packets = w2.received(&p2.stream, "video").await;
+    assert!(packets.len() > before, "room 2's video goes on");
+    let gap = packets
+        .windows(2)
+        .filter(|w| w[0].at >= killed - Duration::from_secs(1))
+        .map(|w| w[1].at - w[0].at)
+        .max()
+        .unwrap();
+    assert!(
+        gap < Duration::from_secs(1),
+        "room 2's video paused {gap:?}"
+    );
+    let mc = c.metrics().await;
+    assert!(metric(&mc, "weir_rooms") >= 1.0);
+    // B is out of everyone's view once its record expires.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = a.cluster().await;
+        if v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["id"] != "node-b")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B still listed: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_takes_no_new_rooms_keeps_its_own_and_exits_when_they_end() {
+    let redis = Redis::start().await;
+    let app_config = AppKeys::generate_config(APP);
+    let app = AppKeys::from_config(&app_config).unwrap();
+    let a = cluster_node(&redis, &app_config, "node-a", |_| {}).await;
+    let mut b = cluster_node(&redis, &app_config, "node-b", |c| c.cluster.drain_s = 60).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let p = publish_through(&b.ws_url(), &app, "host", 10).await;
+    assert_eq!(
+        redis.get("weir:room:1400000000/10").await.as_deref(),
+        Some("node-b")
+    );
+    b.signal("TERM");
+    // Out of placement at once: a new room's first join through B goes to A.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let v = a.cluster().await;
+        let draining = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == "node-b" && n["draining"] == true);
+        if draining {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never said it drains: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut new, joined) = Client::join(&b.ws_url(), join_with(&app, "x", 11, 0xff, true)).await;
+    joined_members(&joined);
+    assert_eq!(
+        redis.get("weir:room:1400000000/11").await.as_deref(),
+        Some("node-a"),
+        "a new room never lands on a draining node"
+    );
+    // B's own room goes on: a new member (through A) joins it there and gets media.
+    let w = Watcher::join_url(
+        &a.ws_url(),
+        join_with(&app, "late", 10, 0xff, true),
+        None,
+        0,
+    )
+    .await;
+    until_received(&w, &p.stream, "video", 30, Duration::from_secs(15)).await;
+    assert!(b.child.try_wait().unwrap().is_none(), "B still serves");
+    let body = common::http_get(b.metrics_addr(), "/readyz").await;
+    assert!(
+        body.contains(" 503 "),
+        "B is not ready for new work: {body}"
+    );
+    // When its room ends (everyone leaves), B exits cleanly, long before drain_s.
+    // (B relays `x`'s session to A: that one is B's to keep until it ends, too.)
+    w.send(weir_signaling::ClientMessage::Leave);
+    new.send(&weir_signaling::ClientMessage::Leave).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(w);
+    drop(p);
+    let ended = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), b.child.wait())
+        .await
+        .expect("B exits once its rooms have ended")
+        .unwrap();
+    assert!(status.success(), "a clean exit: {status:?}");
+    eprintln!("B exited {:?} after its last room ended", ended.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_under_a_running_cluster_loses_no_room() {
+    let mut redis = Redis::start().await;
+    let (app_config, a, b, _c) = three_nodes(&redis).await;
+    let app = AppKeys::from_config(&app_config).unwrap();
+    let p = publish_through(&b.ws_url(), &app, "host", 20).await;
+    let w = Watcher::join_url(&a.ws_url(), join_with(&app, "v", 20, 0xff, true), None, 0).await;
+    until_received(&w, &p.stream, "video", 30, Duration::from_secs(15)).await;
+
+    redis.restart().await; // empty
+    let restarted = Instant::now();
+    assert_eq!(redis.get("weir:room:1400000000/20").await, None);
+    // The nodes write it all again: their records, and B's room.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let room = redis.get("weir:room:1400000000/20").await;
+        let nodes = redis.command("SCARD weir:nodes").await;
+        if room.as_deref() == Some("node-b") && nodes.as_deref() == Some(":3") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not rebuilt: room {room:?}, nodes {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "cluster state rebuilt {:?} after Redis came back empty",
+        restarted.elapsed()
+    );
+    // At once (before A's next heartbeat has read B's record again), a join through
+    // A finds the room on B: a live node's room is never taken from it.
+    // Media never stopped, and a join through A still finds the room on B.
+    let before = w.received(&p.stream, "video").await.len();
+    let (_late, joined) = Client::join(&a.ws_url(), join_with(&app, "late", 20, 0xff, true)).await;
+    let members = joined_members(&joined);
+    assert!(members.contains(&"host".to_string()), "{members:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(w.received(&p.stream, "video").await.len() > before);
+}
