@@ -207,6 +207,76 @@ async fn a_join_through_any_node_lands_where_its_room_is_and_media_flows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rtmp_push_aimed_at_another_node_is_served_by_the_room_s_node() {
+    let redis = Redis::start().await;
+    let (app_config, a, b, _c) = three_nodes(&redis).await;
+    let app = AppKeys::from_config(&app_config).unwrap();
+    // The room lives on B (its first member, a viewer, came through B).
+    let viewer = Watcher::join_url(
+        &b.ws_url(),
+        join_with(&app, "viewer", 30, 0xff, true),
+        None,
+        0,
+    )
+    .await;
+    assert_eq!(
+        redis.get("weir:room:1400000000/30").await.as_deref(),
+        Some("node-b")
+    );
+    // ffmpeg pushes to A, with the room's credentials.
+    let url = format!(
+        "rtmp://127.0.0.1:{}/live/pusher_cam?{}",
+        a.rtmp,
+        common::rtmp_query(&app, "pusher", 30, 0xff)
+    );
+    let mut ffmpeg = common::source::ffmpeg_push(&url, 8);
+    // The viewer on B receives the pushed video and audio (bridged on B).
+    until_received(&viewer, "pusher_cam", "video", 60, Duration::from_secs(15)).await;
+    until_received(&viewer, "pusher_cam", "audio", 50, Duration::from_secs(5)).await;
+    let (ma, mb) = (a.metrics().await, b.metrics().await);
+    assert_eq!(metric(&ma, "weir_cluster_relays{kind=\"rtmp\""), 1.0);
+    assert_eq!(
+        metric(
+            &ma,
+            "weir_rtmp_requests_total{outcome=\"relayed\",request=\"publish\""
+        ),
+        1.0
+    );
+    assert_eq!(metric(&ma, "weir_rooms"), 0.0);
+    assert_eq!(
+        metric(
+            &mb,
+            "weir_rtmp_requests_total{outcome=\"ok\",request=\"publish\""
+        ),
+        1.0
+    );
+    assert_eq!(metric(&mb, "weir_participants"), 2.0);
+    // A push the room's node refuses is refused to the pusher with its reason: this
+    // one has no send privileges (B decides; A only relays).
+    let refused = format!(
+        "rtmp://127.0.0.1:{}/live/pusher2_cam?{}",
+        a.rtmp,
+        common::rtmp_query(&app, "pusher2", 30, 0x01)
+    );
+    let out = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=160x120:rate=10",
+        ])
+        .args(["-t", "2", "-c:v", "libx264", "-f", "flv", &refused])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let _ = ffmpeg.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_s_clients_are_back_on_a_live_node_within_10_s() {
     let redis = Redis::start().await;
     let (app_config, a, b, c) = three_nodes(&redis).await;

@@ -3,6 +3,7 @@
 
 pub mod amf0;
 pub mod chunk;
+pub mod client;
 pub mod flv;
 pub mod session;
 

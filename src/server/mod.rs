@@ -26,6 +26,7 @@ mod record;
 mod record_api;
 mod relay;
 pub mod rtmp;
+mod rtmp_relay;
 mod supervise;
 pub mod tls;
 mod upload;

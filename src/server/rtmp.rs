@@ -691,6 +691,22 @@ impl Connection {
                             warn!(peer = %self.peer, "second publish on one connection; disconnected");
                             return;
                         }
+                        if let Some(node) = self.remote_room(&app, &tc_url, &name).await {
+                            self.set_role("relay");
+                            let epoch = self.now_ms() as u32;
+                            super::rtmp_relay::push(
+                                &self.state,
+                                &mut socket,
+                                &mut rtmp,
+                                &node,
+                                &app,
+                                &name,
+                                self.peer,
+                                epoch,
+                            )
+                            .await;
+                            return;
+                        }
                         match self.publish(&app, &tc_url, &name).await {
                             Ok((stream, rx)) => {
                                 rtmp.accept_publish(&stream);
@@ -816,6 +832,32 @@ impl Connection {
             if rtmp.has_output() && socket.write_all(&rtmp.take_output()).await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// In a cluster: the node serving the room a push's room credentials name, when
+    /// that is another node (None: serve it here, or let `publish` refuse it).
+    async fn remote_room(
+        &mut self,
+        app: &str,
+        tc_url: &str,
+        name: &str,
+    ) -> Option<Box<crate::cluster::NodeRecord>> {
+        let cluster = self.state.cluster.as_ref()?;
+        let (_, params) = split_name_and_query(name, tc_url, app);
+        param(&params, "usersig")?;
+        // Nothing reaches Redis before the credentials verify; a failure is left to
+        // `publish`, which counts it.
+        self.state.may_verify(self.peer.ip()).ok()?;
+        let (sdk_app_id, ticket) =
+            check_room_credentials(&self.state, &params, crate::auth::unix_now()).ok()?;
+        let key = crate::room::RoomKey {
+            sdk_app_id,
+            room: ticket.room,
+        };
+        match cluster.route(&key).await {
+            Ok(crate::cluster::Route::Remote(node)) => Some(node),
+            _ => None,
         }
     }
 
