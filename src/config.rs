@@ -21,6 +21,10 @@ pub struct Config {
     /// Apps known by `sdk_app_id` (`[[app]]` tables).
     #[serde(default, rename = "app")]
     pub apps: Vec<AppConfig>,
+    /// More `[[app]]` tables, each file holding only those (e.g. a Kubernetes Secret
+    /// mounted beside a ConfigMap); relative to the configuration file's directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub app_files: Vec<String>,
     /// The mini program room service (`/weapp/...`).
     #[serde(default)]
     pub room_service: RoomServiceConfig,
@@ -544,7 +548,25 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let config = Self::from_toml(&text, path)?;
+        let mut config = Self::from_toml(&text, path)?;
+        for file in std::mem::take(&mut config.app_files) {
+            let file = path.parent().unwrap_or(Path::new(".")).join(&file);
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct AppsFile {
+                #[serde(default, rename = "app")]
+                apps: Vec<AppConfig>,
+            }
+            let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            let more: AppsFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: file.clone(),
+                message: e.to_string(),
+            })?;
+            config.apps.extend(more.apps);
+        }
         if config.server.dev_mode {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),
@@ -584,6 +606,7 @@ impl Config {
                 ..ServerConfig::default()
             },
             apps: vec![crate::auth::AppKeys::generate_config(DEV_SDK_APP_ID)],
+            app_files: Vec::new(),
             room_service: RoomServiceConfig::default(),
             record: RecordConfig::default(),
             callbacks: CallbacksConfig::default(),
@@ -686,6 +709,7 @@ mod tests {
         let mut c = Config {
             server: ServerConfig::default(),
             apps: Vec::new(),
+            app_files: Vec::new(),
             room_service: RoomServiceConfig::default(),
             record: RecordConfig::default(),
             callbacks: CallbacksConfig::default(),
@@ -732,6 +756,25 @@ mod tests {
             )])
             .unwrap_err();
         assert!(err.to_string().contains("WEIR_"), "{err}");
+    }
+
+    #[test]
+    fn apps_may_come_from_their_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = crate::auth::AppKeys::generate_config(1_400_000_001);
+        let mut one = toml::Table::new();
+        one.insert(
+            "app".into(),
+            toml::Value::Array(vec![toml::Value::try_from(&app).unwrap()]),
+        );
+        std::fs::write(dir.path().join("apps.toml"), toml::to_string(&one).unwrap()).unwrap();
+        let main = dir.path().join("weir.toml");
+        std::fs::write(&main, "app_files = [\"apps.toml\"]\n[server]\n").unwrap();
+        let c = Config::load(&main).unwrap();
+        assert_eq!(c.apps, vec![app]);
+        std::fs::write(dir.path().join("apps.toml"), "[server]\n").unwrap();
+        let err = Config::load(&main).unwrap_err().to_string();
+        assert!(err.contains("apps.toml"), "{err}");
     }
 
     #[test]

@@ -87,6 +87,19 @@ impl AppKeys {
                 jwt_keys.push((kid.clone(), super::jwt::JwtKey::es256(s.verifying_key())));
             }
         }
+        // An empty HMAC key signs tokens anyone can make (and is what a template
+        // left unfilled holds): refused, as are the live URL keys below.
+        for (field, key) in [
+            ("secret_key", &c.secret_key),
+            ("live_push_key", &c.live_push_key),
+            ("live_play_key", &c.live_play_key),
+        ] {
+            if key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+                return Err(AuthError::BadKey(format!(
+                    "app {id}: {field} is empty; set the key or remove the line"
+                )));
+            }
+        }
         Ok(Self {
             sdk_app_id: id,
             secret_key: c.secret_key.clone(),

@@ -586,3 +586,18 @@ fn garbage_never_panics() {
         let _ = app.verify_private_map_key(s, "u", &RoomId::Num(1), T0);
     }
 }
+
+/// An unfilled template (`secret_key = ""`) would sign tokens anyone can make.
+#[test]
+fn an_empty_hmac_key_stops_the_app_from_loading() {
+    for field in ["secret_key", "live_push_key", "live_play_key"] {
+        let mut c = AppKeys::generate_config(1_400_000_000);
+        match field {
+            "secret_key" => c.secret_key = Some(" ".into()),
+            "live_push_key" => c.live_push_key = Some(String::new()),
+            _ => c.live_play_key = Some(String::new()),
+        }
+        let e = AppKeys::from_config(&c).unwrap_err().to_string();
+        assert!(e.contains(&format!("{field} is empty")), "{e}");
+    }
+}

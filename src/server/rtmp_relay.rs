@@ -13,7 +13,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::info;
 
-use super::rtmp::RtmpSocket;
 use super::AppState;
 use crate::cluster::NodeRecord;
 use crate::rtmp::amf0;
@@ -38,7 +37,7 @@ fn ended(why: &str, state: &AppState, peer: SocketAddr, node: &NodeRecord) {
 #[allow(clippy::too_many_arguments)]
 pub async fn push(
     state: &Arc<AppState>,
-    socket: &mut impl RtmpSocket,
+    socket: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send),
     rtmp: &mut ServerSession,
     node: &NodeRecord,
     app: &str,
