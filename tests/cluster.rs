@@ -277,6 +277,125 @@ async fn an_rtmp_push_aimed_at_another_node_is_served_by_the_room_s_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_and_http_flv_reach_the_node_serving_the_room() {
+    use common::peer::{h264, opus, RtcPeer};
+    use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+    let redis = Redis::start().await;
+    let (app_config, a, b, _c) = three_nodes(&redis).await;
+    let app = AppKeys::from_config(&app_config).unwrap();
+    let viewer = Watcher::join_url(
+        &b.ws_url(),
+        join_with(&app, "viewer", 40, 0xff, true),
+        None,
+        0,
+    )
+    .await;
+    // A WHIP publisher (a webrtc-crate client offering without candidates, as OBS
+    // does) posts to A: A forwards the offer to B and hands back B's answer, with an
+    // absolute Location on B for its DELETE.
+    let mut peer = RtcPeer::new().await;
+    let video = peer
+        .add_send_track(RtpCodecKind::Video, h264(), 0x5151)
+        .await;
+    let audio = peer
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x5252)
+        .await;
+    let offer: String = peer
+        .offer()
+        .await
+        .lines()
+        .filter(|l| !l.starts_with("a=candidate") && !l.starts_with("a=end-of-candidates"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    let token = app
+        .issue_private_map_key(
+            weir::auth::TokenKind::Jwt,
+            "obs",
+            &weir::auth::RoomId::Num(40),
+            weir::auth::Privileges(0xff),
+            weir::auth::unix_now(),
+            3600,
+        )
+        .unwrap();
+    let a_http: std::net::SocketAddr = format!("127.0.0.1:{}", a.http).parse().unwrap();
+    let (status, headers, answer) = common::http_request(
+        a_http,
+        "POST",
+        "/whip",
+        &[
+            ("Content-Type", "application/sdp"),
+            ("Authorization", &format!("Bearer {token}")),
+        ],
+        &offer,
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    let location = common::response_header(&headers, "location")
+        .unwrap()
+        .to_owned();
+    let b_base = format!("http://127.0.0.1:{}", b.http);
+    assert!(
+        location.starts_with(&format!("{b_base}/whip/resource/")),
+        "{location}"
+    );
+    peer.accept_answer(answer).await;
+    peer.connected().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let pts = (video.payload_type().await, audio.payload_type().await);
+    tokio::spawn(send_h264_and_opus(
+        Arc::new(common::publisher::h264_access_units(4)),
+        video.track.clone(),
+        audio.track.clone(),
+        pts,
+        Pace::Until(stop.clone()),
+    ));
+    let stream = format!("{APP}_40_obs_main");
+    until_received(&viewer, &stream, "video", 60, Duration::from_secs(15)).await;
+    // An HTTP-FLV player asks A for the stream B has: it is redirected there and plays.
+    let query = common::rtmp_query(&app, "flv-viewer", 40, 0xff);
+    let flv = format!("http://127.0.0.1:{}/live/{stream}.flv?{query}", a.http);
+    let out = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-read_intervals", "%+3", "-count_frames"])
+        .args([
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=nb_read_frames",
+        ])
+        .args(["-of", "csv=p=0", &flv])
+        .output()
+        .await
+        .unwrap();
+    let frames: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        frames > 10,
+        "frames through the redirect: {frames} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ma = a.metrics().await;
+    assert_eq!(
+        metric(&ma, "weir_whip_requests_total{outcome=\"forwarded\""),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &ma,
+            "weir_play_requests_total{outcome=\"redirected\",protocol=\"http-flv\""
+        ),
+        1.0
+    );
+    // DELETE at the Location ends the publication on B.
+    let path = location.trim_start_matches(&b_base).to_owned();
+    let b_http: std::net::SocketAddr = format!("127.0.0.1:{}", b.http).parse().unwrap();
+    let (status, _, _) = common::http_request(b_http, "DELETE", &path, &[], "").await;
+    assert_eq!(status, 200);
+    stop.store(true, Ordering::Relaxed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_s_clients_are_back_on_a_live_node_within_10_s() {
     let redis = Redis::start().await;
     let (app_config, a, b, c) = three_nodes(&redis).await;

@@ -9,6 +9,7 @@
 //!   (and is removed from `nodes` by whoever notices).
 //! - `room:{sdkappid}/{room}`: the id of the node serving the room, set when the room
 //!   is placed and refreshed every heartbeat by that node while the room lives.
+//! - `stream:{name}`: the node where a playable stream is live, refreshed likewise.
 //! - `lock:room:{sdkappid}/{room}`: held (with a random token, a few seconds) by the
 //!   node placing the room, so two first joins on two nodes choose one node.
 //!
@@ -30,6 +31,11 @@ pub mod keys {
 
     pub fn lock(room: &str) -> String {
         format!("weir:lock:room:{room}")
+    }
+
+    /// A playable stream's node (RTMP/HTTP-FLV and WHEP plays name streams).
+    pub fn stream(name: &str) -> String {
+        format!("weir:stream:{name}")
     }
 }
 

@@ -547,6 +547,16 @@ impl Hub {
     pub fn get(&self, name: &str) -> Option<(Arc<Source>, StreamPlace)> {
         self.sources.lock().expect("hub lock").get(name).cloned()
     }
+
+    /// Every stream's name (a cluster node writes them to Redis).
+    pub fn names(&self) -> Vec<String> {
+        self.sources
+            .lock()
+            .expect("hub lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -77,6 +77,10 @@ pub struct Cluster {
     poke: Notify,
     overload: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    /// The playable streams here, mapped in Redis each heartbeat.
+    hub: Arc<crate::live::Hub>,
+    /// Forwards WHIP/WHEP offers to other nodes.
+    pub http: reqwest::Client,
     claim: redis::Script,
     unlock: redis::Script,
 }
@@ -90,6 +94,7 @@ impl Cluster {
         max_rooms: usize,
         overload: Arc<AtomicBool>,
         metrics: Arc<Metrics>,
+        hub: Arc<crate::live::Hub>,
     ) -> anyhow::Result<Option<Arc<Self>>> {
         if config.redis_url.is_empty() {
             return Ok(None);
@@ -132,6 +137,8 @@ impl Cluster {
             poke: Notify::new(),
             overload,
             metrics,
+            hub,
+            http: reqwest::Client::new(),
             claim: redis::Script::new(CLAIM),
             unlock: redis::Script::new(UNLOCK),
         })))
@@ -524,7 +531,79 @@ impl Cluster {
                 self.metrics.cluster_room_conflicts.inc();
             }
         }
+        let streams = self.hub.names();
+        if !streams.is_empty() {
+            let mut pipe = redis::pipe();
+            for name in &streams {
+                pipe.cmd("SET")
+                    .arg(keys::stream(name))
+                    .arg(&self.id)
+                    .arg("PX")
+                    .arg(room_ttl_ms(&self.config))
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
         read_nodes(&mut conn).await
+    }
+
+    /// The live node other than this one where stream `name` plays, if Redis knows
+    /// one (None: here, nowhere, or Redis unreachable).
+    pub async fn stream_node(&self, name: &str) -> Option<Box<NodeRecord>> {
+        let mut conn = self.conn.clone();
+        let owner: Option<String> = redis::cmd("GET")
+            .arg(keys::stream(name))
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let owner = owner.filter(|o| *o != self.id)?;
+        if let Some(n) = self
+            .nodes()
+            .into_iter()
+            .find(|n| n.id == owner && n.is_fresh(now_ms(), self.config.node_ttl_ms))
+        {
+            return Some(Box::new(n));
+        }
+        let text: Option<String> = redis::cmd("GET")
+            .arg(keys::node(&owner))
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let record: NodeRecord = serde_json::from_str(&text?).ok()?;
+        (!self.is_suspect(&record)).then(|| Box::new(record))
+    }
+
+    /// A `307 Temporary Redirect` (method and body kept) to `node`'s
+    /// `path_and_query`, for HTTP clients (WHIP, WHEP, HTTP-FLV players) of a room
+    /// or stream served there.
+    pub fn redirect(
+        &self,
+        node: &NodeRecord,
+        path_and_query: &str,
+        kind: &str,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        self.metrics
+            .cluster_routes
+            .with_label_values(&["redirected"])
+            .inc();
+        info!(node = %node.id, kind, "HTTP request redirected to the node serving it");
+        let location = format!("{}{path_and_query}", node.addresses.http);
+        (
+            axum::http::StatusCode::TEMPORARY_REDIRECT,
+            [
+                (axum::http::header::LOCATION, location),
+                (
+                    axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                    "*".to_owned(),
+                ),
+                (
+                    axum::http::header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                    "Location".to_owned(),
+                ),
+            ],
+        )
+            .into_response()
     }
 }
 

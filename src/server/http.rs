@@ -265,6 +265,7 @@ async fn http_flv(
         count("not_found");
         return (StatusCode::NOT_FOUND, "play URLs end in .flv\n").into_response();
     };
+    let query_text = query.clone();
     let params: Vec<(String, String)> =
         url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -275,6 +276,24 @@ async fn http_flv(
     };
     let source = match authorized {
         Ok(s) => s,
+        Err(r) if r.outcome == "not_found" && state.cluster.is_some() => {
+            // Live on another node of the cluster: the player goes there.
+            let cluster = state.cluster.as_ref().expect("checked");
+            match cluster.stream_node(stream).await {
+                Some(node) => {
+                    count("redirected");
+                    let pq = match &query_text {
+                        Some(q) => format!("/live/{file}?{q}"),
+                        None => format!("/live/{file}"),
+                    };
+                    return cluster.redirect(&node, &pq, "http-flv");
+                }
+                None => {
+                    count(r.outcome);
+                    return (StatusCode::NOT_FOUND, format!("{}\n", r.message)).into_response();
+                }
+            }
+        }
         Err(r) => {
             count(r.outcome);
             tracing::info!(%stream, reason = %r.message, "HTTP-FLV play refused");

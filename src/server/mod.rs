@@ -613,6 +613,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         config.server.max_rooms,
         overload_for_cluster,
         metrics.clone(),
+        hub.clone(),
     )?;
     if let Some(c) = &cluster {
         // Know the cluster (and be known) before serving: one heartbeat, bounded.

@@ -278,10 +278,97 @@ fn status_of(code: ErrorCode) -> StatusCode {
     }
 }
 
+/// In a cluster, a WHIP or WHEP offer for a room another node serves is forwarded
+/// there (the same request, `X-Forwarded-For` naming the client) and its answer
+/// returned with an absolute `Location`, so the client's later `PATCH` and `DELETE`
+/// go to that node. (A redirect would do, but a browser drops `Authorization` on a
+/// redirect to another origin.)
+async fn forwarded(
+    state: &AppState,
+    peer: std::net::IpAddr,
+    sdk_app_id: u64,
+    ticket: &RoomTicket,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Option<Response> {
+    let cluster = state.cluster.as_ref()?;
+    let key = crate::room::RoomKey {
+        sdk_app_id,
+        room: ticket.room.clone(),
+    };
+    let node = match cluster.route(&key).await {
+        Ok(crate::cluster::Route::Local) => return None,
+        Ok(crate::cluster::Route::Remote(node)) => node,
+        Err(why) => return Some(refuse(StatusCode::SERVICE_UNAVAILABLE, why)),
+    };
+    let url = format!(
+        "{}{}",
+        node.addresses.http,
+        uri.path_and_query().map_or("/", |p| p.as_str())
+    );
+    let mut request = cluster
+        .http
+        .post(&url)
+        .timeout(std::time::Duration::from_secs(10))
+        .header("x-forwarded-for", peer.to_string())
+        .body(body.clone());
+    for name in [header::AUTHORIZATION, header::CONTENT_TYPE] {
+        if let Some(v) = headers.get(&name).and_then(|v| v.to_str().ok()) {
+            request = request.header(name.as_str(), v);
+        }
+    }
+    let answer = match request.send().await {
+        Ok(a) => a,
+        Err(e) => {
+            cluster.suspect(&node);
+            return Some(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the room's node {} cannot be reached now ({e}); try again",
+                    node.id
+                ),
+            ));
+        }
+    };
+    tracing::info!(node = %node.id, status = answer.status().as_u16(), "WHIP/WHEP offer forwarded to the room's node");
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut out = HeaderMap::new();
+    for (name, value) in answer.headers() {
+        let keep = [
+            header::CONTENT_TYPE,
+            header::ETAG,
+            header::LINK,
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        ];
+        if let Some(k) = keep.iter().find(|k| k.as_str() == name.as_str()) {
+            if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
+                out.append(k.clone(), v);
+            }
+        } else if name.as_str() == "location" {
+            let loc = value.to_str().unwrap_or("");
+            let absolute = if loc.starts_with('/') {
+                format!("{}{loc}", node.addresses.http)
+            } else {
+                loc.to_owned()
+            };
+            if let Ok(v) = HeaderValue::from_str(&absolute) {
+                out.insert(header::LOCATION, v);
+            }
+        }
+    }
+    let body = answer.bytes().await.unwrap_or_default();
+    let mut r = (status, body).into_response();
+    r.headers_mut().extend(out);
+    Some(r)
+}
+
 /// `POST /whip`: join, publish what the offer sends, answer it.
 pub async fn publish(
     State(state): State<Arc<AppState>>,
     axum::Extension(PeerAddr(peer)): axum::Extension<PeerAddr>,
+    uri: axum::http::Uri,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
@@ -301,6 +388,20 @@ pub async fn publish(
                 return *r;
             }
         };
+    if let Some(r) = forwarded(
+        &state,
+        peer.ip(),
+        sdk_app_id,
+        &ticket,
+        &uri,
+        &headers,
+        &body,
+    )
+    .await
+    {
+        count("forwarded");
+        return r;
+    }
     let kinds = crate::media::offered_send_kinds(offer);
     if kinds.is_empty() {
         count("bad_request");
@@ -558,6 +659,7 @@ pub async fn play(
     State(state): State<Arc<AppState>>,
     axum::Extension(PeerAddr(peer)): axum::Extension<PeerAddr>,
     Path(stream): Path<String>,
+    uri: axum::http::Uri,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
@@ -577,6 +679,20 @@ pub async fn play(
                 return *r;
             }
         };
+    if let Some(r) = forwarded(
+        &state,
+        peer.ip(),
+        sdk_app_id,
+        &ticket,
+        &uri,
+        &headers,
+        &body,
+    )
+    .await
+    {
+        count("forwarded");
+        return r;
+    }
     if !offer
         .lines()
         .any(|l| l.starts_with("m=audio ") || l.starts_with("m=video "))
