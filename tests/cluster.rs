@@ -251,6 +251,42 @@ async fn an_rtmp_push_aimed_at_another_node_is_served_by_the_room_s_node() {
         1.0
     );
     assert_eq!(metric(&mb, "weir_participants"), 2.0);
+    // An RTMP player aimed at A plays the stream from B (relayed: players do not
+    // follow redirects).
+    let play = format!(
+        "rtmp://127.0.0.1:{}/live/pusher_cam?{}",
+        a.rtmp,
+        common::rtmp_query(&app, "rtmp-viewer", 30, 0xff)
+    );
+    let out = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-read_intervals", "%+2", "-count_frames"])
+        .args([
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=nb_read_frames",
+        ])
+        .args(["-of", "csv=p=0", &play])
+        .output()
+        .await
+        .unwrap();
+    let frames: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        frames > 10,
+        "frames played through A: {frames} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ma = a.metrics().await;
+    assert_eq!(
+        metric(
+            &ma,
+            "weir_play_requests_total{outcome=\"relayed\",protocol=\"rtmp\""
+        ),
+        1.0
+    );
     // A push the room's node refuses is refused to the pusher with its reason: this
     // one has no send privileges (B decides; A only relays).
     let refused = format!(

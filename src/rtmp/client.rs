@@ -1,7 +1,8 @@
-//! The client side of an RTMP publish, sans I/O: what a node sends to relay a push
-//! it received to the node serving the push's room (cluster mode). It speaks what
-//! Weir's own [`super::ServerSession`] expects (the plain handshake, `connect`,
-//! `createStream`, `publish`) and then carries the pusher's messages unchanged.
+//! The client side of an RTMP publish or play, sans I/O: what a node uses to relay a
+//! push it received to the node serving the push's room, or a play to the node where
+//! the stream is live (cluster mode). It speaks what Weir's own
+//! [`super::ServerSession`] expects (the plain handshake, `connect`, `createStream`,
+//! `publish` or `play`) and then carries messages unchanged.
 
 use std::collections::VecDeque;
 
@@ -14,10 +15,16 @@ use super::session::{msg_type, RtmpError, HANDSHAKE_SIZE, OUT_CHUNK_SIZE};
 /// What the far side said.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientEvent {
-    /// `NetStream.Publish.Start`: media may flow.
+    /// `NetStream.Publish.Start` (or `NetStream.Play.Start` for a play): media may flow.
     Published,
     /// The far side refused (`_error` or an `onStatus` error): its code and words.
     Refused { code: String, description: String },
+    /// A play's message: audio, video or data, its FLV tag body unchanged.
+    Media {
+        type_id: u8,
+        timestamp: u32,
+        data: Bytes,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -35,6 +42,8 @@ enum State {
 }
 
 pub struct ClientPublish {
+    /// Plays instead of publishing.
+    play: bool,
     state: State,
     input: BytesMut,
     decoder: ChunkDecoder,
@@ -70,6 +79,7 @@ impl ClientPublish {
         }
         out.extend_from_slice(&c1);
         Self {
+            play: false,
             state: State::Handshake,
             input: BytesMut::with_capacity(4096),
             decoder: ChunkDecoder::new(Limits::default()),
@@ -83,6 +93,14 @@ impl ClientPublish {
             received: 0,
             acked: 0,
         }
+    }
+
+    /// Starts a play of `name` (with its query) on `app`: its media comes as
+    /// [`ClientEvent::Media`] once it is [`ClientEvent::Published`] (playing).
+    pub fn play(app: &str, tc_url: &str, name: &str, epoch: u32) -> Self {
+        let mut c = Self::new(app, tc_url, name, epoch);
+        c.play = true;
+        c
     }
 
     pub fn take_output(&mut self) -> Vec<u8> {
@@ -163,6 +181,15 @@ impl ClientPublish {
                 })?;
                 self.reply(&values);
             }
+            msg_type::AUDIO | msg_type::VIDEO | msg_type::DATA_AMF0
+                if self.play && self.state == State::Published =>
+            {
+                self.events.push_back(ClientEvent::Media {
+                    type_id: msg.type_id,
+                    timestamp: msg.timestamp,
+                    data: msg.payload,
+                });
+            }
             _ => {}
         }
         Ok(())
@@ -189,16 +216,16 @@ impl ClientPublish {
             ("_result", State::Creating) if txn == CREATE_TXN => {
                 self.stream_id = values.get(3).and_then(Amf0::as_number).unwrap_or(1.0) as u32;
                 let name = self.name.clone();
-                self.command(
-                    self.stream_id,
-                    &[
-                        string("publish"),
-                        Amf0::Number(PUBLISH_TXN),
-                        Amf0::Null,
-                        string(&name),
-                        string("live"),
-                    ],
-                );
+                let mut args = vec![
+                    string(if self.play { "play" } else { "publish" }),
+                    Amf0::Number(PUBLISH_TXN),
+                    Amf0::Null,
+                    string(&name),
+                ];
+                if !self.play {
+                    args.push(string("live"));
+                }
+                self.command(self.stream_id, &args);
                 self.state = State::Publishing;
             }
             ("onStatus", State::Publishing) => {
@@ -209,7 +236,12 @@ impl ClientPublish {
                         .unwrap_or("")
                         .to_owned()
                 };
-                if get("code") == "NetStream.Publish.Start" {
+                let started = if self.play {
+                    "NetStream.Play.Start"
+                } else {
+                    "NetStream.Publish.Start"
+                };
+                if get("code") == started {
                     self.state = State::Published;
                     self.events.push_back(ClientEvent::Published);
                 } else if get("level") == "error" {
@@ -345,6 +377,45 @@ mod tests {
                     data: Bytes::from_static(&[0xaf, 1, 2])
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn a_relayed_play_receives_what_the_server_sends() {
+        let mut c = ClientPublish::play("live", "rtmp://b/live", "s1?txSecret=x", 7);
+        let mut s = ServerSession::new(1);
+        for _ in 0..10 {
+            let o = c.take_output();
+            if !o.is_empty() {
+                s.handle_input(&o).unwrap();
+            }
+            while let Some(e) = s.poll_event() {
+                match e {
+                    Event::Connect { .. } => s.accept_connect(),
+                    Event::Play { name } => {
+                        assert_eq!(name, "s1?txSecret=x");
+                        s.accept_play("s1");
+                    }
+                    _ => {}
+                }
+            }
+            let o = s.take_output();
+            if !o.is_empty() {
+                c.handle_input(&o).unwrap();
+            }
+        }
+        assert_eq!(c.poll_event(), Some(ClientEvent::Published));
+        // (accept_play's |RtmpSampleAccess data message comes through too.)
+        while c.poll_event().is_some() {}
+        s.send_media(msg_type::VIDEO, 80, Bytes::from(vec![0x27u8; 9000]));
+        c.handle_input(&s.take_output()).unwrap();
+        assert_eq!(
+            c.poll_event(),
+            Some(ClientEvent::Media {
+                type_id: msg_type::VIDEO,
+                timestamp: 80,
+                data: Bytes::from(vec![0x27u8; 9000])
+            })
         );
     }
 

@@ -729,6 +729,27 @@ impl Connection {
                         let (stream, params) = split_name_and_query(&name, &tc_url, &app);
                         let authorized =
                             authorize_play(&self.state, self.peer.ip(), &stream, &params);
+                        // Live on another node of the cluster: play it from there.
+                        if let (Err(r), Some(cluster)) = (&authorized, self.state.cluster.clone()) {
+                            if r.outcome == "not_found" {
+                                if let Some(node) = cluster.stream_node(&stream).await {
+                                    self.set_role("relay");
+                                    let epoch = self.now_ms() as u32;
+                                    super::rtmp_relay::play(
+                                        &self.state,
+                                        &mut socket,
+                                        &mut rtmp,
+                                        &node,
+                                        &app,
+                                        &name,
+                                        self.peer,
+                                        epoch,
+                                    )
+                                    .await;
+                                    return;
+                                }
+                            }
+                        }
                         let authorized = match authorized {
                             Ok(source) => {
                                 ask_play(&self.state, self.peer.ip(), &stream, "rtmp", source).await

@@ -26,10 +26,160 @@ const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A pusher silent this long is gone (as for a local push).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What ended a relayed push, for the log.
-fn ended(why: &str, state: &AppState, peer: SocketAddr, node: &NodeRecord) {
-    info!(%peer, node = %node.id, why, "relayed RTMP push ended");
-    let _ = state;
+/// Counts a relayed RTMP connection while it lives.
+struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    fn new(state: &AppState) -> Self {
+        let g = state.metrics.cluster_relays.with_label_values(&["rtmp"]);
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+type Upstream = (
+    ClientPublish,
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+    Vec<u8>,
+);
+
+/// Connects `client` to `node`'s RTMP listener and waits for its verdict on the
+/// publish or play (Err: why not, for the client).
+async fn open(
+    state: &AppState,
+    node: &NodeRecord,
+    mut client: ClientPublish,
+) -> Result<Upstream, String> {
+    let addr = node.addresses.rtmp.trim_start_matches("rtmp://").to_owned();
+    let up =
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                if let Some(c) = &state.cluster {
+                    c.suspect(node);
+                }
+                return Err("the node serving it cannot be reached now; try again".into());
+            }
+        };
+    let _ = up.set_nodelay(true);
+    let (mut up_r, mut up_w) = up.into_split();
+    let mut up_buf = vec![0u8; 16 * 1024];
+    let verdict = tokio::time::timeout(VERDICT_TIMEOUT, async {
+        loop {
+            let out = client.take_output();
+            if !out.is_empty() && up_w.write_all(&out).await.is_err() {
+                return Err("the node serving it closed the connection".to_owned());
+            }
+            match client.poll_event() {
+                Some(ClientEvent::Published) => return Ok(()),
+                Some(ClientEvent::Refused { code, description }) => {
+                    return Err(format!("{description} ({code})"))
+                }
+                Some(ClientEvent::Media { .. }) => continue,
+                None => {}
+            }
+            match up_r.read(&mut up_buf).await {
+                Ok(0) | Err(_) => {
+                    return Err("the node serving it closed the connection".to_owned())
+                }
+                Ok(n) => client
+                    .handle_input(&up_buf[..n])
+                    .map_err(|e| e.to_string())?,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("the node serving it did not answer in time".to_owned()));
+    verdict.map(|()| (client, up_r, up_w, up_buf))
+}
+
+/// Relays the play the player at `peer` just asked for to `node`, where the stream
+/// is live (the player's credentials are checked there). Returns when either ends.
+#[allow(clippy::too_many_arguments)]
+pub async fn play(
+    state: &Arc<AppState>,
+    socket: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send),
+    rtmp: &mut ServerSession,
+    node: &NodeRecord,
+    app: &str,
+    name: &str,
+    peer: SocketAddr,
+    epoch: u32,
+) {
+    let _count = Counted::new(state);
+    let tc_url = format!("{}/{app}", node.addresses.rtmp);
+    let (mut client, mut up_r, mut up_w, mut up_buf) =
+        match open(state, node, ClientPublish::play(app, &tc_url, name, epoch)).await {
+            Ok(o) => o,
+            Err(why) => {
+                rtmp.reject("NetStream.Play.Failed", &why);
+                let _ = socket.write_all(&rtmp.take_output()).await;
+                return ended("refused by the stream's node", peer, node);
+            }
+        };
+    let stream = name.split('?').next().unwrap_or(name).to_owned();
+    rtmp.accept_play(&stream);
+    info!(%peer, node = %node.id, %stream, "RTMP play relayed to the stream's node");
+    state
+        .metrics
+        .play_requests
+        .with_label_values(&["rtmp", "relayed"])
+        .inc();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while let Some(e) = client.poll_event() {
+            match e {
+                ClientEvent::Media {
+                    type_id,
+                    timestamp,
+                    data,
+                } => rtmp.send_media(type_id, timestamp, data),
+                ClientEvent::Refused { .. } => {
+                    return ended("stopped by the stream's node", peer, node)
+                }
+                ClientEvent::Published => {}
+            }
+        }
+        let out = rtmp.take_output();
+        if !out.is_empty() && socket.write_all(&out).await.is_err() {
+            return ended("player gone", peer, node);
+        }
+        let out = client.take_output();
+        if !out.is_empty() && up_w.write_all(&out).await.is_err() {
+            return ended("the stream's node went away", peer, node);
+        }
+        tokio::select! {
+            r = socket.read(&mut buf) => match r {
+                Ok(n) if n > 0 => {
+                    if rtmp.handle_input(&buf[..n]).is_err() {
+                        return ended("player misbehaved", peer, node);
+                    }
+                    while rtmp.poll_event().is_some() {}
+                }
+                _ => return ended("player gone", peer, node),
+            },
+            r = up_r.read(&mut up_buf) => match r {
+                Ok(n) if n > 0 => {
+                    if client.handle_input(&up_buf[..n]).is_err() {
+                        return ended("the stream's node misbehaved", peer, node);
+                    }
+                }
+                _ => return ended("the stream's node went away (the stream ended)", peer, node),
+            },
+        }
+    }
+}
+
+/// What ended a relayed push or play, for the log.
+fn ended(why: &str, peer: SocketAddr, node: &NodeRecord) {
+    info!(%peer, node = %node.id, why, "relayed RTMP connection ended");
 }
 
 /// Relays the publish the pusher at `peer` just asked for (`rtmp` holds its session,
@@ -45,72 +195,25 @@ pub async fn push(
     peer: SocketAddr,
     epoch: u32,
 ) {
-    let gauge = state.metrics.cluster_relays.with_label_values(&["rtmp"]);
-    gauge.inc();
-    struct Dec(prometheus::IntGauge);
-    impl Drop for Dec {
-        fn drop(&mut self) {
-            self.0.dec();
-        }
-    }
-    let _count = Dec(gauge);
+    let _count = Counted::new(state);
     let refuse = |rtmp: &mut ServerSession, why: &str| {
         rtmp.reject("NetStream.Publish.Rejected", why);
     };
-    let addr = node.addresses.rtmp.trim_start_matches("rtmp://").to_owned();
-    let up =
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr)).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                if let Some(c) = &state.cluster {
-                    c.suspect(node);
-                }
-                refuse(rtmp, "the room's node cannot be reached now; push again");
+    let mut buf = vec![0u8; 64 * 1024];
+    let tc_url = format!("{}/{app}", node.addresses.rtmp);
+    let (mut client, mut up_r, mut up_w, mut up_buf) =
+        match open(state, node, ClientPublish::new(app, &tc_url, name, epoch)).await {
+            Ok(o) => o,
+            Err(why) => {
+                refuse(rtmp, &why);
                 let _ = socket.write_all(&rtmp.take_output()).await;
-                return ended("unreachable", state, peer, node);
+                return ended("refused by the room's node", peer, node);
             }
         };
-    let _ = up.set_nodelay(true);
-    let (mut up_r, mut up_w) = up.into_split();
-    let tc_url = format!("{}/{app}", node.addresses.rtmp);
-    let mut client = ClientPublish::new(app, &tc_url, name, epoch);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut up_buf = vec![0u8; 16 * 1024];
-
-    // The room's node decides.
-    let verdict = tokio::time::timeout(VERDICT_TIMEOUT, async {
-        loop {
-            let out = client.take_output();
-            if !out.is_empty() && up_w.write_all(&out).await.is_err() {
-                return Err("the room's node closed the connection".to_owned());
-            }
-            if let Some(e) = client.poll_event() {
-                return match e {
-                    ClientEvent::Published => Ok(()),
-                    ClientEvent::Refused { code, description } => {
-                        Err(format!("{description} ({code})"))
-                    }
-                };
-            }
-            match up_r.read(&mut up_buf).await {
-                Ok(0) | Err(_) => return Err("the room's node closed the connection".to_owned()),
-                Ok(n) => client
-                    .handle_input(&up_buf[..n])
-                    .map_err(|e| e.to_string())?,
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| Err("the room's node did not answer in time".to_owned()));
-    if let Err(why) = verdict {
-        refuse(rtmp, &why);
-        let _ = socket.write_all(&rtmp.take_output()).await;
-        return ended("refused by the room's node", state, peer, node);
-    }
     let stream = name.split('?').next().unwrap_or(name).to_owned();
     rtmp.accept_publish(&stream);
     if socket.write_all(&rtmp.take_output()).await.is_err() {
-        return ended("pusher gone", state, peer, node);
+        return ended("pusher gone", peer, node);
     }
     info!(%peer, node = %node.id, %stream, "RTMP push relayed to the room's node");
     state
@@ -129,38 +232,40 @@ pub async fn push(
                     0,
                     bytes::Bytes::from(amf0::encode_all(&values)),
                 ),
-                Event::Unpublish => return ended("unpublished", state, peer, node),
+                Event::Unpublish => return ended("unpublished", peer, node),
                 Event::Connect { .. } | Event::Publish { .. } | Event::Play { .. } => {}
             }
         }
         let out = client.take_output();
         if !out.is_empty() && up_w.write_all(&out).await.is_err() {
-            return ended("the room's node went away", state, peer, node);
+            return ended("the room's node went away", peer, node);
         }
         let out = rtmp.take_output();
         if !out.is_empty() && socket.write_all(&out).await.is_err() {
-            return ended("pusher gone", state, peer, node);
+            return ended("pusher gone", peer, node);
         }
         tokio::select! {
             r = tokio::time::timeout(IDLE_TIMEOUT, socket.read(&mut buf)) => match r {
                 Ok(Ok(n)) if n > 0 => {
                     if rtmp.handle_input(&buf[..n]).is_err() {
-                        return ended("pusher misbehaved", state, peer, node);
+                        return ended("pusher misbehaved", peer, node);
                     }
                 }
-                Ok(_) => return ended("pusher gone", state, peer, node),
-                Err(_) => return ended("pusher silent", state, peer, node),
+                Ok(_) => return ended("pusher gone", peer, node),
+                Err(_) => return ended("pusher silent", peer, node),
             },
             r = up_r.read(&mut up_buf) => match r {
                 Ok(n) if n > 0 => {
                     if client.handle_input(&up_buf[..n]).is_err() {
-                        return ended("the room's node misbehaved", state, peer, node);
+                        return ended("the room's node misbehaved", peer, node);
                     }
-                    if let Some(ClientEvent::Refused { .. }) = client.poll_event() {
-                        return ended("stopped by the room's node", state, peer, node);
+                    while let Some(e) = client.poll_event() {
+                        if let ClientEvent::Refused { .. } = e {
+                            return ended("stopped by the room's node", peer, node);
+                        }
                     }
                 }
-                _ => return ended("the room's node went away", state, peer, node),
+                _ => return ended("the room's node went away", peer, node),
             },
         }
     }
