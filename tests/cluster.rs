@@ -203,7 +203,65 @@ async fn a_join_through_any_node_lands_where_its_room_is_and_media_flows() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The operator's view: `weir cluster status` reads Redis.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["cluster", "status", "--redis", &redis.url()])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in ["node-a", "node-b", "node-c"] {
+        assert!(text.contains(id), "{id} listed: {text}");
+    }
+    assert!(text.contains("rooms on node-b: 1400000000/777"), "{text}");
     drop(publisher);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_end_of_its_drain_a_node_moves_its_members_and_they_rejoin_elsewhere() {
+    let redis = Redis::start().await;
+    let app_config = AppKeys::generate_config(APP);
+    let app = AppKeys::from_config(&app_config).unwrap();
+    let a = cluster_node(&redis, &app_config, "node-a", |_| {}).await;
+    let b = cluster_node(&redis, &app_config, "node-b", |c| c.cluster.drain_s = 2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (mut member, joined) =
+        Client::join(&b.ws_url(), join_with(&app, "m", 50, 0xff, true)).await;
+    joined_members(&joined);
+    let (mut relayed, joined) =
+        Client::join(&a.ws_url(), join_with(&app, "r", 50, 0xff, true)).await;
+    assert_eq!(joined_members(&joined), ["m"]);
+    b.signal("TERM");
+    // The room outlives the TERM by drain_s, then every member is told to move.
+    let t0 = Instant::now();
+    for c in [&mut member, &mut relayed] {
+        let left = c
+            .expect(|m| match m {
+                ServerMessage::Left { reason } => Some(*reason),
+                _ => None,
+            })
+            .await;
+        assert_eq!(left, weir_signaling::LeaveReason::ServerShutdown);
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "left only after the drain: {waited:?}"
+    );
+    // They join again through the entry node (A): the room is placed on A.
+    let (_m, joined) = Client::join(&a.ws_url(), join_with(&app, "m", 50, 0xff, true)).await;
+    joined_members(&joined);
+    let (_r, joined) = Client::join(&a.ws_url(), join_with(&app, "r", 50, 0xff, true)).await;
+    assert_eq!(joined_members(&joined), ["m"]);
+    assert_eq!(
+        redis.get("weir:room:1400000000/50").await.as_deref(),
+        Some("node-a")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
