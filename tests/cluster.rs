@@ -669,3 +669,128 @@ async fn redis_restarted_under_a_running_cluster_loses_no_room() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(w.received(&p.stream, "video").await.len() > before);
 }
+
+/// A room-service call (as the components make them) to one node's HTTP listener.
+async fn weapp(node: &Node, path_and_query: &str, body: serde_json::Value) -> serde_json::Value {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", node.http).parse().unwrap();
+    let (status, _, text) = common::http_request(
+        addr,
+        "POST",
+        path_and_query,
+        &[("Content-Type", "application/json")],
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{path_and_query}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path_and_query}: {e}: {text}"))
+}
+
+/// `<rtc-room>`'s sequence with every call on a different node, as a load balancer
+/// spreads them: login on A, push URL from A and the push to A, the room made on B,
+/// the pusher added on C. The token works everywhere, room calls reach the room's
+/// node, and the push moves from A to the room's node when add_pusher binds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mini_program_s_calls_and_push_may_reach_any_node() {
+    let redis = Redis::start().await;
+    let (app_config, a, b, c) = three_nodes(&redis).await;
+    let app = AppKeys::from_config(&app_config).unwrap();
+    let sig = app
+        .issue_user_sig(
+            weir::auth::TokenKind::V1,
+            "alice",
+            weir::auth::unix_now(),
+            3600,
+        )
+        .unwrap();
+    let enc = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    let login = weapp(
+        &a,
+        &format!(
+            "/weapp/multi_room/login?accountType=0&sdkAppID={APP}&userSig={}&userID=alice",
+            enc(&sig)
+        ),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(login["code"], 0, "{login}");
+    let token = login["token"].as_str().unwrap().to_owned();
+    let call = |action: &str| format!("/weapp/multi_room/{action}?userID=alice&token={token}");
+    let url = weapp(
+        &a,
+        &call("get_push_url"),
+        serde_json::json!({"userID": "alice"}),
+    )
+    .await;
+    assert_eq!(url["code"], 0, "{url}");
+    let push_url = url["pushURL"].as_str().unwrap().to_owned();
+    assert!(
+        push_url.contains(&format!(":{}/live/", a.rtmp)),
+        "{push_url}"
+    );
+    let mut ffmpeg = common::source::ffmpeg_push(&push_url, 20);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The room is made on B, with A's token.
+    let made = weapp(
+        &b,
+        &call("create_room"),
+        serde_json::json!({"userID": "alice", "roomInfo": "claims desk"}),
+    )
+    .await;
+    assert_eq!(made["code"], 0, "{made}");
+    let room_id = made["roomID"].as_str().unwrap().to_owned();
+    let room: u32 = room_id.parse().unwrap();
+    assert_eq!(
+        redis
+            .get(&format!("weir:room:{APP}/{room_id}"))
+            .await
+            .as_deref(),
+        Some("node-b"),
+        "the room is mapped to B as soon as it is made"
+    );
+    // A browser-side member through C (relayed to B).
+    let carol = Watcher::join_url(
+        &c.ws_url(),
+        join_with(&app, "carol", room, 0xff, true),
+        None,
+        0,
+    )
+    .await;
+    // The pusher is added through C: forwarded to B, which binds alice's push; A moves
+    // the push to B.
+    let added = weapp(
+        &c,
+        &call("add_pusher"),
+        serde_json::json!({"roomID": room_id, "roomInfo": "claims desk", "userID": "alice",
+            "userName": "Alice", "userAvatar": "https://x/a.png", "pushURL": push_url}),
+    )
+    .await;
+    assert_eq!(added["code"], 0, "{added}");
+    let stream = format!("{APP}_alice");
+    until_received(&carol, &stream, "video", 60, Duration::from_secs(20)).await;
+    until_received(&carol, &stream, "audio", 50, Duration::from_secs(5)).await;
+    // Any node lists it.
+    let pushers = weapp(
+        &a,
+        &call("get_pushers"),
+        serde_json::json!({"roomID": room_id}),
+    )
+    .await;
+    assert_eq!(pushers["code"], 0, "{pushers}");
+    let listed = pushers["pushers"].as_array().cloned().unwrap_or_default();
+    assert!(listed.iter().any(|p| p["userID"] == "alice"), "{pushers}");
+    let (ma, mc) = (a.metrics().await, c.metrics().await);
+    assert_eq!(
+        metric(
+            &ma,
+            "weir_rtmp_requests_total{outcome=\"moved\",request=\"publish\""
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &mc,
+            "weir_room_service_calls_total{kind=\"multi_room\",outcome=\"forwarded\""
+        ) >= 1.0
+    );
+    let _ = ffmpeg.kill().await;
+}

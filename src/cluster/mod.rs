@@ -10,6 +10,9 @@
 //! - `room:{sdkappid}/{room}`: the id of the node serving the room, set when the room
 //!   is placed and refreshed every heartbeat by that node while the room lives.
 //! - `stream:{name}`: the node where a playable stream is live, refreshed likewise.
+//! - `login:{token}`: a room-service login, so a mini program's calls may reach any
+//!   node; `bind:{stream}`: the node whose room took a room-service push name
+//!   (`add_pusher`), so the node the push reached moves it there.
 //! - `lock:room:{sdkappid}/{room}`: held (with a random token, a few seconds) by the
 //!   node placing the room, so two first joins on two nodes choose one node.
 //!
@@ -36,6 +39,17 @@ pub mod keys {
     /// A playable stream's node (RTMP/HTTP-FLV and WHEP plays name streams).
     pub fn stream(name: &str) -> String {
         format!("weir:stream:{name}")
+    }
+
+    /// A room-service login (its token), so every node accepts it.
+    pub fn login(token: &str) -> String {
+        format!("weir:login:{token}")
+    }
+
+    /// The node whose room an `add_pusher` bound a room-service push name to: the
+    /// node where that push arrived moves it there.
+    pub fn bind(stream: &str) -> String {
+        format!("weir:bind:{stream}")
     }
 }
 

@@ -547,6 +547,98 @@ impl Cluster {
         read_nodes(&mut conn).await
     }
 
+    /// Shares a room-service login with every node (for `ttl_ms`).
+    pub async fn share_login(&self, token: &str, login: &SharedLogin, ttl_ms: u64) {
+        let mut conn = self.conn.clone();
+        let _: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(keys::login(token))
+            .arg(serde_json::to_string(login).expect("serializes"))
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut conn)
+            .await;
+    }
+
+    /// A room-service login another node made (its idle time restarts).
+    pub async fn shared_login(&self, token: &str, ttl_ms: u64) -> Option<SharedLogin> {
+        let mut conn = self.conn.clone();
+        let text: Option<String> = redis::cmd("GET")
+            .arg(keys::login(token))
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let login = serde_json::from_str(&text?).ok()?;
+        let _: redis::RedisResult<i64> = redis::cmd("PEXPIRE")
+            .arg(keys::login(token))
+            .arg(ttl_ms)
+            .query_async(&mut conn)
+            .await;
+        Some(login)
+    }
+
+    /// A room just made here (by the room service): mapped to this node now, not at
+    /// the next heartbeat, so a join elsewhere in between finds it. Returns the node
+    /// serving it (another, if it was already mapped there).
+    pub async fn claim_room(&self, room: &RoomKey) -> Option<String> {
+        let name = room_name(room);
+        self.local
+            .write()
+            .expect("local rooms")
+            .insert(name.clone());
+        let mut conn = self.conn.clone();
+        self.claim
+            .key(keys::room(&name))
+            .arg(&self.id)
+            .arg(room_ttl_ms(&self.config))
+            .invoke_async(&mut conn)
+            .await
+            .ok()
+    }
+
+    /// `add_pusher` here took room-service push `stream`: wherever the push is, it is
+    /// to come here.
+    pub async fn bind_push_here(&self, stream: &str) {
+        let mut conn = self.conn.clone();
+        let _: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(keys::bind(stream))
+            .arg(&self.id)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await;
+    }
+
+    /// The other live node an `add_pusher` bound push `stream` to, if any.
+    pub async fn push_bound_elsewhere(&self, stream: &str) -> Option<Box<NodeRecord>> {
+        let mut conn = self.conn.clone();
+        let owner: Option<String> = redis::cmd("GET")
+            .arg(keys::bind(stream))
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let owner = owner.filter(|o| *o != self.id)?;
+        self.live_record(&mut conn, &owner).await
+    }
+
+    /// `id`'s record if it is alive (from the view, else read from Redis).
+    async fn live_record(&self, conn: &mut ConnectionManager, id: &str) -> Option<Box<NodeRecord>> {
+        if let Some(n) = self
+            .nodes()
+            .into_iter()
+            .find(|n| n.id == id && n.is_fresh(now_ms(), self.config.node_ttl_ms))
+        {
+            return Some(Box::new(n));
+        }
+        let text: Option<String> = redis::cmd("GET")
+            .arg(keys::node(id))
+            .query_async(conn)
+            .await
+            .ok()?;
+        let record: NodeRecord = serde_json::from_str(&text?).ok()?;
+        (record.is_fresh(now_ms(), self.config.node_ttl_ms) && !self.is_suspect(&record))
+            .then(|| Box::new(record))
+    }
+
     /// The live node other than this one where stream `name` plays, if Redis knows
     /// one (None: here, nowhere, or Redis unreachable).
     pub async fn stream_node(&self, name: &str) -> Option<Box<NodeRecord>> {
@@ -557,20 +649,7 @@ impl Cluster {
             .await
             .ok()?;
         let owner = owner.filter(|o| *o != self.id)?;
-        if let Some(n) = self
-            .nodes()
-            .into_iter()
-            .find(|n| n.id == owner && n.is_fresh(now_ms(), self.config.node_ttl_ms))
-        {
-            return Some(Box::new(n));
-        }
-        let text: Option<String> = redis::cmd("GET")
-            .arg(keys::node(&owner))
-            .query_async(&mut conn)
-            .await
-            .ok()?;
-        let record: NodeRecord = serde_json::from_str(&text?).ok()?;
-        (!self.is_suspect(&record)).then(|| Box::new(record))
+        self.live_record(&mut conn, &owner).await
     }
 
     /// A `307 Temporary Redirect` (method and body kept) to `node`'s
@@ -671,6 +750,15 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// A room-service login as shared through Redis.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SharedLogin {
+    pub sdk_app_id: u64,
+    pub user_id: String,
+    /// Unix seconds: when the userSig it was made from runs out.
+    pub expires_at: u64,
 }
 
 /// What `/cluster` and `weir cluster status` show: each live node, and the rooms

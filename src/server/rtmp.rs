@@ -613,6 +613,10 @@ impl Connection {
         let mut events_rx: Option<mpsc::Receiver<SessionEvent>> = None;
         let setup_deadline = Instant::now() + SETUP_TIMEOUT;
         let kill = self.kill.clone();
+        // A room-service push waiting here for its room may be bound to a room on
+        // another node (cluster): checked each second, and moved there.
+        let mut bind_check = tokio::time::interval(Duration::from_secs(1));
+        let mut publish_name = String::new();
         loop {
             let deadline = if self.session.is_none() {
                 setup_deadline
@@ -651,6 +655,18 @@ impl Connection {
                     info!(peer = %self.peer, stream = ?self.stream, "RTMP pusher replaced by a new connection for its stream");
                     self.leave = LeaveReason::Replaced;
                     return;
+                }
+                _ = bind_check.tick(), if self.pending.is_some() && self.state.cluster.is_some() => {
+                    let cluster = self.state.cluster.clone().expect("checked");
+                    let Some(stream) = self.stream.clone() else { continue };
+                    if let Some(node) = cluster.push_bound_elsewhere(&stream).await {
+                        let headers = self.pending.as_ref().map(|p| p.headers.clone()).unwrap_or_default();
+                        self.set_role("relay");
+                        let epoch = self.now_ms() as u32;
+                        super::rtmp_relay::push_moved(&self.state, &mut socket, &mut rtmp, &node, &app, &publish_name, headers, self.peer, epoch).await;
+                        return;
+                    }
+                    continue;
                 }
             };
             let n = match read {
@@ -691,6 +707,7 @@ impl Connection {
                             warn!(peer = %self.peer, "second publish on one connection; disconnected");
                             return;
                         }
+                        publish_name = name.clone();
                         if let Some(node) = self.remote_room(&app, &tc_url, &name).await {
                             self.set_role("relay");
                             let epoch = self.now_ms() as u32;

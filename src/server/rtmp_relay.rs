@@ -199,9 +199,9 @@ pub async fn push(
     let refuse = |rtmp: &mut ServerSession, why: &str| {
         rtmp.reject("NetStream.Publish.Rejected", why);
     };
-    let mut buf = vec![0u8; 64 * 1024];
+    let buf = vec![0u8; 64 * 1024];
     let tc_url = format!("{}/{app}", node.addresses.rtmp);
-    let (mut client, mut up_r, mut up_w, mut up_buf) =
+    let (client, up_r, up_w, up_buf) =
         match open(state, node, ClientPublish::new(app, &tc_url, name, epoch)).await {
             Ok(o) => o,
             Err(why) => {
@@ -221,6 +221,74 @@ pub async fn push(
         .rtmp_requests
         .with_label_values(&["publish", "relayed"])
         .inc();
+    forward(socket, rtmp, (client, up_r, up_w, up_buf), buf, peer, node).await
+}
+
+/// A room-service push accepted here (pending, in no room) that an `add_pusher` on
+/// `node` bound to a room there: published to `node` with its own URL, its kept
+/// sequence headers and metadata first, then carried on. The pusher notices nothing.
+#[allow(clippy::too_many_arguments)]
+pub async fn push_moved(
+    state: &Arc<AppState>,
+    socket: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send),
+    rtmp: &mut ServerSession,
+    node: &NodeRecord,
+    app: &str,
+    name: &str,
+    headers: Vec<crate::live::Tag>,
+    peer: SocketAddr,
+    epoch: u32,
+) {
+    let _count = Counted::new(state);
+    let tc_url = format!("{}/{app}", node.addresses.rtmp);
+    let (mut client, up_r, up_w, up_buf) = match open(
+        state,
+        node,
+        ClientPublish::new(app, &tc_url, name, epoch),
+    )
+    .await
+    {
+        Ok(o) => o,
+        Err(why) => {
+            // The pusher reconnects (the components retry) and lands anew.
+            info!(%peer, node = %node.id, %why, "a room-service push could not move to its room's node; closed");
+            return;
+        }
+    };
+    for t in headers {
+        let type_id = match t.kind {
+            crate::live::TagKind::Video => msg_type::VIDEO,
+            crate::live::TagKind::Audio => msg_type::AUDIO,
+            crate::live::TagKind::Script => msg_type::DATA_AMF0,
+        };
+        client.send(type_id, t.timestamp, t.data);
+    }
+    info!(%peer, node = %node.id, "room-service push moved to the node of the room add_pusher bound it to");
+    state
+        .metrics
+        .rtmp_requests
+        .with_label_values(&["publish", "moved"])
+        .inc();
+    forward(
+        socket,
+        rtmp,
+        (client, up_r, up_w, up_buf),
+        vec![0u8; 64 * 1024],
+        peer,
+        node,
+    )
+    .await
+}
+
+/// Carries a pusher's messages to the far node until either side ends.
+async fn forward(
+    socket: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send),
+    rtmp: &mut ServerSession,
+    (mut client, mut up_r, mut up_w, mut up_buf): Upstream,
+    mut buf: Vec<u8>,
+    peer: SocketAddr,
+    node: &NodeRecord,
+) {
     loop {
         // Whatever the pusher sent with its publish is already in `rtmp`.
         while let Some(event) = rtmp.poll_event() {

@@ -109,6 +109,25 @@ pub async fn call(
             obj.entry("userID").or_insert_with(|| json!(u));
         }
     }
+    // In a cluster: the app of a login shared through Redis, or the forwarded answer.
+    let mut shared_app = None;
+    if let Some(cluster) = state.cluster.clone() {
+        match in_cluster(
+            &state,
+            &cluster,
+            peer.ip(),
+            (&prefix, kind.name()),
+            &action,
+            query.as_deref(),
+            &pairs,
+            &body,
+        )
+        .await
+        {
+            Ok(app) => shared_app = app,
+            Err(r) => return r,
+        }
+    }
     let c = Call {
         kind,
         action: action.clone(),
@@ -116,6 +135,7 @@ pub async fn call(
         token: get(&pairs, "token").map(str::to_owned),
         body,
     };
+    let call_body = c.body.clone();
     let mut m = match ask(
         &state,
         ControlCommand::RoomService {
@@ -138,7 +158,163 @@ pub async fn call(
         .room_service_calls
         .with_label_values(&[kind.name(), outcome(&m)])
         .inc();
+    if let (Some(cluster), Some(0), Some(app)) = (
+        &state.cluster,
+        m.get("code").and_then(Value::as_i64),
+        shared_app,
+    ) {
+        after_in_cluster(cluster, app, &action, &call_body, &m).await;
+    }
     reply(StatusCode::OK, m)
+}
+
+/// How long a room-service login shared through Redis lives unused (as the room
+/// service's own idle limit).
+const SHARED_LOGIN_TTL_MS: u64 = 2 * 3600 * 1000;
+
+/// In a cluster, before a call is served here: a login made on any node is taken in
+/// (its token then works here), and a call naming a room another node serves is
+/// forwarded there (Err: its answer). Ok: serve it here (with the login's app).
+#[allow(clippy::too_many_arguments)]
+async fn in_cluster(
+    state: &AppState,
+    cluster: &super::cluster::Cluster,
+    ip: std::net::IpAddr,
+    (prefix, kind): (&str, &str),
+    action: &str,
+    query: Option<&str>,
+    pairs: &[(String, String)],
+    body: &Value,
+) -> Result<Option<u64>, Response> {
+    let Some(token) = get(pairs, "token") else {
+        return Ok(None);
+    };
+    let Some(login) = cluster.shared_login(token, SHARED_LOGIN_TTL_MS).await else {
+        return Ok(None);
+    };
+    if get(pairs, "userID") != Some(login.user_id.as_str()) {
+        return Ok(None); // the room service refuses it as it would any mismatch
+    }
+    let Some(random) = hex::decode(token)
+        .ok()
+        .and_then(|r| <[u8; 16]>::try_from(r).ok())
+    else {
+        return Ok(None);
+    };
+    let (tx, _rx) = tokio::sync::oneshot::channel();
+    let _ = state
+        .control
+        .send(ControlCommand::RoomServiceLogin {
+            sdk_app_id: login.sdk_app_id,
+            user_id: login.user_id.clone(),
+            expires_at: login.expires_at,
+            random,
+            reply: tx,
+        })
+        .await;
+    let app = Some(login.sdk_app_id);
+    let Some(room) = body
+        .get("roomID")
+        .and_then(|v| match v {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+        .and_then(|r| crate::weapp::room_id_of(&r))
+    else {
+        return Ok(app);
+    };
+    let key = crate::room::RoomKey {
+        sdk_app_id: login.sdk_app_id,
+        room,
+    };
+    let node = match cluster.route(&key).await {
+        Ok(crate::cluster::Route::Remote(node)) => node,
+        _ => return Ok(app),
+    };
+    let url = format!(
+        "{}/weapp/{prefix}/{action}{}",
+        node.addresses.http,
+        query.map(|q| format!("?{q}")).unwrap_or_default()
+    );
+    let answer = cluster
+        .http
+        .post(&url)
+        .timeout(std::time::Duration::from_secs(10))
+        .header("x-forwarded-for", ip.to_string())
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await;
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            cluster.suspect(&node);
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                -1,
+                format!(
+                    "the room's node {} cannot be reached now ({e}); try again",
+                    node.id
+                ),
+            ));
+        }
+    };
+    tracing::debug!(node = %node.id, action, "room-service call forwarded to the room's node");
+    state
+        .metrics
+        .room_service_calls
+        .with_label_values(&[kind, "forwarded"])
+        .inc();
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let text = answer.bytes().await.unwrap_or_default();
+    Err((
+        status,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// In a cluster, after a call served here succeeded: a room it made is mapped to this
+/// node at once; a push it bound (`add_pusher`) is to come here from wherever it is.
+async fn after_in_cluster(
+    cluster: &super::cluster::Cluster,
+    app: u64,
+    action: &str,
+    body: &Value,
+    answer: &Map<String, Value>,
+) {
+    match action {
+        "create_room" => {
+            let room = answer.get("roomID").and_then(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            });
+            if let Some(room) = room.and_then(|r| crate::weapp::room_id_of(&r)) {
+                cluster
+                    .claim_room(&crate::room::RoomKey {
+                        sdk_app_id: app,
+                        room,
+                    })
+                    .await;
+            }
+        }
+        "add_pusher" | "add_anchor" => {
+            let url = body.get("pushURL").and_then(Value::as_str).unwrap_or("");
+            let path = url.split('?').next().unwrap_or("");
+            if let Some(stream) = path.rsplit('/').next().filter(|s| !s.is_empty()) {
+                if crate::weapp::push_stream_app(stream).is_some() {
+                    cluster.bind_push_here(stream).await;
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 fn outcome(m: &Map<String, Value>) -> &'static str {
@@ -276,6 +452,16 @@ async fn login(
         .room_service_calls
         .with_label_values(&[kind.name(), "ok"])
         .inc();
+    if let Some(cluster) = &state.cluster {
+        let shared = super::cluster::SharedLogin {
+            sdk_app_id: identity.sdk_app_id,
+            user_id: identity.user_id.clone(),
+            expires_at: identity.expires_at,
+        };
+        cluster
+            .share_login(&token, &shared, SHARED_LOGIN_TTL_MS)
+            .await;
+    }
     let mut m = Map::new();
     m.insert("code".into(), json!(0));
     m.insert("message".into(), json!("请求成功"));
