@@ -120,6 +120,29 @@ async fn until_received(w: &Watcher, stream: &str, kind: &str, n: usize, within:
     }
 }
 
+/// Video frames ffprobe decodes from the first `seconds` of a play URL (its errors
+/// printed).
+async fn probe_frames(url: &str, seconds: u32) -> u64 {
+    let out = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-read_intervals", &format!("%+{seconds}")])
+        .args(["-count_frames", "-select_streams", "v:0"])
+        .args([
+            "-show_entries",
+            "stream=nb_read_frames",
+            "-of",
+            "csv=p=0",
+            url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    eprintln!("ffprobe {url}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
 fn joined_members(m: &ServerMessage) -> Vec<String> {
     match m {
         ServerMessage::Joined { members, .. } => {
@@ -316,27 +339,8 @@ async fn an_rtmp_push_aimed_at_another_node_is_served_by_the_room_s_node() {
         a.rtmp,
         common::rtmp_query(&app, "rtmp-viewer", 30, 0xff)
     );
-    let out = tokio::process::Command::new("ffprobe")
-        .args(["-v", "error", "-read_intervals", "%+2", "-count_frames"])
-        .args([
-            "-select_streams",
-            "v:0",
-            "-show_entries",
-            "stream=nb_read_frames",
-        ])
-        .args(["-of", "csv=p=0", &play])
-        .output()
-        .await
-        .unwrap();
-    let frames: u64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    assert!(
-        frames > 10,
-        "frames played through A: {frames} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let frames = probe_frames(&play, 2).await;
+    assert!(frames > 10, "frames played through A: {frames}");
     let ma = a.metrics().await;
     assert_eq!(
         metric(
@@ -448,27 +452,8 @@ async fn whip_and_http_flv_reach_the_node_serving_the_room() {
     // An HTTP-FLV player asks A for the stream B has: it is redirected there and plays.
     let query = common::rtmp_query(&app, "flv-viewer", 40, 0xff);
     let flv = format!("http://127.0.0.1:{}/live/{stream}.flv?{query}", a.http);
-    let out = tokio::process::Command::new("ffprobe")
-        .args(["-v", "error", "-read_intervals", "%+3", "-count_frames"])
-        .args([
-            "-select_streams",
-            "v:0",
-            "-show_entries",
-            "stream=nb_read_frames",
-        ])
-        .args(["-of", "csv=p=0", &flv])
-        .output()
-        .await
-        .unwrap();
-    let frames: u64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    assert!(
-        frames > 10,
-        "frames through the redirect: {frames} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let frames = probe_frames(&flv, 3).await;
+    assert!(frames > 10, "frames through the redirect: {frames}");
     let ma = a.metrics().await;
     assert_eq!(
         metric(&ma, "weir_whip_requests_total{outcome=\"forwarded\""),

@@ -661,9 +661,8 @@ impl Connection {
                     let Some(stream) = self.stream.clone() else { continue };
                     if let Some(node) = cluster.push_bound_elsewhere(&stream).await {
                         let headers = self.pending.as_ref().map(|p| p.headers.clone()).unwrap_or_default();
-                        self.set_role("relay");
-                        let epoch = self.now_ms() as u32;
-                        super::rtmp_relay::push_moved(&self.state, &mut socket, &mut rtmp, &node, &app, &publish_name, headers, self.peer, epoch).await;
+                        let relay = self.relay(&node, &app, &publish_name);
+                        super::rtmp_relay::push_moved(&relay, &mut socket, &mut rtmp, headers).await;
                         return;
                     }
                     continue;
@@ -709,19 +708,8 @@ impl Connection {
                         }
                         publish_name = name.clone();
                         if let Some(node) = self.remote_room(&app, &tc_url, &name).await {
-                            self.set_role("relay");
-                            let epoch = self.now_ms() as u32;
-                            super::rtmp_relay::push(
-                                &self.state,
-                                &mut socket,
-                                &mut rtmp,
-                                &node,
-                                &app,
-                                &name,
-                                self.peer,
-                                epoch,
-                            )
-                            .await;
+                            let relay = self.relay(&node, &app, &name);
+                            super::rtmp_relay::push(&relay, &mut socket, &mut rtmp).await;
                             return;
                         }
                         match self.publish(&app, &tc_url, &name).await {
@@ -750,19 +738,8 @@ impl Connection {
                         if let (Err(r), Some(cluster)) = (&authorized, self.state.cluster.clone()) {
                             if r.outcome == "not_found" {
                                 if let Some(node) = cluster.stream_node(&stream).await {
-                                    self.set_role("relay");
-                                    let epoch = self.now_ms() as u32;
-                                    super::rtmp_relay::play(
-                                        &self.state,
-                                        &mut socket,
-                                        &mut rtmp,
-                                        &node,
-                                        &app,
-                                        &name,
-                                        self.peer,
-                                        epoch,
-                                    )
-                                    .await;
+                                    let relay = self.relay(&node, &app, &name);
+                                    super::rtmp_relay::play(&relay, &mut socket, &mut rtmp).await;
                                     return;
                                 }
                             }
@@ -870,6 +847,24 @@ impl Connection {
             if rtmp.has_output() && socket.write_all(&rtmp.take_output()).await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// This connection, relayed to `node` from now on.
+    fn relay<'a>(
+        &'a mut self,
+        node: &'a crate::cluster::NodeRecord,
+        app: &'a str,
+        name: &'a str,
+    ) -> super::rtmp_relay::Relay<'a> {
+        self.set_role("relay");
+        super::rtmp_relay::Relay {
+            epoch: self.now_ms() as u32,
+            state: &self.state,
+            node,
+            app,
+            name,
+            peer: self.peer,
         }
     }
 

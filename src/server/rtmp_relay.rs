@@ -26,6 +26,20 @@ const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A pusher silent this long is gone (as for a local push).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// One RTMP connection relayed to another node: where, and what it asked for.
+#[derive(Clone, Copy)]
+pub struct Relay<'a> {
+    pub state: &'a Arc<AppState>,
+    /// The node serving the room or stream.
+    pub node: &'a NodeRecord,
+    pub app: &'a str,
+    /// The publish or play name with its query (the credentials), as the client sent it.
+    pub name: &'a str,
+    pub peer: SocketAddr,
+    /// Our handshake time field.
+    pub epoch: u32,
+}
+
 /// Counts a relayed RTMP connection while it lives.
 struct Counted(prometheus::IntGauge);
 
@@ -102,17 +116,19 @@ async fn open(
 
 /// Relays the play the player at `peer` just asked for to `node`, where the stream
 /// is live (the player's credentials are checked there). Returns when either ends.
-#[allow(clippy::too_many_arguments)]
 pub async fn play(
-    state: &Arc<AppState>,
+    r: &Relay<'_>,
     socket: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send),
     rtmp: &mut ServerSession,
-    node: &NodeRecord,
-    app: &str,
-    name: &str,
-    peer: SocketAddr,
-    epoch: u32,
 ) {
+    let Relay {
+        state,
+        node,
+        app,
+        name,
+        peer,
+        epoch,
+    } = *r;
     let _count = Counted::new(state);
     let tc_url = format!("{}/{app}", node.addresses.rtmp);
     let (mut client, mut up_r, mut up_w, mut up_buf) =
@@ -184,17 +200,19 @@ fn ended(why: &str, peer: SocketAddr, node: &NodeRecord) {
 
 /// Relays the publish the pusher at `peer` just asked for (`rtmp` holds its session,
 /// past `publish`) to `node`. Returns when either side ends.
-#[allow(clippy::too_many_arguments)]
 pub async fn push(
-    state: &Arc<AppState>,
+    r: &Relay<'_>,
     socket: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send),
     rtmp: &mut ServerSession,
-    node: &NodeRecord,
-    app: &str,
-    name: &str,
-    peer: SocketAddr,
-    epoch: u32,
 ) {
+    let Relay {
+        state,
+        node,
+        app,
+        name,
+        peer,
+        epoch,
+    } = *r;
     let _count = Counted::new(state);
     let refuse = |rtmp: &mut ServerSession, why: &str| {
         rtmp.reject("NetStream.Publish.Rejected", why);
@@ -227,18 +245,20 @@ pub async fn push(
 /// A room-service push accepted here (pending, in no room) that an `add_pusher` on
 /// `node` bound to a room there: published to `node` with its own URL, its kept
 /// sequence headers and metadata first, then carried on. The pusher notices nothing.
-#[allow(clippy::too_many_arguments)]
 pub async fn push_moved(
-    state: &Arc<AppState>,
+    r: &Relay<'_>,
     socket: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send),
     rtmp: &mut ServerSession,
-    node: &NodeRecord,
-    app: &str,
-    name: &str,
     headers: Vec<crate::live::Tag>,
-    peer: SocketAddr,
-    epoch: u32,
 ) {
+    let Relay {
+        state,
+        node,
+        app,
+        name,
+        peer,
+        epoch,
+    } = *r;
     let _count = Counted::new(state);
     let tc_url = format!("{}/{app}", node.addresses.rtmp);
     let (mut client, up_r, up_w, up_buf) = match open(
