@@ -45,7 +45,7 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// `redis://[:password@]host:port[/db]` (`rediss://` for TLS). Empty: one node,
+    /// `redis://[:password@]host:port[/db]` (no TLS yet: keep Redis private). Empty: one node,
     /// no cluster.
     pub redis_url: String,
     /// This node's id, unique in the cluster (empty: the host name and the HTTP port).
