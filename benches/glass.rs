@@ -24,6 +24,10 @@
 //! (paths: rtmp-chrome, chrome-chrome, rtmp-flv, rtmp-rtmp, chrome-flv, chrome-rtmp;
 //! BENCH_AUDIO=0 for video only; BENCH_SHOW_URL=1 prints the FLV player's URL, to try
 //! other players against the same stream). Writes `benches/artifacts/glass-PATH.{csv,svg}`.
+//! BENCH_CLUSTER=1 (rtmp sources): two nodes behind a `redis-server`; the room lives on
+//! the one the sink uses, the pusher reaches the other, which relays its push there
+//! (what a push landing on the wrong node of a cluster costs); written as
+//! `glass-PATH-relayed`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -428,12 +432,51 @@ async fn main() {
     let seconds = env("BENCH_SECONDS", 60);
     let with_audio = env("BENCH_AUDIO", 1) == 1;
     let (from, to) = path.split_once('-').expect("BENCH_PATH is SOURCE-SINK");
-    let t = TestServer::start_with(|c| {
+    let tweak = |c: &mut weir::config::Config| {
         if std::env::var("BENCH_CONGESTION").as_deref() == Ok("0") {
             c.server.congestion_control = false;
         }
-    })
-    .await;
+    };
+    let app_config = weir::auth::AppKeys::generate_config(APP);
+    // BENCH_CLUSTER=1: the sink's node is the room's ("origin"); the pusher reaches
+    // another ("edge"), which relays the push.
+    let cluster = std::env::var("BENCH_CLUSTER").as_deref() == Ok("1");
+    let redis = if cluster {
+        Some(common::redis::Redis::start().await)
+    } else {
+        None
+    };
+    let in_cluster = |id: &'static str| {
+        let url = redis.as_ref().map(|r| r.url());
+        move |c: &mut weir::config::Config| {
+            tweak(c);
+            if let Some(url) = url {
+                c.cluster.redis_url = url;
+                c.cluster.node_id = id.into();
+                c.server.trusted_proxies = vec!["127.0.0.1".into()];
+            }
+        }
+    };
+    let t = TestServer::start_app(app_config.clone(), in_cluster("origin")).await;
+    let edge = if cluster {
+        Some(TestServer::start_app(app_config, in_cluster("edge")).await)
+    } else {
+        None
+    };
+    // The room is placed on the origin by a first member there.
+    let _holder = if cluster {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let join = common::join_with(&t.app, "holder", ROOM, 0xff, false);
+        Some(common::Client::join(&t.ws_url(), join).await)
+    } else {
+        None
+    };
+    let label = if cluster {
+        assert_eq!(from, "rtmp", "BENCH_CLUSTER relays an RTMP push");
+        format!("{path}-relayed")
+    } else {
+        path.clone()
+    };
     let browser = if from == "chrome" || to == "chrome" {
         Some(Browser::launch().await)
     } else {
@@ -469,7 +512,8 @@ async fn main() {
                 "{stream}?sdkappid={APP}&userid=pusher&roomid={ROOM}&usersig={sig}&privatemapkey={pmk}"
             );
             let mut src = Source::start(seconds + 20, with_audio);
-            let mut pusher = RtmpPusher::publish(t.server.rtmp_addr.unwrap(), "live", &name).await;
+            let ingest = edge.as_ref().unwrap_or(&t).server.rtmp_addr.unwrap();
+            let mut pusher = RtmpPusher::publish(ingest, "live", &name).await;
             let mut tags =
                 std::mem::replace(&mut src.tags, tokio::sync::mpsc::unbounded_channel().1);
             tokio::spawn(async move {
@@ -578,7 +622,14 @@ async fn main() {
         }
         _ => unreachable!(),
     };
-    report(&path, seconds, with_audio, &stamps, &received);
+    if let Some(edge) = &edge {
+        let m = edge.metrics().await;
+        println!(
+            "relayed by the edge: {} push(es)",
+            common::metric(&m, "weir_rtmp_requests_total{outcome=\"relayed\",request=\"publish\"")
+        );
+    }
+    report(&label, seconds, with_audio, &stamps, &received);
 }
 
 fn report(path: &str, seconds: u64, with_audio: bool, stamps: &Stamps, r: &Received) {

@@ -40,6 +40,11 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_app(AppKeys::generate_config(APP), tweak).await
+    }
+
+    /// A server of `app_config` (several servers of one cluster share their apps).
+    pub async fn start_app(app_config: AppConfig, tweak: impl FnOnce(&mut Config)) -> Self {
         // A failing test shows the server's side of it (the test writer's output is
         // kept for failures only); RUST_LOG=weir=debug shows more.
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -48,7 +53,6 @@ impl TestServer {
             .with_env_filter(filter)
             .with_test_writer()
             .try_init();
-        let app_config: AppConfig = AppKeys::generate_config(APP);
         let mut config = Config::development(None);
         config.apps = vec![app_config.clone()];
         config.server.http_addr = "127.0.0.1:0".into();
