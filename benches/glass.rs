@@ -626,7 +626,10 @@ async fn main() {
         let m = edge.metrics().await;
         println!(
             "relayed by the edge: {} push(es)",
-            common::metric(&m, "weir_rtmp_requests_total{outcome=\"relayed\",request=\"publish\"")
+            common::metric(
+                &m,
+                "weir_rtmp_requests_total{outcome=\"relayed\",request=\"publish\""
+            )
         );
     }
     report(&label, seconds, with_audio, &stamps, &received);
