@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::amf0::{self, object, string, Amf0};
 use super::chunk::{self, ChunkDecoder, Limits, Message};
-use super::session::{msg_type, RtmpError, HANDSHAKE_SIZE, OUT_CHUNK_SIZE};
+use super::session::{self, msg_type, RtmpError, HANDSHAKE_SIZE, OUT_CHUNK_SIZE};
 
 /// What the far side said.
 #[derive(Debug, Clone, PartialEq)]
@@ -285,31 +285,13 @@ impl ClientPublish {
     }
 
     fn control(&mut self, type_id: u8, payload: Vec<u8>) {
-        chunk::encode(
-            &Message {
-                csid: 2,
-                timestamp: 0,
-                type_id,
-                stream_id: 0,
-                payload: Bytes::from(payload),
-            },
-            OUT_CHUNK_SIZE,
-            &mut self.out,
-        );
+        session::encode_control(&mut self.out, type_id, payload);
     }
 
+    /// Commands go on chunk stream 3 (the connection's) or 5 (the stream's), as the
+    /// server's replies do.
     fn command(&mut self, stream_id: u32, values: &[Amf0]) {
-        chunk::encode(
-            &Message {
-                csid: 3,
-                timestamp: 0,
-                type_id: msg_type::COMMAND_AMF0,
-                stream_id,
-                payload: Bytes::from(amf0::encode_all(values)),
-            },
-            OUT_CHUNK_SIZE,
-            &mut self.out,
-        );
+        session::encode_command(&mut self.out, stream_id, values);
     }
 }
 

@@ -317,31 +317,11 @@ impl ServerSession {
     }
 
     fn control(&mut self, type_id: u8, payload: Vec<u8>) {
-        chunk::encode(
-            &Message {
-                csid: 2,
-                timestamp: 0,
-                type_id,
-                stream_id: 0,
-                payload: Bytes::from(payload),
-            },
-            OUT_CHUNK_SIZE,
-            &mut self.out,
-        );
+        encode_control(&mut self.out, type_id, payload);
     }
 
     fn command_reply(&mut self, stream_id: u32, values: Vec<Amf0>) {
-        chunk::encode(
-            &Message {
-                csid: if stream_id == 0 { 3 } else { 5 },
-                timestamp: 0,
-                type_id: msg_type::COMMAND_AMF0,
-                stream_id,
-                payload: Bytes::from(amf0::encode_all(&values)),
-            },
-            OUT_CHUNK_SIZE,
-            &mut self.out,
-        );
+        encode_command(&mut self.out, stream_id, &values);
     }
 
     fn user_control(&mut self, event: u16, stream_id: u32) {
@@ -455,6 +435,37 @@ impl ServerSession {
             &mut self.out,
         );
     }
+}
+
+/// A protocol-control message (chunk stream 2, message stream 0), appended to `out`.
+pub(super) fn encode_control(out: &mut Vec<u8>, type_id: u8, payload: Vec<u8>) {
+    chunk::encode(
+        &Message {
+            csid: 2,
+            timestamp: 0,
+            type_id,
+            stream_id: 0,
+            payload: Bytes::from(payload),
+        },
+        OUT_CHUNK_SIZE,
+        out,
+    );
+}
+
+/// An AMF0 command on `stream_id` (chunk stream 3 for the connection's, 5 for a
+/// stream's), appended to `out`.
+pub(super) fn encode_command(out: &mut Vec<u8>, stream_id: u32, values: &[Amf0]) {
+    chunk::encode(
+        &Message {
+            csid: if stream_id == 0 { 3 } else { 5 },
+            timestamp: 0,
+            type_id: msg_type::COMMAND_AMF0,
+            stream_id,
+            payload: Bytes::from(amf0::encode_all(values)),
+        },
+        OUT_CHUNK_SIZE,
+        out,
+    );
 }
 
 #[cfg(test)]

@@ -31,9 +31,19 @@ fn room_ttl_ms(config: &ClusterConfig) -> u64 {
 /// The room's name in Redis keys: `{sdkappid}/{roomID}`, or `{sdkappid}/s:{strRoomID}`
 /// (a numeric and a string room of the same text are two rooms).
 pub fn room_name(key: &RoomKey) -> String {
-    match &key.room {
-        crate::auth::RoomId::Num(n) => format!("{}/{n}", key.sdk_app_id),
-        crate::auth::RoomId::Str(s) => format!("{}/s:{s}", key.sdk_app_id),
+    named(
+        key.sdk_app_id,
+        matches!(key.room, crate::auth::RoomId::Num(_)),
+        &key.name(),
+    )
+}
+
+/// [`room_name`] from the parts a room summary has.
+fn named(sdk_app_id: u64, numeric: bool, room: &str) -> String {
+    if numeric {
+        format!("{sdk_app_id}/{room}")
+    } else {
+        format!("{sdk_app_id}/s:{room}")
     }
 }
 
@@ -420,13 +430,7 @@ impl Cluster {
         let Ok(rooms) = rx.await else { return };
         let names: HashSet<String> = rooms
             .iter()
-            .map(|r| {
-                if r.numeric {
-                    format!("{}/{}", r.sdk_app_id, r.room)
-                } else {
-                    format!("{}/s:{}", r.sdk_app_id, r.room)
-                }
-            })
+            .map(|r| named(r.sdk_app_id, r.numeric, &r.room))
             .collect();
         let participants: usize = rooms.iter().map(|r| r.members.len()).sum();
         let tracks: usize = rooms.iter().map(|r| r.streams.len()).sum();
@@ -610,9 +614,14 @@ impl Cluster {
 
     /// The other live node an `add_pusher` bound push `stream` to, if any.
     pub async fn push_bound_elsewhere(&self, stream: &str) -> Option<Box<NodeRecord>> {
+        self.other_live_node_at(&keys::bind(stream)).await
+    }
+
+    /// The live node other than this one whose id Redis holds at `key`.
+    async fn other_live_node_at(&self, key: &str) -> Option<Box<NodeRecord>> {
         let mut conn = self.conn.clone();
         let owner: Option<String> = redis::cmd("GET")
-            .arg(keys::bind(stream))
+            .arg(key)
             .query_async(&mut conn)
             .await
             .ok()?;
@@ -642,14 +651,7 @@ impl Cluster {
     /// The live node other than this one where stream `name` plays, if Redis knows
     /// one (None: here, nowhere, or Redis unreachable).
     pub async fn stream_node(&self, name: &str) -> Option<Box<NodeRecord>> {
-        let mut conn = self.conn.clone();
-        let owner: Option<String> = redis::cmd("GET")
-            .arg(keys::stream(name))
-            .query_async(&mut conn)
-            .await
-            .ok()?;
-        let owner = owner.filter(|o| *o != self.id)?;
-        self.live_record(&mut conn, &owner).await
+        self.other_live_node_at(&keys::stream(name)).await
     }
 
     /// A `307 Temporary Redirect` (method and body kept) to `node`'s

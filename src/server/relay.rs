@@ -61,12 +61,12 @@ pub async fn pipe(
     up: Upstream,
     join: String,
 ) -> Option<(u16, String)> {
-    let gauge = state
-        .metrics
-        .cluster_relays
-        .with_label_values(&["signaling"]);
-    gauge.inc();
-    let _count = scopeguard(move || gauge.dec());
+    let _count = Counted::new(
+        state
+            .metrics
+            .cluster_relays
+            .with_label_values(&["signaling"]),
+    );
     let (mut up_tx, mut up_rx) = up.split();
     let gone = || {
         Some((
@@ -132,15 +132,18 @@ pub async fn pipe(
     }
 }
 
-/// Runs `f` when dropped.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f()
-            }
-        }
+/// A relay counted in a gauge while it lives (signaling here, RTMP in `rtmp_relay`).
+pub struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    pub fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
     }
-    Guard(Some(f))
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -41,20 +41,8 @@ pub struct Relay<'a> {
 }
 
 /// Counts a relayed RTMP connection while it lives.
-struct Counted(prometheus::IntGauge);
-
-impl Counted {
-    fn new(state: &AppState) -> Self {
-        let g = state.metrics.cluster_relays.with_label_values(&["rtmp"]);
-        g.inc();
-        Self(g)
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
+fn counted(state: &AppState) -> super::relay::Counted {
+    super::relay::Counted::new(state.metrics.cluster_relays.with_label_values(&["rtmp"]))
 }
 
 type Upstream = (
@@ -64,13 +52,16 @@ type Upstream = (
     Vec<u8>,
 );
 
-/// Connects `client` to `node`'s RTMP listener and waits for its verdict on the
-/// publish or play (Err: why not, for the client).
-async fn open(
-    state: &AppState,
-    node: &NodeRecord,
-    mut client: ClientPublish,
-) -> Result<Upstream, String> {
+/// Connects to the relay's node as an RTMP client publishing (or, with `play`,
+/// playing) its name, and waits for that node's verdict (Err: why not, for the client).
+async fn open(r: &Relay<'_>, play: bool) -> Result<Upstream, String> {
+    let (state, node) = (r.state, r.node);
+    let tc_url = format!("{}/{}", node.addresses.rtmp, r.app);
+    let mut client = if play {
+        ClientPublish::play(r.app, &tc_url, r.name, r.epoch)
+    } else {
+        ClientPublish::new(r.app, &tc_url, r.name, r.epoch)
+    };
     let addr = node.addresses.rtmp.trim_start_matches("rtmp://").to_owned();
     let up =
         match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr)).await {
@@ -124,22 +115,19 @@ pub async fn play(
     let Relay {
         state,
         node,
-        app,
         name,
         peer,
-        epoch,
+        ..
     } = *r;
-    let _count = Counted::new(state);
-    let tc_url = format!("{}/{app}", node.addresses.rtmp);
-    let (mut client, mut up_r, mut up_w, mut up_buf) =
-        match open(state, node, ClientPublish::play(app, &tc_url, name, epoch)).await {
-            Ok(o) => o,
-            Err(why) => {
-                rtmp.reject("NetStream.Play.Failed", &why);
-                let _ = socket.write_all(&rtmp.take_output()).await;
-                return ended("refused by the stream's node", peer, node);
-            }
-        };
+    let _count = counted(state);
+    let (mut client, mut up_r, mut up_w, mut up_buf) = match open(r, true).await {
+        Ok(o) => o,
+        Err(why) => {
+            rtmp.reject("NetStream.Play.Failed", &why);
+            let _ = socket.write_all(&rtmp.take_output()).await;
+            return ended("refused by the stream's node", peer, node);
+        }
+    };
     let stream = name.split('?').next().unwrap_or(name).to_owned();
     rtmp.accept_play(&stream);
     info!(%peer, node = %node.id, %stream, "RTMP play relayed to the stream's node");
@@ -208,26 +196,20 @@ pub async fn push(
     let Relay {
         state,
         node,
-        app,
         name,
         peer,
-        epoch,
+        ..
     } = *r;
-    let _count = Counted::new(state);
-    let refuse = |rtmp: &mut ServerSession, why: &str| {
-        rtmp.reject("NetStream.Publish.Rejected", why);
-    };
+    let _count = counted(state);
     let buf = vec![0u8; 64 * 1024];
-    let tc_url = format!("{}/{app}", node.addresses.rtmp);
-    let (client, up_r, up_w, up_buf) =
-        match open(state, node, ClientPublish::new(app, &tc_url, name, epoch)).await {
-            Ok(o) => o,
-            Err(why) => {
-                refuse(rtmp, &why);
-                let _ = socket.write_all(&rtmp.take_output()).await;
-                return ended("refused by the room's node", peer, node);
-            }
-        };
+    let (client, up_r, up_w, up_buf) = match open(r, false).await {
+        Ok(o) => o,
+        Err(why) => {
+            rtmp.reject("NetStream.Publish.Rejected", &why);
+            let _ = socket.write_all(&rtmp.take_output()).await;
+            return ended("refused by the room's node", peer, node);
+        }
+    };
     let stream = name.split('?').next().unwrap_or(name).to_owned();
     rtmp.accept_publish(&stream);
     if socket.write_all(&rtmp.take_output()).await.is_err() {
@@ -252,22 +234,10 @@ pub async fn push_moved(
     headers: Vec<crate::live::Tag>,
 ) {
     let Relay {
-        state,
-        node,
-        app,
-        name,
-        peer,
-        epoch,
+        state, node, peer, ..
     } = *r;
-    let _count = Counted::new(state);
-    let tc_url = format!("{}/{app}", node.addresses.rtmp);
-    let (mut client, up_r, up_w, up_buf) = match open(
-        state,
-        node,
-        ClientPublish::new(app, &tc_url, name, epoch),
-    )
-    .await
-    {
+    let _count = counted(state);
+    let (mut client, up_r, up_w, up_buf) = match open(r, false).await {
         Ok(o) => o,
         Err(why) => {
             // The pusher reconnects (the components retry) and lands anew.
