@@ -682,8 +682,16 @@ async fn files_upload_to_an_s3_server_that_comes_up_late_and_are_listed() {
     );
     assert!(ffmpeg.wait().await.unwrap().success());
     // The bucket's server was down for the whole push: nothing is lost, the uploads
-    // are retried until it is there.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // are retried until it is there. It stays down until an attempt has failed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !t
+        .metrics()
+        .await
+        .contains("weir_record_uploads_total{outcome=\"retried\"}")
+    {
+        assert!(Instant::now() < deadline, "no upload was attempted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(events(&got, 100).is_empty(), "told before the upload");
     let _moto = s3_server(s3_port);
     let client = reqwest::Client::new();

@@ -385,12 +385,10 @@ impl Recording {
         let name = file_name(&path);
         let key = up.key(place.sdk_app_id, &file_stem(stream), &name);
         let uploads = &self.metrics.record_uploads;
-        match up.upload(&path, &key).await {
-            Ok(attempts) => {
+        let retried = uploads.with_label_values(&["retried"]);
+        match up.upload(&path, &key, || retried.inc()).await {
+            Ok(_) => {
                 uploads.with_label_values(&["ok"]).inc();
-                uploads
-                    .with_label_values(&["retried"])
-                    .inc_by(u64::from(attempts - 1));
                 if !self.config.keep_local {
                     let _ = tokio::fs::remove_file(&path).await;
                 }

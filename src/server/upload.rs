@@ -87,7 +87,14 @@ impl Uploader {
     }
 
     /// Uploads `local` as `key`, retrying until it is there or `upload_retry_s` passed.
-    pub async fn upload(&self, local: &Path, key: &str) -> Result<u32, String> {
+    /// `retrying` is called as each failed attempt is about to be retried, so that an
+    /// outage of the bucket shows while it lasts.
+    pub async fn upload(
+        &self,
+        local: &Path,
+        key: &str,
+        retrying: impl Fn(),
+    ) -> Result<u32, String> {
         let _slot = self.slots.acquire().await.map_err(|e| e.to_string())?;
         let started = Instant::now();
         let mut attempt = 0u32;
@@ -101,6 +108,7 @@ impl Uploader {
                 Err(e) if started.elapsed() < self.retry_for => {
                     let wait = Duration::from_secs(1 << attempt.min(6));
                     warn!(key, attempt, error = %e, ?wait, "recording upload failed; retrying");
+                    retrying();
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => return Err(e),
