@@ -11,7 +11,9 @@
 //!   the output sample count.
 //! - One clock: with sender reports for the tracks, RTP times map to the publisher's
 //!   NTP clock (lip-sync as the publisher captured it); without, each track is anchored
-//!   at its first packet's arrival.
+//!   at its first packet's arrival, and once both tracks have a report, the one that
+//!   is early on the publisher's clock is moved later, once, by what arrival got wrong
+//!   (a publisher's first reports come a second or more after its first packets).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -47,7 +49,15 @@ pub enum Output {
     Refused(String),
     /// Video is back after a loss: how long from giving up on the gap to the keyframe.
     Recovered(Duration),
+    /// Audio and video were put in sync on the publisher's clock: how much later video
+    /// had been than it should (ms; negative: earlier), and so how far the early
+    /// track was moved.
+    LipSync(f64),
 }
+
+/// A correction of the two tracks' offset larger than this is a bogus report, not lip
+/// sync: left alone.
+const MAX_LIP_SYNC_MS: f64 = 2_000.0;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
@@ -74,6 +84,14 @@ struct TrackClock {
 }
 
 impl TrackClock {
+    /// The publisher's NTP ms of the anchor packet, once it and a report are known.
+    fn anchor_ntp_ms(&self) -> Option<f64> {
+        let (ntp, sr_rtp) = self.sr?;
+        let (ext, _) = self.anchor?;
+        let ticks = (ext as u32).wrapping_sub(sr_rtp) as i32;
+        Some(ntp_ms(ntp) + f64::from(ticks) * 1000.0 / self.clock_rate)
+    }
+
     fn extend(&mut self, rtp: u32) -> i64 {
         let ext = match self.last {
             None => i64::from(rtp),
@@ -113,9 +131,8 @@ struct Audio {
     clock: TrackClock,
     transcoder: Option<OpusToAac>,
     last_seq: Option<u16>,
-    /// FLV ms of output sample 0, and the RTP time it corresponds to.
+    /// FLV ms of the transcoder's input sample 0.
     anchor_ms: Option<f64>,
-    samples: i64,
     header_sent: bool,
 }
 
@@ -127,6 +144,8 @@ pub struct RtpToFlv {
     last_audio_ms: Option<u32>,
     /// NTP ms of FLV time zero (sender-report mode), or the start instant.
     ntp_origin: Option<f64>,
+    /// The tracks' offset was checked against the publisher's reports.
+    lip_synced: bool,
     started: Instant,
     last_pli: Option<Instant>,
     out: VecDeque<Output>,
@@ -165,12 +184,12 @@ impl RtpToFlv {
                 transcoder: None,
                 last_seq: None,
                 anchor_ms: None,
-                samples: 0,
                 header_sent: false,
             },
             last_video_ms: None,
             last_audio_ms: None,
             ntp_origin: None,
+            lip_synced: false,
             started: now,
             last_pli: None,
             out: VecDeque::new(),
@@ -205,6 +224,44 @@ impl RtpToFlv {
             Kind::Audio => &mut self.audio.clock,
         };
         clock.sr = Some((sr.ntp_time, sr.rtp_time));
+        self.lip_sync();
+    }
+
+    /// Once both tracks are anchored and both have a report: the offset between their
+    /// anchors becomes the publisher's, by moving the early one later (never back:
+    /// timestamps already written stay increasing). Once per stream; later reports
+    /// jitter and are not followed.
+    fn lip_sync(&mut self) {
+        if self.lip_synced {
+            return;
+        }
+        let (Some(v_ntp), Some(a_ntp)) = (
+            self.video.clock.anchor_ntp_ms(),
+            self.audio.clock.anchor_ntp_ms(),
+        ) else {
+            return;
+        };
+        self.lip_synced = true;
+        let (Some((_, v_ms)), Some((_, a_ms))) = (self.video.clock.anchor, self.audio.clock.anchor)
+        else {
+            return;
+        };
+        // How much later video is on the FLV timeline than on the publisher's clock.
+        let late = (v_ms - a_ms) - (v_ntp - a_ntp);
+        if late.abs() > MAX_LIP_SYNC_MS {
+            return;
+        }
+        if late > 0.0 {
+            if let Some(a) = self.audio.clock.anchor.as_mut() {
+                a.1 += late;
+            }
+            if let Some(m) = self.audio.anchor_ms.as_mut() {
+                *m += late;
+            }
+        } else if let Some(v) = self.video.clock.anchor.as_mut() {
+            v.1 -= late;
+        }
+        self.out.push_back(Output::LipSync(late));
     }
 
     /// FLV ms of an RTP time on a track.
@@ -468,10 +525,16 @@ impl RtpToFlv {
         self.audio.last_seq = Some(seq);
         let missing = gap.map_or(0, |g| g - 1);
         if self.audio.anchor_ms.is_none() || missing > MAX_CONCEALED {
-            // (Re-)anchor the sample count at this packet's time.
+            // (Re-)anchor the sample count at this packet's time: the transcoder's
+            // positions run on from its first sample, so sample 0 is put where this
+            // packet's first sample belongs less what was decoded before it.
             let ms = self.ms(Kind::Audio, packet.header.timestamp, arrived);
-            self.audio.anchor_ms = Some(ms);
-            self.audio.samples = 0;
+            let before = self
+                .audio
+                .transcoder
+                .as_ref()
+                .map_or(0, OpusToAac::samples_in);
+            self.audio.anchor_ms = Some(ms - before as f64 * 1000.0 / 48_000.0);
         }
         let mut frames: Vec<AacFrame> = Vec::new();
         let t = self.audio.transcoder.as_mut().expect("set above");

@@ -124,6 +124,9 @@ async fn convert(
                 Output::Refused(reason) => {
                     warn!(stream = %stream_id, %reason, "WebRTC stream partly not converted to FLV")
                 }
+                Output::LipSync(late_ms) => {
+                    info!(stream = %stream_id, video_late_ms = format!("{late_ms:.1}"), "FLV audio and video aligned on the publisher's clock (its sender reports)")
+                }
                 Output::Recovered(after) => {
                     debug!(stream = %stream_id, ?after, "FLV video back after a loss");
                     metrics.flv_loss_recovery.observe(after.as_secs_f64());

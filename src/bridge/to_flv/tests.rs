@@ -43,7 +43,7 @@ fn tags(c: &mut RtpToFlv) -> (Vec<Tag>, usize) {
             Output::Tag(t) => tags.push(t),
             Output::KeyframeRequest => plis += 1,
             Output::Refused(r) => panic!("{r}"),
-            Output::Recovered(_) => {}
+            Output::Recovered(_) | Output::LipSync(_) => {}
         }
     }
     (tags, plis)
@@ -179,4 +179,102 @@ fn a_track_mapped_by_sender_report_joins_a_track_anchored_by_arrival() {
         (v - a).abs() < 1.0,
         "video {v} ms, audio {a} ms at the same moment"
     );
+}
+
+/// Audio lost for longer than concealment covers: the sounds after the gap keep
+/// their own time (their RTP time on the anchored clock), they do not jump ahead by
+/// everything decoded before the gap.
+#[cfg(feature = "fdk-aac")]
+#[test]
+fn audio_after_a_long_loss_keeps_its_time() {
+    let t0 = Instant::now();
+    let mut c = RtpToFlv::new(t0, 128_000);
+    let mut enc =
+        opus::Encoder::new(48_000, opus::Channels::Stereo, opus::Application::Audio).unwrap();
+    let mut buf = vec![0u8; 1500];
+    let silence = vec![0f32; 960 * 2];
+    let mut last_before = 0;
+    let mut first_after = None;
+    for p in 0..200u32 {
+        let n = enc.encode_float(&silence, &mut buf).unwrap();
+        // Packets 100..130 (600 ms) are lost.
+        if (100..130).contains(&p) {
+            continue;
+        }
+        let at = t0 + Duration::from_millis(u64::from(p) * 20);
+        c.handle_rtp(
+            Kind::Audio,
+            pkt(p as u16, p * 960, false, buf[..n].to_vec()),
+            at,
+        );
+        let (tags, _) = tags(&mut c);
+        let frames: Vec<u32> = tags
+            .iter()
+            .filter(|t| !t.is_sequence_header())
+            .map(|t| t.timestamp)
+            .collect();
+        if p < 100 {
+            last_before = frames.last().copied().unwrap_or(last_before);
+        } else if first_after.is_none() {
+            first_after = frames.first().copied();
+        }
+    }
+    // The first sound after the gap is about 600 ms after the last one before it
+    // (give or take a frame and the encoder's delay), not seconds later.
+    let first = first_after.expect("audio after the gap");
+    let step = first - last_before;
+    assert!((560..=700).contains(&step), "{last_before} -> {first}");
+}
+
+/// Both tracks anchored by arrival before any report, the audio's first packet
+/// delayed 30 ms more on its way than the video's (or captured 30 ms earlier): once
+/// both reports are in, the publisher's clock decides, and the early track is moved
+/// later, once.
+#[test]
+fn tracks_anchored_by_arrival_are_put_in_sync_by_the_reports() {
+    let t0 = Instant::now();
+    let mut c = RtpToFlv::new(t0, 128_000);
+    let ntp = |secs: f64| ((secs * 4_294_967_296.0) as u64) + (3_900_000_000u64 << 32);
+    // Captured together at NTP 10 s (video RTP 90,000, audio RTP 480,000); audio
+    // arrives 30 ms after the video.
+    let v0 = c.ms(Kind::Video, 90_000, t0);
+    let a0 = c.ms(Kind::Audio, 480_000, t0 + Duration::from_millis(30));
+    assert!((a0 - v0 - 30.0).abs() < 1.0);
+    for (kind, rtp) in [(Kind::Video, 90_000), (Kind::Audio, 480_000)] {
+        c.handle_sender_report(
+            kind,
+            &SenderReport {
+                ntp_time: ntp(10.0),
+                rtp_time: rtp,
+                ..Default::default()
+            },
+        );
+    }
+    // Video was early by 30 ms: moved later; audio stays where it was.
+    let v = c.ms(Kind::Video, 90_000 + 9_000, t0);
+    let a = c.ms(Kind::Audio, 480_000 + 4_800, t0);
+    assert!((v - a).abs() < 1.0, "video {v} audio {a}");
+    assert!(
+        (a - a0 - 100.0).abs() < 1.0,
+        "audio kept its timeline: {a0} {a}"
+    );
+    let said: Vec<f64> = std::iter::from_fn(|| c.poll_output())
+        .filter_map(|o| match o {
+            Output::LipSync(late) => Some(late),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(said.len(), 1);
+    assert!((said[0] + 30.0).abs() < 1.0, "{said:?}");
+    // Later reports, whatever their jitter, change nothing.
+    c.handle_sender_report(
+        Kind::Audio,
+        &SenderReport {
+            ntp_time: ntp(10.5),
+            rtp_time: 480_000 + 24_000 + 480,
+            ..Default::default()
+        },
+    );
+    let a2 = c.ms(Kind::Audio, 480_000 + 4_800, t0);
+    assert!((a2 - a).abs() < 0.001);
 }
