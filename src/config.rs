@@ -95,8 +95,11 @@ pub struct RecordConfig {
     pub apps: Vec<u64>,
     pub rooms: Vec<String>,
     pub streams: Vec<String>,
-    /// Where files go: `<dir>/<sdk_app_id>/<stream>/<stream>-<start unix ms>.flv`.
+    /// Where files go: `<dir>/<sdk_app_id>/<stream>/<stream>-<start unix ms>.<format>`.
     pub dir: String,
+    /// `flv` (Tencent's default) or `mp4` (fragmented: `ftyp`, `moov`, then a
+    /// `moof`+`mdat` about every second). The REST start call may choose per stream.
+    pub format: crate::record::Format,
     /// A new file at the first keyframe after this long (Tencent's default: 30 min).
     pub fragment_s: u64,
     /// Files holding less media than this are deleted, not kept.
@@ -136,6 +139,7 @@ impl Default for RecordConfig {
             rooms: Vec::new(),
             streams: Vec::new(),
             dir: "recordings".into(),
+            format: crate::record::Format::Flv,
             fragment_s: 1800,
             min_ms: 1000,
             max_lag_ms: 10_000,

@@ -333,8 +333,13 @@ async fn a_receiver_down_for_30_s_gets_every_callback_when_back() {
     assert_eq!(common::metric(&m, "weir_callbacks_queued"), 0.0);
 }
 
+/// A `webrtc`-crate publisher whose sound and picture are exactly in sync (frame `n`
+/// drawn with its index, a beep with each frame 30·k, both tracks' RTP times from one
+/// clock): the FLV recording keeps them in sync, beep by beep, through the Opus to AAC
+/// conversion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webrtc_publication_is_recorded_with_aac_audio_in_sync() {
+    use common::publisher::{beeps, h264_indexed, offer_to_publish, send_h264_and_opus_with};
     let dir = tempfile::tempdir().unwrap();
     let record_dir = dir.path().to_owned();
     let t = TestServer::start_with(|c| {
@@ -342,15 +347,33 @@ async fn a_webrtc_publication_is_recorded_with_aac_audio_in_sync() {
         c.record.dir = record_dir.display().to_string();
     })
     .await;
-    let seconds = 6;
-    let (mut signal, stream_id, sender, _relay, _peer) =
-        common::publisher::webrtc_publisher(&t, "agent", ROOM, seconds, None).await;
-    sender.await.unwrap();
+    let seconds = 8;
+    let aus = std::sync::Arc::new(h264_indexed(seconds));
+    let (mut signal, _) = common::Client::join(&t.ws_url(), t.join("agent", ROOM, 0xff)).await;
+    let common::publisher::Offered {
+        stream,
+        peer: mut publisher,
+        video,
+        audio,
+        answer,
+    } = offer_to_publish(&mut signal).await;
+    publisher.accept_answer(answer).await;
+    publisher.connected().await;
+    let pts = (video.payload_type().await, audio.payload_type().await);
+    send_h264_and_opus_with(
+        aus,
+        video.track.clone(),
+        audio.track.clone(),
+        pts,
+        common::publisher::Pace::Once,
+        beeps,
+    )
+    .await;
     signal.send(&weir_signaling::ClientMessage::Unpublish).await;
     let stream_dir = dir
         .path()
         .join(APP.to_string())
-        .join(weir::record::file_stem(&stream_id));
+        .join(weir::record::file_stem(&stream.stream_id));
     let deadline = Instant::now() + Duration::from_secs(10);
     // The series appears when the first file is closed.
     while !t
@@ -373,27 +396,95 @@ async fn a_webrtc_publication_is_recorded_with_aac_audio_in_sync() {
     // The publisher's first keyframe is its first frame; conversion starts with the
     // recording, so the file holds the whole publication less the time to join.
     assert!(v1 - v0 > f64::from(seconds) - 2.0, "video {v0}..{v1}");
-    // Audio and video in sync within 50 ms at both ends (one clock: the sender
-    // reports' NTP mapping).
-    assert!(
-        (a0 - v0).abs() < 0.05 || a0 < v0,
-        "starts: audio {a0} video {v0}"
-    );
-    assert!(
-        (a1 - v1).abs() < 0.05 + 0.065,
-        "ends: audio {a1} video {v1}"
-    );
     let aps = an as f64 / (a1 - a0);
     assert!((aps - 46.875).abs() < 2.0, "{aps:.2} AAC frames/s");
+    // Each beep heard with the frame drawn with it. What is left is the Opus
+    // encoder's look-ahead (6.5 ms) and the millisecond timestamps.
+    let offsets = common::media::av_offsets_ms(f);
+    println!("A/V offsets of the recording (audio later +), ms: {offsets:.1?}");
+    assert!(
+        offsets.len() >= seconds as usize - 2,
+        "beeps heard: {offsets:?}"
+    );
+    for o in &offsets {
+        assert!(o.abs() < 15.0, "out of sync by {o:.1} ms: {offsets:.1?}");
+    }
+}
+
+/// A Chrome publisher recorded as fragmented MP4: the file decodes from its first
+/// frame, and each beep of the generated microphone is heard where the frame drawn
+/// with it is shown, within 50 ms (the sender reports' NTP mapping of both tracks,
+/// through the Opus to AAC conversion).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chrome_publication_is_recorded_in_mp4_with_sound_and_picture_in_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let record_dir = dir.path().to_owned();
+    let t = TestServer::start_with(|c| {
+        c.record.rooms = vec![format!("{APP}/{ROOM}")];
+        c.record.dir = record_dir.display().to_string();
+        c.record.format = weir::record::Format::Mp4;
+    })
+    .await;
+    let browser = common::browser::Browser::launch().await;
+    let page = browser
+        .open(&format!("http://{}/", t.server.http_addr))
+        .await;
+    page.eval(common::browser::GENERATED_PUBLISHER_JS).await;
+    let options = serde_json::to_string(&t.join("officer", ROOM, 0xff)).unwrap();
+    page.eval(&format!("window.glassPublish({options}, 30, true)"))
+        .await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let handed = page
+        .eval("window.pubBeeps.map((b, k) => b - window.pubFrames[30 * k])")
+        .await;
+    println!("page: beep k handed after frame 30k by (ms): {handed}");
+    page.eval("window.glassRoom.leave().then(() => true)").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !t
+        .metrics()
+        .await
+        .contains("weir_record_files_total{outcome=\"kept\"} 1")
+    {
+        assert!(Instant::now() < deadline, "the recording was not closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stream = format!("{APP}_{ROOM}_officer_main");
+    let files = files(&dir.path().join(APP.to_string()).join(&stream));
+    assert_eq!(files.len(), 1, "{files:?}");
+    let f = &files[0];
+    assert_eq!(f.extension().and_then(|e| e.to_str()), Some("mp4"));
+    let errors = flv_decode_errors(f);
+    assert!(errors.trim().is_empty(), "decoding {f:?}: {errors}");
+    let p = probe(f);
+    let (_, v0, v1, vflags) = p.get("video").expect("video").clone();
+    assert!(p.contains_key("audio"), "AAC audio: {p:?}");
+    assert!(vflags.starts_with('K'), "starts at a keyframe");
+    assert!(v1 - v0 > 8.0, "video {v0}..{v1}");
+    let offsets = common::media::av_offsets_ms(f);
+    println!("A/V offsets of the recording (audio later +), ms: {offsets:.1?}");
+    assert!(offsets.len() >= 8, "beeps heard: {offsets:?}");
+    for o in &offsets {
+        assert!(o.abs() < 50.0, "out of sync by {o:.1} ms: {offsets:.1?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_recording_leaves_a_file_that_decodes_up_to_the_kill() {
+    sigkill_mid_recording(weir::record::Format::Flv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_recording_leaves_an_mp4_file_that_decodes_up_to_the_kill() {
+    sigkill_mid_recording(weir::record::Format::Mp4).await;
+}
+
+async fn sigkill_mid_recording(format: weir::record::Format) {
     let dir = tempfile::tempdir().unwrap();
     let record_dir = dir.path().to_owned();
     let node = Node::start_with(&[], |c| {
         c.record.all = true;
         c.record.dir = record_dir.display().to_string();
+        c.record.format = format;
     })
     .await;
     let mut child = node.child;
@@ -426,7 +517,12 @@ async fn sigkill_mid_recording_leaves_a_file_that_decodes_up_to_the_kill() {
     let files = files(&stream_dir);
     assert_eq!(files.len(), 1);
     let f = &files[0];
-    // The last tag may be cut short by the kill; everything before it decodes.
+    assert_eq!(
+        f.extension().and_then(|e| e.to_str()),
+        Some(format.extension())
+    );
+    // The last tag (or fragment) may be cut short by the kill; everything before it
+    // decodes.
     let errors = flv_decode_errors(f);
     let bad: Vec<&str> = errors
         .lines()
@@ -471,7 +567,7 @@ async fn the_backend_starts_stops_lists_and_fetches_recordings() {
     let call = |path: &str, q: &str, stream: &str| {
         client
             .post(format!("http://{http}/v1/record/{path}?{q}"))
-            .json(&serde_json::json!({"stream_id": stream}))
+            .json(&serde_json::json!({"stream_id": stream, "file_format": "mp4"}))
             .send()
     };
     // Not live yet: nothing to record.
@@ -486,6 +582,13 @@ async fn the_backend_starts_stops_lists_and_fetches_recordings() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(call("start", &admin, "lesson").await.unwrap().status(), 409);
+    let avi = client
+        .post(format!("http://{http}/v1/record/start?{admin}"))
+        .json(&serde_json::json!({"stream_id": "lesson", "file_format": "avi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(avi.status(), 400);
     // Another user of the app, a bad signature, no credentials.
     assert_eq!(
         call("start", &creds("student"), "lesson")
@@ -539,7 +642,8 @@ async fn the_backend_starts_stops_lists_and_fetches_recordings() {
     assert_eq!(whole.status(), 200);
     let body = whole.bytes().await.unwrap();
     assert_eq!(body.len() as u64, size);
-    let local = dir.path().join("fetched.flv");
+    assert!(url.ends_with(".mp4"), "{url}");
+    let local = dir.path().join("fetched.mp4");
     std::fs::write(&local, &body).unwrap();
     let errors = flv_decode_errors(&local);
     assert!(errors.trim().is_empty(), "{errors}");
@@ -550,12 +654,12 @@ async fn the_backend_starts_stops_lists_and_fetches_recordings() {
     assert!(v1 > 3.0 && v1 < 6.5, "recorded {v1:.2} s");
     let part = client
         .get(format!("http://{http}{url}?{admin}"))
-        .header("range", "bytes=0-2")
+        .header("range", "bytes=4-7")
         .send()
         .await
         .unwrap();
     assert_eq!(part.status(), 206);
-    assert_eq!(&part.bytes().await.unwrap()[..], b"FLV");
+    assert_eq!(&part.bytes().await.unwrap()[..], b"ftyp");
     // Without the administrator's signature, or outside the app's files: nothing.
     let r = client
         .get(format!("http://{http}{url}?{}", creds("student")))

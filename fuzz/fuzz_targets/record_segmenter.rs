@@ -1,5 +1,6 @@
 //! The recording segmenter on arbitrary FLV tags (what a pusher sends): kinds, header
-//! and keyframe flags, timestamps jumping anywhere. Checks the invariants the file
+//! and keyframe flags, timestamps jumping anywhere; FLV or MP4 files (the first byte
+//! chooses), so the MP4 muxer takes whatever sequence headers and samples come. Checks the invariants the file
 //! writer relies on: opens and closes pair up, writes only into an open file, the
 //! bytes counted are the bytes written, and the output is linear in the input.
 #![no_main]
@@ -7,13 +8,18 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use weir::live::{Tag, TagKind};
-use weir::record::{Action, SegmentConfig, Segmenter};
+use weir::record::{Action, Format, SegmentConfig, Segmenter};
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&first, data)) = data.split_first() else {
+        return;
+    };
+    let format = if first & 1 == 0 { Format::Flv } else { Format::Mp4 };
     let mut s = Segmenter::new(SegmentConfig {
         fragment_ms: 2_000,
         min_ms: 500,
         audio_only_after_ms: 300,
+        format,
     });
     let mut out = Vec::new();
     let mut open: Option<u64> = None;
@@ -61,6 +67,7 @@ fuzz_target!(|data: &[u8]| {
     s.finish(&mut out);
     check(&mut out, &mut open);
     assert!(open.is_none(), "finish closes");
-    // Each tag is written once, plus the headers (3 at most) per file opened.
+    // Each tag is written once, plus the headers (3 at most, or ftyp and moov) per file
+    // opened and a fragment's boxes (MP4).
     assert!(written <= 20 * input_bytes + 1_000 * (data.len() / 6 + 1));
 });

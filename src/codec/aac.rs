@@ -41,7 +41,24 @@ fn object_name(t: u8) -> &'static str {
 }
 
 impl AudioConfig {
+    /// An AAC-LC configuration, mono or stereo: what the bridge decodes.
     pub fn parse(asc: &[u8]) -> Result<Self, AacError> {
+        let c = Self::read(asc)?;
+        if c.object_type != 2 {
+            return Err(AacError::ObjectType(
+                c.object_type,
+                object_name(c.object_type),
+            ));
+        }
+        if !(1..=2).contains(&c.channels) {
+            return Err(AacError::Channels(c.channels));
+        }
+        Ok(c)
+    }
+
+    /// Any AudioSpecificConfig's object type, rate and channels, whatever they are
+    /// (what a container that copies the stream needs).
+    pub fn read(asc: &[u8]) -> Result<Self, AacError> {
         if asc.len() < 2 {
             return Err(AacError::Short(asc.len()));
         }
@@ -73,12 +90,6 @@ impl AudioConfig {
             // Explicit frequency: the channel configuration is in the 5th byte's top nibble.
             ((u32::from(asc[4]) >> 3) & 0x0f) as u8
         };
-        if object_type != 2 {
-            return Err(AacError::ObjectType(object_type, object_name(object_type)));
-        }
-        if !(1..=2).contains(&channels) {
-            return Err(AacError::Channels(channels));
-        }
         Ok(Self {
             object_type,
             sample_rate,

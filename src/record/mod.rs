@@ -1,11 +1,12 @@
-//! Recording a stream into FLV files, sans I/O: FLV tags and the wall clock in, file
-//! actions out (open, append, close or discard). The shell (`server::record`) does the
+//! Recording a stream into FLV or fragmented MP4 files, sans I/O: FLV tags and the
+//! wall clock in, file actions out (open, append, close or discard). The shell (`server::record`) does the
 //! writing, so what is in a file at any moment is every byte this returned so far: a
 //! crash loses only what the kernel had not been handed.
 //!
 //! The rules (Tencent's and SRS's recordings): each file starts with the FLV header,
-//! the metadata and the sequence headers, then a video keyframe (or, for a stream
-//! without video, the first audio frame), with timestamps from 0; a file is closed at
+//! the metadata and the sequence headers (in MP4: `ftyp` and `moov`, see [`mp4`]), then
+//! a video keyframe (or, for a stream without video, the first audio frame), with
+//! timestamps from 0; a file is closed at
 //! the first keyframe after `fragment_ms` of media, or when the stream ends (a push
 //! interrupted and resumed is a new stream, so a new file); a file holding under
 //! `min_ms` of media is discarded. Nothing is transcoded: the tags are the stream's
@@ -14,6 +15,37 @@
 use bytes::Bytes;
 
 use crate::live::{flv, Tag, TagKind};
+
+pub mod mp4;
+
+use mp4::Mp4Writer;
+
+/// The container files are written in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Flv,
+    Mp4,
+}
+
+impl Format {
+    /// The files' extension, also the callbacks' `file_format`.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Flv => "flv",
+            Format::Mp4 => "mp4",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "flv" => Some(Format::Flv),
+            "mp4" => Some(Format::Mp4),
+            _ => None,
+        }
+    }
+}
 
 /// A timestamp this far before a file's start is a reset of the source's clock.
 const RESET_MS: i32 = 5_000;
@@ -26,6 +58,7 @@ pub struct SegmentConfig {
     pub min_ms: u32,
     /// A stream that has shown no video after this much audio is recorded as audio only.
     pub audio_only_after_ms: u32,
+    pub format: Format,
 }
 
 impl Default for SegmentConfig {
@@ -34,6 +67,7 @@ impl Default for SegmentConfig {
             fragment_ms: 30 * 60 * 1000,
             min_ms: 1000,
             audio_only_after_ms: 2000,
+            format: Format::Flv,
         }
     }
 }
@@ -73,6 +107,8 @@ struct Open {
     /// Media time of the newest tag, relative to `base_ts`.
     last_ms: u32,
     bytes: u64,
+    /// The MP4 file's muxer (FLV tags are written as they are).
+    mp4: Option<Mp4Writer>,
 }
 
 pub struct Segmenter {
@@ -118,11 +154,23 @@ impl Segmenter {
             let changed = slot.as_ref().is_none_or(|h| h.data != tag.data);
             *slot = Some(tag.clone());
             if changed {
-                if let Some(open) = &self.open {
+                if let Some(open) = self.open.as_mut() {
+                    let base = open.base_ts;
                     // New parameters mid-file (a resolution change): players handle an
-                    // in-band header, so it goes in the file too.
-                    let t = self.rebased(tag, open.base_ts);
-                    self.write(&t, now_unix_ms, out);
+                    // in-band header, so it goes in the file too (in MP4, new parameter
+                    // sets before the next keyframe; what MP4 cannot carry starts a
+                    // new file at the next keyframe).
+                    match &mut open.mp4 {
+                        Some(m) => {
+                            if m.header_changed(tag).is_err() {
+                                self.close(out);
+                            }
+                        }
+                        None => {
+                            let t = self.rebased(tag, base);
+                            self.write(&t, now_unix_ms, out);
+                        }
+                    }
                 }
             }
             return;
@@ -176,6 +224,30 @@ impl Segmenter {
         if !can {
             return false;
         }
+        let (head, mp4) = match self.cfg.format {
+            Format::Flv => {
+                let mut head = vec![flv::header()];
+                let zero = |t: &Tag| Tag {
+                    timestamp: 0,
+                    ..t.clone()
+                };
+                let headers = [&self.metadata, &self.video_header, &self.audio_header];
+                head.extend(headers.into_iter().flatten().map(|t| flv::tag(&zero(t))));
+                (head, None)
+            }
+            Format::Mp4 => {
+                // The video track only from a keyframe (an audio-only start has none).
+                let video = if keyframe {
+                    self.video_header.as_ref()
+                } else {
+                    None
+                };
+                match Mp4Writer::open(video, self.audio_header.as_ref()) {
+                    Ok((m, head)) => (vec![head], Some(m)),
+                    Err(_) => return false,
+                }
+            }
+        };
         let index = self.next_index;
         self.next_index += 1;
         out.push(Action::Open {
@@ -189,14 +261,8 @@ impl Segmenter {
             last_unix_ms: now_unix_ms,
             last_ms: 0,
             bytes: 0,
+            mp4,
         });
-        let mut head = vec![flv::header()];
-        let zero = |t: &Tag| Tag {
-            timestamp: 0,
-            ..t.clone()
-        };
-        let headers = [&self.metadata, &self.video_header, &self.audio_header];
-        head.extend(headers.into_iter().flatten().map(|t| flv::tag(&zero(t))));
         for b in head {
             self.append(b, now_unix_ms, None, out);
         }
@@ -211,9 +277,16 @@ impl Segmenter {
     }
 
     fn write(&mut self, t: &Tag, now_unix_ms: u64, out: &mut Vec<Action>) {
-        // Tags a little older than the file's start (audio interleaved before the
-        // keyframe) are clamped to 0 rather than wrapped.
+        // Media a little older than the file's start (audio interleaved before the
+        // keyframe) is left out: clamped to 0 it would be played before the audio
+        // that belongs at 0, and every later sound would be late by as much (a
+        // converted WebRTC stream runs its audio tens of ms ahead of its video).
+        // A sequence header is clamped.
         let ts = if t.timestamp > u32::MAX / 2 {
+            if !t.is_sequence_header() {
+                self.skipped += 1;
+                return;
+            }
             0
         } else {
             t.timestamp
@@ -222,7 +295,19 @@ impl Segmenter {
             timestamp: ts,
             ..t.clone()
         };
-        self.append(flv::tag(&t), now_unix_ms, Some(ts), out);
+        let open = self.open.as_mut().expect("a file is open");
+        match &mut open.mp4 {
+            Some(m) => {
+                let mut fragments = Vec::new();
+                m.sample(&t, &mut fragments);
+                open.last_ms = open.last_ms.max(ts);
+                open.last_unix_ms = now_unix_ms;
+                for b in fragments {
+                    self.append(b, now_unix_ms, None, out);
+                }
+            }
+            None => self.append(flv::tag(&t), now_unix_ms, Some(ts), out),
+        }
     }
 
     fn append(&mut self, b: Bytes, now_unix_ms: u64, ts: Option<u32>, out: &mut Vec<Action>) {
@@ -236,6 +321,14 @@ impl Segmenter {
     }
 
     fn close(&mut self, out: &mut Vec<Action>) {
+        let mut rest = Vec::new();
+        if let Some(m) = self.open.as_mut().and_then(|o| o.mp4.as_mut()) {
+            m.finish(&mut rest);
+        }
+        for b in rest {
+            let last = self.open.as_ref().map_or(0, |o| o.last_unix_ms);
+            self.append(b, last, None, out);
+        }
         let Some(open) = self.open.take() else {
             return;
         };

@@ -196,7 +196,18 @@ fn audio_older_than_the_starting_keyframe_is_interleaving_not_a_reset() {
     assert!(discarded.is_empty(), "{discarded:?}");
     assert_eq!(files.len(), 1);
     let parsed = parse(&files[0].0);
-    assert!(parsed.iter().all(|t| t.1 < 5_000), "clamped, not wrapped");
+    assert!(parsed.iter().all(|t| t.1 < 5_000), "not wrapped");
+    // The audio older than the first keyframe is left out, not put at 0: it would
+    // make every later sound late by as much. After the headers, the keyframe is
+    // first at 0, then the audio at its own time.
+    let media: Vec<_> = parsed.iter().skip(3).collect();
+    assert_eq!((media[0].0, media[0].1), (9, 0));
+    assert!(
+        media.iter().filter(|t| t.0 == 8).all(|t| t.1 > 0),
+        "no audio at 0: {media:?}"
+    );
+    // Two of the 150 sounds are older than the keyframe (by 40 and 7 ms).
+    assert_eq!(media.iter().filter(|t| t.0 == 8).count(), 148);
     assert!(files[0].1.duration_ms > 4_800);
 }
 
@@ -219,4 +230,183 @@ fn file_names_from_stream_names_are_safe() {
     assert_eq!(file_stem(""), "_");
     assert_eq!(file_stem("a/b\0c"), "a_b_c");
     assert_eq!(file_stem(&"x".repeat(500)).len(), 128);
+}
+
+mod mp4_files {
+    use super::*;
+    use ::mp4_atom::{Any, DecodeMaybe, Moof};
+
+    const SPS: &[u8] = &[0x67, 0x42, 0xc0, 0x1e, 0xd9, 0x00, 0xa0, 0x47, 0xfe, 0xc8];
+    const PPS: &[u8] = &[0x68, 0xce, 0x3c, 0x80];
+
+    fn mp4_headers(sps: &[u8]) -> Vec<Tag> {
+        vec![
+            Tag {
+                kind: TagKind::Video,
+                timestamp: 0,
+                data: crate::bridge::to_flv::avc_sequence_header(sps, PPS),
+            },
+            Tag {
+                kind: TagKind::Audio,
+                timestamp: 0,
+                // AAC-LC, 48 kHz, mono.
+                data: Bytes::from_static(&[0xAF, 0, 0x11, 0x88]),
+            },
+        ]
+    }
+
+    fn cfg() -> SegmentConfig {
+        SegmentConfig {
+            format: Format::Mp4,
+            ..Default::default()
+        }
+    }
+
+    /// The top-level boxes of a file: the moov, and each fragment with its mdat's size.
+    fn boxes(file: &[u8]) -> (mp4_atom::Moov, Vec<(Moof, usize, usize)>) {
+        let mut buf = file;
+        let mut moov = None;
+        let mut frags = Vec::new();
+        let mut at = 0;
+        while !buf.is_empty() {
+            let before = buf.len();
+            match Any::decode_maybe(&mut buf).unwrap().expect("a whole box") {
+                Any::Ftyp(_) => {}
+                Any::Moov(m) => moov = Some(m),
+                Any::Moof(m) => frags.push((m, at, 0)),
+                Any::Mdat(m) => frags.last_mut().expect("a moof before").2 = m.data.len(),
+                other => panic!("unexpected {:?}", other.kind()),
+            }
+            at += before - buf.len();
+        }
+        (moov.expect("a moov"), frags)
+    }
+
+    #[test]
+    fn fragments_of_about_a_second_start_at_keyframes_with_exact_offsets() {
+        let mut tags = mp4_headers(SPS);
+        tags.extend(stream(5_000, 4_000));
+        let (files, _) = run(cfg(), &tags);
+        assert_eq!(files.len(), 1);
+        let (file, done) = &files[0];
+        let (moov, frags) = boxes(file);
+        assert_eq!(moov.trak.len(), 2);
+        assert_eq!(moov.trak[1].mdia.mdhd.timescale, 48_000);
+        // A keyframe each second: one fragment per second.
+        assert_eq!(frags.len(), 4, "{:?}", frags.len());
+        let mut video_samples = 0;
+        let mut audio_samples = 0;
+        for (i, (moof, moof_at, mdat_len)) in frags.iter().enumerate() {
+            assert_eq!(moof.mfhd.sequence_number, i as u32 + 1);
+            let mut end = 0usize;
+            for traf in &moof.traf {
+                let trun = &traf.trun[0];
+                let start = moof_at + trun.data_offset.unwrap() as usize;
+                let size: u32 = trun.entries.iter().map(|e| e.size.unwrap()).sum();
+                end = end.max(start + size as usize);
+                let dts = traf.tfdt.as_ref().unwrap().base_media_decode_time;
+                if traf.tfhd.track_id == 1 {
+                    // Video: starts with a keyframe at each whole second, 90 kHz.
+                    assert_eq!(trun.entries[0].flags, Some(0x0200_0000));
+                    assert_eq!(dts, i as u64 * 90_000);
+                    // The payload is the tag's, after its 5-byte AVC header.
+                    assert_eq!(file[start], 0xAA);
+                    video_samples += trun.entries.len();
+                    let total: u64 = trun
+                        .entries
+                        .iter()
+                        .map(|e| u64::from(e.duration.unwrap()))
+                        .sum();
+                    assert!((total as i64 - 90_000).abs() < 100, "{total}");
+                } else {
+                    assert_eq!(file[start], 0x21);
+                    audio_samples += trun.entries.len();
+                }
+            }
+            // Samples end where the mdat ends.
+            let moof_len = {
+                let mut b = Vec::new();
+                mp4_atom::Encode::encode(moof, &mut b).unwrap();
+                b.len()
+            };
+            assert_eq!(end, moof_at + moof_len + 8 + mdat_len);
+        }
+        assert_eq!(video_samples, 120);
+        assert_eq!(
+            audio_samples,
+            stream(0, 4_000)
+                .iter()
+                .filter(|t| t.kind == TagKind::Audio)
+                .count()
+        );
+        assert!(done.duration_ms >= 3_966, "{done:?}");
+    }
+
+    #[test]
+    fn new_parameter_sets_go_in_band_and_another_audio_config_starts_a_new_file() {
+        let mut tags = mp4_headers(SPS);
+        tags.extend(stream(0, 2_000));
+        // Another resolution: new SPS, then its keyframe.
+        let mut sps2 = SPS.to_vec();
+        sps2[6] = 0x50;
+        tags.push(mp4_headers(&sps2)[0].clone());
+        tags.extend(stream(2_000, 2_000));
+        let (files, _) = run(cfg(), &tags);
+        assert_eq!(files.len(), 1, "a resolution change keeps the file");
+        let (file, _) = &files[0];
+        let (_, frags) = boxes(file);
+        // The fragment at 2 s begins with the new SPS and PPS, length-prefixed.
+        let (moof, at, _) = &frags[2];
+        let traf = moof.traf.iter().find(|t| t.tfhd.track_id == 1).unwrap();
+        let start = at + traf.trun[0].data_offset.unwrap() as usize;
+        assert_eq!(&file[start..start + 4], &(sps2.len() as u32).to_be_bytes());
+        assert_eq!(&file[start + 4..start + 4 + sps2.len()], &sps2[..]);
+        let pps_at = start + 4 + sps2.len();
+        assert_eq!(&file[pps_at + 4..pps_at + 4 + PPS.len()], PPS);
+        assert_eq!(file[pps_at + 4 + PPS.len()], 0xAA);
+        assert_eq!(
+            traf.trun[0].entries[0].size.unwrap() as usize,
+            4 + sps2.len() + 4 + PPS.len() + 1
+        );
+
+        // A new audio configuration cannot be carried: a new file at the next keyframe.
+        let mut tags = mp4_headers(SPS);
+        tags.extend(stream(0, 2_000));
+        tags.push(Tag {
+            kind: TagKind::Audio,
+            timestamp: 2_000,
+            data: Bytes::from_static(&[0xAF, 0, 0x12, 0x10]),
+        });
+        tags.extend(stream(2_000, 2_000));
+        let (files, _) = run(cfg(), &tags);
+        assert_eq!(files.len(), 2);
+        let (moov, _) = boxes(&files[1].0);
+        assert_eq!(moov.trak[1].mdia.mdhd.timescale, 44_100);
+    }
+
+    #[test]
+    fn audio_only_streams_and_broken_headers() {
+        let mut tags = vec![mp4_headers(SPS)[1].clone()];
+        tags.extend(
+            stream(0, 5_000)
+                .into_iter()
+                .filter(|t| t.kind == TagKind::Audio),
+        );
+        let (files, _) = run(cfg(), &tags);
+        assert_eq!(files.len(), 1);
+        let (moov, frags) = boxes(&files[0].0);
+        assert_eq!(moov.trak.len(), 1);
+        assert_eq!(
+            moov.trak[0].mdia.hdlr.handler,
+            mp4_atom::FourCC::new(b"soun")
+        );
+        // About a second per fragment.
+        assert!((2..=4).contains(&frags.len()), "{}", frags.len());
+
+        // A video header that is not a record: nothing is written, nothing panics.
+        let mut tags = headers();
+        tags.extend(stream(0, 3_000));
+        let (files, _) = run(cfg(), &tags);
+        assert!(files.is_empty());
+    }
 }

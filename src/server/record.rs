@@ -20,12 +20,13 @@ use super::hooks::{unix_ms, Callbacks};
 use crate::config::RecordConfig;
 use crate::live::{HubEvent, Next, ObserveFn, Source, StreamPlace};
 use crate::metrics::Metrics;
-use crate::record::{file_stem, Action, Finished, SegmentConfig, Segmenter};
+use crate::record::{file_stem, Action, Finished, Format, SegmentConfig, Segmenter};
 
 /// One recording's open file and what its callbacks name.
 struct Writing {
     dir: PathBuf,
     stem: String,
+    format: Format,
     file: Option<(tokio::fs::File, PathBuf)>,
     /// The open file could not be created or written: the rest of it is dropped.
     failed: bool,
@@ -77,8 +78,14 @@ impl Recording {
         })
     }
 
-    /// Starts recording a live stream; false if it is being recorded already.
-    pub fn start(self: &Arc<Self>, source: &Arc<Source>, place: &StreamPlace) -> bool {
+    /// Starts recording a live stream (in `format`, or the configured one); false if it
+    /// is being recorded already.
+    pub fn start(
+        self: &Arc<Self>,
+        source: &Arc<Source>,
+        place: &StreamPlace,
+        format: Option<Format>,
+    ) -> bool {
         let mut active = self.active.lock().expect("recordings lock");
         if active.contains_key(&source.name) {
             return false;
@@ -87,9 +94,10 @@ impl Recording {
         let (stop, stopped) = oneshot::channel();
         active.insert(source.name.clone(), (id, stop));
         drop(active);
+        let format = format.unwrap_or(self.config.format);
         tokio::spawn(
             self.clone()
-                .record(id, source.clone(), place.clone(), stopped),
+                .record(id, source.clone(), place.clone(), format, stopped),
         );
         true
     }
@@ -182,7 +190,7 @@ impl Recording {
             .config
             .applies(&source.name, place.sdk_app_id, &place.room.name())
         {
-            self.start(source, place);
+            self.start(source, place, None);
         }
     }
 
@@ -227,6 +235,7 @@ impl Recording {
         id: u64,
         source: Arc<Source>,
         place: StreamPlace,
+        format: Format,
         mut stopped: oneshot::Receiver<()>,
     ) {
         let stream = source.name.clone();
@@ -241,11 +250,13 @@ impl Recording {
             fragment_ms: (self.config.fragment_s.saturating_mul(1000)).min(u64::from(u32::MAX / 4))
                 as u32,
             min_ms: self.config.min_ms,
+            format,
             ..Default::default()
         });
         let mut w = Writing {
             dir,
             stem,
+            format,
             file: None,
             failed: false,
             task_id,
@@ -286,6 +297,7 @@ impl Recording {
         let Writing {
             dir,
             stem,
+            format,
             file,
             failed,
             task_id,
@@ -302,7 +314,8 @@ impl Recording {
         for action in actions.drain(..) {
             match action {
                 Action::Open { start_unix_ms, .. } => {
-                    let path = dir.join(format!("{stem}-{start_unix_ms}.flv"));
+                    let ext = format.extension();
+                    let path = dir.join(format!("{stem}-{start_unix_ms}.{ext}"));
                     *failed = false;
                     let opened = async {
                         tokio::fs::create_dir_all(dir).await?;
@@ -430,13 +443,14 @@ impl Recording {
     ) {
         let Some(cb) = &self.callbacks else { return };
         let name = file_name(path);
-        let file_id = name.trim_end_matches(".flv").to_owned();
+        let (file_id, ext) = name.rsplit_once('.').unwrap_or((&name, ""));
+        let (file_id, ext) = (file_id.to_owned(), ext.to_owned());
         let duration_s = done.duration_ms.div_ceil(1000);
         let mut body = self.common(stream, place);
         body.insert("event_type".into(), 100.into());
         body.insert("file_id".into(), file_id.clone().into());
         body.insert("record_file_id".into(), file_id.into());
-        body.insert("file_format".into(), "flv".into());
+        body.insert("file_format".into(), ext.into());
         body.insert("task_id".into(), task_id.into());
         body.insert("start_time".into(), (done.start_unix_ms / 1000).into());
         body.insert("end_time".into(), (done.end_unix_ms / 1000).into());
@@ -466,9 +480,11 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// When a recording file started, from its name (`<stream>-<start unix ms>.flv`).
+/// When a recording file started, from its name (`<stream>-<start unix ms>.flv` or
+/// `.mp4`); `None` for a name this node does not make.
 pub fn start_ms_of(name: &str) -> Option<u64> {
     name.strip_suffix(".flv")
+        .or_else(|| name.strip_suffix(".mp4"))
         .and_then(|n| n.rsplit_once('-'))
         .and_then(|(_, ms)| ms.parse::<u64>().ok())
 }

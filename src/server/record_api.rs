@@ -17,7 +17,7 @@ use tower::ServiceExt;
 
 use super::http::PeerAddr;
 use super::AppState;
-use crate::record::file_stem;
+use crate::record::{file_stem, Format};
 
 /// Files one listing returns at most.
 const MAX_LISTED: usize = 1000;
@@ -35,6 +35,8 @@ pub struct Creds {
 #[derive(Deserialize)]
 pub struct StreamBody {
     stream_id: String,
+    /// `flv` or `mp4` (start only); the configured format when absent.
+    file_format: Option<String>,
 }
 
 fn answer(status: StatusCode, code: i32, message: impl Into<String>) -> Response {
@@ -88,9 +90,14 @@ pub async fn start(
         Ok(a) => a,
         Err((status, code, why)) => return answer(status, code, why),
     };
+    let format = match body.file_format.as_deref().map(Format::parse) {
+        None => None,
+        Some(Some(f)) => Some(f),
+        Some(None) => return answer(StatusCode::BAD_REQUEST, 400, "file_format is flv or mp4"),
+    };
     match state.hub.get(&body.stream_id) {
         Some((source, place)) if place.sdk_app_id == app => {
-            if state.recording.start(&source, &place) {
+            if state.recording.start(&source, &place, format) {
                 answer(StatusCode::OK, 0, "recording")
             } else {
                 answer(StatusCode::CONFLICT, 409, "already being recorded")
@@ -204,8 +211,9 @@ pub async fn file(
         Ok(a) => a,
         Err((status, code, why)) => return answer(status, code, why),
     };
-    // Only names this node makes: no separators, no dot files, `.flv`.
-    if file_stem(&name) != name || !name.ends_with(".flv") || file_stem(&stream) != stream {
+    // Only names this node makes: no separators, no dot files, `.flv` or `.mp4`.
+    let ours = super::record::start_ms_of(&name).is_some();
+    if file_stem(&name) != name || !ours || file_stem(&stream) != stream {
         return answer(StatusCode::NOT_FOUND, 404, "no such file");
     }
     let path = state.recording.stream_dir(app, &stream).join(&name);

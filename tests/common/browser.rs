@@ -273,3 +273,75 @@ impl Page<'_> {
         std::fs::write(path, png).unwrap();
     }
 }
+
+/// A publishing page's script: `window.glassPublish(options, seconds, withAudio)` joins
+/// through the SDK and publishes a generated camera and microphone
+/// (`MediaStreamTrackGenerator`s): 640×360 at 30 fps with each frame's index in 16
+/// blocks along the top (`common::source::read_index` reads it back), and 48 kHz PCM
+/// with a 60 ms 1 kHz beep at every second, written with frame 30·k. The wall clock
+/// of each frame and beep is in `window.pubFrames` and `window.pubBeeps`, the room in
+/// `window.glassRoom`.
+pub const GENERATED_PUBLISHER_JS: &str = r#"
+window.glassPublish = async (options, seconds, withAudio) => {
+  const { WeirRoom } = await import('/sdk/weir.js');
+  const origin = performance.timeOrigin;
+  window.pubFrames = []; window.pubBeeps = [];
+  const vgen = new MediaStreamTrackGenerator({ kind: 'video' });
+  const vw = vgen.writable.getWriter();
+  const tracks = [vgen];
+  let aw = null;
+  if (withAudio) {
+    const agen = new MediaStreamTrackGenerator({ kind: 'audio' });
+    aw = agen.writable.getWriter();
+    tracks.push(agen);
+  }
+  const stream = new MediaStream(tracks);
+  const canvas = new OffscreenCanvas(640, 360);
+  const c = canvas.getContext('2d');
+  const draw = (n) => {
+    c.fillStyle = '#808080'; c.fillRect(0, 32, 640, 328);
+    c.fillStyle = '#404040';
+    for (let i = 0; i < 8; i++) c.fillRect((n * 7 + i * 80) % 640, 60 + i * 35, 40, 30);
+    for (let b = 0; b < 16; b++) {
+      c.fillStyle = ((n >> b) & 1) ? '#ebebeb' : '#101010';
+      c.fillRect(b * 32, 0, 32, 32);
+    }
+  };
+  // Frames are written before publishing too, so the track has a size to negotiate.
+  const t0 = performance.now() + 100;
+  let n = 0;
+  const vtick = () => {
+    draw(n);
+    const f = new VideoFrame(canvas, { timestamp: Math.round(performance.now() * 1000) });
+    window.pubFrames[n] = origin + performance.now();
+    vw.write(f);
+    n++;
+    if (performance.now() < t0 + seconds * 1000)
+      setTimeout(vtick, Math.max(0, t0 + n * 1000 / 30 - performance.now()));
+  };
+  let m = 0;
+  const atick = () => {
+    while (t0 + m * 10 <= performance.now()) {
+      const data = new Float32Array(480);
+      if (m % 100 < 6) {
+        for (let i = 0; i < 480; i++) {
+          const s = (m % 100) * 480 + i;
+          data[i] = 0.5 * Math.sin(2 * Math.PI * 1000 * s / 48000);
+        }
+      }
+      if (m % 100 === 0) window.pubBeeps.push(origin + performance.now());
+      aw.write(new AudioData({ format: 'f32-planar', sampleRate: 48000, numberOfFrames: 480,
+                               numberOfChannels: 1, timestamp: Math.round(performance.now() * 1000), data }));
+      m++;
+    }
+    if (performance.now() < t0 + seconds * 1000) setTimeout(atick, 2);
+  };
+  setTimeout(vtick, 100);
+  if (aw) setTimeout(atick, 100);
+  const room = new WeirRoom(options);
+  window.glassRoom = room;
+  await room.join();
+  await room.publish({ stream });
+  return room.userID || true;
+};
+"#;

@@ -140,3 +140,121 @@ pub fn flv_decode_errors(file: &Path) -> String {
         .expect("ffmpeg runs");
     String::from_utf8_lossy(&out.stderr).to_string()
 }
+
+/// Each decoded video frame of a recorded file: its presentation time (s) and the
+/// frame index drawn in it (`common::source::read_index`; the picture is scaled to the
+/// source's size first, so a lowered resolution reads the same).
+pub fn recorded_frames(file: &Path) -> Vec<(f64, usize)> {
+    use super::source::{read_index, H, W};
+    let probe = std::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-show_entries"])
+        .args(["frame=pts_time", "-of", "csv=p=0"])
+        .arg(file)
+        .output()
+        .expect("ffprobe runs");
+    let times: Vec<f64> = String::from_utf8_lossy(&probe.stdout)
+        .lines()
+        .filter_map(|l| l.trim().trim_end_matches(',').parse().ok())
+        .collect();
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(file)
+        .args(["-map", "0:v:0", "-fps_mode", "passthrough"])
+        .args(["-vf", &format!("scale={W}:{H}"), "-pix_fmt", "gray"])
+        .args(["-f", "rawvideo", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ffmpeg runs");
+    let frames: Vec<usize> = out.stdout.chunks_exact(W * H).map(read_index).collect();
+    assert_eq!(
+        times.len(),
+        frames.len(),
+        "ffprobe and ffmpeg decode as many frames"
+    );
+    times.into_iter().zip(frames).collect()
+}
+
+/// A recorded file's first audio stream decoded to 48 kHz mono: when its first sample
+/// plays (s) and the samples.
+pub fn recorded_audio(file: &Path) -> (f64, Vec<i16>) {
+    let probe = std::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "a:0",
+            "-read_intervals",
+            "%+#1",
+        ])
+        .args(["-show_entries", "frame=pts_time", "-of", "csv=p=0"])
+        .arg(file)
+        .output()
+        .expect("ffprobe runs");
+    let start: f64 = String::from_utf8_lossy(&probe.stdout)
+        .lines()
+        .find_map(|l| l.trim().trim_end_matches(',').parse().ok())
+        .expect("an audio frame");
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(file)
+        .args([
+            "-map", "0:a:0", "-ac", "1", "-ar", "48000", "-f", "s16le", "-",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ffmpeg runs");
+    let samples = out
+        .stdout
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    (start, samples)
+}
+
+/// Where each beep begins (s from the first sample, 48 kHz): a sample well above the
+/// noise after at least 300 ms of quiet.
+pub fn beep_onsets(samples: &[i16]) -> Vec<f64> {
+    let mut onsets = Vec::new();
+    let mut quiet = 0usize;
+    for (i, &s) in samples.iter().enumerate() {
+        if s.unsigned_abs() > 3000 {
+            if quiet >= 48_000 * 3 / 10 {
+                onsets.push(i as f64 / 48_000.0);
+            }
+            quiet = 0;
+        } else if s.unsigned_abs() < 1000 {
+            quiet += 1;
+        }
+    }
+    onsets
+}
+
+/// For each beep of a recording of the generated source (a beep with frame 30·k),
+/// how much later it is heard than that frame is shown (ms; negative: earlier).
+/// The frame of a beep is the nearest multiple of 30 in time, so offsets beyond
+/// ±500 ms would alias; a dropped frame 30·k is placed from its neighbours.
+pub fn av_offsets_ms(file: &Path) -> Vec<f64> {
+    let frames = recorded_frames(file);
+    let (start, samples) = recorded_audio(file);
+    assert!(frames.len() > 30, "{} frames", frames.len());
+    beep_onsets(&samples)
+        .into_iter()
+        .map(|at| {
+            let heard = start + at;
+            // The frame nearest in time, then the multiple of 30 nearest it.
+            let (t, n) = *frames
+                .iter()
+                .min_by(|a, b| (a.0 - heard).abs().total_cmp(&(b.0 - heard).abs()))
+                .expect("frames");
+            let k30 = ((n as f64 / 30.0).round() * 30.0) as i64;
+            // Where frame 30·k is (or would be) shown: from the frame decoded
+            // closest to it by index.
+            let (tk, nk) = *frames
+                .iter()
+                .min_by_key(|(_, i)| (*i as i64 - k30).abs())
+                .unwrap_or(&(t, n));
+            let shown = tk - (nk as f64 - k30 as f64) / 30.0;
+            (heard - shown) * 1000.0
+        })
+        .collect()
+}

@@ -33,7 +33,44 @@ pub fn h264_clip(source: &str, seconds: u32, extra: &[&str]) -> Vec<Vec<bytes::B
         .unwrap()
         .success();
     assert!(ok);
-    let data = std::fs::read(&path).unwrap();
+    access_units(&std::fs::read(&path).unwrap())
+}
+
+/// `seconds` of the generated source's frames (`common::source::frame`, each with its
+/// index drawn in, 640×360 at 30 fps) encoded by x264 (ultrafast, zerolatency, a
+/// keyframe each second), as access units: frame `n` is access unit `n`.
+pub fn h264_indexed(seconds: u32) -> Vec<Vec<bytes::Bytes>> {
+    use super::source::{frame, FPS, H, W};
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("v.yuv");
+    let frames: Vec<u8> = (0..(u64::from(seconds) * FPS) as usize)
+        .flat_map(frame)
+        .collect();
+    std::fs::write(&raw, frames).unwrap();
+    let path = dir.path().join("v.h264");
+    let ok = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-f", "rawvideo", "-pix_fmt", "yuv420p"])
+        .args(["-s", &format!("{W}x{H}"), "-r", &FPS.to_string(), "-i"])
+        .arg(&raw)
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ])
+        .args(["-bf", "0", "-g", &FPS.to_string(), "-f", "h264"])
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    access_units(&std::fs::read(&path).unwrap())
+}
+
+/// An Annex B elementary stream split into access units.
+fn access_units(data: &[u8]) -> Vec<Vec<bytes::Bytes>> {
     // Split at start codes.
     let mut nals = Vec::new();
     let mut i = 0;
@@ -227,8 +264,42 @@ pub async fn send_h264_and_opus(
     aus: std::sync::Arc<Vec<Vec<bytes::Bytes>>>,
     video: std::sync::Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
     audio: std::sync::Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
+    pts: (u8, u8),
+    pace: Pace,
+) {
+    let tone = |packet: u32| -> Vec<f32> {
+        (0..960u32)
+            .flat_map(|i| {
+                let n = (packet.wrapping_mul(960).wrapping_add(i) % 48_000) as f32;
+                let v = (n * 2.0 * std::f32::consts::PI * 1000.0 / 48_000.0).sin() * 0.3;
+                [v, v]
+            })
+            .collect()
+    };
+    send_h264_and_opus_with(aus, video, audio, pts, pace, tone).await
+}
+
+/// Stereo PCM for 20 ms Opus packet `packet` of the generated source: a beep at every
+/// second (`common::source::pcm`), so beep `k` starts with frame 30·k.
+pub fn beeps(packet: u32) -> Vec<f32> {
+    let from = u64::from(packet) * 960;
+    let mut pcm = super::source::pcm(from);
+    pcm.extend(super::source::pcm(from + 480));
+    pcm.chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32_768.0)
+        .collect()
+}
+
+/// [`send_h264_and_opus`] with the audio of `pcm` (960 stereo samples per packet).
+/// Both tracks' RTP times start at 0 at the same instant, and packets leave on that
+/// schedule, so the sender reports map both to one clock.
+pub async fn send_h264_and_opus_with(
+    aus: std::sync::Arc<Vec<Vec<bytes::Bytes>>>,
+    video: std::sync::Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
+    audio: std::sync::Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
     (vpt, apt): (u8, u8),
     pace: Pace,
+    pcm: impl Fn(u32) -> Vec<f32>,
 ) {
     use webrtc::media_stream::track_local::TrackLocal;
     let start = tokio::time::Instant::now();
@@ -249,14 +320,7 @@ pub async fn send_h264_and_opus(
         let adue = start + Duration::from_millis(u64::from(apkt) * 20);
         if adue <= vdue {
             tokio::time::sleep_until(adue).await;
-            let pcm: Vec<f32> = (0..960u32)
-                .flat_map(|i| {
-                    let n = (apkt.wrapping_mul(960).wrapping_add(i) % 48_000) as f32;
-                    let v = (n * 2.0 * std::f32::consts::PI * 1000.0 / 48_000.0).sin() * 0.3;
-                    [v, v]
-                })
-                .collect();
-            let len = enc.encode_float(&pcm, &mut buf).unwrap();
+            let len = enc.encode_float(&pcm(apkt), &mut buf).unwrap();
             let mut p = rtc::rtp::Packet::default();
             p.header.version = 2;
             p.header.payload_type = apt;
