@@ -124,6 +124,24 @@ fn probe(file: &Path) -> std::collections::BTreeMap<String, (usize, f64, f64, St
     by
 }
 
+/// Waits for the recording's first file to be closed and kept; returns it, the only
+/// file of `stream_dir`.
+async fn the_kept_file(t: &TestServer, stream_dir: &Path, within: Duration) -> PathBuf {
+    let deadline = Instant::now() + within;
+    // The series appears when the first file is closed.
+    while !t
+        .metrics()
+        .await
+        .contains("weir_record_files_total{outcome=\"kept\"} 1")
+    {
+        assert!(Instant::now() < deadline, "the recording was not closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let files = files(stream_dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    files.into_iter().next().expect("one file")
+}
+
 fn md5_hex(s: &str) -> String {
     let out = std::process::Command::new("md5sum")
         .stdin(std::process::Stdio::piped())
@@ -374,19 +392,7 @@ async fn a_webrtc_publication_is_recorded_with_aac_audio_in_sync() {
         .path()
         .join(APP.to_string())
         .join(weir::record::file_stem(&stream.stream_id));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // The series appears when the first file is closed.
-    while !t
-        .metrics()
-        .await
-        .contains("weir_record_files_total{outcome=\"kept\"} 1")
-    {
-        assert!(Instant::now() < deadline, "the recording was not closed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let files = files(&stream_dir);
-    assert_eq!(files.len(), 1, "{files:?}");
-    let f = &files[0];
+    let f = &the_kept_file(&t, &stream_dir, Duration::from_secs(10)).await;
     let errors = flv_decode_errors(f);
     assert!(errors.trim().is_empty(), "decoding {f:?}: {errors}");
     let p = probe(f);
@@ -439,19 +445,9 @@ async fn a_chrome_publication_is_recorded_in_mp4_with_sound_and_picture_in_sync(
         .await;
     println!("page: beep k handed after frame 30k by (ms): {handed}");
     page.eval("window.glassRoom.leave().then(() => true)").await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !t
-        .metrics()
-        .await
-        .contains("weir_record_files_total{outcome=\"kept\"} 1")
-    {
-        assert!(Instant::now() < deadline, "the recording was not closed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let stream = format!("{APP}_{ROOM}_officer_main");
-    let files = files(&dir.path().join(APP.to_string()).join(&stream));
-    assert_eq!(files.len(), 1, "{files:?}");
-    let f = &files[0];
+    let stream_dir = dir.path().join(APP.to_string()).join(&stream);
+    let f = &the_kept_file(&t, &stream_dir, Duration::from_secs(15)).await;
     assert_eq!(f.extension().and_then(|e| e.to_str()), Some("mp4"));
     let errors = flv_decode_errors(f);
     assert!(errors.trim().is_empty(), "decoding {f:?}: {errors}");

@@ -13,27 +13,8 @@ pub fn h264_access_units(seconds: u32) -> Vec<Vec<bytes::Bytes>> {
 /// Access units of `seconds` of the lavfi `source` encoded by x264 (ultrafast,
 /// zerolatency, no B-frames) with `extra` encoder options (GOP, bitrate), in order.
 pub fn h264_clip(source: &str, seconds: u32, extra: &[&str]) -> Vec<Vec<bytes::Bytes>> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.h264");
-    let ok = std::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-f", "lavfi", "-i", source])
-        .args([
-            "-t",
-            &seconds.to_string(),
-            "-c:v",
-            "libx264",
-            "-pix_fmt",
-            "yuv420p",
-        ])
-        .args(["-preset", "ultrafast", "-tune", "zerolatency", "-bf", "0"])
-        .args(extra)
-        .args(["-f", "h264"])
-        .arg(&path)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    access_units(&std::fs::read(&path).unwrap())
+    let input = ["-f", "lavfi", "-i", source, "-t", &seconds.to_string()].map(Into::into);
+    x264(&input, extra)
 }
 
 /// `seconds` of the generated source's frames (`common::source::frame`, each with its
@@ -47,20 +28,29 @@ pub fn h264_indexed(seconds: u32) -> Vec<Vec<bytes::Bytes>> {
         .flat_map(frame)
         .collect();
     std::fs::write(&raw, frames).unwrap();
+    let size = format!("{W}x{H}");
+    let rate = FPS.to_string();
+    let input: Vec<std::ffi::OsString> = ["-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", &size]
+        .into_iter()
+        .chain(["-r", &rate, "-i"])
+        .map(Into::into)
+        .chain([raw.into_os_string()])
+        .collect();
+    x264(&input, &["-g", &rate])
+}
+
+/// ffmpeg's x264 (ultrafast, zerolatency, no B-frames, yuv420p, `extra`) on `input`
+/// (ffmpeg's input arguments), as access units.
+fn x264(input: &[std::ffi::OsString], extra: &[&str]) -> Vec<Vec<bytes::Bytes>> {
+    let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v.h264");
     let ok = std::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-f", "rawvideo", "-pix_fmt", "yuv420p"])
-        .args(["-s", &format!("{W}x{H}"), "-r", &FPS.to_string(), "-i"])
-        .arg(&raw)
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-tune",
-            "zerolatency",
-        ])
-        .args(["-bf", "0", "-g", &FPS.to_string(), "-f", "h264"])
+        .args(["-v", "error"])
+        .args(input)
+        .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
+        .args(["-preset", "ultrafast", "-tune", "zerolatency", "-bf", "0"])
+        .args(extra)
+        .args(["-f", "h264"])
         .arg(&path)
         .status()
         .unwrap()
