@@ -894,7 +894,9 @@ async fn admission_backend(port: u16, asked: Got) {
                             return (StatusCode::UNAUTHORIZED, "bad signature".to_owned());
                         }
                         let refuse = match v["action"].as_str() {
-                            Some("on_publish") => v["stream"] == "banned",
+                            Some("on_publish") => {
+                                v["stream"] == "banned" || v["user_id"] == "banned"
+                            }
                             Some("on_play") => {
                                 plays.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0
                             }
@@ -1050,6 +1052,140 @@ async fn the_backend_may_refuse_a_push_or_a_play_and_a_silent_one_refuses_by_def
             &m,
             "weir_admission_hooks_total{action=\"on_publish\",outcome=\"timeout_refused\"}"
         ),
+        1.0
+    );
+}
+
+/// The same hooks for the WebRTC doors: a member's `publish` over signaling, a WHIP
+/// publication and a WHEP play are each asked of the backend first, with the room and
+/// user, and a refusal reaches the client (signaling error 403 naming the request,
+/// HTTP 403) with the backend's reason; nothing is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_is_asked_before_webrtc_whip_and_whep_publications_and_plays() {
+    use weir_signaling::{ClientMessage, ErrorCode, ServerMessage};
+    let asked: Got = Arc::default();
+    let port = free_port();
+    admission_backend(port, asked.clone()).await;
+    let t = TestServer::start_with(|c| {
+        c.callbacks.key = KEY.into();
+        c.callbacks.on_publish_url = format!("http://127.0.0.1:{port}/hook");
+        c.callbacks.on_play_url = format!("http://127.0.0.1:{port}/hook");
+    })
+    .await;
+    // Signaling: the backend refuses "banned", lets "alice" in.
+    let (mut banned, _) = common::Client::join(&t.ws_url(), t.join("banned", ROOM, 0xff)).await;
+    banned
+        .send(&ClientMessage::Publish {
+            audio: true,
+            video: true,
+            min_bitrate: None,
+            max_bitrate: None,
+        })
+        .await;
+    let (code, message, request) = banned
+        .expect(|m| match m {
+            ServerMessage::Error {
+                code,
+                message,
+                request,
+                ..
+            } => Some((*code, message.clone(), request.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, ErrorCode::MissingPrivilege);
+    assert!(message.contains("not this one"), "{message}");
+    assert_eq!(request.as_deref(), Some("publish"));
+    let (mut alice, _) = common::Client::join(&t.ws_url(), t.join("alice", ROOM, 0xff)).await;
+    let published = alice.publish(true, true).await;
+    assert_eq!(published.stream_id, format!("{APP}_{ROOM}_alice_main"));
+
+    // WHIP and WHEP, with a JWT privateMapKey as the bearer.
+    let bearer = |user: &str| {
+        let jwt = t
+            .app
+            .issue_private_map_key(
+                weir::auth::TokenKind::Jwt,
+                user,
+                &weir::auth::RoomId::Num(ROOM),
+                weir::auth::Privileges(0xff),
+                weir::auth::unix_now(),
+                600,
+            )
+            .unwrap();
+        format!("Bearer {jwt}")
+    };
+    let mut peer = common::peer::RtcPeer::new().await;
+    peer.add_send_track(
+        rtc::rtp_transceiver::rtp_sender::RtpCodecKind::Video,
+        common::peer::h264(),
+        0x5151,
+    )
+    .await;
+    let offer = peer.offer().await;
+    let sdp = ("Content-Type", "application/sdp");
+    let addr = t.server.http_addr;
+    let auth = bearer("banned");
+    let (status, _, body) = common::http_request(
+        addr,
+        "POST",
+        "/whip",
+        &[sdp, ("Authorization", &auth)],
+        &offer,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("not this one"), "{body}");
+    // The backend refuses the first play it is asked about.
+    let auth = bearer("viewer");
+    let (status, _, body) = common::http_request(
+        addr,
+        "POST",
+        &format!("/whep/{}", published.stream_id),
+        &[sdp, ("Authorization", &auth)],
+        &offer,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+
+    let asked: Vec<Value> = asked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, v)| v.clone())
+        .collect();
+    let of = |protocol: &str| -> Vec<&Value> {
+        asked.iter().filter(|v| v["protocol"] == protocol).collect()
+    };
+    let webrtc = of("webrtc");
+    assert_eq!(webrtc.len(), 2, "{asked:#?}");
+    assert_eq!(webrtc[0]["action"], "on_publish");
+    assert_eq!(webrtc[0]["user_id"], "banned");
+    assert_eq!(webrtc[1]["stream"], published.stream_id);
+    assert_eq!(webrtc[1]["room_id"], ROOM.to_string());
+    assert_eq!(webrtc[1]["sdk_app_id"], APP);
+    let whip = of("whip");
+    assert_eq!(whip.len(), 1, "{asked:#?}");
+    assert_eq!(whip[0]["stream"], format!("{APP}_{ROOM}_banned_main"));
+    let whep = of("whep");
+    assert_eq!(whep.len(), 1, "{asked:#?}");
+    assert_eq!(whep[0]["action"], "on_play");
+    assert_eq!(whep[0]["stream"], published.stream_id);
+    assert_eq!(whep[0]["user_id"], "viewer");
+    let m = t.metrics().await;
+    assert_eq!(
+        common::metric(
+            &m,
+            "weir_admission_hooks_total{action=\"on_publish\",outcome=\"refused\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        common::metric(&m, "weir_whip_requests_total{outcome=\"hook_refused\"}"),
+        1.0
+    );
+    assert_eq!(
+        common::metric(&m, "weir_whep_requests_total{outcome=\"hook_refused\"}"),
         1.0
     );
 }

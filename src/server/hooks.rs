@@ -279,7 +279,66 @@ pub enum Ask {
     Play,
 }
 
+/// Who asks to push or play what, through which door.
+pub struct Asking<'a> {
+    pub ip: std::net::IpAddr,
+    pub stream: &'a str,
+    /// `rtmp`, `flv`, `webrtc` (signaling), `whip`, `whep`.
+    pub protocol: &'a str,
+    pub sdk_app_id: Option<u64>,
+    pub room_id: Option<String>,
+    pub user_id: Option<&'a str>,
+}
+
+impl Asking<'_> {
+    fn fields(&self) -> Map<String, Value> {
+        let mut fields = Map::new();
+        fields.insert("ip".into(), self.ip.to_string().into());
+        fields.insert("stream".into(), self.stream.into());
+        fields.insert("protocol".into(), self.protocol.into());
+        if let Some(app) = self.sdk_app_id {
+            fields.insert("sdk_app_id".into(), app.into());
+        }
+        if let Some(room) = &self.room_id {
+            fields.insert("room_id".into(), room.clone().into());
+        }
+        if let Some(user) = self.user_id {
+            fields.insert("user_id".into(), user.into());
+        }
+        fields
+    }
+}
+
 impl Admission {
+    /// Asks the backend about `asking`, if a hook is set for `ask` (no hook: let in).
+    pub async fn may(this: &Option<Arc<Self>>, ask: Ask, asking: Asking<'_>) -> Result<(), String> {
+        match this {
+            Some(hooks) => hooks.ask(ask, asking.fields()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::may`] for a stream of a room (signaling, WHIP, WHEP).
+    pub async fn for_room(
+        this: &Option<Arc<Self>>,
+        ip: std::net::IpAddr,
+        ask: Ask,
+        stream: &str,
+        protocol: &str,
+        key: &crate::room::RoomKey,
+        user: Option<&str>,
+    ) -> Result<(), String> {
+        let asking = Asking {
+            ip,
+            stream,
+            protocol,
+            sdk_app_id: Some(key.sdk_app_id),
+            room_id: Some(key.name()),
+            user_id: user,
+        };
+        Self::may(this, ask, asking).await
+    }
+
     pub fn from_config(config: &CallbacksConfig, metrics: Arc<Metrics>) -> Option<Arc<Self>> {
         if config.on_publish_url.is_empty() && config.on_play_url.is_empty() {
             return None;
@@ -301,7 +360,7 @@ impl Admission {
     }
 
     /// Asks the backend; Err is the refusal's reason.
-    pub async fn ask(&self, ask: Ask, mut fields: Map<String, Value>) -> Result<(), String> {
+    async fn ask(&self, ask: Ask, mut fields: Map<String, Value>) -> Result<(), String> {
         let (url, action) = match ask {
             Ask::Publish => (&self.on_publish, "on_publish"),
             Ask::Play => (&self.on_play, "on_play"),

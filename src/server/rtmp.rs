@@ -312,18 +312,16 @@ pub(super) async fn ask_play(
     protocol: &str,
     source: Arc<crate::live::Source>,
 ) -> Result<Arc<crate::live::Source>, Refusal> {
-    let Some(hooks) = &state.admission else {
-        return Ok(source);
+    let place = state.hub.get(stream).map(|(_, place)| place);
+    let asking = super::hooks::Asking {
+        ip,
+        stream,
+        protocol,
+        sdk_app_id: place.as_ref().map(|p| p.sdk_app_id),
+        room_id: place.as_ref().map(|p| p.room.name()),
+        user_id: None,
     };
-    let mut fields = serde_json::Map::new();
-    fields.insert("ip".into(), ip.to_string().into());
-    fields.insert("stream".into(), stream.into());
-    fields.insert("protocol".into(), protocol.into());
-    if let Some((_, place)) = state.hub.get(stream) {
-        fields.insert("sdk_app_id".into(), place.sdk_app_id.into());
-        fields.insert("room_id".into(), place.room.name().into());
-    }
-    match hooks.ask(super::hooks::Ask::Play, fields).await {
+    match super::hooks::Admission::may(&state.admission, super::hooks::Ask::Play, asking).await {
         Ok(()) => Ok(source),
         Err(why) => Err(Refusal {
             code: "NetStream.Play.Failed",
@@ -909,23 +907,23 @@ impl Connection {
             });
         }
         let grant = authorize_push(&self.state, self.peer.ip(), app, tc_url, name)?;
-        if let Some(hooks) = &self.state.admission {
-            let mut fields = serde_json::Map::new();
-            fields.insert("ip".into(), self.peer.ip().to_string().into());
-            fields.insert("stream".into(), grant.stream.clone().into());
-            fields.insert("protocol".into(), "rtmp".into());
-            fields.insert("sdk_app_id".into(), grant.sdk_app_id.into());
-            if let Some(t) = &grant.ticket {
-                fields.insert("room_id".into(), t.room.name().into());
-                fields.insert("user_id".into(), t.identity.user_id.clone().into());
-            }
-            if let Err(why) = hooks.ask(super::hooks::Ask::Publish, fields).await {
-                return Err(Refusal {
-                    code: "NetStream.Publish.Rejected",
-                    outcome: "hook_refused",
-                    message: why,
-                });
-            }
+        let asking = super::hooks::Asking {
+            ip: self.peer.ip(),
+            stream: &grant.stream,
+            protocol: "rtmp",
+            sdk_app_id: Some(grant.sdk_app_id),
+            room_id: grant.ticket.as_ref().map(|t| t.room.name()),
+            user_id: grant.ticket.as_ref().map(|t| t.identity.user_id.as_str()),
+        };
+        let asked =
+            super::hooks::Admission::may(&self.state.admission, super::hooks::Ask::Publish, asking)
+                .await;
+        if let Err(why) = asked {
+            return Err(Refusal {
+                code: "NetStream.Publish.Rejected",
+                outcome: "hook_refused",
+                message: why,
+            });
         }
         let Some(ticket) = grant.ticket else {
             return self.publish_pending(grant.sdk_app_id, grant.stream).await;

@@ -44,6 +44,7 @@ use tracing::info;
 use weir_signaling::{ClientMessage, ErrorCode, IceCandidate, LeaveReason, ServerMessage, Target};
 
 use super::control::{ControlCommand, SessionEvent, SESSION_QUEUE};
+use super::hooks::{Admission, Ask};
 use super::http::PeerAddr;
 use super::AppState;
 use crate::auth::{RoomId, RoomTicket};
@@ -412,6 +413,25 @@ pub async fn publish(
     }
     let user = ticket.identity.user_id.clone();
     let room = ticket.room.to_string();
+    let key = crate::room::RoomKey {
+        sdk_app_id,
+        room: ticket.room.clone(),
+    };
+    let stream = crate::room::stream_id_for(&key, &user);
+    if let Err(why) = Admission::for_room(
+        &state.admission,
+        peer.ip(),
+        Ask::Publish,
+        &stream,
+        "whip",
+        &key,
+        Some(&user),
+    )
+    .await
+    {
+        count("hook_refused");
+        return refuse(StatusCode::FORBIDDEN, &why);
+    }
     let session = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
     let control = &state.control;
@@ -704,6 +724,24 @@ pub async fn play(
         );
     }
     let user = ticket.identity.user_id.clone();
+    let key = crate::room::RoomKey {
+        sdk_app_id,
+        room: ticket.room.clone(),
+    };
+    if let Err(why) = Admission::for_room(
+        &state.admission,
+        peer.ip(),
+        Ask::Play,
+        &stream,
+        "whep",
+        &key,
+        Some(&user),
+    )
+    .await
+    {
+        count("hook_refused");
+        return refuse(StatusCode::FORBIDDEN, &why);
+    }
     let session = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
     let control = &state.control;

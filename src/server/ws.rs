@@ -65,6 +65,8 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
     let (messages, texts) = (limiter(state.message_rate), limiter(state.text_rate));
     // A join for a room another node serves: the session becomes a relay to it.
     let mut relay: Option<(Upstream, String)> = None;
+    // The room and user of the last join handed to the control task.
+    let mut joined: Option<(crate::room::RoomKey, String)> = None;
     // Why the session ends, and the close frame that says so (None: the peer closed
     // or the socket broke, so there is no one to tell).
     let (reason, close) = loop {
@@ -126,15 +128,29 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
                             ClientMessage::Ping { ts } => Some(ServerMessage::Pong { ts }),
                             ClientMessage::Join(join) => match join_command(&state, id, ip, join).await {
                                 JoinOutcome::Reply(m) => Some(m),
-                                JoinOutcome::Done => None,
+                                JoinOutcome::Done(key, user) => {
+                                    joined = Some((key, user));
+                                    None
+                                }
                                 JoinOutcome::Relay(up) => {
                                     relay = Some((up, text.to_string()));
                                     break (LeaveReason::Disconnected, None);
                                 }
                             },
                             other => {
-                                let _ = state.control.send(ControlCommand::Message { session: id, msg: other }).await;
-                                None
+                                // The backend is asked before a publication is let in
+                                // (the session waits for its answer, at most
+                                // `hook_timeout_ms`).
+                                let refused = match other {
+                                    ClientMessage::Publish { .. } if state.admission.is_some() => {
+                                        ask_publish(&state, ip, joined.as_ref()).await
+                                    }
+                                    _ => None,
+                                };
+                                if refused.is_none() {
+                                    let _ = state.control.send(ControlCommand::Message { session: id, msg: other }).await;
+                                }
+                                refused
                             }
                         }};
                         if let Some(reply) = reply {
@@ -231,8 +247,8 @@ type Upstream = super::relay::Upstream;
 enum JoinOutcome {
     /// Refused: the error to send.
     Reply(ServerMessage),
-    /// Handed to the control task with its verified ticket.
-    Done,
+    /// Handed to the control task with its verified ticket: the room and user it names.
+    Done(crate::room::RoomKey, String),
     /// Its room is served by another node, reached: relay the session there.
     Relay(Upstream),
 }
@@ -375,6 +391,10 @@ async fn join_command(
             }
         }
     }
+    let joined = crate::room::RoomKey {
+        sdk_app_id: join.sdk_app_id,
+        room: ticket.room.clone(),
+    };
     let _ = state
         .control
         .send(ControlCommand::Join {
@@ -386,5 +406,34 @@ async fn join_command(
             push: false,
         })
         .await;
-    JoinOutcome::Done
+    JoinOutcome::Done(joined, join.user_id)
+}
+
+/// The backend's `on_publish` hook, if configured, for a member's `publish`: the
+/// refusal to send, if it says no.
+async fn ask_publish(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    joined: Option<&(crate::room::RoomKey, String)>,
+) -> Option<ServerMessage> {
+    let (key, user) = joined?;
+    let stream = crate::room::stream_id_for(key, user);
+    let why = super::hooks::Admission::for_room(
+        &state.admission,
+        ip,
+        super::hooks::Ask::Publish,
+        &stream,
+        "webrtc",
+        key,
+        Some(user),
+    )
+    .await
+    .err()?;
+    info!(%stream, %why, "publish refused by the backend's on_publish hook");
+    Some(ServerMessage::Error {
+        code: ErrorCode::MissingPrivilege,
+        message: why,
+        request: Some("publish".into()),
+        tencent_code: None,
+    })
 }
