@@ -1189,3 +1189,60 @@ async fn the_backend_is_asked_before_webrtc_whip_and_whep_publications_and_plays
         1.0
     );
 }
+
+/// The backend asks for a room to be recorded before anyone publishes in it: every
+/// stream published there is recorded (in the format asked) until the room is
+/// stopped; after that, a new push is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_records_a_room_from_now_on_until_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let record_dir = dir.path().to_owned();
+    let t = TestServer::start_with(|c| c.record.dir = record_dir.display().to_string()).await;
+    let (http, rtmp) = (t.server.http_addr, t.server.rtmp_addr.unwrap());
+    let sig = t
+        .app
+        .issue_user_sig(
+            weir::auth::TokenKind::V2,
+            "administrator",
+            weir::auth::unix_now(),
+            600,
+        )
+        .unwrap();
+    let sig: String = url::form_urlencoded::byte_serialize(sig.as_bytes()).collect();
+    let admin = format!("sdkappid={APP}&identifier=administrator&usersig={sig}");
+    let client = reqwest::Client::new();
+    let call = |path: &str, body: Value| {
+        client
+            .post(format!("http://{http}/v1/record/{path}?{admin}"))
+            .json(&body)
+            .send()
+    };
+    let room = serde_json::json!({"room_id": ROOM.to_string(), "file_format": "mp4"});
+    assert_eq!(call("start", room.clone()).await.unwrap().status(), 200);
+    assert_eq!(call("start", room.clone()).await.unwrap().status(), 409);
+    assert_eq!(
+        call("start", serde_json::json!({})).await.unwrap().status(),
+        400
+    );
+    let push = |name: &str| {
+        common::source::ffmpeg_push(
+            &format!(
+                "rtmp://{rtmp}/live/{name}?{}",
+                rtmp_query(&t.app, name, ROOM, 0xff)
+            ),
+            4,
+        )
+    };
+    assert!(push("first").wait().await.unwrap().success());
+    let first_dir = dir.path().join(APP.to_string()).join("first");
+    let f = the_kept_file(&t, &first_dir, Duration::from_secs(10)).await;
+    assert_eq!(f.extension().and_then(|e| e.to_str()), Some("mp4"));
+    let errors = flv_decode_errors(&f);
+    assert!(errors.trim().is_empty(), "decoding {f:?}: {errors}");
+
+    assert_eq!(call("stop", room.clone()).await.unwrap().status(), 200);
+    assert_eq!(call("stop", room).await.unwrap().status(), 404);
+    assert!(push("second").wait().await.unwrap().success());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(files(&dir.path().join(APP.to_string()).join("second")).is_empty());
+}

@@ -22,6 +22,9 @@ use crate::live::{HubEvent, Next, ObserveFn, Source, StreamPlace};
 use crate::metrics::Metrics;
 use crate::record::{file_stem, Action, Finished, Format, SegmentConfig, Segmenter};
 
+/// Rooms the REST call may ask to record at once, per node.
+const MAX_RECORDED_ROOMS: usize = 10_000;
+
 /// One recording's open file and what its callbacks name.
 struct Writing {
     dir: PathBuf,
@@ -45,6 +48,10 @@ pub struct Recording {
     node: String,
     /// Streams being recorded: a recording's id and what stops it.
     active: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
+    /// Rooms the backend asked to record (`POST /v1/record/start {"room_id"}`): every
+    /// stream published in them, now and until stopped, in this format (or the
+    /// configured one). Kept in memory: a restarted node forgets them.
+    rooms: Mutex<HashMap<(u64, String), Option<Format>>>,
     next_id: AtomicU64,
 }
 
@@ -74,6 +81,7 @@ impl Recording {
             metrics,
             node,
             active: Mutex::new(HashMap::new()),
+            rooms: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         })
     }
@@ -186,12 +194,69 @@ impl Recording {
 
     fn opened(self: &Arc<Self>, source: &Arc<Source>, place: &StreamPlace) {
         self.stream_event(1, &source.name, place);
-        if self
-            .config
-            .applies(&source.name, place.sdk_app_id, &place.room.name())
-        {
+        let room = place.room.name();
+        let asked = self
+            .rooms
+            .lock()
+            .expect("recorded rooms lock")
+            .get(&(place.sdk_app_id, room.clone()))
+            .copied();
+        if let Some(format) = asked {
+            self.start(source, place, format);
+        } else if self.config.applies(&source.name, place.sdk_app_id, &room) {
             self.start(source, place, None);
         }
+    }
+
+    /// Records every stream of a room from now on (those live now, of `live`, at
+    /// once); false if it was asked already or too many rooms are.
+    pub fn start_room(
+        self: &Arc<Self>,
+        sdk_app_id: u64,
+        room: &str,
+        format: Option<Format>,
+        live: &[(Arc<Source>, StreamPlace)],
+    ) -> Result<(), &'static str> {
+        {
+            let mut rooms = self.rooms.lock().expect("recorded rooms lock");
+            if rooms.contains_key(&(sdk_app_id, room.to_owned())) {
+                return Err("this room is being recorded already");
+            }
+            if rooms.len() >= MAX_RECORDED_ROOMS {
+                return Err("too many rooms are being recorded");
+            }
+            rooms.insert((sdk_app_id, room.to_owned()), format);
+        }
+        for (source, place) in live {
+            if place.sdk_app_id == sdk_app_id && place.room.name() == room {
+                self.start(source, place, format);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops recording a room (and its streams' files, as at their end); false if it
+    /// was not asked to be recorded.
+    pub fn stop_room(
+        &self,
+        sdk_app_id: u64,
+        room: &str,
+        live: &[(Arc<Source>, StreamPlace)],
+    ) -> bool {
+        let removed = self
+            .rooms
+            .lock()
+            .expect("recorded rooms lock")
+            .remove(&(sdk_app_id, room.to_owned()))
+            .is_some();
+        if removed {
+            for (source, place) in live {
+                if place.sdk_app_id == sdk_app_id && place.room.name() == room {
+                    self.stop(&source.name);
+                }
+            }
+        }
+        removed
     }
 
     /// Tencent CSS push callbacks: `event_type` 1 (push began), 0 (push ended).

@@ -32,9 +32,12 @@ pub struct Creds {
     to: Option<u64>,
 }
 
+/// A stream (`stream_id`) or a room (`room_id`: every stream published in it, now and
+/// until stopped).
 #[derive(Deserialize)]
 pub struct StreamBody {
-    stream_id: String,
+    stream_id: Option<String>,
+    room_id: Option<String>,
     /// `flv` or `mp4` (start only); the configured format when absent.
     file_format: Option<String>,
 }
@@ -95,16 +98,44 @@ pub async fn start(
         Some(Some(f)) => Some(f),
         Some(None) => return answer(StatusCode::BAD_REQUEST, 400, "file_format is flv or mp4"),
     };
-    match state.hub.get(&body.stream_id) {
-        Some((source, place)) if place.sdk_app_id == app => {
-            if state.recording.start(&source, &place, format) {
-                answer(StatusCode::OK, 0, "recording")
-            } else {
-                answer(StatusCode::CONFLICT, 409, "already being recorded")
+    match (&body.stream_id, &body.room_id) {
+        (Some(stream), None) => match state.hub.get(stream) {
+            Some((source, place)) if place.sdk_app_id == app => {
+                if state.recording.start(&source, &place, format) {
+                    answer(StatusCode::OK, 0, "recording")
+                } else {
+                    answer(StatusCode::CONFLICT, 409, "already being recorded")
+                }
+            }
+            _ => answer(StatusCode::NOT_FOUND, 404, "no such live stream"),
+        },
+        (None, Some(room)) => {
+            let live = live_streams(&state);
+            match state.recording.start_room(app, room, format, &live) {
+                Ok(()) => answer(StatusCode::OK, 0, "recording the room"),
+                Err(why) => answer(StatusCode::CONFLICT, 409, why),
             }
         }
-        _ => answer(StatusCode::NOT_FOUND, 404, "no such live stream"),
+        _ => one_of(),
     }
+}
+
+/// Every live stream of this node, with where it is.
+fn live_streams(state: &AppState) -> Vec<(Arc<crate::live::Source>, crate::live::StreamPlace)> {
+    state
+        .hub
+        .names()
+        .iter()
+        .filter_map(|n| state.hub.get(n))
+        .collect()
+}
+
+fn one_of() -> Response {
+    answer(
+        StatusCode::BAD_REQUEST,
+        400,
+        "name a stream_id or a room_id (one of them)",
+    )
 }
 
 pub async fn stop(
@@ -117,18 +148,34 @@ pub async fn stop(
         Ok(a) => a,
         Err((status, code, why)) => return answer(status, code, why),
     };
-    let mine = state
-        .hub
-        .get(&body.stream_id)
-        .is_some_and(|(_, place)| place.sdk_app_id == app);
-    if mine && state.recording.stop(&body.stream_id) {
-        answer(StatusCode::OK, 0, "stopped")
-    } else {
-        answer(
-            StatusCode::NOT_FOUND,
-            404,
-            "this stream is not being recorded",
-        )
+    match (&body.stream_id, &body.room_id) {
+        (Some(stream), None) => {
+            let mine = state
+                .hub
+                .get(stream)
+                .is_some_and(|(_, place)| place.sdk_app_id == app);
+            if mine && state.recording.stop(stream) {
+                answer(StatusCode::OK, 0, "stopped")
+            } else {
+                answer(
+                    StatusCode::NOT_FOUND,
+                    404,
+                    "this stream is not being recorded",
+                )
+            }
+        }
+        (None, Some(room)) => {
+            if state.recording.stop_room(app, room, &live_streams(&state)) {
+                answer(StatusCode::OK, 0, "stopped")
+            } else {
+                answer(
+                    StatusCode::NOT_FOUND,
+                    404,
+                    "this room is not being recorded",
+                )
+            }
+        }
+        _ => one_of(),
     }
 }
 
