@@ -215,9 +215,24 @@ impl Mp4Writer {
             ));
         }
         let mut audio = None;
-        if let Some(h) = audio_header {
+        // An audio header that is not an AudioSpecificConfig (or not AAC) leaves the
+        // file without sound rather than without picture; alone, nothing is written.
+        let audio_config = audio_header.map(|h| {
             let asc = h.data.get(2..).unwrap_or_default();
-            let c = AudioConfig::read(asc).map_err(|e| Mp4Error::Audio(e.to_string()))?;
+            let aac = h.data.first().is_some_and(|b| b >> 4 == 10);
+            let c = if aac {
+                AudioConfig::read(asc).map_err(|e| Mp4Error::Audio(e.to_string()))
+            } else {
+                Err(Mp4Error::Audio("not AAC".into()))
+            };
+            (asc, c)
+        });
+        let audio_config = match audio_config {
+            Some((asc, Ok(c))) => Some((asc, c)),
+            Some((_, Err(e))) if video.is_none() => return Err(e),
+            _ => None,
+        };
+        if let Some((asc, c)) = audio_config {
             let freq_index = (asc.first().copied().unwrap_or(0) & 0x07) << 1
                 | asc.get(1).copied().unwrap_or(0) >> 7;
             let entry = Mp4a {

@@ -403,6 +403,19 @@ mod mp4_files {
         // About a second per fragment.
         assert!((2..=4).contains(&frags.len()), "{}", frags.len());
 
+        // An audio header that is not an AudioSpecificConfig: the picture alone.
+        let mut tags = mp4_headers(SPS);
+        tags[1].data = Bytes::from_static(&[0xAF, 0, 0xFF]);
+        tags.extend(stream(0, 3_000));
+        let (files, _) = run(cfg(), &tags);
+        assert_eq!(files.len(), 1);
+        let (moov, _) = boxes(&files[0].0);
+        assert_eq!(moov.trak.len(), 1);
+        assert_eq!(
+            moov.trak[0].mdia.hdlr.handler,
+            mp4_atom::FourCC::new(b"vide")
+        );
+
         // A video header that is not a record: nothing is written, nothing panics.
         let mut tags = headers();
         tags.extend(stream(0, 3_000));
