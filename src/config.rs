@@ -45,9 +45,13 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// `redis://[:password@]host:port[/db]` (no TLS yet: keep Redis private). Empty: one node,
-    /// no cluster.
+    /// `redis://[:password@]host:port[/db]`, or `rediss://…` for TLS (rustls; the
+    /// server's certificate is checked against `redis_ca_file`, else the system's
+    /// roots). Empty: one node, no cluster.
     pub redis_url: String,
+    /// A PEM file of the CA that signed the Redis server's certificate (`rediss://`
+    /// to a private CA). Empty: the system's roots.
+    pub redis_ca_file: String,
     /// This node's id, unique in the cluster (empty: the host name and the HTTP port).
     pub node_id: String,
     /// A region name; a new room is placed in the region of the node that saw its
@@ -74,6 +78,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
             redis_url: String::new(),
+            redis_ca_file: String::new(),
             node_id: String::new(),
             region: String::new(),
             advertise_http: String::new(),

@@ -779,3 +779,46 @@ async fn a_mini_program_s_calls_and_push_may_reach_any_node() {
     );
     let _ = ffmpeg.kill().await;
 }
+
+/// Redis reached over TLS (`rediss://`, the server's certificate checked against
+/// `redis_ca_file`): the nodes register, see each other and place a room; the
+/// same URL without the CA (the system's roots do not know this one) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_redis_over_tls() {
+    let redis = Redis::start_tls().await;
+    let app = AppKeys::generate_config(APP);
+    let (url, ca) = (redis.tls_url(), redis.ca_file().display().to_string());
+    let tls = |c: &mut weir::config::Config| {
+        c.cluster.redis_url = url.clone();
+        c.cluster.redis_ca_file = ca.clone();
+    };
+    let a = cluster_node(&redis, &app, "node-a", tls).await;
+    let b = cluster_node(&redis, &app, "node-b", tls).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in [&a, &b] {
+        loop {
+            let v = n.cluster().await;
+            if v["nodes"].as_array().map_or(0, |n| n.len()) == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no TLS cluster: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(metric(&n.metrics().await, "weir_cluster_redis_up"), 1.0);
+    }
+    // A join through A: its room is placed and mapped, through TLS.
+    let keys = AppKeys::from_config(&app).unwrap();
+    let (_alice, _) = Client::join(&a.ws_url(), join_with(&keys, "alice", 31, 0xff, true)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.get(&format!("weir:room:{APP}/31")).await.is_none() {
+        assert!(Instant::now() < deadline, "the room was not mapped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Without the CA, the certificate is not trusted: the node serves alone.
+    let lone = cluster_node(&redis, &app, "node-c", |c| {
+        c.cluster.redis_url = redis.tls_url();
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metric(&lone.metrics().await, "weir_cluster_redis_up"), 0.0);
+}

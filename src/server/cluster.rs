@@ -109,8 +109,7 @@ impl Cluster {
         if config.redis_url.is_empty() {
             return Ok(None);
         }
-        let client = redis::Client::open(config.redis_url.as_str())
-            .with_context(|| "[cluster] redis_url is not a Redis URL".to_string())?;
+        let client = client(&config.redis_url, &config.redis_ca_file)?;
         let manager = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(500)))
             .set_response_timeout(Some(Duration::from_millis(500)))
@@ -717,10 +716,30 @@ pub async fn read_nodes(conn: &mut ConnectionManager) -> redis::RedisResult<Vec<
     Ok(out)
 }
 
+/// A Redis client for `url`: `rediss://` is TLS, checked against the CA in
+/// `ca_file` (PEM) when one is named, else the system's roots.
+pub fn client(url: &str, ca_file: &str) -> anyhow::Result<redis::Client> {
+    if ca_file.is_empty() {
+        return redis::Client::open(url).context("[cluster] redis_url is not a Redis URL");
+    }
+    if !url.starts_with("rediss://") {
+        anyhow::bail!("[cluster] redis_ca_file is for TLS: redis_url must be rediss://…");
+    }
+    let root =
+        std::fs::read(ca_file).with_context(|| format!("[cluster] redis_ca_file {ca_file}"))?;
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root),
+        },
+    )
+    .context("[cluster] redis_url with redis_ca_file")
+}
+
 /// A connection for one-off reads (`weir cluster status`).
-pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
-    let client = redis::Client::open(url).context("not a Redis URL")?;
-    Ok(ConnectionManager::new(client).await?)
+pub async fn connect(url: &str, ca_file: &str) -> anyhow::Result<ConnectionManager> {
+    Ok(ConnectionManager::new(client(url, ca_file)?).await?)
 }
 
 fn own_cpu_seconds() -> f64 {
@@ -816,9 +835,12 @@ pub fn status(
     config: Option<std::path::PathBuf>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let url = match (redis, config) {
-        (Some(u), _) => u,
-        (None, Some(path)) => crate::config::Config::load(&path)?.cluster.redis_url,
+    let (url, ca_file) = match (redis, config) {
+        (Some(u), _) => (u, String::new()),
+        (None, Some(path)) => {
+            let c = crate::config::Config::load(&path)?.cluster;
+            (c.redis_url, c.redis_ca_file)
+        }
         (None, None) => anyhow::bail!("give --redis URL or --config FILE with [cluster] redis_url"),
     };
     if url.is_empty() {
@@ -828,7 +850,7 @@ pub fn status(
         .enable_all()
         .build()?;
     let view = rt.block_on(async {
-        let mut conn = connect(&url).await?;
+        let mut conn = connect(&url, &ca_file).await?;
         anyhow::Ok(read_view(&mut conn).await?)
     })?;
     if json {

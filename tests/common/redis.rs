@@ -9,6 +9,8 @@ pub struct Redis {
     pub port: u16,
     child: Option<tokio::process::Child>,
     dir: tempfile::TempDir,
+    /// With TLS: its port (the plain one stays, on loopback, for the test's own reads).
+    tls_port: Option<u16>,
 }
 
 impl Redis {
@@ -17,9 +19,40 @@ impl Redis {
             port: super::node::free_port(),
             child: None,
             dir: tempfile::tempdir().unwrap(),
+            tls_port: None,
         };
         r.restart().await;
         r
+    }
+
+    /// A server that also speaks TLS on a port of its own, with a certificate for
+    /// `localhost` (self-signed: [`Self::ca_file`] is its own CA).
+    pub async fn start_tls() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), key.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.signing_key.serialize_pem()).unwrap();
+        let mut r = Self {
+            port: super::node::free_port(),
+            child: None,
+            dir,
+            tls_port: Some(super::node::free_port()),
+        };
+        r.restart().await;
+        r
+    }
+
+    /// `rediss://localhost:PORT` (with [`Self::start_tls`]).
+    pub fn tls_url(&self) -> String {
+        format!(
+            "rediss://localhost:{}",
+            self.tls_port.expect("a TLS server")
+        )
+    }
+
+    /// The PEM file that signed the TLS port's certificate.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("cert.pem")
     }
 
     pub fn url(&self) -> String {
@@ -41,6 +74,21 @@ impl Redis {
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(self.tls_port.iter().flat_map(|p| {
+                let file = |f: &str| self.dir.path().join(f).display().to_string();
+                [
+                    "--tls-port".to_string(),
+                    p.to_string(),
+                    "--tls-cert-file".into(),
+                    file("cert.pem"),
+                    "--tls-key-file".into(),
+                    file("key.pem"),
+                    "--tls-ca-cert-file".into(),
+                    file("cert.pem"),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]
+            }))
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
