@@ -792,8 +792,23 @@ async fn nodes_reach_redis_over_tls() {
         c.cluster.redis_url = url.clone();
         c.cluster.redis_ca_file = ca.clone();
     };
-    let a = cluster_node(&redis, &app, "node-a", tls).await;
-    let b = cluster_node(&redis, &app, "node-b", tls).await;
+    // A logs JSON, B text: each line names its node.
+    let url_a = url.clone();
+    let ca_a = ca.clone();
+    let mut a = Node::start_app(app.clone(), &[("RUST_LOG", "weir=info")], |c| {
+        c.cluster.redis_url = url_a;
+        c.cluster.redis_ca_file = ca_a;
+        c.cluster.node_id = "node-a".into();
+        c.server.log_format = "json".into();
+    })
+    .await;
+    a.echo_stderr("node-a");
+    let mut b = Node::start_app(app.clone(), &[("RUST_LOG", "weir=info")], |c| {
+        tls(c);
+        c.cluster.node_id = "node-b".into();
+    })
+    .await;
+    b.echo_stderr("node-b");
     let deadline = Instant::now() + Duration::from_secs(10);
     for n in [&a, &b] {
         loop {
@@ -813,6 +828,23 @@ async fn nodes_reach_redis_over_tls() {
     while redis.get(&format!("weir:room:{APP}/31")).await.is_none() {
         assert!(Instant::now() < deadline, "the room was not mapped");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every line after the node knew its id names it.
+    for (log, json) in [(&a.log, true), (&b.log, false)] {
+        let lines = log.lock().unwrap().clone();
+        let from = lines
+            .iter()
+            .position(|l| l.contains("cluster member"))
+            .expect("the node said it joined the cluster");
+        assert!(lines.len() > from + 1, "{lines:#?}");
+        for l in &lines[from + 1..] {
+            if json {
+                let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+                assert_eq!(v["node"], "node-a", "{l}");
+            } else {
+                assert!(l.starts_with("node=node-b "), "{l}");
+            }
+        }
     }
     // Without the CA, the certificate is not trusted: the node serves alone.
     let lone = cluster_node(&redis, &app, "node-c", |c| {

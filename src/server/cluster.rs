@@ -130,6 +130,7 @@ impl Cluster {
             .node_info
             .with_label_values(&[&id, &config.region])
             .set(1);
+        super::logging::set_node(&id);
         info!(node = %id, redis = %redact(&config.redis_url), http = %addresses.http, "cluster member");
         Ok(Some(Arc::new(Self {
             id,

@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod control;
 mod hooks;
 mod http;
+pub mod logging;
 mod record;
 mod record_api;
 mod relay;
@@ -746,7 +747,7 @@ pub fn main(config_path: Option<PathBuf>, bind: Option<String>) -> Result<()> {
         None => Config::development(bind.as_deref()),
     };
     config.apply_env(std::env::vars())?;
-    init_logging(&config.server.log_format);
+    logging::init(&config.server.log_format);
     let keyring = Keyring::from_configs(&config.apps).context("loading app keys")?;
     if config_path.is_none() {
         announce_development(&config)?;
@@ -807,17 +808,6 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     info!("shutdown requested: no new joins, telling clients, draining");
-}
-
-fn init_logging(format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = if format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
 }
 
 /// Writes the generated development app next to the server and prints, loudly, what

@@ -20,6 +20,8 @@ pub fn free_port() -> u16 {
 /// is killed when dropped.
 pub struct Node {
     pub child: tokio::process::Child,
+    /// Its log lines (stdout), as they come; they are echoed too.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pub http: u16,
     pub rtmp: u16,
     pub app: AppKeys,
@@ -68,9 +70,23 @@ impl Node {
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
+        let mut child = child;
+        let log: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        if let Some(out) = child.stdout.take() {
+            use tokio::io::AsyncBufReadExt;
+            let kept = log.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(out).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    println!("{l}");
+                    kept.lock().unwrap().push(l);
+                }
+            });
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         while tokio::net::TcpStream::connect(("127.0.0.1", http))
             .await
@@ -81,6 +97,7 @@ impl Node {
         }
         Self {
             child,
+            log,
             http,
             rtmp,
             app,
