@@ -854,3 +854,106 @@ async fn nodes_reach_redis_over_tls() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(metric(&lone.metrics().await, "weir_cluster_redis_up"), 0.0);
 }
+
+/// `get_room_list` asked of any node lists the rooms of every node: the node asked
+/// merges the others' lists (by room id) and pages the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_list_asked_of_any_node_lists_every_node_s_rooms() {
+    let redis = Redis::start().await;
+    let (app_config, a, b, _c) = three_nodes(&redis).await;
+    let app = AppKeys::from_config(&app_config).unwrap();
+    let enc = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    let mut rooms = Vec::new();
+    let mut members = Vec::new();
+    let mut calls = Vec::new();
+    for (node, user, info) in [(&a, "alice", "desk a"), (&b, "bob", "desk b")] {
+        let sig = app
+            .issue_user_sig(
+                weir::auth::TokenKind::V1,
+                user,
+                weir::auth::unix_now(),
+                3600,
+            )
+            .unwrap();
+        let login = weapp(
+            node,
+            &format!(
+                "/weapp/multi_room/login?accountType=0&sdkAppID={APP}&userSig={}&userID={user}",
+                enc(&sig)
+            ),
+            serde_json::json!({}),
+        )
+        .await;
+        assert_eq!(login["code"], 0, "{login}");
+        let token = login["token"].as_str().unwrap().to_owned();
+        let call =
+            move |action: &str| format!("/weapp/multi_room/{action}?userID={user}&token={token}");
+        // Made through the node: the room is that node's.
+        let made = weapp(
+            node,
+            &call("create_room"),
+            serde_json::json!({"userID": user, "roomInfo": info}),
+        )
+        .await;
+        assert_eq!(made["code"], 0, "{made}");
+        let room_id = made["roomID"].as_str().unwrap().to_owned();
+        // A room is listed while someone is in it.
+        let (member, _) = Client::join(
+            &node.ws_url(),
+            join_with(
+                &app,
+                &format!("{user}-tab"),
+                room_id.parse().unwrap(),
+                0xff,
+                true,
+            ),
+        )
+        .await;
+        members.push(member);
+        rooms.push(room_id);
+        calls.push(call);
+    }
+    assert_eq!(
+        redis
+            .get(&format!("weir:room:{APP}/{}", rooms[0]))
+            .await
+            .as_deref(),
+        Some("node-a")
+    );
+    assert_eq!(
+        redis
+            .get(&format!("weir:room:{APP}/{}", rooms[1]))
+            .await
+            .as_deref(),
+        Some("node-b")
+    );
+    let mut sorted = rooms.clone();
+    sorted.sort();
+    let ids = |list: &serde_json::Value| -> Vec<String> {
+        assert_eq!(list["code"], 0, "{list}");
+        list["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["roomID"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Asked of either node, by either user: both rooms.
+    for (node, call) in [(&a, &calls[1]), (&b, &calls[0])] {
+        let list = weapp(
+            node,
+            &call("get_room_list"),
+            serde_json::json!({"index": 0, "cnt": 20}),
+        )
+        .await;
+        assert_eq!(ids(&list), sorted, "{list}");
+    }
+    // Paged across nodes: the second room alone.
+    let page = weapp(
+        &a,
+        &calls[0]("get_room_list"),
+        serde_json::json!({"index": 1, "cnt": 1}),
+    )
+    .await;
+    assert_eq!(ids(&page), vec![sorted[1].clone()], "{page}");
+}

@@ -65,6 +65,7 @@ pub async fn call(
     Extension(PeerAddr(peer)): Extension<PeerAddr>,
     Path((prefix, action)): Path<(String, String)>,
     RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
     let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
@@ -128,12 +129,18 @@ pub async fn call(
             Err(r) => return r,
         }
     }
+    // A room list in a cluster is every node's: this node's first `index + count`
+    // rooms and each other live node's, merged by room id, then paged.
+    let spread = match (&state.cluster, headers.get(LOCAL_LIST)) {
+        (Some(_), None) if action == "get_room_list" => Some(spread_paging(&mut body, kind)),
+        _ => None,
+    };
     let c = Call {
         kind,
         action: action.clone(),
         user_id: get(&pairs, "userID").map(str::to_owned),
         token: get(&pairs, "token").map(str::to_owned),
-        body,
+        body: body.clone(),
     };
     let call_body = c.body.clone();
     let mut m = match ask(
@@ -148,6 +155,20 @@ pub async fn call(
         Ok(m) => m,
         Err(r) => return r,
     };
+    if let (Some(cluster), Some(page)) = (&state.cluster, spread) {
+        if m.get("code").and_then(Value::as_i64) == Some(0) {
+            let path = format!("/weapp/{prefix}/{action}");
+            let mut rooms: Vec<Value> = m
+                .get("rooms")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            rooms.extend(
+                other_nodes_rooms(cluster, peer.ip(), &path, query.as_deref(), &body).await,
+            );
+            m.insert("rooms".into(), Value::Array(paged(rooms, page)));
+        }
+    }
     if utils && action == "get_login_info" {
         if let Some(t) = m.get("accountType").cloned() {
             m.insert("accType".into(), t);
@@ -166,6 +187,87 @@ pub async fn call(
         after_in_cluster(cluster, app, &action, &call_body, &m).await;
     }
     reply(StatusCode::OK, m)
+}
+
+/// Marks a room-list call one node makes of another: answer with your own rooms only.
+const LOCAL_LIST: &str = "x-weir-local-room-list";
+
+/// Rewrites a room list's paging to "the first `index + count`" (what each node must
+/// give for the merged page to be right) and returns the asked `(index, count)`.
+fn spread_paging(body: &mut Value, kind: Kind) -> (usize, usize) {
+    let count_name = if kind == Kind::WebRtc { "count" } else { "cnt" };
+    let num = |v: Option<&Value>, default: usize| match v {
+        Some(Value::Number(n)) => n.as_u64().map_or(default, |n| n as usize),
+        Some(Value::String(s)) => s.parse().unwrap_or(default),
+        _ => default,
+    };
+    let index = num(body.get("index"), 0);
+    let count = num(body.get(count_name), 20).min(100);
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("index".into(), json!(0));
+        obj.insert(count_name.into(), json!((index + count).min(100)));
+    }
+    (index, count)
+}
+
+/// The merged rooms, one per room id, in room id order, paged.
+fn paged(mut rooms: Vec<Value>, (index, count): (usize, usize)) -> Vec<Value> {
+    let id = |r: &Value| match r.get("roomID") {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => String::new(),
+    };
+    rooms.sort_by_key(id);
+    rooms.dedup_by(|a, b| id(a) == id(b));
+    rooms.into_iter().skip(index).take(count).collect()
+}
+
+/// Each other live node's answer to the same room list (its own rooms only); a node
+/// that does not answer within 2 s is left out (and suspected).
+async fn other_nodes_rooms(
+    cluster: &super::cluster::Cluster,
+    ip: std::net::IpAddr,
+    path: &str,
+    query: Option<&str>,
+    body: &Value,
+) -> Vec<Value> {
+    let asks = cluster
+        .nodes()
+        .into_iter()
+        .filter(|n| n.id != cluster.id)
+        .map(|node| async move {
+            let url = format!(
+                "{}{path}{}",
+                node.addresses.http,
+                query.map(|q| format!("?{q}")).unwrap_or_default()
+            );
+            let answer = cluster
+                .http
+                .post(&url)
+                .timeout(std::time::Duration::from_secs(2))
+                .header(LOCAL_LIST, "1")
+                .header("x-forwarded-for", ip.to_string())
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            let answer = match answer {
+                Ok(a) => a.json::<Value>().await.ok(),
+                Err(_) => {
+                    cluster.suspect(&node);
+                    None
+                }
+            };
+            answer
+                .filter(|a| a.get("code").and_then(Value::as_i64) == Some(0))
+                .and_then(|a| a.get("rooms").and_then(Value::as_array).cloned())
+                .unwrap_or_default()
+        });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// How long a room-service login shared through Redis lives unused (as the room
