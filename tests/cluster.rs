@@ -289,6 +289,8 @@ async fn at_the_end_of_its_drain_a_node_moves_its_members_and_they_rejoin_elsewh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rtmp_push_aimed_at_another_node_is_served_by_the_room_s_node() {
+    // Chrome first: its start is slow on 2 cores.
+    let browser = common::browser::Browser::launch().await;
     let redis = Redis::start().await;
     let (app_config, a, b, _c) = three_nodes(&redis).await;
     let app = AppKeys::from_config(&app_config).unwrap();
@@ -304,6 +306,26 @@ async fn an_rtmp_push_aimed_at_another_node_is_served_by_the_room_s_node() {
         redis.get("weir:room:1400000000/30").await.as_deref(),
         Some("node-b")
     );
+    // A browser in the room through the SDK, from A's page (its session relayed to B).
+    let chrome = browser.open(&format!("http://127.0.0.1:{}/", a.http)).await;
+    let options = serde_json::to_string(&join_with(&app, "chrome", 30, 0xff, true)).unwrap();
+    chrome
+        .eval(&format!(
+            r#"(async () => {{
+                const {{ WeirRoom }} = await import('/sdk/weir.js');
+                const room = new WeirRoom({options});
+                window.room = room;
+                room.on('remoteStream', ({{ stream }}) => {{
+                    const v = document.createElement('video');
+                    v.autoplay = true; v.muted = true; v.srcObject = stream;
+                    document.body.append(v);
+                    v.play().catch(() => {{}});
+                }});
+                await room.join();
+                return true;
+            }})()"#
+        ))
+        .await;
     // ffmpeg pushes to A, with the room's credentials.
     let url = format!(
         "rtmp://127.0.0.1:{}/live/pusher_cam?{}",
@@ -314,6 +336,22 @@ async fn an_rtmp_push_aimed_at_another_node_is_served_by_the_room_s_node() {
     // The viewer on B receives the pushed video and audio (bridged on B).
     until_received(&viewer, "pusher_cam", "video", 60, Duration::from_secs(15)).await;
     until_received(&viewer, "pusher_cam", "audio", 50, Duration::from_secs(5)).await;
+    // So does Chrome: it decodes the pushed video and plays its audio.
+    let stats = r#"(async () => { const s = (await window.room.getStats()).get('pusher_cam');
+        return s ? { frames: s.video.framesDecoded || 0, audio: s.audio.packetsReceived || 0 } : null; })()"#;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = chrome.eval(stats).await;
+        if got["frames"].as_u64().unwrap_or(0) > 30 && got["audio"].as_u64().unwrap_or(0) > 50 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Chrome decodes the push through the cluster: {got}\n{}",
+            browser.console_dump()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let (ma, mb) = (a.metrics().await, b.metrics().await);
     assert_eq!(metric(&ma, "weir_cluster_relays{kind=\"rtmp\""), 1.0);
     assert_eq!(
@@ -331,7 +369,7 @@ async fn an_rtmp_push_aimed_at_another_node_is_served_by_the_room_s_node() {
         ),
         1.0
     );
-    assert_eq!(metric(&mb, "weir_participants"), 2.0);
+    assert_eq!(metric(&mb, "weir_participants"), 3.0);
     // An RTMP player aimed at A plays the stream from B (relayed: players do not
     // follow redirects).
     let play = format!(
