@@ -58,8 +58,12 @@ pub struct ClusterConfig {
     /// first join when a node there takes rooms.
     pub region: String,
     /// Where other nodes reach this node's HTTP listener to relay signaling
-    /// (`http://10.0.0.5:8080`); empty: `http://{first announce_ip or public_host}:{port}`.
+    /// (`http://10.0.0.5:8080`, or `https://weir-3.internal:8443` when it is TLS);
+    /// empty: `http://{first announce_ip or public_host}:{port}`.
     pub advertise_http: String,
+    /// A PEM file of the CA that signed the other nodes' HTTPS certificates (their
+    /// `advertise_http` is `https://…` under a private CA). Empty: the public roots.
+    pub node_ca_file: String,
     /// Seconds between heartbeats (the node's record, its rooms' mappings).
     pub heartbeat_ms: u64,
     /// A node whose record is older than this is dead.
@@ -82,6 +86,7 @@ impl Default for ClusterConfig {
             node_id: String::new(),
             region: String::new(),
             advertise_http: String::new(),
+            node_ca_file: String::new(),
             heartbeat_ms: 1000,
             node_ttl_ms: 5000,
             max_cpu: 0.9,

@@ -995,3 +995,85 @@ async fn a_room_list_asked_of_any_node_lists_every_node_s_rooms() {
     .await;
     assert_eq!(ids(&page), vec![sorted[1].clone()], "{page}");
 }
+
+/// A node whose HTTP listener is TLS advertises `https://…`: a session joined through
+/// another node is relayed to it over `wss://`, the certificate checked against
+/// `node_ca_file`; a node without that CA cannot reach it (counted), and its client
+/// is told the room is unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_to_a_tls_node_go_over_wss() {
+    let redis = Redis::start().await;
+    let app = AppKeys::generate_config(APP);
+    let certs = tempfile::tempdir().unwrap();
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_file, key_file) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert_file, key.cert.pem()).unwrap();
+    std::fs::write(&key_file, key.signing_key.serialize_pem()).unwrap();
+    // A: HTTPS only, advertised by name.
+    let a = cluster_node(&redis, &app, "node-a", |c| {
+        let port = c.server.http_addr.rsplit(':').next().unwrap().to_owned();
+        c.server.tls_cert_file = cert_file.display().to_string();
+        c.server.tls_key_file = key_file.display().to_string();
+        c.cluster.advertise_http = format!("https://localhost:{port}");
+    })
+    .await;
+    // B takes no rooms itself (as a full node): every room it is asked for goes to A.
+    let ca = cert_file.display().to_string();
+    let b = cluster_node(&redis, &app, "node-b", |c| {
+        c.server.max_rooms = 0;
+        c.cluster.node_ca_file = ca;
+    })
+    .await;
+    // C, the same without the CA.
+    let c = cluster_node(&redis, &app, "node-c", |c| c.server.max_rooms = 0).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in [&b, &c] {
+        while n.cluster().await["nodes"].as_array().map_or(0, |v| v.len()) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the nodes did not see each other"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let keys = AppKeys::from_config(&app).unwrap();
+    let (mut alice, joined) =
+        Client::join(&b.ws_url(), join_with(&keys, "alice", 60, 0xff, true)).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+    assert_eq!(
+        redis.get(&format!("weir:room:{APP}/60")).await.as_deref(),
+        Some("node-a")
+    );
+    let published = alice.publish(true, true).await;
+    assert!(published.stream_id.contains("alice"));
+    assert_eq!(metric(&a.metrics().await, "weir_participants"), 1.0);
+    assert_eq!(
+        metric(&b.metrics().await, "weir_joins_total{outcome=\"relayed\"}"),
+        1.0
+    );
+    // C does not trust A's certificate: the join is refused, and says why.
+    let mut carol = Client::connect(&c.ws_url()).await;
+    carol
+        .send(&weir_signaling::ClientMessage::Join(join_with(
+            &keys, "carol", 60, 0xff, true,
+        )))
+        .await;
+    let refused = carol
+        .expect(|m| match m {
+            ServerMessage::Error { code, message, .. } => Some((*code, message.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        refused.0,
+        weir_signaling::ErrorCode::Unavailable,
+        "{refused:?}"
+    );
+    // A is unreachable from C (counted); C takes no rooms, so there is nowhere else.
+    assert!(
+        metric(
+            &c.metrics().await,
+            "weir_cluster_routes_total{route=\"unreachable\"}"
+        ) >= 1.0
+    );
+}

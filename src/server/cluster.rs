@@ -91,6 +91,8 @@ pub struct Cluster {
     hub: Arc<crate::live::Hub>,
     /// Forwards WHIP/WHEP offers to other nodes.
     pub http: reqwest::Client,
+    /// How this node checks the others' HTTPS certificates (relays over `wss://`).
+    pub tls: Arc<rustls::ClientConfig>,
     claim: redis::Script,
     unlock: redis::Script,
 }
@@ -110,6 +112,7 @@ impl Cluster {
             return Ok(None);
         }
         let client = client(&config.redis_url, &config.redis_ca_file)?;
+        let tls = Arc::new(node_tls(&config.node_ca_file)?);
         let manager = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(500)))
             .set_response_timeout(Some(Duration::from_millis(500)))
@@ -148,7 +151,11 @@ impl Cluster {
             overload,
             metrics,
             hub,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .use_preconfigured_tls((*tls).clone())
+                .build()
+                .context("the HTTP client between nodes")?,
+            tls,
             claim: redis::Script::new(CLAIM),
             unlock: redis::Script::new(UNLOCK),
         })))
@@ -736,6 +743,30 @@ pub fn client(url: &str, ca_file: &str) -> anyhow::Result<redis::Client> {
         },
     )
     .context("[cluster] redis_url with redis_ca_file")
+}
+
+/// The TLS client configuration for other nodes' `https://` listeners: the public
+/// roots, and the CA in `ca_file` (PEM) when one is named.
+fn node_tls(ca_file: &str) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if !ca_file.is_empty() {
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(ca_file)
+            .with_context(|| format!("[cluster] node_ca_file {ca_file}"))?;
+        for cert in certs {
+            let cert = cert.with_context(|| format!("[cluster] node_ca_file {ca_file}"))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("[cluster] node_ca_file {ca_file}"))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// A connection for one-off reads (`weir cluster status`).

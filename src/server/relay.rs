@@ -24,7 +24,11 @@ pub type Upstream =
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A websocket to `node`'s signaling endpoint on behalf of the client at `ip`.
-pub async fn connect(node: &NodeRecord, ip: std::net::IpAddr) -> Result<Upstream, String> {
+pub async fn connect(
+    node: &NodeRecord,
+    ip: std::net::IpAddr,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> Result<Upstream, String> {
     let base = &node.addresses.http;
     let url = if let Some(rest) = base.strip_prefix("http://") {
         format!("ws://{rest}/ws")
@@ -44,7 +48,12 @@ pub async fn connect(node: &NodeRecord, ip: std::net::IpAddr) -> Result<Upstream
     let config = tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(weir_signaling::MAX_MESSAGE_BYTES))
         .max_frame_size(Some(weir_signaling::MAX_MESSAGE_BYTES));
-    let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(config),
+        true,
+        Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
+    );
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok((up, _))) => Ok(up),
         Ok(Err(e)) => Err(e.to_string()),

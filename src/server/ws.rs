@@ -358,7 +358,7 @@ async fn join_command(
             match cluster.route(&key).await {
                 Ok(crate::cluster::Route::Local) => break,
                 Ok(crate::cluster::Route::Remote(node)) => {
-                    match super::relay::connect(&node, ip).await {
+                    match super::relay::connect(&node, ip, &cluster.tls).await {
                         Ok(up) => {
                             info!(session = id.0, user = %join.user_id, node = %node.id, "join relayed to the room's node");
                             state.metrics.joins.with_label_values(&["relayed"]).inc();
