@@ -133,7 +133,7 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
                                     None
                                 }
                                 JoinOutcome::Relay(up) => {
-                                    relay = Some((up, text.to_string()));
+                                    relay = Some((*up, text.to_string()));
                                     break (LeaveReason::Disconnected, None);
                                 }
                             },
@@ -250,7 +250,7 @@ enum JoinOutcome {
     /// Handed to the control task with its verified ticket: the room and user it names.
     Done(crate::room::RoomKey, String),
     /// Its room is served by another node, reached: relay the session there.
-    Relay(Upstream),
+    Relay(Box<Upstream>),
 }
 
 /// Verifies a `join`; on success hands the control task the ticket (or, in a cluster,
@@ -362,7 +362,7 @@ async fn join_command(
                         Ok(up) => {
                             info!(session = id.0, user = %join.user_id, node = %node.id, "join relayed to the room's node");
                             state.metrics.joins.with_label_values(&["relayed"]).inc();
-                            return JoinOutcome::Relay(up);
+                            return JoinOutcome::Relay(Box::new(up));
                         }
                         Err(e) if tries < 2 => {
                             debug!(node = %node.id, error = %e, "the room's node did not answer");
