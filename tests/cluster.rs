@@ -815,6 +815,22 @@ async fn a_mini_program_s_calls_and_push_may_reach_any_node() {
             "weir_room_service_calls_total{kind=\"multi_room\",outcome=\"forwarded\""
         ) >= 1.0
     );
+    // B renews the binding while the push is live (each heartbeat), so a pusher that
+    // reconnects through another node later in a long call is still moved to B.
+    let pttl = || async {
+        let r = redis
+            .command(&format!("PTTL weir:bind:{stream}"))
+            .await
+            .unwrap();
+        r.trim_start_matches(':').parse::<i64>().unwrap()
+    };
+    let before = pttl().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = pttl().await;
+    assert!(
+        before > 0 && after > before - 1000,
+        "binding not renewed: {before} -> {after} ms"
+    );
     let _ = ffmpeg.kill().await;
 }
 

@@ -7,7 +7,7 @@
 //! a node serves what it has and places new rooms on itself (logged and counted):
 //! availability first, a room split across nodes the accepted risk.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -89,6 +89,11 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     /// The playable streams here, mapped in Redis each heartbeat.
     hub: Arc<crate::live::Hub>,
+    /// Pushes an `add_pusher` bound here, with when each was last live here (or
+    /// bound): their binding is renewed each heartbeat until one has been gone for
+    /// [`BIND_TTL_MS`], so a pusher that reconnects through another node, however
+    /// long the call, is still moved here.
+    bound: std::sync::Mutex<HashMap<String, u64>>,
     /// Forwards WHIP/WHEP offers to other nodes.
     pub http: reqwest::Client,
     /// How this node checks the others' HTTPS certificates (relays over `wss://`).
@@ -151,6 +156,7 @@ impl Cluster {
             overload,
             metrics,
             hub,
+            bound: std::sync::Mutex::new(HashMap::new()),
             http: reqwest::Client::builder()
                 .use_preconfigured_tls((*tls).clone())
                 .build()
@@ -543,7 +549,18 @@ impl Cluster {
             }
         }
         let streams = self.hub.names();
-        if !streams.is_empty() {
+        let bound: Vec<String> = {
+            let now = now_ms();
+            let mut bound = self.bound.lock().expect("bound pushes");
+            bound.retain(|stream, last| {
+                if streams.contains(stream) {
+                    *last = now;
+                }
+                now.saturating_sub(*last) < BIND_TTL_MS
+            });
+            bound.keys().cloned().collect()
+        };
+        if !streams.is_empty() || !bound.is_empty() {
             let mut pipe = redis::pipe();
             for name in &streams {
                 pipe.cmd("SET")
@@ -551,6 +568,14 @@ impl Cluster {
                     .arg(&self.id)
                     .arg("PX")
                     .arg(room_ttl_ms(&self.config))
+                    .ignore();
+            }
+            for name in &bound {
+                pipe.cmd("SET")
+                    .arg(keys::bind(name))
+                    .arg(&self.id)
+                    .arg("PX")
+                    .arg(BIND_TTL_MS)
                     .ignore();
             }
             pipe.query_async::<()>(&mut conn).await?;
@@ -609,12 +634,16 @@ impl Cluster {
     /// `add_pusher` here took room-service push `stream`: wherever the push is, it is
     /// to come here.
     pub async fn bind_push_here(&self, stream: &str) {
+        self.bound
+            .lock()
+            .expect("bound pushes")
+            .insert(stream.to_owned(), now_ms());
         let mut conn = self.conn.clone();
         let _: redis::RedisResult<()> = redis::cmd("SET")
             .arg(keys::bind(stream))
             .arg(&self.id)
             .arg("PX")
-            .arg(60_000)
+            .arg(BIND_TTL_MS)
             .query_async(&mut conn)
             .await;
     }
@@ -723,6 +752,9 @@ pub async fn read_nodes(conn: &mut ConnectionManager) -> redis::RedisResult<Vec<
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
 }
+
+/// How long an `add_pusher` binding outlives the push it binds.
+const BIND_TTL_MS: u64 = 60_000;
 
 /// A Redis client for `url`: `rediss://` is TLS, checked against the CA in
 /// `ca_file` (PEM) when one is named, else the system's roots.
