@@ -310,21 +310,7 @@ async fn an_rtmp_push_aimed_at_another_node_is_served_by_the_room_s_node() {
     let chrome = browser.open(&format!("http://127.0.0.1:{}/", a.http)).await;
     let options = serde_json::to_string(&join_with(&app, "chrome", 30, 0xff, true)).unwrap();
     chrome
-        .eval(&format!(
-            r#"(async () => {{
-                const {{ WeirRoom }} = await import('/sdk/weir.js');
-                const room = new WeirRoom({options});
-                window.room = room;
-                room.on('remoteStream', ({{ stream }}) => {{
-                    const v = document.createElement('video');
-                    v.autoplay = true; v.muted = true; v.srcObject = stream;
-                    document.body.append(v);
-                    v.play().catch(() => {{}});
-                }});
-                await room.join();
-                return true;
-            }})()"#
-        ))
+        .eval(&common::browser::sdk_join_js(&options, ""))
         .await;
     // ffmpeg pushes to A, with the room's credentials.
     let url = format!(

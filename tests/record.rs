@@ -918,8 +918,9 @@ async fn admission_backend(port: u16, asked: Got) {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_backend_may_refuse_a_push_or_a_play_and_a_silent_one_refuses_by_default() {
+/// A server whose `on_publish` and `on_play` ask [`admission_backend`]; what it was
+/// asked.
+async fn hooked_server() -> (TestServer, Got) {
     let asked: Got = Arc::default();
     let port = free_port();
     admission_backend(port, asked.clone()).await;
@@ -929,6 +930,12 @@ async fn the_backend_may_refuse_a_push_or_a_play_and_a_silent_one_refuses_by_def
         c.callbacks.on_play_url = format!("http://127.0.0.1:{port}/hook");
     })
     .await;
+    (t, asked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_may_refuse_a_push_or_a_play_and_a_silent_one_refuses_by_default() {
+    let (t, asked) = hooked_server().await;
     let rtmp = t.server.rtmp_addr.unwrap();
     let http = t.server.http_addr;
     let push = |name: &str, secs| {
@@ -1063,15 +1070,7 @@ async fn the_backend_may_refuse_a_push_or_a_play_and_a_silent_one_refuses_by_def
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_is_asked_before_webrtc_whip_and_whep_publications_and_plays() {
     use weir_signaling::{ClientMessage, ErrorCode, ServerMessage};
-    let asked: Got = Arc::default();
-    let port = free_port();
-    admission_backend(port, asked.clone()).await;
-    let t = TestServer::start_with(|c| {
-        c.callbacks.key = KEY.into();
-        c.callbacks.on_publish_url = format!("http://127.0.0.1:{port}/hook");
-        c.callbacks.on_play_url = format!("http://127.0.0.1:{port}/hook");
-    })
-    .await;
+    let (t, asked) = hooked_server().await;
     // Signaling: the backend refuses "banned", lets "alice" in.
     let (mut banned, _) = common::Client::join(&t.ws_url(), t.join("banned", ROOM, 0xff)).await;
     banned

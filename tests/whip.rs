@@ -74,22 +74,9 @@ async fn an_obs_shaped_whip_publisher_is_a_member_everyone_receives_until_delete
     let chrome = browser.open(&format!("http://{addr}/")).await;
     let options = serde_json::to_string(&t.join("chrome", ROOM, 0xff)).unwrap();
     chrome
-        .eval(&format!(
-            r#"(async () => {{
-                const {{ WeirRoom }} = await import('/sdk/weir.js');
-                const room = new WeirRoom({options});
-                window.room = room;
-                window.gone = [];
-                room.on('streamRemoved', (s) => window.gone.push(s.streamId));
-                room.on('remoteStream', ({{ stream }}) => {{
-                    const v = document.createElement('video');
-                    v.autoplay = true; v.muted = true; v.srcObject = stream;
-                    document.body.append(v);
-                    v.play().catch(() => {{}});
-                }});
-                await room.join();
-                return true;
-            }})()"#
+        .eval(&common::browser::sdk_join_js(
+            &options,
+            "window.gone = []; room.on('streamRemoved', (s) => window.gone.push(s.streamId));",
         ))
         .await;
 

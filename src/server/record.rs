@@ -227,10 +227,8 @@ impl Recording {
             }
             rooms.insert((sdk_app_id, room.to_owned()), format);
         }
-        for (source, place) in live {
-            if place.sdk_app_id == sdk_app_id && place.room.name() == room {
-                self.start(source, place, format);
-            }
+        for (source, place) in in_room(live, sdk_app_id, room) {
+            self.start(source, place, format);
         }
         Ok(())
     }
@@ -250,10 +248,8 @@ impl Recording {
             .remove(&(sdk_app_id, room.to_owned()))
             .is_some();
         if removed {
-            for (source, place) in live {
-                if place.sdk_app_id == sdk_app_id && place.room.name() == room {
-                    self.stop(&source.name);
-                }
+            for (source, _) in in_room(live, sdk_app_id, room) {
+                self.stop(&source.name);
             }
         }
         removed
@@ -537,6 +533,16 @@ impl Recording {
         body.insert("callback_ext".into(), "{}".into());
         cb.send(place.sdk_app_id, "record", body);
     }
+}
+
+/// The streams of `live` published in an app's room.
+fn in_room<'a>(
+    live: &'a [(Arc<Source>, StreamPlace)],
+    sdk_app_id: u64,
+    room: &'a str,
+) -> impl Iterator<Item = &'a (Arc<Source>, StreamPlace)> {
+    live.iter()
+        .filter(move |(_, p)| p.sdk_app_id == sdk_app_id && p.room.name() == room)
 }
 
 fn file_name(path: &Path) -> String {

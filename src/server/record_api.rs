@@ -98,8 +98,8 @@ pub async fn start(
         Some(Some(f)) => Some(f),
         Some(None) => return answer(StatusCode::BAD_REQUEST, 400, "file_format is flv or mp4"),
     };
-    match (&body.stream_id, &body.room_id) {
-        (Some(stream), None) => match state.hub.get(stream) {
+    match body.target() {
+        Some(Target::Stream(stream)) => match state.hub.get(stream) {
             Some((source, place)) if place.sdk_app_id == app => {
                 if state.recording.start(&source, &place, format) {
                     answer(StatusCode::OK, 0, "recording")
@@ -109,14 +109,31 @@ pub async fn start(
             }
             _ => answer(StatusCode::NOT_FOUND, 404, "no such live stream"),
         },
-        (None, Some(room)) => {
+        Some(Target::Room(room)) => {
             let live = live_streams(&state);
             match state.recording.start_room(app, room, format, &live) {
                 Ok(()) => answer(StatusCode::OK, 0, "recording the room"),
                 Err(why) => answer(StatusCode::CONFLICT, 409, why),
             }
         }
-        _ => one_of(),
+        None => one_of(),
+    }
+}
+
+/// What a start or stop call names.
+enum Target<'a> {
+    Stream(&'a str),
+    Room(&'a str),
+}
+
+impl StreamBody {
+    /// The stream or the room named (None: neither, or both).
+    fn target(&self) -> Option<Target<'_>> {
+        match (&self.stream_id, &self.room_id) {
+            (Some(s), None) => Some(Target::Stream(s)),
+            (None, Some(r)) => Some(Target::Room(r)),
+            _ => None,
+        }
     }
 }
 
@@ -148,8 +165,8 @@ pub async fn stop(
         Ok(a) => a,
         Err((status, code, why)) => return answer(status, code, why),
     };
-    match (&body.stream_id, &body.room_id) {
-        (Some(stream), None) => {
+    match body.target() {
+        Some(Target::Stream(stream)) => {
             let mine = state
                 .hub
                 .get(stream)
@@ -164,7 +181,7 @@ pub async fn stop(
                 )
             }
         }
-        (None, Some(room)) => {
+        Some(Target::Room(room)) => {
             if state.recording.stop_room(app, room, &live_streams(&state)) {
                 answer(StatusCode::OK, 0, "stopped")
             } else {
@@ -175,7 +192,7 @@ pub async fn stop(
                 )
             }
         }
-        _ => one_of(),
+        None => one_of(),
     }
 }
 

@@ -236,19 +236,8 @@ async fn other_nodes_rooms(
         .into_iter()
         .filter(|n| n.id != cluster.id)
         .map(|node| async move {
-            let url = format!(
-                "{}{path}{}",
-                node.addresses.http,
-                query.map(|q| format!("?{q}")).unwrap_or_default()
-            );
-            let answer = cluster
-                .http
-                .post(&url)
-                .timeout(std::time::Duration::from_secs(2))
+            let answer = post_to(cluster, &node, path, query, ip, body, 2)
                 .header(LOCAL_LIST, "1")
-                .header("x-forwarded-for", ip.to_string())
-                .header("content-type", "application/json")
-                .body(body.to_string())
                 .send()
                 .await;
             let answer = match answer {
@@ -268,6 +257,26 @@ async fn other_nodes_rooms(
         .into_iter()
         .flatten()
         .collect()
+}
+
+/// A room-service call made again on another node, for the client at `ip`.
+fn post_to(
+    cluster: &super::cluster::Cluster,
+    node: &crate::cluster::NodeRecord,
+    path: &str,
+    query: Option<&str>,
+    ip: std::net::IpAddr,
+    body: &Value,
+    timeout_s: u64,
+) -> reqwest::RequestBuilder {
+    let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+    cluster
+        .http
+        .post(format!("{}{path}{query}", node.addresses.http))
+        .timeout(std::time::Duration::from_secs(timeout_s))
+        .header("x-forwarded-for", ip.to_string())
+        .header("content-type", "application/json")
+        .body(body.to_string())
 }
 
 /// How long a room-service login shared through Redis lives unused (as the room
@@ -334,18 +343,8 @@ async fn in_cluster(
         Ok(crate::cluster::Route::Remote(node)) => node,
         _ => return Ok(app),
     };
-    let url = format!(
-        "{}/weapp/{prefix}/{action}{}",
-        node.addresses.http,
-        query.map(|q| format!("?{q}")).unwrap_or_default()
-    );
-    let answer = cluster
-        .http
-        .post(&url)
-        .timeout(std::time::Duration::from_secs(10))
-        .header("x-forwarded-for", ip.to_string())
-        .header("content-type", "application/json")
-        .body(body.to_string())
+    let path = format!("/weapp/{prefix}/{action}");
+    let answer = post_to(cluster, &node, &path, query, ip, body, 10)
         .send()
         .await;
     let answer = match answer {

@@ -345,3 +345,25 @@ window.glassPublish = async (options, seconds, withAudio) => {
   return room.userID || true;
 };
 "#;
+
+/// A page script that joins a room through the SDK with `options` (a JSON join),
+/// keeps it in `window.room`, runs `on_room` (more handlers), shows every remote
+/// stream in a muted autoplaying `<video>`, and resolves once joined.
+pub fn sdk_join_js(options: &str, on_room: &str) -> String {
+    format!(
+        r#"(async () => {{
+            const {{ WeirRoom }} = await import('/sdk/weir.js');
+            const room = new WeirRoom({options});
+            window.room = room;
+            {on_room}
+            room.on('remoteStream', ({{ stream }}) => {{
+                const v = document.createElement('video');
+                v.autoplay = true; v.muted = true; v.srcObject = stream;
+                document.body.append(v);
+                v.play().catch(() => {{}});
+            }});
+            await room.join();
+            return true;
+        }})()"#
+    )
+}
