@@ -119,6 +119,7 @@ async fn cycle(node: Arc<Node>, n: u64) {
             video: true,
             min_bitrate: None,
             max_bitrate: None,
+            screen: false,
         })
         .await;
         c.expect(|m| matches!(m, ServerMessage::Published { .. }).then_some(()))

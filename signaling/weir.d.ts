@@ -63,6 +63,16 @@ export interface PublishOptions {
   videoCodec?: "h264" | "vp8";
 }
 
+export interface ScreenOptions {
+  /** Share this stream's video instead of asking the browser (`getDisplayMedia`). */
+  stream?: MediaStream;
+  /** Asked of `getDisplayMedia` (default 15). */
+  frameRate?: number;
+  /** Caps the screen's encoder (bit/s); the room's targets stay within it. */
+  maxBitrate?: number;
+  videoCodec?: "h264" | "vp8";
+}
+
 export interface PlayUrls {
   rtmp: string;
   flv: string;
@@ -75,6 +85,8 @@ export interface StreamInfo {
   source: "webrtc" | "rtmp";
   audio: boolean;
   video: boolean;
+  /** A screen share (`…_aux`, video only) rather than a camera (`…_main`). */
+  screen: boolean;
   audioMuted: boolean;
   videoMuted: boolean;
   urls: PlayUrls;
@@ -132,6 +144,11 @@ export class WeirRoom extends EventTarget {
   join(): Promise<any>;
   publish(options?: PublishOptions): Promise<StreamInfo>;
   unpublish(): Promise<void>;
+  /** Shares a screen beside the camera: a second stream, on its own connection. */
+  publishScreen(options?: ScreenOptions): Promise<StreamInfo>;
+  unpublishScreen(): Promise<void>;
+  /** The screen being shared, or null. */
+  sharing: { stream: MediaStream; info: StreamInfo; maxBitrate?: number } | null;
   pause(): void;
   resume(): void;
   muteAudio(muted: boolean): void;

@@ -19,6 +19,9 @@ const ICE_GATHER_MS = 1500;
 const RECONNECT_DELAYS_MS = [500, 1000, 2000, 4000, 8000];
 /** An ICE restart that has not reconnected in this long gives way to a rejoin. */
 const ICE_RESTART_MS = 5000;
+// A client's peer connections (PROTOCOL.md): what it sends, what it receives, and
+// the screen it shares.
+const TARGETS = ["publisher", "subscriber", "screen"];
 
 /**
  * Orders codec capabilities so that H.264 (packetization-mode 1, constrained baseline
@@ -103,7 +106,10 @@ export class WeirError extends Error {
  * it, their audio continuing; `lowered` the simulcast streams sent on a lower layer), `publishTarget` (`{streamId, userID, bitrate, policy}`: the rate
  * the room asks a publisher for; the browser also gets it as REMB for its own stream),
  * `publishLayers` (`{active}`: the simulcast layers, by rid, still sent; the SDK switches
- * the others off as the server asks).
+ * the others off as the server asks), `screenShared` and `screenEnded` (this client's
+ * screen share, `publishScreen`: its stream info; ended by `unpublishScreen`, the
+ * browser's "stop sharing", or its connection's loss). A remote screen share is a
+ * stream like any other whose info has `screen: true`.
  */
 export class WeirRoom extends EventTarget {
   /** @param {import("./weir.d.ts").WeirOptions} options */
@@ -113,6 +119,8 @@ export class WeirRoom extends EventTarget {
     /** @type {WebSocket|null} */ this.ws = null;
     /** @type {RTCPeerConnection|null} */ this.publisher = null;
     /** @type {RTCPeerConnection|null} */ this.subscriber = null;
+    /** The screen share's connection (`publishScreen`). */
+    /** @type {RTCPeerConnection|null} */ this.screen = null;
     /** @type {MediaStream|null} */ this.localStream = null;
     /** Remote streams by id: `{info, stream}` (stream null until media arrives). */
     this.streams = new Map();
@@ -123,12 +131,12 @@ export class WeirRoom extends EventTarget {
     this.iceServers = [];
     this.publishing = null;
     this.ownStream = null;
+    /** The screen being shared: `{stream, info, maxBitrate}`, or null. */
+    this.sharing = null;
     this.rttMs = null;
     this._waiters = [];
     this._subscriberChain = Promise.resolve();
-    this._pendingCandidates = { publisher: [], subscriber: [] };
-    this._iceTimers = { publisher: null, subscriber: null };
-    this._iceRestarting = { publisher: false, subscriber: false };
+    this._resetPeers();
     this._timer = null;
     this._leaving = false;
   }
@@ -204,9 +212,18 @@ export class WeirRoom extends EventTarget {
     }
     this._teardown();
     if (this.localStream) this.localStream.getTracks().forEach((t) => t.stop());
+    if (this.sharing && this.sharing.captured) this.sharing.stream.getTracks().forEach((t) => t.stop());
     this.localStream = null;
     this.publishing = null;
+    this.sharing = null;
     this.state = "left";
+  }
+
+  _resetPeers() {
+    for (const target of TARGETS) this[target] = null;
+    this._pendingCandidates = { publisher: [], subscriber: [], screen: [] };
+    this._iceTimers = { publisher: null, subscriber: null, screen: null };
+    this._iceRestarting = { publisher: false, subscriber: false, screen: false };
   }
 
   _teardown() {
@@ -214,15 +231,10 @@ export class WeirRoom extends EventTarget {
     this._timer = null;
     for (const w of this._waiters) w.reject(new WeirError(0, "session closed", w.request));
     this._waiters = [];
-    if (this.publisher) this.publisher.close();
-    if (this.subscriber) this.subscriber.close();
-    this.publisher = null;
-    this.subscriber = null;
+    for (const target of TARGETS) if (this[target]) this[target].close();
     this._subscriberChain = Promise.resolve();
-    this._pendingCandidates = { publisher: [], subscriber: [] };
     for (const t of Object.values(this._iceTimers)) clearTimeout(t);
-    this._iceTimers = { publisher: null, subscriber: null };
-    this._iceRestarting = { publisher: false, subscriber: false };
+    this._resetPeers();
     if (this.ws) {
       this.ws.onclose = null;
       this.ws.close();
@@ -262,7 +274,7 @@ export class WeirRoom extends EventTarget {
         ...(options.minBitrate ? { minBitrate: options.minBitrate } : {}),
         ...(options.maxBitrate ? { maxBitrate: options.maxBitrate } : {}),
       },
-      (m) => m.type === "published",
+      (m) => m.type === "published" && !m.stream.screen,
     );
     this.ownStream = published.stream;
     const pc = this._peer("publisher");
@@ -311,6 +323,77 @@ export class WeirRoom extends EventTarget {
     this.publisher = null;
     this.publishing = null;
     this.ownStream = null;
+  }
+
+  /**
+   * Shares a screen beside the camera: a second stream (`…_aux`, PROTOCOL.md "Screen
+   * share"; privilege 0x40) on its own connection, video only, which a short link
+   * keeps before the cameras. From `options.stream`, else `getDisplayMedia` (then the
+   * browser's "stop sharing" ends it too). Resolves with the stream's info.
+   * @param {import("./weir.d.ts").ScreenOptions} [options]
+   */
+  async publishScreen(options = {}) {
+    if (this.sharing) throw new WeirError(400, "already sharing a screen", "publish");
+    const captured = !options.stream;
+    const media = options.stream || (await navigator.mediaDevices.getDisplayMedia({
+      video: { frameRate: { ideal: options.frameRate || 15 } },
+      audio: false,
+    }));
+    const track = media.getVideoTracks()[0];
+    if (!track) throw new WeirError(400, "nothing to share: the stream has no video track", "publish");
+    // Text and lines stay sharp; the encoder gives up frame rate first.
+    if ("contentHint" in track && !track.contentHint) track.contentHint = "detail";
+    const published = await this._request(
+      {
+        type: "publish",
+        audio: false,
+        video: true,
+        screen: true,
+        ...(options.maxBitrate ? { maxBitrate: options.maxBitrate } : {}),
+      },
+      (m) => m.type === "published" && m.stream.screen,
+    );
+    const sharing = { stream: media, info: published.stream, maxBitrate: options.maxBitrate, captured };
+    this.sharing = sharing;
+    track.addEventListener("ended", () => {
+      if (this.sharing === sharing) this.unpublishScreen();
+    });
+    const pc = this._peer("screen");
+    const t = pc.addTransceiver(track, {
+      direction: "sendonly",
+      streams: [media],
+      ...(options.maxBitrate ? { sendEncodings: [{ maxBitrate: options.maxBitrate }] } : {}),
+    });
+    if (t.setCodecPreferences && RTCRtpSender.getCapabilities) {
+      const caps = RTCRtpSender.getCapabilities("video");
+      if (caps) t.setCodecPreferences(preferCodec(caps.codecs, options.videoCodec));
+    }
+    await pc.setLocalDescription(await pc.createOffer());
+    await gathered(pc, ICE_GATHER_MS);
+    const answer = await this._request(
+      { type: "offer", target: "screen", sdp: pc.localDescription.sdp },
+      (m) => m.type === "answer" && m.target === "screen",
+    );
+    await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+    await this._flushCandidates("screen");
+    this._emit("screenShared", published.stream);
+    return published.stream;
+  }
+
+  /** Stops sharing the screen (the camera goes on). */
+  async unpublishScreen() {
+    if (!this.sharing) return;
+    this._send({ type: "unpublish", screen: true });
+    this._screenEnded();
+  }
+
+  _screenEnded() {
+    const sharing = this.sharing;
+    if (this.screen) this.screen.close();
+    this.screen = null;
+    this.sharing = null;
+    if (sharing && sharing.captured) sharing.stream.getTracks().forEach((t) => t.stop());
+    if (sharing) this._emit("screenEnded", sharing.info);
   }
 
   /** Mutes what is sent (`<webrtc-room>`'s pause): tracks disabled, the room told. */
@@ -612,12 +695,12 @@ export class WeirRoom extends EventTarget {
       }
     }, ICE_RESTART_MS);
     try {
-      if (target === "publisher") {
+      if (target === "publisher" || target === "screen") {
         await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
         await gathered(pc, ICE_GATHER_MS);
         const answer = await this._request(
-          { type: "offer", target: "publisher", sdp: pc.localDescription.sdp },
-          (m) => m.type === "answer" && m.target === "publisher",
+          { type: "offer", target, sdp: pc.localDescription.sdp },
+          (m) => m.type === "answer" && m.target === target,
         );
         await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
       } else {
@@ -722,7 +805,9 @@ export class WeirRoom extends EventTarget {
         this._emit("streamAdded", msg.stream);
         break;
       case "streamRemoved":
-        this._removeStream(msg.streamId);
+        // Our own screen share, when its connection was lost: share again to resume.
+        if (this.sharing && this.sharing.info.streamId === msg.streamId) this._screenEnded();
+        else this._removeStream(msg.streamId);
         break;
       case "streamMuted": {
         const s = this.streams.get(msg.streamId);
@@ -777,6 +862,8 @@ export class WeirRoom extends EventTarget {
     if (this._reconnecting) return; // a failed attempt: the loop below goes on
     const wasJoined = this.state === "joined";
     const publishing = this.publishing;
+    const sharing = this.sharing;
+    this.sharing = null;
     this._teardown();
     if (this._leaving || !wasJoined || !this.options.reconnect) {
       if (this.state !== "left") this.state = "left";
@@ -793,6 +880,10 @@ export class WeirRoom extends EventTarget {
       try {
         await this.join();
         if (publishing) await this.publish(publishing);
+        if (sharing && sharing.stream.getVideoTracks().some((t) => t.readyState === "live")) {
+          await this.publishScreen({ stream: sharing.stream, maxBitrate: sharing.maxBitrate });
+          this.sharing.captured = sharing.captured;
+        }
         this._reconnecting = false;
         this._emit("reconnected", {});
         return;

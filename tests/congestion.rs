@@ -128,6 +128,7 @@ async fn start(policy: CongestionPolicy, loss: f64) -> Run {
             video: true,
             min_bitrate: Some(100_000),
             max_bitrate: Some(1_500_000),
+            screen: false,
         })
         .await;
     let stream_id = publisher
@@ -423,4 +424,205 @@ async fn two_percent_random_loss_without_a_cap_does_not_flap() {
     assert_eq!(switches, 0.0, "no flapping: {:?}", run.subs[2].congestion());
     let video = run.subs[2].packets("video").await;
     assert!(video.len() > 1000, "{} video packets", video.len());
+}
+
+/// Video only: `fps` frames/s of `packets` packets of 1040 bytes, a keyframe every
+/// second (a screen share's encoder, in the rate it keeps for text).
+fn send_video(
+    video: SendTrack,
+    ssrc: u32,
+    fps: u64,
+    packets: u8,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let pt = video.payload_type().await;
+        let mut seq = 0u16;
+        let start = tokio::time::Instant::now();
+        let mut frame: u64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            for i in 0..packets {
+                let mut p = rtc::rtp::Packet::default();
+                p.header.version = 2;
+                p.header.payload_type = pt;
+                p.header.ssrc = ssrc;
+                p.header.sequence_number = seq;
+                p.header.timestamp = (frame * 90_000 / fps) as u32;
+                p.header.marker = i + 1 == packets;
+                let nal = if i == 0 && frame % fps == 0 {
+                    0x65
+                } else {
+                    0x41
+                };
+                let mut payload = vec![nal; 1040];
+                payload[1] = i;
+                p.payload = payload.into();
+                seq = seq.wrapping_add(1);
+                let _ = video.track.write_rtp(p).await;
+            }
+            frame += 1;
+            tokio::time::sleep_until(start + Duration::from_millis(frame * 1000 / fps)).await;
+        }
+    })
+}
+
+/// A screen share is served before cameras: under a cap that carries the screen
+/// (≈ 375 kbit/s) but not both, the capped subscriber keeps the screen and loses the
+/// camera's video (≈ 1 Mbit/s), and gets it back when the cap is lifted. The sharer is
+/// `zoe` so that her stream's id sorts after alice's camera: without the screen's
+/// priority, the allocator's tie-break by id would keep the camera instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_capped_link_the_camera_is_paused_before_the_screen_share() {
+    const SCREEN_CAP: u64 = 700_000;
+    let run = start(CongestionPolicy::Majority, 0.0).await;
+    let (mut zoe, joined) = Client::join(&run.t.ws_url(), run.t.join("zoe", ROOM, 0xff)).await;
+    assert!(matches!(joined, ServerMessage::Joined { .. }));
+    zoe.send(&ClientMessage::Publish {
+        audio: false,
+        video: true,
+        min_bitrate: None,
+        max_bitrate: None,
+        screen: true,
+    })
+    .await;
+    let screen_id = zoe
+        .expect(|m| match m {
+            ServerMessage::Published { stream } if stream.screen => Some(stream.stream_id.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(screen_id.ends_with("_zoe_aux"), "{screen_id}");
+    assert!(
+        screen_id > run.stream_id,
+        "{screen_id} sorts after {}",
+        run.stream_id
+    );
+    let mut pc = RtcPeer::new().await;
+    let video = pc
+        .add_send_track(RtpCodecKind::Video, h264(), 0x3000_0001)
+        .await;
+    let offer = pc.offer().await;
+    zoe.send(&ClientMessage::Offer {
+        target: Target::Screen,
+        sdp: offer,
+    })
+    .await;
+    let answer = zoe
+        .expect(|m| match m {
+            ServerMessage::Answer {
+                target: Target::Screen,
+                sdp,
+            } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    pc.accept_answer(answer).await;
+    pc.connected().await;
+    send_video(video, 0x3000_0001, 15, 3, run.stop.clone());
+
+    // Both flow to everyone before the cap.
+    let weak = &run.subs[2];
+    let warm = Instant::now();
+    loop {
+        let cam = weak.received(&run.stream_id, "video").await.len();
+        let scr = weak.received(&screen_id, "video").await.len();
+        if cam > 300 && scr > 100 {
+            break;
+        }
+        assert!(
+            warm.elapsed() < Duration::from_secs(20),
+            "s3 got {cam} camera and {scr} screen packets"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let capped = Instant::now();
+    run.relay.rate_bps.store(SCREEN_CAP, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let lifted = Instant::now();
+    run.relay.rate_bps.store(0, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let end = Instant::now();
+    run.stop.store(true, Ordering::Relaxed);
+
+    let events = weak.congestion();
+    for (at, l, e, p) in &events {
+        let t = at.saturating_duration_since(capped).as_secs_f64();
+        eprintln!("{t:>6.1} s after the cap: {l:?}, estimate {e}, paused {p:?}");
+    }
+    {
+        let camera = weak.received(&run.stream_id, "video").await;
+        let screen = weak.received(&screen_id, "video").await;
+        let mut line = String::new();
+        for sec in -2i64..24 {
+            let from = if sec < 0 {
+                capped - Duration::from_secs(sec.unsigned_abs())
+            } else {
+                capped + Duration::from_secs(sec as u64)
+            };
+            let to = from + Duration::from_secs(1);
+            let c = camera.iter().filter(|r| r.at >= from && r.at < to).count();
+            let s = screen.iter().filter(|r| r.at >= from && r.at < to).count();
+            line += &format!("{sec}:{c}/{s} ");
+        }
+        eprintln!("per second camera/screen: {line}");
+    }
+    let paused_at = events
+        .iter()
+        .find(|(at, _, _, p)| *at > capped && p.contains(&run.stream_id))
+        .map(|(at, ..)| *at)
+        .unwrap_or_else(|| panic!("the camera was never paused for s3: {events:?}"));
+    let screen_paused: Vec<_> = events
+        .iter()
+        .filter(|(_, _, _, p)| p.contains(&screen_id))
+        .collect();
+    assert!(
+        screen_paused.is_empty(),
+        "the screen share was paused: {screen_paused:?}"
+    );
+    let settled = paused_at + Duration::from_millis(500);
+    let in_window = |v: &[common::peer::Received], from: Instant, to: Instant| {
+        v.iter()
+            .filter(|r| !r.payload.is_empty() && r.at >= from && r.at < to)
+            .count()
+    };
+    let camera = weak.received(&run.stream_id, "video").await;
+    let screen = weak.received(&screen_id, "video").await;
+    let secs = lifted.duration_since(settled).as_secs_f64();
+    let (cam_n, scr_n) = (
+        in_window(&camera, settled, lifted),
+        in_window(&screen, settled, lifted),
+    );
+    eprintln!(
+        "capped at {SCREEN_CAP} bit/s: camera paused {:?} after the cap; over the next {secs:.1} s s3 got {cam_n} camera packets (retransmissions) and {scr_n} screen packets ({:.0}/s of 45/s sent)",
+        paused_at.duration_since(capped),
+        scr_n as f64 / secs
+    );
+    assert!(
+        scr_n as f64 > secs * 45.0 * 0.9,
+        "the screen kept flowing: {scr_n} packets in {secs:.1} s"
+    );
+    // No new camera video while paused (a tail of retransmissions at most).
+    assert!(
+        (cam_n as f64) < secs * 120.0 * 0.1,
+        "{cam_n} camera packets while paused"
+    );
+    let resumed = events
+        .iter()
+        .find(|(at, _, _, p)| *at > lifted && p.is_empty())
+        .map(|(at, ..)| *at)
+        .unwrap_or_else(|| panic!("the camera never resumed: {events:?}"));
+    assert!(
+        in_window(&camera, resumed + Duration::from_secs(1), end) > 200,
+        "the camera flows again"
+    );
+    // The uncapped subscribers got both all along.
+    for s in &run.subs[..2] {
+        let cam = in_window(&s.received(&run.stream_id, "video").await, capped, lifted);
+        let scr = in_window(&s.received(&screen_id, "video").await, capped, lifted);
+        let secs = lifted.duration_since(capped).as_secs_f64();
+        assert!(cam as f64 > secs * 120.0 * 0.95, "{cam} camera packets");
+        assert!(scr as f64 > secs * 45.0 * 0.95, "{scr} screen packets");
+    }
+    drop(zoe);
 }

@@ -20,6 +20,7 @@ async fn a_tcp_only_publisher_reaches_a_udp_subscriber() {
         video: true,
         min_bitrate: None,
         max_bitrate: None,
+        screen: false,
     })
     .await;
     let stream_id = a

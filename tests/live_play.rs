@@ -230,7 +230,9 @@ async fn a_webrtc_publisher_plays_over_rtmp_and_http_flv() {
 
     sender.await.unwrap();
     // Unpublishing ends the stream for its players.
-    signal.send(&ClientMessage::Unpublish).await;
+    signal
+        .send(&ClientMessage::Unpublish { screen: false })
+        .await;
     for (p, name) in [(&mut p1, "rtmp"), (&mut p2, "http-flv")] {
         let status = tokio::time::timeout(Duration::from_secs(10), p.wait())
             .await
@@ -310,7 +312,9 @@ async fn two_percent_loss_upstream_recovers_at_keyframes() {
     let out = dir.path().join("lossy.flv");
     let mut p = player(&url, &out);
     sender.await.unwrap();
-    signal.send(&ClientMessage::Unpublish).await;
+    signal
+        .send(&ClientMessage::Unpublish { screen: false })
+        .await;
     let status = tokio::time::timeout(Duration::from_secs(10), p.wait())
         .await
         .expect("the player ends with the stream")

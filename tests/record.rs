@@ -387,7 +387,9 @@ async fn a_webrtc_publication_is_recorded_with_aac_audio_in_sync() {
         beeps,
     )
     .await;
-    signal.send(&weir_signaling::ClientMessage::Unpublish).await;
+    signal
+        .send(&weir_signaling::ClientMessage::Unpublish { screen: false })
+        .await;
     let stream_dir = dir
         .path()
         .join(APP.to_string())
@@ -1079,6 +1081,7 @@ async fn the_backend_is_asked_before_webrtc_whip_and_whep_publications_and_plays
             video: true,
             min_bitrate: None,
             max_bitrate: None,
+            screen: false,
         })
         .await;
     let (code, message, request) = banned

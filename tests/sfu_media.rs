@@ -47,6 +47,7 @@ async fn join_and_publish(
             video: true,
             min_bitrate: None,
             max_bitrate: None,
+            screen: false,
         })
         .await;
     let stream_id = signal

@@ -35,6 +35,7 @@ async fn members_streams_and_text_flow_through_a_room() {
             video: true,
             min_bitrate: None,
             max_bitrate: None,
+            screen: false,
         })
         .await;
     let ServerMessage::Published { stream } = alice.recv().await else {
@@ -155,6 +156,7 @@ async fn refusals_name_the_reason_and_leave_the_room_undisturbed() {
         video: true,
         min_bitrate: None,
         max_bitrate: None,
+        screen: false,
     })
     .await;
     let (code, message, _) = error_of(&dave.recv().await);
@@ -166,6 +168,7 @@ async fn refusals_name_the_reason_and_leave_the_room_undisturbed() {
         video: false,
         min_bitrate: None,
         max_bitrate: None,
+        screen: false,
     })
     .await;
     assert!(matches!(dave.recv().await, ServerMessage::Published { .. }));
@@ -636,6 +639,7 @@ async fn limits_refuse_with_429_and_are_counted() {
         video: false,
         min_bitrate: None,
         max_bitrate: None,
+        screen: false,
     })
     .await;
     let code = c

@@ -164,7 +164,7 @@ async function join(ev) {
   state.room = room;
   state.joinClickedAt = performance.now();
   room.on("remoteStream", ({ streamId, stream, info }) => {
-    const t = tile(streamId, info && info.userID ? `${info.userID}${info.source === "rtmp" ? " · RTMP" : ""}` : streamId);
+    const t = tile(streamId, info && info.userID ? label(info) : streamId);
     t.video.srcObject = stream;
     t.video.play().catch(() => {});
     if ("requestVideoFrameCallback" in t.video && state.firstFrameMs === undefined) {
@@ -180,7 +180,7 @@ async function join(ev) {
   room.on("streamAdded", (info) => {
     const t = state.tiles.get(info.streamId);
     if (t) {
-      t.label = `${info.userID}${info.source === "rtmp" ? " · RTMP" : ""}`;
+      t.label = label(info);
       t.name.textContent = t.label;
     }
     playUrls();
@@ -211,6 +211,15 @@ async function join(ev) {
   });
   room.on("left", ({ reason }) => {
     if (reason !== "left") setStatus(`left the room (${reason})`, "bad");
+  });
+  room.on("screenShared", () => {
+    const t = tile("local-screen", `${userID} (your screen)`, true);
+    t.video.srcObject = room.sharing.stream;
+    $("share-screen").textContent = "Stop sharing";
+  });
+  room.on("screenEnded", () => {
+    dropTile("local-screen");
+    $("share-screen").textContent = "Share screen";
   });
   room.on("localStream", ({ stream }) => {
     const t = tile("local", `${userID} (you)`, true);
@@ -260,6 +269,22 @@ async function leave() {
   loadRooms();
 }
 
+function label(info) {
+  return `${info.userID}${info.screen ? " · screen" : ""}${info.source === "rtmp" ? " · RTMP" : ""}`;
+}
+
+/** Shares a screen beside the camera, or stops sharing it. */
+async function shareScreen() {
+  const room = state.room;
+  if (!room) return;
+  try {
+    if (room.sharing) await room.unpublishScreen();
+    else await room.publishScreen({ maxBitrate: 1500000 });
+  } catch (e) {
+    setStatus(e.message, "bad");
+  }
+}
+
 function toggle(button, kind) {
   const on = !button.classList.contains("on");
   button.classList.toggle("on", on);
@@ -291,6 +316,7 @@ async function main() {
   $("mute-audio").onclick = (e) => toggle(e.currentTarget, "audio");
   $("mute-video").onclick = (e) => toggle(e.currentTarget, "video");
   $("switch-camera").onclick = () => state.room && state.room.switchCamera().catch((e) => setStatus(e.message, "bad"));
+  $("share-screen").onclick = shareScreen;
   $("chat-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = $("chat-input").value.trim();

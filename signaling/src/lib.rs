@@ -50,16 +50,18 @@ pub mod close {
     pub const REMOVED: u16 = 4005;
 }
 
-/// Which of a client's two peer connections a message is about.
+/// Which of a client's peer connections a message is about.
 ///
 /// A client publishes on its *publisher* connection (the client offers) and receives on
 /// its *subscriber* connection (the server offers), so neither side ever has to resolve
-/// an offer collision.
+/// an offer collision. A member that shares its screen publishes it on a third, the
+/// *screen* connection, which the client offers too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     Publisher,
     Subscriber,
+    Screen,
 }
 
 /// A trickled ICE candidate, as `RTCIceCandidateInit` in browsers.
@@ -115,6 +117,10 @@ pub struct StreamInfo {
     pub source: String,
     pub audio: bool,
     pub video: bool,
+    /// A screen share (TRTC's sub-stream, `…_aux`), rather than the member's camera
+    /// and microphone (`…_main`).
+    #[serde(default)]
+    pub screen: bool,
     #[serde(default)]
     pub audio_muted: bool,
     #[serde(default)]
@@ -291,8 +297,16 @@ pub enum ClientMessage {
         min_bitrate: Option<u32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         max_bitrate: Option<u32>,
+        /// A screen share, published on the `screen` connection beside the camera
+        /// (video only; privilege 0x40).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        screen: bool,
     },
-    Unpublish,
+    /// Ends the camera stream, or with `screen` the screen share.
+    Unpublish {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        screen: bool,
+    },
     #[serde(rename_all = "camelCase")]
     Offer {
         target: Target,
@@ -517,7 +531,7 @@ impl ClientMessage {
         match self {
             ClientMessage::Join(_) => "join",
             ClientMessage::Publish { .. } => "publish",
-            ClientMessage::Unpublish => "unpublish",
+            ClientMessage::Unpublish { .. } => "unpublish",
             ClientMessage::Offer { .. } => "offer",
             ClientMessage::Answer { .. } => "answer",
             ClientMessage::Candidate { .. } => "candidate",
@@ -582,6 +596,29 @@ mod tests {
     }
 
     #[test]
+    fn screen_share_is_a_flag_of_publish_and_unpublish_and_a_target() {
+        let m =
+            ClientMessage::parse(r#"{"type":"publish","audio":false,"video":true,"screen":true}"#)
+                .unwrap();
+        assert!(matches!(m, ClientMessage::Publish { screen: true, .. }));
+        // Older clients' messages mean the camera, and are written as before.
+        let m = ClientMessage::parse(r#"{"type":"unpublish"}"#).unwrap();
+        assert_eq!(m, ClientMessage::Unpublish { screen: false });
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"type":"unpublish"}"#
+        );
+        let m = ClientMessage::parse(r#"{"type":"offer","target":"screen","sdp":"v=0"}"#).unwrap();
+        assert!(matches!(
+            m,
+            ClientMessage::Offer {
+                target: Target::Screen,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn streams_and_members_spell_user_id_as_documented() {
         let stream = StreamInfo {
             stream_id: "1_2_bob_main".into(),
@@ -589,6 +626,7 @@ mod tests {
             source: "webrtc".into(),
             audio: true,
             video: true,
+            screen: false,
             audio_muted: false,
             video_muted: false,
             urls: PlayUrls {

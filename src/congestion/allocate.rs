@@ -60,9 +60,15 @@ pub const PROBE_START_MAX_QUEUING_MS: f64 = 60.0;
 pub const PROBE_MAX_LOSS: f64 = 0.05;
 pub const PROBE_INTERVAL_MIN: Duration = Duration::from_secs(2);
 pub const PROBE_INTERVAL_MAX: Duration = Duration::from_secs(5);
+/// After a failed probe, until the path is clean again (its padding has left the
+/// bottleneck's queue and the loss it caused has left the feedback's window), but at
+/// most this long, the congestion is the probe's, not a deficit of the videos that play.
+pub const PROBE_AFTERMATH: Duration = Duration::from_millis(1_500);
 /// A video whose measured rate is lower (just started, a still picture) is budgeted
 /// at this, so a few kbit/s of a static scene does not pass for "fits anywhere".
 pub const MIN_VIDEO_BPS: f64 = 100_000.0;
+/// Loss below which a path that acknowledges what flows is taken to carry it.
+pub const CLEAN_LOSS: f64 = 0.02;
 /// The same for a simulcast layer (the lowest layers are small by design).
 pub const MIN_LAYER_BPS: f64 = 30_000.0;
 /// A video lowered for lack of bandwidth is not raised again for this long.
@@ -182,6 +188,9 @@ pub struct Allocator {
     tops: BTreeMap<String, usize>,
     /// The rate the last successful probe delivered, and when.
     proven: Option<(f64, Instant)>,
+    /// When the last probe failed (its padding congested the link), until the path is
+    /// clean again.
+    probe_failed_at: Option<Instant>,
 }
 
 impl Default for Allocator {
@@ -205,6 +214,7 @@ impl Allocator {
             lowered_at: BTreeMap::new(),
             tops: BTreeMap::new(),
             proven: None,
+            probe_failed_at: None,
         }
     }
 
@@ -305,6 +315,9 @@ impl Allocator {
             .filter(|(_, at)| now.saturating_duration_since(*at) < PROVEN_FOR)
             .map_or(0.0, |(bps, _)| bps)
             .max(signals.acknowledged);
+        let clean_path = !signals.backing_off
+            && signals.loss <= CLEAN_LOSS
+            && signals.queuing_delay_ms <= PROBE_MAX_QUEUING_MS;
         let mut used = 0.0;
         // The cheapest step up a deficient video could take, for the probe's goal.
         let mut smallest_step: Option<f64> = None;
@@ -384,7 +397,14 @@ impl Allocator {
                 (Some(c), lower) => {
                     // Still sending the current layer until the deficit has lasted.
                     used += v.need(c);
-                    downgrades.push((id.clone(), lower));
+                    // What the path delivers now without loss or queuing is no
+                    // deficit, whatever the estimate says: after a cap the estimate
+                    // stays low for seconds (and a failed probe for a paused video
+                    // lowers it again), and this paused the screen share that fitted
+                    // the capped link together with the camera that did not.
+                    if !(clean_path && audio_bps + used <= signals.acknowledged / PAUSE_MARGIN) {
+                        downgrades.push((id.clone(), lower));
+                    }
                 }
                 (None, None) => {}
             }
@@ -406,7 +426,20 @@ impl Allocator {
             }
         }
 
-        if downgrades.is_empty() {
+        // Congestion a probe made is the probe's to end (it does, when the path
+        // troubles), not the playing videos' to pay for: measured, a probe for a paused
+        // camera (1 Mbit/s over a 700 kbit/s link) overshot for a second, lost a sixth
+        // of the packets, and the screen share that fitted the link was paused after it.
+        if clean_path
+            || self
+                .probe_failed_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= PROBE_AFTERMATH)
+        {
+            self.probe_failed_at = None;
+        }
+        let probe_congestion =
+            (self.probe.is_some() && !clean_path) || self.probe_failed_at.is_some();
+        if downgrades.is_empty() || probe_congestion {
             self.deficit_since = None;
         } else {
             let since = *self.deficit_since.get_or_insert(now);
@@ -495,6 +528,7 @@ impl Allocator {
                     || now.saturating_duration_since(p.started) > PROBE_TIMEOUT
                 {
                     self.probe = None;
+                    self.probe_failed_at = Some(now);
                     self.backoff = (self.backoff.mul_f64(1.5)).min(PROBE_INTERVAL_MAX);
                     self.next_probe = Some(now + self.backoff);
                     out.probe = Some(ProbeOutcome::Failed);
@@ -533,6 +567,7 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
 
     fn video(id: &str, bitrate: f64, priority: Priority) -> VideoTrack {
         VideoTrack {
@@ -633,6 +668,90 @@ mod tests {
         assert_eq!(changes(&out), vec![Change::Paused("cam".into())]);
         let last = out.last().unwrap();
         assert!(last.capacity["screen"] > last.capacity["cam"]);
+    }
+
+    #[test]
+    fn what_the_path_carries_cleanly_is_kept_when_the_estimate_undershoots() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [
+            video("cam", 1_000_000.0, Priority::Camera),
+            video("screen", 400_000.0, Priority::Screen),
+        ];
+        // A cap: the camera goes, the screen stays.
+        let out = run(
+            &mut a,
+            t0,
+            0,
+            3_000,
+            capped_link(1_440_000.0, 0.0, 700_000.0),
+            &v,
+        );
+        assert_eq!(changes(&out), vec![Change::Paused("cam".into())]);
+        // The estimate stays low after the queue drained, below what the screen
+        // needs, but the link delivers the screen and the audio without loss or
+        // queuing: the screen is kept.
+        let carried = Signals {
+            estimate: Some(350_000.0),
+            acknowledged: 440_000.0,
+            media_bps: 440_000.0,
+            ..Default::default()
+        };
+        let out = run(&mut a, t0, 3_000, 8_000, carried, &v);
+        assert!(!changes(&out).contains(&Change::Paused("screen".into())));
+        // With the same estimate on a path that queues, it is a deficit (once the
+        // aftermath of the probe this starts for the camera is over).
+        let queuing = Signals {
+            queuing_delay_ms: 80.0,
+            ..carried
+        };
+        let out = run(&mut a, t0, 8_000, 12_000, queuing, &v);
+        assert!(changes(&out).contains(&Change::Paused("screen".into())));
+    }
+
+    #[test]
+    fn a_probe_that_overshoots_the_link_does_not_pause_what_plays() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [
+            video("cam", 1_000_000.0, Priority::Camera),
+            video("screen", 400_000.0, Priority::Screen),
+        ];
+        let cap = 700_000.0;
+        let flowing = 440_000.0;
+        run(&mut a, t0, 0, 3_000, capped_link(1_440_000.0, 0.0, cap), &v);
+        assert!(a.is_paused("cam") && !a.is_paused("screen"));
+        // The link as it answers the probe's padding, as feedback tells it: 1.25 s
+        // late (as measured) (loss and queuing are measured over windows), and an estimate that
+        // stays under what the screen needs for seconds after an overshoot.
+        let mut padding: VecDeque<f64> = std::iter::repeat_n(0.0, 25).collect();
+        let mut low_until = 0;
+        let mut probes = 0;
+        for ms in (3_000..20_000).step_by(50) {
+            let seen = padding[0];
+            let over = flowing + seen > cap;
+            if over {
+                low_until = ms + 3_000;
+            }
+            let s = Signals {
+                estimate: Some(if ms < low_until { 0.5 * cap } else { 2.0 * cap }),
+                acknowledged: f64::min(flowing + seen, cap),
+                media_bps: flowing,
+                loss: if over { 0.15 } else { 0.0 },
+                queuing_delay_ms: if over { 150.0 } else { 0.0 },
+                backing_off: over,
+            };
+            let out = a.tick(t0 + Duration::from_millis(ms), s, 40_000.0, &v);
+            probes += usize::from(out.probe == Some(ProbeOutcome::Failed));
+            assert!(
+                !out.changes.contains(&Change::Paused("screen".into())),
+                "paused at {ms} ms, padding {seen}"
+            );
+            padding.pop_front();
+            padding.push_back(out.padding_bps);
+        }
+        assert!(probes >= 2, "{probes} probes failed");
+        assert!(a.is_paused("cam"));
     }
 
     #[test]

@@ -145,6 +145,8 @@ pub struct StreamPolicy {
     pub max: f64,
     /// An RTMP pusher: no RTCP reaches it, the room is told instead.
     pub rtmp: bool,
+    /// A screen share (served before cameras).
+    pub screen: bool,
     pub told: Option<f64>,
 }
 
@@ -244,6 +246,7 @@ impl Media {
                 .iter()
                 .find_map(|(s, _)| self.stream_rooms.get(s).map(|r| r.room.clone()))
                 .unwrap_or_default();
+            let rtx_budget = p.rtx_budget.clone();
             let Some(c) = p.congestion.as_mut() else {
                 continue;
             };
@@ -263,10 +266,12 @@ impl Media {
                 backing_off: snap.backing_off,
                 media_bps,
             };
+            rtx_budget.set_estimate(signals.estimate);
             let rate =
                 |s: &str, k: Kind| self.rates.get(&(s.to_owned(), k)).map_or(0.0, |r| r.bps());
             let layer_rates = &self.layer_rates;
             let stream_layers = &self.stream_layers;
+            let stream_rooms = &self.stream_rooms;
             let videos: Vec<VideoTrack> = streams
                 .iter()
                 .filter(|(_, k)| *k == Kind::Video)
@@ -279,8 +284,12 @@ impl Media {
                             .collect(),
                         None => vec![rate(s, Kind::Video)],
                     },
-                    // Weir's protocol has no screen-share or speaker flags yet: all cameras.
-                    priority: Priority::Camera,
+                    // A screen share is read before faces: served first on a short link.
+                    priority: if stream_rooms.get(s).is_some_and(|p| p.screen) {
+                        Priority::Screen
+                    } else {
+                        Priority::Camera
+                    },
                 })
                 .collect();
             let audio_bps: f64 = streams

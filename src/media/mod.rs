@@ -574,6 +574,7 @@ impl Media {
                 kinds,
                 room,
                 source,
+                screen,
                 policy,
                 min_bitrate,
                 max_bitrate,
@@ -589,6 +590,7 @@ impl Media {
                         min: min_bitrate.map_or(default_min, f64::from),
                         max: max_bitrate.map_or(default_max, f64::from),
                         rtmp: source == "rtmp",
+                        screen,
                         told: None,
                     },
                 );

@@ -18,6 +18,17 @@
 //! resumes either (measured: without it, the 74 packets the bottleneck had dropped just
 //! before the pause went out again, in one burst, the moment the video resumed).
 //!
+//! Retransmissions are bounded in rate too: at most [`RTX_SHARE`] of the
+//! subscriber's bandwidth estimate (a token bucket [`RTX_WINDOW`] deep), which the
+//! media task shares through a [`RetransmissionBudget`] handle. Measured without it:
+//! when a link was capped at 700 kbit/s, Weir sent 3 Mbit/s of retransmissions for
+//! half a second (every lost packet asked for, its copies lost again), which took the
+//! estimate far below what the link carried and paused a video that fitted.
+//! A packet's retransmissions are counted for as long as the receiver keeps asking
+//! for it: a webrtc-rs receiver never learns that an RTX copy arrived and asks again
+//! and again, and forgetting the count after two seconds granted three more copies
+//! of each (a second burst of 2 Mbit/s, on the same 700 kbit/s link).
+//!
 //! Padding is never resent either: the guard notes the padding-only packets (probes)
 //! it sees leave, and drops requests for them. Measured: a webrtc-rs receiver does not
 //! count padding as received and, once the video resumed, asked for all of it again
@@ -84,12 +95,45 @@ impl PausedSsrcs {
 /// Padding packets remembered, per connection.
 const MAX_PADDING: usize = 4096;
 
+/// The share of the subscriber's estimate retransmissions may take, and the depth of
+/// the token bucket (a burst of this long at that rate).
+pub const RTX_SHARE: f64 = 0.5;
+pub const RTX_WINDOW: Duration = Duration::from_millis(500);
+/// What a retransmission is charged when the packet's size is not known.
+const RTX_DEFAULT_BYTES: u64 = 1_200;
+
+/// The subscriber's bandwidth estimate (bit/s; 0: none, retransmissions unbounded in
+/// rate), written by the media task on each congestion tick, read by its guard.
+#[derive(Clone, Default)]
+pub struct RetransmissionBudget(Arc<std::sync::atomic::AtomicU64>);
+
+impl RetransmissionBudget {
+    pub fn set_estimate(&self, bps: Option<f64>) {
+        self.0.store(
+            bps.map_or(0, |b| b.max(0.0) as u64),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn estimate(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 #[derive(Default)]
 pub struct NackGuard {
     paused: PausedSsrcs,
+    budget: RetransmissionBudget,
+    /// Bytes that may be retransmitted now, and when they were last refilled.
+    tokens: f64,
+    refilled: Option<Instant>,
+    /// Sizes of recently sent packets (what resending one costs), bounded.
+    sizes: HashMap<(u32, u16), u16>,
+    sizes_order: VecDeque<(u32, u16)>,
     padding: HashSet<(u32, u16)>,
     padding_order: VecDeque<(u32, u16)>,
-    asked: HashMap<(u32, u16), (u8, Instant)>,
+    /// Per packet: retransmissions granted, the last grant, the last request.
+    asked: HashMap<(u32, u16), (u8, Instant, Instant)>,
     order: VecDeque<((u32, u16), Instant)>,
     reads: VecDeque<TaggedPacket>,
     writes: VecDeque<TaggedPacket>,
@@ -97,29 +141,63 @@ pub struct NackGuard {
 }
 
 impl NackGuard {
-    pub fn new(suppressed: Option<prometheus::IntCounter>, paused: PausedSsrcs) -> Self {
+    pub fn new(
+        suppressed: Option<prometheus::IntCounter>,
+        paused: PausedSsrcs,
+        budget: RetransmissionBudget,
+    ) -> Self {
         Self {
             suppressed,
             paused,
+            budget,
             ..Self::default()
         }
+    }
+
+    fn suppress(&self, n: usize) {
+        if let Some(c) = &self.suppressed {
+            c.inc_by(n as u64);
+        }
+    }
+
+    /// Takes a retransmission of `bytes` from the bucket, if the estimate allows it.
+    fn afford(&mut self, bytes: u64, now: Instant) -> bool {
+        let bps = self.budget.estimate();
+        if bps == 0 {
+            return true;
+        }
+        let rate = bps as f64 / 8.0 * RTX_SHARE;
+        let depth = rate * RTX_WINDOW.as_secs_f64();
+        let elapsed = self
+            .refilled
+            .map_or(RTX_WINDOW, |t| now.saturating_duration_since(t));
+        self.tokens = (self.tokens + rate * elapsed.as_secs_f64()).min(depth);
+        self.refilled = Some(now);
+        if self.tokens < bytes as f64 {
+            return false;
+        }
+        self.tokens -= bytes as f64;
+        true
     }
 
     /// The sequence numbers of `seqs` that may be retransmitted now.
     fn allow(&mut self, ssrc: u32, seqs: Vec<u16>, now: Instant) -> Vec<u16> {
         let (paused, fence) = self.paused.state(ssrc);
         if paused {
-            if let Some(c) = &self.suppressed {
-                c.inc_by(seqs.len() as u64);
-            }
+            self.suppress(seqs.len());
             return Vec::new();
         }
         while let Some((key, at)) = self.order.front().copied() {
-            if now.saturating_duration_since(at) < FORGET_AFTER && self.asked.len() < MAX_TRACKED {
+            if now.saturating_duration_since(at) < FORGET_AFTER && self.order.len() < MAX_TRACKED {
                 break;
             }
             self.order.pop_front();
-            if self.asked.get(&key).is_some_and(|(_, last)| *last <= at) {
+            // Forgotten once not asked for since this entry (its last request).
+            if self
+                .asked
+                .get(&key)
+                .is_some_and(|(_, _, asked)| *asked <= at)
+            {
                 self.asked.remove(&key);
             }
         }
@@ -127,23 +205,28 @@ impl NackGuard {
         for seq in seqs {
             let before_fence = fence.is_some_and(|f| seq.wrapping_sub(f) as i16 <= 0);
             if before_fence || self.padding.contains(&(ssrc, seq)) {
-                if let Some(c) = &self.suppressed {
-                    c.inc();
-                }
+                self.suppress(1);
                 continue;
             }
-            let entry = self.asked.entry((ssrc, seq)).or_insert((0, now));
-            let (count, last) = *entry;
+            let key = (ssrc, seq);
+            let (count, last, _) = *self.asked.entry(key).or_insert((0, now, now));
+            // Asked again: remembered for another FORGET_AFTER from now.
+            self.asked.get_mut(&key).expect("just inserted").2 = now;
+            self.order.push_back((key, now));
+            let bytes = self
+                .sizes
+                .get(&key)
+                .map_or(RTX_DEFAULT_BYTES, |b| u64::from(*b));
             if count >= MAX_RETRANSMISSIONS
                 || (count > 0 && now.saturating_duration_since(last) < MIN_INTERVAL)
+                || !self.afford(bytes, now)
             {
-                if let Some(c) = &self.suppressed {
-                    c.inc();
-                }
+                self.suppress(1);
                 continue;
             }
-            *entry = (count + 1, now);
-            self.order.push_back(((ssrc, seq), now));
+            let e = self.asked.get_mut(&key).expect("just inserted");
+            e.0 = count + 1;
+            e.1 = now;
             out.push(seq);
         }
         out
@@ -195,6 +278,17 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for NackGuard {
     }
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
         if let Packet::Rtp(p) = &msg.message.packet {
+            let key = (p.header.ssrc, p.header.sequence_number);
+            let size =
+                rtc::shared::marshal::MarshalSize::marshal_size(p).min(usize::from(u16::MAX));
+            if self.sizes.insert(key, size as u16).is_none() {
+                self.sizes_order.push_back(key);
+                if self.sizes_order.len() > MAX_TRACKED {
+                    if let Some(old) = self.sizes_order.pop_front() {
+                        self.sizes.remove(&old);
+                    }
+                }
+            }
             if p.header.padding && p.payload.is_empty() {
                 let key = (p.header.ssrc, p.header.sequence_number);
                 if self.padding.insert(key) {
@@ -234,7 +328,11 @@ mod tests {
 
     #[test]
     fn a_packet_is_retransmitted_a_bounded_number_of_times_and_not_in_bursts() {
-        let mut g = NackGuard::new(None, PausedSsrcs::default());
+        let mut g = NackGuard::new(
+            None,
+            PausedSsrcs::default(),
+            RetransmissionBudget::default(),
+        );
         let t0 = Instant::now();
         // Asked for every 30 ms for a second: three retransmissions, 100 ms apart at least.
         let mut granted = Vec::new();
@@ -256,7 +354,11 @@ mod tests {
 
     #[test]
     fn padding_is_never_resent() {
-        let mut g = NackGuard::new(None, PausedSsrcs::default());
+        let mut g = NackGuard::new(
+            None,
+            PausedSsrcs::default(),
+            RetransmissionBudget::default(),
+        );
         let t0 = Instant::now();
         let mut p = rtc::rtp::Packet::default();
         p.header.ssrc = 5;
@@ -275,7 +377,7 @@ mod tests {
     #[test]
     fn a_paused_downtrack_gets_no_retransmissions() {
         let paused = PausedSsrcs::default();
-        let mut g = NackGuard::new(None, paused.clone());
+        let mut g = NackGuard::new(None, paused.clone(), RetransmissionBudget::default());
         let t0 = Instant::now();
         paused.set(5, true, Some(2));
         assert!(g.allow(5, vec![1, 2, 3], t0).is_empty());
@@ -286,8 +388,60 @@ mod tests {
     }
 
     #[test]
+    fn retransmissions_take_at_most_a_share_of_the_estimate() {
+        let budget = RetransmissionBudget::default();
+        let mut g = NackGuard::new(None, PausedSsrcs::default(), budget.clone());
+        let t0 = Instant::now();
+        // No estimate: as many as asked for.
+        assert_eq!(g.allow(1, (0..100).collect(), t0).len(), 100);
+        // 800 kbit/s: 50 kB/s for retransmissions, 25 kB at once; 1 200 B a packet.
+        budget.set_estimate(Some(800_000.0));
+        let burst = g.allow(2, (0..100).collect(), t0).len();
+        assert_eq!(burst, 20, "{burst}");
+        // A second later, the bucket is full again (25 kB: its depth), no more.
+        let later = g
+            .allow(2, (100..200).collect(), t0 + Duration::from_secs(1))
+            .len();
+        assert_eq!(later, 20, "{later}");
+        let mut granted = 0;
+        for i in 0..100u64 {
+            let now = t0 + Duration::from_secs(2) + Duration::from_millis(i * 10);
+            granted += g.allow(3, vec![i as u16], now).len();
+        }
+        // One second at 50 kB/s plus the bucket: about 62 packets.
+        assert!((55..=65).contains(&granted), "{granted}");
+    }
+
+    #[test]
+    fn a_packet_asked_for_without_end_is_not_granted_again_later() {
+        let mut g = NackGuard::new(
+            None,
+            PausedSsrcs::default(),
+            RetransmissionBudget::default(),
+        );
+        let t0 = Instant::now();
+        let mut granted = 0;
+        // A receiver that never learns the copies arrived: asked for 30 times a second
+        // for ten seconds.
+        for i in 0..300u64 {
+            granted += g
+                .allow(1, vec![7], t0 + Duration::from_millis(i * 33))
+                .len();
+        }
+        assert_eq!(granted, MAX_RETRANSMISSIONS as usize);
+        // Forgotten once nobody asks for it any more.
+        let later = t0 + Duration::from_secs(10) + FORGET_AFTER * 2;
+        g.allow(2, vec![1], later);
+        assert!(!g.asked.contains_key(&(1, 7)));
+    }
+
+    #[test]
     fn memory_stays_bounded() {
-        let mut g = NackGuard::new(None, PausedSsrcs::default());
+        let mut g = NackGuard::new(
+            None,
+            PausedSsrcs::default(),
+            RetransmissionBudget::default(),
+        );
         let t0 = Instant::now();
         for i in 0..20_000u32 {
             g.allow(i, vec![1, 2, 3], t0 + Duration::from_micros(u64::from(i)));

@@ -175,6 +175,8 @@ pub struct Peer {
     pub keyframe_wanted: HashSet<String>,
     /// Which downtracks' NACKs go unanswered (paused ones), shared with the chain.
     paused_ssrcs: super::nack_guard::PausedSsrcs,
+    /// The estimate the chain's retransmissions are bounded by (subscribers).
+    pub rtx_budget: super::nack_guard::RetransmissionBudget,
     /// Whether the peer is still there, judged on every authenticated packet.
     pub liveness: Liveness,
     /// Subscriber transceivers whose stream left, by kind: the next stream of that
@@ -626,6 +628,7 @@ impl Peer {
             ..RtcpTap::new(true)
         };
         let paused_ssrcs = super::nack_guard::PausedSsrcs::default();
+        let rtx_budget = super::nack_guard::RetransmissionBudget::default();
         // What both directions advertise in their SDP: NACK and PLI feedback, the
         // simulcast and transport-wide CC extensions (the interceptors those helpers
         // would add are chosen below, so theirs are dropped).
@@ -642,7 +645,7 @@ impl Peer {
         // those ourselves; two SR sources would contradict each other.
         let registry = Registry::new().with(Slot::from(RTCP_TAP_SLOT), tap);
         let registry = match key.1 {
-            Target::Publisher => registry
+            Target::Publisher | Target::Screen => registry
                 .with(
                     Slot::NackGenerator,
                     rtc::interceptor::NackGeneratorBuilder::new().build(),
@@ -661,6 +664,7 @@ impl Peer {
                     super::nack_guard::NackGuard::new(
                         Some(metrics.nacks.with_label_values(&["packets_suppressed"])),
                         paused_ssrcs.clone(),
+                        rtx_budget.clone(),
                     ),
                 )
                 .with(
@@ -749,6 +753,7 @@ impl Peer {
             pending: false,
             congestion,
             paused_ssrcs,
+            rtx_budget,
             keyframe_wanted: HashSet::new(),
             liveness,
             free: Vec::new(),

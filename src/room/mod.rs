@@ -23,6 +23,24 @@ pub mod names;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);
 
+impl SessionId {
+    /// Marks the identity a session's screen share publishes under: the media plane
+    /// sees the screen connection as a publisher of its own (a separate connection,
+    /// stream and congestion priority), and the control plane routes its signaling
+    /// to and from the owning session.
+    const SCREEN: u64 = 1 << 62;
+
+    /// The identity of this session's screen-share connection.
+    pub fn screen(self) -> SessionId {
+        SessionId(self.0 | Self::SCREEN)
+    }
+
+    /// The session whose screen share this is, when it is one.
+    pub fn screen_owner(self) -> Option<SessionId> {
+        (self.0 & Self::SCREEN != 0).then_some(SessionId(self.0 & !Self::SCREEN))
+    }
+}
+
 /// A room is scoped to its app: room 1234 of two apps are two rooms.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RoomKey {
@@ -54,6 +72,10 @@ pub enum RoomError {
     AlreadyPublishing,
     #[error("not publishing")]
     NotPublishing,
+    #[error("a screen share carries video only (its sound goes with the camera's stream)")]
+    ScreenVideoOnly,
+    #[error("a screen share is published from a signaling session, not a push")]
+    ScreenFromPush,
     #[error("this node is overloaded: try again later or another node")]
     Overloaded,
     #[error("this node has {0} rooms, its limit")]
@@ -82,9 +104,11 @@ impl RoomError {
             RoomError::NoSuchStream(_) => ErrorCode::NotFound,
             RoomError::StreamNameTaken(_) => ErrorCode::Conflict,
             RoomError::Overloaded => ErrorCode::Unavailable,
-            RoomError::EmptyPublish | RoomError::AlreadyPublishing | RoomError::NotPublishing => {
-                ErrorCode::BadRequest
-            }
+            RoomError::EmptyPublish
+            | RoomError::AlreadyPublishing
+            | RoomError::NotPublishing
+            | RoomError::ScreenVideoOnly
+            | RoomError::ScreenFromPush => ErrorCode::BadRequest,
             RoomError::TooManyRooms(_)
             | RoomError::RoomFull { .. }
             | RoomError::TooManyPublishersInRoom { .. }
@@ -133,6 +157,8 @@ pub enum MediaCommand {
         /// The stream's room, and `webrtc` or `rtmp`.
         room: RoomKey,
         source: &'static str,
+        /// A screen share: served before cameras when a link is short.
+        screen: bool,
         /// How the room weighs its subscribers, and the publisher's video bitrate
         /// bounds (bit/s), for the congestion decisions about this stream.
         policy: CongestionPolicy,
@@ -234,6 +260,8 @@ struct Stream {
     /// The session that published it (a member's signaling session or its push).
     publisher: SessionId,
     source: &'static str,
+    /// A screen share (the member's second stream), not its camera.
+    screen: bool,
     audio: bool,
     video: bool,
     audio_muted: bool,
@@ -255,9 +283,17 @@ struct Member {
     push_privileges: Privileges,
     privileges: Privileges,
     auto_subscribe: bool,
+    /// The camera and microphone (or the push), and the screen share.
     stream: Option<Stream>,
+    screen: Option<Stream>,
     /// Streams this member receives.
     subscriptions: HashSet<String>,
+}
+
+impl Member {
+    fn streams(&self) -> impl Iterator<Item = &Stream> {
+        self.stream.iter().chain(self.screen.iter())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -287,9 +323,11 @@ pub struct Rooms {
     out: VecDeque<Output>,
 }
 
-fn receive_privileges(kind: Kind) -> Privileges {
+/// What receiving a kind of a stream takes: a screen share's video is the sub-stream.
+fn receive_privileges(kind: Kind, screen: bool) -> Privileges {
     match kind {
         Kind::Audio => Privileges::RECV_AUDIO,
+        Kind::Video if screen => Privileges::RECV_SUB_VIDEO,
         Kind::Video => Privileges::RECV_VIDEO,
     }
 }
@@ -297,7 +335,16 @@ fn receive_privileges(kind: Kind) -> Privileges {
 /// A stream name safe in URL paths: TRTC's `{sdkappid}_{room}_{userid}_main` shape,
 /// with anything but `[A-Za-z0-9_.-]` replaced by `-`.
 pub fn stream_id_for(room: &RoomKey, user_id: &str) -> String {
-    let raw = format!("{}_{}_{}_main", room.sdk_app_id, room.name(), user_id);
+    stream_name(room, user_id, "main")
+}
+
+/// A member's screen share: TRTC's sub-stream name, `…_aux`.
+pub fn screen_stream_id_for(room: &RoomKey, user_id: &str) -> String {
+    stream_name(room, user_id, "aux")
+}
+
+fn stream_name(room: &RoomKey, user_id: &str, suffix: &str) -> String {
+    let raw = format!("{}_{}_{}_{suffix}", room.sdk_app_id, room.name(), user_id);
     raw.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
@@ -339,7 +386,7 @@ impl Rooms {
                 streams: r
                     .members
                     .values()
-                    .filter_map(|m| m.stream.as_ref().map(|s| s.id.clone()))
+                    .flat_map(|m| m.streams().map(|s| s.id.clone()))
                     .collect(),
             })
             .collect();
@@ -370,6 +417,7 @@ impl Rooms {
             source: s.source.to_owned(),
             audio: s.audio,
             video: s.video,
+            screen: s.screen,
             audio_muted: s.audio_muted,
             video_muted: s.video_muted,
             urls: self.urls.urls(&s.id),
@@ -465,11 +513,11 @@ impl Rooms {
                 .push_back(Output::Event(RoomEvent::Created { room: key.clone() }));
         }
         let room = self.rooms.entry(key.clone()).or_default();
-        let others: Vec<(String, SessionId, Option<Stream>)> = room
+        let others: Vec<(String, SessionId, Vec<Stream>)> = room
             .members
             .iter()
             .filter(|(u, _)| **u != user_id)
-            .map(|(u, m)| (u.clone(), m.session, m.stream.clone()))
+            .map(|(u, m)| (u.clone(), m.session, m.streams().cloned().collect()))
             .collect();
         match room.members.get_mut(&user_id) {
             // Beside the member's other session: the room already knows the member.
@@ -500,6 +548,7 @@ impl Rooms {
                         privileges: ticket.privileges,
                         auto_subscribe,
                         stream: None,
+                        screen: None,
                         subscriptions: HashSet::new(),
                     },
                 );
@@ -539,8 +588,8 @@ impl Rooms {
             },
         );
         if auto_subscribe && !is_push {
-            for (publisher, _, stream) in others {
-                if let Some(s) = stream {
+            for (publisher, _, streams) in others {
+                for s in streams {
                     self.auto_subscribe(session, &key, &user_id, &publisher, &s);
                 }
             }
@@ -576,7 +625,11 @@ impl Rooms {
         }
         let kinds: Vec<Kind> = [(stream.audio, Kind::Audio), (stream.video, Kind::Video)]
             .into_iter()
-            .filter(|&(has, kind)| has && member.privileges.contains(receive_privileges(kind)))
+            .filter(|&(has, kind)| {
+                has && member
+                    .privileges
+                    .contains(receive_privileges(kind, stream.screen))
+            })
             .map(|(_, kind)| kind)
             .collect();
         if kinds.is_empty() {
@@ -655,7 +708,17 @@ impl Rooms {
         video: bool,
         bounds: (Option<u32>, Option<u32>),
     ) -> Result<StreamInfo, RoomError> {
-        self.publish_full(session, None, "webrtc", audio, video, bounds)
+        self.publish_full(session, None, "webrtc", (audio, video, false), bounds)
+    }
+
+    /// Declares the session's screen share (video only, privilege 0x40): a second
+    /// stream beside its camera, sent on its own connection (`SessionId::screen`).
+    pub fn publish_screen(
+        &mut self,
+        session: SessionId,
+        bounds: (Option<u32>, Option<u32>),
+    ) -> Result<StreamInfo, RoomError> {
+        self.publish_full(session, None, "webrtc", (false, true, true), bounds)
     }
 
     /// The room was just created by this session's join: it takes `policy`.
@@ -703,7 +766,7 @@ impl Rooms {
         audio: bool,
         video: bool,
     ) -> Result<StreamInfo, RoomError> {
-        self.publish_full(session, name, source, audio, video, (None, None))
+        self.publish_full(session, name, source, (audio, video, false), (None, None))
     }
 
     fn publish_full(
@@ -711,8 +774,7 @@ impl Rooms {
         session: SessionId,
         name: Option<String>,
         source: &'static str,
-        audio: bool,
-        video: bool,
+        (audio, video, screen): (bool, bool, bool),
         (min_bitrate, max_bitrate): (Option<u32>, Option<u32>),
     ) -> Result<StreamInfo, RoomError> {
         let e = self.entry(session)?;
@@ -721,7 +783,19 @@ impl Rooms {
         }
         let key = e.room.clone();
         let member = self.member_mut(&e);
-        if member.stream.is_some() {
+        let is_push = member.push == Some(session);
+        if screen && is_push {
+            return Err(RoomError::ScreenFromPush);
+        }
+        if screen && (audio || !video) {
+            return Err(RoomError::ScreenVideoOnly);
+        }
+        let slot = if screen {
+            &member.screen
+        } else {
+            &member.stream
+        };
+        if slot.is_some() {
             return Err(RoomError::AlreadyPublishing);
         }
         let mut needed = Privileges(0);
@@ -729,26 +803,37 @@ impl Rooms {
             needed = needed | Privileges::SEND_AUDIO;
         }
         if video {
-            needed = needed | Privileges::SEND_VIDEO;
+            needed = needed
+                | if screen {
+                    Privileges::SEND_SUB_VIDEO
+                } else {
+                    Privileges::SEND_VIDEO
+                };
         }
-        let allowed = if member.push == Some(session) {
+        let allowed = if is_push {
             member.push_privileges
         } else {
             member.privileges
         };
         allowed.require(needed).map_err(RoomError::Privilege)?;
-        let id = name.unwrap_or_else(|| stream_id_for(&key, &e.user_id));
+        let id = name.unwrap_or_else(|| {
+            if screen {
+                screen_stream_id_for(&key, &e.user_id)
+            } else {
+                stream_id_for(&key, &e.user_id)
+            }
+        });
         if self.streams.contains_key(&id) {
             return Err(RoomError::StreamNameTaken(id));
         }
         if self.streams.len() >= self.limits.max_publishers {
             return Err(RoomError::TooManyPublishers(self.limits.max_publishers));
         }
-        let publishing = self.rooms[&key]
+        let publishing: usize = self.rooms[&key]
             .members
             .values()
-            .filter(|m| m.stream.is_some())
-            .count();
+            .map(|m| m.streams().count())
+            .sum();
         if publishing >= self.limits.max_publishers_per_room {
             return Err(RoomError::TooManyPublishersInRoom {
                 room: key.name(),
@@ -756,16 +841,22 @@ impl Rooms {
             });
         }
         let member = self.member_mut(&e);
+        let publisher = if screen { session.screen() } else { session };
         let stream = Stream {
             id,
-            publisher: session,
+            publisher,
             source,
+            screen,
             audio,
             video,
             audio_muted: false,
             video_muted: false,
         };
-        member.stream = Some(stream.clone());
+        if screen {
+            member.screen = Some(stream.clone());
+        } else {
+            member.stream = Some(stream.clone());
+        }
         self.streams
             .insert(stream.id.clone(), (key.clone(), e.user_id.clone()));
         let info = self.info(&e.user_id, &stream);
@@ -776,11 +867,12 @@ impl Rooms {
             .collect();
         self.out
             .push_back(Output::Media(MediaCommand::AllowPublish {
-                session,
+                session: publisher,
                 stream_id: stream.id.clone(),
                 kinds,
                 room: key.clone(),
                 source,
+                screen,
                 policy: self
                     .rooms
                     .get(&key)
@@ -815,15 +907,41 @@ impl Rooms {
         Ok(info)
     }
 
-    pub fn unpublish(&mut self, session: SessionId) -> Result<(), RoomError> {
+    /// Ends the session's camera stream, or its screen share.
+    pub fn unpublish(&mut self, session: SessionId, screen: bool) -> Result<(), RoomError> {
         let e = self.entry(session)?;
         let member = self.member_mut(&e);
-        if member.stream.as_ref().map(|s| s.publisher) != Some(session) {
+        let slot = if screen {
+            &mut member.screen
+        } else {
+            &mut member.stream
+        };
+        let publisher = if screen { session.screen() } else { session };
+        if slot.as_ref().map(|s| s.publisher) != Some(publisher) {
             return Err(RoomError::NotPublishing);
         }
-        let stream = member.stream.take().ok_or(RoomError::NotPublishing)?;
+        let stream = slot.take().ok_or(RoomError::NotPublishing)?;
         self.end_stream(&e.room, &e.user_id, &stream.id);
         Ok(())
+    }
+
+    /// The screen-share connection of `owner` is gone: its stream ends, and the owner
+    /// hears it as the others do (`streamRemoved`), so it can share again.
+    pub fn screen_lost(&mut self, owner: SessionId) {
+        let Some(e) = self.sessions.get(&owner).cloned() else {
+            return;
+        };
+        let Some(stream) = self.member_mut(&e).screen.take() else {
+            return;
+        };
+        self.end_stream(&e.room, &e.user_id, &stream.id);
+        self.send(
+            owner,
+            ServerMessage::StreamRemoved {
+                stream_id: stream.id,
+                user_id: e.user_id,
+            },
+        );
     }
 
     fn end_stream(&mut self, key: &RoomKey, user_id: &str, stream_id: &str) {
@@ -868,8 +986,9 @@ impl Rooms {
                 _ => return Err(RoomError::NoSuchStream(id.clone())),
             };
             let stream = self.rooms[&e.room].members[&publisher]
-                .stream
-                .clone()
+                .streams()
+                .find(|s| s.id == *id)
+                .cloned()
                 .expect("a registered stream has a publisher");
             let member = self.member_mut(&e);
             let wants: Vec<Kind> = [(stream.audio, Kind::Audio), (stream.video, Kind::Video)]
@@ -881,7 +1000,7 @@ impl Rooms {
             for kind in wants {
                 member
                     .privileges
-                    .require(receive_privileges(kind))
+                    .require(receive_privileges(kind, stream.screen))
                     .map_err(RoomError::Privilege)?;
             }
             self.subscribe_one(session, &e.room, &e.user_id, &publisher, &stream)?;
@@ -986,10 +1105,16 @@ impl Rooms {
         if let Some(other) = other {
             self.sessions.remove(&session);
             let m = self.member_mut(&e);
-            let ended = match &m.stream {
-                Some(s) if s.publisher == session => m.stream.take().map(|s| s.id),
-                _ => None,
-            };
+            let mut ended: Vec<String> = Vec::new();
+            if m.stream.as_ref().is_some_and(|s| s.publisher == session) {
+                ended.extend(m.stream.take().map(|s| s.id));
+            }
+            if m.screen
+                .as_ref()
+                .is_some_and(|s| s.publisher == session.screen())
+            {
+                ended.extend(m.screen.take().map(|s| s.id));
+            }
             if m.push == Some(session) {
                 m.push = None;
             } else {
@@ -1002,7 +1127,7 @@ impl Rooms {
                 m.auto_subscribe = false;
                 m.privileges = m.push_privileges;
             }
-            if let Some(id) = ended {
+            for id in ended {
                 self.end_stream(&e.room, &e.user_id, &id);
             }
             self.out
@@ -1025,8 +1150,10 @@ impl Rooms {
             }));
         }
         self.released(member.as_ref().map_or(0, |m| m.subscriptions.len()));
-        if let Some(stream) = member.and_then(|m| m.stream) {
-            self.end_stream(&e.room, &e.user_id, &stream.id);
+        if let Some(m) = member {
+            for stream in m.stream.into_iter().chain(m.screen) {
+                self.end_stream(&e.room, &e.user_id, &stream.id);
+            }
         }
         self.out
             .push_back(Output::Media(MediaCommand::CloseSession { session }));

@@ -256,7 +256,7 @@ fn publishers_are_limited_per_room_and_per_node() {
     let e = r.publish(SessionId(14), true, false).unwrap_err();
     assert!(matches!(e, RoomError::TooManyPublishers(3)), "{e}");
     // A publisher that stops makes room.
-    r.unpublish(SessionId(10)).unwrap();
+    r.unpublish(SessionId(10), false).unwrap();
     r.publish(SessionId(12), true, true).unwrap();
 }
 
@@ -346,7 +346,10 @@ fn a_push_and_a_signaling_session_of_one_user_are_one_member() {
     assert!(
         matches!(sent_to(&drain(&mut r), B)[0], ServerMessage::TextMessage { user_id, .. } if user_id == "mp")
     );
-    assert!(matches!(r.unpublish(A), Err(RoomError::NotPublishing)));
+    assert!(matches!(
+        r.unpublish(A, false),
+        Err(RoomError::NotPublishing)
+    ));
     // A new push of the same user replaces only the push.
     r.join_push(PUSH2, APP, &ticket("mp", 1, 0x17)).unwrap();
     let out = drain(&mut r);
@@ -499,7 +502,7 @@ fn subscriptions_are_limited_per_member_and_on_the_node() {
     assert_eq!(r.subscription_count(), 3);
     r.subscribe(s(12), std::slice::from_ref(&p1)).unwrap();
     assert_eq!(r.subscription_count(), 4);
-    r.unpublish(s(0)).unwrap();
+    r.unpublish(s(0), false).unwrap();
     assert_eq!(
         r.subscription_count(),
         2,
@@ -509,4 +512,112 @@ fn subscriptions_are_limited_per_member_and_on_the_node() {
     assert_eq!(r.subscription_count(), 1);
     r.leave(s(10), LeaveReason::Left);
     assert_eq!(r.subscription_count(), 0);
+}
+
+#[test]
+fn a_screen_share_is_a_second_stream_on_its_own_identity() {
+    let mut r = rooms();
+    r.join(A, APP, &ticket("alice", 1, 0xff), true).unwrap();
+    // bob may receive the camera but not the sub-stream (0x80).
+    r.join(B, APP, &ticket("bob", 1, 0x3f), true).unwrap();
+    r.join(C, APP, &ticket("carol", 1, 0xff), true).unwrap();
+    r.publish(A, true, true).unwrap();
+    drain(&mut r);
+    // Video only; the screen needs 0x40, which carol's token lacks below.
+    assert!(matches!(
+        r.publish_full(A, None, "webrtc", (true, true, true), (None, None)),
+        Err(RoomError::ScreenVideoOnly)
+    ));
+    let screen = r.publish_screen(A, (None, Some(1_000_000))).unwrap();
+    assert!(screen.screen && screen.video && !screen.audio);
+    assert_eq!(screen.stream_id, format!("{APP}_1_alice_aux"));
+    assert!(matches!(
+        r.publish_screen(A, (None, None)),
+        Err(RoomError::AlreadyPublishing)
+    ));
+    let out = drain(&mut r);
+    let cmds = media(&out);
+    assert!(
+        cmds.iter().any(
+            |c| matches!(c, MediaCommand::AllowPublish { session, screen: true, kinds, .. }
+            if *session == A.screen() && kinds == &vec![Kind::Video])
+        ),
+        "{cmds:?}"
+    );
+    // carol (0x80) receives it; bob (no 0x80) is told of it but not subscribed.
+    let subscribed: Vec<SessionId> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            MediaCommand::Subscribe {
+                subscriber,
+                stream_id,
+                ..
+            } if *stream_id == screen.stream_id => Some(*subscriber),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(subscribed, vec![C]);
+    assert!(sent_to(&out, B)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::StreamAdded { stream } if stream.screen)));
+    assert!(matches!(
+        r.subscribe(B, std::slice::from_ref(&screen.stream_id)),
+        Err(RoomError::Privilege(_))
+    ));
+    // A newcomer sees both streams, and the room lists both.
+    r.leave(B, LeaveReason::Left);
+    drain(&mut r);
+    r.join(B, APP, &ticket("dave", 1, 0xff), true).unwrap();
+    let out = drain(&mut r);
+    let joined = sent_to(&out, B);
+    let ServerMessage::Joined { members, .. } = joined[0] else {
+        panic!("{joined:?}")
+    };
+    let alice = members.iter().find(|m| m.user_id == "alice").unwrap();
+    assert_eq!(alice.streams.len(), 2);
+    assert_eq!(r.summaries()[0].streams.len(), 2);
+    // Unpublishing the screen leaves the camera; the screen connection's loss ends the
+    // screen only, and its owner hears it.
+    r.unpublish(A, true).unwrap();
+    let out = drain(&mut r);
+    assert!(media(&out).iter().any(
+        |c| matches!(c, MediaCommand::EndStream { stream_id } if *stream_id == screen.stream_id)
+    ));
+    assert_eq!(r.summaries()[0].streams.len(), 1);
+    r.publish_screen(A, (None, None)).unwrap();
+    drain(&mut r);
+    r.screen_lost(A);
+    let out = drain(&mut r);
+    assert!(sent_to(&out, A)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::StreamRemoved { stream_id, .. } if *stream_id == screen.stream_id)));
+    assert!(r.is_joined(A));
+    // Leaving ends both.
+    r.publish_screen(A, (None, None)).unwrap();
+    drain(&mut r);
+    r.leave(A, LeaveReason::Left);
+    let out = drain(&mut r);
+    let ended = media(&out)
+        .iter()
+        .filter(|c| matches!(c, MediaCommand::EndStream { .. }))
+        .count();
+    assert_eq!(ended, 2);
+}
+
+#[test]
+fn a_screen_share_needs_0x40_and_counts_as_a_publisher() {
+    let mut r = rooms();
+    r.join(A, APP, &ticket("alice", 1, 0x3f), true).unwrap();
+    let e = r.publish_screen(A, (None, None)).unwrap_err();
+    assert!(e.to_string().contains("0x40"), "{e}");
+    r.join(B, APP, &ticket("bob", 1, 0xff), true).unwrap();
+    // Two streams of one member fill the room's limit of two publishers.
+    r.publish(B, true, true).unwrap();
+    r.publish_screen(B, (None, None)).unwrap();
+    assert!(matches!(
+        r.publish(A, true, false),
+        Err(RoomError::TooManyPublishersInRoom { .. })
+    ));
+    assert_eq!(SessionId(7).screen().screen_owner(), Some(SessionId(7)));
+    assert_eq!(SessionId(7).screen_owner(), None);
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use weir_signaling::{ClientMessage, ErrorCode, LeaveReason, ServerMessage};
+use weir_signaling::{ClientMessage, ErrorCode, LeaveReason, ServerMessage, Target};
 
 use crate::auth::{Identity, Privileges, RoomTicket, TokenKind};
 use crate::metrics::Metrics;
@@ -415,6 +415,20 @@ impl Control {
     }
 
     fn tell(&mut self, session: SessionId, mut msg: ServerMessage) {
+        // What the media plane says about a screen connection goes to its owner, about
+        // its `screen` target.
+        let session = match session.screen_owner() {
+            Some(owner) => {
+                match &mut msg {
+                    ServerMessage::Answer { target, .. }
+                    | ServerMessage::Offer { target, .. }
+                    | ServerMessage::Candidate { target, .. } => *target = Target::Screen,
+                    _ => {}
+                }
+                owner
+            }
+            None => session,
+        };
         if let ServerMessage::Joined {
             user_id,
             ice_servers,
@@ -584,6 +598,14 @@ impl Control {
                 self.rooms.leave(session, reason);
             }
             ControlCommand::MediaSignal { session, msg } => self.tell(session, msg),
+            ControlCommand::MediaGone { session } if session.screen_owner().is_some() => {
+                let owner = session.screen_owner().expect("a screen identity");
+                info!(
+                    session = owner.0,
+                    "screen-share connection lost; the screen stream ends"
+                );
+                self.rooms.screen_lost(owner);
+            }
             ControlCommand::MediaGone { session } => {
                 self.rooms.leave(session, LeaveReason::Timeout);
                 if let Some(tx) = self.sessions.remove(&session) {
@@ -614,11 +636,23 @@ impl Control {
                 video,
                 min_bitrate,
                 max_bitrate,
+                screen: false,
             } => self
                 .rooms
                 .publish_bounded(session, audio, video, (min_bitrate, max_bitrate))
                 .map(|_| ()),
-            ClientMessage::Unpublish => self.rooms.unpublish(session),
+            ClientMessage::Publish {
+                audio: false,
+                video: true,
+                min_bitrate,
+                max_bitrate,
+                screen: true,
+            } => self
+                .rooms
+                .publish_screen(session, (min_bitrate, max_bitrate))
+                .map(|_| ()),
+            ClientMessage::Publish { screen: true, .. } => Err(RoomError::ScreenVideoOnly),
+            ClientMessage::Unpublish { screen } => self.rooms.unpublish(session, screen),
             ClientMessage::Subscribe { stream_ids } => self.rooms.subscribe(session, &stream_ids),
             ClientMessage::Unsubscribe { stream_ids } => {
                 self.rooms.unsubscribe(session, &stream_ids)
@@ -641,7 +675,36 @@ impl Control {
             | ClientMessage::Answer { .. }
             | ClientMessage::Candidate { .. }
             | ClientMessage::RestartIce) => {
-                if !self.rooms.is_joined(session) {
+                // The screen connection is a publisher connection of the session's
+                // screen identity (`SessionId::screen`); its answers come back through
+                // `tell`, which names the target again.
+                let (session, m) = match m {
+                    ClientMessage::Offer {
+                        target: Target::Screen,
+                        sdp,
+                    } => (
+                        session.screen(),
+                        ClientMessage::Offer {
+                            target: Target::Publisher,
+                            sdp,
+                        },
+                    ),
+                    ClientMessage::Candidate {
+                        target: Target::Screen,
+                        candidate,
+                    } => (
+                        session.screen(),
+                        ClientMessage::Candidate {
+                            target: Target::Publisher,
+                            candidate,
+                        },
+                    ),
+                    m => (session, m),
+                };
+                if !self
+                    .rooms
+                    .is_joined(session.screen_owner().unwrap_or(session))
+                {
                     Err(RoomError::NotJoined)
                 } else if self.media.is_none() {
                     self.tell(

@@ -442,6 +442,7 @@ pub async fn publish(
             video: kinds.contains(&weir_signaling::Kind::Video),
             min_bitrate: None,
             max_bitrate: None,
+            screen: false,
         };
         let _ = control
             .send(ControlCommand::Message {

@@ -142,8 +142,8 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
                                 // (the session waits for its answer, at most
                                 // `hook_timeout_ms`).
                                 let refused = match other {
-                                    ClientMessage::Publish { .. } if state.admission.is_some() => {
-                                        ask_publish(&state, ip, joined.as_ref()).await
+                                    ClientMessage::Publish { screen, .. } if state.admission.is_some() => {
+                                        ask_publish(&state, ip, joined.as_ref(), screen).await
                                     }
                                     _ => None,
                                 };
@@ -415,9 +415,14 @@ async fn ask_publish(
     state: &AppState,
     ip: std::net::IpAddr,
     joined: Option<&(crate::room::RoomKey, String)>,
+    screen: bool,
 ) -> Option<ServerMessage> {
     let (key, user) = joined?;
-    let stream = crate::room::stream_id_for(key, user);
+    let stream = if screen {
+        crate::room::screen_stream_id_for(key, user)
+    } else {
+        crate::room::stream_id_for(key, user)
+    };
     let why = super::hooks::Admission::for_room(
         &state.admission,
         ip,

@@ -349,6 +349,7 @@ impl Client {
             video,
             min_bitrate: None,
             max_bitrate: None,
+            screen: false,
         })
         .await;
         self.expect(|m| match m {
