@@ -583,9 +583,10 @@ export class WeirRoom extends EventTarget {
         }
       });
     }
-    if (this.publisher && this.ownStream) {
-      const report = await this.publisher.getStats();
-      const e = entry(this.ownStream.streamId);
+    // What this client sends: its camera stream, and its screen share.
+    const local = async (pc, info) => {
+      const report = await pc.getStats();
+      const e = entry(info.streamId);
       e.local = true;
       e.rttMs = rttOf(report);
       report.forEach((s) => {
@@ -608,7 +609,9 @@ export class WeirRoom extends EventTarget {
           k.fractionLost = s.fractionLost;
         }
       });
-    }
+    };
+    if (this.publisher && this.ownStream) await local(this.publisher, this.ownStream);
+    if (this.screen && this.sharing) await local(this.screen, this.sharing.info);
     return out;
   }
 

@@ -533,3 +533,137 @@ async fn the_sdk_restarts_ice_after_a_network_change() {
     eprintln!("ICE restart in Chrome: reconnected {restarted:?} after the path died");
     ffmpeg.kill().await.unwrap();
 }
+
+/// Screen share: alice publishes her camera and shares a "screen" (a canvas she
+/// paints magenta with a moving bar: headless Chromium has no screen to capture, so
+/// the stream is handed to `publishScreen` as the demo's `getDisplayMedia` one would
+/// be). Bob, in another tab, receives both side by side: the screen as a stream with
+/// `screen: true`, decoded at its own size and showing alice's colour, while her
+/// camera plays on. When alice stops sharing, the screen goes and the camera stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_screen_reaches_another_tab_beside_the_camera() {
+    let t = server().await;
+    let browser = Browser::launch().await;
+    let alice = browser.open(&page_url(&t)).await;
+    let bob = browser.open(&page_url(&t)).await;
+    let camera = sdk_join(&alice, &options(&t, "alice"), true).await;
+    let camera = camera.as_str().expect("alice publishes").to_owned();
+    sdk_join(&bob, &options(&t, "bob"), false).await;
+    bob.eval(
+        r#"window.added = []; window.gone = [];
+           window.room.on('streamAdded', (s) => window.added.push(s));
+           window.room.on('streamRemoved', (s) => window.gone.push(s.streamId));"#,
+    )
+    .await;
+    let shared = alice
+        .eval(
+            r#"(async () => {
+                const c = document.createElement('canvas');
+                c.width = 1280; c.height = 720;
+                document.body.append(c);
+                const g = c.getContext('2d');
+                let x = 0;
+                window.painter = setInterval(() => {
+                    g.fillStyle = '#ff00ff'; g.fillRect(0, 0, 1280, 720);
+                    g.fillStyle = '#ffffff'; g.fillRect(x, 600, 80, 120);
+                    x = (x + 16) % 1200;
+                }, 66);
+                const info = await window.room.publishScreen({ stream: c.captureStream(15) });
+                return JSON.stringify(info);
+            })()"#,
+        )
+        .await;
+    let shared: Value = serde_json::from_str(shared.as_str().expect("shared")).unwrap();
+    let screen = shared["streamId"].as_str().unwrap().to_owned();
+    assert_eq!(shared["screen"], true, "{shared}");
+    assert!(screen.ends_with("_alice_aux"), "{screen}");
+    assert_eq!(shared["audio"], false);
+
+    // Bob hears of it as a screen share, and decodes it beside the camera.
+    assert!(
+        bob.wait_for(
+            "window.added.some((s) => s.screen && s.userID === 'alice')",
+            Duration::from_secs(10)
+        )
+        .await
+    );
+    let at_bob = sees_and_hears(&bob, &camera).await;
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = received(&bob, &screen).await;
+        if last["frames"].as_u64().unwrap_or(0) > 20 && last["width"].as_u64() == Some(1280) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("bob receives alice's camera: {at_bob}\nand her screen: {last}");
+    assert!(last["frames"].as_u64().unwrap_or(0) > 20, "{last}");
+    assert_eq!(last["width"], 1280, "the screen at its own size: {last}");
+    assert_eq!(last["height"], 720, "{last}");
+    assert!(
+        at_bob["width"].as_u64().unwrap() < 1280,
+        "the camera is not the screen"
+    );
+    // What bob shows is alice's screen: the colour she painted, away from the bar.
+    let pixel = bob
+        .eval(&format!(
+            r#"(() => {{
+                const v = [...document.querySelectorAll('video')]
+                    .find((v) => v.srcObject && v.srcObject.id === {id});
+                if (!v || !v.videoWidth) return null;
+                const c = document.createElement('canvas');
+                c.width = v.videoWidth; c.height = v.videoHeight;
+                const g = c.getContext('2d');
+                g.drawImage(v, 0, 0);
+                return Array.from(g.getImageData(640, 200, 1, 1).data);
+            }})()"#,
+            id = serde_json::to_string(&screen).unwrap()
+        ))
+        .await;
+    let rgb: Vec<i64> = pixel
+        .as_array()
+        .unwrap_or_else(|| panic!("no video element shows the screen: {pixel}"))
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert!(
+        rgb[0] > 200 && rgb[1] < 60 && rgb[2] > 200,
+        "magenta expected: {rgb:?}"
+    );
+
+    // Alice stops sharing: the screen goes for bob, the camera plays on.
+    let before = received(&bob, &camera).await["frames"]
+        .as_u64()
+        .unwrap_or(0);
+    alice.eval("window.room.unpublishScreen()").await;
+    assert!(
+        bob.wait_for(
+            &format!(
+                "window.gone.includes({})",
+                serde_json::to_string(&screen).unwrap()
+            ),
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = received(&bob, &camera).await["frames"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        after > before + 20,
+        "the camera goes on: {before} → {after}"
+    );
+    let gone = bob.eval("JSON.stringify(window.gone)").await;
+    assert!(
+        !gone.as_str().unwrap_or("").contains(&camera),
+        "only the screen went: {gone}"
+    );
+    let alice_state = alice
+        .eval("JSON.stringify([window.room.sharing, window.room.screen, !!window.room.publisher])")
+        .await;
+    assert_eq!(
+        alice_state, "[null,null,true]",
+        "alice shares no more, her camera stays"
+    );
+}

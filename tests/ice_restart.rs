@@ -81,6 +81,63 @@ async fn publisher_answer(signal: &mut Client, sdp: String) -> String {
         .await
 }
 
+/// Video packets (not padding) bob received after `after`.
+async fn video_since(bob: &Watcher, after: Instant) -> usize {
+    bob.packets("video")
+        .await
+        .iter()
+        .filter(|(at, _, len)| *at > after && *len > 0)
+        .count()
+}
+
+/// Waits until bob has 30 video packets from after `after`, at most `limit`.
+async fn video_reaches(bob: &Watcher, after: Instant, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    while video_since(bob, after).await < 30 {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the client's connection sees the dead path.
+async fn notices_dead_path(state: &mut tokio::sync::watch::Receiver<RTCPeerConnectionState>) {
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        state.wait_for(|s| {
+            matches!(
+                s,
+                RTCPeerConnectionState::Disconnected | RTCPeerConnectionState::Failed
+            )
+        }),
+    )
+    .await
+    .expect("the client notices the dead path")
+    .unwrap();
+}
+
+async fn reconnects(state: &mut tokio::sync::watch::Receiver<RTCPeerConnectionState>) {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
+    )
+    .await
+    .expect("the client reconnects over the new path")
+    .unwrap();
+}
+
+/// Nobody saw the publisher leave: its session, its stream and bob's subscription
+/// stayed.
+fn nobody_saw_it_leave(bob: &Watcher) {
+    let events = bob.events.lock().unwrap().clone();
+    assert!(
+        !events.iter().any(|(_, m)| matches!(
+            m,
+            ServerMessage::MemberLeft { .. } | ServerMessage::StreamRemoved { .. }
+        )),
+        "{events:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_restarts_ice_after_a_network_change_and_nobody_sees_it_leave() {
     let t = TestServer::start().await;
@@ -106,38 +163,20 @@ async fn a_publisher_restarts_ice_after_a_network_change_and_nobody_sees_it_leav
 
     let stop = Arc::new(AtomicBool::new(false));
     let sender = send_media(video, Some(audio), stop.clone());
-    let media_at = |after: Instant| {
-        let bob = &bob;
-        async move {
-            bob.packets("video")
-                .await
-                .iter()
-                .filter(|(at, _, len)| *at > after && *len > 0)
-                .count()
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while media_at(Instant::now() - Duration::from_secs(60)).await < 30 {
-        assert!(Instant::now() < deadline, "bob never got alice's video");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let start = Instant::now() - Duration::from_secs(60);
+    video_reaches(
+        &bob,
+        start,
+        Duration::from_secs(15),
+        "bob never got alice's video",
+    )
+    .await;
 
     // The network changes: the old path goes dead.
     first_path.cut.store(true, Ordering::Relaxed);
     let cut_at = Instant::now();
     let mut state = alice.state.clone();
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        state.wait_for(|s| {
-            matches!(
-                s,
-                RTCPeerConnectionState::Disconnected | RTCPeerConnectionState::Failed
-            )
-        }),
-    )
-    .await
-    .expect("alice notices the dead path")
-    .unwrap();
+    notices_dead_path(&mut state).await;
     let noticed = cut_at.elapsed();
 
     // ICE restart over the new path: a new offer, the answer's candidate through it.
@@ -148,22 +187,10 @@ async fn a_publisher_restarts_ice_after_a_network_change_and_nobody_sees_it_leav
     alice
         .accept_answer(via_relay(&answer, port, second_path.addr))
         .await;
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
-    )
-    .await
-    .expect("alice reconnects over the new path")
-    .unwrap();
+    reconnects(&mut state).await;
     let reconnected = restart_at.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while media_at(restart_at).await < 30 {
-        assert!(
-            Instant::now() < deadline,
-            "alice's video never reached bob again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let again = "alice's video never reached bob again";
+    video_reaches(&bob, restart_at, Duration::from_secs(10), again).await;
     let media_back = restart_at.elapsed();
     stop.store(true, Ordering::Relaxed);
     sender.await.unwrap();
@@ -172,15 +199,7 @@ async fn a_publisher_restarts_ice_after_a_network_change_and_nobody_sees_it_leav
          video at bob again {media_back:?} after the restart"
     );
 
-    // Nobody saw alice leave: the session, her stream and bob's subscription stayed.
-    let events = bob.events.lock().unwrap().clone();
-    assert!(
-        !events.iter().any(|(_, m)| matches!(
-            m,
-            ServerMessage::MemberLeft { .. } | ServerMessage::StreamRemoved { .. }
-        )),
-        "{events:?}"
-    );
+    nobody_saw_it_leave(&bob);
     let m = t.metrics().await;
     assert!(m.contains("weir_participants 2"), "{m}");
 }
@@ -308,4 +327,216 @@ async fn a_subscriber_asks_for_an_ice_restart_after_a_network_change() {
     sender.await.unwrap();
     let m = t.metrics().await;
     assert!(m.contains("weir_participants 2"), "{m}");
+}
+
+/// The ICE part of an SDP as an RFC 8840 fragment: credentials, and per media section
+/// its `m=` line, `a=mid` and candidates (what a WHIP client PATCHes to restart ICE).
+fn ice_fragment(sdp: &str) -> String {
+    let mut head = String::new();
+    let mut sections = String::new();
+    for line in sdp.lines() {
+        if (line.starts_with("a=ice-ufrag:") || line.starts_with("a=ice-pwd:"))
+            && !head.contains(&line[..11])
+        {
+            head.push_str(line);
+            head.push_str("\r\n");
+        } else if line.starts_with("m=")
+            || line.starts_with("a=mid:")
+            || line.starts_with("a=candidate:")
+        {
+            sections.push_str(line);
+            sections.push_str("\r\n");
+        }
+    }
+    head + &sections
+}
+
+/// `sdp` with the credentials and candidates of `fragment` (a server's answer to an
+/// ICE restart over PATCH, made whole again for the client's connection).
+fn with_fragment(sdp: &str, fragment: &str) -> String {
+    let value = |key: &str| {
+        fragment
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in {fragment}"))
+            .to_owned()
+    };
+    let (ufrag, pwd) = (value("a=ice-ufrag:"), value("a=ice-pwd:"));
+    // The fragment's candidates, per section in order.
+    let mut per_section: Vec<Vec<String>> = Vec::new();
+    for l in fragment.lines() {
+        if l.starts_with("m=") {
+            per_section.push(Vec::new());
+        } else if l.starts_with("a=candidate:") {
+            per_section
+                .last_mut()
+                .expect("a section")
+                .push(l.to_owned());
+        }
+    }
+    let mut out = String::new();
+    let mut section = None::<usize>;
+    for l in sdp.lines() {
+        if l.starts_with("m=") {
+            section = Some(section.map_or(0, |s| s + 1));
+        }
+        if l.starts_with("a=candidate:") {
+            continue;
+        }
+        if l.starts_with("a=ice-ufrag:") {
+            out.push_str(&format!("a=ice-ufrag:{ufrag}\r\n"));
+        } else if l.starts_with("a=ice-pwd:") {
+            out.push_str(&format!("a=ice-pwd:{pwd}\r\n"));
+        } else if l == "a=end-of-candidates" {
+            for c in section
+                .and_then(|s| per_section.get(s))
+                .into_iter()
+                .flatten()
+            {
+                out.push_str(c);
+                out.push_str("\r\n");
+            }
+            out.push_str("a=end-of-candidates\r\n");
+        } else {
+            out.push_str(l);
+            out.push_str("\r\n");
+        }
+    }
+    out
+}
+
+/// A WHIP publisher's network changes: it restarts ICE over PATCH (RFC 9725 §4.4.1, a
+/// fragment with new credentials), gets the server's new credentials and candidates
+/// back with a new ETag, and its media reaches the room again; nobody sees it leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whip_publisher_restarts_ice_over_patch() {
+    let t = TestServer::start().await;
+    let addr = t.server.http_addr;
+    let port = t.udp_addr().port();
+    let bob = Watcher::join(&t, "bob", ROOM, None).await;
+    let first_path = Relay::start(t.udp_addr(), Box::new(|_| false)).await;
+
+    let mut alice = RtcPeer::new().await;
+    let video = alice
+        .add_send_track(RtpCodecKind::Video, h264(), VIDEO_SSRC)
+        .await;
+    let offer = alice.offer().await;
+    let token = t
+        .app
+        .issue_private_map_key(
+            weir::auth::TokenKind::Jwt,
+            "alice",
+            &weir::auth::RoomId::Num(ROOM),
+            weir::auth::Privileges(0xff),
+            weir::auth::unix_now(),
+            3600,
+        )
+        .unwrap();
+    let bearer = format!("Bearer {token}");
+    let (status, headers, answer) = common::http_request(
+        addr,
+        "POST",
+        "/whip",
+        &[
+            ("Content-Type", "application/sdp"),
+            ("Authorization", &bearer),
+        ],
+        &offer,
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    let location = common::response_header(&headers, "location")
+        .unwrap()
+        .to_owned();
+    let etag = common::response_header(&headers, "etag")
+        .unwrap()
+        .to_owned();
+    alice
+        .accept_answer(via_relay(&answer, port, first_path.addr))
+        .await;
+    alice.connected().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = send_media(video, None, stop.clone());
+    let start = Instant::now() - Duration::from_secs(60);
+    video_reaches(
+        &bob,
+        start,
+        Duration::from_secs(15),
+        "bob never got the WHIP video",
+    )
+    .await;
+
+    first_path.cut.store(true, Ordering::Relaxed);
+    let mut state = alice.state.clone();
+    notices_dead_path(&mut state).await;
+
+    let second_path = Relay::start(t.udp_addr(), Box::new(|_| false)).await;
+    let restart_at = Instant::now();
+    let restart_offer = alice.offer_ice_restart().await;
+    let fragment = ice_fragment(&restart_offer);
+    let (status, headers, body) = common::http_request(
+        addr,
+        "PATCH",
+        &location,
+        &[
+            ("Content-Type", "application/trickle-ice-sdpfrag"),
+            ("If-Match", &etag),
+        ],
+        &fragment,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        common::response_header(&headers, "content-type"),
+        Some("application/trickle-ice-sdpfrag")
+    );
+    let new_etag = common::response_header(&headers, "etag")
+        .unwrap()
+        .to_owned();
+    assert_ne!(new_etag, etag, "a new ICE session, a new ETag");
+    let old_ufrag = answer
+        .lines()
+        .find(|l| l.starts_with("a=ice-ufrag:"))
+        .unwrap();
+    assert!(
+        body.contains("a=ice-ufrag:") && body.contains("a=ice-pwd:") && !body.contains(old_ufrag),
+        "the server's new credentials: {body}"
+    );
+    assert!(body.contains("a=candidate:"), "{body}");
+    alice
+        .accept_answer(via_relay(
+            &with_fragment(&answer, &body),
+            port,
+            second_path.addr,
+        ))
+        .await;
+    reconnects(&mut state).await;
+    let again = "the WHIP video never reached bob again";
+    video_reaches(&bob, restart_at, Duration::from_secs(10), again).await;
+    eprintln!(
+        "WHIP ICE restart over PATCH: video at bob again {:?} after it",
+        restart_at.elapsed()
+    );
+    // The old ETag is stale now; the new one is taken.
+    let (status, ..) = common::http_request(
+        addr,
+        "PATCH",
+        &location,
+        &[
+            ("Content-Type", "application/trickle-ice-sdpfrag"),
+            ("If-Match", &etag),
+        ],
+        "a=end-of-candidates\r\n",
+    )
+    .await;
+    assert_eq!(status, 412);
+    stop.store(true, Ordering::Relaxed);
+    sender.await.unwrap();
+    nobody_saw_it_leave(&bob);
+    let m = t.metrics().await;
+    assert_eq!(
+        common::metric(&m, "weir_whip_requests_total{outcome=\"ice_restart\"}"),
+        1.0,
+        "{m}"
+    );
 }

@@ -369,9 +369,12 @@ async fn bad_whip_requests_get_their_status_codes() {
     .await;
     assert_eq!(status, 204, "{body}");
     assert_eq!(header(&headers, "etag"), Some(etag.as_str()));
+    // A new ufrag is an ICE restart, which needs the new password too
+    // (tests/ice_restart.rs restarts a WHIP publisher this way).
     let restart = trickle.replace(&ufrag, "aNewUfrag");
-    let (status, ..) = http(addr, "PATCH", &location, &[frag], &restart).await;
-    assert_eq!(status, 422);
+    let (status, _, body) = http(addr, "PATCH", &location, &[frag], &restart).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("ice-pwd"), "{body}");
     let (status, ..) = http(
         addr,
         "PATCH",
@@ -504,11 +507,84 @@ async fn a_plain_whep_page_in_chrome_plays_an_rtmp_push() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(got["width"], 320, "{got}");
+
+    // An ICE restart over PATCH, as a WHEP page does it (RFC 9725 §4.4.1): new local
+    // credentials in a fragment; the server's new ones and its candidates come back,
+    // and the page's checks with them reconnect (with the old ones they would fail).
+    let restarted = page
+        .eval(
+            r#"(async () => {
+                const pc = window.pc;
+                const before = pc.remoteDescription.sdp;
+                pc.restartIce();
+                await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
+                await new Promise((r) => {
+                    if (pc.iceGatheringState === 'complete') return r();
+                    pc.addEventListener('icegatheringstatechange', () => pc.iceGatheringState === 'complete' && r());
+                    setTimeout(r, 2000);
+                });
+                const local = pc.localDescription.sdp.split('\r\n');
+                const frag = [
+                    local.find((l) => l.startsWith('a=ice-ufrag:')),
+                    local.find((l) => l.startsWith('a=ice-pwd:')),
+                    ...local.filter((l) => l.startsWith('m=') || l.startsWith('a=mid:') || l.startsWith('a=candidate:')),
+                ].join('\r\n') + '\r\n';
+                const r = await fetch(window.location_, {
+                    method: 'PATCH',
+                    headers: { 'Content-Type': 'application/trickle-ice-sdpfrag', 'If-Match': '*' },
+                    body: frag,
+                });
+                const body = await r.text();
+                if (r.status !== 200) return { status: r.status, body };
+                const get = (k) => body.split('\r\n').find((l) => l.startsWith(k));
+                const sections = body.split(/\r\n(?=m=)/).slice(1);
+                let i = -1;
+                const answer = before.split('\r\n').flatMap((l) => {
+                    if (l.startsWith('m=')) i += 1;
+                    if (l.startsWith('a=ice-ufrag:')) return [get('a=ice-ufrag:')];
+                    // The section's new candidates after its credentials (the
+                    // remote description Chrome keeps has no end-of-candidates).
+                    if (l.startsWith('a=ice-pwd:')) {
+                        const c = (sections[i] || '').split('\r\n').filter((x) => x.startsWith('a=candidate:'));
+                        return [get('a=ice-pwd:'), ...c];
+                    }
+                    if (l.startsWith('a=candidate:') || l === 'a=end-of-candidates') return [];
+                    return [l];
+                }).join('\r\n');
+                await pc.setRemoteDescription({ type: 'answer', sdp: answer });
+                window.debugRestart = { frag, body, answer, before };
+                return { status: r.status, ufrag: get('a=ice-ufrag:'), etag: r.headers.get('ETag'),
+                          before: before.split('\r\n').find((l) => l.startsWith('a=ice-ufrag:')) };
+            })()"#,
+        )
+        .await;
+    assert_eq!(restarted["status"], 200, "{restarted}");
+    assert_ne!(restarted["ufrag"], restarted["before"], "{restarted}");
+    let frames_then = page.eval(stats).await["frames"].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = page.eval(stats).await;
+        if now["frames"].as_u64().unwrap_or(0) > frames_then + 30 && now["state"] == "connected" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "video goes on after the ICE restart: {now}\n{}\n{}",
+            page.eval("JSON.stringify(window.debugRestart)").await,
+            browser.console_dump()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (status, ..) = http(addr, "DELETE", &location, &[], "").await;
     assert_eq!(status, 200);
     let m = t.metrics().await;
     assert_eq!(
         common::metric(&m, "weir_whep_requests_total{outcome=\"ok\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        common::metric(&m, "weir_whip_requests_total{outcome=\"ice_restart\"}"),
         1.0,
         "{m}"
     );

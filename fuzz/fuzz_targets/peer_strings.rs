@@ -1,7 +1,8 @@
 //! Short strings a peer controls: the STUN USERNAME of a datagram (read before any
 //! integrity check), H.264 fmtp lines of an offer (a non-ASCII profile-level-id once
 //! panicked the media task), what an offer sends (rtc-sdp), a WHIP/WHEP trickle
-//! fragment, and stream names an RTMP pusher asks for.
+//! fragment and an ICE restart's rewriting of an offer, and stream names an RTMP
+//! pusher asks for.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -26,6 +27,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = weir::media::codec_compatible(&codec(text), &codec("profile-level-id=42e01f"));
     let _ = weir::media::offered_send_kinds(text);
     let _ = weir::server::whip::trickle_fragment(text);
+    let _ = weir::server::whip::with_ice_credentials(a, "abcd", b);
+    let _ = weir::server::whip::ice_fragment(text);
     let _ = bound_stream(text);
     let mut claims = NameClaims::default();
     let owner = |user: &str| Owner {

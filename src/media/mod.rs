@@ -724,34 +724,27 @@ impl Media {
                     }
                 }
                 let key = PeerKey(session, Target::Publisher);
-                let p = self.new_peer(key)?;
-                let answer = p
-                    .answer(sdp)
-                    .map_err(|e| format!("cannot answer the offer: {e}"))?;
-                self.index_ufrag(key);
-                self.tell(
-                    session,
-                    ServerMessage::Answer {
-                        target: Target::Publisher,
-                        sdp: answer,
-                    },
-                );
-                Ok(())
+                self.new_peer(key)?;
+                self.answer_offer(key, sdp)
             }
             ClientMessage::Offer {
                 target: Target::Subscriber,
                 sdp,
             } => {
                 // A client that offers its own receiving connection (a WHEP player):
-                // answered as soon as it subscribes to something.
-                if self
-                    .peers
-                    .contains_key(&PeerKey(session, Target::Subscriber))
-                {
-                    return Err(
-                        "this session's subscriber connection exists; its offers come from the server"
-                            .into(),
-                    );
+                // answered as soon as it subscribes to something. Such a connection
+                // takes the client's offers again later (an ICE restart over WHEP's
+                // PATCH: the same sections, new credentials); one the server offers
+                // does not.
+                let key = PeerKey(session, Target::Subscriber);
+                if let Some(p) = self.peers.get(&key) {
+                    if !p.answer_mode {
+                        return Err(
+                            "this session's subscriber connection exists; its offers come from the server"
+                                .into(),
+                        );
+                    }
+                    return self.answer_offer(key, sdp);
                 }
                 self.client_offers.insert(session, sdp);
                 self.sync_subscriber(session);
@@ -799,6 +792,23 @@ impl Media {
                 other.type_name()
             )),
         }
+    }
+
+    /// Answers a client's offer on an existing connection `key` and sends the answer.
+    fn answer_offer(&mut self, key: PeerKey, sdp: String) -> Result<(), String> {
+        let p = self.peers.get_mut(&key).ok_or("no such connection")?;
+        let answer = p
+            .answer(sdp)
+            .map_err(|e| format!("cannot answer the offer: {e}"))?;
+        self.index_ufrag(key);
+        self.tell(
+            key.0,
+            ServerMessage::Answer {
+                target: key.1,
+                sdp: answer,
+            },
+        );
+        Ok(())
     }
 
     /// Brings a subscriber's connection in line with its subscriptions: adds tracks for

@@ -650,7 +650,15 @@ impl Control {
             } => self
                 .rooms
                 .publish_screen(session, (min_bitrate, max_bitrate))
-                .map(|_| ()),
+                .map(|info| {
+                    // The media plane names the screen connection by its own identity.
+                    info!(
+                        session = session.0,
+                        media_session = session.screen().0,
+                        stream = %info.stream_id,
+                        "screen share published"
+                    );
+                }),
             ClientMessage::Publish { screen: true, .. } => Err(RoomError::ScreenVideoOnly),
             ClientMessage::Unpublish { screen } => self.rooms.unpublish(session, screen),
             ClientMessage::Subscribe { stream_ids } => self.rooms.subscribe(session, &stream_ids),

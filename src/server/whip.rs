@@ -19,8 +19,11 @@
 //! - `DELETE …/resource/<id>`: the member leaves; `200`.
 //! - `PATCH …/resource/<id>` with an RFC 8840 fragment
 //!   (`application/trickle-ice-sdpfrag`, `If-Match` optional): its candidates reach
-//!   the connection, `204`. An ICE restart (a new ufrag) is refused with `422`: POST
-//!   a new offer.
+//!   the connection, `204`. A fragment with a new `ice-ufrag` and `ice-pwd` is an ICE
+//!   restart (RFC 9725 §4.4.1): the connection restarts with the client's new
+//!   credentials (its last offer, re-applied with them) and the answer is `200` with
+//!   a fragment of the server's new `ice-ufrag`, `ice-pwd` and candidates, and a new
+//!   `ETag`; a later `If-Match` must name it.
 //! - `OPTIONS`: CORS preflight for browser clients.
 //!
 //! Errors: `401` (missing or invalid credentials; the failed-check throttle applies),
@@ -61,13 +64,34 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct Resources(Mutex<HashMap<String, Resource>>);
 
-/// One resource: its member's session, which of its connections the resource is, and
-/// the client's ICE username fragment (a PATCH naming another is an ICE restart).
+/// One resource: its member's session, which of its connections the resource is, the
+/// client's ICE username fragment (a PATCH naming another is an ICE restart), the
+/// offer last applied (an ICE restart re-applies it with new credentials), the ICE
+/// session's ETag, and where a PATCH waits for the room's answer.
 #[derive(Debug, Clone)]
 pub struct Resource {
     session: SessionId,
     target: Target,
     ufrag: Option<String>,
+    offer: String,
+    etag: String,
+    answers: Option<mpsc::Sender<AnswerWaiter>>,
+}
+
+/// A PATCH waiting for the answer to its ICE restart.
+type AnswerWaiter = tokio::sync::oneshot::Sender<Result<String, (ErrorCode, String)>>;
+
+impl Resource {
+    fn new(session: SessionId, target: Target, offer: &str) -> Self {
+        Self {
+            session,
+            target,
+            ufrag: sdp_ufrag(offer),
+            offer: offer.to_owned(),
+            etag: String::new(),
+            answers: None,
+        }
+    }
 }
 
 impl Resources {
@@ -80,6 +104,8 @@ impl Resources {
 #[derive(Debug, Default, PartialEq)]
 pub struct Trickle {
     pub ufrag: Option<String>,
+    /// Only in an ICE restart's fragment.
+    pub pwd: Option<String>,
     pub candidates: Vec<IceCandidate>,
     pub end: bool,
 }
@@ -106,6 +132,11 @@ pub fn trickle_fragment(body: &str) -> Result<Trickle, String> {
                 return Err("two different ice-ufrag values in one fragment".into());
             }
             t.ufrag = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("a=ice-pwd:") {
+            if t.pwd.as_deref().is_some_and(|p| p != v) {
+                return Err("two different ice-pwd values in one fragment".into());
+            }
+            t.pwd = Some(v.to_owned());
         } else if let Some(c) = line.strip_prefix("a=") {
             if c.starts_with("candidate:") {
                 if t.candidates.len() >= MAX_TRICKLE_CANDIDATES {
@@ -466,11 +497,7 @@ pub async fn publish(
         answer_for(&mut rx, Target::Publisher).await
     }
     .await;
-    let resource = Resource {
-        session,
-        target: Target::Publisher,
-        ufrag: sdp_ufrag(offer),
-    };
+    let resource = Resource::new(session, Target::Publisher, offer);
     let (outcome, r) = conclude(&state, resource, &user, &room, rx, "whip", steps).await;
     count(outcome);
     r
@@ -610,8 +637,14 @@ async fn created(
     prefix: &str,
     answer: String,
 ) -> Result<Response, Response> {
+    let mut resource = resource;
     let session = resource.session;
     let id = hex::encode(rand::random::<[u8; 16]>());
+    let target = resource.target;
+    let (answers, mut waiting) = mpsc::channel::<AnswerWaiter>(1);
+    resource.answers = Some(answers);
+    resource.etag = format!("\"{id}\"");
+    let etag = resource.etag.clone();
     let full = {
         let mut r = state.whip.lock();
         let full = r.len() >= MAX_RESOURCES;
@@ -633,14 +666,30 @@ async fn created(
             "too many WHIP/WHEP sessions on this node",
         ));
     }
-    // The member's events go nowhere (such a client has no channel for them); the
-    // session ends when the room closes it (DELETE, media gone, shutdown).
+    // The member's events go nowhere (such a client has no channel for them), but the
+    // answer to an ICE restart, which goes to the PATCH that asked; the session ends
+    // when the room closes it (DELETE, media gone, shutdown).
     let keep = state.clone();
     let resource = id.clone();
     tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            if matches!(ev, SessionEvent::Close(_)) {
-                break;
+        let mut waiter: Option<AnswerWaiter> = None;
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    None | Some(SessionEvent::Close(_)) => break,
+                    Some(SessionEvent::Send(ServerMessage::Answer { target: t, sdp })) if t == target => {
+                        if let Some(w) = waiter.take() {
+                            let _ = w.send(Ok(sdp));
+                        }
+                    }
+                    Some(SessionEvent::Send(ServerMessage::Error { code, message, .. })) => {
+                        if let Some(w) = waiter.take() {
+                            let _ = w.send(Err((code, message)));
+                        }
+                    }
+                    Some(SessionEvent::Send(_)) => {}
+                },
+                Some(w) = waiting.recv() => waiter = Some(w),
             }
         }
         keep.whip.lock().remove(&resource);
@@ -655,7 +704,7 @@ async fn created(
     if let Ok(v) = HeaderValue::from_str(&format!("/{prefix}/resource/{id}")) {
         h.insert(header::LOCATION, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{id}\"")) {
+    if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
     // The ICE servers, as RFC 9725 §4.6 spells them.
@@ -763,11 +812,7 @@ pub async fn play(
         answer_for(&mut rx, Target::Subscriber).await
     }
     .await;
-    let resource = Resource {
-        session,
-        target: Target::Subscriber,
-        ufrag: sdp_ufrag(offer),
-    };
+    let resource = Resource::new(session, Target::Subscriber, offer);
     let (outcome, r) = conclude(&state, resource, &user, &stream, rx, "whep", steps).await;
     count(outcome);
     r
@@ -807,7 +852,7 @@ pub async fn patch(
     let Some(resource) = state.whip.lock().get(&id).cloned() else {
         return refuse(StatusCode::NOT_FOUND, "no such WHIP or WHEP resource");
     };
-    let etag = format!("\"{id}\"");
+    let etag = resource.etag.clone();
     if let Some(m) = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
         if m.trim() != "*" && m.trim() != etag {
             return refuse(StatusCode::PRECONDITION_FAILED, "the ETag does not match");
@@ -834,11 +879,8 @@ pub async fn patch(
         Ok(t) => t,
         Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
     };
-    if trickle.ufrag.is_some() && resource.ufrag.is_some() && trickle.ufrag != resource.ufrag {
-        return refuse(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "ICE restarts are not taken over PATCH: POST a new offer",
-        );
+    if trickle.ufrag.is_some() && trickle.ufrag != resource.ufrag {
+        return restart_ice(&state, &id, resource, trickle).await;
     }
     let session = resource.session;
     let mut messages: Vec<ClientMessage> = trickle
@@ -869,6 +911,145 @@ pub async fn patch(
     r
 }
 
+/// An ICE restart over PATCH: the client's last offer again, with its new
+/// credentials, answered by the room; `200` with the server's new credentials and
+/// candidates as a fragment, and a new ETag.
+async fn restart_ice(
+    state: &Arc<AppState>,
+    id: &str,
+    resource: Resource,
+    trickle: Trickle,
+) -> Response {
+    let (Some(ufrag), Some(pwd)) = (trickle.ufrag.clone(), trickle.pwd.clone()) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "an ICE restart's fragment has a new a=ice-ufrag and a=ice-pwd",
+        );
+    };
+    if !ice_chars(&ufrag, 4) || !ice_chars(&pwd, 22) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "ice-ufrag is 4-256 and ice-pwd 22-256 of A-Z a-z 0-9 + / (RFC 8839)",
+        );
+    }
+    let Some(answers) = resource.answers.clone() else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "the resource is closing");
+    };
+    let offer = with_ice_credentials(&resource.offer, &ufrag, &pwd);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if answers.try_send(tx).is_err() {
+        return refuse(
+            StatusCode::CONFLICT,
+            "another ICE restart of this resource is under way",
+        );
+    }
+    let session = resource.session;
+    let mut messages = vec![ClientMessage::Offer {
+        target: resource.target,
+        sdp: offer.clone(),
+    }];
+    messages.extend(
+        trickle
+            .candidates
+            .into_iter()
+            .map(|c| ClientMessage::Candidate {
+                target: resource.target,
+                candidate: Some(c),
+            }),
+    );
+    for msg in messages {
+        let _ = state
+            .control
+            .send(ControlCommand::Message { session, msg })
+            .await;
+    }
+    let answer = match tokio::time::timeout(STEP_TIMEOUT, rx).await {
+        Ok(Ok(Ok(sdp))) => sdp,
+        Ok(Ok(Err((code, why)))) => return refuse(status_of(code), why),
+        _ => return refuse(StatusCode::SERVICE_UNAVAILABLE, "the room did not answer"),
+    };
+    let etag = format!("\"{id}.{}\"", hex::encode(rand::random::<[u8; 4]>()));
+    if let Some(r) = state.whip.lock().get_mut(id) {
+        r.ufrag = Some(ufrag);
+        r.offer = offer;
+        r.etag = etag.clone();
+    }
+    state
+        .metrics
+        .whip_requests
+        .with_label_values(&["ice_restart"])
+        .inc();
+    info!(session = session.0, resource = id, "WHIP/WHEP ICE restart");
+    let mut r = (StatusCode::OK, ice_fragment(&answer)).into_response();
+    let h = r.headers_mut();
+    cors(h);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/trickle-ice-sdpfrag"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    r
+}
+
+/// RFC 8839's `ice-char`s, `min`..=256 of them.
+fn ice_chars(v: &str, min: usize) -> bool {
+    (min..=256).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+/// `sdp` with every `a=ice-ufrag`/`a=ice-pwd` replaced by these, and without the
+/// candidates of the old ICE session (the new ones come trickled).
+pub fn with_ice_credentials(sdp: &str, ufrag: &str, pwd: &str) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if line.starts_with("a=ice-ufrag:") {
+            out.push_str(&format!("a=ice-ufrag:{ufrag}"));
+        } else if line.starts_with("a=ice-pwd:") {
+            out.push_str(&format!("a=ice-pwd:{pwd}"));
+        } else if line.starts_with("a=candidate:") || line == "a=end-of-candidates" {
+            continue;
+        } else {
+            out.push_str(line);
+        }
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// The ICE part of an answer as an RFC 8840 fragment: the credentials at session
+/// level, and for each media section its `m=` line, `a=mid` and candidates.
+pub fn ice_fragment(answer: &str) -> String {
+    let mut head = String::new();
+    let mut sections = String::new();
+    let mut credentials = (None, None);
+    for line in answer.lines() {
+        let line = line.trim_end();
+        if let Some(v) = line.strip_prefix("a=ice-ufrag:") {
+            credentials.0.get_or_insert_with(|| v.to_owned());
+        } else if let Some(v) = line.strip_prefix("a=ice-pwd:") {
+            credentials.1.get_or_insert_with(|| v.to_owned());
+        } else if line.starts_with("m=")
+            || line.starts_with("a=mid:")
+            || line.starts_with("a=candidate:")
+            || line == "a=end-of-candidates"
+        {
+            sections.push_str(line);
+            sections.push_str("\r\n");
+        }
+    }
+    if let Some(u) = credentials.0 {
+        head.push_str(&format!("a=ice-ufrag:{u}\r\n"));
+    }
+    if let Some(p) = credentials.1 {
+        head.push_str(&format!("a=ice-pwd:{p}\r\n"));
+    }
+    head + &sections
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -894,6 +1075,33 @@ mod tests {
             .candidate
             .starts_with("candidate:3471623853"));
         assert_eq!(t.candidates[1].username_fragment.as_deref(), Some("EsAw"));
+    }
+
+    #[test]
+    fn an_ice_restart_reapplies_the_offer_with_new_credentials() {
+        let offer = "v=0\r\na=ice-ufrag:old1\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n\
+                     a=ice-ufrag:old1\r\na=ice-pwd:oldpasswordoldpassword\r\n\
+                     a=candidate:1 1 udp 1 192.0.2.1 1 typ host\r\na=end-of-candidates\r\n";
+        let again = with_ice_credentials(offer, "new1", "newpasswordnewpassword");
+        assert!(
+            !again.contains("old") && !again.contains("a=candidate"),
+            "{again}"
+        );
+        assert_eq!(again.matches("a=ice-ufrag:new1\r\n").count(), 2);
+        assert!(again.contains("a=ice-pwd:newpasswordnewpassword\r\n"));
+        let t =
+            trickle_fragment("a=ice-ufrag:new1\r\na=ice-pwd:newpasswordnewpassword\r\n").unwrap();
+        assert_eq!(t.pwd.as_deref(), Some("newpasswordnewpassword"));
+        assert!(trickle_fragment("a=ice-pwd:a\na=ice-pwd:b\n").is_err());
+        // What goes back: the credentials once, each section's mid and candidates.
+        let frag = ice_fragment(offer);
+        assert_eq!(
+            frag,
+            "a=ice-ufrag:old1\r\na=ice-pwd:oldpasswordoldpassword\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n\
+             a=candidate:1 1 udp 1 192.0.2.1 1 typ host\r\na=end-of-candidates\r\n"
+        );
+        assert!(ice_chars("abcd", 4) && !ice_chars("ab\rcd", 4) && !ice_chars("abc", 4));
     }
 
     #[test]
