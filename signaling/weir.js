@@ -656,8 +656,10 @@ export class WeirRoom extends EventTarget {
     return pc;
   }
 
-  async _setActiveLayers(active) {
-    const pc = this.publisher;
+  async _setActiveLayers(active, streamId) {
+    // The screen share's layers, or the camera's.
+    const screen = this.sharing && streamId === this.sharing.info.streamId;
+    const pc = screen ? this.screen : this.publisher;
     if (!pc) return;
     for (const sender of pc.getSenders()) {
       if (!sender.track || sender.track.kind !== "video") continue;
@@ -843,7 +845,7 @@ export class WeirRoom extends EventTarget {
       case "publishLayers":
         // Simulcast layers nobody needs are switched off at the encoder (and back on
         // when someone may need them).
-        this._setActiveLayers(msg.active || []);
+        this._setActiveLayers(msg.active || [], msg.streamId);
         break;
       case "publishTarget":
         this._emit("publishTarget", {

@@ -534,12 +534,13 @@ async fn the_sdk_restarts_ice_after_a_network_change() {
     ffmpeg.kill().await.unwrap();
 }
 
-/// Screen share: alice publishes her camera and shares a "screen" (a canvas she
-/// paints magenta with a moving bar: headless Chromium has no screen to capture, so
-/// the stream is handed to `publishScreen` as the demo's `getDisplayMedia` one would
-/// be). Bob, in another tab, receives both side by side: the screen as a stream with
-/// `screen: true`, decoded at its own size and showing alice's colour, while her
-/// camera plays on. When alice stops sharing, the screen goes and the camera stays.
+/// Screen share: alice publishes her camera and shares her screen as the demo page
+/// does (`publishScreen()`: `getDisplayMedia`, which headless Chromium answers with a
+/// fake screen 800 wide); bob, in another tab, decodes it at that size beside her
+/// camera (640×360). She stops, and shares again a canvas she paints magenta with a
+/// moving bar (`publishScreen({stream})`): bob receives it as a stream with
+/// `screen: true` and shows her colour, while her camera plays on. When she stops
+/// sharing, the screen goes and the camera stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_screen_reaches_another_tab_beside_the_camera() {
     let t = server().await;
@@ -555,6 +556,34 @@ async fn a_shared_screen_reaches_another_tab_beside_the_camera() {
            window.room.on('streamRemoved', (s) => window.gone.push(s.streamId));"#,
     )
     .await;
+    // The screen, as the demo page shares it.
+    let first = alice
+        .eval("window.room.publishScreen().then((info) => info.streamId)")
+        .await;
+    let first = first.as_str().expect("shared").to_owned();
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = received(&bob, &first).await;
+        if last["frames"].as_u64().unwrap_or(0) > 10 && last["width"].as_u64() == Some(800) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("bob receives alice's getDisplayMedia screen: {last}");
+    assert_eq!(last["width"], 800, "the fake screen's width: {last}");
+    alice.eval("window.room.unpublishScreen()").await;
+    assert!(
+        bob.wait_for(
+            &format!(
+                "window.gone.includes({})",
+                serde_json::to_string(&first).unwrap()
+            ),
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    bob.eval("window.gone = []").await;
+    // Shared again: a canvas of a known colour.
     let shared = alice
         .eval(
             r#"(async () => {
@@ -608,8 +637,9 @@ async fn a_shared_screen_reaches_another_tab_beside_the_camera() {
     let pixel = bob
         .eval(&format!(
             r#"(() => {{
-                const v = [...document.querySelectorAll('video')]
-                    .find((v) => v.srcObject && v.srcObject.id === {id});
+                // The latest element for that stream (the first sharing's is ended).
+                const v = [...document.querySelectorAll('video')].reverse()
+                    .find((v) => v.srcObject && v.srcObject.id === {id} && v.videoWidth);
                 if (!v || !v.videoWidth) return null;
                 const c = document.createElement('canvas');
                 c.width = v.videoWidth; c.height = v.videoHeight;

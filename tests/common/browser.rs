@@ -202,7 +202,8 @@ impl Drop for Browser {
 #[async_trait::async_trait]
 pub trait Js: Sync {
     /// Evaluates `expression` (awaiting a promise) and returns its JSON value; a
-    /// JavaScript exception fails the test with the page's console.
+    /// JavaScript exception fails the test with the page's console. It runs as a user
+    /// gesture (as a click would): `getDisplayMedia` needs one.
     async fn eval(&self, expression: &str) -> Value;
     /// The browser's console so far, for a failing test's message.
     fn console_dump(&self) -> String;
@@ -224,12 +225,13 @@ impl Page<'_> {
     }
 
     /// Evaluates `expression` (awaiting a promise) and returns its JSON value; a
-    /// JavaScript exception fails the test with the page's console.
+    /// JavaScript exception fails the test with the page's console. It runs as a user
+    /// gesture (as a click would): `getDisplayMedia` needs one.
     pub async fn eval(&self, expression: &str) -> Value {
         let r = self
             .call(
                 "Runtime.evaluate",
-                json!({"expression": expression, "awaitPromise": true, "returnByValue": true}),
+                json!({"expression": expression, "awaitPromise": true, "returnByValue": true, "userGesture": true}),
             )
             .await;
         if let Some(e) = r.get("exceptionDetails") {
