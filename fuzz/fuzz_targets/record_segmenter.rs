@@ -14,7 +14,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&first, data)) = data.split_first() else {
         return;
     };
-    let format = if first & 1 == 0 { Format::Flv } else { Format::Mp4 };
+    let format = if first & 1 == 0 {
+        Format::Flv
+    } else {
+        Format::Mp4
+    };
     let mut s = Segmenter::new(SegmentConfig {
         fragment_ms: 2_000,
         min_ms: 500,
@@ -57,7 +61,15 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[6 + len..];
         input_bytes += len;
         now += 10;
-        s.push(&Tag { kind, timestamp: ts, data: body }, now, &mut out);
+        s.push(
+            &Tag {
+                kind,
+                timestamp: ts,
+                data: body,
+            },
+            now,
+            &mut out,
+        );
         written += out
             .iter()
             .map(|a| if let Action::Write(b) = a { b.len() } else { 0 })

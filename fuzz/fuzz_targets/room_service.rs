@@ -18,11 +18,30 @@ impl RoomView for Nobody {
 }
 
 const ACTIONS: [&str; 24] = [
-    "get_login_info", "create_room", "enter_room", "quit_room", "heartbeat", "get_room_list",
-    "get_room_members", "logout", "get_push_url", "get_pushers", "destroy_room", "add_pusher",
-    "delete_pusher", "pusher_heartbeat", "add_audience", "delete_audience", "get_audiences",
-    "get_custom_info", "set_custom_field", "merge_stream", "get_anchor_url", "add_anchor",
-    "anchor_heartbeat", "get_anchors",
+    "get_login_info",
+    "create_room",
+    "enter_room",
+    "quit_room",
+    "heartbeat",
+    "get_room_list",
+    "get_room_members",
+    "logout",
+    "get_push_url",
+    "get_pushers",
+    "destroy_room",
+    "add_pusher",
+    "delete_pusher",
+    "pusher_heartbeat",
+    "add_audience",
+    "delete_audience",
+    "get_audiences",
+    "get_custom_info",
+    "set_custom_field",
+    "merge_stream",
+    "get_anchor_url",
+    "add_anchor",
+    "anchor_heartbeat",
+    "get_anchors",
 ];
 const KINDS: [Kind; 4] = [Kind::WebRtc, Kind::Multi, Kind::Double, Kind::Live];
 
@@ -43,9 +62,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pick, rest)) = data.split_first() else {
         return;
     };
-    let body = serde_json::from_slice(rest).unwrap_or_else(|_| {
-        serde_json::json!({"roomID": String::from_utf8_lossy(rest), "userID": "alice"})
-    });
+    let body = serde_json::from_slice(rest).unwrap_or_else(
+        |_| serde_json::json!({"roomID": String::from_utf8_lossy(rest), "userID": "alice"}),
+    );
     if let Ok(text) = std::str::from_utf8(rest) {
         let _ = weir::weapp::room_id_of(text);
         let _ = weir::weapp::push_stream_app(text);
@@ -57,7 +76,11 @@ fuzz_target!(|data: &[u8]| {
         let call = Call {
             kind: KINDS[usize::from(pick & 3)],
             action: ACTIONS[usize::from(pick >> 2) % ACTIONS.len()].into(),
-            user_id: Some(if pick & 0x80 == 0 { "alice".into() } else { "mallory".into() }),
+            user_id: Some(if pick & 0x80 == 0 {
+                "alice".into()
+            } else {
+                "mallory".into()
+            }),
             token: Some(token.clone()),
             body,
         };

@@ -26,7 +26,11 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[8 + len..];
         n += 1;
         let now = t0 + Duration::from_millis(n * 7);
-        let kind = if flags & 1 == 0 { Kind::Video } else { Kind::Audio };
+        let kind = if flags & 1 == 0 {
+            Kind::Video
+        } else {
+            Kind::Audio
+        };
         if flags & 4 != 0 {
             c.handle_sender_report(
                 kind,

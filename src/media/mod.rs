@@ -21,7 +21,7 @@ mod tcp;
 
 pub use demux::stun_username;
 pub use forward::{codec_compatible, keyframe_dimensions, kind_label, starts_keyframe};
-pub use nack_guard::{NackGuard, PausedSsrcs};
+pub use nack_guard::{NackGuard, PausedSsrcs, RetransmissionBudget};
 pub use peer::{offered_send_kinds, RtcpTap, RTCP_TAP_SLOT};
 
 use std::collections::{HashMap, HashSet};
