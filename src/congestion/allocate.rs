@@ -257,6 +257,24 @@ impl Allocator {
         self.probe.is_some()
     }
 
+    /// The subscriber's path was replaced (an ICE restart after a network change):
+    /// what the old path showed (the outage's losses, a paused video, failed probes)
+    /// says nothing about the new one. Starts again as on a new connection, with the
+    /// startup grace; returns the videos it had paused, which play again. Layers stay
+    /// where they are (raising one still takes evidence).
+    pub fn path_restarted(&mut self) -> Vec<String> {
+        self.first_estimate = None;
+        self.deficit_since = None;
+        self.probe = None;
+        self.next_probe = None;
+        self.backoff = PROBE_INTERVAL_MIN;
+        self.resumed_at = None;
+        self.proven = None;
+        self.probe_failed_at = None;
+        self.state = CongestionState::Normal;
+        std::mem::take(&mut self.paused).into_iter().collect()
+    }
+
     /// One decision. `videos` are the subscriber's current video subscriptions;
     /// `audio_bps` what its audio subscriptions take.
     pub fn tick(
@@ -707,6 +725,21 @@ mod tests {
         };
         let out = run(&mut a, t0, 8_000, 12_000, queuing, &v);
         assert!(changes(&out).contains(&Change::Paused("screen".into())));
+    }
+
+    #[test]
+    fn a_new_path_starts_again_and_what_was_paused_plays() {
+        let mut a = Allocator::new();
+        let t0 = Instant::now();
+        let v = [video("a", 1_000_000.0, Priority::Camera)];
+        run(&mut a, t0, 0, 3_000, clean(250_000.0, 250_000.0), &v);
+        assert!(a.is_paused("a"));
+        assert_eq!(a.path_restarted(), vec!["a".to_string()]);
+        assert!(!a.is_paused("a") && a.state() == CongestionState::Normal);
+        // The startup grace again: a low first estimate on the new path pauses
+        // nothing for its first two seconds.
+        let out = run(&mut a, t0, 3_000, 4_900, clean(250_000.0, 250_000.0), &v);
+        assert!(changes(&out).is_empty(), "{:?}", changes(&out));
     }
 
     #[test]

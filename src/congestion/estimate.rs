@@ -58,6 +58,7 @@ struct Batch {
 
 struct State {
     gcc: Gcc,
+    initial: f64,
     min: f64,
     max: f64,
     batches: VecDeque<Batch>,
@@ -73,6 +74,30 @@ struct State {
     /// The estimate dropped (GCC backed off) at these instants: a warning sign.
     last_backoff: Option<Instant>,
     last_target: f64,
+    /// After a reset: packets that left before the path came back (the first one
+    /// reported arrived) were lost to the outage and are no evidence; `Some(None)`
+    /// until that first arrival is seen.
+    path_since: Option<Option<Instant>>,
+}
+
+impl State {
+    fn new(initial: f64, min: f64, max: f64) -> Self {
+        Self {
+            gcc: Gcc::new(initial, min, max),
+            initial,
+            min,
+            max,
+            batches: VecDeque::new(),
+            delay_minima: VecDeque::new(),
+            last_delay_ms: None,
+            epoch: None,
+            verified: None,
+            last_feedback: None,
+            last_backoff: None,
+            last_target: initial,
+            path_since: None,
+        }
+    }
 }
 
 /// What the allocator reads, at one instant.
@@ -150,21 +175,18 @@ impl SharedEstimator {
     /// acknowledged-rate ceiling keeps the estimate honest above what was sent).
     pub fn new(initial: f64, min: f64, max: f64) -> Self {
         Self(
-            Arc::new(Mutex::new(State {
-                gcc: Gcc::new(initial, min, max),
-                min,
-                max,
-                batches: VecDeque::new(),
-                delay_minima: VecDeque::new(),
-                last_delay_ms: None,
-                epoch: None,
-                verified: None,
-                last_feedback: None,
-                last_backoff: None,
-                last_target: initial,
-            })),
+            Arc::new(Mutex::new(State::new(initial, min, max))),
             FeedbackCoverage::default(),
         )
+    }
+
+    /// The connection's path was replaced (an ICE restart): everything learnt about
+    /// the old one (its losses during the outage above all) is forgotten, and the
+    /// estimate starts again as on a new connection.
+    pub fn reset(&self) {
+        let mut s = self.lock();
+        *s = State::new(s.initial, s.min, s.max);
+        s.path_since = Some(None);
     }
 
     /// What the connection's coverage tap records into.
@@ -267,11 +289,28 @@ impl BandwidthEstimator for SharedEstimator {
         // A "loss" no received feedback reported is a lost feedback packet, not a lost
         // media packet: it is left out (see `FeedbackCoverage`).
         let reports = self.1.real(reports);
+        let mut s = self.lock();
+        // After a reset, only what left once the new path worked counts.
+        let reports: std::borrow::Cow<'_, [PacketReport]> = match s.path_since {
+            None => reports,
+            Some(since) => {
+                let since =
+                    since.or_else(|| reports.iter().find(|r| r.arrived).map(|r| r.departure));
+                s.path_since = Some(since);
+                match since {
+                    Some(t) => reports
+                        .iter()
+                        .filter(|r| r.departure >= t)
+                        .cloned()
+                        .collect(),
+                    None => std::borrow::Cow::Owned(Vec::new()),
+                }
+            }
+        };
         let reports = &reports[..];
         if reports.is_empty() {
             return;
         }
-        let mut s = self.lock();
         s.gcc.on_reports(now, reports);
         let target = s.gcc.target_bitrate();
         if target < s.last_target * 0.95 {
@@ -397,6 +436,45 @@ mod tests {
         let e = s.estimate.unwrap();
         assert!(e > 1_400_000.0 && e < 1_700_000.0, "{s:?}");
         assert!(s.loss < 0.01 && s.queuing_delay_ms < 1.0, "{s:?}");
+    }
+
+    /// After an ICE restart the estimate starts again, and the packets that left
+    /// during the outage (reported lost once the new path works) are no evidence.
+    #[test]
+    fn after_a_reset_the_outage_is_not_counted() {
+        let mut est = SharedEstimator::new(5_000_000.0, 50_000.0, 20_000_000.0);
+        let epoch = Instant::now();
+        feed(&mut est, epoch, 0.0, 2.0, 1250, |_| 0.0, 0);
+        est.reset();
+        assert_eq!(est.snapshot(epoch).estimate, None, "nothing known again");
+        // The first feedback on the new path: 60 packets sent into the dead path
+        // (lost), then 40 that arrived; then a clean second.
+        let reports: Vec<PacketReport> = (200..300u16)
+            .map(|i| {
+                let arrived = i >= 260;
+                PacketReport {
+                    ssrc: 1,
+                    id: u64::from(i),
+                    rtp_sequence_number: i,
+                    is_twcc: true,
+                    twcc_sequence_number: i,
+                    size: 1250,
+                    arrived,
+                    departure: epoch + Duration::from_millis(u64::from(i) * 10),
+                    arrival: arrived.then(|| Duration::from_millis(u64::from(i) * 10 + 20)),
+                    ecn: Ecn::default(),
+                }
+            })
+            .collect();
+        est.on_reports(epoch + Duration::from_millis(3_030), &reports);
+        let now = feed(&mut est, epoch, 3.0, 1.0, 1250, |_| 0.0, 0);
+        let s = est.snapshot(now);
+        assert!(s.loss < 0.01, "the outage's losses are forgotten: {s:?}");
+        assert!(s.estimate.unwrap() > 1_000_000.0, "{s:?}");
+        // Without the reset, the same feedback is 60 % loss.
+        let mut plain = SharedEstimator::new(5_000_000.0, 50_000.0, 20_000_000.0);
+        plain.on_reports(epoch + Duration::from_millis(3_030), &reports);
+        assert!(plain.snapshot(epoch + Duration::from_millis(3_030)).loss > 0.5);
     }
 
     /// A packet counts as lost only when received feedback said so: the packets of a

@@ -464,6 +464,46 @@ impl Media {
         }
     }
 
+    /// A subscriber connection's path was replaced (an ICE restart): its estimate and
+    /// allocation start again, and the videos paused on the old path play again
+    /// (measured: the outage's 92 % loss, counted against the new path, paused the
+    /// video 1.2 s after a restart, and under load it stayed paused for over 10 s).
+    pub(super) fn path_restarted(&mut self, key: super::PeerKey, now: Instant) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let Some(c) = p.congestion.as_mut() else {
+            return;
+        };
+        c.estimator.reset();
+        c.told = None;
+        let paused = c.allocator.path_restarted();
+        let mut resumed = Vec::new();
+        for stream in paused {
+            if p.set_paused(&stream, false) {
+                resumed.push(stream);
+            }
+        }
+        for stream in resumed {
+            tracing::info!(
+                session = key.0 .0,
+                stream,
+                "video resumed: the subscriber's path was replaced"
+            );
+            if let Some(room) = self.stream_rooms.get(&stream).map(|r| r.room.clone()) {
+                self.metrics
+                    .congestion_paused
+                    .with_label_values(&[&room])
+                    .dec();
+                self.metrics
+                    .congestion_switches
+                    .with_label_values(&[&room, "resume"])
+                    .inc();
+            }
+            self.request_keyframe(&stream, now, true);
+        }
+    }
+
     /// Tells each simulcast WebRTC publisher which layers are needed: every layer up
     /// to the highest one a subscriber is on, and the next one (so it can be raised);
     /// layers ranked by the highest rate each was seen at. Nothing is switched off

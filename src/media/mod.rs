@@ -744,7 +744,10 @@ impl Media {
                                 .into(),
                         );
                     }
-                    return self.answer_offer(key, sdp);
+                    // A re-offer is an ICE restart (WHEP's PATCH).
+                    self.answer_offer(key, sdp)?;
+                    self.path_restarted(key, Instant::now());
+                    return Ok(());
                 }
                 self.client_offers.insert(session, sdp);
                 self.sync_subscriber(session);
@@ -776,6 +779,7 @@ impl Media {
                     session = session.0,
                     "ICE restart of the subscriber connection"
                 );
+                self.path_restarted(PeerKey(session, Target::Subscriber), Instant::now());
                 self.sync_subscriber(session);
                 Ok(())
             }
