@@ -438,6 +438,22 @@ mod tests {
         assert!(s.loss < 0.01 && s.queuing_delay_ms < 1.0, "{s:?}");
     }
 
+    /// Packet `i` of a 100-packet/s stream: left at `i` × 10 ms, arrived 20 ms later.
+    fn report(epoch: Instant, i: u16, size: usize, arrived: bool) -> PacketReport {
+        PacketReport {
+            ssrc: 1,
+            id: u64::from(i),
+            rtp_sequence_number: i,
+            is_twcc: true,
+            twcc_sequence_number: i,
+            size,
+            arrived,
+            departure: epoch + Duration::from_millis(u64::from(i) * 10),
+            arrival: arrived.then(|| Duration::from_millis(u64::from(i) * 10 + 20)),
+            ecn: Ecn::default(),
+        }
+    }
+
     /// After an ICE restart the estimate starts again, and the packets that left
     /// during the outage (reported lost once the new path works) are no evidence.
     #[test]
@@ -450,21 +466,7 @@ mod tests {
         // The first feedback on the new path: 60 packets sent into the dead path
         // (lost), then 40 that arrived; then a clean second.
         let reports: Vec<PacketReport> = (200..300u16)
-            .map(|i| {
-                let arrived = i >= 260;
-                PacketReport {
-                    ssrc: 1,
-                    id: u64::from(i),
-                    rtp_sequence_number: i,
-                    is_twcc: true,
-                    twcc_sequence_number: i,
-                    size: 1250,
-                    arrived,
-                    departure: epoch + Duration::from_millis(u64::from(i) * 10),
-                    arrival: arrived.then(|| Duration::from_millis(u64::from(i) * 10 + 20)),
-                    ecn: Ecn::default(),
-                }
-            })
+            .map(|i| report(epoch, i, 1250, i >= 260))
             .collect();
         est.on_reports(epoch + Duration::from_millis(3_030), &reports);
         let now = feed(&mut est, epoch, 3.0, 1.0, 1250, |_| 0.0, 0);
@@ -489,21 +491,7 @@ mod tests {
         cov.record(0, 50);
         cov.record(60, 40);
         let reports: Vec<PacketReport> = (0..100u16)
-            .map(|i| {
-                let arrived = !(50..60).contains(&i) && i != 70 && i != 71;
-                PacketReport {
-                    ssrc: 1,
-                    id: u64::from(i),
-                    rtp_sequence_number: i,
-                    is_twcc: true,
-                    twcc_sequence_number: i,
-                    size: 1000,
-                    arrived,
-                    departure: epoch + Duration::from_millis(u64::from(i) * 10),
-                    arrival: arrived.then(|| Duration::from_millis(u64::from(i) * 10 + 20)),
-                    ecn: Ecn::default(),
-                }
-            })
+            .map(|i| report(epoch, i, 1000, !(50..60).contains(&i) && i != 70 && i != 71))
             .collect();
         est.on_reports(epoch + Duration::from_millis(500), &reports[..50]);
         est.on_reports(epoch + Duration::from_millis(1000), &reports[50..]);

@@ -407,6 +407,44 @@ impl Media {
                 self.metrics.padding_bytes.inc_by(sent as u64);
             }
         }
+        self.apply_changes(changes, now);
+        for (session, msg) in tells {
+            self.tell(session, msg);
+        }
+        if room_tick {
+            self.room_decisions(now, capacities);
+            self.dynacast_decisions(now);
+        }
+    }
+
+    /// A subscriber connection's path was replaced (an ICE restart): its estimate and
+    /// allocation start again, and the videos paused on the old path play again
+    /// (measured: the outage's 92 % loss, counted against the new path, paused the
+    /// video 1.2 s after a restart, and under load it stayed paused for over 10 s).
+    pub(super) fn path_restarted(&mut self, key: super::PeerKey, now: Instant) {
+        let Some(c) = self.peers.get_mut(&key).and_then(|p| p.congestion.as_mut()) else {
+            return;
+        };
+        c.estimator.reset();
+        c.told = None;
+        let changes = c
+            .allocator
+            .path_restarted()
+            .into_iter()
+            .map(|stream| {
+                let room = self
+                    .stream_rooms
+                    .get(&stream)
+                    .map(|r| r.room.clone())
+                    .unwrap_or_default();
+                (key, room, Change::Resumed(stream))
+            })
+            .collect();
+        self.apply_changes(changes, now);
+    }
+
+    /// Carries out the allocators' decisions on the subscribers' downtracks.
+    fn apply_changes(&mut self, changes: Vec<(super::PeerKey, String, Change)>, now: Instant) {
         for (key, room, change) in changes {
             let Some(p) = self.peers.get_mut(&key) else {
                 continue;
@@ -454,53 +492,6 @@ impl Media {
                     }
                 }
             }
-        }
-        for (session, msg) in tells {
-            self.tell(session, msg);
-        }
-        if room_tick {
-            self.room_decisions(now, capacities);
-            self.dynacast_decisions(now);
-        }
-    }
-
-    /// A subscriber connection's path was replaced (an ICE restart): its estimate and
-    /// allocation start again, and the videos paused on the old path play again
-    /// (measured: the outage's 92 % loss, counted against the new path, paused the
-    /// video 1.2 s after a restart, and under load it stayed paused for over 10 s).
-    pub(super) fn path_restarted(&mut self, key: super::PeerKey, now: Instant) {
-        let Some(p) = self.peers.get_mut(&key) else {
-            return;
-        };
-        let Some(c) = p.congestion.as_mut() else {
-            return;
-        };
-        c.estimator.reset();
-        c.told = None;
-        let paused = c.allocator.path_restarted();
-        let mut resumed = Vec::new();
-        for stream in paused {
-            if p.set_paused(&stream, false) {
-                resumed.push(stream);
-            }
-        }
-        for stream in resumed {
-            tracing::info!(
-                session = key.0 .0,
-                stream,
-                "video resumed: the subscriber's path was replaced"
-            );
-            if let Some(room) = self.stream_rooms.get(&stream).map(|r| r.room.clone()) {
-                self.metrics
-                    .congestion_paused
-                    .with_label_values(&[&room])
-                    .dec();
-                self.metrics
-                    .congestion_switches
-                    .with_label_values(&[&room, "resume"])
-                    .inc();
-            }
-            self.request_keyframe(&stream, now, true);
         }
     }
 
