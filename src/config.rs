@@ -61,6 +61,10 @@ pub struct ClusterConfig {
     /// (`http://10.0.0.5:8080`, or `https://weir-3.internal:8443` when it is TLS);
     /// empty: `http://{first announce_ip or public_host}:{port}`.
     pub advertise_http: String,
+    /// Where other nodes reach this node's WebRTC UDP port (`10.0.0.5:50000`), to
+    /// relay its rooms' streams (rooms that span nodes): a private address, say,
+    /// where clients get the public one. Empty: the first announced address.
+    pub advertise_udp: String,
     /// A PEM file of the CA that signed the other nodes' HTTPS certificates (their
     /// `advertise_http` is `https://…` under a private CA). Empty: the public roots.
     pub node_ca_file: String,
@@ -76,6 +80,11 @@ pub struct ClusterConfig {
     /// answers by joining again, through any node) and exits. Kubernetes'
     /// `terminationGracePeriodSeconds` must be longer.
     pub drain_s: u64,
+    /// Rooms that span nodes: once a room has this many members on its node, further
+    /// members join it on another node (the least loaded), which receives each of the
+    /// room's streams once from this one and serves them there. 0: the room's
+    /// `max_members_per_room` (a full room spills instead of refusing).
+    pub spill_members: usize,
 }
 
 impl Default for ClusterConfig {
@@ -86,11 +95,13 @@ impl Default for ClusterConfig {
             node_id: String::new(),
             region: String::new(),
             advertise_http: String::new(),
+            advertise_udp: String::new(),
             node_ca_file: String::new(),
             heartbeat_ms: 1000,
             node_ttl_ms: 5000,
             max_cpu: 0.9,
             drain_s: 0,
+            spill_members: 0,
         }
     }
 }

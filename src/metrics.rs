@@ -480,7 +480,7 @@ impl Metrics {
             ),
             cluster_routes: counter_vec(
                 "weir_cluster_routes_total",
-                "Where room joins, pushes and plays went: local, remote (relayed to the room's node), refused (no node takes rooms), redis_down (served here)",
+                "Where room joins, pushes and plays went: local, remote (relayed to the room's node), refused (no node takes rooms), redis_down (served here); and members of rooms that spill from their node: edge (served here, the room relayed from its node), edge_elsewhere (sent to the node that carries it)",
                 &["route"],
             ),
             cluster_room_conflicts: counter(
@@ -489,7 +489,8 @@ impl Metrics {
             ),
             cluster_relays: gauge_vec(
                 "weir_cluster_relays",
-                "Connections relayed to the node serving their room now, by kind (signaling, rtmp)",
+                "Connections relayed to the node serving their room now, by kind (signaling, rtmp), \
+                 and rooms this node carries for another node's room (edge)",
                 &["kind"],
             ),
             udp_receive_drops: counter(
@@ -552,7 +553,8 @@ impl Metrics {
             ),
             plis: counter_vec(
                 "weir_plis_total",
-                "Keyframe requests: received from subscribers, sent to publishers",
+                "Keyframe requests: received from subscribers (from_subscriber), sent to publishers \
+                 (to_publisher), sent to the node a relayed stream comes from (to_origin)",
                 &["direction"],
             ),
             sender_reports: {

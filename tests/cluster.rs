@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::node::Node;
+use common::node::{free_port, Node};
 use common::publisher::{offer_to_publish, send_h264_and_opus, Offered, Pace};
 use common::redis::Redis;
 use common::watcher::Watcher;
 use common::{join_with, metric, Client, APP};
 use weir::auth::AppKeys;
 use weir::config::AppConfig;
-use weir_signaling::ServerMessage;
+use weir_signaling::{LeaveReason, ServerMessage};
 
 /// A cluster node named `id` on `redis`, serving `app`.
 async fn cluster_node(
@@ -39,9 +39,17 @@ async fn cluster_node(
 }
 
 async fn three_nodes(redis: &Redis) -> (AppConfig, Node, Node, Node) {
+    three_nodes_with(redis, |_| {}).await
+}
+
+/// Three nodes, B configured by `tweak_b`.
+async fn three_nodes_with(
+    redis: &Redis,
+    tweak_b: impl FnOnce(&mut weir::config::Config),
+) -> (AppConfig, Node, Node, Node) {
     let app = AppKeys::generate_config(APP);
     let a = cluster_node(redis, &app, "node-a", |_| {}).await;
-    let b = cluster_node(redis, &app, "node-b", |_| {}).await;
+    let b = cluster_node(redis, &app, "node-b", tweak_b).await;
     let c = cluster_node(redis, &app, "node-c", |_| {}).await;
     // Each knows the other two within a heartbeat or two.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -516,6 +524,7 @@ async fn a_killed_node_s_clients_are_back_on_a_live_node_within_10_s() {
     let mut p1 = p1;
 
     let killed = Instant::now();
+    eprintln!("killing B at {:?}", std::time::SystemTime::now());
     b.signal("KILL");
     // Both of room 1's sessions end: the direct one at once, the relayed one with 1001.
     assert!(p1.signal.closed_within(Duration::from_secs(3)).await);
@@ -1078,4 +1087,303 @@ async fn relays_to_a_tls_node_go_over_wss() {
             "weir_cluster_routes_total{route=\"unreachable\"}"
         ) >= 1.0
     );
+}
+
+/// Waits until `node`'s view of the cluster says `node_id`'s record lists `room` in
+/// its `field` (`spilling`, `carrying`).
+async fn until_listed(node: &Node, node_id: &str, field: &str, room: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = node.cluster().await;
+        let listed = v["nodes"].as_array().into_iter().flatten().any(|n| {
+            n["id"] == node_id
+                && n[field]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|r| r == room))
+        });
+        if listed {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node_id} never listed {room} in {field}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli() {
+    let redis = Redis::start().await;
+    // Node B takes 2 members a room; the others reach its media port through a link
+    // that loses one RTP packet in 25 of what B sends them.
+    let b_udp = free_port();
+    let mut n = 0u64;
+    let link = common::relay::Relay::start(
+        format!("127.0.0.1:{b_udp}").parse().unwrap(),
+        Box::new(move |d| {
+            common::relay::rtp_payload_type(d).is_some() && {
+                n += 1;
+                n % 25 == 0
+            }
+        }),
+    )
+    .await;
+    let link_addr = link.addr.to_string();
+    let (app_config, a, b, c) = three_nodes_with(&redis, |cfg| {
+        cfg.server.udp_addr = format!("127.0.0.1:{b_udp}");
+        cfg.cluster.advertise_udp = link_addr;
+        cfg.cluster.spill_members = 2;
+    })
+    .await;
+    let app = AppKeys::from_config(&app_config).unwrap();
+    let room = "1400000000/778";
+    let publisher = publish_through(&b.ws_url(), &app, "presenter", 778).await;
+    let on_b = Watcher::join_url(
+        &b.ws_url(),
+        join_with(&app, "viewer-b", 778, 0xff, true),
+        None,
+        0,
+    )
+    .await;
+    until_received(
+        &on_b,
+        &publisher.stream,
+        "video",
+        30,
+        Duration::from_secs(15),
+    )
+    .await;
+    // Two members: B says the room spills.
+    until_listed(&c, "node-b", "spilling", room).await;
+    // A third member through C joins there: C relays the room from B.
+    let on_c = Watcher::join_url(
+        &c.ws_url(),
+        join_with(&app, "viewer-c", 778, 0xff, true),
+        None,
+        0,
+    )
+    .await;
+    until_received(
+        &on_c,
+        &publisher.stream,
+        "video",
+        60,
+        Duration::from_secs(15),
+    )
+    .await;
+    until_received(
+        &on_c,
+        &publisher.stream,
+        "audio",
+        50,
+        Duration::from_secs(5),
+    )
+    .await;
+    let (mb, mc) = (b.metrics().await, c.metrics().await);
+    // B: the presenter, viewer-b and C's hidden relay; C: viewer-c and the presenter's
+    // stand-in, one edge relay.
+    assert_eq!(metric(&mb, "weir_participants"), 3.0);
+    assert_eq!(metric(&mc, "weir_participants"), 2.0);
+    assert_eq!(metric(&mc, "weir_cluster_relays{kind=\"edge\""), 1.0);
+    assert_eq!(metric(&mc, "weir_cluster_routes_total{route=\"edge\""), 1.0);
+    // Nobody on B hears of the relay.
+    let told: Vec<String> = on_b
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, m)| match m {
+            ServerMessage::MemberJoined { user_id } => Some(user_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        told.iter().all(|u| !u.starts_with("weir-relay")),
+        "{told:?}"
+    );
+    // A fourth member, through A, goes to the node that carries the room already.
+    until_listed(&a, "node-c", "carrying", room).await;
+    let plis = |m: &str, d: &str| metric(m, &format!("weir_plis_total{{direction=\"{d}\""));
+    // Counts before the fourth member (a series not there yet has counted nothing).
+    let before = |m: &str, d: &str| {
+        if m.contains(&format!("weir_plis_total{{direction=\"{d}\"")) {
+            plis(m, d)
+        } else {
+            0.0
+        }
+    };
+    let (mb, mc) = (b.metrics().await, c.metrics().await);
+    let (to_origin, from_subscribers) = (before(&mc, "to_origin"), before(&mb, "from_subscriber"));
+    let via_a = Watcher::join_url(
+        &a.ws_url(),
+        join_with(&app, "viewer-a", 778, 0xff, true),
+        None,
+        0,
+    )
+    .await;
+    until_received(
+        &via_a,
+        &publisher.stream,
+        "video",
+        60,
+        Duration::from_secs(15),
+    )
+    .await;
+    let (ma, mb, mc) = (a.metrics().await, b.metrics().await, c.metrics().await);
+    assert_eq!(metric(&ma, "weir_joins_total{outcome=\"relayed\""), 1.0);
+    assert_eq!(
+        metric(&ma, "weir_cluster_routes_total{route=\"edge_elsewhere\""),
+        1.0
+    );
+    assert_eq!(metric(&mc, "weir_cluster_routes_total{route=\"edge\""), 2.0);
+    assert_eq!(metric(&mc, "weir_participants"), 3.0);
+    assert_eq!(metric(&mb, "weir_participants"), 3.0, "one relay per node");
+    // PLI across the relay: the new member's keyframe request went up from C to B,
+    // and B asked the publisher.
+    assert!(plis(&mc, "to_origin") > to_origin, "C sent no PLI to B");
+    assert!(
+        plis(&mb, "from_subscriber") > from_subscribers,
+        "B got no PLI from C"
+    );
+    assert!(plis(&mb, "to_publisher") >= 1.0);
+    // NACK across the relay: the link lost packets, C asked B again for them, and
+    // what C's member received has no hole.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lost = link.dropped.load(Ordering::Relaxed);
+    let mb = b.metrics().await;
+    eprintln!("the link lost {lost} packets");
+    let nacked = metric(&mb, "weir_nacks_total{event=\"packets_requested\"");
+    eprintln!("B was asked for {nacked} again");
+    assert!(lost >= 20, "the link lost only {lost}");
+    assert!(
+        nacked >= lost as f64 * 0.5,
+        "B was asked for {nacked} of {lost} lost"
+    );
+    let mut seqs: Vec<u16> = on_c
+        .received(&publisher.stream, "video")
+        .await
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    let received = seqs.len();
+    seqs.sort_unstable();
+    seqs.dedup();
+    // Sequence numbers here are C's (one rewriter per downtrack): contiguous from the
+    // first. The last half second may still be on its way back.
+    let span = seqs.last().unwrap().wrapping_sub(seqs[0]) as usize + 1;
+    let coverage = seqs.len() as f64 / span as f64;
+    eprintln!(
+        "viewer-c: {received} video packets, {} distinct of {span}",
+        seqs.len()
+    );
+    assert!(
+        coverage > 0.995,
+        "viewer-c got {coverage:.4} of its video packets"
+    );
+    // The members through C leave: C's relay ends, and B's hidden member goes.
+    on_c.send(weir_signaling::ClientMessage::Leave);
+    via_a.send(weir_signaling::ClientMessage::Leave);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mb, mc) = (b.metrics().await, c.metrics().await);
+        if metric(&mc, "weir_cluster_relays{kind=\"edge\"") == 0.0
+            && metric(&mb, "weir_participants") == 2.0
+            && metric(&mc, "weir_participants") == 0.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "C's relay did not end:\n{mc}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(publisher);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_a_spilled_room_move_when_its_node_dies() {
+    let redis = Redis::start().await;
+    let (app_config, _a, b, c) = three_nodes_with(&redis, |cfg| {
+        cfg.cluster.spill_members = 1;
+    })
+    .await;
+    let app = AppKeys::from_config(&app_config).unwrap();
+    let publisher = publish_through(&b.ws_url(), &app, "presenter", 779).await;
+    until_listed(&c, "node-b", "spilling", "1400000000/779").await;
+    let on_c = Watcher::join_url(
+        &c.ws_url(),
+        join_with(&app, "viewer-c", 779, 0xff, true),
+        None,
+        0,
+    )
+    .await;
+    until_received(
+        &on_c,
+        &publisher.stream,
+        "video",
+        30,
+        Duration::from_secs(15),
+    )
+    .await;
+    // An edge member may only receive: its privileges say so, and a publish is refused.
+    on_c.send(weir_signaling::ClientMessage::Publish {
+        audio: true,
+        video: true,
+        min_bitrate: None,
+        max_bitrate: None,
+        screen: false,
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !on_c
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, m)| matches!(m, ServerMessage::Error { request: Some(r), .. } if r == "publish"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the edge member's publish was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let killed = Instant::now();
+    eprintln!("killing B at {:?}", std::time::SystemTime::now());
+    b.signal("KILL");
+    // The relay is lost: C tells its members to move (the SDK joins again).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = on_c.events.lock().unwrap().clone();
+        if events.iter().any(|(_, m)| {
+            matches!(
+                m,
+                ServerMessage::Left {
+                    reason: LeaveReason::ServerShutdown
+                }
+            )
+        }) {
+            for (at, m) in &events {
+                if *at > killed {
+                    eprintln!(
+                        "+{:?}: {}",
+                        *at - killed,
+                        m.to_json().chars().take(80).collect::<String>()
+                    );
+                }
+            }
+            eprintln!(
+                "C's member told to move {:?} after B was killed",
+                killed.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "C's member was not told: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mc = c.metrics().await;
+    assert_eq!(metric(&mc, "weir_cluster_relays{kind=\"edge\""), 0.0);
+    assert_eq!(metric(&mc, "weir_participants"), 0.0);
+    drop(publisher);
 }

@@ -3,6 +3,8 @@
 //! Bit values are Tencent's (TRTC docs, "Enabling advanced permission control"):
 //! 0x01 create room, 0x02 enter, 0x04 send audio, 0x08 receive audio,
 //! 0x10 send video, 0x20 receive video, 0x40 send sub-stream, 0x80 receive sub-stream.
+//! 0x100 is Weir's own: a node relaying the room to its audience elsewhere in a cluster
+//! (a hidden member, see `room`).
 
 use std::fmt;
 
@@ -23,10 +25,14 @@ impl Privileges {
     pub const RECV_VIDEO: Self = Self(0x20);
     pub const SEND_SUB_VIDEO: Self = Self(0x40);
     pub const RECV_SUB_VIDEO: Self = Self(0x80);
+    /// Weir's own bit, not Tencent's: a cluster node that carries the room's streams
+    /// to members on another node (rooms that span nodes). Such a member is hidden:
+    /// never listed or announced. Only whoever holds the app's key can grant it.
+    pub const RELAY: Self = Self(0x100);
     /// What Tencent's samples give an anchor (`0xff`).
     pub const ALL: Self = Self(0xff);
 
-    const NAMES: [(u32, &'static str); 8] = [
+    const NAMES: [(u32, &'static str); 9] = [
         (0x01, "create room"),
         (0x02, "enter room"),
         (0x04, "send audio"),
@@ -35,6 +41,7 @@ impl Privileges {
         (0x20, "receive video"),
         (0x40, "send sub-stream video"),
         (0x80, "receive sub-stream video"),
+        (0x100, "relay to another node"),
     ];
 
     pub fn contains(self, other: Self) -> bool {

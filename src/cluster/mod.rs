@@ -107,13 +107,35 @@ pub struct NodeRecord {
     /// Draining (SIGTERM): keeps its rooms, takes no new ones.
     #[serde(default)]
     pub draining: bool,
+    /// Rooms of this node that take no more members here (as many as `spill_members`):
+    /// their further members are served on other nodes, which relay the room's
+    /// streams from this one. At most [`MAX_SPILLING`] names.
+    #[serde(default)]
+    pub spilling: Vec<String>,
+    /// Rooms of other nodes this node carries (their relayed audience here), at most
+    /// [`MAX_SPILLING`]: a spilling room's next member goes to one of them first.
+    #[serde(default)]
+    pub carrying: Vec<String>,
     /// Unix milliseconds of this record.
     pub updated_ms: u64,
     /// Unix milliseconds the node started.
     pub started_ms: u64,
 }
 
+/// Rooms a node lists as spilling in its record (the rest spill too: see
+/// [`NodeRecord::spills`]).
+pub const MAX_SPILLING: usize = 256;
+
 impl NodeRecord {
+    /// Whether a new member of `room`, served by this node, goes to another node
+    /// instead: the room is at its size here, or this node's media plane is
+    /// overloaded. A node with more spilling rooms than it can list spills them all.
+    pub fn spills(&self, room: &str) -> bool {
+        self.load.overloaded
+            || self.spilling.len() >= MAX_SPILLING
+            || self.spilling.iter().any(|r| r == room)
+    }
+
     /// Whether a record written at `updated_ms` still counts at `now_ms` (its Redis
     /// TTL bounds it too; this guards against a record read just before it expired).
     pub fn is_fresh(&self, now_ms: u64, ttl_ms: u64) -> bool {
@@ -171,6 +193,33 @@ pub fn choose<'a>(
                 .then(a.load.participants.cmp(&b.load.participants))
                 .then(a.id.cmp(&b.id))
         })
+}
+
+/// The node that carries a spilling room's next member: among the live nodes that take
+/// rooms, other than the room's own (`origin`), one that carries the room already (its
+/// relay is paid for), else the least loaded, this one on a tie.
+#[allow(clippy::too_many_arguments)]
+pub fn choose_edge<'a>(
+    nodes: &'a [NodeRecord],
+    origin: &str,
+    room: &str,
+    self_id: &str,
+    region: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+    max_cpu: f64,
+) -> Option<&'a NodeRecord> {
+    let others: Vec<NodeRecord> = nodes.iter().filter(|n| n.id != origin).cloned().collect();
+    let carrying: Vec<NodeRecord> = others
+        .iter()
+        .filter(|n| n.carrying.iter().any(|r| r == room))
+        .cloned()
+        .collect();
+    let id = choose(&carrying, self_id, region, now_ms, ttl_ms, max_cpu)
+        .or_else(|| choose(&others, self_id, region, now_ms, ttl_ms, max_cpu))?
+        .id
+        .clone();
+    nodes.iter().find(|n| n.id == id)
 }
 
 /// Where a join (or push, or play) for a room goes.
@@ -288,6 +337,34 @@ mod tests {
         assert_eq!(choose(&close, "y", "", 10_000, 5_000, 0.9).unwrap().id, "y");
         let apart = vec![node("x", "", 0.13, 0), node("y", "", 0.27, 0)];
         assert_eq!(choose(&apart, "y", "", 10_000, 5_000, 0.9).unwrap().id, "x");
+    }
+
+    #[test]
+    fn a_spilling_room_goes_to_the_least_loaded_other_node() {
+        let mut nodes = vec![
+            node("a", "", 0.5, 10),
+            node("b", "", 0.0, 0),
+            node("c", "", 0.2, 10),
+        ];
+        nodes[1].spilling = vec!["1400000000/7".into()];
+        assert!(nodes[1].spills("1400000000/7"));
+        assert!(!nodes[1].spills("1400000000/8"));
+        let edge = |nodes: &[NodeRecord]| {
+            choose_edge(nodes, "b", "1400000000/7", "a", "", 11_000, 5_000, 0.9)
+                .map(|n| n.id.clone())
+        };
+        assert_eq!(edge(&nodes).unwrap(), "c");
+        // A node that carries the room already is chosen before a less loaded one.
+        nodes[0].load.cpu = 0.0;
+        assert_eq!(edge(&nodes).unwrap(), "a");
+        nodes[2].carrying = vec!["1400000000/7".into()];
+        assert_eq!(edge(&nodes).unwrap(), "c");
+        nodes[2].draining = true;
+        assert_eq!(edge(&nodes).unwrap(), "a");
+        nodes[0].load.overloaded = true;
+        assert!(edge(&nodes).is_none());
+        nodes[1].spilling = (0..MAX_SPILLING).map(|i| i.to_string()).collect();
+        assert!(nodes[1].spills("anything"));
     }
 
     #[test]

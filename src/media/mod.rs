@@ -18,6 +18,7 @@ mod load;
 mod nack_guard;
 mod peer;
 mod tcp;
+pub mod upstream;
 
 pub use demux::stun_username;
 pub use forward::{codec_compatible, keyframe_dimensions, kind_label, starts_keyframe};
@@ -195,6 +196,12 @@ pub enum BridgeInput {
     },
     /// The pusher is gone.
     Gone { session: SessionId },
+    /// The source is a room's stream relayed from the node serving the room (rooms
+    /// that span nodes): keyframe requests for it go there, on `keyframes`.
+    Relayed {
+        session: SessionId,
+        keyframes: mpsc::Sender<SessionId>,
+    },
 }
 
 /// What a converter to FLV gets from a WebRTC publisher's stream.
@@ -218,6 +225,8 @@ struct Bridged {
     /// Video packets since the last keyframe, and when that keyframe came.
     gop: Vec<rtc::rtp::Packet>,
     gop_at: Option<Instant>,
+    /// Relayed from another node: where its keyframe requests go.
+    upstream: Option<mpsc::Sender<SessionId>>,
 }
 
 impl Media {
@@ -589,7 +598,9 @@ impl Media {
                         policy,
                         min: min_bitrate.map_or(default_min, f64::from),
                         max: max_bitrate.map_or(default_max, f64::from),
-                        rtmp: source == "rtmp",
+                        // No RTCP path to the publisher: an RTMP push, or a
+                        // stream relayed from another node.
+                        rtmp: source != "webrtc",
                         screen,
                         told: None,
                     },
@@ -901,6 +912,18 @@ impl Media {
                 }
             }
         }
+        if let Some(up) = self
+            .bridged
+            .get(&publisher)
+            .and_then(|b| b.upstream.as_ref())
+        {
+            // Relayed from the room's node: asked there, which asks the publisher.
+            if up.try_send(publisher).is_ok() {
+                self.last_pli.insert(throttle_key, now);
+                self.metrics.plis.with_label_values(&["to_origin"]).inc();
+            }
+            return;
+        }
         let key = PeerKey(publisher, Target::Publisher);
         if let Some(p) = self.peers.get_mut(&key) {
             self.dirty.insert(key);
@@ -1130,6 +1153,9 @@ impl Media {
                 report,
             } => self.relay_sender_report(session, kind, &report, Instant::now()),
             BridgeInput::Gone { session } => self.drop_bridged(session),
+            BridgeInput::Relayed { session, keyframes } => {
+                self.bridged.entry(session).or_default().upstream = Some(keyframes);
+            }
         }
     }
 

@@ -188,7 +188,7 @@ pub struct Peer {
     pub timer: Option<Instant>,
 }
 
-fn to_kind(k: RtpCodecKind) -> Option<Kind> {
+pub(super) fn to_kind(k: RtpCodecKind) -> Option<Kind> {
     match k {
         RtpCodecKind::Audio => Some(Kind::Audio),
         RtpCodecKind::Video => Some(Kind::Video),
@@ -207,7 +207,7 @@ fn from_kind(k: Kind) -> RtpCodecKind {
 /// and start at a keyframe. Opus only for audio (G.722 and G.711 would be accepted
 /// and then reach no one); VP8 and H.264 (Constrained Baseline, Baseline and High,
 /// packetization modes 1 and 0), each with RTX, for video.
-fn register_codecs(engine: &mut MediaEngine) -> Result<(), RtcError> {
+pub(super) fn register_codecs(engine: &mut MediaEngine) -> Result<(), RtcError> {
     use rtc::peer_connection::configuration::media_engine::{
         MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8,
     };

@@ -231,6 +231,10 @@ pub struct RoomSummary {
     pub numeric: bool,
     pub members: Vec<String>,
     pub streams: Vec<String>,
+    /// A room this node carries for the cluster node that serves it (its audience
+    /// here, the streams relayed from there): that node's id. Set by the control task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edge_of: Option<String>,
 }
 
 /// How play URLs are spelled for this node.
@@ -288,6 +292,9 @@ struct Member {
     screen: Option<Stream>,
     /// Streams this member receives.
     subscriptions: HashSet<String>,
+    /// Another node of the cluster relaying the room to its own members (privilege
+    /// 0x100): it hears the room but is never listed, announced or counted as a member.
+    hidden: bool,
 }
 
 impl Member {
@@ -382,7 +389,13 @@ impl Rooms {
                 sdk_app_id: k.sdk_app_id,
                 room: k.name(),
                 numeric: matches!(k.room, RoomId::Num(_)),
-                members: r.members.keys().cloned().collect(),
+                members: r
+                    .members
+                    .iter()
+                    .filter(|(_, m)| !m.hidden)
+                    .map(|(u, _)| u.clone())
+                    .collect(),
+                edge_of: None,
                 streams: r
                     .members
                     .values()
@@ -498,9 +511,12 @@ impl Rooms {
             .rooms
             .get(&key)
             .is_some_and(|r| r.members.contains_key(&user_id));
-        if !present {
+        let hidden = !is_push && ticket.privileges.contains(Privileges::RELAY);
+        if !present && !hidden {
             if let Some(room) = self.rooms.get(&key) {
-                if room.members.len() >= self.limits.max_members_per_room {
+                if room.members.values().filter(|m| !m.hidden).count()
+                    >= self.limits.max_members_per_room
+                {
                     return Err(RoomError::RoomFull {
                         room: key.name(),
                         limit: self.limits.max_members_per_room,
@@ -516,7 +532,7 @@ impl Rooms {
         let others: Vec<(String, SessionId, Vec<Stream>)> = room
             .members
             .iter()
-            .filter(|(u, _)| **u != user_id)
+            .filter(|(u, m)| **u != user_id && !m.hidden)
             .map(|(u, m)| (u.clone(), m.session, m.streams().cloned().collect()))
             .collect();
         match room.members.get_mut(&user_id) {
@@ -531,10 +547,12 @@ impl Rooms {
                 m.auto_subscribe = auto_subscribe;
             }
             None => {
-                self.out.push_back(Output::Event(RoomEvent::Entered {
-                    room: key.clone(),
-                    user_id: user_id.clone(),
-                }));
+                if !hidden {
+                    self.out.push_back(Output::Event(RoomEvent::Entered {
+                        room: key.clone(),
+                        user_id: user_id.clone(),
+                    }));
+                }
                 room.members.insert(
                     user_id.clone(),
                     Member {
@@ -550,9 +568,10 @@ impl Rooms {
                         stream: None,
                         screen: None,
                         subscriptions: HashSet::new(),
+                        hidden,
                     },
                 );
-                for (_, other, _) in &others {
+                for (_, other, _) in others.iter().filter(|_| !hidden) {
                     self.out.push_back(Output::Send(
                         *other,
                         ServerMessage::MemberJoined {
@@ -709,6 +728,24 @@ impl Rooms {
         bounds: (Option<u32>, Option<u32>),
     ) -> Result<StreamInfo, RoomError> {
         self.publish_full(session, None, "webrtc", (audio, video, false), bounds)
+    }
+
+    /// A stream of the room relayed from the node serving it (rooms that span nodes),
+    /// published here by its stand-in member: `name` is the stream's id there (a
+    /// screen share's is derived from the user, as there), `source` `relay`.
+    pub fn publish_relayed(
+        &mut self,
+        session: SessionId,
+        name: &str,
+        (audio, video, screen): (bool, bool, bool),
+    ) -> Result<StreamInfo, RoomError> {
+        let name = (!screen).then(|| name.to_owned());
+        self.publish_full(session, name, "relay", (audio, video, screen), (None, None))
+    }
+
+    /// Whether the node has the room.
+    pub fn has_room(&self, key: &RoomKey) -> bool {
+        self.rooms.contains_key(key)
     }
 
     /// Declares the session's screen share (video only, privilege 0x40): a second
@@ -1142,7 +1179,8 @@ impl Rooms {
             .rooms
             .get_mut(&e.room)
             .and_then(|r| r.members.remove(&e.user_id));
-        if member.is_some() {
+        let hidden = member.as_ref().is_some_and(|m| m.hidden);
+        if member.is_some() && !hidden {
             self.out.push_back(Output::Event(RoomEvent::Exited {
                 room: e.room.clone(),
                 user_id: e.user_id.clone(),
@@ -1165,7 +1203,7 @@ impl Rooms {
             .values()
             .map(|m| m.session)
             .collect();
-        for s in &remaining {
+        for s in remaining.iter().filter(|_| !hidden) {
             self.send(
                 *s,
                 ServerMessage::MemberLeft {
@@ -1205,6 +1243,7 @@ impl Rooms {
             .map(|r| {
                 r.members
                     .iter()
+                    .filter(|(_, m)| !m.hidden)
                     .map(|(u, m)| (u.clone(), m.stream.as_ref().map(|s| s.id.clone())))
                     .collect()
             })

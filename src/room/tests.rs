@@ -621,3 +621,71 @@ fn a_screen_share_needs_0x40_and_counts_as_a_publisher() {
     assert_eq!(SessionId(7).screen().screen_owner(), Some(SessionId(7)));
     assert_eq!(SessionId(7).screen_owner(), None);
 }
+
+#[test]
+fn a_relaying_node_hears_the_room_without_being_listed_announced_or_counted() {
+    let mut r = rooms();
+    r.join(A, APP, &ticket("alice", 1, 0xff), true).unwrap();
+    r.publish(A, true, true).unwrap();
+    r.join(B, APP, &ticket("bob", 1, 0x2b), true).unwrap();
+    r.join(C, APP, &ticket("carol", 1, 0x2b), true).unwrap();
+    drain(&mut r);
+    // The room is full (3 members), yet a relay of another node gets in, hears the
+    // members and their streams, and receives what it may.
+    let relay = SessionId(9);
+    r.join(relay, APP, &ticket("weir-relay.c", 1, 0x100 | 0x2a), true)
+        .unwrap();
+    let out = drain(&mut r);
+    for s in [A, B, C] {
+        assert!(
+            sent_to(&out, s).is_empty(),
+            "{s:?} heard of the relay: {out:?}"
+        );
+    }
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Event(_))),
+        "{out:?}"
+    );
+    let joined = sent_to(&out, relay);
+    let ServerMessage::Joined { members, .. } = joined[0] else {
+        panic!("{joined:?}")
+    };
+    assert_eq!(members.len(), 3);
+    assert!(media(&out).iter().any(|m| matches!(m,
+        MediaCommand::Subscribe { subscriber, .. } if *subscriber == relay)));
+    // Nobody sees it in a listing; a fourth visible member is still refused.
+    assert_eq!(r.summaries()[0].members, vec!["alice", "bob", "carol"]);
+    assert_eq!(
+        r.members_of(&RoomKey {
+            sdk_app_id: APP,
+            room: RoomId::Num(1)
+        })
+        .len(),
+        3
+    );
+    assert!(r
+        .join(SessionId(10), APP, &ticket("dave", 1, 0x2b), true)
+        .is_err());
+    // A member who joins later is not told of it, nor when it goes.
+    r.leave(C, LeaveReason::Left);
+    drain(&mut r);
+    r.join(SessionId(11), APP, &ticket("erin", 1, 0x2b), true)
+        .unwrap();
+    let out = drain(&mut r);
+    let ServerMessage::Joined { members, .. } = sent_to(&out, SessionId(11))[0] else {
+        panic!()
+    };
+    assert!(
+        members.iter().all(|m| m.user_id != "weir-relay.c"),
+        "{members:?}"
+    );
+    r.leave(relay, LeaveReason::Left);
+    let out = drain(&mut r);
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Event(_))),
+        "{out:?}"
+    );
+    for s in [A, B, SessionId(11)] {
+        assert!(sent_to(&out, s).is_empty(), "{out:?}");
+    }
+}

@@ -66,12 +66,21 @@ end
 return 0
 "#;
 
+/// Where the member of a spilling room joins.
+#[derive(Debug)]
+pub enum Edge {
+    Here,
+    There(Box<NodeRecord>),
+}
+
 pub struct Cluster {
     pub id: String,
     config: ClusterConfig,
     conn: ConnectionManager,
     addresses: Addresses,
     max_rooms: u64,
+    /// A room of this node with this many members takes further members elsewhere.
+    spill_members: usize,
     started_ms: u64,
     draining: AtomicBool,
     /// Rooms this node serves (from the control task each heartbeat, and rooms just
@@ -109,6 +118,7 @@ impl Cluster {
         config: &ClusterConfig,
         addresses: Addresses,
         max_rooms: usize,
+        spill_members: usize,
         overload: Arc<AtomicBool>,
         metrics: Arc<Metrics>,
         hub: Arc<crate::live::Hub>,
@@ -146,6 +156,7 @@ impl Cluster {
             conn,
             addresses,
             max_rooms: max_rooms as u64,
+            spill_members: spill_members.max(1),
             started_ms: now_ms(),
             draining: AtomicBool::new(false),
             local: RwLock::new(HashSet::new()),
@@ -223,6 +234,51 @@ impl Cluster {
 
     pub fn redis_up(&self) -> bool {
         self.redis_up.load(Ordering::Relaxed)
+    }
+
+    /// For a member of `room`, served by `origin`: whether it joins on another node
+    /// (this one, or the one named) because the room spills there; `None`: it goes
+    /// to `origin`. With `hop` (another node chose this one) it is here or nowhere.
+    pub fn edge_for(&self, room: &RoomKey, origin: &NodeRecord, hop: bool) -> Option<Edge> {
+        if !origin.spills(&room_name(room)) {
+            return None;
+        }
+        let view = self.nodes();
+        let here = view.iter().find(|n| n.id == self.id);
+        if hop {
+            let here =
+                here.is_some_and(|n| n.takes_rooms(self.config.max_cpu) && !self.is_draining());
+            if here {
+                self.metrics
+                    .cluster_routes
+                    .with_label_values(&["edge"])
+                    .inc();
+            }
+            return here.then_some(Edge::Here);
+        }
+        let chosen = core::choose_edge(
+            &view,
+            &origin.id,
+            &room_name(room),
+            &self.id,
+            &self.config.region,
+            now_ms(),
+            self.config.node_ttl_ms,
+            self.config.max_cpu,
+        )?;
+        let edge = if chosen.id == self.id {
+            Edge::Here
+        } else {
+            Edge::There(Box::new(chosen.clone()))
+        };
+        self.metrics
+            .cluster_routes
+            .with_label_values(&[match edge {
+                Edge::Here => "edge",
+                Edge::There(_) => "edge_elsewhere",
+            }])
+            .inc();
+        Some(edge)
     }
 
     /// Where a join, push or play for `room` goes. `Err`: no node takes the room.
@@ -441,9 +497,23 @@ impl Cluster {
             return;
         }
         let Ok(rooms) = rx.await else { return };
+        // Rooms carried here for another node (their audience) are that node's.
         let names: HashSet<String> = rooms
             .iter()
+            .filter(|r| r.edge_of.is_none())
             .map(|r| named(r.sdk_app_id, r.numeric, &r.room))
+            .collect();
+        let spilling: Vec<String> = rooms
+            .iter()
+            .filter(|r| r.edge_of.is_none() && r.members.len() >= self.spill_members)
+            .map(|r| named(r.sdk_app_id, r.numeric, &r.room))
+            .take(core::MAX_SPILLING)
+            .collect();
+        let carrying: Vec<String> = rooms
+            .iter()
+            .filter(|r| r.edge_of.is_some())
+            .map(|r| named(r.sdk_app_id, r.numeric, &r.room))
+            .take(core::MAX_SPILLING)
             .collect();
         let participants: usize = rooms.iter().map(|r| r.members.len()).sum();
         let tracks: usize = rooms.iter().map(|r| r.streams.len()).sum();
@@ -475,7 +545,7 @@ impl Cluster {
                 participants: participants as u64,
                 tracks: tracks as u64,
                 egress_bps,
-                relays: ["signaling", "rtmp"]
+                relays: ["signaling", "rtmp", "edge"]
                     .iter()
                     .map(|k| {
                         self.metrics
@@ -487,6 +557,8 @@ impl Cluster {
                     .sum(),
             },
             draining: self.is_draining(),
+            spilling,
+            carrying,
             updated_ms: now_ms(),
             started_ms: self.started_ms,
         };

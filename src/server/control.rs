@@ -5,14 +5,14 @@
 //! output: messages to sessions over bounded queues, commands to the media plane.
 //! A session whose queue is full is closed rather than allowed to grow memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use weir_signaling::{ClientMessage, ErrorCode, LeaveReason, ServerMessage, Target};
+use weir_signaling::{ClientMessage, ErrorCode, Kind, LeaveReason, ServerMessage, Target};
 
-use crate::auth::{Identity, Privileges, RoomTicket, TokenKind};
+use crate::auth::{Identity, Privileges, RoomId, RoomTicket, TokenKind};
 use crate::metrics::Metrics;
 use crate::room::{MediaCommand, Output, RoomError, RoomKey, Rooms, SessionId};
 use crate::weapp::{self, Effect, RoomService, RoomView, ViewMember};
@@ -44,6 +44,14 @@ pub enum ControlCommand {
         congestion_policy: Option<weir_signaling::CongestionPolicy>,
         /// An RTMP push: it joins beside its user's signaling session, if any.
         push: bool,
+        /// The room spills from this node (rooms that span nodes): the member joins
+        /// this node's copy of it, whose streams are relayed from there.
+        edge_of: Option<Box<crate::cluster::NodeRecord>>,
+    },
+    /// From a relay of a room this node carries for another node.
+    Span {
+        room: RoomKey,
+        event: super::span::SpanEvent,
     },
     Message {
         session: SessionId,
@@ -151,6 +159,28 @@ pub struct Control {
     callbacks: Option<super::hooks::Callbacks>,
     /// Set by the media plane while it cannot keep up: joins are refused.
     overloaded: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// What relaying rooms from other nodes takes (in a cluster).
+    span: Option<super::span::SpanContext>,
+    /// Rooms this node carries for the node serving them (their audience here).
+    edges: HashMap<RoomKey, EdgeRoom>,
+}
+
+/// A room carried here for another node: its relay, and the members standing in
+/// for the room's publishers there.
+struct EdgeRoom {
+    origin: String,
+    /// Dropped to end the relay.
+    _stop: mpsc::Sender<()>,
+    /// Stand-in sessions, by the user they stand in for, with their streams here.
+    standins: HashMap<String, (SessionId, usize)>,
+}
+
+/// What a member of a room carried here may do: receive. Publishing needs the room's
+/// node (the stream would have to go back to it), so the send bits are taken off; the
+/// room exists there, so creating it here needs no bit of the member's.
+fn edge_privileges(p: Privileges) -> Privileges {
+    let send = Privileges::SEND_AUDIO.0 | Privileges::SEND_VIDEO.0 | Privileges::SEND_SUB_VIDEO.0;
+    Privileges((p.0 & !send) | Privileges::CREATE_ROOM.0)
 }
 
 #[derive(Debug, Clone)]
@@ -219,7 +249,15 @@ impl Control {
             ice: super::IceConfig::default(),
             callbacks: None,
             overloaded: None,
+            span: None,
+            edges: HashMap::new(),
         }
+    }
+
+    /// Carries members of rooms that spill from other nodes (in a cluster).
+    pub fn with_span(mut self, span: Option<super::span::SpanContext>) -> Self {
+        self.span = span;
+        self
     }
 
     /// Refuses joins while `flag` is set (the media plane's overload).
@@ -333,6 +371,158 @@ impl Control {
             self.metrics.room_service_expired.inc_by(expired as u64);
         }
         self.apply_effects();
+    }
+
+    /// A join the cluster routed here as a member of a room that spills from
+    /// `edge_of`: the room is carried here (its relay started if it is not yet), and
+    /// the member may receive only. A room this node serves itself is joined as usual.
+    fn carry(
+        &mut self,
+        sdk_app_id: u64,
+        ticket: &mut RoomTicket,
+        edge_of: Option<Box<crate::cluster::NodeRecord>>,
+    ) -> Result<(), RoomError> {
+        let key = RoomKey {
+            sdk_app_id,
+            room: ticket.room.clone(),
+        };
+        if !self.edges.contains_key(&key) {
+            let Some(origin) = edge_of else {
+                return Ok(());
+            };
+            if self.rooms.has_room(&key) {
+                return Ok(());
+            }
+            let Some(ctx) = self.span.clone() else {
+                return Err(RoomError::Overloaded);
+            };
+            let (stop, stop_rx) = mpsc::channel(1);
+            info!(room = %key.name(), origin = %origin.id, "carrying the room for its node: relaying its streams here");
+            self.edges.insert(
+                key.clone(),
+                EdgeRoom {
+                    origin: origin.id.clone(),
+                    _stop: stop,
+                    standins: HashMap::new(),
+                },
+            );
+            tokio::spawn(super::span::run(ctx, key, *origin, stop_rx));
+        }
+        ticket.privileges = edge_privileges(ticket.privileges);
+        Ok(())
+    }
+
+    /// What a room's relay reports: its streams stand in here as members' streams.
+    fn span_event(&mut self, room: RoomKey, event: super::span::SpanEvent) {
+        use super::span::SpanEvent;
+        let Some(edge) = self.edges.get_mut(&room) else {
+            return;
+        };
+        match event {
+            SpanEvent::StreamAdded { session, stream } => {
+                let standin = edge
+                    .standins
+                    .entry(stream.user_id.clone())
+                    .or_insert((session, 0));
+                if standin.1 == 0 {
+                    let now = crate::auth::unix_now();
+                    let ticket = RoomTicket {
+                        identity: Identity {
+                            kind: TokenKind::V2,
+                            sdk_app_id: room.sdk_app_id,
+                            user_id: stream.user_id.clone(),
+                            issued_at: now,
+                            expires_at: u64::MAX,
+                        },
+                        room: room.room.clone(),
+                        privileges: Privileges::ENTER_ROOM
+                            | Privileges::CREATE_ROOM
+                            | Privileges::SEND_AUDIO
+                            | Privileges::SEND_VIDEO
+                            | Privileges::SEND_SUB_VIDEO,
+                        privilege_names: Vec::new(),
+                        room_expires_at: u64::MAX,
+                    };
+                    if let Err(e) = self.rooms.join(session, room.sdk_app_id, &ticket, false) {
+                        warn!(room = %room.name(), user = %stream.user_id, error = %e, "a relayed stream's stand-in could not join");
+                        edge.standins.remove(&stream.user_id);
+                        return;
+                    }
+                }
+                match self.rooms.publish_relayed(
+                    session,
+                    &stream.stream_id,
+                    (stream.audio, stream.video, stream.screen),
+                ) {
+                    Ok(_) => {
+                        standin.1 += 1;
+                        if stream.audio_muted {
+                            let _ = self.rooms.mute(session, Kind::Audio, true);
+                        }
+                        if stream.video_muted {
+                            let _ = self.rooms.mute(session, Kind::Video, true);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(room = %room.name(), stream = %stream.stream_id, error = %e, "a relayed stream could not be published here")
+                    }
+                }
+            }
+            SpanEvent::StreamRemoved { session, screen } => {
+                let _ = self.rooms.unpublish(session, screen);
+                if let Some((user, s)) = edge.standins.iter_mut().find(|(_, s)| s.0 == session) {
+                    s.1 = s.1.saturating_sub(1);
+                    if s.1 == 0 {
+                        let user = user.clone();
+                        edge.standins.remove(&user);
+                        self.rooms.leave(session, LeaveReason::Left);
+                    }
+                }
+            }
+            SpanEvent::StreamMuted {
+                session,
+                kind,
+                muted,
+            } => {
+                let _ = self.rooms.mute(session, kind, muted);
+            }
+            SpanEvent::Lost { why } => {
+                let edge = self.edges.remove(&room).expect("looked up above");
+                let standins: HashSet<SessionId> = edge.standins.values().map(|s| s.0).collect();
+                for s in &standins {
+                    self.rooms.leave(*s, LeaveReason::Left);
+                }
+                let members = self.rooms.members_of(&room);
+                info!(room = %room.name(), origin = %edge.origin, members = members.len(), %why, "the room's node is lost: its members here move");
+                for (user, _) in members {
+                    self.rooms.kick(&room, &user, LeaveReason::ServerShutdown);
+                }
+            }
+        }
+    }
+
+    /// After a member left a room carried here: with no member of its own left, the
+    /// room's relay ends and its stand-ins go.
+    fn release_edge(&mut self, room: Option<RoomKey>) {
+        let Some(room) = room else { return };
+        let Some(edge) = self.edges.get(&room) else {
+            return;
+        };
+        let standins: HashSet<&str> = edge.standins.keys().map(String::as_str).collect();
+        let own = self
+            .rooms
+            .members_of(&room)
+            .iter()
+            .filter(|(u, _)| !standins.contains(u.as_str()))
+            .count();
+        if own > 0 {
+            return;
+        }
+        let edge = self.edges.remove(&room).expect("looked up above");
+        for (session, _) in edge.standins.values() {
+            self.rooms.leave(*session, LeaveReason::Left);
+        }
+        debug!(room = %room.name(), "no member here any more: the room's relay ends");
     }
 
     /// WebRTC streams become playable over RTMP/HTTP-FLV while they are published
@@ -494,16 +684,19 @@ impl Control {
             ControlCommand::Join {
                 session,
                 sdk_app_id,
-                ticket,
+                mut ticket,
                 auto_subscribe,
                 congestion_policy,
                 push,
+                edge_of,
             } => match if self
                 .overloaded
                 .as_ref()
                 .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
             {
                 Err(RoomError::Overloaded)
+            } else if let Err(e) = self.carry(sdk_app_id, &mut ticket, edge_of) {
+                Err(e)
             } else if push {
                 self.rooms.join_push(session, sdk_app_id, &ticket)
             } else {
@@ -595,8 +788,11 @@ impl Control {
             ControlCommand::Closed { session, reason } => {
                 self.pending.retain(|_, p| p.session != session);
                 self.sessions.remove(&session);
+                let place = self.rooms.place_of(session);
                 self.rooms.leave(session, reason);
+                self.release_edge(place.map(|(k, _)| k));
             }
+            ControlCommand::Span { room, event } => self.span_event(room, event),
             ControlCommand::MediaSignal { session, msg } => self.tell(session, msg),
             ControlCommand::MediaGone { session } if session.screen_owner().is_some() => {
                 let owner = session.screen_owner().expect("a screen identity");
@@ -607,7 +803,9 @@ impl Control {
                 self.rooms.screen_lost(owner);
             }
             ControlCommand::MediaGone { session } => {
+                let place = self.rooms.place_of(session);
                 self.rooms.leave(session, LeaveReason::Timeout);
+                self.release_edge(place.map(|(k, _)| k));
                 if let Some(tx) = self.sessions.remove(&session) {
                     let _ = tx.try_send(SessionEvent::Close(LeaveReason::Timeout));
                 }
@@ -616,7 +814,22 @@ impl Control {
                 self.rooms.publish_target(&stream_id, bitrate);
             }
             ControlCommand::ListRooms { reply } => {
-                let _ = reply.send(self.rooms.summaries());
+                let mut rooms = self.rooms.summaries();
+                for r in &mut rooms {
+                    let key = RoomKey {
+                        sdk_app_id: r.sdk_app_id,
+                        room: if r.numeric {
+                            r.room
+                                .parse()
+                                .map(RoomId::Num)
+                                .unwrap_or(RoomId::Str(r.room.clone()))
+                        } else {
+                            RoomId::Str(r.room.clone())
+                        },
+                    };
+                    r.edge_of = self.edges.get(&key).map(|e| e.origin.clone());
+                }
+                let _ = reply.send(rooms);
             }
             ControlCommand::Shutdown => {
                 info!(
@@ -676,7 +889,9 @@ impl Control {
                 Ok(())
             }
             ClientMessage::Leave => {
+                let place = self.rooms.place_of(session);
                 self.rooms.leave(session, LeaveReason::Left);
+                self.release_edge(place.map(|(k, _)| k));
                 Ok(())
             }
             m @ (ClientMessage::Offer { .. }

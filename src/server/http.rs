@@ -228,13 +228,16 @@ async fn websocket(
     ws: WebSocketUpgrade,
     State(state): State<Arc<AppState>>,
     axum::Extension(PeerAddr(peer)): axum::Extension<PeerAddr>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
     if let Some(why) = state.unavailable() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
     }
+    // Sent by another node that chose this one to carry a spilling room's member.
+    let edge_hop = headers.contains_key(super::relay::EDGE_HEADER);
     ws.max_message_size(weir_signaling::MAX_MESSAGE_BYTES)
         .max_frame_size(weir_signaling::MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| super::ws::session(socket, state, peer.ip()))
+        .on_upgrade(move |socket| super::ws::session(socket, state, peer.ip(), edge_hop))
 }
 
 /// Keeps the players gauge true however the response ends.

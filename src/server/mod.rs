@@ -28,6 +28,7 @@ mod record_api;
 mod relay;
 pub mod rtmp;
 mod rtmp_relay;
+mod span;
 mod supervise;
 pub mod tls;
 mod upload;
@@ -44,7 +45,7 @@ pub struct AppState {
     pub keyring: Arc<Keyring>,
     pub control: mpsc::Sender<ControlCommand>,
     pub metrics: Arc<Metrics>,
-    pub next_session: AtomicU64,
+    pub next_session: Arc<AtomicU64>,
     pub shutting_down: AtomicBool,
     pub idle_timeout_s: u64,
     /// The bearer token that opens `/metrics` on the public listener, if any.
@@ -568,24 +569,6 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     let keyring = Arc::new(keyring);
     let room_service = room_service(&config, &keyring, &urls)?;
     let ice = IceConfig::from_config(&config.server)?;
-    let control = supervisor.spawn(
-        "control",
-        Control::new(
-            rooms,
-            Some(media_tx),
-            metrics.clone(),
-            Some(control::LivePlayback {
-                hub: hub.clone(),
-                aac_bitrate: config.server.aac_bitrate,
-            }),
-        )
-        .with_room_service_opt(room_service)
-        .with_ice_servers(ice.clone())
-        .with_callbacks(callbacks.clone())
-        .with_overload_flag(overload)
-        .run(control_rx),
-    );
-    let admission = hooks::Admission::from_config(&config.callbacks, metrics.clone());
     let cluster = cluster::Cluster::new(
         &config.cluster,
         crate::cluster::Addresses {
@@ -606,16 +589,54 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             rtmp: rtmp_addr.map_or(String::new(), |a| {
                 format!("rtmp://{}:{}", advertised_host(&config, &host), a.port())
             }),
-            udp: format!("{}:{}", advertised_host(&config, &host), udp_port),
+            udp: if config.cluster.advertise_udp.is_empty() {
+                format!("{}:{}", advertised_host(&config, &host), udp_port)
+            } else {
+                config.cluster.advertise_udp.clone()
+            },
             tcp: tcp_port.map_or(String::new(), |p| {
                 format!("{}:{p}", advertised_host(&config, &host))
             }),
         },
         config.server.max_rooms,
+        if config.cluster.spill_members == 0 {
+            config.server.max_members_per_room
+        } else {
+            config.cluster.spill_members
+        },
         overload_for_cluster,
         metrics.clone(),
         hub.clone(),
     )?;
+    let next_session = Arc::new(AtomicU64::new(1));
+    let span = cluster.as_ref().map(|c| span::SpanContext {
+        node_id: c.id.clone(),
+        keyring: keyring.clone(),
+        tls: c.tls.clone(),
+        bridge: bridge_tx.clone(),
+        control: control_tx.clone(),
+        next_session: next_session.clone(),
+        metrics: metrics.clone(),
+    });
+    let control = supervisor.spawn(
+        "control",
+        Control::new(
+            rooms,
+            Some(media_tx),
+            metrics.clone(),
+            Some(control::LivePlayback {
+                hub: hub.clone(),
+                aac_bitrate: config.server.aac_bitrate,
+            }),
+        )
+        .with_room_service_opt(room_service)
+        .with_ice_servers(ice.clone())
+        .with_callbacks(callbacks.clone())
+        .with_overload_flag(overload)
+        .with_span(span)
+        .run(control_rx),
+    );
+    let admission = hooks::Admission::from_config(&config.callbacks, metrics.clone());
     if let Some(c) = &cluster {
         // Know the cluster (and be known) before serving: one heartbeat, bounded.
         let _ = tokio::time::timeout(Duration::from_secs(2), c.beat(&control_tx, 0, 0.0)).await;
@@ -625,7 +646,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         keyring,
         control: control_tx,
         metrics,
-        next_session: AtomicU64::new(1),
+        next_session,
         shutting_down: AtomicBool::new(false),
         idle_timeout_s: config.server.signaling_idle_timeout_s,
         metrics_token: Some(config.server.metrics_token.clone()).filter(|t| !t.is_empty()),

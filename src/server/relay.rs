@@ -23,11 +23,28 @@ pub type Upstream =
 /// How long reaching the room's node may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Says that the node relaying this session chose the receiving node to carry it as
+/// a member of a room that spills from its own node: serve it there, never relay it
+/// on (so two nodes with different views cannot pass a join back and forth). A client
+/// that sends it itself gains nothing: it is honoured only while the room spills.
+pub const EDGE_HEADER: &str = "x-weir-edge";
+
 /// A websocket to `node`'s signaling endpoint on behalf of the client at `ip`.
 pub async fn connect(
     node: &NodeRecord,
     ip: std::net::IpAddr,
     tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> Result<Upstream, String> {
+    connect_as(node, ip, tls, false).await
+}
+
+/// [`connect`], saying with `edge` that `node` is to carry the session for a
+/// spilling room ([`EDGE_HEADER`]).
+pub async fn connect_as(
+    node: &NodeRecord,
+    ip: std::net::IpAddr,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    edge: bool,
 ) -> Result<Upstream, String> {
     let base = &node.addresses.http;
     let url = if let Some(rest) = base.strip_prefix("http://") {
@@ -45,6 +62,12 @@ pub async fn connect(
         "x-forwarded-for",
         ip.to_string().parse().map_err(|_| "client address")?,
     );
+    if edge {
+        request.headers_mut().insert(
+            EDGE_HEADER,
+            tungstenite::http::HeaderValue::from_static("1"),
+        );
+    }
     let config = tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(weir_signaling::MAX_MESSAGE_BYTES))
         .max_frame_size(Some(weir_signaling::MAX_MESSAGE_BYTES));

@@ -968,6 +968,7 @@ impl Connection {
                 auto_subscribe: false,
                 congestion_policy: None,
                 push: true,
+                edge_of: None,
             })
             .await;
         let _ = control

@@ -619,6 +619,7 @@ async fn join(
             auto_subscribe: false,
             congestion_policy: None,
             push: false,
+            edge_of: None,
         })
         .await;
     next_answer(rx, |m| {

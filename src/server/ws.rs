@@ -47,7 +47,12 @@ fn within_rate(messages: &Option<Limiter>, texts: &Option<Limiter>, msg: &Client
         ) || ok(texts))
 }
 
-pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAddr) {
+pub async fn session(
+    socket: WebSocket,
+    state: Arc<AppState>,
+    ip: std::net::IpAddr,
+    edge_hop: bool,
+) {
     let _live = super::LiveSession::new(&state);
     let id = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
@@ -126,7 +131,7 @@ pub async fn session(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAd
                             })
                         } else { match msg {
                             ClientMessage::Ping { ts } => Some(ServerMessage::Pong { ts }),
-                            ClientMessage::Join(join) => match join_command(&state, id, ip, join).await {
+                            ClientMessage::Join(join) => match join_command(&state, id, ip, join, edge_hop).await {
                                 JoinOutcome::Reply(m) => Some(m),
                                 JoinOutcome::Done(key, user) => {
                                     joined = Some((key, user));
@@ -260,6 +265,7 @@ async fn join_command(
     id: SessionId,
     ip: std::net::IpAddr,
     join: Join,
+    edge_hop: bool,
 ) -> JoinOutcome {
     let refuse = |outcome: &str, msg: ServerMessage| {
         state.metrics.joins.with_label_values(&[outcome]).inc();
@@ -345,6 +351,8 @@ async fn join_command(
             );
         }
     };
+    // The node whose room this node carries the member of (rooms that span nodes).
+    let mut edge_of: Option<Box<crate::cluster::NodeRecord>> = None;
     if let Some(cluster) = &state.cluster {
         let key = crate::room::RoomKey {
             sdk_app_id: join.sdk_app_id,
@@ -358,7 +366,19 @@ async fn join_command(
             match cluster.route(&key).await {
                 Ok(crate::cluster::Route::Local) => break,
                 Ok(crate::cluster::Route::Remote(node)) => {
-                    match super::relay::connect(&node, ip, &cluster.tls).await {
+                    // The room's node takes no more members: the member joins on
+                    // another node, which relays the room's streams from it.
+                    let (target, as_edge) = match cluster.edge_for(&key, &node, edge_hop) {
+                        Some(super::cluster::Edge::Here) => {
+                            info!(session = id.0, user = %join.user_id, origin = %node.id, "the room's node is full: the member joins here, the room's streams relayed from there");
+                            edge_of = Some(node);
+                            break;
+                        }
+                        Some(super::cluster::Edge::There(edge)) => (edge, true),
+                        None => (node, false),
+                    };
+                    let node = target;
+                    match super::relay::connect_as(&node, ip, &cluster.tls, as_edge).await {
                         Ok(up) => {
                             info!(session = id.0, user = %join.user_id, node = %node.id, "join relayed to the room's node");
                             state.metrics.joins.with_label_values(&["relayed"]).inc();
@@ -404,6 +424,7 @@ async fn join_command(
             auto_subscribe: join.auto_subscribe,
             congestion_policy: join.congestion_policy,
             push: false,
+            edge_of,
         })
         .await;
     JoinOutcome::Done(joined, join.user_id)
