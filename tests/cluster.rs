@@ -1089,6 +1089,17 @@ async fn relays_to_a_tls_node_go_over_wss() {
     );
 }
 
+/// A receive-only member `user` of `room`, joined through `node`.
+async fn watch_through(node: &Node, app: &AppKeys, user: &str, room: u32) -> Watcher {
+    Watcher::join_url(
+        &node.ws_url(),
+        join_with(app, user, room, 0xff, true),
+        None,
+        0,
+    )
+    .await
+}
+
 /// Waits until `node`'s view of the cluster says `node_id`'s record lists `room` in
 /// its `field` (`spilling`, `carrying`).
 async fn until_listed(node: &Node, node_id: &str, field: &str, room: &str) {
@@ -1139,13 +1150,7 @@ async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli
     let app = AppKeys::from_config(&app_config).unwrap();
     let room = "1400000000/778";
     let publisher = publish_through(&b.ws_url(), &app, "presenter", 778).await;
-    let on_b = Watcher::join_url(
-        &b.ws_url(),
-        join_with(&app, "viewer-b", 778, 0xff, true),
-        None,
-        0,
-    )
-    .await;
+    let on_b = watch_through(&b, &app, "viewer-b", 778).await;
     until_received(
         &on_b,
         &publisher.stream,
@@ -1157,13 +1162,7 @@ async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli
     // Two members: B says the room spills.
     until_listed(&c, "node-b", "spilling", room).await;
     // A third member through C joins there: C relays the room from B.
-    let on_c = Watcher::join_url(
-        &c.ws_url(),
-        join_with(&app, "viewer-c", 778, 0xff, true),
-        None,
-        0,
-    )
-    .await;
+    let on_c = watch_through(&c, &app, "viewer-c", 778).await;
     until_received(
         &on_c,
         &publisher.stream,
@@ -1215,13 +1214,7 @@ async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli
     };
     let (mb, mc) = (b.metrics().await, c.metrics().await);
     let (to_origin, from_subscribers) = (before(&mc, "to_origin"), before(&mb, "from_subscriber"));
-    let via_a = Watcher::join_url(
-        &a.ws_url(),
-        join_with(&app, "viewer-a", 778, 0xff, true),
-        None,
-        0,
-    )
-    .await;
+    let via_a = watch_through(&a, &app, "viewer-a", 778).await;
     until_received(
         &via_a,
         &publisher.stream,
@@ -1309,13 +1302,7 @@ async fn members_of_a_spilled_room_move_when_its_node_dies() {
     let app = AppKeys::from_config(&app_config).unwrap();
     let publisher = publish_through(&b.ws_url(), &app, "presenter", 779).await;
     until_listed(&c, "node-b", "spilling", "1400000000/779").await;
-    let on_c = Watcher::join_url(
-        &c.ws_url(),
-        join_with(&app, "viewer-c", 779, 0xff, true),
-        None,
-        0,
-    )
-    .await;
+    let on_c = watch_through(&c, &app, "viewer-c", 779).await;
     until_received(
         &on_c,
         &publisher.stream,

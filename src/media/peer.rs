@@ -352,6 +352,25 @@ pub fn offered_send_kinds(sdp: &str) -> Vec<Kind> {
     out
 }
 
+/// Gives `pc` a UDP host candidate at `addr`.
+pub(super) fn add_udp_host_candidate(
+    pc: &mut RTCPeerConnection,
+    addr: SocketAddr,
+) -> Result<(), RtcError> {
+    let candidate = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: addr.ip().to_string(),
+            port: addr.port(),
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()?;
+    pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)
+}
+
 /// Watches inbound RTCP: counts NACKs (the chain's responder answers them from its
 /// packet cache) and hands keyframe requests (PLI, FIR) to the application; without
 /// that mark, inbound RTCP never leaves the chain.
@@ -710,18 +729,7 @@ impl Peer {
             .with_interceptor_registry(registry)
             .build(Instant::now())?;
         for addr in announce {
-            let candidate = CandidateHostConfig {
-                base_config: CandidateConfig {
-                    network: "udp".to_owned(),
-                    address: addr.ip().to_string(),
-                    port: addr.port(),
-                    component: 1,
-                    ..Default::default()
-                },
-                ..Default::default()
-            }
-            .new_candidate_host()?;
-            pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+            add_udp_host_candidate(&mut pc, *addr)?;
         }
         if let Some(tcp_port) = config.tcp_port {
             for addr in announce {

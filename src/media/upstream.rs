@@ -27,7 +27,6 @@ use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
-use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::sender_report::SenderReport;
@@ -39,7 +38,7 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use weir_signaling::Kind;
 
 use super::forward::{carries_sps, starts_keyframe};
-use super::peer::{register_codecs, to_kind, RtcpTap, RTCP_TAP_SLOT};
+use super::peer::{add_udp_host_candidate, register_codecs, to_kind, RtcpTap, RTCP_TAP_SLOT};
 
 /// What the connection gives the shell.
 #[derive(Debug)]
@@ -125,18 +124,7 @@ impl Upstream {
             .with_media_engine(engine)
             .with_interceptor_registry(registry)
             .build(now)?;
-        let candidate = CandidateHostConfig {
-            base_config: CandidateConfig {
-                network: "udp".to_owned(),
-                address: local.ip().to_string(),
-                port: local.port(),
-                component: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-        .new_candidate_host()?;
-        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        add_udp_host_candidate(&mut pc, local)?;
         Ok(Self {
             pc,
             local,
