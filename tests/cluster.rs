@@ -1274,6 +1274,44 @@ async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli
         coverage > 0.995,
         "viewer-c got {coverage:.4} of its video packets"
     );
+    // A relay carries what members there receive: with no one on C receiving the
+    // stream, C unsubscribes at B; when one does again, it subscribes again.
+    let b = &b;
+    let subscriptions_on_b = |want: f64| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = b.metrics().await;
+            if metric(&m, "weir_subscriptions") == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "B's subscriptions stayed at {}",
+                metric(&m, "weir_subscriptions")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    subscriptions_on_b(2.0).await;
+    let unsubscribe = || weir_signaling::ClientMessage::Unsubscribe {
+        stream_ids: vec![publisher.stream.clone()],
+    };
+    on_c.send(unsubscribe());
+    via_a.send(unsubscribe());
+    subscriptions_on_b(1.0).await;
+    let before = on_c.received(&publisher.stream, "video").await.len();
+    on_c.send(weir_signaling::ClientMessage::Subscribe {
+        stream_ids: vec![publisher.stream.clone()],
+    });
+    subscriptions_on_b(2.0).await;
+    until_received(
+        &on_c,
+        &publisher.stream,
+        "video",
+        before + 60,
+        Duration::from_secs(15),
+    )
+    .await;
     // The members through C leave: C's relay ends, and B's hidden member goes.
     on_c.send(weir_signaling::ClientMessage::Leave);
     via_a.send(weir_signaling::ClientMessage::Leave);

@@ -197,11 +197,21 @@ pub enum BridgeInput {
     /// The pusher is gone.
     Gone { session: SessionId },
     /// The source is a room's stream relayed from the node serving the room (rooms
-    /// that span nodes): keyframe requests for it go there, on `keyframes`.
+    /// that span nodes): what it needs from there is asked on `asks`.
     Relayed {
         session: SessionId,
-        keyframes: mpsc::Sender<SessionId>,
+        asks: mpsc::Sender<UpstreamAsk>,
     },
+}
+
+/// What the media plane asks of the relay a relayed source comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamAsk {
+    /// A local subscriber needs a keyframe.
+    Keyframe(SessionId),
+    /// Whether any local subscriber receives the source now: a relay carries only
+    /// the streams some member here receives.
+    Wanted(SessionId, bool),
 }
 
 /// What a converter to FLV gets from a WebRTC publisher's stream.
@@ -225,8 +235,10 @@ struct Bridged {
     /// Video packets since the last keyframe, and when that keyframe came.
     gop: Vec<rtc::rtp::Packet>,
     gop_at: Option<Instant>,
-    /// Relayed from another node: where its keyframe requests go.
-    upstream: Option<mpsc::Sender<SessionId>>,
+    /// Relayed from another node: where its asks go, and whether it was last said
+    /// to be wanted.
+    upstream: Option<mpsc::Sender<UpstreamAsk>>,
+    wanted: bool,
 }
 
 impl Media {
@@ -673,6 +685,24 @@ impl Media {
                 self.drop_bridged(session);
             }
         }
+        self.ask_upstream_demand();
+    }
+
+    /// Tells each relayed source's relay whether a subscriber here receives it now
+    /// (when that changed): the relay subscribes to it, or unsubscribes, at the
+    /// room's node. A full queue is tried again at the next command.
+    fn ask_upstream_demand(&mut self) {
+        for (session, b) in self.bridged.iter_mut() {
+            let Some(up) = &b.upstream else { continue };
+            let wanted = self
+                .allowed
+                .get(session)
+                .and_then(|a| self.subscriptions.get(&a.stream_id))
+                .is_some_and(|s| !s.is_empty());
+            if wanted != b.wanted && up.try_send(UpstreamAsk::Wanted(*session, wanted)).is_ok() {
+                b.wanted = wanted;
+            }
+        }
     }
 
     fn close_peer(&mut self, key: PeerKey) {
@@ -918,7 +948,7 @@ impl Media {
             .and_then(|b| b.upstream.as_ref())
         {
             // Relayed from the room's node: asked there, which asks the publisher.
-            if up.try_send(publisher).is_ok() {
+            if up.try_send(UpstreamAsk::Keyframe(publisher)).is_ok() {
                 self.last_pli.insert(throttle_key, now);
                 self.metrics.plis.with_label_values(&["to_origin"]).inc();
             }
@@ -1153,8 +1183,11 @@ impl Media {
                 report,
             } => self.relay_sender_report(session, kind, &report, Instant::now()),
             BridgeInput::Gone { session } => self.drop_bridged(session),
-            BridgeInput::Relayed { session, keyframes } => {
-                self.bridged.entry(session).or_default().upstream = Some(keyframes);
+            BridgeInput::Relayed { session, asks } => {
+                let b = self.bridged.entry(session).or_default();
+                b.upstream = Some(asks);
+                b.wanted = false;
+                self.ask_upstream_demand();
             }
         }
     }

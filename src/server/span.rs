@@ -5,7 +5,9 @@
 //! room it carries, the edge runs one of these tasks: it joins the room on its node as
 //! a hidden member (user `weir-relay.{edge id}`, a privateMapKey it mints with the
 //! app's key carrying Weir's relay bit 0x100: listed to no one, counted in no limit),
-//! receives every stream of the room once, on one WebRTC connection
+//! receives each stream of the room that some member here receives (subscribing and
+//! unsubscribing there as the media plane says, `UpstreamAsk::Wanted`) once, on one
+//! WebRTC connection
 //! ([`crate::media::upstream::Upstream`]: NACK, receiver reports and transport-wide
 //! feedback toward the room's node, which sees one subscriber per edge), and hands
 //! the packets to the edge's media plane as bridged sources, each under a stand-in
@@ -35,7 +37,7 @@ use super::control::ControlCommand;
 use crate::auth::{Keyring, Privileges, RoomId, TokenKind};
 use crate::cluster::NodeRecord;
 use crate::media::upstream::{Upstream, UpstreamEvent};
-use crate::media::BridgeInput;
+use crate::media::{BridgeInput, UpstreamAsk};
 use crate::metrics::Metrics;
 use crate::room::{RoomKey, SessionId};
 
@@ -168,7 +170,7 @@ impl Relay {
             Err(e) => return Some(e.to_string()),
         };
         let mut pc: Option<Upstream> = None;
-        let (keyframes_tx, mut keyframes) = mpsc::channel::<SessionId>(64);
+        let (asks_tx, mut asks) = mpsc::channel::<UpstreamAsk>(64);
         let mut joined = false;
         let mut buf = vec![0u8; 2048];
         let mut ping = tokio::time::interval(Duration::from_secs(10));
@@ -215,11 +217,11 @@ impl Relay {
                             info!(room = %self.room.name(), origin = %origin.id, %user, "relaying the room from its node");
                             for m in members {
                                 for s in m.streams {
-                                    self.added(s, &keyframes_tx).await;
+                                    self.added(s, &asks_tx).await;
                                 }
                             }
                         }
-                        ServerMessage::StreamAdded { stream } => self.added(stream, &keyframes_tx).await,
+                        ServerMessage::StreamAdded { stream } => self.added(stream, &asks_tx).await,
                         ServerMessage::StreamRemoved { stream_id, .. } => self.removed(&stream_id).await,
                         ServerMessage::StreamMuted { stream_id, kind, muted } => {
                             if let Some((user, _)) = self.streams.get(&stream_id) {
@@ -261,10 +263,25 @@ impl Relay {
                         _ => {}
                     }
                 }
-                Some(session) = keyframes.recv() => {
-                    let stream = self.streams.iter().find(|(_, (_, s))| *s == session).map(|(id, _)| id.clone());
-                    if let (Some(stream), Some(pc)) = (stream, pc.as_mut()) {
-                        pc.request_keyframe(&stream, Instant::now());
+                Some(ask) = asks.recv() => {
+                    let (UpstreamAsk::Keyframe(session) | UpstreamAsk::Wanted(session, _)) = ask;
+                    let Some(stream) = self.streams.iter().find(|(_, (_, s))| *s == session).map(|(id, _)| id.clone()) else {
+                        continue;
+                    };
+                    let msg = match ask {
+                        UpstreamAsk::Keyframe(_) => {
+                            if let Some(pc) = pc.as_mut() {
+                                pc.request_keyframe(&stream, Instant::now());
+                            }
+                            None
+                        }
+                        UpstreamAsk::Wanted(_, true) => Some(ClientMessage::Subscribe { stream_ids: vec![stream] }),
+                        UpstreamAsk::Wanted(_, false) => Some(ClientMessage::Unsubscribe { stream_ids: vec![stream] }),
+                    };
+                    if let Some(msg) = msg {
+                        if ws_tx.send(Message::Text(json(&msg).into())).await.is_err() {
+                            return Some("the room's node closed the relay".into());
+                        }
                     }
                 }
                 _ = ping.tick() => {
@@ -337,7 +354,8 @@ impl Relay {
             room_id,
             str_room_id,
             private_map_key,
-            auto_subscribe: true,
+            // Subscribed stream by stream, as members here receive them.
+            auto_subscribe: false,
             congestion_policy: None,
         });
         Ok((user, json(&join)))
@@ -354,7 +372,7 @@ impl Relay {
             .await;
     }
 
-    async fn added(&mut self, stream: StreamInfo, keyframes: &mpsc::Sender<SessionId>) {
+    async fn added(&mut self, stream: StreamInfo, asks: &mpsc::Sender<UpstreamAsk>) {
         if self.streams.contains_key(&stream.stream_id) {
             return;
         }
@@ -375,7 +393,7 @@ impl Relay {
             .bridge
             .send(BridgeInput::Relayed {
                 session: identity,
-                keyframes: keyframes.clone(),
+                asks: asks.clone(),
             })
             .await;
         debug!(room = %self.room.name(), stream = %stream.stream_id, session = session.0, "relayed stream");
