@@ -196,8 +196,9 @@ pub fn choose<'a>(
 }
 
 /// The node that carries a spilling room's next member: among the live nodes that take
-/// rooms, other than the room's own (`origin`), one that carries the room already (its
-/// relay is paid for), else the least loaded, this one on a tie.
+/// rooms, other than the room's own (`origin`), in `region` when one there does, one
+/// that carries the room already (its relay is paid for), else the least loaded, this
+/// one on a tie.
 #[allow(clippy::too_many_arguments)]
 pub fn choose_edge<'a>(
     nodes: &'a [NodeRecord],
@@ -209,14 +210,22 @@ pub fn choose_edge<'a>(
     ttl_ms: u64,
     max_cpu: f64,
 ) -> Option<&'a NodeRecord> {
-    let others: Vec<NodeRecord> = nodes.iter().filter(|n| n.id != origin).cloned().collect();
-    let carrying: Vec<NodeRecord> = others
+    let eligible =
+        |n: &&NodeRecord| n.id != origin && n.is_fresh(now_ms, ttl_ms) && n.takes_rooms(max_cpu);
+    let in_region = !region.is_empty() && nodes.iter().filter(eligible).any(|n| n.region == region);
+    let pool: Vec<NodeRecord> = nodes
+        .iter()
+        .filter(eligible)
+        .filter(|n| !in_region || n.region == region)
+        .cloned()
+        .collect();
+    let carrying: Vec<NodeRecord> = pool
         .iter()
         .filter(|n| n.carrying.iter().any(|r| r == room))
         .cloned()
         .collect();
-    let id = choose(&carrying, self_id, region, now_ms, ttl_ms, max_cpu)
-        .or_else(|| choose(&others, self_id, region, now_ms, ttl_ms, max_cpu))?
+    let id = choose(&carrying, self_id, "", now_ms, ttl_ms, max_cpu)
+        .or_else(|| choose(&pool, self_id, "", now_ms, ttl_ms, max_cpu))?
         .id
         .clone();
     nodes.iter().find(|n| n.id == id)
@@ -365,6 +374,26 @@ mod tests {
         assert!(edge(&nodes).is_none());
         nodes[1].spilling = (0..MAX_SPILLING).map(|i| i.to_string()).collect();
         assert!(nodes[1].spills("anything"));
+    }
+
+    #[test]
+    fn a_spilling_room_s_member_stays_in_its_region_before_joining_a_carrying_node() {
+        let mut nodes = vec![
+            node("o", "eu", 0.0, 1),
+            node("e1", "eu", 0.1, 0),
+            node("e2", "ap", 0.2, 0),
+            node("e3", "ap", 0.25, 0),
+        ];
+        nodes[1].carrying = vec!["r".into()];
+        let edge = |nodes: &[NodeRecord], region| {
+            choose_edge(nodes, "o", "r", "e2", region, 11_000, 5_000, 0.9).map(|n| n.id.clone())
+        };
+        // Asked in ap: an ap node, though e1 carries the room; e2 (asked) on the tie.
+        assert_eq!(edge(&nodes, "ap").unwrap(), "e2");
+        nodes[3].carrying = vec!["r".into()];
+        assert_eq!(edge(&nodes, "ap").unwrap(), "e3");
+        // No node of the region takes rooms: any carrying node.
+        assert_eq!(edge(&nodes, "us").unwrap(), "e1");
     }
 
     #[test]
