@@ -27,6 +27,12 @@
 //!   players (bytes counted). No latency: the file carries no send-time stamps.
 //! - `meeting`: `BENCH_PUBLISHERS` (10) members, each publishing H.264 360p at
 //!   `BENCH_VIDEO_KBPS` (500) + Opus and receiving every stream.
+//! - `relay`: `fanout` in a room that spans nodes: a `redis-server`, the room's node
+//!   (the publisher joins there; the room spills at once) and `BENCH_EDGES` (3) other
+//!   nodes, each in a region of its own; the N subscribers join through the edges in
+//!   turn, and each edge relays the stream from the room's node once. All the nodes
+//!   share Weir's cores; CPU is summed and printed per node. Compare with `fanout` at
+//!   the same N (one node): the relay's added latency, and its CPU.
 //!
 //! For each N: subscribers join in a burst (the join storm: time until every one
 //! receives video, failures), 3 s settle, then `BENCH_SECONDS` (20) measured, with a
@@ -727,6 +733,8 @@ fn metric_sum(metrics: &str, prefix: &str) -> f64 {
 struct Window {
     at: Instant,
     weir_cpu: f64,
+    /// Each node's, in the order given.
+    node_cpu: Vec<f64>,
     load_cpu: f64,
     packets: u64,
     expected: u64,
@@ -739,25 +747,54 @@ struct Window {
     paused: f64,
 }
 
+/// Bucket counts of two readings of one histogram, added (several nodes).
+fn add_buckets(a: &mut Vec<(f64, f64)>, b: Vec<(f64, f64)>) {
+    if a.is_empty() {
+        *a = b;
+    } else {
+        for (x, y) in a.iter_mut().zip(b) {
+            x.1 += y.1;
+        }
+    }
+}
+
 impl Window {
-    async fn read(node: &ProcNode, totals: &Totals) -> Self {
-        let m = node.metrics().await;
-        Self {
+    /// The nodes' counters added (one node, or a cluster's).
+    async fn read(nodes: &[Arc<ProcNode>], totals: &Totals) -> Self {
+        let mut w = Self {
             at: Instant::now(),
-            weir_cpu: cpu_seconds(node.pid),
+            weir_cpu: 0.0,
+            node_cpu: Vec::new(),
             load_cpu: cpu_seconds(std::process::id()),
             packets: totals.packets.load(Ordering::Relaxed),
             expected: totals.expected.load(Ordering::Relaxed),
             missing: totals.skipped.load(Ordering::Relaxed) as i64
                 - totals.filled.load(Ordering::Relaxed) as i64,
-            hist: histogram(&m, "weir_forward_latency_seconds_bucket{le=\""),
-            bridge: histogram(
-                &m,
-                "weir_bridge_latency_seconds_bucket{kind=\"video\",le=\"",
-            ),
-            out_packets: metric_sum(&m, "weir_rtp_packets_total{direction=\"out\""),
-            paused: metric_sum(&m, "weir_congestion_paused_videos"),
+            hist: Vec::new(),
+            bridge: Vec::new(),
+            out_packets: 0.0,
+            paused: 0.0,
+        };
+        for node in nodes {
+            let m = node.metrics().await;
+            let cpu = cpu_seconds(node.pid);
+            w.weir_cpu += cpu;
+            w.node_cpu.push(cpu);
+            add_buckets(
+                &mut w.hist,
+                histogram(&m, "weir_forward_latency_seconds_bucket{le=\""),
+            );
+            add_buckets(
+                &mut w.bridge,
+                histogram(
+                    &m,
+                    "weir_bridge_latency_seconds_bucket{kind=\"video\",le=\"",
+                ),
+            );
+            w.out_packets += metric_sum(&m, "weir_rtp_packets_total{direction=\"out\"");
+            w.paused += metric_sum(&m, "weir_congestion_paused_videos");
         }
+        w
     }
 }
 
@@ -774,6 +811,7 @@ struct Measured {
     fwd: [f64; 3],
     bridge: [f64; 3],
     weir_cpu_pct: f64,
+    node_cpu_pct: Vec<f64>,
     load_cpu_pct: f64,
     us_per_packet: f64,
     starved_seconds: usize,
@@ -791,7 +829,7 @@ struct Step {
 }
 
 async fn measure(
-    node: &ProcNode,
+    node: &[Arc<ProcNode>],
     totals: &Totals,
     subs: &[Arc<SubCounters>],
     seconds: u64,
@@ -905,6 +943,12 @@ async fn measure(
         fwd: [0.5, 0.99, 0.999].map(|q| histogram_quantile(&first.hist, &prev.hist, q)),
         bridge: [0.5, 0.99, 0.999].map(|q| histogram_quantile(&first.bridge, &prev.bridge, q)),
         weir_cpu_pct: 100.0 * weir_cpu / dt,
+        node_cpu_pct: prev
+            .node_cpu
+            .iter()
+            .zip(&first.node_cpu)
+            .map(|(b, a)| 100.0 * (b - a) / dt)
+            .collect(),
         load_cpu_pct: 100.0 * (prev.load_cpu - first.load_cpu) / dt,
         us_per_packet: if out > 0.0 {
             weir_cpu * 1e6 / out
@@ -964,18 +1008,62 @@ async fn run(threads: usize) {
     let cc = env_u64("BENCH_CC", 1) == 1;
     let max_n = steps.iter().copied().max().unwrap_or(0);
     let dir = tempfile::tempdir().unwrap();
-    let node = Arc::new(
-        ProcNode::start(dir.path(), Some(&weir_cpus), |c| {
-            // Every client comes from 127.0.0.1, faster than any real one would.
-            c.server.signaling_messages_per_s = 0;
-            c.server.max_connections_per_ip = 100_000;
-            c.server.max_connections = 100_000;
-            c.server.max_members_per_room = c.server.max_members_per_room.max(max_n + 20);
-            c.server.max_subscriptions = 1_000_000;
-            c.server.congestion_control = cc;
-        })
-        .await,
-    );
+    let tune = move |c: &mut weir::config::Config| {
+        // Every client comes from 127.0.0.1, faster than any real one would.
+        c.server.signaling_messages_per_s = 0;
+        c.server.max_connections_per_ip = 100_000;
+        c.server.max_connections = 100_000;
+        c.server.max_members_per_room = c.server.max_members_per_room.max(max_n + 20);
+        c.server.max_subscriptions = 1_000_000;
+        c.server.congestion_control = cc;
+    };
+    // The relay scenario: a cluster (Redis, the room's node, `BENCH_EDGES` edges, all
+    // on Weir's cores); the room spills at once, every subscriber joins through an
+    // edge (round robin), each edge in a region of its own so it serves its joins.
+    let edges_n = if scenario == "relay" {
+        env_u64("BENCH_EDGES", 3) as usize
+    } else {
+        0
+    };
+    let redis = if edges_n > 0 {
+        Some(common::redis::Redis::start().await)
+    } else {
+        None
+    };
+    let app_config = weir::auth::AppKeys::generate_config(common::APP);
+    let mut nodes: Vec<Arc<ProcNode>> = Vec::new();
+    for i in 0..=edges_n {
+        let node_dir = dir.path().join(format!("node{i}"));
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let redis_url = redis.as_ref().map(|r| r.url());
+        nodes.push(Arc::new(
+            ProcNode::start_app(&node_dir, Some(&weir_cpus), app_config.clone(), |c| {
+                tune(c);
+                if let Some(url) = redis_url {
+                    c.cluster.redis_url = url;
+                    c.cluster.node_id = if i == 0 {
+                        "origin".into()
+                    } else {
+                        format!("edge-{i}")
+                    };
+                    c.cluster.region = format!("r{i}");
+                    c.server.trusted_proxies = vec!["127.0.0.1".into()];
+                    if i == 0 {
+                        c.cluster.spill_members = 1;
+                    }
+                }
+            })
+            .await,
+        ));
+    }
+    let node = nodes[0].clone();
+    // Where subscribers join, and whose counters are measured.
+    let entries: Vec<Arc<ProcNode>> = if edges_n > 0 {
+        nodes[1..].to_vec()
+    } else {
+        vec![node.clone()]
+    };
+    let measured = nodes.clone();
     let room = 1;
     let stop = Arc::new(AtomicBool::new(false));
     let opus = Arc::new(opus_packets());
@@ -1058,6 +1146,27 @@ async fn run(threads: usize) {
         steps
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
+    if edges_n > 0 {
+        // Every edge sees the room spill from its node before anyone joins there.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for e in &entries {
+            loop {
+                let view = common::http_get(e.metrics, "/cluster").await;
+                if view.contains("\"spilling\":[\"1400000000/1\"]") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the room does not spill: {view}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let what = if edges_n > 0 {
+        format!(
+            "{what}, on the room's node; subscribers join through {edges_n} other nodes (round robin), each of which relays the stream from it"
+        )
+    } else {
+        what
+    };
     println!(
         "scenario {scenario}: {what}; Weir on cpu {weir_cpus}, generator on {} ({threads} threads); congestion control {}",
         env_str("BENCH_LOAD_CPUS", "1"),
@@ -1096,9 +1205,10 @@ async fn run(threads: usize) {
         let newcomers: Vec<Arc<SubCounters>> = (subs.len()..n)
             .map(|i| {
                 let own = Arc::new(SubCounters::default());
+                let entry = &entries[i % entries.len()];
                 tasks.push(tokio::spawn(subscribe(
-                    node.ws.clone(),
-                    node.join(&format!("s{i}"), room, true),
+                    entry.ws.clone(),
+                    entry.join(&format!("s{i}"), room, true),
                     totals.clone(),
                     own.clone(),
                     stop.clone(),
@@ -1132,7 +1242,7 @@ async fn run(threads: usize) {
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
         let flv_before = flv_bytes.load(Ordering::Relaxed);
-        let m = measure(&node, &totals, &subs, seconds, &mut trace).await;
+        let m = measure(&measured, &totals, &subs, seconds, &mut trace).await;
         println!(
             "  Weir's residence p50 / p99 / p99.9 (bucket bounds): WebRTC {:?} ms, RTMP video {:?} ms",
             m.fwd, m.bridge
@@ -1151,7 +1261,7 @@ async fn run(threads: usize) {
             receiving: totals.with_video.load(Ordering::Relaxed),
             join_ms,
             failures: totals.failed.load(Ordering::Relaxed) - failed_before,
-            rss_mib: rss_mib(node.pid),
+            rss_mib: measured.iter().map(|n| rss_mib(n.pid)).sum(),
             m,
         };
         let m = &s.m;
@@ -1159,6 +1269,13 @@ async fn run(threads: usize) {
             "  N = {n}: {:.0} pkt/s received, {:.0} sent by Weir, loss {:.3} %, latency p50 {:.1} / p99 {:.1} / max {:.1} ms, Weir forwarding p99 {:.2} ms, Weir CPU {:.0} % ({:.2} µs per packet sent), generator CPU {:.0} %, Weir RSS {:.0} MiB, {} subscriber-seconds without video, up to {} videos paused",
             m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd[1], m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds, m.paused_max
         );
+        if edges_n > 0 {
+            let per: Vec<String> = s.m.node_cpu_pct.iter().map(|c| format!("{c:.1}")).collect();
+            println!(
+                "  CPU % per node (the room's node first, then the edges): {}",
+                per.join(" / ")
+            );
+        }
         summaries.push(s);
     }
     stop.store(true, Ordering::Relaxed);

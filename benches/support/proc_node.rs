@@ -41,7 +41,16 @@ impl ProcNode {
         cpus: Option<&str>,
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
-        let app_config = AppKeys::generate_config(common::APP);
+        Self::start_app(dir, cpus, AppKeys::generate_config(common::APP), tweak).await
+    }
+
+    /// [`Self::start`] serving `app_config` (the nodes of a cluster share their apps).
+    pub async fn start_app(
+        dir: &std::path::Path,
+        cpus: Option<&str>,
+        app_config: weir::config::AppConfig,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let app = AppKeys::from_config(&app_config).unwrap();
         let play_key = app_config.live_play_key.clone();
         let mut config = Config::development(None);
