@@ -47,10 +47,23 @@ async fn three_nodes_with(
     redis: &Redis,
     tweak_b: impl FnOnce(&mut weir::config::Config),
 ) -> (AppConfig, Node, Node, Node) {
+    three_nodes_tweaked(redis, |_| {}, tweak_b).await
+}
+
+/// Three nodes, each configured by `all`, then B by `tweak_b`.
+async fn three_nodes_tweaked(
+    redis: &Redis,
+    all: impl Fn(&mut weir::config::Config),
+    tweak_b: impl FnOnce(&mut weir::config::Config),
+) -> (AppConfig, Node, Node, Node) {
     let app = AppKeys::generate_config(APP);
-    let a = cluster_node(redis, &app, "node-a", |_| {}).await;
-    let b = cluster_node(redis, &app, "node-b", tweak_b).await;
-    let c = cluster_node(redis, &app, "node-c", |_| {}).await;
+    let a = cluster_node(redis, &app, "node-a", &all).await;
+    let b = cluster_node(redis, &app, "node-b", |c| {
+        all(c);
+        tweak_b(c)
+    })
+    .await;
+    let c = cluster_node(redis, &app, "node-c", &all).await;
     // Each knows the other two within a heartbeat or two.
     let deadline = Instant::now() + Duration::from_secs(10);
     for n in [&a, &b, &c] {
@@ -1333,10 +1346,50 @@ async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_of_a_spilled_room_move_when_its_node_dies() {
     let redis = Redis::start().await;
-    let (app_config, _a, b, c) = three_nodes_with(&redis, |cfg| {
-        cfg.cluster.spill_members = 1;
-    })
+    // The backend hears every node's room events.
+    let events: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let port = free_port();
+    let router = axum::Router::new().route(
+        "/cb",
+        axum::routing::post({
+            let events = events.clone();
+            move |body: String| async move {
+                events
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&body).unwrap());
+                "{\"code\":0}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let (app_config, _a, b, c) = three_nodes_tweaked(
+        &redis,
+        |cfg| {
+            cfg.callbacks.url = format!("http://127.0.0.1:{port}/cb");
+            cfg.callbacks.key = "k".into();
+        },
+        |cfg| cfg.cluster.spill_members = 1,
+    )
     .await;
+    // (event type, user) of the room events the backend got so far.
+    let room_events = || -> Vec<(u64, String)> {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["EventGroupId"] == 1 && v["EventInfo"]["RoomId"] == 779)
+            .map(|v| {
+                (
+                    v["EventType"].as_u64().unwrap(),
+                    v["EventInfo"]["UserId"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
     let app = AppKeys::from_config(&app_config).unwrap();
     let publisher = publish_through(&b.ws_url(), &app, "presenter", 779).await;
     until_listed(&c, "node-b", "spilling", "1400000000/779").await;
@@ -1349,6 +1402,21 @@ async fn members_of_a_spilled_room_move_when_its_node_dies() {
         Duration::from_secs(15),
     )
     .await;
+    // The backend heard of the room once (from B), of the presenter once, and of the
+    // member on C: nothing of C's copy of the room, its stand-in or B's hidden relay.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while room_events().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        room_events(),
+        vec![
+            (101, String::new()),
+            (103, "presenter".into()),
+            (103, "viewer-c".into())
+        ]
+    );
     // An edge member may only receive: its privileges say so, and a publish is refused.
     on_c.send(weir_signaling::ClientMessage::Publish {
         audio: true,
@@ -1410,5 +1478,19 @@ async fn members_of_a_spilled_room_move_when_its_node_dies() {
     let mc = c.metrics().await;
     assert_eq!(metric(&mc, "weir_cluster_relays{kind=\"edge\""), 0.0);
     assert_eq!(metric(&mc, "weir_participants"), 0.0);
+    // C's member left there (told to move: reason 5); C made and dismissed no room.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while room_events().len() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(room_events()[3..], [(104, "viewer-c".into())]);
+    let reason = events
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|v| v["EventType"] == 104)
+        .map(|v| v["EventInfo"]["Reason"].clone());
+    assert_eq!(reason, Some(serde_json::json!(5)));
     drop(publisher);
 }

@@ -163,6 +163,9 @@ pub struct Control {
     span: Option<super::span::SpanContext>,
     /// Rooms this node carries for the node serving them (their audience here).
     edges: HashMap<RoomKey, EdgeRoom>,
+    /// Rooms carried here until now, with their stand-ins: their last events are
+    /// being flushed.
+    ended_edges: HashMap<RoomKey, HashSet<String>>,
 }
 
 /// A room carried here for another node: its relay, and the members standing in
@@ -251,6 +254,7 @@ impl Control {
             overloaded: None,
             span: None,
             edges: HashMap::new(),
+            ended_edges: HashMap::new(),
         }
     }
 
@@ -475,6 +479,10 @@ impl Control {
                     if s.1 == 0 {
                         let user = user.clone();
                         edge.standins.remove(&user);
+                        self.ended_edges
+                            .entry(room.clone())
+                            .or_default()
+                            .insert(user);
                         self.rooms.leave(session, LeaveReason::Left);
                     }
                 }
@@ -488,6 +496,8 @@ impl Control {
             }
             SpanEvent::Lost { why } => {
                 let edge = self.edges.remove(&room).expect("looked up above");
+                self.ended_edges
+                    .insert(room.clone(), edge.standins.keys().cloned().collect());
                 let standins: HashSet<SessionId> = edge.standins.values().map(|s| s.0).collect();
                 for s in &standins {
                     self.rooms.leave(*s, LeaveReason::Left);
@@ -519,6 +529,8 @@ impl Control {
             return;
         }
         let edge = self.edges.remove(&room).expect("looked up above");
+        self.ended_edges
+            .insert(room.clone(), edge.standins.keys().cloned().collect());
         for (session, _) in edge.standins.values() {
             self.rooms.leave(*session, LeaveReason::Left);
         }
@@ -1021,11 +1033,33 @@ impl Control {
                     self.send_to_media(MediaInput::Command(cmd)).await
                 }
                 Output::Event(event) => {
-                    if let Some(cb) = &self.callbacks {
+                    if let (Some(cb), false) = (&self.callbacks, self.carried_here(&event)) {
                         super::hooks::room_event(cb, &event, now_ms());
                     }
                 }
             }
         }
+        self.ended_edges.clear();
+    }
+
+    /// Whether a room event is one the backend hears from the room's own node: a room
+    /// carried here is made and dismissed there, and its stand-ins are members there.
+    /// (The members who joined here enter and leave here.)
+    fn carried_here(&self, event: &crate::room::RoomEvent) -> bool {
+        use crate::room::RoomEvent;
+        let (room, user) = match event {
+            RoomEvent::Created { room } | RoomEvent::Dismissed { room } => (room, None),
+            RoomEvent::Entered { room, user_id } | RoomEvent::Exited { room, user_id, .. } => {
+                (room, Some(user_id))
+            }
+        };
+        let standin = |u: &String| {
+            self.edges
+                .get(room)
+                .is_some_and(|e| e.standins.contains_key(u))
+                || self.ended_edges.get(room).is_some_and(|s| s.contains(u))
+        };
+        let carried = self.edges.contains_key(room) || self.ended_edges.contains_key(room);
+        carried && user.is_none_or(standin)
     }
 }
