@@ -166,6 +166,8 @@ pub struct Control {
     /// Rooms carried here until now, with their stand-ins: their last events are
     /// being flushed.
     ended_edges: HashMap<RoomKey, HashSet<String>>,
+    /// Rooms carried here that a member left since the last flush.
+    edges_left: HashSet<RoomKey>,
 }
 
 /// A room carried here for another node: its relay, and the members standing in
@@ -255,6 +257,7 @@ impl Control {
             span: None,
             edges: HashMap::new(),
             ended_edges: HashMap::new(),
+            edges_left: HashSet::new(),
         }
     }
 
@@ -468,7 +471,15 @@ impl Control {
                         }
                     }
                     Err(e) => {
-                        warn!(room = %room.name(), stream = %stream.stream_id, error = %e, "a relayed stream could not be published here")
+                        warn!(room = %room.name(), stream = %stream.stream_id, error = %e, "a relayed stream could not be published here");
+                        if standin.1 == 0 {
+                            edge.standins.remove(&stream.user_id);
+                            self.ended_edges
+                                .entry(room.clone())
+                                .or_default()
+                                .insert(stream.user_id.clone());
+                            self.rooms.leave(session, LeaveReason::Left);
+                        }
                     }
                 }
             }
@@ -511,10 +522,10 @@ impl Control {
         }
     }
 
-    /// After a member left a room carried here: with no member of its own left, the
-    /// room's relay ends and its stand-ins go.
-    fn release_edge(&mut self, room: Option<RoomKey>) {
-        let Some(room) = room else { return };
+    /// After a member left a room carried here (however: left, closed, kicked, too
+    /// slow): with no member of its own left, the room's relay ends and its stand-ins
+    /// go.
+    fn release_edge(&mut self, room: RoomKey) {
         let Some(edge) = self.edges.get(&room) else {
             return;
         };
@@ -800,9 +811,7 @@ impl Control {
             ControlCommand::Closed { session, reason } => {
                 self.pending.retain(|_, p| p.session != session);
                 self.sessions.remove(&session);
-                let place = self.rooms.place_of(session);
                 self.rooms.leave(session, reason);
-                self.release_edge(place.map(|(k, _)| k));
             }
             ControlCommand::Span { room, event } => self.span_event(room, event),
             ControlCommand::MediaSignal { session, msg } => self.tell(session, msg),
@@ -815,9 +824,7 @@ impl Control {
                 self.rooms.screen_lost(owner);
             }
             ControlCommand::MediaGone { session } => {
-                let place = self.rooms.place_of(session);
                 self.rooms.leave(session, LeaveReason::Timeout);
-                self.release_edge(place.map(|(k, _)| k));
                 if let Some(tx) = self.sessions.remove(&session) {
                     let _ = tx.try_send(SessionEvent::Close(LeaveReason::Timeout));
                 }
@@ -901,9 +908,7 @@ impl Control {
                 Ok(())
             }
             ClientMessage::Leave => {
-                let place = self.rooms.place_of(session);
                 self.rooms.leave(session, LeaveReason::Left);
-                self.release_edge(place.map(|(k, _)| k));
                 Ok(())
             }
             m @ (ClientMessage::Offer { .. }
@@ -1019,6 +1024,22 @@ impl Control {
     }
 
     async fn flush(&mut self) {
+        loop {
+            self.flush_once().await;
+            // Rooms carried here that a member left: released once the output that
+            // told of it is out (their stand-ins' leaving is more output).
+            let left: Vec<RoomKey> = std::mem::take(&mut self.edges_left).into_iter().collect();
+            if left.is_empty() {
+                break;
+            }
+            for room in left {
+                self.release_edge(room);
+            }
+        }
+        self.ended_edges.clear();
+    }
+
+    async fn flush_once(&mut self) {
         while let Some(out) = self.rooms.poll_output() {
             match out {
                 Output::Send(session, msg) => self.tell(session, msg),
@@ -1033,13 +1054,17 @@ impl Control {
                     self.send_to_media(MediaInput::Command(cmd)).await
                 }
                 Output::Event(event) => {
+                    if let crate::room::RoomEvent::Exited { room, .. } = &event {
+                        if self.edges.contains_key(room) {
+                            self.edges_left.insert(room.clone());
+                        }
+                    }
                     if let (Some(cb), false) = (&self.callbacks, self.carried_here(&event)) {
                         super::hooks::room_event(cb, &event, now_ms());
                     }
                 }
             }
         }
-        self.ended_edges.clear();
     }
 
     /// Whether a room event is one the backend hears from the room's own node: a room
