@@ -1138,6 +1138,8 @@ async fn until_listed(node: &Node, node_id: &str, field: &str, room: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli() {
+    // Chrome first: its start is slow on 2 cores.
+    let browser = common::browser::Browser::launch().await;
     let redis = Redis::start().await;
     // Node B takes 2 members a room; the others reach its media port through a link
     // that loses one RTP packet in 25 of what B sends them.
@@ -1325,6 +1327,32 @@ async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli
         Duration::from_secs(15),
     )
     .await;
+    // Chrome, through the SDK on C's page, is a member there too, and decodes the
+    // relayed video.
+    let chrome = browser.open(&format!("http://127.0.0.1:{}/", c.http)).await;
+    let options = serde_json::to_string(&join_with(&app, "chrome", 778, 0xff, true)).unwrap();
+    chrome
+        .eval(&common::browser::sdk_join_js(&options, ""))
+        .await;
+    let stats = format!(
+        r#"(async () => {{ const s = (await window.room.getStats()).get('{}');
+        return {{ frames: s ? s.video.framesDecoded || 0 : 0 }}; }})()"#,
+        publisher.stream
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = chrome.eval(&stats).await;
+        if got["frames"].as_u64().unwrap_or(0) > 30 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Chrome on C decodes the relayed stream: {got}\n{}",
+            browser.console_dump()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    chrome.eval("window.room.leave()").await;
     // The members through C leave: C's relay ends, and B's hidden member goes.
     on_c.send(weir_signaling::ClientMessage::Leave);
     via_a.send(weir_signaling::ClientMessage::Leave);
