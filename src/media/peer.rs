@@ -352,6 +352,24 @@ pub fn offered_send_kinds(sdp: &str) -> Vec<Kind> {
     out
 }
 
+/// What a connection that receives media carries: a NACK generator, a TWCC receiver
+/// and receiver reports.
+pub(super) fn with_receiving_interceptors(registry: Registry) -> Registry {
+    registry
+        .with(
+            Slot::NackGenerator,
+            rtc::interceptor::NackGeneratorBuilder::new().build(),
+        )
+        .with(
+            Slot::TwccReceiver,
+            rtc::interceptor::TwccReceiverBuilder::new().build(),
+        )
+        .with(
+            Slot::ReceiverReport,
+            rtc::interceptor::ReceiverReportBuilder::new().build(),
+        )
+}
+
 /// Gives `pc` a UDP host candidate at `addr`.
 pub(super) fn add_udp_host_candidate(
     pc: &mut RTCPeerConnection,
@@ -664,19 +682,7 @@ impl Peer {
         // those ourselves; two SR sources would contradict each other.
         let registry = Registry::new().with(Slot::from(RTCP_TAP_SLOT), tap);
         let registry = match key.1 {
-            Target::Publisher | Target::Screen => registry
-                .with(
-                    Slot::NackGenerator,
-                    rtc::interceptor::NackGeneratorBuilder::new().build(),
-                )
-                .with(
-                    Slot::TwccReceiver,
-                    rtc::interceptor::TwccReceiverBuilder::new().build(),
-                )
-                .with(
-                    Slot::ReceiverReport,
-                    rtc::interceptor::ReceiverReportBuilder::new().build(),
-                ),
+            Target::Publisher | Target::Screen => with_receiving_interceptors(registry),
             Target::Subscriber => registry
                 .with(
                     Slot::from(super::nack_guard::NACK_GUARD_SLOT),

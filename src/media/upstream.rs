@@ -38,7 +38,10 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use weir_signaling::Kind;
 
 use super::forward::{carries_sps, starts_keyframe};
-use super::peer::{add_udp_host_candidate, register_codecs, to_kind, RtcpTap, RTCP_TAP_SLOT};
+use super::peer::{
+    add_udp_host_candidate, register_codecs, to_kind, with_receiving_interceptors, RtcpTap,
+    RTCP_TAP_SLOT,
+};
 
 /// What the connection gives the shell.
 #[derive(Debug)]
@@ -105,20 +108,9 @@ impl Upstream {
         let _ = configure_nack(Registry::new(), &mut engine);
         configure_simulcast_extension_headers(&mut engine)?;
         let _ = configure_twcc_receiver_only(Registry::new(), &mut engine)?;
-        let registry = Registry::new()
-            .with(Slot::from(RTCP_TAP_SLOT), RtcpTap::new(true))
-            .with(
-                Slot::NackGenerator,
-                rtc::interceptor::NackGeneratorBuilder::new().build(),
-            )
-            .with(
-                Slot::TwccReceiver,
-                rtc::interceptor::TwccReceiverBuilder::new().build(),
-            )
-            .with(
-                Slot::ReceiverReport,
-                rtc::interceptor::ReceiverReportBuilder::new().build(),
-            );
+        let registry = with_receiving_interceptors(
+            Registry::new().with(Slot::from(RTCP_TAP_SLOT), RtcpTap::new(true)),
+        );
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(engine)
