@@ -1218,6 +1218,21 @@ async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli
     );
     // A fourth member, through A, goes to the node that carries the room already.
     until_listed(&a, "node-c", "carrying", room).await;
+    // The operator sees it: `weir cluster status`.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["cluster", "status", "--redis", &redis.url()])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("spilling from node-b: {room}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("carried by node-c: {room}")),
+        "{text}"
+    );
     let plis = |m: &str, d: &str| metric(m, &format!("weir_plis_total{{direction=\"{d}\""));
     // Counts before the fourth member (a series not there yet has counted nothing).
     let before = |m: &str, d: &str| {

@@ -1023,5 +1023,14 @@ pub fn status(
     for (node, rooms) in &view.rooms {
         println!("rooms on {node}: {}", rooms.join(" "));
     }
+    // Rooms that span nodes: which spill from their node, and who carries them.
+    for n in &view.nodes {
+        if !n.spilling.is_empty() {
+            println!("spilling from {}: {}", n.id, n.spilling.join(" "));
+        }
+        if !n.carrying.is_empty() {
+            println!("carried by {}: {}", n.id, n.carrying.join(" "));
+        }
+    }
     Ok(())
 }
