@@ -48,9 +48,11 @@ pub enum ControlCommand {
         /// this node's copy of it, whose streams are relayed from there.
         edge_of: Option<Box<crate::cluster::NodeRecord>>,
     },
-    /// From a relay of a room this node carries for another node.
+    /// From a relay of a room this node carries for another node (`relay`: which one,
+    /// as a room carried again later has a relay of its own).
     Span {
         room: RoomKey,
+        relay: u64,
         event: super::span::SpanEvent,
     },
     Message {
@@ -168,12 +170,16 @@ pub struct Control {
     ended_edges: HashMap<RoomKey, HashSet<String>>,
     /// Rooms carried here that a member left since the last flush.
     edges_left: HashSet<RoomKey>,
+    /// Relays started, which numbers them.
+    relays_started: u64,
 }
 
 /// A room carried here for another node: its relay, and the members standing in
 /// for the room's publishers there.
 struct EdgeRoom {
     origin: String,
+    /// Its relay's number: what an earlier relay of the room says is not heard.
+    relay: u64,
     /// Dropped to end the relay.
     _stop: mpsc::Sender<()>,
     /// Stand-in sessions, by the user they stand in for, with their streams here.
@@ -258,6 +264,7 @@ impl Control {
             edges: HashMap::new(),
             ended_edges: HashMap::new(),
             edges_left: HashSet::new(),
+            relays_started: 0,
         }
     }
 
@@ -405,24 +412,27 @@ impl Control {
             };
             let (stop, stop_rx) = mpsc::channel(1);
             info!(room = %key.name(), origin = %origin.id, "carrying the room for its node: relaying its streams here");
+            self.relays_started += 1;
+            let relay = self.relays_started;
             self.edges.insert(
                 key.clone(),
                 EdgeRoom {
                     origin: origin.id.clone(),
+                    relay,
                     _stop: stop,
                     standins: HashMap::new(),
                 },
             );
-            tokio::spawn(super::span::run(ctx, key, *origin, stop_rx));
+            tokio::spawn(super::span::run(ctx, key, relay, *origin, stop_rx));
         }
         ticket.privileges = edge_privileges(ticket.privileges);
         Ok(())
     }
 
     /// What a room's relay reports: its streams stand in here as members' streams.
-    fn span_event(&mut self, room: RoomKey, event: super::span::SpanEvent) {
+    fn span_event(&mut self, room: RoomKey, relay: u64, event: super::span::SpanEvent) {
         use super::span::SpanEvent;
-        let Some(edge) = self.edges.get_mut(&room) else {
+        let Some(edge) = self.edges.get_mut(&room).filter(|e| e.relay == relay) else {
             return;
         };
         match event {
@@ -813,7 +823,7 @@ impl Control {
                 self.sessions.remove(&session);
                 self.rooms.leave(session, reason);
             }
-            ControlCommand::Span { room, event } => self.span_event(room, event),
+            ControlCommand::Span { room, relay, event } => self.span_event(room, relay, event),
             ControlCommand::MediaSignal { session, msg } => self.tell(session, msg),
             ControlCommand::MediaGone { session } if session.screen_owner().is_some() => {
                 let owner = session.screen_owner().expect("a screen identity");

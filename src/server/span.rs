@@ -90,6 +90,7 @@ pub fn relay_user(node_id: &str) -> String {
 pub async fn run(
     ctx: SpanContext,
     room: RoomKey,
+    number: u64,
     origin: NodeRecord,
     mut stop: mpsc::Receiver<()>,
 ) {
@@ -98,6 +99,7 @@ pub async fn run(
     let mut relay = Relay {
         ctx: ctx.clone(),
         room: room.clone(),
+        number,
         users: HashMap::new(),
         streams: HashMap::new(),
     };
@@ -114,6 +116,7 @@ pub async fn run(
             .control
             .send(ControlCommand::Span {
                 room,
+                relay: number,
                 event: SpanEvent::Lost { why },
             })
             .await;
@@ -125,6 +128,8 @@ pub async fn run(
 struct Relay {
     ctx: SpanContext,
     room: RoomKey,
+    /// Which relay of the room this is (the control task's number).
+    number: u64,
     /// The stand-in session of each publishing user of the room.
     users: HashMap<String, SessionId>,
     /// Each relayed stream: its user and the media identity its packets go under
@@ -367,6 +372,7 @@ impl Relay {
             .control
             .send(ControlCommand::Span {
                 room: self.room.clone(),
+                relay: self.number,
                 event,
             })
             .await;
