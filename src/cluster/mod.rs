@@ -177,22 +177,38 @@ pub fn choose<'a>(
     ttl_ms: u64,
     max_cpu: f64,
 ) -> Option<&'a NodeRecord> {
-    let eligible = || {
-        nodes
-            .iter()
-            .filter(|n| n.is_fresh(now_ms, ttl_ms) && n.takes_rooms(max_cpu))
-    };
-    let in_region = !region.is_empty() && eligible().any(|n| n.region == region);
-    eligible()
+    best(
+        in_region_pool(nodes.iter(), region, now_ms, ttl_ms, max_cpu),
+        self_id,
+    )
+}
+
+/// The least loaded of `pool`, in steps of a tenth (this node first on a tie: a
+/// room's first member is connected to it already), then fewer participants, then id.
+fn best<'a>(pool: Vec<&'a NodeRecord>, self_id: &str) -> Option<&'a NodeRecord> {
+    pool.into_iter().min_by(|a, b| {
+        let step = |n: &NodeRecord| (n.weight() * 10.0).floor() as i64;
+        step(a)
+            .cmp(&step(b))
+            .then((a.id != self_id).cmp(&(b.id != self_id)))
+            .then(a.load.participants.cmp(&b.load.participants))
+            .then(a.id.cmp(&b.id))
+    })
+}
+
+/// The live nodes that take rooms, only those of `region` when one there does.
+fn in_region_pool<'a>(
+    nodes: impl Iterator<Item = &'a NodeRecord> + Clone,
+    region: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+    max_cpu: f64,
+) -> Vec<&'a NodeRecord> {
+    let eligible = nodes.filter(|n| n.is_fresh(now_ms, ttl_ms) && n.takes_rooms(max_cpu));
+    let in_region = !region.is_empty() && eligible.clone().any(|n| n.region == region);
+    eligible
         .filter(|n| !in_region || n.region == region)
-        .min_by(|a, b| {
-            let step = |n: &NodeRecord| (n.weight() * 10.0).floor() as i64;
-            step(a)
-                .cmp(&step(b))
-                .then((a.id != self_id).cmp(&(b.id != self_id)))
-                .then(a.load.participants.cmp(&b.load.participants))
-                .then(a.id.cmp(&b.id))
-        })
+        .collect()
 }
 
 /// The node that carries a spilling room's next member: among the live nodes that take
@@ -210,25 +226,19 @@ pub fn choose_edge<'a>(
     ttl_ms: u64,
     max_cpu: f64,
 ) -> Option<&'a NodeRecord> {
-    let eligible =
-        |n: &&NodeRecord| n.id != origin && n.is_fresh(now_ms, ttl_ms) && n.takes_rooms(max_cpu);
-    let in_region = !region.is_empty() && nodes.iter().filter(eligible).any(|n| n.region == region);
-    let pool: Vec<NodeRecord> = nodes
+    let pool = in_region_pool(
+        nodes.iter().filter(|n| n.id != origin),
+        region,
+        now_ms,
+        ttl_ms,
+        max_cpu,
+    );
+    let carrying: Vec<&NodeRecord> = pool
         .iter()
-        .filter(eligible)
-        .filter(|n| !in_region || n.region == region)
-        .cloned()
-        .collect();
-    let carrying: Vec<NodeRecord> = pool
-        .iter()
+        .copied()
         .filter(|n| n.carrying.iter().any(|r| r == room))
-        .cloned()
         .collect();
-    let id = choose(&carrying, self_id, "", now_ms, ttl_ms, max_cpu)
-        .or_else(|| choose(&pool, self_id, "", now_ms, ttl_ms, max_cpu))?
-        .id
-        .clone();
-    nodes.iter().find(|n| n.id == id)
+    best(carrying, self_id).or_else(|| best(pool, self_id))
 }
 
 /// Where a join (or push, or play) for a room goes.

@@ -370,6 +370,22 @@ pub(super) fn with_receiving_interceptors(registry: Registry) -> Registry {
         )
 }
 
+/// The codec a receiver's packets of payload type `pt` carry, as negotiated.
+pub(super) fn negotiated_codec(
+    pc: &mut RTCPeerConnection,
+    receiver: RTCRtpReceiverId,
+    pt: u8,
+) -> Option<RTCRtpCodec> {
+    pc.rtp_receiver(receiver).and_then(|mut r| {
+        r.get_parameters()
+            .rtp_parameters
+            .codecs
+            .iter()
+            .find(|c| c.payload_type == pt)
+            .map(|c| c.rtp_codec.clone())
+    })
+}
+
 /// Gives `pc` a UDP host candidate at `addr`.
 pub(super) fn add_udp_host_candidate(
     pc: &mut RTCPeerConnection,
@@ -955,14 +971,7 @@ impl Peer {
                     };
                     if up.codec.is_none() {
                         let pt = packet.header.payload_type;
-                        up.codec = self.pc.rtp_receiver(up.receiver_id).and_then(|mut r| {
-                            r.get_parameters()
-                                .rtp_parameters
-                                .codecs
-                                .iter()
-                                .find(|c| c.payload_type == pt)
-                                .map(|c| c.rtp_codec.clone())
-                        });
+                        up.codec = negotiated_codec(&mut self.pc, up.receiver_id, pt);
                         if up.codec.is_some() {
                             out.track_ready = true;
                             out.published.push(up.kind);

@@ -39,8 +39,8 @@ use weir_signaling::Kind;
 
 use super::forward::{carries_sps, starts_keyframe};
 use super::peer::{
-    add_udp_host_candidate, register_codecs, to_kind, with_receiving_interceptors, RtcpTap,
-    RTCP_TAP_SLOT,
+    add_udp_host_candidate, negotiated_codec, register_codecs, to_kind,
+    with_receiving_interceptors, RtcpTap, RTCP_TAP_SLOT,
 };
 
 /// What the connection gives the shell.
@@ -247,14 +247,7 @@ impl Upstream {
                     t.ssrc = Some(packet.header.ssrc);
                     if t.codec.is_none() {
                         let pt = packet.header.payload_type;
-                        t.codec = self.pc.rtp_receiver(t.receiver).and_then(|mut r| {
-                            r.get_parameters()
-                                .rtp_parameters
-                                .codecs
-                                .iter()
-                                .find(|c| c.payload_type == pt)
-                                .map(|c| c.rtp_codec.clone())
-                        });
+                        t.codec = negotiated_codec(&mut self.pc, t.receiver, pt);
                         let Some(codec) = t.codec.clone() else {
                             continue;
                         };
