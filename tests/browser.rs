@@ -680,10 +680,17 @@ async fn a_shared_screen_reaches_another_tab_beside_the_camera() {
     let after = received(&bob, &camera).await["frames"]
         .as_u64()
         .unwrap_or(0);
-    assert!(
-        after > before + 20,
-        "the camera goes on: {before} → {after}"
-    );
+    if after <= before + 20 {
+        // What bob's connection received, for whoever reads the failure.
+        let stats = bob
+            .eval(
+                "(async () => { const o = []; \
+                 (await window.room.subscriber.getStats()).forEach((x) => { \
+                 if (x.type === 'inbound-rtp') o.push(x); }); return JSON.stringify(o); })()",
+            )
+            .await;
+        panic!("the camera goes on: {before} → {after}\nbob's inbound RTP: {stats}");
+    }
     let gone = bob.eval("JSON.stringify(window.gone)").await;
     assert!(
         !gone.as_str().unwrap_or("").contains(&camera),

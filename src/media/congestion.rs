@@ -26,12 +26,23 @@ const TARGET_CHANGE: f64 = 0.1;
 
 /// A publisher track's rate: bytes counted as they arrive, rolled into a smoothed
 /// bit/s figure each tick.
+///
+/// A new track's first tick is not its rate: it is mostly its first keyframe (or the
+/// publisher's startup probe), and taken as the rate it read 925 kbit/s for a screen
+/// share that sent 100, then decayed over seconds; the allocator paused the camera
+/// beside it on an idle link (CI, `tests/browser.rs`). Until [`RATE_SETTLES`] has been
+/// seen, the rate is what arrived over that span (a short start is not a burst).
 #[derive(Debug, Default)]
 pub struct RateMeter {
     bytes: u64,
     bps: f64,
-    primed: bool,
+    /// While settling: the bytes and seconds seen so far.
+    start: Option<(u64, f64)>,
+    settled: bool,
 }
+
+/// How long a new track is measured over before its rate is smoothed tick by tick.
+const RATE_SETTLES: f64 = 0.5;
 
 impl RateMeter {
     pub fn add(&mut self, bytes: usize) {
@@ -40,13 +51,16 @@ impl RateMeter {
 
     fn roll(&mut self, seconds: f64) {
         let now = self.bytes as f64 * 8.0 / seconds;
-        // ~0.5 s of smoothing at 50 ms ticks: a keyframe is not a new rate.
-        self.bps = if self.primed {
-            self.bps + 0.1 * (now - self.bps)
+        if self.settled {
+            // ~0.5 s of smoothing at 50 ms ticks: a keyframe is not a new rate.
+            self.bps += 0.1 * (now - self.bps);
         } else {
-            now
-        };
-        self.primed = true;
+            let (bytes, span) = self.start.get_or_insert((0, 0.0));
+            *bytes += self.bytes;
+            *span += seconds;
+            self.bps = *bytes as f64 * 8.0 / span.max(RATE_SETTLES);
+            self.settled = *span >= RATE_SETTLES;
+        }
         self.bytes = 0;
     }
 
@@ -298,6 +312,13 @@ impl Media {
                 .map(|(s, _)| rate(s, Kind::Audio))
                 .sum();
             let before = c.allocator.state();
+            tracing::trace!(
+                session = key.0 .0,
+                ?signals,
+                audio_bps,
+                videos = ?videos.iter().map(|v| (&v.stream_id, &v.layers)).collect::<Vec<_>>(),
+                "allocation tick"
+            );
             let alloc = c.allocator.tick(now, signals, audio_bps, &videos);
             if let Some(bps) = alloc.verified {
                 c.estimator.verified(bps, now);
@@ -746,6 +767,37 @@ mod tests {
 
     fn rids(r: &[&str]) -> Vec<String> {
         r.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// A new track's first keyframe is not its rate; a settled track's keyframe moves
+    /// its rate a little; a lasting change moves it within a second.
+    #[test]
+    fn a_track_s_rate_is_not_its_first_keyframe() {
+        let mut m = RateMeter::default();
+        // A 6 kB keyframe, then 300-byte frames at 30 fps: 72 kbit/s after it.
+        m.add(6_000);
+        m.roll(0.05);
+        assert!(m.bps() < 150_000.0, "{}", m.bps());
+        for _ in 0..19 {
+            m.add(450);
+            m.roll(0.05);
+        }
+        assert!((70_000.0..160_000.0).contains(&m.bps()), "{}", m.bps());
+        for _ in 0..40 {
+            m.add(450);
+            m.roll(0.05);
+        }
+        assert!((70_000.0..80_000.0).contains(&m.bps()), "{}", m.bps());
+        // Another keyframe: a bump, not a new rate.
+        m.add(6_000);
+        m.roll(0.05);
+        assert!(m.bps() < 200_000.0, "{}", m.bps());
+        // A lasting rise to 720 kbit/s shows within a second.
+        for _ in 0..20 {
+            m.add(4_500);
+            m.roll(0.05);
+        }
+        assert!(m.bps() > 600_000.0, "{}", m.bps());
     }
 
     #[test]
