@@ -61,6 +61,16 @@ impl Uploader {
                 .with_endpoint(&c.s3_endpoint)
                 .with_allow_http(c.s3_endpoint.starts_with("http://"));
         }
+        // Weir retries a failed upload itself (backoff for `upload_retry_s`, each
+        // failed attempt counted and logged, so an outage of the bucket shows while it
+        // lasts). `object_store`'s own retries (10, for up to 3 minutes, by default)
+        // hid an unreachable bucket inside one attempt; a couple of quick ones are
+        // kept, for a request that fails once mid-upload.
+        b = b.with_retry(object_store::RetryConfig {
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(10),
+            ..Default::default()
+        });
         let store = b.build()?;
         Ok(Some(Self {
             store: Arc::new(store),
