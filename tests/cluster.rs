@@ -248,11 +248,7 @@ async fn a_join_through_any_node_lands_where_its_room_is_and_media_flows() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The operator's view: `weir cluster status` reads Redis.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["cluster", "status", "--redis", &redis.url()])
-        .output()
-        .await
-        .unwrap();
+    let out = cluster_status(&redis).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -1103,6 +1099,15 @@ async fn relays_to_a_tls_node_go_over_wss() {
 }
 
 /// A receive-only member `user` of `room`, joined through `node`.
+/// What `weir cluster status` prints for the cluster in `redis` (the operator's view).
+async fn cluster_status(redis: &Redis) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["cluster", "status", "--redis", &redis.url()])
+        .output()
+        .await
+        .unwrap()
+}
+
 async fn watch_through(node: &Node, app: &AppKeys, user: &str, room: u32) -> Watcher {
     Watcher::join_url(
         &node.ws_url(),
@@ -1219,11 +1224,7 @@ async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli
     // A fourth member, through A, goes to the node that carries the room already.
     until_listed(&a, "node-c", "carrying", room).await;
     // The operator sees it: `weir cluster status`.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["cluster", "status", "--redis", &redis.url()])
-        .output()
-        .await
-        .unwrap();
+    let out = cluster_status(&redis).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(&format!("spilling from node-b: {room}")),

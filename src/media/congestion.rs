@@ -36,9 +36,9 @@ const TARGET_CHANGE: f64 = 0.1;
 pub struct RateMeter {
     bytes: u64,
     bps: f64,
-    /// While settling: the bytes and seconds seen so far.
-    start: Option<(u64, f64)>,
-    settled: bool,
+    /// The bytes and seconds seen while settling (it has settled once the seconds
+    /// reach [`RATE_SETTLES`]).
+    start: (u64, f64),
 }
 
 /// How long a new track is measured over before its rate is smoothed tick by tick.
@@ -51,15 +51,14 @@ impl RateMeter {
 
     fn roll(&mut self, seconds: f64) {
         let now = self.bytes as f64 * 8.0 / seconds;
-        if self.settled {
+        let (bytes, span) = &mut self.start;
+        if *span >= RATE_SETTLES {
             // ~0.5 s of smoothing at 50 ms ticks: a keyframe is not a new rate.
             self.bps += 0.1 * (now - self.bps);
         } else {
-            let (bytes, span) = self.start.get_or_insert((0, 0.0));
             *bytes += self.bytes;
             *span += seconds;
             self.bps = *bytes as f64 * 8.0 / span.max(RATE_SETTLES);
-            self.settled = *span >= RATE_SETTLES;
         }
         self.bytes = 0;
     }
@@ -774,30 +773,27 @@ mod tests {
     #[test]
     fn a_track_s_rate_is_not_its_first_keyframe() {
         let mut m = RateMeter::default();
+        // `ticks` 50 ms ticks of `bytes` each; the rate after them.
+        let mut feed = |bytes: usize, ticks: usize| {
+            for _ in 0..ticks {
+                m.add(bytes);
+                m.roll(0.05);
+            }
+            m.bps()
+        };
         // A 6 kB keyframe, then 300-byte frames at 30 fps: 72 kbit/s after it.
-        m.add(6_000);
-        m.roll(0.05);
-        assert!(m.bps() < 150_000.0, "{}", m.bps());
-        for _ in 0..19 {
-            m.add(450);
-            m.roll(0.05);
-        }
-        assert!((70_000.0..160_000.0).contains(&m.bps()), "{}", m.bps());
-        for _ in 0..40 {
-            m.add(450);
-            m.roll(0.05);
-        }
-        assert!((70_000.0..80_000.0).contains(&m.bps()), "{}", m.bps());
+        let r = feed(6_000, 1);
+        assert!(r < 150_000.0, "{r}");
+        let r = feed(450, 19);
+        assert!((70_000.0..160_000.0).contains(&r), "{r}");
+        let r = feed(450, 40);
+        assert!((70_000.0..80_000.0).contains(&r), "{r}");
         // Another keyframe: a bump, not a new rate.
-        m.add(6_000);
-        m.roll(0.05);
-        assert!(m.bps() < 200_000.0, "{}", m.bps());
+        let r = feed(6_000, 1);
+        assert!(r < 200_000.0, "{r}");
         // A lasting rise to 720 kbit/s shows within a second.
-        for _ in 0..20 {
-            m.add(4_500);
-            m.roll(0.05);
-        }
-        assert!(m.bps() > 600_000.0, "{}", m.bps());
+        let r = feed(4_500, 20);
+        assert!(r > 600_000.0, "{r}");
     }
 
     #[test]
