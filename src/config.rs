@@ -378,6 +378,13 @@ pub struct ServerConfig {
     /// above which the node counts as overloaded: new joins are refused (503) until it
     /// drops, instead of every member's media degrading. 0 never refuses.
     pub overload_busy_percent: u8,
+    /// Media workers, each a task owning the connections of the rooms placed on it
+    /// (by a hash of the room); 0: one per core.
+    pub media_workers: usize,
+    /// A room with more members than this spreads its receiving connections over
+    /// the media workers (its publishers stay on the room's worker, which mirrors
+    /// their streams to the others); smaller rooms keep everything on one worker.
+    pub spread_room_members: usize,
     pub max_rooms: usize,
     /// Members of one room (a class is hundreds).
     pub max_members_per_room: usize,
@@ -460,6 +467,8 @@ impl Default for ServerConfig {
             tcp_unsent_limit_bytes: 16 * 1024,
             udp_buffer_bytes: 4 * 1024 * 1024,
             overload_busy_percent: 90,
+            media_workers: 0,
+            spread_room_members: 16,
             max_rooms: 1000,
             max_members_per_room: 500,
             max_publishers_per_room: 50,

@@ -143,6 +143,17 @@ pub struct Metrics {
     pub control_backlog_drops: prometheus::IntCounter,
     /// Entries of the media plane's demultiplexer, by index (`addr`, `ufrag`).
     pub demux_entries: IntGaugeVec,
+    /// Media workers, each one's busy share, and datagrams that reached one worker's
+    /// socket for a connection of another: handed over, or dropped on a full queue.
+    pub media_workers: IntGauge,
+    pub media_worker_busy_percent: IntGaugeVec,
+    pub handoffs: prometheus::IntCounter,
+    pub handoff_drops: prometheus::IntCounter,
+    /// Packets of a stream for another worker's subscribers (a room spread over the
+    /// workers) dropped because that worker's queue was full.
+    pub mirror_drops: prometheus::IntCounter,
+    /// Streams mirrored on a worker other than their room's (summed over workers).
+    pub media_mirrors: IntGauge,
     /// Supervised tasks (media, control, accept loops) that died, by part.
     pub task_failures: IntCounterVec,
 }
@@ -415,6 +426,35 @@ impl Metrics {
                 "Entries of the media plane's demultiplexer, by index (addr: transport \
                  addresses, ufrag: ICE usernames)",
                 &["index"],
+            ),
+            media_workers: gauge(
+                "weir_media_workers",
+                "Media workers (one per core by default; a room's connections live on one)",
+            ),
+            media_worker_busy_percent: gauge_vec(
+                "weir_media_worker_busy_percent",
+                "Share of the last second each media worker spent working, not waiting",
+                &["worker"],
+            ),
+            handoffs: counter(
+                "weir_media_handoffs_total",
+                "Datagrams that reached one media worker's socket for a connection another \
+                 worker owns, handed over to it",
+            ),
+            handoff_drops: counter(
+                "weir_media_handoff_drops_total",
+                "Datagrams for another media worker's connection dropped because its queue \
+                 was full",
+            ),
+            mirror_drops: counter(
+                "weir_media_mirror_drops_total",
+                "Packets of a stream for another media worker's subscribers (a room spread \
+                 over the workers) dropped because that worker's queue was full",
+            ),
+            media_mirrors: gauge(
+                "weir_media_mirrors",
+                "Streams a media worker receives from their room's worker for its own \
+                 subscribers (a room spread over the workers), summed over workers",
             ),
             task_failures: counter_vec(
                 "weir_task_failures_total",

@@ -274,10 +274,94 @@ fn count_plis(track: &SendTrack) -> Arc<std::sync::atomic::AtomicU64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_packets_are_retransmitted_and_keyframe_requests_reach_the_publisher() {
-    use common::relay::{rtp_payload_type, via_relay, video_media_payload_types, Relay};
     let t = TestServer::start().await;
+    retransmissions_and_keyframes(&t, 77).await;
+}
+
+/// A room spread over two media workers: the publisher on the room's worker, the
+/// subscriber on the other (the first receiving connection goes to the worker with
+/// the fewest, a tie away from the room's), which mirrors the stream. The same NACK,
+/// RTX and PLI behaviour as on one worker; the subscriber's feedback reaches the
+/// publisher (REMB, which only its capacity, reported to the room's worker, causes);
+/// tracks and received packets are counted once; leaving tears the mirror down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spread_over_media_workers_behaves_as_on_one() {
+    let t = TestServer::start_with(|c| {
+        c.server.media_workers = 2;
+        c.server.spread_room_members = 0;
+    })
+    .await;
+    let (alice, mut bob_signal, bob) = retransmissions_and_keyframes(&t, 78).await;
+    let metrics = t.metrics().await;
+    assert_eq!(common::metric(&metrics, "weir_media_workers"), 2.0);
+    assert_eq!(
+        common::metric(&metrics, "weir_media_mirrors"),
+        1.0,
+        "bob's connection is on the other worker: {metrics}"
+    );
+    assert_eq!(
+        common::metric(&metrics, "weir_media_mirror_drops_total"),
+        0.0
+    );
+    assert_eq!(
+        common::metric(&metrics, "weir_media_handoff_drops_total"),
+        0.0
+    );
+    assert!(
+        common::metric(&metrics, "weir_remb_sent_total") >= 1.0,
+        "the room's target for alice comes from bob's capacity: {metrics}"
+    );
+    let received = common::metric(
+        &metrics,
+        "weir_rtp_packets_total{direction=\"in\",kind=\"video\"}",
+    );
+    let sent = common::metric(
+        &metrics,
+        "weir_rtp_packets_total{direction=\"out\",kind=\"video\"}",
+    );
+    assert!(
+        received > 0.0 && sent <= received * 1.05,
+        "one subscriber: each packet received once and sent about once ({received} in, {sent} out)"
+    );
+    bob_signal.send(&ClientMessage::Leave).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = t.metrics().await;
+        if common::metric(&m, "weir_media_mirrors") == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob's leave ends the mirror: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(alice);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = t.metrics().await;
+        if common::metric(&m, "weir_peer_connections") == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "every connection closes: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = bob.pc.close().await;
+}
+
+/// Alice publishes into `room`; Bob watches through a lossy relay and asks for a
+/// keyframe: every lost packet arrives by retransmission, the PLI reaches Alice.
+/// Returns both, still in the room.
+async fn retransmissions_and_keyframes(
+    t: &TestServer,
+    room: u32,
+) -> (Participant, Client, RtcPeer) {
+    use common::relay::{rtp_payload_type, via_relay, video_media_payload_types, Relay};
     let stop = Arc::new(AtomicBool::new(false));
-    let (alice, video, audio) = join_and_publish(&t, "alice", 1, 77).await;
+    let (alice, video, audio) = join_and_publish(t, "alice", 1, room).await;
     let plis = count_plis(&video);
     let sender = send_media(1, video, audio, stop.clone());
 
@@ -286,7 +370,7 @@ async fn lost_packets_are_retransmitted_and_keyframe_requests_reach_the_publishe
     // control rightly took the link for a bad one and paused bob's video ~3 s in, and
     // this publisher never sends a keyframe to resume from; this test is about NACK/RTX
     // and PLI (tests/congestion.rs is about reacting to loss).
-    let (mut signal, _) = Client::join(&t.ws_url(), t.join("bob", 77, 0xff)).await;
+    let (mut signal, _) = Client::join(&t.ws_url(), t.join("bob", room, 0xff)).await;
     let offer = signal
         .expect(|m| match m {
             ServerMessage::Offer {
@@ -408,6 +492,7 @@ async fn lost_packets_are_retransmitted_and_keyframe_requests_reach_the_publishe
         1.0,
         "{metrics}"
     );
+    (alice, signal, bob)
 }
 
 /// The value of one sample line of the Prometheus text.

@@ -273,7 +273,15 @@ async fn active_encodings(page: &common::browser::Page<'_>) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_nobody_needs_are_switched_off_at_the_publisher_and_back_on() {
     let _serial = SERIAL.lock().await;
-    let t = TestServer::start().await;
+    // The room spread over two media workers: the watcher's connection is on the one
+    // that is not the room's (the first receiver goes to the worker with the fewest, a
+    // tie away from the room's), so what the publisher is told to send comes from the
+    // layer it is forwarded there, reported to the room's worker.
+    let t = TestServer::start_with(|c| {
+        c.server.media_workers = 2;
+        c.server.spread_room_members = 0;
+    })
+    .await;
     let relay = ShapedRelay::start(
         t.udp_addr(),
         0,
@@ -298,6 +306,12 @@ async fn layers_nobody_needs_are_switched_off_at_the_publisher_and_back_on() {
         assert!(Instant::now() < deadline, "Chrome never sent 3 layers");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let m = t.metrics().await;
+    assert_eq!(
+        common::metric(&m, "weir_media_mirrors"),
+        1.0,
+        "the watcher is on the other worker: {m}"
+    );
     assert_eq!(active_encodings(&page).await.len(), 3);
 
     // The only subscriber can carry the lowest layer at most (or nothing but audio):

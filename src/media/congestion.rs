@@ -216,13 +216,16 @@ impl Media {
             .max(0.005);
         self.last_tick = now;
         self.next_tick = now + TICK;
+        // The node's gauges are the sum over its workers: each adds its own change.
         let demux = &self.metrics.demux_entries;
+        let sizes = (self.by_addr.len() as i64, self.by_ufrag.len() as i64);
         demux
             .with_label_values(&["addr"])
-            .set(self.by_addr.len() as i64);
+            .add(sizes.0 - self.demux_reported.0);
         demux
             .with_label_values(&["ufrag"])
-            .set(self.by_ufrag.len() as i64);
+            .add(sizes.1 - self.demux_reported.1);
+        self.demux_reported = sizes;
         for r in self.rates.values_mut() {
             r.roll(seconds);
         }
@@ -230,6 +233,7 @@ impl Media {
             r.roll(seconds);
         }
         self.refresh_layers(now);
+        self.send_layers_to_mirrors();
         // Subscribers waiting for a keyframe (a resume, a layer switch) keep asking;
         // request_keyframe throttles it per stream.
         let waiting: std::collections::HashSet<String> = self
@@ -432,6 +436,7 @@ impl Media {
             self.tell(session, msg);
         }
         if room_tick {
+            self.report_mirror_demand(now, &mut capacities);
             self.room_decisions(now, capacities);
             self.dynacast_decisions(now);
         }
@@ -547,10 +552,20 @@ impl Media {
                         .collect()
                 })
                 .unwrap_or_default();
-            if subscribers.is_empty() {
+            let remote = self.remote_demand_of(&stream_id, now);
+            if subscribers.is_empty() && remote.is_empty() {
                 continue;
             }
             let mut highest = 0;
+            for d in remote {
+                if d.best {
+                    highest = layers.len() - 1;
+                }
+                for ssrc in &d.ssrcs {
+                    let rank = layers.iter().position(|(x, _)| x == ssrc).unwrap_or(0);
+                    highest = highest.max(rank);
+                }
+            }
             for s in subscribers {
                 let Some(sp) = self.peers.get(&super::peer::PeerKey(s, Target::Subscriber)) else {
                     continue;
@@ -582,7 +597,7 @@ impl Media {
     /// next lower one, if its layer stopped). Kept by position, a middle layer that
     /// stopped made index 1 name the top layer: a capped subscriber was "kept" on it.
     /// Not from the placeholder set used before any rates are known.
-    fn relabel_layers(&mut self, stream_id: &str, old: &[u32], new: &[u32]) {
+    pub(super) fn relabel_layers(&mut self, stream_id: &str, old: &[u32], new: &[u32]) {
         let mut union = new.to_vec();
         union.extend(old.iter().filter(|s| !new.contains(s)));
         self.sort_stream_layers(stream_id, &mut union, |s| *s);
@@ -696,6 +711,13 @@ impl Media {
             }
             self.stream_layers.insert(stream_id.clone(), active);
         }
+        // A mirrored stream's placeholder is its home's to say.
+        placeholder.extend(
+            self.placeholder_layers
+                .iter()
+                .filter(|s| self.home_elsewhere(s).is_some())
+                .cloned(),
+        );
         self.placeholder_layers = placeholder;
         for (stream_id, old, new) in changed {
             self.relabel_layers(&stream_id, &old, &new);
@@ -703,7 +725,7 @@ impl Media {
         let active: usize = self
             .stream_layers
             .iter()
-            .filter(|(s, _)| self.publishers.contains_key(*s))
+            .filter(|(s, _)| self.publishers.contains_key(*s) && self.home_elsewhere(s).is_none())
             .map(|(s, l)| {
                 l.iter()
                     .filter(|x| {
@@ -714,12 +736,34 @@ impl Media {
                     .count()
             })
             .sum();
-        self.metrics.simulcast_layers.set(active as i64);
+        // The node's gauge is the sum over its workers: each adds its own change.
+        self.metrics
+            .simulcast_layers
+            .add(active as i64 - self.simulcast_reported);
+        self.simulcast_reported = active as i64;
     }
 
     /// Each stream's room combines its subscribers' capacities into one target for
     /// the publisher: REMB for WebRTC publishers; the room is told for everyone.
-    fn room_decisions(&mut self, now: Instant, capacities: HashMap<String, Vec<f64>>) {
+    fn room_decisions(&mut self, now: Instant, mut capacities: HashMap<String, Vec<f64>>) {
+        // Subscribers on other workers count as much as local ones.
+        let remote: Vec<(String, Vec<f64>)> = self
+            .remote_wants
+            .keys()
+            .map(|s| {
+                let caps = self
+                    .remote_demand_of(s, now)
+                    .iter()
+                    .flat_map(|d| d.caps.iter().copied())
+                    .collect();
+                (s.clone(), caps)
+            })
+            .collect();
+        for (stream_id, caps) in remote {
+            if !caps.is_empty() {
+                capacities.entry(stream_id).or_default().extend(caps);
+            }
+        }
         for (stream_id, caps) in capacities {
             let Some(sp) = self.stream_rooms.get_mut(&stream_id) else {
                 continue;

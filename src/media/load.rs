@@ -112,18 +112,21 @@ pub fn udp_socket_drops(port: u16, v6: bool) -> Option<u64> {
     parse_udp_drops(&table, port)
 }
 
-/// The `drops` column of the row whose local port is `port` in a /proc/net/udp table.
+/// The `drops` column summed over the rows whose local port is `port` in a
+/// /proc/net/udp table (the media workers' sockets share the port).
 fn parse_udp_drops(table: &str, port: u16) -> Option<u64> {
     let want = format!("{port:04X}");
-    table.lines().skip(1).find_map(|line| {
+    let mut rows = table.lines().skip(1).filter_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let local = fields.get(1)?;
         let (_, p) = local.rsplit_once(':')?;
         if p != want {
             return None;
         }
-        fields.last()?.parse().ok()
-    })
+        fields.last()?.parse::<u64>().ok()
+    });
+    let first = rows.next()?;
+    Some(first + rows.sum::<u64>())
 }
 
 #[cfg(test)]
@@ -184,11 +187,13 @@ mod tests {
     }
 
     #[test]
-    fn the_drop_counter_is_read_from_the_row_of_the_port() {
+    fn the_drop_counter_is_read_from_the_rows_of_the_port() {
         let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
   1: 00000000:0044 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1234 2 0000000000000000 0\n\
-  2: 0100007F:1ECA 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 5678 2 0000000000000000 42\n";
-        assert_eq!(parse_udp_drops(table, 7882), Some(42));
+  2: 0100007F:1ECA 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 5678 2 0000000000000000 42\n\
+  3: 0100007F:1ECA 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 5679 2 0000000000000000 8\n";
+        // The workers' sockets on one port: their drops together.
+        assert_eq!(parse_udp_drops(table, 7882), Some(50));
         assert_eq!(parse_udp_drops(table, 68), Some(0));
         assert_eq!(parse_udp_drops(table, 9999), None);
     }

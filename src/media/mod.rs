@@ -15,8 +15,10 @@ mod congestion;
 mod demux;
 pub mod forward;
 mod load;
+mod mirror;
 mod nack_guard;
 mod peer;
+pub mod plane;
 mod tcp;
 pub mod upstream;
 
@@ -24,6 +26,7 @@ pub use demux::stun_username;
 pub use forward::{codec_compatible, keyframe_dimensions, kind_label, starts_keyframe};
 pub use nack_guard::{NackGuard, PausedSsrcs, RetransmissionBudget};
 pub use peer::{offered_send_kinds, RtcpTap, RTCP_TAP_SLOT};
+pub use plane::{MediaPlane, Wiring};
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -133,10 +136,34 @@ pub struct Media {
     /// `timer` (a peer is pushed again only when its deadline moves earlier).
     timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, PeerKey)>>,
     load: load::Load,
-    overloaded: Arc<std::sync::atomic::AtomicBool>,
     /// The UDP socket's own address (its kernel drop counter is found by its port).
     bound: SocketAddr,
+    /// The other workers of the node, and what this one shares with them.
+    crew: plane::Crew,
+    /// 5-tuples whose datagrams reach this worker's socket but whose connection
+    /// another worker owns (learnt from the ufrag of their STUN requests).
+    foreign: HashMap<(TransportProtocol, SocketAddr), usize>,
+    /// Datagrams for other workers, handed over once per wake-up.
+    handoffs: Vec<Vec<(TransportProtocol, SocketAddr, BytesMut)>>,
+    /// The demultiplexer sizes and active simulcast layers last added to the node's
+    /// gauges (each worker adds its own change).
+    demux_reported: (i64, i64),
+    simulcast_reported: i64,
+    /// Each stream's home: the worker its room's publishers live on (see `mirror`).
+    stream_home: HashMap<String, usize>,
+    /// Home side: the other workers mirroring each stream, what their subscribers
+    /// last asked for, and what is queued for them in this pump.
+    remote_wants: HashMap<String, HashSet<usize>>,
+    remote_demand: HashMap<(String, usize), mirror::Demand>,
+    mirror_out: Vec<Vec<mirror::Mirrored>>,
+    /// What must reach another worker but found its queue full, in order.
+    to_mates: Vec<std::collections::VecDeque<plane::Between>>,
 }
+
+/// 5-tuples of other workers' connections remembered; past it the table starts again
+/// (entries are learnt again from the next STUN request, a consent check within
+/// seconds).
+const MAX_FOREIGN: usize = 65_536;
 
 /// Transport addresses remembered per connection (candidate pairs, a changed
 /// network), and ufrags (the current one and the ones before the last ICE restarts).
@@ -153,6 +180,7 @@ enum Wake<'a> {
     Bridge(BridgeInput),
     Udp(std::io::Result<(usize, SocketAddr)>),
     Tcp(tcp::TcpEvent),
+    Between(plane::Between),
     Timer,
 }
 
@@ -236,9 +264,11 @@ struct Bridged {
     gop: Vec<rtc::rtp::Packet>,
     gop_at: Option<Instant>,
     /// Relayed from another node: where its asks go, and whether it was last said
-    /// to be wanted.
+    /// to be wanted (to the relay, or to the home of a mirror).
     upstream: Option<mpsc::Sender<UpstreamAsk>>,
     wanted: bool,
+    /// A mirror of a stream published on another worker of this node (its home).
+    mirror_of: Option<usize>,
 }
 
 impl Media {
@@ -246,8 +276,10 @@ impl Media {
         config: MediaConfig,
         socket: UdpSocket,
         tcp: Option<(TcpListener, Arc<crate::limits::Connections>)>,
+        tcp_bound: Option<SocketAddr>,
         control: mpsc::Sender<ControlCommand>,
         metrics: Arc<Metrics>,
+        crew: plane::Crew,
     ) -> std::io::Result<Self> {
         // The address datagrams are handed to the connections with must be one of
         // their local candidates, or rtc drops every check: the socket's own address
@@ -256,10 +288,8 @@ impl Media {
         let bound = socket.local_addr()?;
         let local_addr = candidate_addr(bound, &config.announce);
         let load = load::Load::new(config.overload_busy_percent, Instant::now());
-        let tcp_local_addr = tcp
-            .as_ref()
-            .map(|(l, _)| l.local_addr().map(|a| candidate_addr(a, &config.announce)))
-            .transpose()?;
+        // Every worker's ICE-TCP connections share the first worker's listener.
+        let tcp_local_addr = tcp_bound.map(|a| candidate_addr(a, &config.announce));
         Ok(Self {
             config,
             socket: Arc::new(socket),
@@ -297,7 +327,16 @@ impl Media {
             timers: Default::default(),
             load,
             bound,
-            overloaded: Default::default(),
+            handoffs: (0..crew.size()).map(|_| Vec::new()).collect(),
+            mirror_out: (0..crew.size()).map(|_| Vec::new()).collect(),
+            to_mates: (0..crew.size()).map(|_| Default::default()).collect(),
+            stream_home: HashMap::new(),
+            remote_wants: HashMap::new(),
+            remote_demand: HashMap::new(),
+            simulcast_reported: 0,
+            crew,
+            foreign: HashMap::new(),
+            demux_reported: (0, 0),
         })
     }
 
@@ -305,6 +344,7 @@ impl Media {
         mut self,
         mut rx: mpsc::Receiver<MediaInput>,
         mut bridge_rx: mpsc::Receiver<BridgeInput>,
+        mut between_rx: mpsc::Receiver<plane::Between>,
     ) {
         let socket = self.socket.clone();
         let control = self.control.clone();
@@ -332,6 +372,7 @@ impl Media {
                 Some(input) = bridge_rx.recv() => Wake::Bridge(input),
                 res = socket.recv_from(&mut buf) => Wake::Udp(res),
                 Some(event) = tcp_rx.recv() => Wake::Tcp(event),
+                Some(msg) = between_rx.recv() => Wake::Between(msg),
                 _ = sleep => Wake::Timer,
             };
             let woke = Instant::now();
@@ -355,29 +396,45 @@ impl Media {
                 }
                 Wake::Udp(res) => {
                     match res {
-                        Ok((n, from)) => self.datagram(&buf[..n], from, TransportProtocol::UDP),
+                        Ok((n, from)) => {
+                            self.datagram(&buf[..n], from, TransportProtocol::UDP, false)
+                        }
                         Err(e) => debug!(error = %e, "UDP receive error"),
                     }
                     // Take what else has arrived before pumping: one pump per burst.
                     for _ in 0..UDP_BATCH {
                         match socket.try_recv_from(&mut buf) {
-                            Ok((n, from)) => self.datagram(&buf[..n], from, TransportProtocol::UDP),
+                            Ok((n, from)) => {
+                                self.datagram(&buf[..n], from, TransportProtocol::UDP, false)
+                            }
                             Err(_) => break,
                         }
                     }
+                    self.flush_handoffs();
                 }
                 Wake::Tcp(event) => match event {
                     tcp::TcpEvent::Opened { from, writer } => {
+                        self.crew.tell_others(|| plane::Between::TcpOpened {
+                            from,
+                            writer: writer.clone(),
+                        });
                         self.tcp_writers.insert(from, writer);
                     }
                     tcp::TcpEvent::Frame { from, data } => {
-                        self.datagram(&data, from, TransportProtocol::TCP)
+                        self.datagram(&data, from, TransportProtocol::TCP, false);
+                        self.flush_handoffs();
                     }
                     tcp::TcpEvent::Closed { from } => {
-                        self.tcp_writers.remove(&from);
-                        self.by_addr.remove(&(TransportProtocol::TCP, from));
+                        self.crew.tell_others(|| plane::Between::TcpClosed { from });
+                        self.tcp_closed(from);
                     }
                 },
+                Wake::Between(msg) => {
+                    self.between(msg);
+                    while let Ok(more) = between_rx.try_recv() {
+                        self.between(more);
+                    }
+                }
                 Wake::Timer => self.timeout(woke),
             }
             self.pump().await;
@@ -394,20 +451,27 @@ impl Media {
     }
 
     /// Publishes the last second's load, and refuses or takes joins again when the
-    /// node becomes or stops being overloaded.
+    /// node becomes or stops being overloaded (any of its workers). The kernel's drop
+    /// counter covers the port's sockets together: the first worker reads it.
     fn judge_load(&mut self, now: Instant) {
-        let drops = load::udp_socket_drops(self.bound.port(), self.bound.is_ipv6());
+        let drops = (self.crew.index == 0)
+            .then(|| load::udp_socket_drops(self.bound.port(), self.bound.is_ipv6()))
+            .flatten();
         let j = self.load.judge(now, drops);
+        let (busiest, any) = self
+            .crew
+            .judged(j.busy_percent.round().clamp(0.0, 100.0) as u8, j.changed);
+        self.metrics.media_busy_percent.set(i64::from(busiest));
         self.metrics
-            .media_busy_percent
+            .media_worker_busy_percent
+            .with_label_values(&[&self.crew.index.to_string()])
             .set(j.busy_percent.round() as i64);
         self.metrics.udp_receive_drops.inc_by(j.drops);
+        self.metrics.media_overloaded.set(i64::from(any));
         if let Some(overloaded) = j.changed {
-            self.overloaded
-                .store(overloaded, std::sync::atomic::Ordering::Relaxed);
-            self.metrics.media_overloaded.set(i64::from(overloaded));
             if overloaded {
                 warn!(
+                    worker = self.crew.index,
                     busy_percent = j.busy_percent.round(),
                     dropped = j.drops,
                     peers = self.peers.len(),
@@ -415,6 +479,7 @@ impl Media {
                 );
             } else {
                 info!(
+                    worker = self.crew.index,
                     busy_percent = j.busy_percent.round(),
                     "media plane recovered: joins are taken again"
                 );
@@ -422,9 +487,111 @@ impl Media {
         }
     }
 
-    /// Set while the media plane is overloaded (the control task refuses joins).
-    pub fn overload_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.overloaded.clone()
+    /// What another worker hands over or tells.
+    fn between(&mut self, msg: plane::Between) {
+        match msg {
+            plane::Between::Datagrams(batch) => {
+                for (protocol, from, data) in batch {
+                    self.datagram(&data, from, protocol, true);
+                }
+            }
+            plane::Between::TcpOpened { from, writer } => {
+                self.tcp_writers.insert(from, writer);
+            }
+            plane::Between::TcpClosed { from } => self.tcp_closed(from),
+            plane::Between::Forget(addrs) => {
+                for a in addrs {
+                    self.foreign.remove(&a);
+                }
+            }
+            plane::Between::Command(cmd) => {
+                self.command(cmd);
+                self.sweep = true;
+            }
+            plane::Between::Media(batch) => self.mirrored_batch(batch),
+            plane::Between::Layers {
+                stream_id,
+                ssrcs,
+                placeholder,
+            } => self.mirror_layers(stream_id, ssrcs, placeholder),
+            plane::Between::Want {
+                stream_id,
+                worker,
+                wanted,
+            } => {
+                self.mirror_wanted(stream_id, worker, wanted, Instant::now());
+                self.sweep = true;
+            }
+            plane::Between::Keyframe {
+                stream_id,
+                now_please,
+            } => self.request_keyframe(&stream_id, Instant::now(), now_please),
+            plane::Between::Demand {
+                stream_id,
+                worker,
+                demand,
+            } => {
+                if self
+                    .remote_wants
+                    .get(&stream_id)
+                    .is_some_and(|w| w.contains(&worker))
+                {
+                    self.remote_demand.insert((stream_id, worker), demand);
+                }
+            }
+        }
+    }
+
+    fn tcp_closed(&mut self, from: SocketAddr) {
+        self.tcp_writers.remove(&from);
+        self.by_addr.remove(&(TransportProtocol::TCP, from));
+        self.foreign.remove(&(TransportProtocol::TCP, from));
+    }
+
+    /// Sends `msg` to worker `w` after whatever waits for its queue: never dropped
+    /// below `CONTROL_BACKLOG` waiting (for what must arrive: a stream's start and end).
+    fn send_reliably(&mut self, w: usize, msg: plane::Between) {
+        let backlog = &mut self.to_mates[w];
+        if backlog.is_empty() {
+            if let Some(msg) = self.crew.send_or_return(w, msg) {
+                backlog.push_back(msg);
+            }
+        } else if backlog.len() < CONTROL_BACKLOG {
+            backlog.push_back(msg);
+        } else {
+            warn!(
+                worker = w,
+                "media worker backlog full; a stream's start or end was dropped"
+            );
+            self.metrics.control_backlog_drops.inc();
+        }
+    }
+
+    /// Sends what waits for the other workers' queues, in order, as they drain.
+    fn flush_reliably(&mut self) {
+        for w in 0..self.to_mates.len() {
+            while let Some(msg) = self.to_mates[w].pop_front() {
+                if let Some(msg) = self.crew.send_or_return(w, msg) {
+                    self.to_mates[w].push_front(msg);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Sends the datagrams that reached this worker for other workers' connections.
+    fn flush_handoffs(&mut self) {
+        for w in 0..self.handoffs.len() {
+            if self.handoffs[w].is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(&mut self.handoffs[w]);
+            let n = batch.len() as u64;
+            self.metrics.handoffs.inc_by(n);
+            if !self.crew.hand_over(w, batch) {
+                self.metrics.handoff_drops.inc_by(n);
+            }
+        }
     }
 
     fn timeout(&mut self, now: Instant) {
@@ -454,10 +621,24 @@ impl Media {
         }
     }
 
-    fn datagram(&mut self, data: &[u8], from: SocketAddr, protocol: TransportProtocol) {
+    /// One datagram (or ICE-TCP frame) from `from`; `handed` when another worker's
+    /// socket received it for a connection of this one (never handed on again).
+    fn datagram(
+        &mut self,
+        data: &[u8],
+        from: SocketAddr,
+        protocol: TransportProtocol,
+        handed: bool,
+    ) {
         let key = match self.by_addr.get(&(protocol, from)) {
             Some(k) => *k,
             None => {
+                if !handed {
+                    if let Some(&w) = self.foreign.get(&(protocol, from)) {
+                        self.handoffs[w].push((protocol, from, BytesMut::from(data)));
+                        return;
+                    }
+                }
                 // A new 5-tuple must introduce itself with a STUN request naming our ufrag.
                 let Some(ufrag) =
                     stun_username(data).and_then(|u| u.split(':').next().map(str::to_owned))
@@ -465,6 +646,19 @@ impl Media {
                     return;
                 };
                 let Some(&key) = self.by_ufrag.get(&ufrag) else {
+                    // Another worker's connection: that worker gets this 5-tuple's
+                    // datagrams from now on (its integrity is checked there).
+                    if let Some(w) = (!handed)
+                        .then(|| self.crew.owner_of_ufrag(&ufrag))
+                        .flatten()
+                    {
+                        if self.foreign.len() >= MAX_FOREIGN {
+                            self.foreign.clear();
+                        }
+                        self.foreign.insert((protocol, from), w);
+                        self.handoffs[w].push((protocol, from, BytesMut::from(data)));
+                        return;
+                    }
                     debug!(%from, ufrag, "STUN for an unknown ufrag; dropped");
                     return;
                 };
@@ -554,7 +748,28 @@ impl Media {
 
     fn input(&mut self, input: MediaInput) {
         match input {
-            MediaInput::Command(cmd) => self.command(cmd),
+            MediaInput::Command(cmd) => {
+                // A stream starts and ends at its home first, which then tells the
+                // other workers: anything they ask of it comes after it knows.
+                let home = match &cmd {
+                    MediaCommand::AllowPublish { room, .. } => {
+                        Some(plane::worker_for(room, self.crew.size()))
+                    }
+                    MediaCommand::EndStream { stream_id } => {
+                        self.stream_home.get(stream_id).copied()
+                    }
+                    _ => None,
+                };
+                let tell =
+                    (self.crew.size() > 1 && home == Some(self.crew.index)).then(|| cmd.clone());
+                self.command(cmd);
+                if let Some(cmd) = tell {
+                    let me = self.crew.index;
+                    for w in (0..self.crew.size()).filter(|w| *w != me) {
+                        self.send_reliably(w, plane::Between::Command(cmd.clone()));
+                    }
+                }
+            }
             MediaInput::Signal { session, msg } => {
                 if let Err(e) = self.signal(session, msg) {
                     self.tell(session, ServerMessage::error(ErrorCode::Negotiation, e));
@@ -617,6 +832,10 @@ impl Media {
                         told: None,
                     },
                 );
+                self.stream_home.insert(
+                    stream_id.clone(),
+                    plane::worker_for(&room, self.crew.size()),
+                );
                 self.publishers.insert(stream_id.clone(), session);
                 self.allowed.insert(session, Allowed { stream_id, kinds });
             }
@@ -651,6 +870,10 @@ impl Media {
                 self.layer_peaks.retain(|(s, _), _| *s != stream_id);
                 self.layer_sending_since.retain(|(s, _), _| *s != stream_id);
                 self.dynacast.remove(&stream_id);
+                self.stream_home.remove(&stream_id);
+                self.remote_wants.remove(&stream_id);
+                self.remote_demand.retain(|(s, _), _| *s != stream_id);
+                self.placeholder_layers.remove(&stream_id);
                 if let Some(sp) = self.stream_rooms.remove(&stream_id) {
                     if !self.stream_rooms.values().any(|o| o.room == sp.room) {
                         self.metrics.forget_room(&sp.room);
@@ -686,6 +909,7 @@ impl Media {
             }
         }
         self.ask_upstream_demand();
+        self.ask_mirror_demand();
     }
 
     /// Tells each relayed source's relay whether a subscriber here receives it now
@@ -694,11 +918,12 @@ impl Media {
     fn ask_upstream_demand(&mut self) {
         for (session, b) in self.bridged.iter_mut() {
             let Some(up) = &b.upstream else { continue };
-            let wanted = self
-                .allowed
-                .get(session)
-                .and_then(|a| self.subscriptions.get(&a.stream_id))
-                .is_some_and(|s| !s.is_empty());
+            let wanted = self.allowed.get(session).is_some_and(|a| {
+                self.subscriptions
+                    .get(&a.stream_id)
+                    .is_some_and(|s| !s.is_empty())
+                    || self.remote_wants.contains_key(&a.stream_id)
+            });
             if wanted != b.wanted && up.try_send(UpstreamAsk::Wanted(*session, wanted)).is_ok() {
                 b.wanted = wanted;
             }
@@ -709,9 +934,15 @@ impl Media {
         if let Some(mut p) = self.peers.remove(&key) {
             for u in &p.ufrags {
                 self.by_ufrag.remove(u);
+                self.crew.unregister_ufrag(u);
             }
             for a in &p.addrs {
                 self.by_addr.remove(a);
+            }
+            if self.crew.size() > 1 && !p.addrs.is_empty() {
+                let addrs = p.addrs.clone();
+                self.crew
+                    .tell_others(|| plane::Between::Forget(addrs.clone()));
             }
             p.untrack_metrics(&self.metrics);
             self.metrics.peer_connections.dec();
@@ -728,10 +959,12 @@ impl Media {
             if p.learn_ufrag() {
                 if let Some(u) = p.ufrags.last() {
                     self.by_ufrag.insert(u.clone(), key);
+                    self.crew.register_ufrag(u);
                 }
                 while p.ufrags.len() > MAX_UFRAGS {
                     let old = p.ufrags.remove(0);
                     self.by_ufrag.remove(&old);
+                    self.crew.unregister_ufrag(&old);
                 }
             }
         }
@@ -942,6 +1175,17 @@ impl Media {
                 }
             }
         }
+        if let Some(home) = self.bridged.get(&publisher).and_then(|b| b.mirror_of) {
+            // Mirrored: asked of the home worker, which throttles and asks the publisher.
+            let ask = plane::Between::Keyframe {
+                stream_id: stream_id.to_owned(),
+                now_please,
+            };
+            if self.crew.send(home, ask) {
+                self.last_pli.insert(throttle_key, now);
+            }
+            return;
+        }
         if let Some(up) = self
             .bridged
             .get(&publisher)
@@ -1020,6 +1264,7 @@ impl Media {
         }
         for session in opened {
             info!(session = session.0, "publisher track open");
+            self.mirror_tracks(session);
             // Subscribers waiting for this publisher's codec can now get their tracks.
             let stream = self.allowed.get(&session).map(|a| a.stream_id.clone());
             if let Some(stream_id) = stream {
@@ -1075,6 +1320,8 @@ impl Media {
                 }
             }
         }
+        self.flush_mirrors();
+        self.flush_reliably();
     }
 
     /// Gives every subscriber of the publisher's stream the publisher's clock mapping.
@@ -1088,6 +1335,17 @@ impl Media {
         let Some(stream_id) = self.allowed.get(&publisher).map(|a| a.stream_id.clone()) else {
             return;
         };
+        if self
+            .bridged
+            .get(&publisher)
+            .is_none_or(|b| b.mirror_of.is_none())
+        {
+            self.queue_for_mirrors(&stream_id, || mirror::Mirrored::SenderReport {
+                publisher,
+                kind,
+                report: sr.clone(),
+            });
+        }
         if !self.bridged.contains_key(&publisher) {
             self.last_srs.insert((stream_id.clone(), kind), sr.clone());
             if let Some(tx) = self.taps.get(&stream_id) {
@@ -1130,17 +1388,8 @@ impl Media {
                         .with_label_values(&[forward::kind_label(kind)])
                         .inc();
                 }
-                let stream = self.allowed.get(&session).map(|a| a.stream_id.clone());
-                if let Some(stream_id) = stream {
-                    let subs: Vec<SessionId> = self
-                        .subscriptions
-                        .get(&stream_id)
-                        .map(|s| s.keys().copied().collect())
-                        .unwrap_or_default();
-                    for s in subs {
-                        self.sync_subscriber(s);
-                    }
-                }
+                self.sync_subscribers_of(session);
+                self.mirror_tracks(session);
             }
             BridgeInput::Rtp {
                 session,
@@ -1150,32 +1399,7 @@ impl Media {
                 arrived,
             } => {
                 let gated = (kind == Kind::Video).then_some(keyframe);
-                if kind == Kind::Video {
-                    if let Some(b) = self.bridged.get_mut(&session) {
-                        if keyframe {
-                            b.gop.clear();
-                            b.gop_at = Some(arrived);
-                        }
-                    }
-                }
-                // Bridged: RTMP message read from the socket → its last RTP copy sent.
-                if let Some(sent) =
-                    self.forward_gated(session, kind, packet.clone(), gated, arrived)
-                {
-                    self.metrics
-                        .bridge_latency
-                        .with_label_values(&[forward::kind_label(kind)])
-                        .observe(sent.saturating_duration_since(arrived).as_secs_f64());
-                }
-                if kind == Kind::Video {
-                    if let Some(b) = self.bridged.get_mut(&session) {
-                        if b.gop.len() < GOP_MAX_PACKETS {
-                            b.gop.push(packet);
-                        } else {
-                            b.gop_at = None; // too long to replay
-                        }
-                    }
-                }
+                self.source_rtp(session, kind, packet, gated, arrived);
             }
             BridgeInput::SenderReport {
                 session,
@@ -1192,8 +1416,79 @@ impl Media {
         }
     }
 
+    /// Offers a source's tracks to the local subscribers of its stream.
+    fn sync_subscribers_of(&mut self, source: SessionId) {
+        let stream = self.allowed.get(&source).map(|a| a.stream_id.clone());
+        if let Some(stream_id) = stream {
+            let subs: Vec<SessionId> = self
+                .subscriptions
+                .get(&stream_id)
+                .map(|s| s.keys().copied().collect())
+                .unwrap_or_default();
+            for s in subs {
+                self.sync_subscriber(s);
+            }
+        }
+    }
+
+    /// One packet of a source that is not a local connection (a bridge, a relay, a
+    /// mirror): its video GOP kept for new subscribers when its keyframes are known
+    /// (`keyframe` Some), and forwarded.
+    fn source_rtp(
+        &mut self,
+        session: SessionId,
+        kind: Kind,
+        packet: rtc::rtp::Packet,
+        keyframe: Option<bool>,
+        arrived: Instant,
+    ) {
+        if keyframe == Some(true) {
+            if let Some(b) = self.bridged.get_mut(&session) {
+                b.gop.clear();
+                b.gop_at = Some(arrived);
+            }
+        }
+        // Bridged: RTMP message read from the socket → its last RTP copy sent (a
+        // mirror's: the home's arrival → its last copy sent here).
+        if let Some(sent) = self.forward_gated(session, kind, packet.clone(), keyframe, arrived) {
+            let residence = sent.saturating_duration_since(arrived).as_secs_f64();
+            let bridged_source = self
+                .allowed
+                .get(&session)
+                .and_then(|a| self.stream_rooms.get(&a.stream_id))
+                .is_none_or(|sp| sp.rtmp);
+            if bridged_source {
+                self.metrics
+                    .bridge_latency
+                    .with_label_values(&[forward::kind_label(kind)])
+                    .observe(residence);
+            } else {
+                self.metrics.forward_latency.observe(residence);
+            }
+        }
+        if keyframe.is_some() {
+            if let Some(b) = self
+                .bridged
+                .get_mut(&session)
+                .filter(|b| b.gop_at.is_some())
+            {
+                if b.gop.len() < GOP_MAX_PACKETS {
+                    b.gop.push(packet);
+                } else {
+                    b.gop_at = None; // too long to replay
+                    b.gop.clear();
+                }
+            }
+        }
+    }
+
     fn drop_bridged(&mut self, session: SessionId) {
         if let Some(b) = self.bridged.remove(&session) {
+            if b.mirror_of.is_some() {
+                // Its tracks are counted where they are published.
+                self.metrics.media_mirrors.dec();
+                return;
+            }
             for kind in b.codecs.keys() {
                 self.metrics
                     .published_tracks
@@ -1218,14 +1513,28 @@ impl Media {
     ) -> Option<Instant> {
         let stream_id = self.allowed.get(&publisher).map(|a| a.stream_id.clone())?;
         let label = forward::kind_label(kind);
-        self.metrics
-            .rtp_packets
-            .with_label_values(&["in", label])
-            .inc();
-        self.metrics
-            .rtp_bytes
-            .with_label_values(&["in", label])
-            .inc_by(packet.payload.len() as u64);
+        let mirror = self
+            .bridged
+            .get(&publisher)
+            .is_some_and(|b| b.mirror_of.is_some());
+        if !mirror {
+            // Counted once, where it is received.
+            self.metrics
+                .rtp_packets
+                .with_label_values(&["in", label])
+                .inc();
+            self.metrics
+                .rtp_bytes
+                .with_label_values(&["in", label])
+                .inc_by(packet.payload.len() as u64);
+            self.queue_for_mirrors(&stream_id, || mirror::Mirrored::Rtp {
+                publisher,
+                kind,
+                packet: packet.clone(),
+                keyframe,
+                arrived,
+            });
+        }
         self.rates
             .entry((stream_id.clone(), kind))
             .or_default()

@@ -145,7 +145,17 @@ pub enum MediaInput {
 pub struct Control {
     rooms: Rooms,
     sessions: HashMap<SessionId, mpsc::Sender<SessionEvent>>,
-    media: Option<mpsc::Sender<MediaInput>>,
+    media: Option<crate::media::MediaPlane>,
+    /// The media worker of each session and stream the media plane knows (a room's
+    /// worker, kept until it is closed or ended: a leave's commands come after the
+    /// room has let the session go).
+    media_sessions: HashMap<SessionId, usize>,
+    media_receivers: HashMap<SessionId, usize>,
+    receivers_per_worker: Vec<usize>,
+    media_streams: HashMap<String, usize>,
+    /// Rooms with more members than this spread their receiving connections over
+    /// the media workers.
+    spread_members: usize,
     metrics: Arc<Metrics>,
     /// Where WebRTC streams are offered to RTMP/FLV players, and the ones offered.
     live: Option<LivePlayback>,
@@ -244,7 +254,7 @@ fn now_ms() -> u64 {
 impl Control {
     pub fn new(
         rooms: Rooms,
-        media: Option<mpsc::Sender<MediaInput>>,
+        media: Option<crate::media::MediaPlane>,
         metrics: Arc<Metrics>,
         live: Option<LivePlayback>,
     ) -> Self {
@@ -252,6 +262,11 @@ impl Control {
             rooms,
             sessions: HashMap::new(),
             media,
+            media_sessions: HashMap::new(),
+            media_receivers: HashMap::new(),
+            receivers_per_worker: Vec::new(),
+            media_streams: HashMap::new(),
+            spread_members: usize::MAX,
             metrics,
             live,
             flv_sources: HashMap::new(),
@@ -266,6 +281,13 @@ impl Control {
             edges_left: HashSet::new(),
             relays_started: 0,
         }
+    }
+
+    /// Rooms with more members than `n` spread their receiving connections over the
+    /// media workers.
+    pub fn with_spread_members(mut self, n: usize) -> Self {
+        self.spread_members = n;
+        self
     }
 
     /// Carries members of rooms that spill from other nodes (in a cluster).
@@ -578,7 +600,7 @@ impl Control {
                         sdk_app_id: room.sdk_app_id,
                         room: room.room.clone(),
                     },
-                    media.clone(),
+                    media.input(media.worker_for(room)).clone(),
                     live.aac_bitrate,
                     self.metrics.clone(),
                 );
@@ -701,12 +723,134 @@ impl Control {
     }
 
     async fn send_to_media(&mut self, input: MediaInput) {
-        if let Some(media) = &self.media {
-            if media.send(input).await.is_err() {
-                warn!("media plane is gone");
-                self.media = None;
+        let Some(media) = self.media.clone() else {
+            return;
+        };
+        let to = self.media_worker(&media, &input);
+        let sent = match to {
+            Some(w) => media.input(w).send(input).await.is_ok(),
+            // Closing a session: every worker that may know it (cheap, and a stale
+            // placement cannot leave a connection behind).
+            None => {
+                let mut ok = true;
+                for w in 0..media.workers() {
+                    if let MediaInput::Command(cmd) = &input {
+                        ok &= media
+                            .input(w)
+                            .send(MediaInput::Command(cmd.clone()))
+                            .await
+                            .is_ok();
+                    }
+                }
+                ok
             }
+        };
+        if !sent {
+            warn!("media plane is gone");
+            self.media = None;
         }
+    }
+
+    /// The worker an input goes to (None: every worker). A room's publishing
+    /// connections live on its home worker; its receiving connections too while it
+    /// has at most `spread_members` members, after which each new receiver goes to the
+    /// worker with the fewest, which mirrors the streams from the home. A stream's
+    /// start and end go to its home, which tells the other workers (so they ask
+    /// nothing of it before it knows it); a closing session goes to every worker.
+    fn media_worker(
+        &mut self,
+        media: &crate::media::MediaPlane,
+        input: &MediaInput,
+    ) -> Option<usize> {
+        match input {
+            MediaInput::Command(MediaCommand::AllowPublish {
+                session,
+                stream_id,
+                room,
+                ..
+            }) => {
+                // To the room's worker, which tells the others.
+                let w = media.worker_for(room);
+                self.media_sessions.insert(*session, w);
+                self.media_streams.insert(stream_id.clone(), w);
+                Some(w)
+            }
+            MediaInput::Command(MediaCommand::Subscribe { subscriber, .. }) => {
+                Some(self.receiving_worker(media, *subscriber))
+            }
+            MediaInput::Command(MediaCommand::Unsubscribe { subscriber, .. }) => {
+                self.media_receivers.get(subscriber).copied()
+            }
+            MediaInput::Command(MediaCommand::EndStream { stream_id }) => {
+                self.media_streams.remove(stream_id)
+            }
+            MediaInput::Command(MediaCommand::CloseSession { session }) => {
+                self.media_sessions.remove(session);
+                if let Some(w) = self.media_receivers.remove(session) {
+                    if let Some(c) = self.receivers_per_worker.get_mut(w) {
+                        *c = c.saturating_sub(1);
+                    }
+                }
+                None
+            }
+            MediaInput::Signal { session, msg } => {
+                let target = match msg {
+                    ClientMessage::Offer { target, .. }
+                    | ClientMessage::Answer { target, .. }
+                    | ClientMessage::Candidate { target, .. } => *target,
+                    _ => Target::Subscriber, // an ICE restart of the receiving connection
+                };
+                Some(match target {
+                    Target::Publisher | Target::Screen => self.home_worker(media, *session),
+                    Target::Subscriber => self.receiving_worker(media, *session),
+                })
+            }
+            MediaInput::Tap { stream_id, .. } | MediaInput::RequestKeyframe { stream_id } => {
+                Some(self.media_streams.get(stream_id).copied().unwrap_or(0))
+            }
+            #[cfg(feature = "fault-injection")]
+            MediaInput::InjectPanic | MediaInput::InjectStall(_) => Some(0),
+        }
+    }
+
+    /// The worker of the session's room (a screen share is in its owner's).
+    fn home_worker(&mut self, media: &crate::media::MediaPlane, session: SessionId) -> usize {
+        if let Some(w) = self.media_sessions.get(&session) {
+            return *w;
+        }
+        let member = session.screen_owner().unwrap_or(session);
+        let w = self
+            .rooms
+            .place_of(member)
+            .map_or(0, |(room, _)| media.worker_for(&room));
+        self.media_sessions.insert(session, w);
+        w
+    }
+
+    /// The worker of the session's receiving connection, chosen at its first use.
+    fn receiving_worker(&mut self, media: &crate::media::MediaPlane, session: SessionId) -> usize {
+        if let Some(w) = self.media_receivers.get(&session) {
+            return *w;
+        }
+        let w = match self.rooms.place_of(session) {
+            Some((room, _)) if self.rooms.members_of(&room).len() > self.spread_members => {
+                // The worker with the fewest receiving connections; on a tie not the
+                // home, which also receives the room's media and feeds the mirrors.
+                let home = media.worker_for(&room);
+                let counts = &self.receivers_per_worker;
+                (0..media.workers())
+                    .min_by_key(|w| (counts.get(*w).copied().unwrap_or(0), *w == home, *w))
+                    .unwrap_or(home)
+            }
+            Some((room, _)) => media.worker_for(&room),
+            None => self.home_worker(media, session),
+        };
+        self.media_receivers.insert(session, w);
+        if self.receivers_per_worker.len() < media.workers() {
+            self.receivers_per_worker.resize(media.workers(), 0);
+        }
+        self.receivers_per_worker[w] += 1;
+        w
     }
 
     async fn apply(&mut self, cmd: ControlCommand) {

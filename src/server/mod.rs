@@ -479,16 +479,25 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         urls.clone(),
     );
     let (control_tx, control_rx) = mpsc::channel(4096);
-    let udp = tokio::net::UdpSocket::bind(&config.server.udp_addr)
-        .await
-        .with_context(|| format!("binding WebRTC UDP on {}", config.server.udp_addr))?;
-    size_udp_buffers(&udp, config.server.udp_buffer_bytes);
-    let udp_addr = udp.local_addr()?;
+    let workers = match config.server.media_workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut udp = Vec::new();
+    for s in crate::media::plane::bind_udp_group(&config.server.udp_addr, workers)
+        .with_context(|| format!("binding WebRTC UDP on {}", config.server.udp_addr))?
+    {
+        let s = tokio::net::UdpSocket::from_std(s)?;
+        size_udp_buffers(&s, config.server.udp_buffer_bytes);
+        udp.push(s);
+    }
+    let udp_addr = udp[0].local_addr()?;
     let udp_port = udp_addr.port();
     let announce = crate::media::announce_addresses(&config.server.announce_ips, udp_port)
         .map_err(anyhow::Error::msg)?;
     info!(
-        udp = %udp.local_addr()?,
+        udp = %udp_addr,
+        workers,
         announced = ?announce,
         "WebRTC media: one UDP port for all peers; clients must reach the announced addresses \
          (set announce_ips / WEIR_ANNOUNCE_IPS to the public IP behind NAT)"
@@ -507,31 +516,40 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         .map(|l| l.local_addr())
         .transpose()?
         .map(|a| a.port());
-    let (media_tx, media_rx) = mpsc::channel(4096);
-    let media = crate::media::Media::new(
-        crate::media::MediaConfig {
-            announce,
-            tcp_port,
-            ice_disconnected: Duration::from_millis(config.server.ice_disconnected_timeout_ms),
-            ice_failed: Duration::from_millis(config.server.ice_failed_timeout_ms),
-            congestion_control: config.server.congestion_control,
-            publisher_bitrate: (
-                f64::from(config.server.publisher_min_bitrate),
-                f64::from(config.server.publisher_max_bitrate),
-            ),
-            overload_busy_percent: config.server.overload_busy_percent,
-        },
-        udp,
-        tcp.map(|l| (l, connections("ice_tcp"))),
-        control_tx.clone(),
-        metrics.clone(),
-    )?;
-    let (bridge_tx, bridge_rx) = mpsc::channel(4096);
-    #[cfg(feature = "fault-injection")]
-    let fault_tx = media_tx.clone();
-    let overload = media.overload_flag();
+    let wiring = crate::media::plane::wire(workers);
+    let media_config = crate::media::MediaConfig {
+        announce,
+        tcp_port,
+        ice_disconnected: Duration::from_millis(config.server.ice_disconnected_timeout_ms),
+        ice_failed: Duration::from_millis(config.server.ice_failed_timeout_ms),
+        congestion_control: config.server.congestion_control,
+        publisher_bitrate: (
+            f64::from(config.server.publisher_min_bitrate),
+            f64::from(config.server.publisher_max_bitrate),
+        ),
+        overload_busy_percent: config.server.overload_busy_percent,
+    };
+    let plane = wiring.plane.clone();
+    let overload = wiring.any_overloaded.clone();
     let overload_for_cluster = overload.clone();
-    supervisor.spawn("media", media.run(media_rx, bridge_rx));
+    metrics.media_workers.set(workers as i64);
+    // The first worker accepts ICE-TCP and tells the others of each connection.
+    let tcp_bound = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+    let mut tcp = tcp.map(|l| (l, connections("ice_tcp")));
+    for (w, socket) in wiring.workers.into_iter().zip(udp) {
+        let media = crate::media::Media::new(
+            media_config.clone(),
+            socket,
+            tcp.take(),
+            tcp_bound,
+            control_tx.clone(),
+            metrics.clone(),
+            w.crew,
+        )?;
+        supervisor.spawn("media", media.run(w.inputs, w.bridges, w.between));
+    }
+    #[cfg(feature = "fault-injection")]
+    let fault_tx = plane.input(0).clone();
 
     let hub = {
         let metrics = metrics.clone();
@@ -613,7 +631,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         node_id: c.id.clone(),
         keyring: keyring.clone(),
         tls: c.tls.clone(),
-        bridge: bridge_tx.clone(),
+        media: plane.clone(),
         control: control_tx.clone(),
         next_session: next_session.clone(),
         metrics: metrics.clone(),
@@ -622,7 +640,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         "control",
         Control::new(
             rooms,
-            Some(media_tx),
+            Some(plane.clone()),
             metrics.clone(),
             Some(control::LivePlayback {
                 hub: hub.clone(),
@@ -633,6 +651,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         .with_ice_servers(ice.clone())
         .with_callbacks(callbacks.clone())
         .with_overload_flag(overload)
+        .with_spread_members(config.server.spread_room_members)
         .with_span(span)
         .run(control_rx),
     );
@@ -674,7 +693,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
     if rtmp_listener.is_some() || rtmps_listener.is_some() {
         let shared = Arc::new(rtmp::RtmpShared {
             pushers: rtmp::Pushers::default(),
-            bridge_tx,
+            media: plane.clone(),
             bridge_config: crate::bridge::BridgeConfig {
                 opus_bitrate: config.server.opus_bitrate.min(510_000) as i32,
                 max_lag_ms: config.server.rtmp_max_lag_ms as i64,

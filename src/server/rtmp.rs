@@ -61,7 +61,8 @@ struct PusherEntry {
 
 pub struct RtmpShared {
     pub pushers: Pushers,
-    pub bridge_tx: mpsc::Sender<BridgeInput>,
+    /// The media workers: a pusher's packets go to its room's.
+    pub media: crate::media::MediaPlane,
     pub bridge_config: BridgeConfig,
     pub epoch: Instant,
 }
@@ -553,6 +554,8 @@ struct Connection {
     pending: Option<Pending>,
     /// The room a pending push joined (from its `joined`).
     bound_room: Option<RoomId>,
+    /// Where the bridge's packets go: the media worker of the pusher's room.
+    bridge_tx: Option<mpsc::Sender<BridgeInput>>,
 }
 
 struct Pending {
@@ -589,6 +592,7 @@ impl Connection {
             live: None,
             pending: None,
             bound_room: None,
+            bridge_tx: None,
         }
     }
 
@@ -954,6 +958,10 @@ impl Connection {
         let control = &self.state.control;
         let _ = control.send(ControlCommand::Open { session, tx }).await;
         self.session = Some(session);
+        self.bridge_tx = Some(self.shared.media.bridge_for(&crate::room::RoomKey {
+            sdk_app_id: grant.sdk_app_id,
+            room: ticket.room.clone(),
+        }));
         let user = ticket.identity.user_id.clone();
         let room = ticket.room.to_string();
         let place = crate::live::StreamPlace {
@@ -1131,6 +1139,10 @@ impl Connection {
             return;
         };
         info!(peer = %self.peer, %stream, room = %room, "RTMP room-service push publishing in its room");
+        self.bridge_tx = Some(self.shared.media.bridge_for(&crate::room::RoomKey {
+            sdk_app_id: p.sdk_app_id,
+            room: room.clone(),
+        }));
         let ntp_now = bridge::ntp_from_unix_micros(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -1285,7 +1297,11 @@ impl Connection {
                 }
             };
             // Media never waits: a full queue drops (the receiver recovers at a keyframe).
-            if self.shared.bridge_tx.try_send(input).is_err() {
+            if self
+                .bridge_tx
+                .as_ref()
+                .is_none_or(|tx| tx.try_send(input).is_err())
+            {
                 metrics.bridge_queue_drops.inc();
             }
         }
@@ -1335,11 +1351,9 @@ impl Connection {
             }
         }
         if let Some(session) = self.session {
-            let _ = self
-                .shared
-                .bridge_tx
-                .send(BridgeInput::Gone { session })
-                .await;
+            if let Some(tx) = &self.bridge_tx {
+                let _ = tx.send(BridgeInput::Gone { session }).await;
+            }
             let _ = self
                 .state
                 .control

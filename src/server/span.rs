@@ -48,7 +48,8 @@ pub struct SpanContext {
     pub node_id: String,
     pub keyring: Arc<Keyring>,
     pub tls: Arc<rustls::ClientConfig>,
-    pub bridge: mpsc::Sender<BridgeInput>,
+    /// The media workers: a relayed room's streams go to the room's.
+    pub media: crate::media::MediaPlane,
     pub control: mpsc::Sender<ControlCommand>,
     pub next_session: Arc<AtomicU64>,
     pub metrics: Arc<Metrics>,
@@ -96,8 +97,10 @@ pub async fn run(
 ) {
     let _count =
         super::relay::Counted::new(ctx.metrics.cluster_relays.with_label_values(&["edge"]));
+    let bridge = ctx.media.bridge_for(&room);
     let mut relay = Relay {
         ctx: ctx.clone(),
+        bridge: bridge.clone(),
         room: room.clone(),
         number,
         users: HashMap::new(),
@@ -105,10 +108,7 @@ pub async fn run(
     };
     let why = relay.serve(&origin, &mut stop).await;
     for (_, identity) in relay.streams.values() {
-        let _ = ctx
-            .bridge
-            .send(BridgeInput::Gone { session: *identity })
-            .await;
+        let _ = bridge.send(BridgeInput::Gone { session: *identity }).await;
     }
     if let Some(why) = why {
         warn!(room = %room.name(), origin = %origin.id, %why, "relay of the room from its node lost: its members here are told to move");
@@ -127,6 +127,8 @@ pub async fn run(
 
 struct Relay {
     ctx: SpanContext,
+    /// The media worker of the room.
+    bridge: mpsc::Sender<BridgeInput>,
     room: RoomKey,
     /// Which relay of the room this is (the control task's number).
     number: u64,
@@ -395,7 +397,6 @@ impl Relay {
         self.streams
             .insert(stream.stream_id.clone(), (stream.user_id.clone(), identity));
         let _ = self
-            .ctx
             .bridge
             .send(BridgeInput::Relayed {
                 session: identity,
@@ -411,7 +412,6 @@ impl Relay {
             return;
         };
         let _ = self
-            .ctx
             .bridge
             .send(BridgeInput::Gone { session: identity })
             .await;
@@ -471,7 +471,7 @@ impl Relay {
         };
         // The media plane's bridge queue is bounded: a relay that cannot hand its
         // packets on waits (as an RTMP bridge does) rather than grow.
-        let _ = self.ctx.bridge.send(input).await;
+        let _ = self.bridge.send(input).await;
         None
     }
 }
