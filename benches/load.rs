@@ -732,6 +732,8 @@ fn metric_sum(metrics: &str, prefix: &str) -> f64 {
 
 struct Window {
     at: Instant,
+    /// Each media worker's busy percent (of each node, in order).
+    workers: Vec<f64>,
     weir_cpu: f64,
     /// Each node's, in the order given.
     node_cpu: Vec<f64>,
@@ -774,6 +776,7 @@ impl Window {
             bridge: Vec::new(),
             out_packets: 0.0,
             paused: 0.0,
+            workers: Vec::new(),
         };
         for node in nodes {
             let m = node.metrics().await;
@@ -793,6 +796,12 @@ impl Window {
             );
             w.out_packets += metric_sum(&m, "weir_rtp_packets_total{direction=\"out\"");
             w.paused += metric_sum(&m, "weir_congestion_paused_videos");
+            // Each media worker's busy share over the last second.
+            w.workers.extend(
+                m.lines()
+                    .filter(|l| l.starts_with("weir_media_worker_busy_percent{"))
+                    .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()),
+            );
         }
         w
     }
@@ -816,6 +825,8 @@ struct Measured {
     us_per_packet: f64,
     starved_seconds: usize,
     paused_max: f64,
+    /// Each media worker's mean busy percent over the stretch.
+    workers_busy: Vec<f64>,
 }
 
 /// One step: the join storm that reached N subscribers, then the measurement.
@@ -860,6 +871,7 @@ async fn measure(
         "gen%",
         "paused"
     );
+    let mut busy_sum: Vec<f64> = Vec::new();
     for s in 1..=seconds {
         tokio::time::sleep_until(tokio::time::Instant::from_std(
             first.at + Duration::from_secs(s),
@@ -905,8 +917,12 @@ async fn measure(
             100.0 * (now.load_cpu - prev.load_cpu) / dt,
             now.paused,
         ));
+        busy_sum.resize(now.workers.len().max(busy_sum.len()), 0.0);
+        for (sum, b) in busy_sum.iter_mut().zip(&now.workers) {
+            *sum += b;
+        }
         println!(
-            "    {:>4} {:>9.0} {:>9.0} {:>7.2} {:>8} {:>7.1} {:>7.1} {:>7.1} {:>7.2} {:>6.1} {:>6.1} {:>6.0}",
+            "    {:>4} {:>9.0} {:>9.0} {:>7.2} {:>8} {:>7.1} {:>7.1} {:>7.1} {:>7.2} {:>6.1} {:>6.1} {:>6.0}  workers busy {}",
             s,
             (now.packets - prev.packets) as f64 / dt,
             (now.out_packets - prev.out_packets) / dt,
@@ -919,6 +935,11 @@ async fn measure(
             100.0 * (now.weir_cpu - prev.weir_cpu) / dt,
             100.0 * (now.load_cpu - prev.load_cpu) / dt,
             now.paused,
+            now.workers
+                .iter()
+                .map(|b| format!("{b:.0}"))
+                .collect::<Vec<_>>()
+                .join("/"),
         );
         all_latency.extend_from_slice(&lat);
         prev = now;
@@ -957,6 +978,7 @@ async fn measure(
         },
         starved_seconds: starved_total,
         paused_max,
+        workers_busy: busy_sum.iter().map(|b| b / seconds as f64).collect(),
     }
 }
 
@@ -1269,6 +1291,8 @@ async fn run(threads: usize) {
             "  N = {n}: {:.0} pkt/s received, {:.0} sent by Weir, loss {:.3} %, latency p50 {:.1} / p99 {:.1} / max {:.1} ms, Weir forwarding p99 {:.2} ms, Weir CPU {:.0} % ({:.2} µs per packet sent), generator CPU {:.0} %, Weir RSS {:.0} MiB, {} subscriber-seconds without video, up to {} videos paused",
             m.rx_pps, m.out_pps, m.loss_pct, m.lat_p50, m.lat_p99, m.lat_max, m.fwd[1], m.weir_cpu_pct, m.us_per_packet, m.load_cpu_pct, s.rss_mib, m.starved_seconds, m.paused_max
         );
+        let busy: Vec<String> = m.workers_busy.iter().map(|b| format!("{b:.0}")).collect();
+        println!("  media workers busy (mean %): {}", busy.join(" / "));
         if edges_n > 0 {
             let per: Vec<String> = s.m.node_cpu_pct.iter().map(|c| format!("{c:.1}")).collect();
             println!(

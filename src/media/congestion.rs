@@ -190,8 +190,18 @@ pub(super) fn sort_layers<T>(
 
 impl Media {
     /// `sort_layers` for one stream: sizes from its publisher's keyframes, peaks
-    /// from what was measured here.
-    fn sort_stream_layers<T>(&self, stream_id: &str, layers: &mut [T], ssrc: impl Fn(&T) -> u32) {
+    /// from what was measured here; a mirrored stream in its home's order.
+    pub(super) fn sort_stream_layers<T>(
+        &self,
+        stream_id: &str,
+        layers: &mut [T],
+        ssrc: impl Fn(&T) -> u32,
+    ) {
+        if let Some(order) = self.layer_order.get(stream_id) {
+            let rank = |s: u32| order.iter().position(|x| *x == s).unwrap_or(usize::MAX);
+            layers.sort_by_key(|t| rank(ssrc(t)));
+            return;
+        }
         let publisher = self
             .publishers
             .get(stream_id)

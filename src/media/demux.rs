@@ -38,11 +38,17 @@ pub fn stun_username(packet: &[u8]) -> Option<&str> {
     None
 }
 
+/// A STUN binding request naming `username` (tests of the demultiplexer).
+#[cfg(test)]
+pub(super) fn binding_request(username: &str) -> Vec<u8> {
+    tests::binding(&[(ATTR_USERNAME, username.as_bytes())])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn binding(attrs: &[(u16, &[u8])]) -> Vec<u8> {
+    pub(super) fn binding(attrs: &[(u16, &[u8])]) -> Vec<u8> {
         let mut body = Vec::new();
         for (t, v) in attrs {
             body.extend_from_slice(&t.to_be_bytes());

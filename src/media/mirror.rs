@@ -225,18 +225,29 @@ impl Media {
         }
     }
 
-    /// Home side: the stream's active simulcast layers, for one mirror.
+    /// Home side: the stream's active simulcast layers, for one mirror, and every
+    /// layer its publisher has, in the order layer indices mean (a layer that stops
+    /// is found below or above the others there as here).
     fn send_layers(&self, stream_id: &str, worker: usize) {
-        if let Some(ssrcs) = self.stream_layers.get(stream_id) {
-            let _ = self.crew.send(
-                worker,
-                Between::Layers {
-                    stream_id: stream_id.to_owned(),
-                    ssrcs: ssrcs.clone(),
-                    placeholder: self.placeholder_layers.contains(stream_id),
-                },
-            );
-        }
+        let Some(ssrcs) = self.stream_layers.get(stream_id) else {
+            return;
+        };
+        let mut order: Vec<u32> = self
+            .publishers
+            .get(stream_id)
+            .and_then(|p| self.peers.get(&PeerKey(*p, Target::Publisher)))
+            .map(|p| p.video_layers())
+            .unwrap_or_default();
+        self.sort_stream_layers(stream_id, &mut order, |s| *s);
+        let _ = self.crew.send(
+            worker,
+            Between::Layers {
+                stream_id: stream_id.to_owned(),
+                ssrcs: ssrcs.clone(),
+                order,
+                placeholder: self.placeholder_layers.contains(stream_id),
+            },
+        );
     }
 
     /// Home side, each congestion tick: every mirror gets the layers as they are now.
@@ -325,10 +336,17 @@ impl Media {
     }
 
     /// Mirror side: the home's active layers of a simulcast stream.
-    pub(super) fn mirror_layers(&mut self, stream_id: String, ssrcs: Vec<u32>, placeholder: bool) {
+    pub(super) fn mirror_layers(
+        &mut self,
+        stream_id: String,
+        ssrcs: Vec<u32>,
+        order: Vec<u32>,
+        placeholder: bool,
+    ) {
         if self.home_elsewhere(&stream_id).is_none() {
             return;
         }
+        self.layer_order.insert(stream_id.clone(), order);
         let was_placeholder = if placeholder {
             !self.placeholder_layers.insert(stream_id.clone())
         } else {

@@ -1,6 +1,8 @@
 //! The media plane: every WebRTC peer connection on one UDP port, and forwarding.
 //!
-//! One task owns the socket and all `rtc` peer connections (webrtc-rs's sans-I/O core).
+//! `Media` is one media worker (see `plane` for how a node's workers share the port and
+//! the rooms): it owns its socket and its `rtc` peer connections (webrtc-rs's sans-I/O
+//! core).
 //! Datagrams are demultiplexed to peer connections by the ICE username of the first
 //! STUN request (rtc draws our ufrag per connection, anew on an ICE restart, and each is
 //! learnt from the local descriptions), then by 5-tuple. Each client
@@ -156,6 +158,8 @@ pub struct Media {
     remote_wants: HashMap<String, HashSet<usize>>,
     remote_demand: HashMap<(String, usize), mirror::Demand>,
     mirror_out: Vec<Vec<mirror::Mirrored>>,
+    /// Mirror side: each mirrored simulcast stream's layers in its home's order.
+    layer_order: HashMap<String, Vec<u32>>,
     /// What must reach another worker but found its queue full, in order.
     to_mates: Vec<std::collections::VecDeque<plane::Between>>,
 }
@@ -330,6 +334,7 @@ impl Media {
             handoffs: (0..crew.size()).map(|_| Vec::new()).collect(),
             mirror_out: (0..crew.size()).map(|_| Vec::new()).collect(),
             to_mates: (0..crew.size()).map(|_| Default::default()).collect(),
+            layer_order: HashMap::new(),
             stream_home: HashMap::new(),
             remote_wants: HashMap::new(),
             remote_demand: HashMap::new(),
@@ -414,10 +419,14 @@ impl Media {
                 }
                 Wake::Tcp(event) => match event {
                     tcp::TcpEvent::Opened { from, writer } => {
-                        self.crew.tell_others(|| plane::Between::TcpOpened {
-                            from,
-                            writer: writer.clone(),
-                        });
+                        let me = self.crew.index;
+                        for w in (0..self.crew.size()).filter(|w| *w != me) {
+                            let msg = plane::Between::TcpOpened {
+                                from,
+                                writer: writer.clone(),
+                            };
+                            self.send_reliably(w, msg);
+                        }
                         self.tcp_writers.insert(from, writer);
                     }
                     tcp::TcpEvent::Frame { from, data } => {
@@ -425,7 +434,10 @@ impl Media {
                         self.flush_handoffs();
                     }
                     tcp::TcpEvent::Closed { from } => {
-                        self.crew.tell_others(|| plane::Between::TcpClosed { from });
+                        let me = self.crew.index;
+                        for w in (0..self.crew.size()).filter(|w| *w != me) {
+                            self.send_reliably(w, plane::Between::TcpClosed { from });
+                        }
                         self.tcp_closed(from);
                     }
                 },
@@ -505,15 +517,16 @@ impl Media {
                 }
             }
             plane::Between::Command(cmd) => {
-                self.command(cmd);
+                self.command(*cmd);
                 self.sweep = true;
             }
             plane::Between::Media(batch) => self.mirrored_batch(batch),
             plane::Between::Layers {
                 stream_id,
                 ssrcs,
+                order,
                 placeholder,
-            } => self.mirror_layers(stream_id, ssrcs, placeholder),
+            } => self.mirror_layers(stream_id, ssrcs, order, placeholder),
             plane::Between::Want {
                 stream_id,
                 worker,
@@ -549,7 +562,8 @@ impl Media {
     }
 
     /// Sends `msg` to worker `w` after whatever waits for its queue: never dropped
-    /// below `CONTROL_BACKLOG` waiting (for what must arrive: a stream's start and end).
+    /// below `CONTROL_BACKLOG` waiting (for what must arrive: a stream's start and end,
+    /// an ICE-TCP connection's writer).
     fn send_reliably(&mut self, w: usize, msg: plane::Between) {
         let backlog = &mut self.to_mates[w];
         if backlog.is_empty() {
@@ -561,7 +575,7 @@ impl Media {
         } else {
             warn!(
                 worker = w,
-                "media worker backlog full; a stream's start or end was dropped"
+                "media worker backlog full; a stream's start or end (or an ICE-TCP connection's) was dropped"
             );
             self.metrics.control_backlog_drops.inc();
         }
@@ -766,7 +780,7 @@ impl Media {
                 if let Some(cmd) = tell {
                     let me = self.crew.index;
                     for w in (0..self.crew.size()).filter(|w| *w != me) {
-                        self.send_reliably(w, plane::Between::Command(cmd.clone()));
+                        self.send_reliably(w, plane::Between::Command(Box::new(cmd.clone())));
                     }
                 }
             }
@@ -874,6 +888,7 @@ impl Media {
                 self.remote_wants.remove(&stream_id);
                 self.remote_demand.retain(|(s, _), _| *s != stream_id);
                 self.placeholder_layers.remove(&stream_id);
+                self.layer_order.remove(&stream_id);
                 if let Some(sp) = self.stream_rooms.remove(&stream_id) {
                     if !self.stream_rooms.values().any(|o| o.room == sp.room) {
                         self.metrics.forget_room(&sp.room);
@@ -1671,4 +1686,161 @@ pub fn announce_addresses(configured: &[String], port: u16) -> Result<Vec<Socket
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plane::{wire, Between, WorkerWiring};
+    use super::*;
+    use crate::auth::RoomId;
+    use crate::room::RoomKey;
+
+    const UDP: TransportProtocol = TransportProtocol::UDP;
+
+    async fn worker(crew: plane::Crew) -> (Media, mpsc::Receiver<ControlCommand>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let announce = vec![socket.local_addr().unwrap()];
+        let (control, control_rx) = mpsc::channel(64);
+        let config = MediaConfig {
+            announce,
+            tcp_port: None,
+            ice_disconnected: Duration::from_secs(5),
+            ice_failed: Duration::from_secs(10),
+            congestion_control: true,
+            publisher_bitrate: (100_000.0, 1_500_000.0),
+            overload_busy_percent: 90,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let m = Media::new(config, socket, None, None, control, metrics, crew).unwrap();
+        (m, control_rx)
+    }
+
+    fn two() -> (WorkerWiring, WorkerWiring) {
+        let mut w = wire(2).workers;
+        let one = w.pop().unwrap();
+        (w.pop().unwrap(), one)
+    }
+
+    fn handed(w: &mut WorkerWiring) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        while let Ok(msg) = w.between.try_recv() {
+            match msg {
+                Between::Datagrams(batch) => out.extend(batch.into_iter().map(|(_, a, _)| a)),
+                other => panic!("{other:?}"),
+            }
+        }
+        out
+    }
+
+    /// A 5-tuple introduces itself with a STUN request naming another worker's ufrag:
+    /// that datagram and the 5-tuple's next ones go to that worker, in one batch per
+    /// wake-up; what is handed over is never handed on; a closed connection's
+    /// 5-tuples are forgotten.
+    #[tokio::test]
+    async fn a_datagram_for_another_worker_s_connection_is_handed_over() {
+        let (zero, mut one) = two();
+        let (mut a, _control) = worker(zero.crew).await;
+        one.crew.register_ufrag("theirs");
+        let client: SocketAddr = "192.0.2.10:5000".parse().unwrap();
+        let stranger: SocketAddr = "192.0.2.11:5000".parse().unwrap();
+        let rtp = [0x80u8, 0x60, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1];
+        a.datagram(&demux::binding_request("theirs:cli"), client, UDP, false);
+        a.datagram(&rtp, client, UDP, false);
+        // Not STUN, from a 5-tuple nobody knows: dropped.
+        a.datagram(&rtp, stranger, UDP, false);
+        // STUN for a ufrag nobody drew: dropped.
+        a.datagram(&demux::binding_request("nobody:cli"), stranger, UDP, false);
+        a.flush_handoffs();
+        assert_eq!(handed(&mut one), vec![client, client]);
+        assert_eq!(a.metrics.handoffs.get(), 2);
+        // Handed to this worker by mistake: dropped, not handed back.
+        a.datagram(&demux::binding_request("theirs:cli"), stranger, UDP, true);
+        a.flush_handoffs();
+        assert!(handed(&mut one).is_empty());
+        a.between(Between::Forget(vec![(UDP, client)]));
+        a.datagram(&rtp, client, UDP, false);
+        a.flush_handoffs();
+        assert!(handed(&mut one).is_empty(), "forgotten with its connection");
+    }
+
+    fn room_at(home: usize) -> RoomKey {
+        (0..)
+            .map(|i| RoomKey {
+                sdk_app_id: 1,
+                room: RoomId::Num(i),
+            })
+            .find(|r| plane::worker_for(r, 2) == home)
+            .unwrap()
+    }
+
+    /// A stream starts at its home, which tells the other worker; a subscriber there
+    /// makes a mirror that asks the home for the stream, and its leaving tells the
+    /// home and drops the mirror; the stream's end reaches the other worker through
+    /// the home too.
+    #[tokio::test]
+    async fn a_subscriber_on_another_worker_asks_the_home_for_the_stream() {
+        let (mut zero, mut one) = two();
+        let (mut home, _c0) = worker(zero.crew).await;
+        let (mut other, _c1) = worker(one.crew).await;
+        let room = room_at(0);
+        let (publisher, subscriber) = (SessionId(1), SessionId(2));
+        let allow = MediaCommand::AllowPublish {
+            session: publisher,
+            stream_id: "s".into(),
+            kinds: vec![Kind::Video, Kind::Audio],
+            room,
+            source: "webrtc",
+            screen: false,
+            policy: Default::default(),
+            min_bitrate: None,
+            max_bitrate: None,
+        };
+        home.input(MediaInput::Command(allow.clone()));
+        let told = one
+            .between
+            .try_recv()
+            .expect("the home tells the other worker");
+        assert!(
+            matches!(&told, Between::Command(c) if **c == allow),
+            "{told:?}"
+        );
+        other.between(told);
+        other.input(MediaInput::Command(MediaCommand::Subscribe {
+            subscriber,
+            stream_id: "s".into(),
+            kinds: vec![Kind::Video, Kind::Audio],
+        }));
+        assert_eq!(other.metrics.media_mirrors.get(), 1);
+        let want = zero.between.try_recv().expect("the mirror asks the home");
+        assert!(
+            matches!(&want, Between::Want { stream_id, worker: 1, wanted: true } if stream_id == "s"),
+            "{want:?}"
+        );
+        home.between(want);
+        assert!(home.remote_wants["s"].contains(&1));
+        other.input(MediaInput::Command(MediaCommand::Unsubscribe {
+            subscriber,
+            stream_id: "s".into(),
+        }));
+        let unwant = zero.between.try_recv().expect("the mirror lets go");
+        assert!(
+            matches!(&unwant, Between::Want { wanted: false, .. }),
+            "{unwant:?}"
+        );
+        assert_eq!(other.metrics.media_mirrors.get(), 0);
+        home.between(unwant);
+        assert!(!home.remote_wants.contains_key("s"));
+        home.input(MediaInput::Command(MediaCommand::EndStream {
+            stream_id: "s".into(),
+        }));
+        let end = one
+            .between
+            .try_recv()
+            .expect("the end reaches the other worker");
+        assert!(
+            matches!(&end, Between::Command(c) if matches!(**c, MediaCommand::EndStream { .. }))
+        );
+        other.between(end);
+        assert!(other.stream_home.is_empty() && other.publishers.is_empty());
+    }
 }

@@ -88,13 +88,15 @@ pub enum Between {
     /// A connection closed: the 5-tuples another worker may remember as its.
     Forget(Vec<(TransportProtocol, SocketAddr)>),
     /// Home → the others: a stream of its room starts (`AllowPublish`) or ends.
-    Command(crate::room::MediaCommand),
+    Command(Box<crate::room::MediaCommand>),
     /// Home → mirror: a stream's codecs, packets and sender reports (see `mirror`).
     Media(Vec<super::mirror::Mirrored>),
     /// Home → mirror: a simulcast stream's active layers, lowest first.
     Layers {
         stream_id: String,
         ssrcs: Vec<u32>,
+        /// Every layer of the publisher, lowest first.
+        order: Vec<u32>,
         placeholder: bool,
     },
     /// Mirror → home: whether a subscriber on `worker` receives the stream.
