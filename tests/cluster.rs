@@ -22,11 +22,11 @@ async fn cluster_node(
     redis: &Redis,
     app: &AppConfig,
     id: &'static str,
-    tweak: impl FnOnce(&mut weir::config::Config),
+    tweak: impl Fn(&mut weir::config::Config),
 ) -> Node {
     let url = redis.url();
     let mut node = Node::start_app(app.clone(), &[("RUST_LOG", "weir=info")], |c| {
-        c.cluster.redis_url = url;
+        c.cluster.redis_url = url.clone();
         c.cluster.node_id = id.into();
         // The nodes relay each other's clients: they trust each other's
         // X-Forwarded-For (here everyone is on loopback).
@@ -45,7 +45,7 @@ async fn three_nodes(redis: &Redis) -> (AppConfig, Node, Node, Node) {
 /// Three nodes, B configured by `tweak_b`.
 async fn three_nodes_with(
     redis: &Redis,
-    tweak_b: impl FnOnce(&mut weir::config::Config),
+    tweak_b: impl Fn(&mut weir::config::Config),
 ) -> (AppConfig, Node, Node, Node) {
     three_nodes_tweaked(redis, |_| {}, tweak_b).await
 }
@@ -54,7 +54,7 @@ async fn three_nodes_with(
 async fn three_nodes_tweaked(
     redis: &Redis,
     all: impl Fn(&mut weir::config::Config),
-    tweak_b: impl FnOnce(&mut weir::config::Config),
+    tweak_b: impl Fn(&mut weir::config::Config),
 ) -> (AppConfig, Node, Node, Node) {
     let app = AppKeys::generate_config(APP);
     let a = cluster_node(redis, &app, "node-a", &all).await;
@@ -854,8 +854,8 @@ async fn nodes_reach_redis_over_tls() {
     let url_a = url.clone();
     let ca_a = ca.clone();
     let mut a = Node::start_app(app.clone(), &[("RUST_LOG", "weir=info")], |c| {
-        c.cluster.redis_url = url_a;
-        c.cluster.redis_ca_file = ca_a;
+        c.cluster.redis_url = url_a.clone();
+        c.cluster.redis_ca_file = ca_a.clone();
         c.cluster.node_id = "node-a".into();
         c.server.log_format = "json".into();
     })
@@ -1041,7 +1041,7 @@ async fn relays_to_a_tls_node_go_over_wss() {
     let ca = cert_file.display().to_string();
     let b = cluster_node(&redis, &app, "node-b", |c| {
         c.server.max_rooms = 0;
-        c.cluster.node_ca_file = ca;
+        c.cluster.node_ca_file = ca.clone();
     })
     .await;
     // C, the same without the CA.
@@ -1163,7 +1163,7 @@ async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli
     let link_addr = link.addr.to_string();
     let (app_config, a, b, c) = three_nodes_with(&redis, |cfg| {
         cfg.server.udp_addr = format!("127.0.0.1:{b_udp}");
-        cfg.cluster.advertise_udp = link_addr;
+        cfg.cluster.advertise_udp = link_addr.clone();
         cfg.cluster.spill_members = 2;
     })
     .await;

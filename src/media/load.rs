@@ -112,6 +112,41 @@ pub fn udp_socket_drops(port: u16, v6: bool) -> Option<u64> {
     parse_udp_drops(&table, port)
 }
 
+/// How many UDP sockets the kernel has bound to `addr` (None: no table to read).
+pub fn udp_sockets_at(addr: std::net::SocketAddr) -> Option<usize> {
+    let table = std::fs::read_to_string(if addr.is_ipv6() {
+        "/proc/net/udp6"
+    } else {
+        "/proc/net/udp"
+    })
+    .ok()?;
+    Some(count_udp_sockets(&table, addr))
+}
+
+/// The rows of a /proc/net/udp table bound to `addr` (IPv4 by address and port; IPv6
+/// by port).
+fn count_udp_sockets(table: &str, addr: std::net::SocketAddr) -> usize {
+    let port = format!("{:04X}", addr.port());
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) => Some(format!("{:08X}", u32::from_le_bytes(v4.octets()))),
+        std::net::IpAddr::V6(_) => None,
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let Some((a, p)) = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|l| l.rsplit_once(':'))
+            else {
+                return false;
+            };
+            p == port && ip.as_deref().is_none_or(|ip| ip == a)
+        })
+        .count()
+}
+
 /// The `drops` column summed over the rows whose local port is `port` in a
 /// /proc/net/udp table (the media workers' sockets share the port).
 fn parse_udp_drops(table: &str, port: u16) -> Option<u64> {
@@ -194,6 +229,12 @@ mod tests {
   3: 0100007F:1ECA 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 5679 2 0000000000000000 8\n";
         // The workers' sockets on one port: their drops together.
         assert_eq!(parse_udp_drops(table, 7882), Some(50));
+        assert_eq!(
+            count_udp_sockets(table, "127.0.0.1:7882".parse().unwrap()),
+            2
+        );
+        assert_eq!(count_udp_sockets(table, "0.0.0.0:7882".parse().unwrap()), 0);
+        assert_eq!(count_udp_sockets(table, "0.0.0.0:68".parse().unwrap()), 1);
         assert_eq!(parse_udp_drops(table, 68), Some(0));
         assert_eq!(parse_udp_drops(table, 9999), None);
     }

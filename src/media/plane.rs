@@ -295,6 +295,19 @@ pub fn bind_udp_group(addr: &str, n: usize) -> std::io::Result<Vec<std::net::Udp
         s.bind(&at.into())?;
         out.push(s.into());
     }
+    // With SO_REUSEPORT another process of the same user could have bound the port
+    // already, and the kernel would share its datagrams with ours: refuse, as a
+    // plain bind would.
+    let bound = out[0].local_addr()?;
+    if n > 1 && super::load::udp_sockets_at(bound).is_some_and(|c| c > n) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!(
+                "UDP port {} is already in use by another process",
+                bound.port()
+            ),
+        ));
+    }
     Ok(out)
 }
 
@@ -358,9 +371,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sockets_of_a_group_share_one_port() {
+    async fn sockets_of_a_group_share_one_port_and_no_other_group_joins_it() {
         let socks = bind_udp_group("127.0.0.1:0", 3).unwrap();
-        let port = socks[0].local_addr().unwrap().port();
-        assert!(socks.iter().all(|s| s.local_addr().unwrap().port() == port));
+        let at = socks[0].local_addr().unwrap();
+        assert!(socks.iter().all(|s| s.local_addr().unwrap() == at));
+        // A second node started on the same port by mistake fails, as a plain bind
+        // would, instead of taking a share of the first one's datagrams.
+        let e = bind_udp_group(&at.to_string(), 2).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
     }
 }

@@ -36,7 +36,7 @@ impl Node {
     }
 
     /// `tweak` changes the configuration file before the node starts.
-    pub async fn start_with(env: &[(&str, &str)], tweak: impl FnOnce(&mut Config)) -> Self {
+    pub async fn start_with(env: &[(&str, &str)], tweak: impl Fn(&mut Config)) -> Self {
         Self::start_app(AppKeys::generate_config(APP), env, tweak).await
     }
 
@@ -44,8 +44,29 @@ impl Node {
     pub async fn start_app(
         app_config: weir::config::AppConfig,
         env: &[(&str, &str)],
-        tweak: impl FnOnce(&mut Config),
+        tweak: impl Fn(&mut Config),
     ) -> Self {
+        // Ports are picked free and bound by the child a moment later: another
+        // process may take one between (a node that cannot bind exits). Such a start
+        // is tried again on other ports; any other failure is reported with the
+        // node's own words.
+        for attempt in 1..=3 {
+            match Self::try_start(app_config.clone(), env, &tweak).await {
+                Ok(node) => return node,
+                Err(why) if attempt < 3 && why.contains("binding") => {
+                    eprintln!("a node could not bind its ports; again on others: {why}")
+                }
+                Err(why) => panic!("the server did not listen: {why}"),
+            }
+        }
+        unreachable!()
+    }
+
+    async fn try_start(
+        app_config: weir::config::AppConfig,
+        env: &[(&str, &str)],
+        tweak: &impl Fn(&mut Config),
+    ) -> Result<Self, String> {
         let app = AppKeys::from_config(&app_config).unwrap();
         let mut config = Config::development(None);
         config.server.dev_mode = false;
@@ -92,10 +113,29 @@ impl Node {
             .await
             .is_err()
         {
-            assert!(Instant::now() < deadline, "the server did not listen");
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() >= deadline {
+                let _ = child.start_kill();
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use tokio::io::AsyncReadExt;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), e.read_to_string(&mut err))
+                            .await;
+                }
+                return Err(format!(
+                    "{} ({}); its log: {err}",
+                    if exited.is_some() {
+                        "it exited"
+                    } else {
+                        "not within 20 s"
+                    },
+                    exited.map_or_else(String::new, |s| s.to_string()),
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self {
+        Ok(Self {
             child,
             log,
             http,
@@ -103,7 +143,7 @@ impl Node {
             app,
             config,
             _dir: dir,
-        }
+        })
     }
 }
 
