@@ -494,7 +494,7 @@ impl Metrics {
             ),
             media_busy_percent: gauge(
                 "weir_media_busy_percent",
-                "Share of the last second the media plane spent working, not waiting",
+                "Share of the last second the busiest media worker spent working, not waiting",
             ),
             media_overloaded: gauge(
                 "weir_media_overloaded",
