@@ -2,25 +2,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Client, TestServer};
 use weir_signaling::{ErrorCode, ServerMessage};
 
-async fn wait_for_metric(t: &TestServer, selector: &str, value: f64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let m = t.metrics().await;
-        if m.lines().any(|l| l.starts_with(selector)) && common::metric(&m, selector) == value {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{selector} did not become {value} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use common::wait_for_metric;
 
 /// The media plane kept busy (it blocks, as one working past its capacity does) is
 /// judged overloaded within a couple of seconds: joins are refused with 503 and the

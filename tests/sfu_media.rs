@@ -323,32 +323,12 @@ async fn a_room_spread_over_media_workers_behaves_as_on_one() {
         received > 0.0 && sent <= received * 1.05,
         "one subscriber: each packet received once and sent about once ({received} in, {sent} out)"
     );
+    // Bob's leave ends the mirror; Alice's, every connection.
     bob_signal.send(&ClientMessage::Leave).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = t.metrics().await;
-        if common::metric(&m, "weir_media_mirrors") == 0.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "bob's leave ends the mirror: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let within = Duration::from_secs(10);
+    common::wait_for_metric(&t, "weir_media_mirrors", 0.0, within).await;
     drop(alice);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = t.metrics().await;
-        if common::metric(&m, "weir_peer_connections") == 0.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "every connection closes: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_for_metric(&t, "weir_peer_connections", 0.0, within).await;
     let _ = bob.pc.close().await;
 }
 

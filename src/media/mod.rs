@@ -1281,16 +1281,9 @@ impl Media {
             info!(session = session.0, "publisher track open");
             self.mirror_tracks(session);
             // Subscribers waiting for this publisher's codec can now get their tracks.
+            self.sync_subscribers_of(session);
             let stream = self.allowed.get(&session).map(|a| a.stream_id.clone());
             if let Some(stream_id) = stream {
-                let subs: Vec<SessionId> = self
-                    .subscriptions
-                    .get(&stream_id)
-                    .map(|s| s.keys().copied().collect())
-                    .unwrap_or_default();
-                for s in subs {
-                    self.sync_subscriber(s);
-                }
                 self.request_keyframe(&stream_id, now, true);
             }
         }

@@ -34,6 +34,29 @@ pub struct TestServer {
     pub config: Config,
 }
 
+/// Waits until `selector`'s sample is `value` (the series must exist), at most
+/// `within`.
+#[allow(dead_code)]
+pub async fn wait_for_metric(
+    t: &TestServer,
+    selector: &str,
+    value: f64,
+    within: std::time::Duration,
+) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let m = t.metrics().await;
+        if m.lines().any(|l| l.starts_with(selector)) && metric(&m, selector) == value {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{selector} did not become {value} within {within:?}: {m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 impl TestServer {
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
