@@ -177,7 +177,7 @@ impl Media {
                 });
             }
         }
-        self.send_layers(&stream_id, worker);
+        self.send_layers(&stream_id, [worker]);
         self.request_keyframe(&stream_id, now, true);
         self.ask_upstream_demand();
     }
@@ -225,10 +225,10 @@ impl Media {
         }
     }
 
-    /// Home side: the stream's active simulcast layers, for one mirror, and every
-    /// layer its publisher has, in the order layer indices mean (a layer that stops
-    /// is found below or above the others there as here).
-    fn send_layers(&self, stream_id: &str, worker: usize) {
+    /// Home side: the stream's active simulcast layers, for its mirrors on `workers`,
+    /// and every layer its publisher has, in the order layer indices mean (a layer
+    /// that stops is found below or above the others there as here). Ranked once.
+    fn send_layers(&self, stream_id: &str, workers: impl IntoIterator<Item = usize>) {
         let Some(ssrcs) = self.stream_layers.get(stream_id) else {
             return;
         };
@@ -239,23 +239,24 @@ impl Media {
             .map(|p| p.video_layers())
             .unwrap_or_default();
         self.sort_stream_layers(stream_id, &mut order, |s| *s);
-        let _ = self.crew.send(
-            worker,
-            Between::Layers {
-                stream_id: stream_id.to_owned(),
-                ssrcs: ssrcs.clone(),
-                order,
-                placeholder: self.placeholder_layers.contains(stream_id),
-            },
-        );
+        let placeholder = self.placeholder_layers.contains(stream_id);
+        for w in workers {
+            let _ = self.crew.send(
+                w,
+                Between::Layers {
+                    stream_id: stream_id.to_owned(),
+                    ssrcs: ssrcs.clone(),
+                    order: order.clone(),
+                    placeholder,
+                },
+            );
+        }
     }
 
     /// Home side, each congestion tick: every mirror gets the layers as they are now.
     pub(super) fn send_layers_to_mirrors(&self) {
         for (stream_id, ws) in &self.remote_wants {
-            for w in ws {
-                self.send_layers(stream_id, *w);
-            }
+            self.send_layers(stream_id, ws.iter().copied());
         }
     }
 

@@ -402,7 +402,8 @@ impl Media {
                 Wake::Udp(res) => {
                     match res {
                         Ok((n, from)) => {
-                            self.datagram(&buf[..n], from, TransportProtocol::UDP, false)
+                            let data = BytesMut::from(&buf[..n]);
+                            self.datagram(data, from, TransportProtocol::UDP, false)
                         }
                         Err(e) => debug!(error = %e, "UDP receive error"),
                     }
@@ -410,7 +411,8 @@ impl Media {
                     for _ in 0..UDP_BATCH {
                         match socket.try_recv_from(&mut buf) {
                             Ok((n, from)) => {
-                                self.datagram(&buf[..n], from, TransportProtocol::UDP, false)
+                                let data = BytesMut::from(&buf[..n]);
+                                self.datagram(data, from, TransportProtocol::UDP, false)
                             }
                             Err(_) => break,
                         }
@@ -430,7 +432,12 @@ impl Media {
                         self.tcp_writers.insert(from, writer);
                     }
                     tcp::TcpEvent::Frame { from, data } => {
-                        self.datagram(&data, from, TransportProtocol::TCP, false);
+                        self.datagram(
+                            BytesMut::from(&data[..]),
+                            from,
+                            TransportProtocol::TCP,
+                            false,
+                        );
                         self.flush_handoffs();
                     }
                     tcp::TcpEvent::Closed { from } => {
@@ -504,7 +511,7 @@ impl Media {
         match msg {
             plane::Between::Datagrams(batch) => {
                 for (protocol, from, data) in batch {
-                    self.datagram(&data, from, protocol, true);
+                    self.datagram(data, from, protocol, true);
                 }
             }
             plane::Between::TcpOpened { from, writer } => {
@@ -602,7 +609,7 @@ impl Media {
             let batch = std::mem::take(&mut self.handoffs[w]);
             let n = batch.len() as u64;
             self.metrics.handoffs.inc_by(n);
-            if !self.crew.hand_over(w, batch) {
+            if !self.crew.send(w, plane::Between::Datagrams(batch)) {
                 self.metrics.handoff_drops.inc_by(n);
             }
         }
@@ -636,10 +643,12 @@ impl Media {
     }
 
     /// One datagram (or ICE-TCP frame) from `from`; `handed` when another worker's
-    /// socket received it for a connection of this one (never handed on again).
+    /// socket received it for a connection of this one (never handed on again). Its
+    /// one copy, made where it was read, is what the connection (or the worker it
+    /// is handed to) takes.
     fn datagram(
         &mut self,
-        data: &[u8],
+        data: BytesMut,
         from: SocketAddr,
         protocol: TransportProtocol,
         handed: bool,
@@ -649,13 +658,13 @@ impl Media {
             None => {
                 if !handed {
                     if let Some(&w) = self.foreign.get(&(protocol, from)) {
-                        self.handoffs[w].push((protocol, from, BytesMut::from(data)));
+                        self.handoffs[w].push((protocol, from, data));
                         return;
                     }
                 }
                 // A new 5-tuple must introduce itself with a STUN request naming our ufrag.
                 let Some(ufrag) =
-                    stun_username(data).and_then(|u| u.split(':').next().map(str::to_owned))
+                    stun_username(&data).and_then(|u| u.split(':').next().map(str::to_owned))
                 else {
                     return;
                 };
@@ -670,7 +679,7 @@ impl Media {
                             self.foreign.clear();
                         }
                         self.foreign.insert((protocol, from), w);
-                        self.handoffs[w].push((protocol, from, BytesMut::from(data)));
+                        self.handoffs[w].push((protocol, from, data));
                         return;
                     }
                     debug!(%from, ufrag, "STUN for an unknown ufrag; dropped");
@@ -694,6 +703,15 @@ impl Media {
             self.by_addr.remove(&(protocol, from));
             return;
         };
+        let first = data.first().copied();
+        if first.is_some_and(|b| (128..192).contains(&b)) {
+            tracing::trace!(
+                ?key,
+                len = data.len(),
+                pt = data.get(1).map(|b| b & 0x7f),
+                "RTP/RTCP datagram"
+            );
+        }
         let msg = TaggedBytesMut {
             now: Instant::now(),
             transport: TransportContext {
@@ -705,20 +723,12 @@ impl Media {
                 ecn: None,
                 transport_protocol: protocol,
             },
-            message: BytesMut::from(data),
+            message: data,
         };
-        if data.first().is_some_and(|b| (128..192).contains(b)) {
-            tracing::trace!(
-                ?key,
-                len = data.len(),
-                pt = data.get(1).map(|b| b & 0x7f),
-                "RTP/RTCP datagram"
-            );
-        }
         self.dirty.insert(key);
         match p.pc.handle_read(msg) {
             // A STUN check the connection took passed its integrity check.
-            Ok(()) if data.first().is_some_and(|b| *b < 2) => p.liveness.heard(Instant::now()),
+            Ok(()) if first.is_some_and(|b| b < 2) => p.liveness.heard(Instant::now()),
             Ok(()) => {}
             Err(e) => debug!(?key, error = %e, "peer rejected a datagram"),
         }
@@ -1521,10 +1531,12 @@ impl Media {
     ) -> Option<Instant> {
         let stream_id = self.allowed.get(&publisher).map(|a| a.stream_id.clone())?;
         let label = forward::kind_label(kind);
-        let mirror = self
-            .bridged
-            .get(&publisher)
-            .is_some_and(|b| b.mirror_of.is_some());
+        // A connection's packets (no bridged entry) are also copied to its stream's
+        // converter to FLV, if any; a mirror's are counted where they were received.
+        let (connection, mirror) = match self.bridged.get(&publisher) {
+            None => (true, false),
+            Some(b) => (false, b.mirror_of.is_some()),
+        };
         if !mirror {
             // Counted once, where it is received.
             self.metrics
@@ -1553,7 +1565,7 @@ impl Media {
                 .or_default()
                 .add(packet.payload.len() + 12);
         }
-        if !self.bridged.contains_key(&publisher) {
+        if connection {
             if let Some(tx) = self.taps.get(&stream_id) {
                 let tap = TapEvent::Rtp {
                     kind,
@@ -1737,21 +1749,36 @@ mod tests {
         let client: SocketAddr = "192.0.2.10:5000".parse().unwrap();
         let stranger: SocketAddr = "192.0.2.11:5000".parse().unwrap();
         let rtp = [0x80u8, 0x60, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1];
-        a.datagram(&demux::binding_request("theirs:cli"), client, UDP, false);
-        a.datagram(&rtp, client, UDP, false);
+        a.datagram(
+            demux::binding_request("theirs:cli").as_slice().into(),
+            client,
+            UDP,
+            false,
+        );
+        a.datagram(rtp[..].into(), client, UDP, false);
         // Not STUN, from a 5-tuple nobody knows: dropped.
-        a.datagram(&rtp, stranger, UDP, false);
+        a.datagram(rtp[..].into(), stranger, UDP, false);
         // STUN for a ufrag nobody drew: dropped.
-        a.datagram(&demux::binding_request("nobody:cli"), stranger, UDP, false);
+        a.datagram(
+            demux::binding_request("nobody:cli").as_slice().into(),
+            stranger,
+            UDP,
+            false,
+        );
         a.flush_handoffs();
         assert_eq!(handed(&mut one), vec![client, client]);
         assert_eq!(a.metrics.handoffs.get(), 2);
         // Handed to this worker by mistake: dropped, not handed back.
-        a.datagram(&demux::binding_request("theirs:cli"), stranger, UDP, true);
+        a.datagram(
+            demux::binding_request("theirs:cli").as_slice().into(),
+            stranger,
+            UDP,
+            true,
+        );
         a.flush_handoffs();
         assert!(handed(&mut one).is_empty());
         a.between(Between::Forget(vec![(UDP, client)]));
-        a.datagram(&rtp, client, UDP, false);
+        a.datagram(rtp[..].into(), client, UDP, false);
         a.flush_handoffs();
         assert!(handed(&mut one).is_empty(), "forgotten with its connection");
     }

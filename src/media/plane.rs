@@ -135,16 +135,6 @@ impl Crew {
         self.mates.len()
     }
 
-    /// Sends a batch of datagrams to worker `w`; false when its queue is full (they
-    /// are dropped, as a full socket buffer would).
-    pub fn hand_over(
-        &self,
-        w: usize,
-        batch: Vec<(TransportProtocol, SocketAddr, BytesMut)>,
-    ) -> bool {
-        self.mates[w].try_send(Between::Datagrams(batch)).is_ok()
-    }
-
     /// Sends `msg` to worker `w`; false when its queue is full.
     pub fn send(&self, w: usize, msg: Between) -> bool {
         self.mates[w].try_send(msg).is_ok()
