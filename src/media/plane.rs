@@ -277,12 +277,21 @@ pub fn bind_udp_group(addr: &str, n: usize) -> std::io::Result<Vec<std::net::Udp
             socket2::Type::DGRAM,
             Some(socket2::Protocol::UDP),
         )?;
+        // The first socket binds as a plain one would, so that an ephemeral port
+        // (`:0`) is one nobody uses: the kernel's search for a free port counts a
+        // port where only SO_REUSEPORT sockets of the same user are bound as free,
+        // and would hand a second node (a parallel test server) the first's port.
+        // It joins the group after binding; the next ones join it as they bind.
         #[cfg(unix)]
-        if n > 1 {
+        if n > 1 && i > 0 {
             s.set_reuse_port(true)?;
         }
         s.set_nonblocking(true)?;
         s.bind(&at.into())?;
+        #[cfg(unix)]
+        if n > 1 && i == 0 {
+            s.set_reuse_port(true)?;
+        }
         out.push(s.into());
     }
     // With SO_REUSEPORT another process of the same user could have bound the port
@@ -369,5 +378,42 @@ mod tests {
         // would, instead of taking a share of the first one's datagrams.
         let e = bind_udp_group(&at.to_string(), 2).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+
+        // The kernel spreads datagrams over every socket of the group, the first
+        // one (which joined after binding) included.
+        let mut reached = vec![false; socks.len()];
+        for _ in 0..200 {
+            let from = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            from.send_to(b"x", at).unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut buf = [0u8; 8];
+        for (i, s) in socks.iter().enumerate() {
+            while s.recv_from(&mut buf).is_ok() {
+                reached[i] = true;
+            }
+        }
+        assert!(reached.iter().all(|r| *r), "{reached:?}");
+    }
+
+    #[test]
+    fn groups_on_ephemeral_ports_never_share_one() {
+        // Many nodes on `:0` at once (test servers in parallel): each gets a port
+        // of its own. The kernel would count a port held only by another group's
+        // SO_REUSEPORT sockets as free, and the second node refuse to start.
+        // (300 groups at once share a port by chance four times in five; three
+        // rounds.)
+        for _ in 0..3 {
+            let groups: Vec<_> = (0..300)
+                .map(|_| bind_udp_group("127.0.0.1:0", 2).expect("a port of its own"))
+                .collect();
+            let mut ports: Vec<u16> = groups
+                .iter()
+                .map(|g| g[0].local_addr().unwrap().port())
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            assert_eq!(ports.len(), groups.len());
+        }
     }
 }
