@@ -384,6 +384,65 @@ async fn a_node_bound_to_every_interface_connects_its_clients() {
     assert!(got >= 20, "bob got {got} packets");
 }
 
+/// Issue 16's leave burst: when many members leave at once, the events the room still
+/// addresses to ones whose sockets are already closed (their `Closed` not processed
+/// yet) were taken for a full queue: those members were closed as "cannot keep up",
+/// counted slow, and the room told `timeout` instead of why they left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_leaving_together_are_told_as_they_left_and_none_is_called_slow() {
+    let t = TestServer::start().await;
+    let room = 41;
+    let (mut host, _) = Client::join(&t.ws_url(), t.join("host", room, 0xff)).await;
+    let (_host_pc, video) = publish(&t, &mut host, None).await;
+    send_some(&video, 0, 10).await;
+    // Twice (the race is a matter of timing: one round shows it five times in six).
+    for round in 0..2 {
+        // Forty members, each told of the stream (an offer each), then all gone at once:
+        // their websockets drop without a word, as when a class's browsers are closed.
+        let mut members = Vec::new();
+        for i in 0..40 {
+            let (c, joined) =
+                Client::join(&t.ws_url(), t.join(&format!("m{round}-{i}"), room, 0xff)).await;
+            assert!(matches!(joined, ServerMessage::Joined { .. }), "{joined:?}");
+            members.push(c);
+        }
+        for c in &mut members {
+            c.expect(|m| {
+                matches!(
+                    m,
+                    ServerMessage::Offer {
+                        target: Target::Subscriber,
+                        ..
+                    }
+                )
+                .then_some(())
+            })
+            .await;
+        }
+        drop(members);
+        let mut gone = std::collections::HashMap::new();
+        while gone.len() < 40 {
+            let (who, reason) = host
+                .try_recv_matching(Duration::from_secs(10), |m| match m {
+                    ServerMessage::MemberLeft { user_id, reason } => {
+                        Some((user_id.clone(), *reason))
+                    }
+                    _ => None,
+                })
+                .await
+                .unwrap_or_else(|| panic!("only {} of 40 leaves told: {gone:?}", gone.len()));
+            gone.insert(who, reason);
+        }
+        assert!(
+            gone.values().all(|r| *r == LeaveReason::Disconnected),
+            "{gone:?}"
+        );
+    }
+    let metrics = t.metrics().await;
+    assert_eq!(common::metric(&metrics, "weir_slow_sessions_closed"), 0.0);
+    assert_eq!(common::metric(&metrics, "weir_participants"), 1.0);
+}
+
 /// Issue 16's stuck handshake at a join peak: subscribers that joined while the node's
 /// socket dropped datagrams never got media (Weir logged `remote_srtp_context is not
 /// set yet` for the rest of the run). Here subscribers join together, each through a
