@@ -153,6 +153,46 @@ pub struct Congestion {
     sr_sent: VecDeque<(u32, Instant)>,
 }
 
+/// A downtrack's key, `(stream id, kind)`, looked up from a borrowed stream id: the
+/// forwarding path asks for a downtrack per copy, and building a `String` key for each
+/// was two allocations per forwarded copy.
+trait TrackKey {
+    fn parts(&self) -> (&str, Kind);
+}
+
+impl TrackKey for (String, Kind) {
+    fn parts(&self) -> (&str, Kind) {
+        (&self.0, self.1)
+    }
+}
+
+impl TrackKey for (&str, Kind) {
+    fn parts(&self) -> (&str, Kind) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn TrackKey + 'a> for (String, Kind) {
+    fn borrow(&self) -> &(dyn TrackKey + 'a) {
+        self
+    }
+}
+
+// Hashes as `(String, Kind)` does (a `str`, then the kind), so either finds the other.
+impl std::hash::Hash for dyn TrackKey + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn TrackKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn TrackKey + '_ {}
+
 pub struct Peer {
     pub key: PeerKey,
     pub pc: RTCPeerConnection,
@@ -1329,7 +1369,7 @@ impl Peer {
     /// True if the downtrack exists, is negotiated, and nothing has been sent on it yet.
     pub fn downtrack_fresh(&self, stream_id: &str, kind: Kind) -> bool {
         self.downtracks
-            .get(&(stream_id.to_owned(), kind))
+            .get(&(stream_id, kind) as &dyn TrackKey)
             .is_some_and(|d| d.negotiated && d.rewriter.packets == 0)
     }
 
@@ -1346,7 +1386,7 @@ impl Peer {
         if !self.connected {
             return false;
         }
-        let Some(d) = self.downtracks.get_mut(&(stream_id.to_owned(), kind)) else {
+        let Some(d) = self.downtracks.get_mut(&(stream_id, kind) as &dyn TrackKey) else {
             return false;
         };
         if d.paused {
@@ -1587,7 +1627,7 @@ impl Peer {
         if !self.connected {
             return false;
         }
-        let Some(d) = self.downtracks.get(&(stream_id.to_owned(), kind)) else {
+        let Some(d) = self.downtracks.get(&(stream_id, kind) as &dyn TrackKey) else {
             return false;
         };
         let Some(rtp_time) = d.rewriter.translate_timestamp(sr.ssrc, sr.rtp_time) else {
@@ -1638,6 +1678,20 @@ impl Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_downtrack_is_found_by_a_borrowed_stream_id() {
+        let mut m: HashMap<(String, Kind), u8> = HashMap::new();
+        m.insert(("1400000000_7_alice_main".to_owned(), Kind::Video), 1);
+        m.insert(("1400000000_7_alice_main".to_owned(), Kind::Audio), 2);
+        m.insert(("1400000000_7_bob_main".to_owned(), Kind::Video), 3);
+        let find = |id: &str, kind| m.get(&(id, kind) as &dyn TrackKey).copied();
+        assert_eq!(find("1400000000_7_alice_main", Kind::Video), Some(1));
+        assert_eq!(find("1400000000_7_alice_main", Kind::Audio), Some(2));
+        assert_eq!(find("1400000000_7_bob_main", Kind::Video), Some(3));
+        assert_eq!(find("1400000000_7_bob_main", Kind::Audio), None);
+        assert_eq!(find("1400000000_7_alice", Kind::Video), None);
+    }
 
     /// What a publisher is answered: only codecs Weir forwards (Opus; VP8 and H.264),
     /// and SDP any stack reads: candidates with end-of-candidates in every m-section,
