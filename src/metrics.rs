@@ -12,6 +12,9 @@ use prometheus::{
 /// The `direction` label of `weir_congestion_layer_switches_total`.
 const SWITCH_DIRECTIONS: [&str; 3] = ["pause", "resume", "layer"];
 
+/// The reasons `weir_peer_connections_lost_total` counts.
+pub const PEER_LOSSES: [&str; 3] = ["never_connected", "went_silent", "failed"];
+
 pub struct Metrics {
     registry: Registry,
     pub rooms: IntGauge,
@@ -65,6 +68,10 @@ pub struct Metrics {
     /// Room text messages not delivered to a recipient whose queue was nearly full.
     pub text_dropped: prometheus::IntCounter,
     pub peer_connections: IntGauge,
+    /// Peer connections the media plane removed, by why: `never_connected` (ICE and
+    /// DTLS did not complete in time), `went_silent` (nothing authenticated heard),
+    /// `failed` (the connection failed or the peer closed DTLS).
+    pub peers_lost: IntCounterVec,
     pub published_tracks: IntGaugeVec,
     pub subscribed_tracks: IntGaugeVec,
     pub rtp_packets: IntCounterVec,
@@ -566,6 +573,13 @@ impl Metrics {
                 "weir_peer_connections",
                 "WebRTC peer connections (publisher and subscriber) on this node",
             ),
+            peers_lost: counter_vec(
+                "weir_peer_connections_lost_total",
+                "Peer connections removed by the media plane, by why (never_connected: ICE and \
+                 DTLS did not complete in time; went_silent: nothing authenticated heard; \
+                 failed: the connection failed or the peer closed DTLS)",
+                &["why"],
+            ),
             published_tracks: gauge_vec(
                 "weir_published_tracks",
                 "Tracks being published, by kind",
@@ -617,6 +631,9 @@ impl Metrics {
         for kind in ["audio", "video"] {
             let _ = self.published_tracks.with_label_values(&[kind]);
             let _ = self.subscribed_tracks.with_label_values(&[kind]);
+        }
+        for why in PEER_LOSSES {
+            let _ = self.peers_lost.with_label_values(&[why]);
         }
         self
     }

@@ -197,6 +197,72 @@ async fn a_publisher_that_stops_answering_ice_is_removed() {
             .map(|c| c.0),
         Some(weir_signaling::close::MEDIA_TIMEOUT)
     );
+    // Why, for whoever asks why alice's picture went black.
+    let metrics = t.metrics().await;
+    let lost = |why: &str| {
+        common::metric(
+            &metrics,
+            &format!("weir_peer_connections_lost_total{{why=\"{why}\"}}"),
+        )
+    };
+    assert_eq!(lost("went_silent"), 1.0, "{metrics}");
+    assert_eq!(lost("never_connected"), 0.0);
+    assert_eq!(lost("failed"), 0.0);
+}
+
+/// A subscriber whose DTLS handshake never completes (every handshake datagram lost)
+/// is removed once the limit passes, told why, and counted as `never_connected`: a
+/// member with a black screen is visible in the metrics, not only in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_whose_handshake_never_completes_is_removed_and_counted() {
+    let t = TestServer::start_with(|c| {
+        c.server.ice_disconnected_timeout_ms = 1_000;
+        c.server.ice_failed_timeout_ms = 1_000;
+    })
+    .await;
+    let room = 43;
+    let (mut a, _) = Client::join(&t.ws_url(), t.join("alice", room, 0xff)).await;
+    let (_alice_pc, video) = publish(&t, &mut a, None).await;
+    send_some(&video, 0, 10).await;
+    let (mut b, _) = Client::join(&t.ws_url(), t.join("bob", room, 0xff)).await;
+    let offer = b
+        .expect(|m| match m {
+            ServerMessage::Offer {
+                target: Target::Subscriber,
+                sdp,
+            } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    let is_dtls = |d: &[u8]| d.first().is_some_and(|b| (20..=63).contains(b));
+    let relay = Relay::start_with(t.udp_addr(), Box::new(is_dtls), Box::new(is_dtls)).await;
+    let mut bob = RtcPeer::new().await;
+    let answer = bob
+        .answer(via_relay(&offer, t.udp_addr().port(), relay.addr))
+        .await;
+    b.send(&ClientMessage::Answer {
+        target: Target::Subscriber,
+        sdp: answer,
+    })
+    .await;
+    let reason = b
+        .try_recv_matching(Duration::from_secs(15), |m| match m {
+            ServerMessage::Left { reason } => Some(*reason),
+            _ => None,
+        })
+        .await
+        .expect("bob is removed within 15 s");
+    assert_eq!(reason, LeaveReason::Timeout);
+    assert!(relay.dropped.load(Ordering::Relaxed) > 0);
+    let metrics = t.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "weir_peer_connections_lost_total{why=\"never_connected\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
 }
 
 /// A task whose death matters is supervised: when the media task dies (here by a
@@ -604,4 +670,12 @@ async fn subscribers_and_publishers_whose_handshake_loses_packets_still_connect(
     }
     stop.store(true, Ordering::Relaxed);
     sender.await.unwrap();
+    let metrics = t.metrics().await;
+    for why in weir::metrics::PEER_LOSSES {
+        let lost = common::metric(
+            &metrics,
+            &format!("weir_peer_connections_lost_total{{why=\"{why}\"}}"),
+        );
+        assert_eq!(lost, 0.0, "{why}");
+    }
 }

@@ -1253,8 +1253,16 @@ impl Media {
             };
             let drained = p.drain();
             let gone = p.liveness.gone(now);
-            if let Some(why) = gone {
+            if let Some((why, label)) = gone {
                 info!(session = key.0 .0, ?key, why, "peer gone");
+                self.metrics.peers_lost.with_label_values(&[label]).inc();
+            } else if drained.failed {
+                info!(
+                    session = key.0 .0,
+                    ?key,
+                    "peer connection failed or closed by the peer"
+                );
+                self.metrics.peers_lost.with_label_values(&["failed"]).inc();
             }
             for kind in &drained.published {
                 self.metrics

@@ -537,14 +537,15 @@ impl Liveness {
     }
 
     /// Why the peer counts as gone at `now`, if it does.
-    pub fn gone(&self, now: Instant) -> Option<&'static str> {
+    /// Why the peer is gone, if it is: what the log says, and the metric's label.
+    pub fn gone(&self, now: Instant) -> Option<(&'static str, &'static str)> {
         if self.connected_once {
             (now.saturating_duration_since(self.heard.last()) > self.limit)
-                .then_some("nothing authenticated heard from the peer")
+                .then_some(("nothing authenticated heard from the peer", "went_silent"))
         } else {
             self.checking_since
                 .filter(|since| now.saturating_duration_since(*since) > self.limit)
-                .map(|_| "ICE and DTLS did not connect")
+                .map(|_| ("ICE and DTLS did not connect", "never_connected"))
         }
     }
 }
