@@ -590,3 +590,144 @@ async fn a_plain_whep_page_in_chrome_plays_an_rtmp_push() {
     );
     ffmpeg.kill().await.unwrap();
 }
+
+/// A WHEP viewer cannot be offered a kind later (it never renegotiates), so an answer
+/// made when the stream's video was ready but its audio not yet left it without sound
+/// for good: a viewer polling for a stream that has just started lands in that window
+/// (a publisher's audio and video start a moment apart). Its offer now waits, up to a
+/// second from the stream's first kind, for the others the stream publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whep_viewer_arriving_between_a_streams_video_and_audio_gets_both() {
+    let t = TestServer::start().await;
+    let addr = t.server.http_addr;
+    let mut peer = RtcPeer::new().await;
+    let video = peer
+        .add_send_track(RtpCodecKind::Video, h264(), 0x6161)
+        .await;
+    let audio = peer
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x6262)
+        .await;
+    let offer = obs_shaped(&peer.offer().await);
+    let token = format!("Bearer {}", pmk_jwt(&t, "late-audio", 0xff));
+    let sdp = ("Content-Type", "application/sdp");
+    let (status, _, answer) = http(
+        addr,
+        "POST",
+        "/whip",
+        &[sdp, ("Authorization", &token)],
+        &offer,
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    peer.accept_answer(answer).await;
+    peer.connected().await;
+
+    // Video first: an IDR, then a frame every 33 ms.
+    let write = |track: std::sync::Arc<
+        webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP,
+    >,
+                 ssrc: u32,
+                 pt: u8,
+                 n: u16,
+                 payload: Vec<u8>| async move {
+        use webrtc::media_stream::track_local::TrackLocal;
+        let mut p = rtc::rtp::Packet::default();
+        p.header.version = 2;
+        p.header.ssrc = ssrc;
+        p.header.payload_type = pt;
+        p.header.sequence_number = n;
+        p.header.timestamp = u32::from(n) * 3000;
+        p.header.marker = true;
+        p.payload = payload.into();
+        let _ = track.write_rtp(p).await;
+    };
+    let (vpt, apt) = (video.payload_type().await, audio.payload_type().await);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let audio_from = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (stop, audio_from) = (stop.clone(), audio_from.clone());
+        let (vt, at) = (video.track.clone(), audio.track.clone());
+        tokio::spawn(async move {
+            let mut n = 0u16;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let nal = if n % 30 == 0 { 0x65 } else { 0x41 };
+                write(vt.clone(), 0x6161, vpt, n, vec![nal, 1, 2, 3]).await;
+                if audio_from.load(std::sync::atomic::Ordering::Relaxed) {
+                    write(at.clone(), 0x6262, apt, n, vec![0xfc, 0xff, 0xfe]).await;
+                }
+                n = n.wrapping_add(1);
+                tokio::time::sleep(Duration::from_millis(33)).await;
+            }
+        })
+    };
+    common::wait_for_metric(
+        &t,
+        "weir_published_tracks{kind=\"video\"}",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        common::metric(&t.metrics().await, "weir_published_tracks{kind=\"audio\"}"),
+        0.0,
+        "the audio has not started yet"
+    );
+
+    // The viewer's offer arrives now; the audio starts 300 ms later.
+    let mut viewer = RtcPeer::new().await;
+    viewer
+        .add_send_track(RtpCodecKind::Video, h264(), 0x7171)
+        .await;
+    viewer
+        .add_send_track(RtpCodecKind::Audio, opus(), 0x7272)
+        .await;
+    let recvonly = viewer
+        .offer()
+        .await
+        .replace("a=sendrecv", "a=recvonly")
+        .replace("a=sendonly", "a=recvonly");
+    let viewer_token = format!(
+        "Bearer {}",
+        pmk_jwt(&t, "whep-viewer", 0x01 | 0x02 | 0x08 | 0x20)
+    );
+    let path = format!("/whep/{}_{ROOM}_late-audio_main", common::APP);
+    let asked = Instant::now();
+    let whep = tokio::spawn(async move {
+        http(
+            addr,
+            "POST",
+            &path,
+            &[sdp, ("Authorization", &viewer_token)],
+            &recvonly,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    audio_from.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, _, answer) = whep.await.unwrap();
+    let waited = asked.elapsed();
+    assert_eq!(status, 201, "{answer}");
+    let audio_section = answer
+        .split("\r\nm=")
+        .find(|s| s.starts_with("audio "))
+        .unwrap_or_else(|| panic!("no audio section: {answer}"));
+    let port = audio_section.split_whitespace().nth(1);
+    assert_ne!(port, Some("0"), "audio refused: {answer}");
+    assert!(
+        audio_section.contains("a=sendonly"),
+        "Weir sends the viewer audio: {audio_section}"
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "answered once the audio came, not after a long wait: {waited:?}"
+    );
+    common::wait_for_metric(
+        &t,
+        "weir_subscribed_tracks{kind=\"audio\"}",
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.await.unwrap();
+}

@@ -226,6 +226,12 @@ impl Media {
             .max(0.005);
         self.last_tick = now;
         self.next_tick = now + TICK;
+        // Clients' offers waiting for the rest of a stream's kinds: answered once the
+        // wait is over, with what there is.
+        let waiting: Vec<_> = self.client_offers.keys().copied().collect();
+        for subscriber in waiting {
+            self.sync_subscriber(subscriber);
+        }
         // The node's gauges are the sum over its workers: each adds its own change.
         let demux = &self.metrics.demux_entries;
         let sizes = (self.by_addr.len() as i64, self.by_ufrag.len() as i64);

@@ -75,6 +75,12 @@ struct Allowed {
     kinds: Vec<Kind>,
 }
 
+/// How long a client's subscriber offer (WHEP) waits, from when a stream's first
+/// kind is ready, for the others it publishes: a publisher's audio and video start a
+/// moment apart, and a WHEP viewer cannot be offered a kind later (no renegotiation),
+/// so an answer made in between would leave it without sound for good.
+const CLIENT_OFFER_WAIT: Duration = Duration::from_secs(1);
+
 /// Everything the media task owns.
 pub struct Media {
     config: MediaConfig,
@@ -90,6 +96,10 @@ pub struct Media {
     allowed: HashMap<SessionId, Allowed>,
     /// Subscriber offers from clients (WHEP), answered once their subscriptions exist.
     client_offers: HashMap<SessionId, String>,
+    /// When each stream's first kind was ready: a client's offer that finds some of
+    /// the stream's kinds ready and others not waits for the rest until
+    /// `CLIENT_OFFER_WAIT` after it.
+    ready_since: HashMap<String, Instant>,
     /// stream id → its publisher.
     publishers: HashMap<String, SessionId>,
     /// stream id → subscribers and the kinds each receives.
@@ -306,6 +316,7 @@ impl Media {
             by_addr: HashMap::new(),
             allowed: HashMap::new(),
             client_offers: HashMap::new(),
+            ready_since: HashMap::new(),
             publishers: HashMap::new(),
             subscriptions: HashMap::new(),
             control,
@@ -887,6 +898,7 @@ impl Media {
             }
             MediaCommand::EndStream { stream_id } => {
                 self.taps.remove(&stream_id);
+                self.ready_since.remove(&stream_id);
                 self.rates.remove(&(stream_id.clone(), Kind::Video));
                 self.rates.remove(&(stream_id.clone(), Kind::Audio));
                 self.stream_layers.remove(&stream_id);
@@ -1119,6 +1131,8 @@ impl Media {
     fn sync_subscriber(&mut self, subscriber: SessionId) {
         let mut wanted: HashSet<(String, Kind)> = HashSet::new();
         let mut codecs = HashMap::new();
+        // Streams with some of the kinds asked for ready and others not yet.
+        let mut partial = Vec::new();
         for (stream_id, subs) in &self.subscriptions {
             let Some(kinds) = subs.get(&subscriber) else {
                 continue;
@@ -1131,19 +1145,34 @@ impl Media {
             if bridged.is_none() && pub_peer.is_none() {
                 continue;
             }
+            let mut ready = 0;
             for kind in kinds {
                 let codec = match bridged {
                     Some(b) => b.codecs.get(kind).cloned(),
                     None => pub_peer.and_then(|p| p.track_codec(*kind)),
                 };
                 if let Some(codec) = codec {
+                    ready += 1;
                     wanted.insert((stream_id.clone(), *kind));
                     codecs.insert((stream_id.clone(), *kind), codec);
                 }
             }
+            if ready > 0 && ready < kinds.len() {
+                partial.push(stream_id.clone());
+            }
         }
         let key = PeerKey(subscriber, Target::Subscriber);
         if wanted.is_empty() && !self.peers.contains_key(&key) {
+            return;
+        }
+        let now = Instant::now();
+        let waiting = partial.into_iter().any(|stream_id| {
+            let since = *self.ready_since.entry(stream_id).or_insert(now);
+            now.saturating_duration_since(since) < CLIENT_OFFER_WAIT
+        });
+        if waiting && self.client_offers.contains_key(&subscriber) {
+            // Answered when the rest arrives (the publisher's track opens) or the
+            // wait is over (the congestion tick looks again).
             return;
         }
         let metrics = self.metrics.clone();
@@ -1446,6 +1475,11 @@ impl Media {
     fn sync_subscribers_of(&mut self, source: SessionId) {
         let stream = self.allowed.get(&source).map(|a| a.stream_id.clone());
         if let Some(stream_id) = stream {
+            // A client's offer waits for the stream's other kinds from the moment its
+            // first one is ready, not from when the offer came.
+            self.ready_since
+                .entry(stream_id.clone())
+                .or_insert_with(Instant::now);
             let subs: Vec<SessionId> = self
                 .subscriptions
                 .get(&stream_id)
