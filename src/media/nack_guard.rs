@@ -7,7 +7,9 @@
 //! fills its own bottleneck and loses the audio sharing it. This interceptor sits
 //! wire-ward of the responder on the read path and removes, from each NACK, packets
 //! already retransmitted [`MAX_RETRANSMISSIONS`] times or less than [`MIN_INTERVAL`]
-//! ago; a NACK left with nothing is dropped. Memory is bounded by [`MAX_TRACKED`].
+//! ago; a NACK left with nothing is dropped. Memory is bounded by [`MAX_TRACKED`]
+//! requests, and the sizes of sent packets by `SIZE_RING` per SSRC for at most
+//! `MAX_SIZED_SSRCS` SSRCs.
 //!
 //! Requests for a **paused** downtrack are not answered at all: the allocator stopped
 //! it because the link is full, the packets asked for belong to frames that will never

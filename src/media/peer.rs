@@ -536,8 +536,8 @@ impl Liveness {
         self.connected_once = true;
     }
 
-    /// Why the peer counts as gone at `now`, if it does.
-    /// Why the peer is gone, if it is: what the log says, and the metric's label.
+    /// Why the peer counts as gone at `now`, if it does: what the log says, and the
+    /// label `weir_peer_connections_lost_total` counts it under.
     pub fn gone(&self, now: Instant) -> Option<(&'static str, &'static str)> {
         if self.connected_once {
             (now.saturating_duration_since(self.heard.last()) > self.limit)
