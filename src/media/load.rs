@@ -123,43 +123,53 @@ pub fn udp_sockets_at(addr: std::net::SocketAddr) -> Option<usize> {
     Some(count_udp_sockets(&table, addr))
 }
 
-/// The rows of a /proc/net/udp table bound to `addr` (IPv4 by address and port; IPv6
-/// by port).
+/// One row of a /proc/net/udp table: local address and port (hex, as written), and
+/// the socket's drop counter.
+struct UdpRow<'a> {
+    ip: &'a str,
+    port: &'a str,
+    drops: Option<u64>,
+}
+
+/// The rows of a table, each socket once. The kernel writes the table in chunks
+/// while sockets come and go, so a read can list a socket twice (and miss another):
+/// a row whose inode was already seen is the same socket again. (Counted twice, a
+/// group's own socket read as another process's, and a node starting while others
+/// bound and closed sockets refused to start.)
+fn udp_rows(table: &str) -> impl Iterator<Item = UdpRow<'_>> {
+    let mut seen = std::collections::HashSet::new();
+    table.lines().skip(1).filter_map(move |line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (ip, port) = fields.get(1)?.rsplit_once(':')?;
+        let inode = *fields.get(9)?;
+        seen.insert(inode).then(|| UdpRow {
+            ip,
+            port,
+            drops: fields.last().and_then(|d| d.parse().ok()),
+        })
+    })
+}
+
+/// The sockets of a /proc/net/udp table bound to `addr` (IPv4 by address and port;
+/// IPv6 by port).
 fn count_udp_sockets(table: &str, addr: std::net::SocketAddr) -> usize {
     let port = format!("{:04X}", addr.port());
     let ip = match addr.ip() {
         std::net::IpAddr::V4(v4) => Some(format!("{:08X}", u32::from_le_bytes(v4.octets()))),
         std::net::IpAddr::V6(_) => None,
     };
-    table
-        .lines()
-        .skip(1)
-        .filter(|line| {
-            let Some((a, p)) = line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|l| l.rsplit_once(':'))
-            else {
-                return false;
-            };
-            p == port && ip.as_deref().is_none_or(|ip| ip == a)
-        })
+    udp_rows(table)
+        .filter(|r| r.port == port && ip.as_deref().is_none_or(|ip| ip == r.ip))
         .count()
 }
 
-/// The `drops` column summed over the rows whose local port is `port` in a
+/// The `drops` column summed over the sockets whose local port is `port` in a
 /// /proc/net/udp table (the media workers' sockets share the port).
 fn parse_udp_drops(table: &str, port: u16) -> Option<u64> {
     let want = format!("{port:04X}");
-    let mut rows = table.lines().skip(1).filter_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let local = fields.get(1)?;
-        let (_, p) = local.rsplit_once(':')?;
-        if p != want {
-            return None;
-        }
-        fields.last()?.parse::<u64>().ok()
-    });
+    let mut rows = udp_rows(table)
+        .filter(|r| r.port == want)
+        .filter_map(|r| r.drops);
     let first = rows.next()?;
     Some(first + rows.sum::<u64>())
 }
@@ -237,5 +247,14 @@ mod tests {
         assert_eq!(count_udp_sockets(table, "0.0.0.0:68".parse().unwrap()), 1);
         assert_eq!(parse_udp_drops(table, 68), Some(0));
         assert_eq!(parse_udp_drops(table, 9999), None);
+        // A socket listed twice (the table changed while it was read) is one socket.
+        let torn = format!(
+            "{table}  4: 0100007F:1ECA 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 5678 2 0000000000000000 42\n"
+        );
+        assert_eq!(
+            count_udp_sockets(&torn, "127.0.0.1:7882".parse().unwrap()),
+            2
+        );
+        assert_eq!(parse_udp_drops(&torn, 7882), Some(50));
     }
 }
