@@ -41,6 +41,13 @@
 //! forwarding residence p99 (from its `weir_forward_latency_seconds`). A summary row
 //! per N is printed and appended to `benches/artifacts/load-<scenario>.csv`.
 //!
+//! `BENCH_LEAN=1` makes the subscribers cheap, so that Weir and not the generator is
+//! the limit: they still join, run ICE and DTLS on the `rtc` core and answer its
+//! consent checks, but count every RTP packet from its clear header (SSRC, sequence
+//! number, payload type) without decrypting it, and hand the `rtc` core only every
+//! 8th video frame (by RTP timestamp), whose SEI stamp gives the latency sample. They
+//! send no feedback (no receiver reports, NACKs or TWCC: their connections have no
+//! interceptors), so it implies `BENCH_CC=0` and loss is not repaired.
 //! `BENCH_CC=0` turns Weir's congestion control off. `WEIR_LOG=weir=info` shows the
 //! server's log.
 //!
@@ -225,10 +232,15 @@ impl SeqTrack {
 // ---------------------------------------------------------------------------------
 // A subscriber on the sans-I/O core.
 
-fn new_subscriber_pc() -> RTCPeerConnection {
+fn new_subscriber_pc(lean: bool) -> RTCPeerConnection {
     let mut engine = MediaEngine::default();
     engine.register_default_codecs().unwrap();
-    let registry = register_default_interceptors(Registry::new(), &mut engine).unwrap();
+    let registry = if lean {
+        // It sees one video frame in eight: a NACK generator would ask for the rest.
+        Registry::new()
+    } else {
+        register_default_interceptors(Registry::new(), &mut engine).unwrap()
+    };
     RTCPeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(engine)
@@ -274,10 +286,32 @@ struct Subscriber {
     stamps: HashMap<u32, u64>,
     /// No video is sent (the audio scenario): audio counts as "receiving".
     audio_only: bool,
+    /// `BENCH_LEAN`: count from the clear header, decrypt a sample of frames.
+    lean: bool,
+    /// The offers' video payload types (not RTX), to tell video from the header.
+    video_pts: std::collections::HashSet<u8>,
 }
+
+/// In lean mode, the video frames (by RTP timestamp at 30 fps) handed to `rtc` for
+/// their latency: one in this many.
+const LEAN_SAMPLE: u32 = 8;
 
 impl Subscriber {
     fn datagram(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
+        if self.lean && self.connected && data.len() >= 12 && (128..192).contains(&data[0]) {
+            let pt = data[1] & 0x7f;
+            if !(72..=79).contains(&pt) {
+                // RTP (not RTCP): its header is in the clear.
+                let seq = u16::from_be_bytes([data[2], data[3]]);
+                let ts = u32::from_be_bytes([data[4], data[5], data[6], data[7]]);
+                let ssrc = u32::from_be_bytes([data[8], data[9], data[10], data[11]]);
+                let video = self.video_pts.contains(&pt);
+                self.count(ssrc, seq, video);
+                if !(video && (ts / 3000) % LEAN_SAMPLE == 0) {
+                    return;
+                }
+            }
+        }
         let Some(pc) = self.pc.as_mut() else { return };
         let _ = pc.handle_read(TaggedBytesMut {
             now,
@@ -329,39 +363,19 @@ impl Subscriber {
             }
         }
         let now_us = wall_us();
+        let mut read = Vec::new();
         while let Some(TaggedRTCMessage { message, .. }) = pc.poll_read() {
-            let RTCMessage::RtpPacket(track_id, packet) = message else {
-                continue;
-            };
-            let t = &self.totals;
-            t.packets.fetch_add(1, Ordering::Relaxed);
-            let seq = packet.header.sequence_number;
-            match self.tracks.get_mut(&packet.header.ssrc) {
-                None => {
-                    self.tracks.insert(packet.header.ssrc, SeqTrack::new(seq));
-                    t.expected.fetch_add(1, Ordering::Relaxed);
-                }
-                Some(track) => match track.on(seq) {
-                    Arrival::InOrder => {
-                        t.expected.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Arrival::Gap(n) => {
-                        t.expected.fetch_add(n + 1, Ordering::Relaxed);
-                        t.skipped.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Arrival::Late => {
-                        t.filled.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Arrival::Duplicate | Arrival::TooOld => {
-                        t.duplicates.fetch_add(1, Ordering::Relaxed);
-                    }
-                },
+            if let RTCMessage::RtpPacket(track_id, packet) = message {
+                read.push((track_id, packet));
             }
+        }
+        for (track_id, packet) in read {
             let video = self.video_tracks.contains(&track_id);
-            if (video || self.audio_only) && self.own.video.fetch_add(1, Ordering::Relaxed) == 0 {
-                *self.own.got_video_at.lock().unwrap() = Some(Instant::now());
-                t.with_video.fetch_add(1, Ordering::Relaxed);
+            if !self.lean {
+                // (Lean: counted from the header as it arrived.)
+                self.count(packet.header.ssrc, packet.header.sequence_number, video);
             }
+            let t = &self.totals;
             if video {
                 // A frame's latency: from its stamp (sent with its first packet) to its
                 // last packet (the marker), when it could be decoded.
@@ -375,6 +389,37 @@ impl Subscriber {
                     }
                 }
             }
+        }
+    }
+
+    /// One RTP packet received: loss, order, and whether video is arriving.
+    fn count(&mut self, ssrc: u32, seq: u16, video: bool) {
+        let t = &self.totals;
+        t.packets.fetch_add(1, Ordering::Relaxed);
+        match self.tracks.get_mut(&ssrc) {
+            None => {
+                self.tracks.insert(ssrc, SeqTrack::new(seq));
+                t.expected.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(track) => match track.on(seq) {
+                Arrival::InOrder => {
+                    t.expected.fetch_add(1, Ordering::Relaxed);
+                }
+                Arrival::Gap(n) => {
+                    t.expected.fetch_add(n + 1, Ordering::Relaxed);
+                    t.skipped.fetch_add(n, Ordering::Relaxed);
+                }
+                Arrival::Late => {
+                    t.filled.fetch_add(1, Ordering::Relaxed);
+                }
+                Arrival::Duplicate | Arrival::TooOld => {
+                    t.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        }
+        if (video || self.audio_only) && self.own.video.fetch_add(1, Ordering::Relaxed) == 0 {
+            *self.own.got_video_at.lock().unwrap() = Some(Instant::now());
+            t.with_video.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -396,6 +441,7 @@ async fn subscribe(
     own: Arc<SubCounters>,
     stop: Arc<AtomicBool>,
     audio_only: bool,
+    lean: bool,
 ) {
     let Ok((mut signal, joined)) =
         tokio::time::timeout(Duration::from_secs(20), Client::join(&ws, join)).await
@@ -421,6 +467,8 @@ async fn subscribe(
         connected: false,
         stamps: HashMap::new(),
         audio_only,
+        lean,
+        video_pts: Default::default(),
     };
     let mut buf = vec![0u8; 2048];
     let mut deadline = Instant::now() + Duration::from_secs(1);
@@ -446,7 +494,8 @@ async fn subscribe(
             m = signal.try_recv(Duration::from_secs(3600)) => match m {
                 Some(ServerMessage::Offer { target: Target::Subscriber, sdp }) => {
                     let first = sub.pc.is_none();
-                    let pc = sub.pc.get_or_insert_with(new_subscriber_pc);
+                    sub.video_pts.extend(common::relay::video_media_payload_types(&sdp));
+                    let pc = sub.pc.get_or_insert_with(|| new_subscriber_pc(lean));
                     let sdp = answer(pc, local, sdp, first);
                     signal
                         .send(&ClientMessage::Answer { target: Target::Subscriber, sdp })
@@ -1027,7 +1076,9 @@ async fn run(threads: usize) {
     let seconds = env_u64("BENCH_SECONDS", 20);
     let kbps = env_u64("BENCH_VIDEO_KBPS", 1500);
     let weir_cpus = env_str("BENCH_WEIR_CPUS", "0");
-    let cc = env_u64("BENCH_CC", 1) == 1;
+    let lean = env_u64("BENCH_LEAN", 0) == 1;
+    // Lean subscribers send no feedback: Weir's congestion control would see none.
+    let cc = env_u64("BENCH_CC", 1) == 1 && !lean;
     let max_n = steps.iter().copied().max().unwrap_or(0);
     let dir = tempfile::tempdir().unwrap();
     let tune = move |c: &mut weir::config::Config| {
@@ -1235,6 +1286,7 @@ async fn run(threads: usize) {
                     own.clone(),
                     stop.clone(),
                     scenario == "audio",
+                    lean,
                 )));
                 own
             })
