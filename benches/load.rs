@@ -48,6 +48,7 @@
 //! 8th video frame (by RTP timestamp), whose SEI stamp gives the latency sample. They
 //! send no feedback (no receiver reports, NACKs or TWCC: their connections have no
 //! interceptors), so it implies `BENCH_CC=0` and loss is not repaired.
+//!
 //! `BENCH_CC=0` turns Weir's congestion control off. `WEIR_LOG=weir=info` shows the
 //! server's log.
 //!
