@@ -74,12 +74,9 @@ async fn send_some(video: &common::peer::SendTrack, from: u16, count: u16) {
     }
 }
 
-async fn subscribe(signal: &mut Client) -> RtcPeer {
-    subscribe_with(signal, RtcPeer::new().await).await
-}
-
-async fn subscribe_with(signal: &mut Client, mut peer: RtcPeer) -> RtcPeer {
-    let offer = signal
+/// The next subscriber offer the server sends on `signal`.
+async fn subscriber_offer(signal: &mut Client) -> String {
+    signal
         .expect(|m| match m {
             ServerMessage::Offer {
                 target: Target::Subscriber,
@@ -87,7 +84,20 @@ async fn subscribe_with(signal: &mut Client, mut peer: RtcPeer) -> RtcPeer {
             } => Some(sdp.clone()),
             _ => None,
         })
-        .await;
+        .await
+}
+
+/// A DTLS record (RFC 7983: first byte 20..=63).
+fn is_dtls(d: &[u8]) -> bool {
+    d.first().is_some_and(|b| (20..=63).contains(b))
+}
+
+async fn subscribe(signal: &mut Client) -> RtcPeer {
+    subscribe_with(signal, RtcPeer::new().await).await
+}
+
+async fn subscribe_with(signal: &mut Client, mut peer: RtcPeer) -> RtcPeer {
+    let offer = subscriber_offer(signal).await;
     let answer = peer.answer(offer).await;
     signal
         .send(&ClientMessage::Answer {
@@ -225,16 +235,7 @@ async fn a_subscriber_whose_handshake_never_completes_is_removed_and_counted() {
     let (_alice_pc, video) = publish(&t, &mut a, None).await;
     send_some(&video, 0, 10).await;
     let (mut b, _) = Client::join(&t.ws_url(), t.join("bob", room, 0xff)).await;
-    let offer = b
-        .expect(|m| match m {
-            ServerMessage::Offer {
-                target: Target::Subscriber,
-                sdp,
-            } => Some(sdp.clone()),
-            _ => None,
-        })
-        .await;
-    let is_dtls = |d: &[u8]| d.first().is_some_and(|b| (20..=63).contains(b));
+    let offer = subscriber_offer(&mut b).await;
     let relay = Relay::start_with(t.udp_addr(), Box::new(is_dtls), Box::new(is_dtls)).await;
     let mut bob = RtcPeer::new().await;
     let answer = bob
@@ -473,17 +474,7 @@ async fn members_leaving_together_are_told_as_they_left_and_none_is_called_slow(
             members.push(c);
         }
         for c in &mut members {
-            c.expect(|m| {
-                matches!(
-                    m,
-                    ServerMessage::Offer {
-                        target: Target::Subscriber,
-                        ..
-                    }
-                )
-                .then_some(())
-            })
-            .await;
+            subscriber_offer(c).await;
         }
         drop(members);
         let mut gone = std::collections::HashMap::new();
@@ -540,7 +531,6 @@ async fn subscribers_and_publishers_whose_handshake_loses_packets_still_connect(
 
     /// Which DTLS datagrams (1-based, per direction) a path loses.
     type Pattern = fn(u32) -> bool;
-    let is_dtls = |d: &[u8]| d.first().is_some_and(|b| (20..=63).contains(b));
     let lossy_path = |down: Pattern, up: Pattern| {
         let (mut seen_down, mut seen_up) = (0u32, 0u32);
         Relay::start_with(
@@ -616,15 +606,7 @@ async fn subscribers_and_publishers_whose_handshake_loses_packets_still_connect(
     let mut joining = Vec::new();
     for (i, (what, down, up)) in patterns.into_iter().enumerate() {
         let (mut signal, _) = Client::join(&t.ws_url(), t.join(&format!("s{i}"), room, 0xff)).await;
-        let offer = signal
-            .expect(|m| match m {
-                ServerMessage::Offer {
-                    target: Target::Subscriber,
-                    sdp,
-                } => Some(sdp.clone()),
-                _ => None,
-            })
-            .await;
+        let offer = subscriber_offer(&mut signal).await;
         let relay = lossy_path(down, up).await;
         let offer = via_relay(&offer, t.udp_addr().port(), relay.addr);
         joining.push(tokio::spawn(async move {
