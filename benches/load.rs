@@ -9,8 +9,13 @@
 //!   carries an SEI NAL unit (user data unregistered, ASCII hex) with the wall-clock
 //!   microsecond it was handed to the connection, so the stream stays valid H.264.
 //! - **Subscribers** are many `rtc` (webrtc-rs's sans-I/O core) peer connections in
-//!   this one process, one UDP socket each, driven by a task each on a runtime of as
-//!   many threads as `BENCH_LOAD_CPUS` has cores. They join through the real signaling
+//!   this one process, one UDP socket each, driven by as many receive threads as
+//!   `BENCH_LOAD_CPUS` has cores: each waits on its share of the sockets with `epoll`
+//!   (mio), reads every datagram waiting on a ready socket, runs the connections'
+//!   timers every 5 ms, and sleeps 0.5 ms between rounds so that each round finds
+//!   many sockets ready (no task, timer or wake-up per packet; a packet is read, and
+//!   its latency measured, up to 0.5 ms late); a small task per subscriber
+//!   carries its signaling. They join through the real signaling
 //!   with real credentials, answer Weir's offers, and run the full receive path (ICE,
 //!   DTLS, SRTP, NACK, receiver reports, transport-wide CC feedback). They do not
 //!   decode: they count packets per SSRC (loss after retransmission, order, duplicates)
@@ -78,7 +83,6 @@ use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCI
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
-use tokio::net::UdpSocket;
 
 use common::publisher::offer_to_publish;
 use common::Client;
@@ -276,7 +280,7 @@ fn answer(pc: &mut RTCPeerConnection, local: SocketAddr, sdp: String, first: boo
 
 struct Subscriber {
     pc: Option<RTCPeerConnection>,
-    socket: UdpSocket,
+    socket: mio::net::UdpSocket,
     local: SocketAddr,
     totals: Arc<Totals>,
     own: Arc<SubCounters>,
@@ -291,6 +295,8 @@ struct Subscriber {
     lean: bool,
     /// The offers' video payload types (not RTX), to tell video from the header.
     video_pts: std::collections::HashSet<u8>,
+    /// When the connection next wants `handle_timeout`.
+    deadline: Instant,
 }
 
 /// In lean mode, the video frames (by RTP timestamp at 30 fps) handed to `rtc` for
@@ -298,7 +304,8 @@ struct Subscriber {
 const LEAN_SAMPLE: u32 = 8;
 
 impl Subscriber {
-    fn datagram(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
+    /// One datagram in; true if the `rtc` core saw it (its timers may have moved).
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, now: Instant) -> bool {
         if self.lean && self.connected && data.len() >= 12 && (128..192).contains(&data[0]) {
             let pt = data[1] & 0x7f;
             if !(72..=79).contains(&pt) {
@@ -309,11 +316,13 @@ impl Subscriber {
                 let video = self.video_pts.contains(&pt);
                 self.count(ssrc, seq, video);
                 if !(video && (ts / 3000) % LEAN_SAMPLE == 0) {
-                    return;
+                    return false;
                 }
             }
         }
-        let Some(pc) = self.pc.as_mut() else { return };
+        let Some(pc) = self.pc.as_mut() else {
+            return false;
+        };
         let _ = pc.handle_read(TaggedBytesMut {
             now,
             transport: TransportContext {
@@ -324,15 +333,14 @@ impl Subscriber {
             },
             message: BytesMut::from(data),
         });
+        true
     }
 
     /// Everything the connection has for us after an input.
     fn drain(&mut self) {
         let Some(pc) = self.pc.as_mut() else { return };
         while let Some(out) = pc.poll_write() {
-            let _ = self
-                .socket
-                .try_send_to(&out.message, out.transport.peer_addr);
+            let _ = self.socket.send_to(&out.message, out.transport.peer_addr);
         }
         while let Some(event) = pc.poll_event() {
             match event {
@@ -424,18 +432,161 @@ impl Subscriber {
         }
     }
 
-    fn timeout(&mut self) -> Option<Instant> {
-        let pc = self.pc.as_mut()?;
-        let now = Instant::now();
+    /// Runs the connection's timers if due, and notes when it next wants them.
+    fn on_timer(&mut self, now: Instant) {
+        let Some(pc) = self.pc.as_mut() else {
+            self.deadline = now + Duration::from_secs(1);
+            return;
+        };
         if pc.poll_timeout().is_some_and(|t| t <= now) {
             let _ = pc.handle_timeout(now);
         }
-        pc.poll_timeout()
+        self.deadline = pc.poll_timeout().unwrap_or(now + Duration::from_secs(1));
+        self.drain();
     }
 }
 
-/// Joins as `user`, answers every subscriber offer, and receives until `stop`.
+// ---------------------------------------------------------------------------------
+// The receive threads: every subscriber's socket on a few `epoll` loops.
+
+/// What a subscriber's signaling task asks of the thread that owns its connection.
+enum Command {
+    Add(usize, Box<Subscriber>),
+    /// Answer this offer; the answer's SDP comes back.
+    Offer(usize, String, tokio::sync::oneshot::Sender<String>),
+    Remove(usize),
+}
+
+/// The subscribers' connections and sockets, spread over one thread per generator
+/// core. Each thread waits on its sockets with `epoll` (mio), reads every datagram
+/// waiting on a ready socket, and runs the connections' timers every few
+/// milliseconds: no task, timer registration or wake-up per packet.
+struct Receivers {
+    threads: Vec<(std::sync::mpsc::Sender<Command>, Arc<mio::Waker>)>,
+    registry: Vec<mio::Registry>,
+}
+
+const WAKER: mio::Token = mio::Token(usize::MAX);
+/// How often each thread looks for connection timers that are due.
+const TIMER_TICK: Duration = Duration::from_millis(5);
+/// After a round of reading, a thread sleeps this long so that the next round finds
+/// many sockets ready: waking for every datagram (a context switch each, ~10 µs on
+/// this VM) cost more than reading it. It delays a packet's reading, hence the
+/// latency measured, by at most this.
+const BATCH_WAIT: Duration = Duration::from_micros(500);
+
+impl Receivers {
+    fn start(n: usize) -> Arc<Self> {
+        let mut threads = Vec::new();
+        let mut registry = Vec::new();
+        for i in 0..n.max(1) {
+            let poll = mio::Poll::new().unwrap();
+            let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER).unwrap());
+            registry.push(poll.registry().try_clone().unwrap());
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("receive-{i}"))
+                .spawn(move || receive_loop(poll, rx))
+                .unwrap();
+            threads.push((tx, waker));
+        }
+        Arc::new(Self { threads, registry })
+    }
+
+    fn send(&self, id: usize, command: Command) {
+        let (tx, waker) = &self.threads[id % self.threads.len()];
+        let _ = tx.send(command);
+        let _ = waker.wake();
+    }
+
+    /// Registers `sub`'s socket with the thread that will own it, then hands it over.
+    fn add(&self, id: usize, mut sub: Subscriber) {
+        self.registry[id % self.registry.len()]
+            .register(&mut sub.socket, mio::Token(id), mio::Interest::READABLE)
+            .unwrap();
+        self.send(id, Command::Add(id, Box::new(sub)));
+    }
+}
+
+fn receive_loop(mut poll: mio::Poll, commands: std::sync::mpsc::Receiver<Command>) {
+    let mut subs: HashMap<usize, Subscriber> = HashMap::new();
+    let mut events = mio::Events::with_capacity(1024);
+    let mut buf = vec![0u8; 2048];
+    let mut next_tick = Instant::now();
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        if let Err(e) = poll.poll(&mut events, Some(wait)) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                panic!("epoll: {e}");
+            }
+        }
+        let now = Instant::now();
+        let woke = !events.is_empty();
+        for event in events.iter() {
+            let Some(sub) = subs.get_mut(&event.token().0) else {
+                continue;
+            };
+            // Edge-triggered: read until the socket is empty.
+            let mut seen = false;
+            while let Ok((n, from)) = sub.socket.recv_from(&mut buf) {
+                seen |= sub.datagram(&buf[..n], from, now);
+            }
+            if seen {
+                sub.drain();
+                if let Some(t) = sub.pc.as_mut().and_then(|pc| pc.poll_timeout()) {
+                    sub.deadline = sub.deadline.min(t);
+                }
+            }
+        }
+        loop {
+            match commands.try_recv() {
+                Ok(Command::Add(id, sub)) => {
+                    subs.insert(id, *sub);
+                }
+                Ok(Command::Offer(id, sdp, reply)) => {
+                    let Some(sub) = subs.get_mut(&id) else {
+                        continue;
+                    };
+                    let first = sub.pc.is_none();
+                    sub.video_pts
+                        .extend(common::relay::video_media_payload_types(&sdp));
+                    let lean = sub.lean;
+                    let pc = sub.pc.get_or_insert_with(|| new_subscriber_pc(lean));
+                    let _ = reply.send(answer(pc, sub.local, sdp, first));
+                    sub.on_timer(Instant::now());
+                }
+                Ok(Command::Remove(id)) => {
+                    if let Some(mut sub) = subs.remove(&id) {
+                        let _ = poll.registry().deregister(&mut sub.socket);
+                        if sub.connected {
+                            sub.totals.connected.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+            }
+        }
+        if now >= next_tick {
+            for sub in subs.values_mut() {
+                if sub.deadline <= now {
+                    sub.on_timer(now);
+                }
+            }
+            next_tick = now + TIMER_TICK;
+        }
+        if woke {
+            std::thread::sleep(BATCH_WAIT);
+        }
+    }
+}
+
+/// Joins as `user`, answers every subscriber offer, and receives (on `receivers`)
+/// until `stop`.
+#[allow(clippy::too_many_arguments)]
 async fn subscribe(
+    id: usize,
+    receivers: Arc<Receivers>,
     ws: String,
     join: weir_signaling::Join,
     totals: Arc<Totals>,
@@ -455,49 +606,35 @@ async fn subscribe(
         totals.failed.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let socket = mio::net::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let local = socket.local_addr().unwrap();
-    let mut sub = Subscriber {
-        pc: None,
-        socket,
-        local,
-        totals,
-        own,
-        tracks: HashMap::new(),
-        video_tracks: Default::default(),
-        connected: false,
-        stamps: HashMap::new(),
-        audio_only,
-        lean,
-        video_pts: Default::default(),
-    };
-    let mut buf = vec![0u8; 2048];
-    let mut deadline = Instant::now() + Duration::from_secs(1);
+    receivers.add(
+        id,
+        Subscriber {
+            pc: None,
+            socket,
+            local,
+            totals: totals.clone(),
+            own,
+            tracks: HashMap::new(),
+            video_tracks: Default::default(),
+            connected: false,
+            stamps: HashMap::new(),
+            audio_only,
+            lean,
+            video_pts: Default::default(),
+            deadline: Instant::now() + Duration::from_secs(1),
+        },
+    );
     let mut ping = tokio::time::interval(Duration::from_secs(10));
+    let mut check = tokio::time::interval(Duration::from_millis(200));
     while !stop.load(Ordering::Relaxed) {
-        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
-            deadline.min(Instant::now() + Duration::from_millis(200)),
-        ));
         tokio::select! {
-            r = sub.socket.recv_from(&mut buf) => {
-                let now = Instant::now();
-                if let Ok((n, from)) = r {
-                    sub.datagram(&buf[..n], from, now);
-                }
-                // Take what else is waiting before polling the connection.
-                for _ in 0..32 {
-                    match sub.socket.try_recv_from(&mut buf) {
-                        Ok((n, from)) => sub.datagram(&buf[..n], from, now),
-                        Err(_) => break,
-                    }
-                }
-            }
             m = signal.try_recv(Duration::from_secs(3600)) => match m {
                 Some(ServerMessage::Offer { target: Target::Subscriber, sdp }) => {
-                    let first = sub.pc.is_none();
-                    sub.video_pts.extend(common::relay::video_media_payload_types(&sdp));
-                    let pc = sub.pc.get_or_insert_with(|| new_subscriber_pc(lean));
-                    let sdp = answer(pc, local, sdp, first);
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    receivers.send(id, Command::Offer(id, sdp, tx));
+                    let Ok(sdp) = rx.await else { break };
                     signal
                         .send(&ClientMessage::Answer { target: Target::Subscriber, sdp })
                         .await;
@@ -506,24 +643,16 @@ async fn subscribe(
                 None => {
                     let why = signal.close_code(Duration::ZERO).await;
                     eprintln!("a subscriber's signaling ended: {why:?}");
-                    sub.totals.failed.fetch_add(1, Ordering::Relaxed);
-                    if sub.connected {
-                        sub.totals.connected.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    totals.failed.fetch_add(1, Ordering::Relaxed);
+                    receivers.send(id, Command::Remove(id));
                     return;
                 }
             },
             _ = ping.tick() => signal.send(&ClientMessage::Ping { ts: 1 }).await,
-            _ = sleep => {}
+            _ = check.tick() => {}
         }
-        deadline = sub
-            .timeout()
-            .unwrap_or(Instant::now() + Duration::from_secs(1));
-        sub.drain();
     }
-    if sub.connected {
-        sub.totals.connected.fetch_sub(1, Ordering::Relaxed);
-    }
+    receivers.send(id, Command::Remove(id));
     signal.send(&ClientMessage::Leave).await;
 }
 
@@ -1268,6 +1397,7 @@ async fn run(threads: usize) {
         }
     }
     let totals = Arc::new(Totals::default());
+    let receivers = Receivers::start(threads);
     let mut subs: Vec<Arc<SubCounters>> = Vec::new();
     let mut tasks = Vec::new();
     let mut summaries = Vec::new();
@@ -1281,6 +1411,8 @@ async fn run(threads: usize) {
                 let own = Arc::new(SubCounters::default());
                 let entry = &entries[i % entries.len()];
                 tasks.push(tokio::spawn(subscribe(
+                    i,
+                    receivers.clone(),
                     entry.ws.clone(),
                     entry.join(&format!("s{i}"), room, true),
                     totals.clone(),
