@@ -1665,7 +1665,11 @@ impl Media {
             if p.send_forwarded(&stream_id, kind, &packet, keyframe, layers, Instant::now()) {
                 copies += 1;
             }
-            transmit(&self.socket, &self.tcp_writers, p);
+            // What was just written, without sweeping the connection for more: the
+            // pump's end does that once per connection (`dirty`).
+            while let Some(out) = p.pc.poll_write_ready() {
+                send_out(&self.socket, &self.tcp_writers, out);
+            }
         }
         if copies > 0 {
             self.metrics
@@ -1691,13 +1695,22 @@ fn transmit(
     p: &mut Peer,
 ) {
     while let Some(out) = p.pc.poll_write() {
-        if out.transport.transport_protocol == TransportProtocol::TCP {
-            if let Some(w) = tcp_writers.get(&out.transport.peer_addr) {
-                let _ = w.try_send(tcp::frame(&out.message));
-            }
-        } else {
-            let _ = socket.try_send_to(&out.message, out.transport.peer_addr);
+        send_out(socket, tcp_writers, out);
+    }
+}
+
+/// One datagram to the socket it goes out on.
+fn send_out(
+    socket: &UdpSocket,
+    tcp_writers: &HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    out: TaggedBytesMut,
+) {
+    if out.transport.transport_protocol == TransportProtocol::TCP {
+        if let Some(w) = tcp_writers.get(&out.transport.peer_addr) {
+            let _ = w.try_send(tcp::frame(&out.message));
         }
+    } else {
+        let _ = socket.try_send_to(&out.message, out.transport.peer_addr);
     }
 }
 
