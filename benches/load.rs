@@ -526,10 +526,17 @@ fn receive_loop(mut poll: mio::Poll, commands: std::sync::mpsc::Receiver<Command
             let Some(sub) = subs.get_mut(&event.token().0) else {
                 continue;
             };
-            // Edge-triggered: read until the socket is empty.
+            // Edge-triggered: read until the socket is empty (an error such as a
+            // port-unreachable report is passed over; a few in a row end the round).
             let mut seen = false;
-            while let Ok((n, from)) = sub.socket.recv_from(&mut buf) {
-                seen |= sub.datagram(&buf[..n], from, now);
+            let mut errors = 0;
+            loop {
+                match sub.socket.recv_from(&mut buf) {
+                    Ok((n, from)) => seen |= sub.datagram(&buf[..n], from, now),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) if errors < 8 => errors += 1,
+                    Err(_) => break,
+                }
             }
             if seen {
                 sub.drain();
