@@ -462,8 +462,15 @@ enum Command {
 /// waiting on a ready socket, and runs the connections' timers every few
 /// milliseconds: no task, timer registration or wake-up per packet.
 struct Receivers {
-    threads: Vec<(std::sync::mpsc::Sender<Command>, Arc<mio::Waker>)>,
-    registry: Vec<mio::Registry>,
+    threads: Vec<ReceiveThread>,
+}
+
+/// What a signaling task needs of one receive thread: its epoll set (to register a
+/// socket), its command queue and the waker that makes it look.
+struct ReceiveThread {
+    registry: mio::Registry,
+    commands: std::sync::mpsc::Sender<Command>,
+    waker: mio::Waker,
 }
 
 const WAKER: mio::Token = mio::Token(usize::MAX);
@@ -477,31 +484,40 @@ const BATCH_WAIT: Duration = Duration::from_micros(500);
 
 impl Receivers {
     fn start(n: usize) -> Arc<Self> {
-        let mut threads = Vec::new();
-        let mut registry = Vec::new();
-        for i in 0..n.max(1) {
-            let poll = mio::Poll::new().unwrap();
-            let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER).unwrap());
-            registry.push(poll.registry().try_clone().unwrap());
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::Builder::new()
-                .name(format!("receive-{i}"))
-                .spawn(move || receive_loop(poll, rx))
-                .unwrap();
-            threads.push((tx, waker));
-        }
-        Arc::new(Self { threads, registry })
+        let threads = (0..n.max(1))
+            .map(|i| {
+                let poll = mio::Poll::new().unwrap();
+                let (commands, rx) = std::sync::mpsc::channel();
+                let thread = ReceiveThread {
+                    registry: poll.registry().try_clone().unwrap(),
+                    commands,
+                    waker: mio::Waker::new(poll.registry(), WAKER).unwrap(),
+                };
+                std::thread::Builder::new()
+                    .name(format!("receive-{i}"))
+                    .spawn(move || receive_loop(poll, rx))
+                    .unwrap();
+                thread
+            })
+            .collect();
+        Arc::new(Self { threads })
+    }
+
+    /// The thread that owns subscriber `id`.
+    fn of(&self, id: usize) -> &ReceiveThread {
+        &self.threads[id % self.threads.len()]
     }
 
     fn send(&self, id: usize, command: Command) {
-        let (tx, waker) = &self.threads[id % self.threads.len()];
-        let _ = tx.send(command);
-        let _ = waker.wake();
+        let thread = self.of(id);
+        let _ = thread.commands.send(command);
+        let _ = thread.waker.wake();
     }
 
     /// Registers `sub`'s socket with the thread that will own it, then hands it over.
     fn add(&self, id: usize, mut sub: Subscriber) {
-        self.registry[id % self.registry.len()]
+        self.of(id)
+            .registry
             .register(&mut sub.socket, mio::Token(id), mio::Interest::READABLE)
             .unwrap();
         self.send(id, Command::Add(id, Box::new(sub)));
@@ -635,6 +651,7 @@ async fn subscribe(
     );
     let mut ping = tokio::time::interval(Duration::from_secs(10));
     let mut check = tokio::time::interval(Duration::from_millis(200));
+    let mut closed = false;
     while !stop.load(Ordering::Relaxed) {
         tokio::select! {
             m = signal.try_recv(Duration::from_secs(3600)) => match m {
@@ -651,8 +668,8 @@ async fn subscribe(
                     let why = signal.close_code(Duration::ZERO).await;
                     eprintln!("a subscriber's signaling ended: {why:?}");
                     totals.failed.fetch_add(1, Ordering::Relaxed);
-                    receivers.send(id, Command::Remove(id));
-                    return;
+                    closed = true;
+                    break;
                 }
             },
             _ = ping.tick() => signal.send(&ClientMessage::Ping { ts: 1 }).await,
@@ -660,7 +677,9 @@ async fn subscribe(
         }
     }
     receivers.send(id, Command::Remove(id));
-    signal.send(&ClientMessage::Leave).await;
+    if !closed {
+        signal.send(&ClientMessage::Leave).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------

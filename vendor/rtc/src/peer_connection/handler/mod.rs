@@ -85,6 +85,21 @@ macro_rules! process_handler_list {
     }};
 }
 
+/// Hands every message on `belt` to `handler` and puts what it writes out back on
+/// `belt`. (Weir patch: shared by `flush_writes` and `write_rtp_direct`.)
+macro_rules! hand_writes_on {
+    ($handler:ident, $belt:ident) => {{
+        while let Some(msg) = $belt.pop_front() {
+            if let Err(err) = $handler.handle_write(msg) {
+                warn!("{}.handle_write got error: {}", $handler.name(), err);
+            }
+        }
+        while let Some(msg) = $handler.poll_write() {
+            $belt.push_back(msg);
+        }
+    }};
+}
+
 /// Unified macro to iterate over handlers with code blocks
 macro_rules! for_each_handler {
     // Forward order: execute code block for each handler
@@ -262,18 +277,16 @@ impl RTCPeerConnection {
         let mut intermediate_wouts = VecDeque::new();
 
         for_each_handler!(reverse: process_handler!(self, handler, {
-            while let Some(msg) = intermediate_wouts.pop_front() {
-                if let Err(err) = handler.handle_write(msg) {
-                    warn!("{}.handle_write got error: {}", handler.name(), err);
-                }
-            }
-            while let Some(msg) = handler.poll_write() {
-                intermediate_wouts.push_back(msg);
-            }
+            hand_writes_on!(handler, intermediate_wouts);
         }));
 
-        // Final poll write out to pipeline's write out
-        while let Some(msg) = intermediate_wouts.pop_front() {
+        self.queue_transmits(intermediate_wouts);
+    }
+
+    /// Final poll write out to pipeline's write out. (Weir patch: shared by
+    /// `flush_writes` and `write_rtp_direct`.)
+    fn queue_transmits(&mut self, mut wouts: VecDeque<TaggedRTCMessageInternal>) {
+        while let Some(msg) = wouts.pop_front() {
             if let RTCMessageInternal::Raw(message) = msg.message {
                 self.pipeline_context.write_outs.push_back(TaggedBytesMut {
                     now: msg.now,
@@ -301,32 +314,18 @@ impl RTCPeerConnection {
             transport: Default::default(),
             message: RTCMessageInternal::Rtp(RTPMessage::Packet(Packet::Rtp(packet))),
         });
-        macro_rules! through {
-            ($handler:expr) => {{
-                let mut handler = $handler;
-                while let Some(msg) = belt.pop_front() {
-                    if let Err(err) = handler.handle_write(msg) {
-                        warn!("{}.handle_write got error: {}", handler.name(), err);
-                    }
-                }
-                while let Some(msg) = handler.poll_write() {
-                    belt.push_back(msg);
-                }
-            }};
-        }
-        through!(self.get_interceptor_handler());
-        through!(self.get_srtp_handler());
-        through!(self.get_ice_handler());
-        through!(self.get_demuxer_handler());
-        while let Some(msg) = belt.pop_front() {
-            if let RTCMessageInternal::Raw(message) = msg.message {
-                self.pipeline_context.write_outs.push_back(TaggedBytesMut {
-                    now: msg.now,
-                    transport: msg.transport,
-                    message,
-                });
-            }
-        }
+        process_handler_list!(
+            call_macro: process_handler!(self, handler, {
+                hand_writes_on!(handler, belt);
+            }),
+            [
+                get_interceptor_handler,
+                get_srtp_handler,
+                get_ice_handler,
+                get_demuxer_handler
+            ]
+        );
+        self.queue_transmits(belt);
     }
 
     /// Weir patch (`vendor/rtc/WEIR-PATCH.md`): the next datagram already queued for
