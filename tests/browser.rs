@@ -265,7 +265,7 @@ async fn chrome_receives_an_rtmp_pusher() {
     let viewer = browser.open(&page_url(&t)).await;
     let mut ffmpeg = rtmp_pusher(
         &format!("rtmp://{rtmp}/live/{stream}?{}", query(&t, "pusher", 0xff)),
-        15,
+        30,
     );
     sdk_join(&viewer, &options(&t, "viewer"), false).await;
     let got = sees_and_hears(&viewer, &stream).await;
@@ -278,6 +278,21 @@ async fn chrome_receives_an_rtmp_pusher() {
         .eval(&format!("window.room.streams.get('{stream}').info.source"))
         .await;
     assert_eq!(source, "rtmp");
+    // A clean path (loopback) is never told `warning`: not at the subscriber's first
+    // feedback (the estimate's ceiling was 100 kbit/s before any rate was measured),
+    // nor at keyframes (the ceiling followed the stream's own rate between two of
+    // them, and a keyframe read as a deficit: measured, `warning` every 2 s).
+    // Eight of the pusher's keyframes (1 s GOP), with congestion control running on
+    // Chrome's feedback all along (the estimate histogram counts its estimates).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let metrics = t.metrics().await;
+    assert!(common::metric(&metrics, "weir_bwe_estimate_bps_count") > 0.0);
+    let warned: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("weir_congestion_state_changes_total{"))
+        .filter(|l| !l.contains("state=\"normal\""))
+        .collect();
+    assert!(warned.is_empty(), "a clean path told otherwise: {warned:?}");
     ffmpeg.kill().await.unwrap();
 }
 

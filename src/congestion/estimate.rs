@@ -10,8 +10,9 @@
 //! - the **acknowledged rate** (what actually arrived over the last second), because
 //!   this GCC port climbs without bound on a quiet path (there is no "1.5 × what was
 //!   received" ceiling as in libwebrtc), so its raw target says nothing above what was
-//!   sent. The estimate we act on is `min(gcc, 1.5 × acknowledged + 100 kbit/s)`, or a
-//!   rate a padding probe has just verified;
+//!   sent. The estimate we act on is `min(gcc, 1.5 × shown + 100 kbit/s)`, or a
+//!   rate a padding probe has just verified, where *shown* is the highest
+//!   acknowledged rate of the last [`SHOWN_FOR`] (see there why not the current one);
 //! - the **queuing delay** (one-way delay above its minimum over the last 10 s), the
 //!   earliest sign that a probe has found the ceiling, before anything is lost;
 //! - the **loss** fraction per window.
@@ -36,6 +37,22 @@ const MAX_BATCHES: usize = 256;
 /// Headroom over what was acknowledged that the estimate may claim without a probe.
 const ACKED_HEADROOM: f64 = 1.5;
 const ACKED_SLACK_BPS: f64 = 100_000.0;
+/// The ceiling above is taken over the highest acknowledged rate of this long, not the
+/// last second's: a video's rate follows its keyframes, and a second-long window that
+/// has just let the last keyframe go, before the next one is acknowledged, reads the
+/// stream's own quiet stretch as the path's limit. Measured on an RTMP push (1 s GOP)
+/// to Chrome over loopback: every other keyframe the ceiling fell to 337 kbit/s (1.5 ×
+/// 158 kbit/s and the slack) while the keyframe itself was being sent, the allocator
+/// saw a deficit, and the subscriber was told `warning` for 50 ms every 2 s at no loss and 0.3 ms of
+/// queuing (and its capacity was passed upstream as a limit). This long covers the
+/// keyframe intervals pushers use (1–4 s, and more); a path that stops carrying it
+/// shows loss or queuing first, which backs the estimate off from the current rate.
+const SHOWN_FOR: Duration = Duration::from_secs(10);
+/// An acknowledged rate counts towards `SHOWN_FOR`'s once its window spans this much
+/// (right after the first feedback a few batches over a few ms say little).
+const SHOWN_MIN_SPAN: f64 = 0.5;
+/// Entries of the running maximum (bounded whatever the tick rate).
+const MAX_SHOWN: usize = 256;
 /// Queuing this deep, or this much loss, means the path is over capacity now: the
 /// estimate drops to what is arriving, less a margin, whatever GCC still says (its
 /// delay detector needs a trend over several groups, and this port backs off from a
@@ -74,6 +91,14 @@ struct State {
     /// The estimate dropped (GCC backed off) at these instants: a warning sign.
     last_backoff: Option<Instant>,
     last_target: f64,
+    /// The running maximum of the acknowledged rate over `SHOWN_FOR`: (when, bit/s),
+    /// decreasing from front to back, so the front is the maximum.
+    shown: VecDeque<(Instant, f64)>,
+    /// An acknowledged rate has been measured over `SHOWN_MIN_SPAN` since the start
+    /// (or the last reset). Until then there is no estimate: the ceiling would be
+    /// 1.5 × nothing + 100 kbit/s, and every new subscriber was told `warning` at its
+    /// first feedback (measured: for 50 ms, on loopback, at no loss).
+    measured: bool,
     /// After a reset: packets that left before the path came back (the first one
     /// reported arrived) were lost to the outage and are no evidence; `Some(None)`
     /// until that first arrival is seen.
@@ -81,6 +106,31 @@ struct State {
 }
 
 impl State {
+    /// Records `acknowledged` (measured over `span` seconds) and returns the highest
+    /// acknowledged rate of the last [`SHOWN_FOR`], this one included.
+    fn show(&mut self, now: Instant, acknowledged: f64, span: f64) -> f64 {
+        if span >= SHOWN_MIN_SPAN {
+            while self.shown.back().is_some_and(|(_, v)| *v <= acknowledged) {
+                self.shown.pop_back();
+            }
+            if self.shown.len() == MAX_SHOWN {
+                self.shown.pop_front();
+            }
+            self.shown.push_back((now, acknowledged));
+            self.measured = true;
+        }
+        while self
+            .shown
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > SHOWN_FOR)
+        {
+            self.shown.pop_front();
+        }
+        self.shown
+            .front()
+            .map_or(acknowledged, |(_, v)| v.max(acknowledged))
+    }
+
     fn new(initial: f64, min: f64, max: f64) -> Self {
         Self {
             gcc: Gcc::new(initial, min, max),
@@ -95,6 +145,8 @@ impl State {
             last_feedback: None,
             last_backoff: None,
             last_target: initial,
+            shown: VecDeque::new(),
+            measured: false,
             path_since: None,
         }
     }
@@ -103,7 +155,8 @@ impl State {
 /// What the allocator reads, at one instant.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Snapshot {
-    /// The estimate to allocate against (bit/s); `None` until feedback has arrived.
+    /// The estimate to allocate against (bit/s); `None` until an acknowledged rate has
+    /// been measured (feedback over half a second), and while feedback is stale.
     pub estimate: Option<f64>,
     /// GCC's own target (bit/s).
     pub gcc: f64,
@@ -221,7 +274,7 @@ impl SharedEstimator {
     }
 
     pub fn snapshot(&self, now: Instant) -> Snapshot {
-        let s = self.lock();
+        let mut s = self.lock();
         let window: Vec<&Batch> = s
             .batches
             .iter()
@@ -257,12 +310,14 @@ impl SharedEstimator {
         let fresh = s
             .last_feedback
             .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(2));
+        let batches = window.len();
+        let shown = s.show(now, acknowledged, span);
         let gcc = s.gcc.target_bitrate();
         let ceiling = match s.verified {
             Some((v, at)) if now.saturating_duration_since(at) < VERIFIED_FOR => {
-                v.max(acknowledged * ACKED_HEADROOM + ACKED_SLACK_BPS)
+                v.max(shown * ACKED_HEADROOM + ACKED_SLACK_BPS)
             }
-            _ => acknowledged * ACKED_HEADROOM + ACKED_SLACK_BPS,
+            _ => shown * ACKED_HEADROOM + ACKED_SLACK_BPS,
         };
         let overused = queuing_delay_ms > OVERUSE_QUEUING_MS || loss > OVERUSE_LOSS;
         let ceiling = if overused {
@@ -271,7 +326,7 @@ impl SharedEstimator {
             ceiling
         };
         Snapshot {
-            estimate: fresh.then(|| gcc.min(ceiling).max(s.min)),
+            estimate: (fresh && s.measured).then(|| gcc.min(ceiling).max(s.min)),
             gcc,
             acknowledged,
             loss,
@@ -279,7 +334,7 @@ impl SharedEstimator {
             backing_off: overused
                 || s.last_backoff
                     .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(2)),
-            batches: window.len(),
+            batches,
         }
     }
 }
@@ -436,6 +491,92 @@ mod tests {
         let e = s.estimate.unwrap();
         assert!(e > 1_400_000.0 && e < 1_700_000.0, "{s:?}");
         assert!(s.loss < 0.01 && s.queuing_delay_ms < 1.0, "{s:?}");
+    }
+
+    /// The first feedback is no measurement: no estimate until half a second of it (the
+    /// ceiling would be 100 kbit/s, and every new subscriber was told `warning`).
+    #[test]
+    fn no_estimate_before_a_rate_is_measured() {
+        let mut est = SharedEstimator::new(5_000_000.0, 50_000.0, 20_000_000.0);
+        let epoch = Instant::now();
+        let now = feed(&mut est, epoch, 0.0, 0.3, 1250, |_| 0.0, 0);
+        assert_eq!(est.snapshot(now).estimate, None, "{:?}", est.snapshot(now));
+        let now = feed(&mut est, epoch, 0.3, 0.7, 1250, |_| 0.0, 0);
+        let e = est.snapshot(now).estimate.expect("measured by now");
+        assert!(e > 1_400_000.0, "{e}");
+    }
+
+    /// A video whose rate follows its keyframes (one every 2 s, as pushers send)
+    /// over a clean path: the estimate's ceiling stays over what the path has shown,
+    /// never the stream's quiet stretch between two keyframes. On the old ceiling (the
+    /// last second's acknowledged rate) it fell to 1.5 × the P-frames' rate + 100 kbit/s
+    /// whenever the window held no keyframe, and the allocator read the next keyframe
+    /// as a deficit (measured on an RTMP push with a 1 s GOP to Chrome, where feedback
+    /// timing lets the window miss every other keyframe: `warning` every 2 s).
+    #[test]
+    fn the_ceiling_does_not_fall_between_keyframes() {
+        let mut est = SharedEstimator::new(5_000_000.0, 50_000.0, 20_000_000.0);
+        let epoch = Instant::now();
+        // (departure ms, bytes): a 30-packet keyframe (36 kB) each 2 s, and two
+        // 800-byte packets every 33 ms: 144 + 388 kbit/s.
+        let mut sent: Vec<(u64, usize)> = Vec::new();
+        for gop in 0..8u64 {
+            for p in 0..30 {
+                sent.push((gop * 2000 + p, 1200));
+            }
+            for f in 1..60 {
+                sent.push((gop * 2000 + f * 33, 800));
+                sent.push((gop * 2000 + f * 33 + 1, 800));
+            }
+        }
+        sent.sort();
+        let mut next = 0;
+        let mut lowest = f64::INFINITY;
+        let mut highest: f64 = 0.0;
+        // Feedback every 50 ms for what left before it, each packet 20 ms on the way;
+        // the allocator reads a snapshot after each.
+        for tick in 1..(16 * 20) {
+            let at_ms = tick * 50;
+            let mut batch = Vec::new();
+            while next < sent.len() && sent[next].0 + 20 <= at_ms {
+                let (left, size) = sent[next];
+                batch.push(PacketReport {
+                    ssrc: 1,
+                    id: next as u64,
+                    rtp_sequence_number: next as u16,
+                    is_twcc: true,
+                    twcc_sequence_number: next as u16,
+                    size,
+                    arrived: true,
+                    departure: epoch + Duration::from_millis(left),
+                    arrival: Some(Duration::from_millis(left + 20)),
+                    ecn: Ecn::default(),
+                });
+                next += 1;
+            }
+            let now = epoch + Duration::from_millis(at_ms);
+            if !batch.is_empty() {
+                est.on_reports(now, &batch);
+            }
+            let s = est.snapshot(now);
+            if at_ms >= 3_000 {
+                let e = s.estimate.expect("feedback keeps coming");
+                lowest = lowest.min(e);
+                highest = highest.max(e);
+                assert!(s.loss == 0.0 && !s.backing_off, "a clean path: {s:?}");
+            }
+        }
+        // A second holding a keyframe carries ~660 kbit/s: the ceiling stays at 1.5 ×
+        // that + 100 kbit/s (1.09 Mbit/s). On the old ceiling it swung between that
+        // and 676 kbit/s (1.5 × a second of P-frames + 100).
+        assert!(
+            lowest > 950_000.0,
+            "lowest {lowest:.0}, highest {highest:.0}"
+        );
+        assert!(
+            highest < 1_300_000.0,
+            "lowest {lowest:.0}, highest {highest:.0}"
+        );
     }
 
     /// Packet `i` of a 100-packet/s stream: left at `i` × 10 ms, arrived 20 ms later.
