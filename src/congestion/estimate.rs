@@ -43,15 +43,17 @@ const ACKED_SLACK_BPS: f64 = 100_000.0;
 /// stream's own quiet stretch as the path's limit. Measured on an RTMP push (1 s GOP)
 /// to Chrome over loopback: every other keyframe the ceiling fell to 337 kbit/s (1.5 ×
 /// 158 kbit/s and the slack) while the keyframe itself was being sent, the allocator
-/// saw a deficit, and the subscriber was told `warning` for 50 ms every 2 s at no loss and 0.3 ms of
-/// queuing (and its capacity was passed upstream as a limit). This long covers the
-/// keyframe intervals pushers use (1–4 s, and more); a path that stops carrying it
-/// shows loss or queuing first, which backs the estimate off from the current rate.
+/// saw a deficit, and the subscriber was told `warning` for 50 ms every 2 s at no loss
+/// and 0.3 ms of queuing (and its capacity was passed upstream as a limit). This long
+/// covers the keyframe intervals pushers use (1–4 s, and more); a path that stops
+/// carrying it shows loss or queuing first, which backs the estimate off from the
+/// current rate.
 const SHOWN_FOR: Duration = Duration::from_secs(10);
 /// An acknowledged rate counts towards `SHOWN_FOR`'s once its window spans this much
 /// (right after the first feedback a few batches over a few ms say little).
 const SHOWN_MIN_SPAN: f64 = 0.5;
-/// Entries of the running maximum (bounded whatever the tick rate).
+/// Entries of the running maximum, bounded whatever the snapshot rate (one a 50 ms tick
+/// fills at most 200; past the bound the oldest, which would expire first, goes).
 const MAX_SHOWN: usize = 256;
 /// Queuing this deep, or this much loss, means the path is over capacity now: the
 /// estimate drops to what is arriving, less a margin, whatever GCC still says (its
@@ -518,7 +520,7 @@ mod tests {
         let mut est = SharedEstimator::new(5_000_000.0, 50_000.0, 20_000_000.0);
         let epoch = Instant::now();
         // (departure ms, bytes): a 30-packet keyframe (36 kB) each 2 s, and two
-        // 800-byte packets every 33 ms: 144 + 388 kbit/s.
+        // 800-byte packets every 33 ms: 144 + 378 kbit/s.
         let mut sent: Vec<(u64, usize)> = Vec::new();
         for gop in 0..8u64 {
             for p in 0..30 {
@@ -568,7 +570,7 @@ mod tests {
         }
         // A second holding a keyframe carries ~660 kbit/s: the ceiling stays at 1.5 ×
         // that + 100 kbit/s (1.09 Mbit/s). On the old ceiling it swung between that
-        // and 676 kbit/s (1.5 × a second of P-frames + 100).
+        // and 676 kbit/s (about 1.5 × a second of P-frames + 100).
         assert!(
             lowest > 950_000.0,
             "lowest {lowest:.0}, highest {highest:.0}"
