@@ -456,18 +456,12 @@ mod tests {
             let departure = epoch + Duration::from_millis(i * 10);
             let lost = lose_every > 0 && i % lose_every == 0;
             let arrival_ms = i as f64 * 10.0 + 20.0 + delay(i);
-            batch.push(PacketReport {
-                ssrc: 1,
-                id: i,
-                rtp_sequence_number: i as u16,
-                is_twcc: true,
-                twcc_sequence_number: i as u16,
-                size,
-                arrived: !lost,
+            batch.push(packet_report(
+                i,
                 departure,
-                arrival: (!lost).then(|| Duration::from_secs_f64(arrival_ms / 1000.0)),
-                ecn: Ecn::default(),
-            });
+                size,
+                (!lost).then(|| Duration::from_secs_f64(arrival_ms / 1000.0)),
+            ));
             if batch.len() == 10 {
                 now = departure + Duration::from_millis(30);
                 est.on_reports(now, &batch);
@@ -542,18 +536,12 @@ mod tests {
             let mut batch = Vec::new();
             while next < sent.len() && sent[next].0 + 20 <= at_ms {
                 let (left, size) = sent[next];
-                batch.push(PacketReport {
-                    ssrc: 1,
-                    id: next as u64,
-                    rtp_sequence_number: next as u16,
-                    is_twcc: true,
-                    twcc_sequence_number: next as u16,
+                batch.push(packet_report(
+                    next as u64,
+                    epoch + Duration::from_millis(left),
                     size,
-                    arrived: true,
-                    departure: epoch + Duration::from_millis(left),
-                    arrival: Some(Duration::from_millis(left + 20)),
-                    ecn: Ecn::default(),
-                });
+                    Some(Duration::from_millis(left + 20)),
+                ));
                 next += 1;
             }
             let now = epoch + Duration::from_millis(at_ms);
@@ -583,16 +571,33 @@ mod tests {
 
     /// Packet `i` of a 100-packet/s stream: left at `i` × 10 ms, arrived 20 ms later.
     fn report(epoch: Instant, i: u16, size: usize, arrived: bool) -> PacketReport {
+        packet_report(
+            u64::from(i),
+            epoch + Duration::from_millis(u64::from(i) * 10),
+            size,
+            arrived.then(|| Duration::from_millis(u64::from(i) * 10 + 20)),
+        )
+    }
+
+    /// The report of packet `id` (its RTP and transport-wide sequence numbers too),
+    /// `size` bytes that left at `departure` and arrived at `arrival` (receiver's
+    /// clock), or was lost (`None`).
+    fn packet_report(
+        id: u64,
+        departure: Instant,
+        size: usize,
+        arrival: Option<Duration>,
+    ) -> PacketReport {
         PacketReport {
             ssrc: 1,
-            id: u64::from(i),
-            rtp_sequence_number: i,
+            id,
+            rtp_sequence_number: id as u16,
             is_twcc: true,
-            twcc_sequence_number: i,
+            twcc_sequence_number: id as u16,
             size,
-            arrived,
-            departure: epoch + Duration::from_millis(u64::from(i) * 10),
-            arrival: arrived.then(|| Duration::from_millis(u64::from(i) * 10 + 20)),
+            arrived: arrival.is_some(),
+            departure,
+            arrival,
             ecn: Ecn::default(),
         }
     }
