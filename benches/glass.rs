@@ -8,6 +8,10 @@
 //! - `chrome`: headless Chromium publishes through the SDK from
 //!   `MediaStreamTrackGenerator`s: the page draws each frame's index and writes it, and
 //!   writes 10 ms of PCM at a time with the same beeps, noting the wall clock of each.
+//! - `webrtc`: a `webrtc`-crate client (`common::peer`) publishes the `rtmp` source's
+//!   live x264 frames and the same PCM through libopus (20 ms packets, each encoded when
+//!   its second 10 ms block is handed over, as Chrome's encoder does), each packet
+//!   written the moment it is encoded.
 //!
 //! Sinks:
 //! - `chrome`: headless Chromium subscribes through the SDK; `requestVideoFrameCallback`
@@ -21,7 +25,7 @@
 //!   a beep "heard" when the samples of its onset are read.
 //!
 //! Run: `BENCH_PATH=rtmp-chrome BENCH_SECONDS=180 cargo bench --bench glass`
-//! (paths: rtmp-chrome, chrome-chrome, rtmp-flv, rtmp-rtmp, chrome-flv, chrome-rtmp;
+//! (paths: SOURCE-SINK of rtmp, chrome, webrtc and chrome, flv, rtmp;
 //! BENCH_AUDIO=0 for video only; BENCH_SHOW_URL=1 prints the FLV player's URL, to try
 //! other players against the same stream). Writes `benches/artifacts/glass-PATH.{csv,svg}`.
 //! BENCH_CLUSTER=1 (rtmp sources): two nodes behind a `redis-server`; the room lives on
@@ -40,7 +44,7 @@ use std::time::Duration;
 
 use common::browser::Browser;
 use common::plot::{trace_svg, Line};
-use common::source::{self, wall_ms, RtmpPusher, Source, Stamps, H, W};
+use common::source::{self, wall_ms, Audio, RtmpPusher, Source, Stamps, Tag, H, W};
 use common::{TestServer, APP};
 use serde_json::Value;
 use weir::auth::{Privileges, RoomId, TokenKind};
@@ -422,6 +426,7 @@ async fn main() {
     // The source.
     // Where the stamps are read at the end: the RTMP source, or the publishing page.
     let mut source = None;
+    let mut publisher = None;
     let stream;
     let pub_page;
     match from {
@@ -446,7 +451,8 @@ async fn main() {
             let name = format!(
                 "{stream}?sdkappid={APP}&userid=pusher&roomid={ROOM}&usersig={sig}&privatemapkey={pmk}"
             );
-            let mut src = Source::start(seconds + 20, with_audio);
+            let audio = if with_audio { Audio::Aac } else { Audio::Off };
+            let mut src = Source::start(seconds + 20, audio);
             let ingest = edge.as_ref().unwrap_or(&t).server.rtmp_addr.unwrap();
             let mut pusher = RtmpPusher::publish(ingest, "live", &name).await;
             let mut tags =
@@ -476,6 +482,51 @@ async fn main() {
                     pusher.send(&tag).await;
                 }
             });
+            source = Some(src);
+            pub_page = None;
+        }
+        "webrtc" => {
+            let audio = if with_audio { Audio::Opus } else { Audio::Off };
+            let mut src = Source::start(seconds + 20, audio);
+            let (signal, _) =
+                common::Client::join(&t.ws_url(), t.join("publisher", ROOM, 0xff)).await;
+            let mut signal = signal;
+            let offered = common::publisher::offer_to_publish(&mut signal).await;
+            let mut peer = offered.peer;
+            peer.accept_answer(offered.answer).await;
+            peer.connected().await;
+            let pts = (
+                offered.video.payload_type().await,
+                offered.audio.payload_type().await,
+            );
+            let tags = std::mem::replace(&mut src.tags, tokio::sync::mpsc::unbounded_channel().1);
+            let opus = std::mem::replace(&mut src.opus, tokio::sync::mpsc::unbounded_channel().1);
+            tokio::spawn(send_webrtc(
+                tags,
+                opus,
+                offered.video.track.clone(),
+                offered.audio.track.clone(),
+                pts,
+            ));
+            stream = offered.stream.stream_id;
+            // The session lives while it pings (PROTOCOL.md: every 5–10 s).
+            let keep = tokio::spawn(async move {
+                loop {
+                    signal
+                        .send(&weir_signaling::ClientMessage::Ping { ts: 1 })
+                        .await;
+                    let next = tokio::time::Instant::now() + Duration::from_secs(5);
+                    // Whatever the server says meanwhile is read and let go.
+                    while let Some(left) = next.checked_duration_since(tokio::time::Instant::now())
+                    {
+                        if signal.try_recv(left).await.is_none() {
+                            tokio::time::sleep_until(next).await;
+                        }
+                    }
+                }
+            });
+            // Kept for the run.
+            publisher = Some((keep, peer));
             source = Some(src);
             pub_page = None;
         }
@@ -568,6 +619,75 @@ async fn main() {
         );
     }
     report(&label, seconds, with_audio, &stamps, &received);
+    if let Some((keep, _peer)) = publisher {
+        keep.abort();
+    }
+}
+
+/// The `webrtc` source's sender: each x264 frame (an FLV tag) as H.264 RTP (RFC 6184,
+/// parameter sets before each keyframe) at 90 kHz from its capture time, each Opus
+/// packet at 48 kHz from its first sample, both from the source's one start, each
+/// written the moment it arrives.
+async fn send_webrtc(
+    mut tags: tokio::sync::mpsc::UnboundedReceiver<Tag>,
+    mut opus: tokio::sync::mpsc::UnboundedReceiver<source::OpusPacket>,
+    video: Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
+    audio: Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
+    (vpt, apt): (u8, u8),
+) {
+    use webrtc::media_stream::track_local::TrackLocal;
+    use weir::codec::h264::{self, AvcConfig};
+    let (mut vseq, mut aseq) = (0u16, 0u16);
+    let mut config: Option<AvcConfig> = None;
+    let mut audio_open = true;
+    let rtp = |pt, ssrc, seq, ts, marker, payload| {
+        let mut p = rtc::rtp::Packet::default();
+        p.header.version = 2;
+        p.header.payload_type = pt;
+        p.header.ssrc = ssrc;
+        p.header.sequence_number = seq;
+        p.header.timestamp = ts;
+        p.header.marker = marker;
+        p.payload = payload;
+        p
+    };
+    loop {
+        tokio::select! {
+            tag = tags.recv() => {
+                let Some(tag) = tag else { return };
+                // FLV video: frame type and codec, AVCPacketType, composition time.
+                if tag.type_id != 9 || tag.data.len() < 5 {
+                    continue;
+                }
+                let body = tag.data.slice(5..);
+                if tag.data[1] == 0 {
+                    config = Some(AvcConfig::parse(&body).expect("x264's record parses"));
+                    continue;
+                }
+                let Some(c) = &config else { continue };
+                let mut nalus = Vec::new();
+                if tag.data[0] >> 4 == 1 {
+                    nalus.extend(c.sps.iter().cloned());
+                    nalus.extend(c.pps.iter().cloned());
+                }
+                nalus.extend(h264::split_nalus(&body, c.length_size).expect("x264's frame splits"));
+                let mut payloads = Vec::new();
+                h264::packetize(&nalus, 1100, &mut payloads);
+                let n = payloads.len();
+                for (i, payload) in payloads.into_iter().enumerate() {
+                    let p = rtp(vpt, 0x5151, vseq, tag.timestamp.wrapping_mul(90), i + 1 == n, payload);
+                    let _ = video.write_rtp(p).await;
+                    vseq = vseq.wrapping_add(1);
+                }
+            }
+            packet = opus.recv(), if audio_open => {
+                let Some(packet) = packet else { audio_open = false; continue };
+                let p = rtp(apt, 0x5252, aseq, packet.sample as u32, false, packet.data);
+                let _ = audio.write_rtp(p).await;
+                aseq = aseq.wrapping_add(1);
+            }
+        }
+    }
 }
 
 fn report(path: &str, seconds: u64, with_audio: bool, stamps: &Stamps, r: &Received) {

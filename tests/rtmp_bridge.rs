@@ -541,7 +541,7 @@ async fn main_and_high_profiles_are_negotiated_and_decoded() {
 /// went into the pusher's encoder to its arrival at the viewer (`Source`'s stamps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pusher_reset_mid_gop_comes_back_without_lasting_lag() {
-    use common::source::{wall_ms, RtmpPusher, Source, Tag};
+    use common::source::{wall_ms, Audio, RtmpPusher, Source, Tag};
     use std::time::Instant;
     let t = server().await;
     let mut viewer = Viewer::join(&t, "viewer").await;
@@ -549,7 +549,7 @@ async fn a_pusher_reset_mid_gop_comes_back_without_lasting_lag() {
     let name = url.split_once("/live/").unwrap().1.to_owned();
     let addr = t.server.rtmp_addr.unwrap();
     let (i0, w0) = (Instant::now(), wall_ms());
-    let mut source = Source::start(12, true);
+    let mut source = Source::start(12, Audio::Aac);
     let stamps = source.stamps.clone();
     let push = tokio::spawn(async move {
         let is_header = |t: &Tag| {

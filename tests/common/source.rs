@@ -9,7 +9,9 @@
 //! and AAC-LC — each into FLV on its stdout. The pusher sends each tag the moment its
 //! encoder emits it, so neither kind waits for the other (one ffmpeg muxing both would
 //! hold every video frame until audio of a later timestamp exists: ~70 ms, see
-//! BENCHMARKS.md's bridge section).
+//! BENCHMARKS.md's bridge section). For a WebRTC publisher the audio goes instead to
+//! libopus in-process, as a browser's or a native app's does: 20 ms packets, each
+//! encoded when the second of its two 10 ms blocks is handed over.
 
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -127,9 +129,29 @@ pub struct Tag {
     pub data: Bytes,
 }
 
+/// The audio encoder of a [`Source`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audio {
+    Off,
+    /// ffmpeg's AAC-LC, as FLV tags among the video's (an RTMP pusher).
+    Aac,
+    /// libopus, 20 ms stereo packets on [`Source::opus`] (a WebRTC publisher).
+    Opus,
+}
+
+/// One Opus packet: its first sample's index (its RTP timestamp at 48 kHz) and payload.
+#[derive(Debug, Clone)]
+pub struct OpusPacket {
+    pub sample: u64,
+    pub data: Bytes,
+}
+
 pub struct Source {
     pub stamps: Arc<Mutex<Stamps>>,
+    /// The encoders' FLV tags: video, and audio with [`Audio::Aac`].
     pub tags: mpsc::UnboundedReceiver<Tag>,
+    /// The Opus packets with [`Audio::Opus`], each sent the moment it is encoded.
+    pub opus: mpsc::UnboundedReceiver<OpusPacket>,
     children: Vec<Child>,
 }
 
@@ -176,8 +198,8 @@ fn read_flv(mut out: impl Read + Send + 'static, tx: mpsc::UnboundedSender<Tag>)
 }
 
 impl Source {
-    /// Starts the writers and encoders for `seconds`; `audio` adds the AAC encoder.
-    pub fn start(seconds: u64, audio: bool) -> Self {
+    /// Starts the writers and encoders for `seconds`, audio encoded as `audio` says.
+    pub fn start(seconds: u64, audio: Audio) -> Self {
         let size = format!("{W}x{H}");
         let mut video = Command::new("ffmpeg")
             .args(["-hide_banner", "-v", "error"])
@@ -204,7 +226,7 @@ impl Source {
         let mut video_in = video.stdin.take().unwrap();
         let mut children = vec![video];
         let mut audio_in = None;
-        if audio {
+        if audio == Audio::Aac {
             let mut a = Command::new("ffmpeg")
                 .args(["-hide_banner", "-v", "error"])
                 .args(["-f", "s16le", "-ar", "48000", "-ac", "2", "-i", "pipe:0"])
@@ -237,9 +259,16 @@ impl Source {
                 }
             });
         }
-        if let Some(mut audio_in) = audio_in {
+        let (opus_tx, opus) = mpsc::unbounded_channel();
+        if audio != Audio::Off {
             let stamps = stamps.clone();
             std::thread::spawn(move || {
+                let mut enc = (audio == Audio::Opus).then(|| {
+                    opus::Encoder::new(RATE, opus::Channels::Stereo, opus::Application::Audio)
+                        .unwrap()
+                });
+                let mut block: Vec<i16> = Vec::with_capacity(CHUNK * 4);
+                let mut out = vec![0u8; 1500];
                 let chunks = seconds * 100;
                 for m in 0..chunks {
                     let due = start + Duration::from_millis(m * 10);
@@ -250,7 +279,27 @@ impl Source {
                     if m % 100 == 0 {
                         stamps.lock().unwrap().beeps.push(wall_ms());
                     }
-                    if audio_in.write_all(&data).is_err() {
+                    let sent = match (&mut audio_in, &mut enc) {
+                        (Some(ffmpeg), _) => ffmpeg.write_all(&data).is_ok(),
+                        (None, Some(enc)) => {
+                            block.extend(
+                                data.chunks_exact(2)
+                                    .map(|b| i16::from_le_bytes([b[0], b[1]])),
+                            );
+                            if block.len() < CHUNK * 4 {
+                                continue;
+                            }
+                            let n = enc.encode(&block, &mut out).unwrap();
+                            block.clear();
+                            let packet = OpusPacket {
+                                sample: (m - 1) * CHUNK as u64,
+                                data: Bytes::copy_from_slice(&out[..n]),
+                            };
+                            opus_tx.send(packet).is_ok()
+                        }
+                        (None, None) => unreachable!("an audio encoder"),
+                    };
+                    if !sent {
                         break;
                     }
                 }
@@ -259,6 +308,7 @@ impl Source {
         Self {
             stamps,
             tags,
+            opus,
             children,
         }
     }
