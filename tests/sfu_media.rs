@@ -254,6 +254,98 @@ async fn three_publishers_each_receive_the_other_two() {
     let _ = carol.publisher.pc.close().await;
 }
 
+/// A new subscriber's video starts at the keyframe its arrival asked for. The
+/// publisher is asked once the subscriber's connection can carry the answer: asked at
+/// the subscribe, as before, the keyframe came back before the connection was up and
+/// was dropped, and the per-stream throttle then held the next request back for half a
+/// second (Chrome → Chrome, first frame 500 ms after subscribing instead of 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_subscriber_starts_at_the_keyframe_asked_for_it() {
+    let t = TestServer::start().await;
+    let room = 79;
+    let (alice, video, _audio) = join_and_publish(&t, "alice", 1, room).await;
+    let plis = count_plis(&video);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Alice's video: a keyframe first and then only when asked, as a browser's encoder
+    // does; the counter of each one sent.
+    let keyframes: Arc<std::sync::Mutex<Vec<u32>>> = Arc::default();
+    let sender = {
+        let (plis, keyframes, stop) = (plis.clone(), keyframes.clone(), stop.clone());
+        tokio::spawn(async move {
+            let pt = video.payload_type().await;
+            let (mut answered, mut n) = (0, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                let asked = plis.load(Ordering::Relaxed);
+                let key = n == 0 || asked > answered;
+                answered = asked;
+                let mut data = payload(1, 1, n);
+                data[0] = if key { 0x65 } else { 0x41 };
+                if key {
+                    keyframes.lock().unwrap().push(n);
+                }
+                let mut p = rtc::rtp::Packet::default();
+                p.header.version = 2;
+                p.header.payload_type = pt;
+                p.header.ssrc = 0x1000_0001;
+                p.header.sequence_number = n as u16;
+                p.header.timestamp = n.wrapping_mul(900);
+                p.header.marker = true;
+                p.payload = data.into();
+                let _ = video.track.write_rtp(p).await;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    // Alice's stream is under way (its first keyframe sent) before Bob comes.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = keyframes.lock().unwrap().len();
+    assert!(before >= 1);
+    let (mut signal, _) = Client::join(&t.ws_url(), t.join("bob", room, 0xff)).await;
+    let offer = signal
+        .expect(|m| match m {
+            ServerMessage::Offer {
+                target: Target::Subscriber,
+                sdp,
+            } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await;
+    let mut bob = RtcPeer::new().await;
+    let answer = bob.answer(offer).await;
+    signal
+        .send(&ClientMessage::Answer {
+            target: Target::Subscriber,
+            sdp: answer,
+        })
+        .await;
+    bob.connected().await;
+    let video_id = format!("{}-video", alice.stream_id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bob.inbox.lock().unwrap().get(&video_id).map_or(0, Vec::len) < 20 {
+        assert!(tokio::time::Instant::now() < deadline, "video reaches bob");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    sender.await.unwrap();
+    let first = bob.inbox.lock().unwrap()[&video_id][0].clone();
+    assert_eq!(
+        first.payload[0] & 0x1f,
+        5,
+        "bob's video starts at a keyframe"
+    );
+    let counter = u32::from_be_bytes(first.payload[3..7].try_into().unwrap());
+    let sent = keyframes.lock().unwrap().clone();
+    assert_eq!(
+        sent.get(before),
+        Some(&counter),
+        "bob's video starts at the first keyframe alice sent after he came \
+         (keyframes alice sent, by counter: {sent:?}; {before} before bob)"
+    );
+    let _ = bob.pc.close().await;
+    let _ = alice.publisher.pc.close().await;
+}
+
 /// Keyframe requests a publisher's track has received so far.
 fn count_plis(track: &SendTrack) -> Arc<std::sync::atomic::AtomicU64> {
     let count = Arc::new(std::sync::atomic::AtomicU64::new(0));

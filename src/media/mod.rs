@@ -883,9 +883,9 @@ impl Media {
                     .entry(stream_id.clone())
                     .or_default()
                     .insert(subscriber, kinds);
+                // Its keyframe is asked for when its downtrack can carry one (the
+                // first packet it sees connected: `Peer::keyframe_now`).
                 self.sync_subscriber(subscriber);
-                // A new subscriber needs a picture now, not at the next periodic keyframe.
-                self.request_keyframe(&stream_id, Instant::now(), true);
             }
             MediaCommand::Unsubscribe {
                 subscriber,
@@ -1641,6 +1641,7 @@ impl Media {
             Kind::Audio => &no_layers,
         };
         let mut copies = 0u64;
+        let mut keyframe_now = false;
         for s in targets {
             let key = PeerKey(s, Target::Subscriber);
             let Some(p) = self.peers.get_mut(&key) else {
@@ -1665,11 +1666,16 @@ impl Media {
             if p.send_forwarded(&stream_id, kind, &packet, keyframe, layers, Instant::now()) {
                 copies += 1;
             }
+            keyframe_now |= std::mem::take(&mut p.keyframe_now);
             // What was just written, without sweeping the connection for more: the
             // pump's end does that once per connection (`dirty`).
             while let Some(out) = p.pc.poll_write_ready() {
                 send_out(&self.socket, &self.tcp_writers, out);
             }
+        }
+        if keyframe_now {
+            // A new subscriber needs a picture now, not at the next periodic keyframe.
+            self.request_keyframe(&stream_id, Instant::now(), true);
         }
         if copies > 0 {
             self.metrics

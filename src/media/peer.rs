@@ -83,6 +83,9 @@ struct Downtrack {
     pub paused: bool,
     /// Resumed: forward from the next keyframe.
     await_keyframe: bool,
+    /// Its first packet since it can carry media was seen (and, if not a keyframe, the
+    /// publisher asked for one at once: see [`Peer::keyframe_now`]).
+    started: bool,
     /// The subscriber has answered an offer with this downtrack's m-section: until
     /// then nothing is sent on it (the subscriber would drop it, and its payload type
     /// is not known yet).
@@ -213,6 +216,11 @@ pub struct Peer {
     /// Streams whose video this subscriber waits to start at a keyframe (a resume, a
     /// layer switch): the media task keeps asking their publishers, throttled.
     pub keyframe_wanted: HashSet<String>,
+    /// A new downtrack saw its first packet, not a keyframe: the media task asks the
+    /// publisher now, unthrottled, and clears this. Asking when the subscriber
+    /// subscribes is too early: the keyframe would arrive before its connection can
+    /// carry it, and the throttle would then hold the next request back.
+    pub keyframe_now: bool,
     /// Which downtracks' NACKs go unanswered (paused ones), shared with the chain.
     paused_ssrcs: super::nack_guard::PausedSsrcs,
     /// The estimate the chain's retransmissions are bounded by (subscribers).
@@ -826,6 +834,7 @@ impl Peer {
             paused_ssrcs,
             rtx_budget,
             keyframe_wanted: HashSet::new(),
+            keyframe_now: false,
             liveness,
             free: Vec::new(),
             answer_mode: false,
@@ -1350,8 +1359,10 @@ impl Peer {
                     refused: false,
                     paused: false,
                     // A new subscriber's video starts at a keyframe (the publisher is
-                    // asked for one at once): frames before it would not decode.
+                    // asked for one as soon as the downtrack can carry it): frames
+                    // before it would not decode.
                     await_keyframe: k.1 == Kind::Video,
+                    started: false,
                     negotiated: false,
                     offered: false,
                     layer: None,
@@ -1398,6 +1409,12 @@ impl Peer {
                 want_keyframe(&mut self.keyframe_wanted, stream_id);
             }
             return false;
+        }
+        if d.await_keyframe && !d.started {
+            d.started = true;
+            if keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload)) != Some(true) {
+                self.keyframe_now = true;
+            }
         }
         if kind == Kind::Video && !layers.is_empty() {
             // Simulcast: forward one layer; change layers only at a keyframe of the
