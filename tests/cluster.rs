@@ -1263,9 +1263,22 @@ async fn a_full_room_spreads_onto_another_node_which_relays_it_with_nack_and_pli
     assert_eq!(metric(&mc, "weir_cluster_routes_total{route=\"edge\""), 2.0);
     assert_eq!(metric(&mc, "weir_participants"), 3.0);
     assert_eq!(metric(&mb, "weir_participants"), 3.0, "one relay per node");
-    // PLI across the relay: the new member's keyframe request went up from C to B,
-    // and B asked the publisher.
-    assert!(plis(&mc, "to_origin") > to_origin, "C sent no PLI to B");
+    // PLI across the relay: the new member's keyframe request goes up from C to B, and
+    // B asks the publisher. (Joining, it needed none: C replays the relayed stream's
+    // current GOP to a newcomer.) Asked again until one passes C's per-stream
+    // throttle.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mc = loop {
+        assert!(via_a.request_keyframe(&publisher.stream).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mc = c.metrics().await;
+        if before(&mc, "to_origin") > to_origin {
+            break mc;
+        }
+        assert!(Instant::now() < deadline, "C sent no PLI to B");
+    };
+    assert!(plis(&mc, "from_subscriber") >= 1.0);
+    let mb = b.metrics().await;
     assert!(
         plis(&mb, "from_subscriber") > from_subscribers,
         "B got no PLI from C"

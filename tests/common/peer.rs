@@ -352,4 +352,31 @@ impl RtcPeer {
         .expect("connected within 10 s")
         .unwrap();
     }
+
+    /// Sends a PLI for the received video track of `stream` (as a decoder that lost
+    /// its picture does). False if no video of it has been received yet.
+    pub async fn request_keyframe(&self, stream: &str) -> bool {
+        let id = format!("{stream}-video");
+        let Some(media_ssrc) = self
+            .inbox
+            .lock()
+            .unwrap()
+            .get(&id)
+            .and_then(|v| v.first().map(|r| r.ssrc))
+        else {
+            return false;
+        };
+        let tracks = self.tracks.lock().unwrap().clone();
+        for t in tracks {
+            if t.kind().await == RtpCodecKind::Video && t.ssrcs().await.contains(&media_ssrc) {
+                let pli =
+                    rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication {
+                        sender_ssrc: 0,
+                        media_ssrc,
+                    };
+                return t.write_rtcp(vec![Box::new(pli)]).await.is_ok();
+            }
+        }
+        false
+    }
 }

@@ -110,6 +110,14 @@ impl Watcher {
         let _ = self.outbox.send(msg);
     }
 
+    /// Sends a PLI for `stream`'s video; false before any of it was received.
+    pub async fn request_keyframe(&self, stream: &str) -> bool {
+        match self.peer.lock().await.as_ref() {
+            Some(p) => p.request_keyframe(stream).await,
+            None => false,
+        }
+    }
+
     /// Every packet of `stream`'s track of `kind` (`audio`, `video`), in arrival order.
     pub async fn received(&self, stream: &str, kind: &str) -> Vec<super::peer::Received> {
         let guard = self.peer.lock().await;
