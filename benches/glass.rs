@@ -488,9 +488,8 @@ async fn main() {
         "webrtc" => {
             let audio = if with_audio { Audio::Opus } else { Audio::Off };
             let mut src = Source::start(seconds + 20, audio);
-            let (signal, _) =
+            let (mut signal, _) =
                 common::Client::join(&t.ws_url(), t.join("publisher", ROOM, 0xff)).await;
-            let mut signal = signal;
             let offered = common::publisher::offer_to_publish(&mut signal).await;
             let mut peer = offered.peer;
             peer.accept_answer(offered.answer).await;

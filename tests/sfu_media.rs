@@ -301,34 +301,15 @@ async fn a_new_subscriber_starts_at_the_keyframe_asked_for_it() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let before = keyframes.lock().unwrap().len();
     assert!(before >= 1);
-    let (mut signal, _) = Client::join(&t.ws_url(), t.join("bob", room, 0xff)).await;
-    let offer = signal
-        .expect(|m| match m {
-            ServerMessage::Offer {
-                target: Target::Subscriber,
-                sdp,
-            } => Some(sdp.clone()),
-            _ => None,
-        })
-        .await;
-    let mut bob = RtcPeer::new().await;
-    let answer = bob.answer(offer).await;
-    signal
-        .send(&ClientMessage::Answer {
-            target: Target::Subscriber,
-            sdp: answer,
-        })
-        .await;
-    bob.connected().await;
-    let video_id = format!("{}-video", alice.stream_id);
+    let bob = common::watcher::Watcher::join(&t, "bob", room, None).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while bob.inbox.lock().unwrap().get(&video_id).map_or(0, Vec::len) < 20 {
+    while bob.received(&alice.stream_id, "video").await.len() < 20 {
         assert!(tokio::time::Instant::now() < deadline, "video reaches bob");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.store(true, Ordering::Relaxed);
     sender.await.unwrap();
-    let first = bob.inbox.lock().unwrap()[&video_id][0].clone();
+    let first = bob.received(&alice.stream_id, "video").await[0].clone();
     assert_eq!(
         first.payload[0] & 0x1f,
         5,
@@ -342,7 +323,6 @@ async fn a_new_subscriber_starts_at_the_keyframe_asked_for_it() {
         "bob's video starts at the first keyframe alice sent after he came \
          (keyframes alice sent, by counter: {sent:?}; {before} before bob)"
     );
-    let _ = bob.pc.close().await;
     let _ = alice.publisher.pc.close().await;
 }
 
