@@ -634,54 +634,40 @@ async fn send_webrtc(
     audio: Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
     (vpt, apt): (u8, u8),
 ) {
+    use common::publisher::{rtp_packet, write_access_unit};
     use webrtc::media_stream::track_local::TrackLocal;
     use weir::codec::h264::{self, AvcConfig};
+    use weir::rtmp::flv::{parse_video, VideoTag};
     let (mut vseq, mut aseq) = (0u16, 0u16);
     let mut config: Option<AvcConfig> = None;
     let mut audio_open = true;
-    let rtp = |pt, ssrc, seq, ts, marker, payload| {
-        let mut p = rtc::rtp::Packet::default();
-        p.header.version = 2;
-        p.header.payload_type = pt;
-        p.header.ssrc = ssrc;
-        p.header.sequence_number = seq;
-        p.header.timestamp = ts;
-        p.header.marker = marker;
-        p.payload = payload;
-        p
-    };
     loop {
         tokio::select! {
             tag = tags.recv() => {
                 let Some(tag) = tag else { return };
-                // FLV video: frame type and codec, AVCPacketType, composition time.
-                if tag.type_id != 9 || tag.data.len() < 5 {
+                if tag.type_id != 9 {
                     continue;
                 }
-                let body = tag.data.slice(5..);
-                if tag.data[1] == 0 {
-                    config = Some(AvcConfig::parse(&body).expect("x264's record parses"));
-                    continue;
-                }
-                let Some(c) = &config else { continue };
-                let mut nalus = Vec::new();
-                if tag.data[0] >> 4 == 1 {
-                    nalus.extend(c.sps.iter().cloned());
-                    nalus.extend(c.pps.iter().cloned());
-                }
-                nalus.extend(h264::split_nalus(&body, c.length_size).expect("x264's frame splits"));
-                let mut payloads = Vec::new();
-                h264::packetize(&nalus, 1100, &mut payloads);
-                let n = payloads.len();
-                for (i, payload) in payloads.into_iter().enumerate() {
-                    let p = rtp(vpt, 0x5151, vseq, tag.timestamp.wrapping_mul(90), i + 1 == n, payload);
-                    let _ = video.write_rtp(p).await;
-                    vseq = vseq.wrapping_add(1);
+                match parse_video(&tag.data).expect("x264's tags parse") {
+                    VideoTag::AvcSequenceHeader(record) => {
+                        config = Some(AvcConfig::parse(&record).expect("x264's record parses"));
+                    }
+                    VideoTag::AvcNalus { keyframe, data, .. } => {
+                        let Some(c) = &config else { continue };
+                        let mut nalus = Vec::new();
+                        if keyframe {
+                            nalus.extend(c.sps.iter().chain(&c.pps).cloned());
+                        }
+                        nalus.extend(h264::split_nalus(&data, c.length_size).expect("x264's frame splits"));
+                        let ts = tag.timestamp.wrapping_mul(90);
+                        write_access_unit(&video, (vpt, 0x5151), &mut vseq, ts, &nalus).await;
+                    }
+                    _ => {}
                 }
             }
             packet = opus.recv(), if audio_open => {
                 let Some(packet) = packet else { audio_open = false; continue };
-                let p = rtp(apt, 0x5252, aseq, packet.sample as u32, false, packet.data);
+                let p = rtp_packet(apt, 0x5252, aseq, packet.sample as u32, false, packet.data);
                 let _ = audio.write_rtp(p).await;
                 aseq = aseq.wrapping_add(1);
             }

@@ -283,14 +283,14 @@ async fn a_new_subscriber_starts_at_the_keyframe_asked_for_it() {
                 if key {
                     keyframes.lock().unwrap().push(n);
                 }
-                let mut p = rtc::rtp::Packet::default();
-                p.header.version = 2;
-                p.header.payload_type = pt;
-                p.header.ssrc = 0x1000_0001;
-                p.header.sequence_number = n as u16;
-                p.header.timestamp = n.wrapping_mul(900);
-                p.header.marker = true;
-                p.payload = data.into();
+                let p = common::publisher::rtp_packet(
+                    pt,
+                    0x1000_0001,
+                    n as u16,
+                    n.wrapping_mul(900),
+                    true,
+                    data.into(),
+                );
                 let _ = video.track.write_rtp(p).await;
                 n += 1;
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -469,24 +469,10 @@ async fn retransmissions_and_keyframes(
     // bob asks for a keyframe; the PLI must reach alice (after the join-time one's throttle)
     tokio::time::sleep(Duration::from_millis(600)).await;
     let before = plis.load(Ordering::Relaxed);
-    let remote_tracks = bob.tracks.lock().unwrap().clone();
-    let mut track = None;
-    for t in remote_tracks {
-        if t.kind().await == RtpCodecKind::Video {
-            track = Some(t);
-        }
-    }
-    let track = track.expect("bob has alice's video track");
-    let media_ssrc = bob.inbox.lock().unwrap()[&video_id][0].ssrc;
-    track
-        .write_rtcp(vec![Box::new(
-            rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication {
-                sender_ssrc: 0,
-                media_ssrc,
-            },
-        )])
-        .await
-        .unwrap();
+    assert!(
+        bob.request_keyframe(&alice.stream_id).await,
+        "bob has alice's video track"
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while plis.load(Ordering::Relaxed) <= before {
         assert!(

@@ -311,34 +311,65 @@ pub async fn send_h264_and_opus_with(
         if adue <= vdue {
             tokio::time::sleep_until(adue).await;
             let len = enc.encode_float(&pcm(apkt), &mut buf).unwrap();
-            let mut p = rtc::rtp::Packet::default();
-            p.header.version = 2;
-            p.header.payload_type = apt;
-            p.header.ssrc = 0x5252;
-            p.header.sequence_number = aseq;
-            p.header.timestamp = apkt.wrapping_mul(960);
-            p.payload = bytes::Bytes::copy_from_slice(&buf[..len]);
+            let payload = bytes::Bytes::copy_from_slice(&buf[..len]);
+            let p = rtp_packet(apt, 0x5252, aseq, apkt.wrapping_mul(960), false, payload);
             let _ = audio.write_rtp(p).await;
             aseq = aseq.wrapping_add(1);
             apkt += 1;
         } else {
             tokio::time::sleep_until(vdue).await;
-            let mut payloads = Vec::new();
-            weir::codec::h264::packetize(&aus[frame % aus.len()], 1100, &mut payloads);
-            let n = payloads.len();
-            for (i, payload) in payloads.into_iter().enumerate() {
-                let mut p = rtc::rtp::Packet::default();
-                p.header.version = 2;
-                p.header.payload_type = vpt;
-                p.header.ssrc = 0x5151;
-                p.header.sequence_number = vseq;
-                p.header.timestamp = (frame as u32).wrapping_mul(3000);
-                p.header.marker = i + 1 == n;
-                p.payload = payload;
-                let _ = video.write_rtp(p).await;
-                vseq = vseq.wrapping_add(1);
-            }
+            let ts = (frame as u32).wrapping_mul(3000);
+            write_access_unit(
+                &video,
+                (vpt, 0x5151),
+                &mut vseq,
+                ts,
+                &aus[frame % aus.len()],
+            )
+            .await;
             frame += 1;
         }
+    }
+}
+
+/// One RTP packet (version 2, no header extensions).
+pub fn rtp_packet(
+    pt: u8,
+    ssrc: u32,
+    seq: u16,
+    ts: u32,
+    marker: bool,
+    payload: bytes::Bytes,
+) -> rtc::rtp::Packet {
+    let mut p = rtc::rtp::Packet::default();
+    p.header.version = 2;
+    p.header.payload_type = pt;
+    p.header.ssrc = ssrc;
+    p.header.sequence_number = seq;
+    p.header.timestamp = ts;
+    p.header.marker = marker;
+    p.payload = payload;
+    p
+}
+
+/// Writes one H.264 access unit (`nalus`) on `track` as RTP (RFC 6184, payloads of at
+/// most 1,100 bytes, the marker on the last) with `(payload type, SSRC)`, numbering
+/// from `seq`, which it advances.
+pub async fn write_access_unit(
+    track: &webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP,
+    (pt, ssrc): (u8, u32),
+    seq: &mut u16,
+    ts: u32,
+    nalus: &[bytes::Bytes],
+) {
+    use webrtc::media_stream::track_local::TrackLocal;
+    let mut payloads = Vec::new();
+    weir::codec::h264::packetize(nalus, 1100, &mut payloads);
+    let n = payloads.len();
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let _ = track
+            .write_rtp(rtp_packet(pt, ssrc, *seq, ts, i + 1 == n, payload))
+            .await;
+        *seq = seq.wrapping_add(1);
     }
 }
