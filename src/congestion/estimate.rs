@@ -1,9 +1,9 @@
 //! The bandwidth estimate of one subscriber connection.
 //!
-//! webrtc-rs's `CongestionControlInterceptor` sits wire-most in the subscriber
-//! connection's chain: it records every packet that leaves and resolves the
-//! subscriber's transport-wide CC feedback into [`PacketReport`]s. It drives a
-//! [`BandwidthEstimator`], which is this type. We wrap the library's GCC (delay
+//! The subscriber connection's send side (`media::send_side`) numbers and records
+//! every packet that leaves and resolves the subscriber's transport-wide CC feedback
+//! into [`PacketReport`]s, as webrtc-rs's congestion-control interceptor does. It
+//! drives a [`BandwidthEstimator`], which is this type. We wrap the library's GCC (delay
 //! trendline + AIMD, loss controller) and add what an SFU's allocator needs and GCC
 //! does not say:
 //!
@@ -178,10 +178,11 @@ pub struct Snapshot {
 const COVERAGE_KEPT: usize = 128;
 
 /// The transport-wide sequence numbers the subscriber's *received* feedback spoke of:
-/// `(base, count)` of each TWCC feedback, recorded by the connection's coverage tap,
-/// which reads inbound RTCP before the congestion-control interceptor does.
+/// `(base, count)` of each TWCC feedback, recorded by the connection's send side
+/// before it resolves that feedback against its history.
 ///
-/// Why: webrtc-rs's feedback history reports every packet no feedback mentioned as
+/// Why: the feedback history (webrtc-rs's, and the send side's, which keeps its
+/// semantics) reports every packet no feedback mentioned as
 /// lost once a later one is acknowledged, so a lost *feedback* packet reads as the loss
 /// of every packet it covered. On a path losing 5 % both ways that doubled the loss GCC
 /// saw, past its 10 % threshold, and a subscriber's video was paused on a link with
@@ -244,7 +245,7 @@ impl SharedEstimator {
         s.path_since = Some(None);
     }
 
-    /// What the connection's coverage tap records into.
+    /// What the connection's send side records feedback coverage into.
     pub fn coverage(&self) -> FeedbackCoverage {
         self.1.clone()
     }

@@ -21,6 +21,7 @@ mod mirror;
 mod nack_guard;
 mod peer;
 pub mod plane;
+mod send_side;
 mod tcp;
 pub mod upstream;
 

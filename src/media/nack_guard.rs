@@ -4,8 +4,9 @@
 //! often the same packet is asked for. A receiver whose NACK generator never learns
 //! that a retransmission arrived (measured: a webrtc-rs client with RTX asked for the
 //! same three packets ~29 times a second for ten seconds, ~240 kbit/s of repeats) then
-//! fills its own bottleneck and loses the audio sharing it. This interceptor sits
-//! wire-ward of the responder on the read path and removes, from each NACK, packets
+//! fills its own bottleneck and loses the audio sharing it. The subscriber
+//! connection's send side (`send_side`) runs every inbound RTCP packet through this
+//! guard before it answers NACKs from its packet cache; the guard removes, from each NACK, packets
 //! already retransmitted [`MAX_RETRANSMISSIONS`] times or less than [`MIN_INTERVAL`]
 //! ago; a NACK left with nothing is dropped. Memory is bounded by [`MAX_TRACKED`]
 //! requests, and the sizes of sent packets by `SIZE_RING` per SSRC for at most
@@ -40,12 +41,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
     nack_pairs_from_sequence_numbers, TransportLayerNack,
 };
-use rtc::sansio::Protocol;
-use rtc::shared::error::Error as RtcError;
 
 pub const MAX_RETRANSMISSIONS: u8 = 3;
 /// Less than a round trip on most paths is a duplicate request, not a new loss.
@@ -54,9 +52,6 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_TRACKED: usize = 4096;
 /// A packet not asked for in this long is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(2);
-
-/// Where the guard goes: between the pacer (3 000) and the NACK responder (4 000).
-pub const NACK_GUARD_SLOT: usize = 3_500;
 
 /// A connection's paused downtracks (by SSRC), and for each downtrack ever paused the
 /// last sequence number sent before that pause. Shared with its guard.
@@ -145,8 +140,6 @@ pub struct NackGuard {
     /// Per packet: retransmissions granted, the last grant, the last request.
     asked: HashMap<(u32, u16), (u8, Instant, Instant)>,
     order: VecDeque<((u32, u16), Instant)>,
-    reads: VecDeque<TaggedPacket>,
-    writes: VecDeque<TaggedPacket>,
     suppressed: Option<prometheus::IntCounter>,
 }
 
@@ -247,95 +240,71 @@ fn ring_slot(seq: u16) -> usize {
     usize::from(seq) % SIZE_RING
 }
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for NackGuard {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = RtcError;
-    type Time = Instant;
-
-    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
-        let now = msg.now;
-        if let Packet::Rtcp(packets) = &mut msg.message.packet {
-            let mut changed = false;
-            let mut kept: Vec<Box<dyn rtc::rtcp::Packet>> = Vec::with_capacity(packets.len());
-            for p in packets.drain(..) {
-                let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>() else {
-                    kept.push(p);
-                    continue;
-                };
-                let seqs: Vec<u16> = nack.nacks.iter().flat_map(|n| n.packet_list()).collect();
-                let allowed = self.allow(nack.media_ssrc, seqs.clone(), now);
-                if allowed.len() == seqs.len() {
-                    kept.push(p);
-                    continue;
-                }
-                changed = true;
-                if !allowed.is_empty() {
-                    kept.push(Box::new(TransportLayerNack {
-                        sender_ssrc: nack.sender_ssrc,
-                        media_ssrc: nack.media_ssrc,
-                        nacks: nack_pairs_from_sequence_numbers(&allowed),
-                    }));
-                }
+impl NackGuard {
+    /// Takes out of `packets` what may not be retransmitted now (NACKs for paused
+    /// downtracks, padding, packets resent often or lately enough, over the budget).
+    /// False if they held only NACKs and nothing is left worth passing on.
+    pub fn filter(&mut self, packets: &mut Vec<Box<dyn rtc::rtcp::Packet>>, now: Instant) -> bool {
+        if !packets
+            .iter()
+            .any(|p| p.as_any().downcast_ref::<TransportLayerNack>().is_some())
+        {
+            return true;
+        }
+        let mut changed = false;
+        let mut kept: Vec<Box<dyn rtc::rtcp::Packet>> = Vec::with_capacity(packets.len());
+        for p in packets.drain(..) {
+            let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>() else {
+                kept.push(p);
+                continue;
+            };
+            let seqs: Vec<u16> = nack.nacks.iter().flat_map(|n| n.packet_list()).collect();
+            let allowed = self.allow(nack.media_ssrc, seqs.clone(), now);
+            if allowed.len() == seqs.len() {
+                kept.push(p);
+                continue;
             }
-            *packets = kept;
-            if changed && packets.is_empty() {
-                return Ok(()); // nothing left worth passing on
+            changed = true;
+            if !allowed.is_empty() {
+                kept.push(Box::new(TransportLayerNack {
+                    sender_ssrc: nack.sender_ssrc,
+                    media_ssrc: nack.media_ssrc,
+                    nacks: nack_pairs_from_sequence_numbers(&allowed),
+                }));
             }
         }
-        self.reads.push_back(msg);
-        Ok(())
+        *packets = kept;
+        !(changed && packets.is_empty())
     }
-    fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.reads.pop_front()
-    }
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
-        if let Packet::Rtp(p) = &msg.message.packet {
-            let size =
-                rtc::shared::marshal::MarshalSize::marshal_size(p).clamp(1, usize::from(u16::MAX));
-            let slot = ring_slot(p.header.sequence_number);
-            if let Some(ring) = self.sizes.get_mut(&p.header.ssrc) {
-                ring[slot] = size as u16;
-            } else {
-                if self.sizes.len() >= MAX_SIZED_SSRCS {
-                    self.sizes.clear();
-                }
-                let mut ring = Box::new([0; SIZE_RING]);
-                ring[slot] = size as u16;
-                self.sizes.insert(p.header.ssrc, ring);
+
+    /// Notes a packet leaving: its size (what resending it costs), and whether it is
+    /// padding (never resent).
+    pub fn sent(&mut self, p: &rtc::rtp::Packet) {
+        let size =
+            rtc::shared::marshal::MarshalSize::marshal_size(p).clamp(1, usize::from(u16::MAX));
+        let slot = ring_slot(p.header.sequence_number);
+        if let Some(ring) = self.sizes.get_mut(&p.header.ssrc) {
+            ring[slot] = size as u16;
+        } else {
+            if self.sizes.len() >= MAX_SIZED_SSRCS {
+                self.sizes.clear();
             }
-            if p.header.padding && p.payload.is_empty() {
-                let key = (p.header.ssrc, p.header.sequence_number);
-                if self.padding.insert(key) {
-                    self.padding_order.push_back(key);
-                    if self.padding_order.len() > MAX_PADDING {
-                        if let Some(old) = self.padding_order.pop_front() {
-                            self.padding.remove(&old);
-                        }
+            let mut ring = Box::new([0; SIZE_RING]);
+            ring[slot] = size as u16;
+            self.sizes.insert(p.header.ssrc, ring);
+        }
+        if p.header.padding && p.payload.is_empty() {
+            let key = (p.header.ssrc, p.header.sequence_number);
+            if self.padding.insert(key) {
+                self.padding_order.push_back(key);
+                if self.padding_order.len() > MAX_PADDING {
+                    if let Some(old) = self.padding_order.pop_front() {
+                        self.padding.remove(&old);
                     }
                 }
             }
         }
-        self.writes.push_back(msg);
-        Ok(())
     }
-    fn poll_write(&mut self) -> Option<TaggedPacket> {
-        self.writes.pop_front()
-    }
-    fn handle_timeout(&mut self, _now: Instant) -> Result<(), RtcError> {
-        Ok(())
-    }
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        None
-    }
-}
-
-impl Interceptor for NackGuard {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
 #[cfg(test)]
@@ -380,13 +349,7 @@ mod tests {
         p.header.ssrc = 5;
         p.header.sequence_number = 10;
         p.header.padding = true;
-        g.handle_write(TaggedPacket {
-            now: t0,
-            transport: Default::default(),
-            message: Packet::Rtp(p).into(),
-        })
-        .unwrap();
-        assert!(g.poll_write().is_some(), "padding still leaves");
+        g.sent(&p);
         assert_eq!(g.allow(5, vec![9, 10, 11], t0), vec![9, 11]);
     }
 

@@ -27,7 +27,6 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
-use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -478,6 +477,41 @@ impl RtcpTap {
             sender_reports,
         }
     }
+
+    /// Counts NACKs, stamps liveness, and marks what the application must see.
+    pub(super) fn inspect(&self, msg: &mut TaggedPacket) {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            if let Some(h) = &self.heard {
+                h.at(msg.now);
+            }
+            if let Some((nacks, nacked_packets)) = &self.counters {
+                for nack in packets
+                    .iter()
+                    .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
+                {
+                    nacks.inc();
+                    let lost: u32 = nack
+                        .nacks
+                        .iter()
+                        .map(|p| 1 + p.lost_packets.count_ones())
+                        .sum();
+                    nacked_packets.inc_by(u64::from(lost));
+                }
+            }
+            let wanted = packets.iter().any(|p| {
+                p.as_any().downcast_ref::<PictureLossIndication>().is_some()
+                    || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
+                    || (self.sender_reports && p.as_any().downcast_ref::<SenderReport>().is_some())
+                    || p.as_any()
+                        .downcast_ref::<ReceiverEstimatedMaximumBitrate>()
+                        .is_some()
+                    || p.as_any().downcast_ref::<ReceiverReport>().is_some()
+            });
+            if wanted {
+                msg.message.add(Attribute::DeliverToApplication);
+            }
+        }
+    }
 }
 
 /// When a connection last heard from its peer, shared by the connection and its
@@ -569,37 +603,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpTap {
     type Time = Instant;
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
-        if let Packet::Rtcp(packets) = &msg.message.packet {
-            if let Some(h) = &self.heard {
-                h.at(msg.now);
-            }
-            if let Some((nacks, nacked_packets)) = &self.counters {
-                for nack in packets
-                    .iter()
-                    .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
-                {
-                    nacks.inc();
-                    let lost: u32 = nack
-                        .nacks
-                        .iter()
-                        .map(|p| 1 + p.lost_packets.count_ones())
-                        .sum();
-                    nacked_packets.inc_by(u64::from(lost));
-                }
-            }
-            let wanted = packets.iter().any(|p| {
-                p.as_any().downcast_ref::<PictureLossIndication>().is_some()
-                    || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
-                    || (self.sender_reports && p.as_any().downcast_ref::<SenderReport>().is_some())
-                    || p.as_any()
-                        .downcast_ref::<ReceiverEstimatedMaximumBitrate>()
-                        .is_some()
-                    || p.as_any().downcast_ref::<ReceiverReport>().is_some()
-            });
-            if wanted {
-                msg.message.add(Attribute::DeliverToApplication);
-            }
-        }
+        self.inspect(&mut msg);
         self.reads.push_back(msg);
         Ok(())
     }
@@ -622,74 +626,6 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpTap {
 }
 
 impl Interceptor for RtcpTap {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
-}
-
-/// The slot of the feedback coverage tap: below the congestion-control interceptor
-/// (1_000), so inbound feedback reaches it first (the read walk starts wire-most).
-pub const FEEDBACK_COVERAGE_SLOT: usize = 500;
-
-/// Records which transport-wide sequence numbers each received TWCC feedback covers,
-/// so the estimator can tell a lost packet from a lost feedback
-/// ([`crate::congestion::estimate::FeedbackCoverage`]). Passes everything on.
-pub struct FeedbackCoverageTap {
-    coverage: crate::congestion::estimate::FeedbackCoverage,
-    reads: VecDeque<TaggedPacket>,
-    writes: VecDeque<TaggedPacket>,
-}
-
-impl FeedbackCoverageTap {
-    pub fn new(coverage: crate::congestion::estimate::FeedbackCoverage) -> Self {
-        Self {
-            coverage,
-            reads: VecDeque::new(),
-            writes: VecDeque::new(),
-        }
-    }
-}
-
-impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackCoverageTap {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = RtcError;
-    type Time = Instant;
-
-    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
-        if let Packet::Rtcp(packets) = &msg.message.packet {
-            for cc in packets
-                .iter()
-                .filter_map(|p| p.as_any().downcast_ref::<TransportLayerCc>())
-            {
-                self.coverage
-                    .record(cc.base_sequence_number, cc.packet_status_count);
-            }
-        }
-        self.reads.push_back(msg);
-        Ok(())
-    }
-    fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.reads.pop_front()
-    }
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
-        self.writes.push_back(msg);
-        Ok(())
-    }
-    fn poll_write(&mut self) -> Option<TaggedPacket> {
-        self.writes.pop_front()
-    }
-    fn handle_timeout(&mut self, _now: Instant) -> Result<(), RtcError> {
-        Ok(())
-    }
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        None
-    }
-}
-
-impl Interceptor for FeedbackCoverageTap {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
@@ -739,34 +675,12 @@ impl Peer {
         let _ = configure_twcc_receiver_only(Registry::new(), &mut media_engine)?;
         // Each connection carries the interceptors of its own direction only: every
         // packet is moved through every interceptor of the chain (a copy in and out of
-        // each one's queue; a third of the forwarding cost in `perf`), so a subscriber
-        // connection, which only sends media, has no NACK generator, receiver-report
-        // generator or TWCC receiver, and a publisher connection, which only receives
-        // it, no NACK responder. No SR generator on either: a subscriber's SRs must
-        // come from the publisher's clock (Chrome lip-syncs from them), and we write
-        // those ourselves; two SR sources would contradict each other.
-        let registry = Registry::new().with(Slot::from(RTCP_TAP_SLOT), tap);
-        let registry = match key.1 {
-            Target::Publisher | Target::Screen => with_receiving_interceptors(registry),
-            Target::Subscriber => registry
-                .with(
-                    Slot::from(super::nack_guard::NACK_GUARD_SLOT),
-                    super::nack_guard::NackGuard::new(
-                        Some(metrics.nacks.with_label_values(&["packets_suppressed"])),
-                        paused_ssrcs.clone(),
-                        rtx_budget.clone(),
-                    ),
-                )
-                .with(
-                    Slot::NackResponder,
-                    rtc::interceptor::NackResponderBuilder::new().build(),
-                ),
-        };
-        // Subscriber connections estimate their downlink from the subscriber's
-        // transport-wide CC feedback: every packet leaving is numbered (TWCC sender)
-        // and recorded wire-most (the congestion-control interceptor), which drives our
-        // estimator. No pacer: a pacing queue per subscriber would hold media back;
-        // the allocator lowers what is sent instead.
+        // each one's queue). No SR generator on either: a subscriber's SRs must come
+        // from the publisher's clock (Chrome lip-syncs from them), and we write those
+        // ourselves; two SR sources would contradict each other.
+        // What estimates a subscriber's downlink: its transport-wide CC feedback on
+        // every packet we number. No pacer: a pacing queue per subscriber would hold
+        // media back; the allocator lowers what is sent instead.
         let congestion =
             (key.1 == Target::Subscriber && config.congestion_control).then(|| Congestion {
                 estimator: SharedEstimator::new(5_000_000.0, 50_000.0, 20_000_000.0),
@@ -777,21 +691,26 @@ impl Peer {
                 told: None,
                 sr_sent: VecDeque::new(),
             });
-        let registry = match &congestion {
-            Some(c) => registry
-                .with(
-                    Slot::CongestionControl,
-                    rtc::interceptor::CongestionControlBuilder::new(c.estimator.clone()).build(),
-                )
-                .with(
-                    Slot::TwccSender,
-                    rtc::interceptor::TwccSenderBuilder::new().build(),
-                )
-                .with(
-                    Slot::from(FEEDBACK_COVERAGE_SLOT),
-                    FeedbackCoverageTap::new(c.estimator.coverage()),
+        // A publisher connection only receives: the tap and the receiving interceptors.
+        // A subscriber connection only sends: its whole send side (packet cache and
+        // guarded NACK answers, TWCC numbering, the send history the estimator reads,
+        // the tap) is one interceptor, so a forwarded copy passes one queue, not six.
+        let registry = match key.1 {
+            Target::Publisher | Target::Screen => {
+                with_receiving_interceptors(Registry::new().with(Slot::from(RTCP_TAP_SLOT), tap))
+            }
+            Target::Subscriber => Registry::new().with(
+                Slot::from(super::send_side::SEND_SIDE_SLOT),
+                super::send_side::SendSide::new(
+                    super::nack_guard::NackGuard::new(
+                        Some(metrics.nacks.with_label_values(&["packets_suppressed"])),
+                        paused_ssrcs.clone(),
+                        rtx_budget.clone(),
+                    ),
+                    tap,
+                    congestion.as_ref().map(|c| c.estimator.clone()),
                 ),
-            None => registry,
+            ),
         };
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
