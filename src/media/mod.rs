@@ -50,6 +50,10 @@ use crate::server::control::{ControlCommand, MediaInput};
 
 use peer::{Peer, PeerKey};
 
+/// A map the forwarding path looks up once per copy: keys are ours (session ids,
+/// stream ids a member may hold), hashed with a fast randomly seeded hasher.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Where peers reach us.
 #[derive(Debug, Clone)]
 pub struct MediaConfig {
@@ -90,7 +94,7 @@ pub struct Media {
     tcp: Option<(TcpListener, Arc<crate::limits::Connections>)>,
     tcp_local_addr: Option<SocketAddr>,
     tcp_writers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
-    peers: HashMap<PeerKey, Peer>,
+    peers: FastMap<PeerKey, Peer>,
     by_ufrag: HashMap<String, PeerKey>,
     /// A transport address (UDP or TCP) → the connection it belongs to.
     by_addr: HashMap<(TransportProtocol, SocketAddr), PeerKey>,
@@ -141,7 +145,7 @@ pub struct Media {
     /// Connections given input since the last pump (a datagram, a forwarded packet, a
     /// timer, a report): only these are drained and written, so a datagram costs the
     /// connections it reaches, not all of them.
-    dirty: HashSet<PeerKey>,
+    dirty: HashSet<PeerKey, foldhash::fast::RandomState>,
     /// Every connection is drained on the next pump (after a control input, and on
     /// each congestion tick, which also judges liveness).
     sweep: bool,
@@ -312,7 +316,7 @@ impl Media {
             tcp,
             tcp_local_addr,
             tcp_writers: HashMap::new(),
-            peers: HashMap::new(),
+            peers: FastMap::default(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             allowed: HashMap::new(),
@@ -338,7 +342,7 @@ impl Media {
             layer_sending_since: HashMap::new(),
             placeholder_layers: Default::default(),
             dynacast: HashMap::new(),
-            dirty: HashSet::new(),
+            dirty: HashSet::default(),
             sweep: false,
             timers: Default::default(),
             load,

@@ -9,8 +9,7 @@
 //! guard before it answers NACKs from its packet cache; the guard removes, from each NACK, packets
 //! already retransmitted [`MAX_RETRANSMISSIONS`] times or less than [`MIN_INTERVAL`]
 //! ago; a NACK left with nothing is dropped. Memory is bounded by [`MAX_TRACKED`]
-//! requests, and the sizes of sent packets by `SIZE_RING` per SSRC for at most
-//! `MAX_SIZED_SSRCS` SSRCs.
+//! requests; what a resend costs is the size of the packet the send side cached.
 //!
 //! Requests for a **paused** downtrack are not answered at all: the allocator stopped
 //! it because the link is full, the packets asked for belong to frames that will never
@@ -89,12 +88,6 @@ impl PausedSsrcs {
     }
 }
 
-/// Sent packets whose size is remembered, per SSRC (as many as the NACK responder
-/// keeps to resend).
-const SIZE_RING: usize = 1024;
-/// SSRCs whose sizes are remembered, per connection (past it they start again).
-const MAX_SIZED_SSRCS: usize = 512;
-
 /// Padding packets remembered, per connection.
 const MAX_PADDING: usize = 4096;
 
@@ -130,11 +123,6 @@ pub struct NackGuard {
     /// Bytes that may be retransmitted now, and when they were last refilled.
     tokens: f64,
     refilled: Option<Instant>,
-    /// Sizes of recently sent packets (what resending one costs): per SSRC, a ring
-    /// indexed by sequence number (0: not known). Written for every packet sent, so a
-    /// slot, not a hash map entry inserted and evicted per packet (that was 6 % of the
-    /// media plane's CPU at 150 subscribers).
-    sizes: HashMap<u32, Box<[u16; SIZE_RING]>>,
     padding: HashSet<(u32, u16)>,
     padding_order: VecDeque<(u32, u16)>,
     /// Per packet: retransmissions granted, the last grant, the last request.
@@ -184,7 +172,15 @@ impl NackGuard {
     }
 
     /// The sequence numbers of `seqs` that may be retransmitted now.
-    fn allow(&mut self, ssrc: u32, seqs: Vec<u16>, now: Instant) -> Vec<u16> {
+    /// `size`: what the packet with a sequence number of this SSRC takes to resend, if
+    /// it is known.
+    fn allow(
+        &mut self,
+        ssrc: u32,
+        seqs: Vec<u16>,
+        now: Instant,
+        size: &dyn Fn(u16) -> Option<usize>,
+    ) -> Vec<u16> {
         let (paused, fence) = self.paused.state(ssrc);
         if paused {
             self.suppress(seqs.len());
@@ -216,10 +212,7 @@ impl NackGuard {
             // Asked again: remembered for another FORGET_AFTER from now.
             self.asked.get_mut(&key).expect("just inserted").2 = now;
             self.order.push_back((key, now));
-            let bytes = match self.sizes.get(&ssrc).map(|r| r[ring_slot(seq)]) {
-                Some(b) if b > 0 => u64::from(b),
-                _ => RTX_DEFAULT_BYTES,
-            };
+            let bytes = size(seq).map_or(RTX_DEFAULT_BYTES, |b| b as u64);
             if count >= MAX_RETRANSMISSIONS
                 || (count > 0 && now.saturating_duration_since(last) < MIN_INTERVAL)
                 || !self.afford(bytes, now)
@@ -236,15 +229,17 @@ impl NackGuard {
     }
 }
 
-fn ring_slot(seq: u16) -> usize {
-    usize::from(seq) % SIZE_RING
-}
-
 impl NackGuard {
     /// Takes out of `packets` what may not be retransmitted now (NACKs for paused
     /// downtracks, padding, packets resent often or lately enough, over the budget).
     /// False if they held only NACKs and nothing is left worth passing on.
-    pub fn filter(&mut self, packets: &mut Vec<Box<dyn rtc::rtcp::Packet>>, now: Instant) -> bool {
+    /// `size`: what resending a packet (SSRC, sequence number) takes, if known.
+    pub fn filter(
+        &mut self,
+        packets: &mut Vec<Box<dyn rtc::rtcp::Packet>>,
+        now: Instant,
+        size: &dyn Fn(u32, u16) -> Option<usize>,
+    ) -> bool {
         if !packets
             .iter()
             .any(|p| p.as_any().downcast_ref::<TransportLayerNack>().is_some())
@@ -259,7 +254,8 @@ impl NackGuard {
                 continue;
             };
             let seqs: Vec<u16> = nack.nacks.iter().flat_map(|n| n.packet_list()).collect();
-            let allowed = self.allow(nack.media_ssrc, seqs.clone(), now);
+            let ssrc = nack.media_ssrc;
+            let allowed = self.allow(ssrc, seqs.clone(), now, &|seq| size(ssrc, seq));
             if allowed.len() == seqs.len() {
                 kept.push(p);
                 continue;
@@ -277,30 +273,14 @@ impl NackGuard {
         !(changed && packets.is_empty())
     }
 
-    /// Notes a packet leaving: its size (what resending it costs), and whether it is
-    /// padding (never resent).
-    pub fn sent(&mut self, p: &rtc::rtp::Packet) {
-        let size =
-            rtc::shared::marshal::MarshalSize::marshal_size(p).clamp(1, usize::from(u16::MAX));
-        let slot = ring_slot(p.header.sequence_number);
-        if let Some(ring) = self.sizes.get_mut(&p.header.ssrc) {
-            ring[slot] = size as u16;
-        } else {
-            if self.sizes.len() >= MAX_SIZED_SSRCS {
-                self.sizes.clear();
-            }
-            let mut ring = Box::new([0; SIZE_RING]);
-            ring[slot] = size as u16;
-            self.sizes.insert(p.header.ssrc, ring);
-        }
-        if p.header.padding && p.payload.is_empty() {
-            let key = (p.header.ssrc, p.header.sequence_number);
-            if self.padding.insert(key) {
-                self.padding_order.push_back(key);
-                if self.padding_order.len() > MAX_PADDING {
-                    if let Some(old) = self.padding_order.pop_front() {
-                        self.padding.remove(&old);
-                    }
+    /// Notes a padding-only packet leaving (never resent).
+    pub fn padding_sent(&mut self, ssrc: u32, sequence_number: u16) {
+        let key = (ssrc, sequence_number);
+        if self.padding.insert(key) {
+            self.padding_order.push_back(key);
+            if self.padding_order.len() > MAX_PADDING {
+                if let Some(old) = self.padding_order.pop_front() {
+                    self.padding.remove(&old);
                 }
             }
         }
@@ -323,7 +303,7 @@ mod tests {
         let mut granted = Vec::new();
         for i in 0..34u64 {
             let now = t0 + Duration::from_millis(i * 30);
-            if !g.allow(1, vec![7], now).is_empty() {
+            if !g.allow(1, vec![7], now, &|_| None).is_empty() {
                 granted.push(i * 30);
             }
         }
@@ -333,8 +313,8 @@ mod tests {
             "{granted:?}"
         );
         // Another packet, and the same number on another stream, are not affected.
-        assert_eq!(g.allow(1, vec![8], t0), vec![8]);
-        assert_eq!(g.allow(2, vec![7], t0), vec![7]);
+        assert_eq!(g.allow(1, vec![8], t0, &|_| None), vec![8]);
+        assert_eq!(g.allow(2, vec![7], t0, &|_| None), vec![7]);
     }
 
     #[test]
@@ -345,12 +325,8 @@ mod tests {
             RetransmissionBudget::default(),
         );
         let t0 = Instant::now();
-        let mut p = rtc::rtp::Packet::default();
-        p.header.ssrc = 5;
-        p.header.sequence_number = 10;
-        p.header.padding = true;
-        g.sent(&p);
-        assert_eq!(g.allow(5, vec![9, 10, 11], t0), vec![9, 11]);
+        g.padding_sent(5, 10);
+        assert_eq!(g.allow(5, vec![9, 10, 11], t0, &|_| None), vec![9, 11]);
     }
 
     #[test]
@@ -359,11 +335,11 @@ mod tests {
         let mut g = NackGuard::new(None, paused.clone(), RetransmissionBudget::default());
         let t0 = Instant::now();
         paused.set(5, true, Some(2));
-        assert!(g.allow(5, vec![1, 2, 3], t0).is_empty());
-        assert_eq!(g.allow(6, vec![1], t0), vec![1]);
+        assert!(g.allow(5, vec![1, 2, 3], t0, &|_| None).is_empty());
+        assert_eq!(g.allow(6, vec![1], t0, &|_| None), vec![1]);
         paused.set(5, false, None);
         // After the resume, what was sent before the pause stays unanswered.
-        assert_eq!(g.allow(5, vec![1, 2, 3, 4], t0), vec![3, 4]);
+        assert_eq!(g.allow(5, vec![1, 2, 3, 4], t0, &|_| None), vec![3, 4]);
     }
 
     #[test]
@@ -372,20 +348,25 @@ mod tests {
         let mut g = NackGuard::new(None, PausedSsrcs::default(), budget.clone());
         let t0 = Instant::now();
         // No estimate: as many as asked for.
-        assert_eq!(g.allow(1, (0..100).collect(), t0).len(), 100);
+        assert_eq!(g.allow(1, (0..100).collect(), t0, &|_| None).len(), 100);
         // 800 kbit/s: 50 kB/s for retransmissions, 25 kB at once; 1 200 B a packet.
         budget.set_estimate(Some(800_000.0));
-        let burst = g.allow(2, (0..100).collect(), t0).len();
+        let burst = g.allow(2, (0..100).collect(), t0, &|_| None).len();
         assert_eq!(burst, 20, "{burst}");
         // A second later, the bucket is full again (25 kB: its depth), no more.
         let later = g
-            .allow(2, (100..200).collect(), t0 + Duration::from_secs(1))
+            .allow(
+                2,
+                (100..200).collect(),
+                t0 + Duration::from_secs(1),
+                &|_| None,
+            )
             .len();
         assert_eq!(later, 20, "{later}");
         let mut granted = 0;
         for i in 0..100u64 {
             let now = t0 + Duration::from_secs(2) + Duration::from_millis(i * 10);
-            granted += g.allow(3, vec![i as u16], now).len();
+            granted += g.allow(3, vec![i as u16], now, &|_| None).len();
         }
         // One second at 50 kB/s plus the bucket: about 62 packets.
         assert!((55..=65).contains(&granted), "{granted}");
@@ -404,13 +385,13 @@ mod tests {
         // for ten seconds.
         for i in 0..300u64 {
             granted += g
-                .allow(1, vec![7], t0 + Duration::from_millis(i * 33))
+                .allow(1, vec![7], t0 + Duration::from_millis(i * 33), &|_| None)
                 .len();
         }
         assert_eq!(granted, MAX_RETRANSMISSIONS as usize);
         // Forgotten once nobody asks for it any more.
         let later = t0 + Duration::from_secs(10) + FORGET_AFTER * 2;
-        g.allow(2, vec![1], later);
+        g.allow(2, vec![1], later, &|_| None);
         assert!(!g.asked.contains_key(&(1, 7)));
     }
 
@@ -423,7 +404,12 @@ mod tests {
         );
         let t0 = Instant::now();
         for i in 0..20_000u32 {
-            g.allow(i, vec![1, 2, 3], t0 + Duration::from_micros(u64::from(i)));
+            g.allow(
+                i,
+                vec![1, 2, 3],
+                t0 + Duration::from_micros(u64::from(i)),
+                &|_| None,
+            );
         }
         assert!(g.asked.len() <= MAX_TRACKED + 3, "{}", g.asked.len());
         assert!(g.order.len() <= MAX_TRACKED + 3);

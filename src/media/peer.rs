@@ -203,7 +203,7 @@ pub struct Peer {
     pub ufrags: Vec<String>,
     pub addrs: Vec<(rtc::shared::TransportProtocol, SocketAddr)>,
     uptracks: HashMap<String, Uptrack>,
-    downtracks: HashMap<(String, Kind), Downtrack>,
+    downtracks: super::FastMap<(String, Kind), Downtrack>,
     /// DTLS is up: packets written now reach the peer (earlier ones would be dropped).
     connected: bool,
     /// A local offer is waiting for its answer.
@@ -745,7 +745,7 @@ impl Peer {
             ufrags: Vec::new(),
             addrs: Vec::new(),
             uptracks: HashMap::new(),
-            downtracks: HashMap::new(),
+            downtracks: super::FastMap::default(),
             connected: false,
             negotiating: false,
             pending: false,

@@ -79,15 +79,31 @@ struct Stream {
 }
 
 impl Stream {
+    /// Keeps a packet for resending: its header without extensions (a resent copy
+    /// is numbered anew; on RTX it never carried them) and its payload (shared).
     fn cache(&mut self, packet: &rtc::rtp::Packet) {
         let Some(cache) = self.cache.as_mut() else {
             return;
         };
-        let seq = packet.header.sequence_number;
+        let h = &packet.header;
+        let seq = h.sequence_number;
         if self.highest.is_none_or(|h| seq.wrapping_sub(h) < 0x8000) {
             self.highest = Some(seq);
         }
-        cache[usize::from(seq) % CACHE] = Some(packet.clone());
+        cache[usize::from(seq) % CACHE] = Some(rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: h.version,
+                padding: h.padding,
+                marker: h.marker,
+                payload_type: h.payload_type,
+                sequence_number: seq,
+                timestamp: h.timestamp,
+                ssrc: h.ssrc,
+                csrc: h.csrc.clone(),
+                ..Default::default()
+            },
+            payload: packet.payload.clone(),
+        });
     }
 
     fn cached(&self, seq: u16) -> Option<&rtc::rtp::Packet> {
@@ -236,7 +252,10 @@ impl SendSide {
                 }
                 None => None,
             };
-            self.guard.sent(p);
+            if p.header.padding && p.payload.is_empty() {
+                self.guard
+                    .padding_sent(p.header.ssrc, p.header.sequence_number);
+            }
             if let Some(id) = twcc {
                 let n = self.next_twcc;
                 self.next_twcc = n.wrapping_add(1);
@@ -346,7 +365,12 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SendSide {
         let now = msg.now;
         if let Packet::Rtcp(packets) = &mut msg.message.packet {
             self.feedback(now, packets);
-            if !self.guard.filter(packets, now) {
+            let streams = &self.streams;
+            let size = |ssrc: u32, seq: u16| {
+                let s = streams.iter().find(|s| s.ssrc == ssrc)?;
+                Some(s.cached(seq)?.marshal_size())
+            };
+            if !self.guard.filter(packets, now, &size) {
                 return Ok(()); // only NACKs, none worth answering
             }
             let packets = std::mem::take(packets);
@@ -600,6 +624,27 @@ mod tests {
             s.poll_read().is_none(),
             "a NACK left with nothing is dropped"
         );
+    }
+
+    #[test]
+    fn the_retransmission_budget_charges_each_resend_its_cached_size() {
+        let budget = super::super::nack_guard::RetransmissionBudget::default();
+        let mut s = SendSide::new(
+            NackGuard::new(None, Default::default(), budget.clone()),
+            RtcpTap::new(false),
+            None,
+        );
+        s.bind_local_stream(&info(10, None));
+        for seq in 0..300 {
+            s.handle_write(rtp(10, seq)).unwrap();
+        }
+        written(&mut s);
+        // 800 kbit/s: a 25 kB bucket. Packets of 112 bytes: 223 of them, where the
+        // 1,200 bytes charged for a packet of unknown size would allow 20.
+        budget.set_estimate(Some(800_000.0));
+        s.handle_read(nack(10, &(0..300).collect::<Vec<_>>()))
+            .unwrap();
+        assert_eq!(written(&mut s).len(), 25_000 / 112);
     }
 
     /// The history reports exactly what webrtc-rs's `History` (which the chain's
