@@ -30,6 +30,7 @@ pub use forward::{codec_compatible, keyframe_dimensions, kind_label, starts_keyf
 pub use nack_guard::{NackGuard, PausedSsrcs, RetransmissionBudget};
 pub use peer::{offered_send_kinds, RtcpTap, RTCP_TAP_SLOT};
 pub use plane::{MediaPlane, Wiring};
+pub use send_side::SendSide;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
