@@ -23,9 +23,14 @@
 //! - streams are found by SSRC in a short vector (a subscriber has a few per publisher
 //!   it watches).
 //!
-//! Behaviour is the chain's, step for step (what a retransmission carries, which packets
-//! are numbered, when the estimator hears what); `tests/congestion.rs`, `sfu_media` and
-//! `simulcast` exercise it end to end, the unit tests below piece by piece.
+//! Behaviour is the chain's, step for step (which packets are numbered, when the
+//! estimator hears what, what an RTX resend carries), with two deliberate differences:
+//! a packet of a stream without the TWCC extension is not put in the history (no
+//! TWCC feedback can name it, so webrtc-rs's history reported it lost at the next
+//! batch; no stream of ours lacks the extension), and a resent packet on the media
+//! SSRC carries only its new TWCC number, not the original's other header extensions
+//! (as an RTX resend never did). `tests/congestion.rs`, `sfu_media` and `simulcast`
+//! exercise it end to end, the unit tests below piece by piece.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
