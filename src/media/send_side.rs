@@ -27,9 +27,9 @@
 //! estimator hears what, what an RTX resend carries), with two deliberate differences:
 //! a packet of a stream without the TWCC extension is not put in the history (no
 //! TWCC feedback can name it, so webrtc-rs's history reported it lost at the next
-//! batch; no stream of ours lacks the extension), and a resent packet on the media
-//! SSRC carries only its new TWCC number, not the original's other header extensions
-//! (as an RTX resend never did). `tests/congestion.rs`, `sfu_media` and `simulcast`
+//! batch; we offer it on audio and video, but a client may answer without it), and a
+//! resent packet on the media SSRC carries only its new TWCC number, not the
+//! original's other header extensions (as an RTX resend never did). `tests/congestion.rs`, `sfu_media` and `simulcast`
 //! exercise it end to end, the unit tests below piece by piece.
 
 use std::collections::VecDeque;
