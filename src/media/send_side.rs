@@ -475,6 +475,26 @@ mod tests {
         )
     }
 
+    /// Without congestion control, with the guard's shared state given, and with
+    /// packets `seqs` sent on SSRC 10 (NACK and TWCC negotiated, no RTX).
+    fn guarded(
+        paused: super::super::nack_guard::PausedSsrcs,
+        budget: super::super::nack_guard::RetransmissionBudget,
+        seqs: std::ops::Range<u16>,
+    ) -> SendSide {
+        let mut s = SendSide::new(
+            NackGuard::new(None, paused, budget),
+            RtcpTap::new(false),
+            None,
+        );
+        s.bind_local_stream(&info(10, None));
+        for seq in seqs {
+            s.handle_write(rtp(10, seq)).unwrap();
+        }
+        written(&mut s);
+        s
+    }
+
     fn rtp(ssrc: u32, seq: u16) -> TaggedPacket {
         let mut p = rtc::rtp::Packet::default();
         p.header.version = 2;
@@ -612,16 +632,7 @@ mod tests {
     #[test]
     fn nacks_for_a_paused_downtrack_are_not_answered_nor_passed_on() {
         let paused = super::super::nack_guard::PausedSsrcs::default();
-        let mut s = SendSide::new(
-            NackGuard::new(None, paused.clone(), Default::default()),
-            RtcpTap::new(false),
-            None,
-        );
-        s.bind_local_stream(&info(10, None));
-        for seq in 0..5 {
-            s.handle_write(rtp(10, seq)).unwrap();
-        }
-        written(&mut s);
+        let mut s = guarded(paused.clone(), Default::default(), 0..5);
         paused.set(10, true, Some(4));
         s.handle_read(nack(10, &[1, 2])).unwrap();
         assert!(written(&mut s).is_empty());
@@ -634,16 +645,7 @@ mod tests {
     #[test]
     fn the_retransmission_budget_charges_each_resend_its_cached_size() {
         let budget = super::super::nack_guard::RetransmissionBudget::default();
-        let mut s = SendSide::new(
-            NackGuard::new(None, Default::default(), budget.clone()),
-            RtcpTap::new(false),
-            None,
-        );
-        s.bind_local_stream(&info(10, None));
-        for seq in 0..300 {
-            s.handle_write(rtp(10, seq)).unwrap();
-        }
-        written(&mut s);
+        let mut s = guarded(Default::default(), budget.clone(), 0..300);
         // 800 kbit/s: a 25 kB bucket. Packets of 112 bytes: 223 of them, where the
         // 1,200 bytes charged for a packet of unknown size would allow 20.
         budget.set_estimate(Some(800_000.0));
