@@ -120,6 +120,32 @@ impl Stream {
             .as_ref()
             .filter(|p| p.header.sequence_number == seq)
     }
+
+    /// The copy that resends packet `seq`, if it is cached: on the RTX stream (RFC 4588:
+    /// its own sequence number, the original's first in the payload) or as it was.
+    fn resend(&mut self, seq: u16) -> Option<rtc::rtp::Packet> {
+        let original = self.cached(seq)?;
+        let Some((ssrc, payload_type)) = self.rtx else {
+            return Some(original.clone());
+        };
+        let mut payload = Vec::with_capacity(2 + original.payload.len());
+        payload.extend_from_slice(&seq.to_be_bytes());
+        payload.extend_from_slice(&original.payload);
+        let header = rtc::rtp::header::Header {
+            version: 2,
+            ssrc,
+            payload_type,
+            sequence_number: self.rtx_sequence,
+            timestamp: original.header.timestamp,
+            marker: original.header.marker,
+            ..Default::default()
+        };
+        self.rtx_sequence = self.rtx_sequence.wrapping_add(1);
+        Some(rtc::rtp::Packet {
+            header,
+            payload: payload.into(),
+        })
+    }
 }
 
 /// One packet sent with a transport-wide sequence number, until feedback reports it.
@@ -248,7 +274,7 @@ impl SendSide {
     fn send(&mut self, mut msg: TaggedPacket, cache: bool) {
         if let Packet::Rtp(p) = &mut msg.message.packet {
             let congestion = self.estimator.is_some();
-            let twcc = match self.streams.iter_mut().find(|s| s.ssrc == p.header.ssrc) {
+            let twcc = match self.stream(p.header.ssrc) {
                 Some(s) => {
                     if cache {
                         s.cache(p);
@@ -314,37 +340,16 @@ impl SendSide {
             .iter()
             .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
         {
-            for seq in nack.nacks.iter().flat_map(|n| n.packet_list()) {
-                let Some(stream) = self.stream(nack.media_ssrc) else {
-                    break;
-                };
-                let Some(original) = stream.cached(seq) else {
-                    continue;
-                };
-                let sequence_number = stream.rtx_sequence;
-                let packet = match stream.rtx {
-                    Some((ssrc, payload_type)) => {
-                        let mut payload = Vec::with_capacity(2 + original.payload.len());
-                        payload.extend_from_slice(&seq.to_be_bytes());
-                        payload.extend_from_slice(&original.payload);
-                        rtc::rtp::Packet {
-                            header: rtc::rtp::header::Header {
-                                version: 2,
-                                ssrc,
-                                payload_type,
-                                sequence_number,
-                                timestamp: original.header.timestamp,
-                                marker: original.header.marker,
-                                ..Default::default()
-                            },
-                            payload: payload.into(),
-                        }
-                    }
-                    None => original.clone(),
-                };
-                if stream.rtx.is_some() {
-                    stream.rtx_sequence = sequence_number.wrapping_add(1);
-                }
+            let Some(stream) = self.stream(nack.media_ssrc) else {
+                continue;
+            };
+            let resends: Vec<_> = nack
+                .nacks
+                .iter()
+                .flat_map(|n| n.packet_list())
+                .filter_map(|seq| stream.resend(seq))
+                .collect();
+            for packet in resends {
                 self.send(
                     TaggedPacket {
                         now,
