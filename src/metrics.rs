@@ -82,6 +82,10 @@ pub struct Metrics {
     pub sender_reports: prometheus::IntCounter,
     /// Arrival of a publisher's packet to its send to a subscriber.
     pub forward_latency: Histogram,
+    /// System calls that sent forwarded copies (several equal datagrams to one address
+    /// go in one with UDP GSO), and copies the socket refused (its buffer full).
+    pub udp_send_calls: prometheus::IntCounter,
+    pub udp_send_drops: prometheus::IntCounter,
     /// RTMP message read → its RTP handed to the kernel, by kind.
     pub bridge_latency: HistogramVec,
     /// Bridged frames by kind and what happened to them.
@@ -312,6 +316,14 @@ impl Metrics {
                 "weir_flv_frames_total",
                 "WebRTC→FLV conversion: frames by kind and outcome (converted, dropped_loss, before_first_keyframe, concealed)",
                 &["kind", "outcome"],
+            ),
+            udp_send_calls: counter(
+                "weir_udp_send_calls_total",
+                "System calls that sent forwarded RTP copies (a run of equal datagrams to one address is one call with UDP GSO)",
+            ),
+            udp_send_drops: counter(
+                "weir_udp_send_drops_total",
+                "Forwarded RTP copies the UDP socket or an ICE-TCP writer refused (buffer or queue full)",
             ),
             tap_drops: counter(
                 "weir_flv_conversion_queue_drops_total",

@@ -229,6 +229,16 @@ async fn push_and_check(audio_rate: u32, channels: u32) {
     ] {
         assert!(metrics.contains(needle), "metrics lack {needle}");
     }
+    // A frame's packets left in runs (UDP GSO: several datagrams per system call),
+    // and arrived as the intact packets decoded above.
+    let copies = common::metric(&metrics, "weir_rtp_packets_total{direction=\"out\"");
+    let calls = common::metric(&metrics, "weir_udp_send_calls_total");
+    eprintln!("{copies} copies forwarded in {calls} system calls");
+    assert!(
+        calls >= 1.0 && calls < copies,
+        "{calls} calls for {copies} copies"
+    );
+    assert_eq!(common::metric(&metrics, "weir_udp_send_drops_total"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

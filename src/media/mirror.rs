@@ -286,6 +286,7 @@ impl Media {
                 }
             }
         }
+        self.flush_sources();
         for source in changed {
             self.sync_subscribers_of(source);
         }
@@ -293,6 +294,9 @@ impl Media {
 
     /// One thing the home sent; the source whose tracks changed.
     fn mirrored(&mut self, m: Mirrored) -> Option<SessionId> {
+        if !matches!(m, Mirrored::Rtp { .. }) {
+            self.flush_sources();
+        }
         match m {
             Mirrored::Track {
                 publisher,

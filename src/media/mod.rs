@@ -23,6 +23,7 @@ mod peer;
 pub mod plane;
 mod send_side;
 mod tcp;
+mod udp_out;
 pub mod upstream;
 
 pub use demux::stun_username;
@@ -91,6 +92,13 @@ const CLIENT_OFFER_WAIT: Duration = Duration::from_secs(1);
 pub struct Media {
     config: MediaConfig,
     socket: Arc<UdpSocket>,
+    /// The socket's sending half for forwarded copies (GSO runs), and the copies of
+    /// one subscriber waiting to go.
+    udp: udp_out::UdpOut,
+    outbox: Vec<TaggedBytesMut>,
+    /// Packets of bridges, relays and mirrors queued during a batch, by track
+    /// (`source_rtp`); empty outside one.
+    sources: Vec<(SessionId, Kind, Vec<Inbound>)>,
     local_addr: SocketAddr,
     tcp: Option<(TcpListener, Arc<crate::limits::Connections>)>,
     tcp_local_addr: Option<SocketAddr>,
@@ -192,6 +200,10 @@ const MAX_UFRAGS: usize = 3;
 
 /// Datagrams read after one that woke the loop, before the connections are pumped.
 const UDP_BATCH: usize = 63;
+
+/// The most packets of a source's track forwarded as one group (a keyframe of a
+/// bridged stream is 40-odd; GSO takes 64 datagrams in a call at most).
+const SOURCE_GROUP_MAX: usize = 64;
 
 /// What woke the media loop.
 enum Wake<'a> {
@@ -310,9 +322,18 @@ impl Media {
         let load = load::Load::new(config.overload_busy_percent, Instant::now());
         // Every worker's ICE-TCP connections share the first worker's listener.
         let tcp_local_addr = tcp_bound.map(|a| candidate_addr(a, &config.announce));
+        let udp = udp_out::UdpOut::new(&socket)?;
+        debug!(
+            worker = crew.index,
+            gso_segments = udp.max_segments(),
+            "UDP sends: datagrams per system call at most"
+        );
         Ok(Self {
             config,
             socket: Arc::new(socket),
+            udp,
+            outbox: Vec::new(),
+            sources: Vec::new(),
             local_addr,
             tcp,
             tcp_local_addr,
@@ -415,6 +436,7 @@ impl Media {
                     while let Ok(more) = bridge_rx.try_recv() {
                         self.bridge_input(more);
                     }
+                    self.flush_sources();
                 }
                 Wake::Udp(res) => {
                     match res {
@@ -1271,6 +1293,7 @@ impl Media {
     /// Drains the connections given input since the last pump (all of them after a
     /// control input or a tick): datagrams out, events, and media to forward.
     async fn pump(&mut self) {
+        self.flush_sources(); // already empty: every batch that queues flushes
         let now = Instant::now();
         let mut forwards = Vec::new();
         let mut keyframe_requests: Vec<String> = Vec::new();
@@ -1318,7 +1341,17 @@ impl Media {
                 opened.push(key.0);
             }
             for (kind, packet, arrived, keyframe) in drained.media {
-                forwards.push((key.0, kind, packet, arrived, keyframe));
+                let inbound = Inbound {
+                    packet,
+                    keyframe,
+                    arrived,
+                };
+                match forwards.iter_mut().find(
+                    |(p, k, _): &&mut (SessionId, Kind, Vec<Inbound>)| (*p, *k) == (key.0, kind),
+                ) {
+                    Some((_, _, group)) => group.push(inbound),
+                    None => forwards.push((key.0, kind, vec![inbound])),
+                }
             }
             for (stream_id, _kind) in drained.keyframe_requests {
                 keyframe_requests.push(stream_id);
@@ -1340,12 +1373,20 @@ impl Media {
                 self.request_keyframe(&stream_id, now, true);
             }
         }
-        for (publisher, kind, packet, arrived, keyframe) in forwards {
+        // Each publisher's packets of one kind go out together, in the order they
+        // came: every subscriber is written all of them at once, and a run of equal
+        // datagrams (a frame's fragments) leaves in one system call. Audio first: a
+        // packet or two per publisher, it never waits behind a burst of video.
+        forwards.sort_by_key(|(_, kind, _)| *kind != Kind::Audio);
+        for (publisher, kind, group) in forwards {
             // Residence: datagram handed to the connection → its last copy sent.
-            if let Some(sent) = self.forward_gated(publisher, kind, packet, keyframe, arrived) {
-                self.metrics
-                    .forward_latency
-                    .observe(sent.saturating_duration_since(arrived).as_secs_f64());
+            if let Some(sent) = self.forward_gated(publisher, kind, &group) {
+                for inbound in &group {
+                    self.metrics.forward_latency.observe(
+                        sent.saturating_duration_since(inbound.arrived)
+                            .as_secs_f64(),
+                    );
+                }
             }
         }
         for (publisher, kind, sr) in sender_reports {
@@ -1432,6 +1473,9 @@ impl Media {
     }
 
     fn bridge_input(&mut self, input: BridgeInput) {
+        if !matches!(input, BridgeInput::Rtp { .. }) {
+            self.flush_sources();
+        }
         // A track or a pusher gone changes subscriptions: every connection is looked at.
         if matches!(input, BridgeInput::Track { .. } | BridgeInput::Gone { .. }) {
             self.sweep = true;
@@ -1498,8 +1542,9 @@ impl Media {
     }
 
     /// One packet of a source that is not a local connection (a bridge, a relay, a
-    /// mirror): its video GOP kept for new subscribers when its keyframes are known
-    /// (`keyframe` Some), and forwarded.
+    /// mirror), queued with the packets before it of the same track (a frame's) to be
+    /// forwarded together when the batch it came in ends (`flush_sources`). A
+    /// keyframe's first packet starts a group of its own.
     fn source_rtp(
         &mut self,
         session: SessionId,
@@ -1508,42 +1553,78 @@ impl Media {
         keyframe: Option<bool>,
         arrived: Instant,
     ) {
-        if keyframe == Some(true) {
+        let inbound = Inbound {
+            packet,
+            keyframe,
+            arrived,
+        };
+        match self.sources.last_mut() {
+            Some((s, k, group))
+                if (*s, *k) == (session, kind)
+                    && keyframe != Some(true)
+                    && group.len() < SOURCE_GROUP_MAX =>
+            {
+                group.push(inbound)
+            }
+            _ => self.sources.push((session, kind, vec![inbound])),
+        }
+    }
+
+    /// Forwards what `source_rtp` queued, in order. Called at the end of every batch
+    /// that may queue (bridge inputs, a mirror batch) and before anything in it that
+    /// is not a packet, so nothing else ever sees a packet waiting.
+    fn flush_sources(&mut self) {
+        for (session, kind, group) in std::mem::take(&mut self.sources) {
+            self.forward_source(session, kind, group);
+        }
+    }
+
+    /// A source's packets of one track: its video GOP kept for new subscribers when
+    /// its keyframes are known (`keyframe` Some; only the first of a group can start
+    /// one), and forwarded.
+    fn forward_source(&mut self, session: SessionId, kind: Kind, group: Vec<Inbound>) {
+        if let Some(first) = group.first().filter(|i| i.keyframe == Some(true)) {
             if let Some(b) = self.bridged.get_mut(&session) {
                 b.gop.clear();
-                b.gop_at = Some(arrived);
+                b.gop_at = Some(first.arrived);
             }
         }
         // Bridged: RTMP message read from the socket → its last RTP copy sent (a
         // mirror's: the home's arrival → its last copy sent here).
-        if let Some(sent) = self.forward_gated(session, kind, packet.clone(), keyframe, arrived) {
-            let residence = sent.saturating_duration_since(arrived).as_secs_f64();
+        if let Some(sent) = self.forward_gated(session, kind, &group) {
             let bridged_source = self
                 .allowed
                 .get(&session)
                 .and_then(|a| self.stream_rooms.get(&a.stream_id))
                 .is_none_or(|sp| sp.rtmp);
-            if bridged_source {
-                self.metrics
-                    .bridge_latency
-                    .with_label_values(&[forward::kind_label(kind)])
-                    .observe(residence);
-            } else {
-                self.metrics.forward_latency.observe(residence);
+            for inbound in &group {
+                let residence = sent
+                    .saturating_duration_since(inbound.arrived)
+                    .as_secs_f64();
+                if bridged_source {
+                    self.metrics
+                        .bridge_latency
+                        .with_label_values(&[forward::kind_label(kind)])
+                        .observe(residence);
+                } else {
+                    self.metrics.forward_latency.observe(residence);
+                }
             }
         }
-        if keyframe.is_some() {
-            if let Some(b) = self
-                .bridged
-                .get_mut(&session)
-                .filter(|b| b.gop_at.is_some())
-            {
-                if b.gop.len() < GOP_MAX_PACKETS {
-                    b.gop.push(packet);
-                } else {
-                    b.gop_at = None; // too long to replay
-                    b.gop.clear();
-                }
+        let Some(b) = self
+            .bridged
+            .get_mut(&session)
+            .filter(|b| b.gop_at.is_some())
+        else {
+            return;
+        };
+        for inbound in group.into_iter().filter(|i| i.keyframe.is_some()) {
+            if b.gop.len() < GOP_MAX_PACKETS {
+                b.gop.push(inbound.packet);
+            } else {
+                b.gop_at = None; // too long to replay
+                b.gop.clear();
+                break;
             }
         }
     }
@@ -1564,7 +1645,9 @@ impl Media {
         }
     }
 
-    /// Forwards one packet to every subscriber of the publisher's stream. With
+    /// Forwards packets of one publisher's track, in order, to every subscriber of
+    /// its stream: each subscriber is written all of them, then sent what they made
+    /// (`udp_out`: equal datagrams to one address in one system call). With
     /// `keyframe` known (bridged video), a subscriber that has had nothing yet starts
     /// at a keyframe: the current GOP replayed if fresh, else the next one. A WebRTC
     /// publisher's packets come with `None` (each downtrack looks), or `Some(false)`
@@ -1573,9 +1656,7 @@ impl Media {
         &mut self,
         publisher: SessionId,
         kind: Kind,
-        packet: rtc::rtp::Packet,
-        keyframe: Option<bool>,
-        arrived: Instant,
+        packets: &[Inbound],
     ) -> Option<Instant> {
         let stream_id = self.allowed.get(&publisher).map(|a| a.stream_id.clone())?;
         let label = forward::kind_label(kind);
@@ -1585,43 +1666,52 @@ impl Media {
             None => (true, false),
             Some(b) => (false, b.mirror_of.is_some()),
         };
-        if !mirror {
-            // Counted once, where it is received.
-            self.metrics
-                .rtp_packets
-                .with_label_values(&["in", label])
-                .inc();
-            self.metrics
-                .rtp_bytes
-                .with_label_values(&["in", label])
-                .inc_by(packet.payload.len() as u64);
-            self.queue_for_mirrors(&stream_id, || mirror::Mirrored::Rtp {
-                publisher,
-                kind,
-                packet: packet.clone(),
-                keyframe,
-                arrived,
-            });
-        }
-        self.rates
-            .entry((stream_id.clone(), kind))
-            .or_default()
-            .add(packet.payload.len() + 12);
-        if kind == Kind::Video && self.stream_layers.contains_key(&stream_id) {
-            self.layer_rates
-                .entry((stream_id.clone(), packet.header.ssrc))
-                .or_default()
-                .add(packet.payload.len() + 12);
-        }
-        if connection {
-            if let Some(tx) = self.taps.get(&stream_id) {
-                let tap = TapEvent::Rtp {
+        let layered = kind == Kind::Video && self.stream_layers.contains_key(&stream_id);
+        for Inbound {
+            packet,
+            keyframe,
+            arrived,
+        } in packets
+        {
+            let (keyframe, arrived) = (*keyframe, *arrived);
+            if !mirror {
+                // Counted once, where it is received.
+                self.metrics
+                    .rtp_packets
+                    .with_label_values(&["in", label])
+                    .inc();
+                self.metrics
+                    .rtp_bytes
+                    .with_label_values(&["in", label])
+                    .inc_by(packet.payload.len() as u64);
+                self.queue_for_mirrors(&stream_id, || mirror::Mirrored::Rtp {
+                    publisher,
                     kind,
                     packet: packet.clone(),
+                    keyframe,
                     arrived,
-                };
-                if tx.try_send(tap).is_err() {
-                    self.metrics.tap_drops.inc();
+                });
+            }
+            self.rates
+                .entry((stream_id.clone(), kind))
+                .or_default()
+                .add(packet.payload.len() + 12);
+            if layered {
+                self.layer_rates
+                    .entry((stream_id.clone(), packet.header.ssrc))
+                    .or_default()
+                    .add(packet.payload.len() + 12);
+            }
+            if connection {
+                if let Some(tx) = self.taps.get(&stream_id) {
+                    let tap = TapEvent::Rtp {
+                        kind,
+                        packet: packet.clone(),
+                        arrived,
+                    };
+                    if tx.try_send(tap).is_err() {
+                        self.metrics.tap_drops.inc();
+                    }
                 }
             }
         }
@@ -1632,21 +1722,21 @@ impl Media {
             .map(|(s, _)| *s)
             .collect();
         let now = Instant::now();
-        let gop = match (keyframe, self.bridged.get(&publisher)) {
-            (Some(false), Some(b))
-                if b.gop_at
-                    .is_some_and(|t| now.duration_since(t) <= GOP_REPLAY_MAX_AGE) =>
-            {
-                Some(&b.gop)
-            }
-            _ => None,
-        };
+        // A bridged source's GOP, while fresh enough to start a new subscriber with.
+        let gop = self
+            .bridged
+            .get(&publisher)
+            .filter(|b| {
+                b.gop_at
+                    .is_some_and(|t| now.duration_since(t) <= GOP_REPLAY_MAX_AGE)
+            })
+            .map(|b| &b.gop);
         let no_layers = Vec::new();
         let layers = match kind {
             Kind::Video => self.stream_layers.get(&stream_id).unwrap_or(&no_layers),
             Kind::Audio => &no_layers,
         };
-        let mut copies = 0u64;
+        let (mut copies, mut bytes) = (0u64, 0u64);
         let mut keyframe_now = false;
         for s in targets {
             let key = PeerKey(s, Target::Subscriber);
@@ -1654,29 +1744,44 @@ impl Media {
                 continue;
             };
             self.dirty.insert(key);
-            if keyframe == Some(false) && p.downtrack_fresh(&stream_id, kind) {
-                let Some(gop) = gop else {
-                    continue; // wait for the next keyframe
-                };
-                let mut replayed = false;
-                for (i, old) in gop.iter().enumerate() {
-                    replayed |= p.send_forwarded(&stream_id, kind, old, Some(i == 0), &[], now);
+            for Inbound {
+                packet, keyframe, ..
+            } in packets
+            {
+                if *keyframe == Some(false) && p.downtrack_fresh(&stream_id, kind) {
+                    let Some(gop) = gop else {
+                        continue; // wait for the next keyframe
+                    };
+                    let mut replayed = false;
+                    for (i, old) in gop.iter().enumerate() {
+                        replayed |= p.send_forwarded(&stream_id, kind, old, Some(i == 0), &[], now);
+                    }
+                    if replayed {
+                        self.metrics.gop_replays.inc();
+                    }
                 }
-                if replayed {
-                    self.metrics.gop_replays.inc();
+                // Stamped when written, so the send time the congestion controller
+                // records is when it leaves (a subscriber's group goes out right
+                // after), not the start of a pump that may write thousands of copies
+                // before it.
+                let at = Instant::now();
+                if p.send_forwarded(&stream_id, kind, packet, *keyframe, layers, at) {
+                    copies += 1;
+                    bytes += packet.payload.len() as u64;
                 }
-            }
-            // Sent at once, so the send time the congestion controller records (the
-            // `now` given with the packet) is when it leaves, not the start of a pump
-            // that may write thousands of copies before it.
-            if p.send_forwarded(&stream_id, kind, &packet, keyframe, layers, Instant::now()) {
-                copies += 1;
             }
             keyframe_now |= std::mem::take(&mut p.keyframe_now);
             // What was just written, without sweeping the connection for more: the
             // pump's end does that once per connection (`dirty`).
             while let Some(out) = p.pc.poll_write_ready() {
-                send_out(&self.socket, &self.tcp_writers, out);
+                self.outbox.push(out);
+            }
+            let (calls, dropped) = self
+                .udp
+                .send(&self.socket, &self.tcp_writers, &mut self.outbox);
+            self.metrics.udp_send_calls.inc_by(calls as u64);
+            if dropped > 0 {
+                self.metrics.udp_send_drops.inc_by(dropped as u64);
             }
         }
         if keyframe_now {
@@ -1691,11 +1796,19 @@ impl Media {
             self.metrics
                 .rtp_bytes
                 .with_label_values(&["out", label])
-                .inc_by(packet.payload.len() as u64 * copies);
+                .inc_by(bytes);
             return Some(Instant::now());
         }
         None
     }
+}
+
+/// A packet a publisher (or a bridge, relay or mirror) sent, on its way to the
+/// subscribers: whether it is a keyframe's first, if known, and when it arrived.
+struct Inbound {
+    packet: rtc::rtp::Packet,
+    keyframe: Option<bool>,
+    arrived: Instant,
 }
 
 /// Hands everything `p` has to send to the socket it goes out on (UDP, or the ICE-TCP
