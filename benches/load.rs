@@ -1375,6 +1375,14 @@ async fn run(threads: usize) {
         steps
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // A publisher that could not join (refused as overload, say) leaves every
+    // subscriber without media: stop here rather than measure an empty room.
+    for p in &mut publishers {
+        if p.is_finished() {
+            let ended = p.await;
+            panic!("a publisher ended before any subscriber joined: {ended:?}");
+        }
+    }
     if edges_n > 0 {
         // Every edge sees the room spill from its node before anyone joins there.
         let deadline = Instant::now() + Duration::from_secs(20);
