@@ -75,6 +75,10 @@ impl UdpOut {
     /// Sets the socket up for GSO sends. `quinn-udp` also turns on UDP GRO, which
     /// would hand Weir's receive path (one datagram per `recv_from`, no control
     /// messages read) several peer datagrams glued together: it is turned off again.
+    /// Its other options stay: `IP_PMTUDISC_PROBE` (DF on every datagram, as Linux's
+    /// default for UDP already set, but never fragmented locally after an ICMP
+    /// "fragmentation needed": WebRTC's datagrams stay under 1,300 bytes), and
+    /// `IP_PKTINFO`/`SO_TIMESTAMPNS`, which only matter to reads that ask for them.
     pub fn new(socket: &UdpSocket) -> io::Result<Self> {
         let state = quinn_udp::UdpSocketState::new(socket.into())?;
         set_udp_gro(socket, false)?;
