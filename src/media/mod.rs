@@ -201,6 +201,10 @@ const MAX_UFRAGS: usize = 3;
 /// Datagrams read after one that woke the loop, before the connections are pumped.
 const UDP_BATCH: usize = 63;
 
+/// The longest a forwarded copy waits in a subscriber's outbox after it was written
+/// (and its send time recorded for the congestion controller) before it is sent.
+const SEND_HOLD_MAX: Duration = Duration::from_micros(250);
+
 /// The most packets of a source's track forwarded as one group (a keyframe of a
 /// bridged stream is 40-odd; GSO takes 64 datagrams in a call at most).
 const SOURCE_GROUP_MAX: usize = 64;
@@ -1744,6 +1748,8 @@ impl Media {
                 continue;
             };
             self.dirty.insert(key);
+            // When the oldest copy waiting in the outbox was stamped as sent.
+            let mut held_since: Option<Instant> = None;
             for Inbound {
                 packet, keyframe, ..
             } in packets
@@ -1769,20 +1775,37 @@ impl Media {
                     copies += 1;
                     bytes += packet.payload.len() as u64;
                 }
+                // What was just written, without sweeping the connection for more:
+                // the pump's end does that once per connection (`dirty`).
+                while let Some(out) = p.pc.poll_write_ready() {
+                    self.outbox.push(out);
+                }
+                if !self.outbox.is_empty() {
+                    // A copy leaves at most SEND_HOLD_MAX after the send time the
+                    // congestion controller recorded for it: a long group (a
+                    // keyframe, a slow build) goes in several runs rather than
+                    // making its first packets look delayed.
+                    let first = *held_since.get_or_insert(at);
+                    if Instant::now().duration_since(first) >= SEND_HOLD_MAX {
+                        send_outbox(
+                            &mut self.udp,
+                            &self.socket,
+                            &self.tcp_writers,
+                            &mut self.outbox,
+                            &self.metrics,
+                        );
+                        held_since = None;
+                    }
+                }
             }
             keyframe_now |= std::mem::take(&mut p.keyframe_now);
-            // What was just written, without sweeping the connection for more: the
-            // pump's end does that once per connection (`dirty`).
-            while let Some(out) = p.pc.poll_write_ready() {
-                self.outbox.push(out);
-            }
-            let (calls, dropped) = self
-                .udp
-                .send(&self.socket, &self.tcp_writers, &mut self.outbox);
-            self.metrics.udp_send_calls.inc_by(calls as u64);
-            if dropped > 0 {
-                self.metrics.udp_send_drops.inc_by(dropped as u64);
-            }
+            send_outbox(
+                &mut self.udp,
+                &self.socket,
+                &self.tcp_writers,
+                &mut self.outbox,
+                &self.metrics,
+            );
         }
         if keyframe_now {
             // A new subscriber needs a picture now, not at the next periodic keyframe.
@@ -1800,6 +1823,24 @@ impl Media {
             return Some(Instant::now());
         }
         None
+    }
+}
+
+/// Sends the copies waiting in `outbox` (one subscriber's), in runs, and counts them.
+fn send_outbox(
+    udp: &mut udp_out::UdpOut,
+    socket: &UdpSocket,
+    tcp_writers: &HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    outbox: &mut Vec<TaggedBytesMut>,
+    metrics: &Metrics,
+) {
+    if outbox.is_empty() {
+        return;
+    }
+    let (calls, dropped) = udp.send(socket, tcp_writers, outbox);
+    metrics.udp_send_calls.inc_by(calls as u64);
+    if dropped > 0 {
+        metrics.udp_send_drops.inc_by(dropped as u64);
     }
 }
 
