@@ -92,10 +92,9 @@ const CLIENT_OFFER_WAIT: Duration = Duration::from_secs(1);
 pub struct Media {
     config: MediaConfig,
     socket: Arc<UdpSocket>,
-    /// The socket's sending half for forwarded copies (GSO runs), and the copies of
+    /// The socket's sending half for forwarded copies (GSO runs), with the copies of
     /// one subscriber waiting to go.
     udp: udp_out::UdpOut,
-    outbox: Vec<TaggedBytesMut>,
     /// Packets of bridges, relays and mirrors queued during a batch, by track
     /// (`source_rtp`); empty outside one.
     sources: Vec<(SessionId, Kind, Vec<Inbound>)>,
@@ -326,7 +325,11 @@ impl Media {
         let load = load::Load::new(config.overload_busy_percent, Instant::now());
         // Every worker's ICE-TCP connections share the first worker's listener.
         let tcp_local_addr = tcp_bound.map(|a| candidate_addr(a, &config.announce));
-        let udp = udp_out::UdpOut::new(&socket)?;
+        let udp = udp_out::UdpOut::new(
+            &socket,
+            metrics.udp_send_calls.clone(),
+            metrics.udp_send_drops.clone(),
+        )?;
         debug!(
             worker = crew.index,
             gso_segments = udp.max_segments(),
@@ -336,7 +339,6 @@ impl Media {
             config,
             socket: Arc::new(socket),
             udp,
-            outbox: Vec::new(),
             sources: Vec::new(),
             local_addr,
             tcp,
@@ -1748,8 +1750,6 @@ impl Media {
                 continue;
             };
             self.dirty.insert(key);
-            // When the oldest copy waiting in the outbox was stamped as sent.
-            let mut held_since: Option<Instant> = None;
             for Inbound {
                 packet, keyframe, ..
             } in packets
@@ -1778,34 +1778,22 @@ impl Media {
                 // What was just written, without sweeping the connection for more:
                 // the pump's end does that once per connection (`dirty`).
                 while let Some(out) = p.pc.poll_write_ready() {
-                    self.outbox.push(out);
+                    self.udp.queue(out, at);
                 }
-                if !self.outbox.is_empty() {
-                    // A copy leaves at most SEND_HOLD_MAX after the send time the
-                    // congestion controller recorded for it: a long group (a
-                    // keyframe, a slow build) goes in several runs rather than
-                    // making its first packets look delayed.
-                    let first = *held_since.get_or_insert(at);
-                    if Instant::now().duration_since(first) >= SEND_HOLD_MAX {
-                        send_outbox(
-                            &mut self.udp,
-                            &self.socket,
-                            &self.tcp_writers,
-                            &mut self.outbox,
-                            &self.metrics,
-                        );
-                        held_since = None;
-                    }
+                // A copy leaves at most SEND_HOLD_MAX after the send time the
+                // congestion controller recorded for it: a long group (a keyframe, a
+                // slow build) goes in several runs rather than making its first
+                // packets look delayed.
+                if self
+                    .udp
+                    .held_since()
+                    .is_some_and(|t| t.elapsed() >= SEND_HOLD_MAX)
+                {
+                    self.udp.flush(&self.socket, &self.tcp_writers);
                 }
             }
             keyframe_now |= std::mem::take(&mut p.keyframe_now);
-            send_outbox(
-                &mut self.udp,
-                &self.socket,
-                &self.tcp_writers,
-                &mut self.outbox,
-                &self.metrics,
-            );
+            self.udp.flush(&self.socket, &self.tcp_writers);
         }
         if keyframe_now {
             // A new subscriber needs a picture now, not at the next periodic keyframe.
@@ -1823,24 +1811,6 @@ impl Media {
             return Some(Instant::now());
         }
         None
-    }
-}
-
-/// Sends the copies waiting in `outbox` (one subscriber's), in runs, and counts them.
-fn send_outbox(
-    udp: &mut udp_out::UdpOut,
-    socket: &UdpSocket,
-    tcp_writers: &HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
-    outbox: &mut Vec<TaggedBytesMut>,
-    metrics: &Metrics,
-) {
-    if outbox.is_empty() {
-        return;
-    }
-    let (calls, dropped) = udp.send(socket, tcp_writers, outbox);
-    metrics.udp_send_calls.inc_by(calls as u64);
-    if dropped > 0 {
-        metrics.udp_send_drops.inc_by(dropped as u64);
     }
 }
 

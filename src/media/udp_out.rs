@@ -14,6 +14,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::time::Instant;
 
 use rtc::shared::{TaggedBytesMut, TransportProtocol};
 use tokio::io::Interest;
@@ -69,6 +70,13 @@ pub struct UdpOut {
     state: quinn_udp::UdpSocketState,
     /// A run's datagrams laid end to end.
     buf: Vec<u8>,
+    /// Datagrams queued for one address (a subscriber's copies), and when the oldest
+    /// of them was written.
+    waiting: Vec<TaggedBytesMut>,
+    held_since: Option<Instant>,
+    /// System calls made and datagrams refused by `flush`.
+    calls: prometheus::IntCounter,
+    drops: prometheus::IntCounter,
 }
 
 impl UdpOut {
@@ -79,13 +87,51 @@ impl UdpOut {
     /// default for UDP already set, but never fragmented locally after an ICMP
     /// "fragmentation needed": WebRTC's datagrams stay under 1,300 bytes), and
     /// `IP_PKTINFO`/`SO_TIMESTAMPNS`, which only matter to reads that ask for them.
-    pub fn new(socket: &UdpSocket) -> io::Result<Self> {
+    pub fn new(
+        socket: &UdpSocket,
+        calls: prometheus::IntCounter,
+        drops: prometheus::IntCounter,
+    ) -> io::Result<Self> {
         let state = quinn_udp::UdpSocketState::new(socket.into())?;
         set_udp_gro(socket, false)?;
         Ok(Self {
             state,
             buf: Vec::with_capacity(MAX_RUN_BYTES),
+            waiting: Vec::new(),
+            held_since: None,
+            calls,
+            drops,
         })
+    }
+
+    /// Queues a datagram written at `written_at` for the next `flush`.
+    pub fn queue(&mut self, out: TaggedBytesMut, written_at: Instant) {
+        self.held_since.get_or_insert(written_at);
+        self.waiting.push(out);
+    }
+
+    /// When the oldest queued datagram was written, if any is queued.
+    pub fn held_since(&self) -> Option<Instant> {
+        self.held_since
+    }
+
+    /// Sends what is queued, in runs, and counts the calls and the drops.
+    pub fn flush(
+        &mut self,
+        socket: &UdpSocket,
+        tcp_writers: &std::collections::HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    ) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let mut waiting = std::mem::take(&mut self.waiting);
+        let (calls, dropped) = self.send(socket, tcp_writers, &mut waiting);
+        self.waiting = waiting; // emptied, its allocation kept
+        self.held_since = None;
+        self.calls.inc_by(calls as u64);
+        if dropped > 0 {
+            self.drops.inc_by(dropped as u64);
+        }
     }
 
     /// How many datagrams the kernel takes in one GSO send (1: no GSO).
@@ -180,7 +226,12 @@ mod tests {
     use super::*;
     use bytes::BytesMut;
     use rtc::shared::TransportContext;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+
+    fn udp_out(socket: &UdpSocket) -> UdpOut {
+        let counter = || prometheus::IntCounter::new("c", "c").unwrap();
+        UdpOut::new(socket, counter(), counter()).unwrap()
+    }
 
     fn out(to: SocketAddr, len: usize, fill: u8) -> TaggedBytesMut {
         TaggedBytesMut {
@@ -251,7 +302,7 @@ mod tests {
         let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let to = rx.local_addr().unwrap();
-        let mut udp = UdpOut::new(&tx).unwrap();
+        let mut udp = udp_out(&tx);
         tx.writable().await.unwrap(); // tokio sends only once it has seen readiness
         let sizes = [100, 1100, 1100, 1100, 700, 1100, 1100];
         let mut outs: Vec<_> = sizes
@@ -279,9 +330,9 @@ mod tests {
         // Weir's own socket, set up for GSO sends, must not turn GRO on for its
         // reads: a peer's (here another Weir's) run would arrive glued together.
         let weir = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let _udp = UdpOut::new(&weir).unwrap();
+        let _udp = udp_out(&weir);
         let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mut peer_out = UdpOut::new(&peer).unwrap();
+        let mut peer_out = udp_out(&peer);
         peer.writable().await.unwrap();
         let to = weir.local_addr().unwrap();
         let mut outs: Vec<_> = (0..4).map(|i| out(to, 1000, i)).collect();
