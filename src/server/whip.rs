@@ -628,13 +628,49 @@ async fn join(
     .await
 }
 
+/// A resource's events until the room closes its session: the answer to an ICE
+/// restart (or the room's error) goes to the PATCH waiting for it, the rest nowhere.
+///
+/// A PATCH queues its waiter before it sends the offer, so a waiter already queued is
+/// taken before the next event: polled in turn, an answer and its waiter that became
+/// ready together (a task scheduled late, on a busy node) could be taken answer first,
+/// and that answer was dropped and the PATCH timed out (seen in CI: 503 "the room did
+/// not answer").
+async fn answer_waiters(
+    mut rx: mpsc::Receiver<SessionEvent>,
+    mut waiting: mpsc::Receiver<AnswerWaiter>,
+    target: Target,
+) {
+    let mut waiter: Option<AnswerWaiter> = None;
+    loop {
+        tokio::select! {
+            biased;
+            Some(w) = waiting.recv() => waiter = Some(w),
+            ev = rx.recv() => match ev {
+                None | Some(SessionEvent::Close(_)) => break,
+                Some(SessionEvent::Send(ServerMessage::Answer { target: t, sdp })) if t == target => {
+                    if let Some(w) = waiter.take() {
+                        let _ = w.send(Ok(sdp));
+                    }
+                }
+                Some(SessionEvent::Send(ServerMessage::Error { code, message, .. })) => {
+                    if let Some(w) = waiter.take() {
+                        let _ = w.send(Err((code, message)));
+                    }
+                }
+                Some(SessionEvent::Send(_)) => {}
+            },
+        }
+    }
+}
+
 /// Registers the session as a resource under `/{prefix}/resource/<id>`, lets its
 /// events drain until the room closes it, and makes the `201 Created`.
 async fn created(
     state: &Arc<AppState>,
     resource: Resource,
     user_id: &str,
-    mut rx: mpsc::Receiver<SessionEvent>,
+    rx: mpsc::Receiver<SessionEvent>,
     prefix: &str,
     answer: String,
 ) -> Result<Response, Response> {
@@ -642,7 +678,7 @@ async fn created(
     let session = resource.session;
     let id = hex::encode(rand::random::<[u8; 16]>());
     let target = resource.target;
-    let (answers, mut waiting) = mpsc::channel::<AnswerWaiter>(1);
+    let (answers, waiting) = mpsc::channel::<AnswerWaiter>(1);
     resource.answers = Some(answers);
     resource.etag = format!("\"{id}\"");
     let etag = resource.etag.clone();
@@ -673,26 +709,7 @@ async fn created(
     let keep = state.clone();
     let resource = id.clone();
     tokio::spawn(async move {
-        let mut waiter: Option<AnswerWaiter> = None;
-        loop {
-            tokio::select! {
-                ev = rx.recv() => match ev {
-                    None | Some(SessionEvent::Close(_)) => break,
-                    Some(SessionEvent::Send(ServerMessage::Answer { target: t, sdp })) if t == target => {
-                        if let Some(w) = waiter.take() {
-                            let _ = w.send(Ok(sdp));
-                        }
-                    }
-                    Some(SessionEvent::Send(ServerMessage::Error { code, message, .. })) => {
-                        if let Some(w) = waiter.take() {
-                            let _ = w.send(Err((code, message)));
-                        }
-                    }
-                    Some(SessionEvent::Send(_)) => {}
-                },
-                Some(w) = waiting.recv() => waiter = Some(w),
-            }
-        }
+        answer_waiters(rx, waiting, target).await;
         keep.whip.lock().remove(&resource);
     });
     let mut r = (StatusCode::CREATED, answer).into_response();
@@ -1076,6 +1093,28 @@ mod tests {
             .candidate
             .starts_with("candidate:3471623853"));
         assert_eq!(t.candidates[1].username_fragment.as_deref(), Some("EsAw"));
+    }
+
+    /// The race CI met: the answer to an ICE restart and the PATCH's waiter both
+    /// ready before the resource's task runs. Taken answer first (half the time
+    /// before), the answer was dropped and the PATCH timed out.
+    #[tokio::test]
+    async fn an_answer_that_arrives_with_its_waiter_reaches_the_patch() {
+        for _ in 0..64 {
+            let (events, rx) = mpsc::channel(4);
+            let (answers, waiting) = mpsc::channel::<AnswerWaiter>(1);
+            let (waiter, got) = tokio::sync::oneshot::channel();
+            answers.try_send(waiter).unwrap();
+            events
+                .try_send(SessionEvent::Send(ServerMessage::Answer {
+                    target: Target::Publisher,
+                    sdp: "v=0".into(),
+                }))
+                .unwrap();
+            drop(events);
+            answer_waiters(rx, waiting, Target::Publisher).await;
+            assert_eq!(got.await.unwrap().unwrap(), "v=0");
+        }
     }
 
     #[test]
