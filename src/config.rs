@@ -375,8 +375,10 @@ pub struct ServerConfig {
     /// hundreds of subscribers is a burst the default ~200 KiB cannot hold.
     pub udp_buffer_bytes: u32,
     /// The media plane's busy share (percent of a second spent working, not waiting)
-    /// above which the node counts as overloaded: new joins are refused (503) until it
-    /// drops, instead of every member's media degrading. 0 never refuses.
+    /// carrying media, above which the node counts as overloaded: new joins are
+    /// refused (503) until it drops, instead of every member's media degrading.
+    /// Setting connections up (offers, ICE, DTLS handshakes) is not counted, so a join
+    /// storm is not refused for its own handshakes. 0 never refuses.
     pub overload_busy_percent: u8,
     /// Media workers, each a task owning the connections of the rooms placed on it
     /// (by a hash of the room); 0: one per core.

@@ -158,6 +158,9 @@ pub struct Metrics {
     /// socket for a connection of another: handed over, or dropped on a full queue.
     pub media_workers: IntGauge,
     pub media_worker_busy_percent: IntGaugeVec,
+    /// Of which setting connections up (offers, answers, ICE and DTLS handshakes):
+    /// not counted as overload.
+    pub media_worker_setup_percent: IntGaugeVec,
     pub handoffs: prometheus::IntCounter,
     pub handoff_drops: prometheus::IntCounter,
     /// Packets of a stream for another worker's subscribers (a room spread over the
@@ -453,6 +456,12 @@ impl Metrics {
             media_worker_busy_percent: gauge_vec(
                 "weir_media_worker_busy_percent",
                 "Share of the last second each media worker spent working, not waiting",
+                &["worker"],
+            ),
+            media_worker_setup_percent: gauge_vec(
+                "weir_media_worker_setup_percent",
+                "Of that share, the part spent setting connections up (offers, answers, ICE \
+                 and DTLS handshakes), which does not count toward overload",
                 &["worker"],
             ),
             handoffs: counter(

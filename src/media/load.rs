@@ -3,8 +3,19 @@
 //! time. A node past its capacity must refuse new load, not let every member's media
 //! degrade (nor have its own lateness read as the subscribers' congestion).
 //!
-//! Sans-I/O: the loop reports how long it worked and, once a second, the socket's drop
-//! counter; [`Load::judge`] says when the node becomes or stops being overloaded.
+//! Sans-I/O: the loop reports how long it worked, how much of that was setting
+//! connections up, and, once a second, the socket's drop counter; [`Load::judge`] says
+//! when the node becomes or stops being overloaded.
+//!
+//! Setting a connection up (its offer and answer, ICE checks and the DTLS handshake)
+//! is work a member costs once, when it joins; carrying its media is what it costs
+//! for the rest of the call. A join storm (a class of several hundred starting
+//! together) is mostly the first kind: judged on all work, its handshakes alone read
+//! as overload and the storm's tail was refused although the node carries the whole
+//! class once it has joined (23 of 450 refused at a node that carries 560). So the
+//! verdict reads the busy share *without* setup work; setup still shows in what is
+//! published, and a node too busy to read its socket (drops) is overloaded whatever
+//! the work was.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +28,10 @@ const HYSTERESIS: f64 = 15.0;
 /// One second's verdict.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Judgement {
+    /// All work, as a share of the window.
     pub busy_percent: f64,
+    /// Of which setting connections up.
+    pub setup_percent: f64,
     /// Datagrams dropped since the last judgement.
     pub drops: u64,
     /// `Some(state)` when the node became (true) or stopped being (false) overloaded.
@@ -30,6 +44,7 @@ pub struct Load {
     threshold: f64,
     since: Instant,
     busy: Duration,
+    setup: Duration,
     drops: Option<u64>,
     overloaded: bool,
 }
@@ -40,6 +55,7 @@ impl Load {
             threshold: f64::from(threshold_percent.min(100)),
             since: now,
             busy: Duration::ZERO,
+            setup: Duration::ZERO,
             drops: None,
             overloaded: false,
         }
@@ -48,6 +64,12 @@ impl Load {
     /// The loop worked from `from` to `to` (not waiting for input).
     pub fn worked(&mut self, from: Instant, to: Instant) {
         self.busy += to.saturating_duration_since(from);
+    }
+
+    /// Of the work reported to [`worked`](Self::worked), `took` went to setting a
+    /// connection up (a handshake datagram, an offer or answer).
+    pub fn setup(&mut self, took: Duration) {
+        self.setup += took;
     }
 
     /// Whether a judgement is due (then read the drop counter and call `judge`).
@@ -62,14 +84,18 @@ impl Load {
 
     /// Closes the window: how busy it was, drops since the last reading of the socket's
     /// cumulative counter `drops_total` (None: not known), and whether the overload
-    /// state changed. Overloaded: busy at or over the threshold, or dropping datagrams
-    /// while at least half as busy; no longer: busy under the threshold by the
-    /// hysteresis, with no drops.
+    /// state changed. Overloaded: busy carrying media (all work but setup) at or over
+    /// the threshold, or dropping datagrams while at least half as busy in all;
+    /// no longer: busy carrying media under the threshold by the hysteresis, with no
+    /// drops.
     pub fn judge(&mut self, now: Instant, drops_total: Option<u64>) -> Judgement {
         let elapsed = now
             .saturating_duration_since(self.since)
             .max(Duration::from_millis(1));
-        let busy_percent = (100.0 * self.busy.as_secs_f64() / elapsed.as_secs_f64()).min(100.0);
+        let share = |d: Duration| (100.0 * d.as_secs_f64() / elapsed.as_secs_f64()).min(100.0);
+        let busy_percent = share(self.busy);
+        let setup_percent = share(self.setup.min(self.busy));
+        let carrying = busy_percent - setup_percent;
         let drops = match (self.drops, drops_total) {
             (Some(before), Some(total)) => total.saturating_sub(before),
             _ => 0,
@@ -79,11 +105,12 @@ impl Load {
         }
         self.since = now;
         self.busy = Duration::ZERO;
+        self.setup = Duration::ZERO;
         let mut changed = None;
         if self.threshold > 0.0 {
-            let over = busy_percent >= self.threshold
-                || (drops > 0 && busy_percent >= self.threshold / 2.0);
-            let clear = busy_percent < self.threshold - HYSTERESIS && drops == 0;
+            let over =
+                carrying >= self.threshold || (drops > 0 && busy_percent >= self.threshold / 2.0);
+            let clear = carrying < self.threshold - HYSTERESIS && drops == 0;
             if !self.overloaded && over {
                 self.overloaded = true;
                 changed = Some(true);
@@ -94,6 +121,7 @@ impl Load {
         }
         Judgement {
             busy_percent,
+            setup_percent,
             drops,
             changed,
         }
@@ -200,6 +228,36 @@ mod tests {
         let j = second(&mut load, t + WINDOW * 3, 600, None);
         assert_eq!(j.changed, Some(false));
         assert!(!load.overloaded());
+    }
+
+    #[test]
+    fn setting_connections_up_is_not_overload_but_carrying_media_is() {
+        let t = Instant::now();
+        let mut load = Load::new(90, t);
+        // A join storm on a node carrying media at 70 %: handshakes take the rest of
+        // the second. Judged on all work this was overload, and the storm's tail was
+        // refused.
+        load.worked(t, t + Duration::from_millis(1_000));
+        load.setup(Duration::from_millis(300));
+        let j = load.judge(t + WINDOW, Some(0));
+        assert_eq!(j.changed, None, "{j:?}");
+        assert!((j.busy_percent - 100.0).abs() < 0.5, "{j:?}");
+        assert!((j.setup_percent - 30.0).abs() < 0.5, "{j:?}");
+        // Once they have joined, carrying them all is.
+        let j = second(&mut load, t + WINDOW, 950, Some(0));
+        assert_eq!(j.changed, Some(true));
+        // A handshake in an overloaded second does not make it look lighter than the
+        // media it carries, nor more setup than work.
+        load.worked(t + WINDOW * 2, t + WINDOW * 2 + Duration::from_millis(800));
+        load.setup(Duration::from_millis(900));
+        let j = load.judge(t + WINDOW * 3, Some(0));
+        assert!((j.setup_percent - 80.0).abs() < 0.5, "{j:?}");
+        assert_eq!(j.changed, Some(false));
+        // Setup does not excuse a socket the loop does not read in time.
+        load.worked(t + WINDOW * 3, t + WINDOW * 3 + Duration::from_millis(900));
+        load.setup(Duration::from_millis(600));
+        let j = load.judge(t + WINDOW * 4, Some(40));
+        assert_eq!((j.drops, j.changed), (40, Some(true)));
     }
 
     #[test]

@@ -433,7 +433,13 @@ impl Media {
                     self.flush_control();
                 }
                 Wake::Input(input) => {
+                    // Offers, answers and the room's commands: work a member costs when
+                    // it joins or changes what it sends, not for carrying its media.
+                    let setup = matches!(input, MediaInput::Signal { .. } | MediaInput::Command(_));
                     self.input(input);
+                    if setup {
+                        self.load.setup(woke.elapsed());
+                    }
                     self.sweep = true;
                 }
                 Wake::Bridge(input) => {
@@ -526,10 +532,15 @@ impl Media {
             .crew
             .judged(j.busy_percent.round().clamp(0.0, 100.0) as u8, j.changed);
         self.metrics.media_busy_percent.set(i64::from(busiest));
+        let worker = self.crew.index.to_string();
         self.metrics
             .media_worker_busy_percent
-            .with_label_values(&[&self.crew.index.to_string()])
+            .with_label_values(&[&worker])
             .set(j.busy_percent.round() as i64);
+        self.metrics
+            .media_worker_setup_percent
+            .with_label_values(&[&worker])
+            .set(j.setup_percent.round() as i64);
         self.metrics.udp_receive_drops.inc_by(j.drops);
         self.metrics.media_overloaded.set(i64::from(any));
         if let Some(overloaded) = j.changed {
@@ -537,6 +548,7 @@ impl Media {
                 warn!(
                     worker = self.crew.index,
                     busy_percent = j.busy_percent.round(),
+                    setup_percent = j.setup_percent.round(),
                     dropped = j.drops,
                     peers = self.peers.len(),
                     "media plane overloaded: new joins are refused until it recovers"
@@ -771,11 +783,17 @@ impl Media {
             message: data,
         };
         self.dirty.insert(key);
+        // Before DTLS is up, a datagram is the handshake (ICE checks, DTLS flights):
+        // work the connection costs once, counted apart by the load judge.
+        let setup = (!p.is_connected()).then_some(msg.now);
         match p.pc.handle_read(msg) {
             // A STUN check the connection took passed its integrity check.
             Ok(()) if first.is_some_and(|b| b < 2) => p.liveness.heard(Instant::now()),
             Ok(()) => {}
             Err(e) => debug!(?key, error = %e, "peer rejected a datagram"),
+        }
+        if let Some(t) = setup {
+            self.load.setup(t.elapsed());
         }
     }
 

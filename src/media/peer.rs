@@ -1305,6 +1305,11 @@ impl Peer {
     }
 
     /// Sends a publisher's packet on the matching downtrack. True if it went out.
+    /// DTLS is up: media can flow (before, datagrams are the handshake).
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
     pub fn send_forwarded(
         &mut self,
         stream_id: &str,
