@@ -68,9 +68,8 @@ async fn an_overloaded_media_plane_refuses_joins_until_it_recovers() {
 /// every 40 ms, each answering the offer of the stream already published and setting
 /// its connection up (ICE, DTLS) while the next ones join: the node is busy past
 /// the threshold with that setup work, but carries almost no media (the publisher
-/// sends none). Judged on all work, the node was overloaded from the first busy
-/// second and refused the rest of the storm (the load bench: 23 of 450 refused at a
-/// node that carries 560 once they are in).
+/// sends no more). Judged on all work, the node was overloaded from the first busy
+/// second and refused the rest of the storm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_storm_is_not_refused_for_its_handshakes() {
     const ROOM: u32 = 11;

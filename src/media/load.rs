@@ -10,12 +10,14 @@
 //! Setting a connection up (its offer and answer, ICE checks and the DTLS handshake)
 //! is work a member costs once, when it joins; carrying its media is what it costs
 //! for the rest of the call. A join storm (a class of several hundred starting
-//! together) is mostly the first kind: judged on all work, its handshakes alone read
-//! as overload and the storm's tail was refused although the node carries the whole
-//! class once it has joined (23 of 450 refused at a node that carries 560). So the
-//! verdict reads the busy share *without* setup work; setup still shows in what is
-//! published, and a node too busy to read its socket (drops) is overloaded whatever
-//! the work was.
+//! together) is mostly the first kind: judged on all work, its handshakes alone could
+//! read as overload, and the joins after them were refused although the node carries
+//! the whole class once it is in (`tests/capacity.rs`: a storm of 30 joins one after
+//! another was refused from its first busy second; the load bench at 480 lean
+//! subscribers tripped the old judge at 90 % during the storm). So the verdict reads
+//! the busy share *without* setup work; setup still shows in what is published
+//! (`weir_media_worker_setup_percent`), and a node too busy to read its socket (drops)
+//! is overloaded whatever the work was.
 
 use std::time::{Duration, Instant};
 

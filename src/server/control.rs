@@ -17,8 +17,18 @@ use crate::metrics::Metrics;
 use crate::room::{MediaCommand, Output, RoomError, RoomKey, Rooms, SessionId};
 use crate::weapp::{self, Effect, RoomService, RoomView, ViewMember};
 
-/// Outgoing messages a session may have queued before it counts as too slow.
-pub const SESSION_QUEUE: usize = 256;
+/// Outgoing messages a session may have queued before it counts as too slow, in a
+/// node whose rooms hold up to `max_members_per_room`: a room's worth of membership
+/// changes (everyone joining, or leaving and joining again) on top of 256 for the
+/// rest. A class joining at once sends each member one `memberJoined` per classmate
+/// within a second or two, while the node is busiest (the handshakes); with room for
+/// 256 of them, a 480-member storm closed most sessions as too slow, each closing
+/// sending the others more events, and nobody, the teacher included, stayed in.
+/// The queue holds messages, not bytes: room events are small, and each waits
+/// only while its session task catches up.
+pub fn session_queue(max_members_per_room: usize) -> usize {
+    256 + 2 * max_members_per_room
+}
 
 /// What the control task tells a session task.
 #[derive(Debug)]
@@ -694,7 +704,8 @@ impl Control {
         // Room text is what any member can make others receive: under pressure it is
         // dropped for this recipient rather than let fill the queue whose overflow
         // closes the session (one member must not be able to disconnect the others).
-        if matches!(msg, ServerMessage::TextMessage { .. }) && tx.capacity() < SESSION_QUEUE / 4 {
+        if matches!(msg, ServerMessage::TextMessage { .. }) && tx.capacity() < tx.max_capacity() / 4
+        {
             self.metrics.text_dropped.inc();
             debug!(
                 session = session.0,
@@ -1240,5 +1251,117 @@ impl Control {
         };
         let carried = self.edges.contains_key(room) || self.ended_edges.contains_key(room);
         carried && user.is_none_or(standin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::room::{Limits, UrlBase};
+
+    const APP: u64 = 1_400_000_000;
+
+    fn ticket(user: &str, room: u32) -> RoomTicket {
+        RoomTicket {
+            identity: Identity {
+                kind: TokenKind::V2,
+                sdk_app_id: APP,
+                user_id: user.into(),
+                issued_at: 0,
+                expires_at: u64::MAX,
+            },
+            room: RoomId::Num(room),
+            privileges: Privileges(0xff),
+            privilege_names: Vec::new(),
+            room_expires_at: u64::MAX,
+        }
+    }
+
+    /// Issue 16's join storm and leave burst: a room of the largest size joining at
+    /// once, then leaving at once, before a member's session has written out a message
+    /// (its task busy or not yet run). Each member is sent one `memberJoined` per
+    /// member after it and one `memberLeft` per member leaving; with a queue of 256 the
+    /// first ones overflowed and were closed as too slow (the load bench: a storm of
+    /// 480 had 375 closed once, the publisher among them, and nobody received media;
+    /// each run's end closed 225 of 480 as slow while the rest left).
+    #[tokio::test]
+    async fn a_room_joining_then_leaving_at_once_closes_no_member_whose_session_reads_later() {
+        const MEMBERS: usize = 500;
+        let limits = Limits {
+            max_rooms: 10,
+            max_members_per_room: MEMBERS,
+            max_publishers_per_room: 50,
+            max_publishers: 100,
+            max_subscriptions_per_member: 100,
+            max_subscriptions: 100_000,
+            congestion_policy: Default::default(),
+        };
+        let urls = UrlBase {
+            rtmp: "rtmp://h:1935/live".into(),
+            flv: "http://h:8080/live".into(),
+            webrtc: "webrtc://h:8080/live".into(),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let control = Control::new(Rooms::new(limits, urls), None, metrics.clone(), None);
+        let (commands, rx) = mpsc::channel(64);
+        let task = tokio::spawn(control.run(rx));
+        let mut inboxes = Vec::new();
+        for i in 0..MEMBERS {
+            let session = SessionId(i as u64 + 1);
+            let (tx, inbox) = mpsc::channel(session_queue(MEMBERS));
+            commands
+                .send(ControlCommand::Open { session, tx })
+                .await
+                .unwrap();
+            commands
+                .send(ControlCommand::Join {
+                    session,
+                    sdk_app_id: APP,
+                    ticket: Box::new(ticket(&format!("m{i}"), 7)),
+                    auto_subscribe: true,
+                    congestion_policy: None,
+                    push: false,
+                    edge_of: None,
+                })
+                .await
+                .unwrap();
+            inboxes.push(inbox);
+        }
+        // And the class ends: everyone but the first leaves at once (their sessions
+        // gone, as when the clients close), the first still reading nothing.
+        for (i, inbox) in inboxes.iter_mut().enumerate().skip(1) {
+            inbox.close();
+            commands
+                .send(ControlCommand::Closed {
+                    session: SessionId(i as u64 + 1),
+                    reason: LeaveReason::Left,
+                })
+                .await
+                .unwrap();
+        }
+        drop(commands);
+        task.await.unwrap();
+        assert_eq!(metrics.slow_sessions.get(), 0);
+        for (i, inbox) in inboxes.iter_mut().enumerate() {
+            let (mut joined, mut came, mut went) = (false, 0, 0);
+            while let Ok(event) = inbox.try_recv() {
+                match event {
+                    SessionEvent::Send(ServerMessage::Joined { members, .. }) => {
+                        assert_eq!(members.len(), i, "member {i}: the ones before it");
+                        joined = true;
+                    }
+                    SessionEvent::Send(ServerMessage::MemberJoined { .. }) => came += 1,
+                    SessionEvent::Send(ServerMessage::MemberLeft { .. }) => went += 1,
+                    SessionEvent::Send(other) => panic!("member {i} was sent {other:?}"),
+                    SessionEvent::Close(reason) => panic!("member {i} was closed: {reason:?}"),
+                }
+            }
+            assert!(joined, "member {i}");
+            // The others' sessions closed while the control task may still have been
+            // telling them of later joins: only the first hears everything.
+            if i == 0 {
+                assert_eq!((came, went), (MEMBERS - 1, MEMBERS - 1));
+            }
+        }
     }
 }

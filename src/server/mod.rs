@@ -48,6 +48,8 @@ pub struct AppState {
     pub next_session: Arc<AtomicU64>,
     pub shutting_down: AtomicBool,
     pub idle_timeout_s: u64,
+    /// Outgoing messages a session may have queued ([`control::session_queue`]).
+    pub session_queue: usize,
     /// The bearer token that opens `/metrics` on the public listener, if any.
     pub metrics_token: Option<String>,
     /// Per-session signaling rates (all messages, room text messages), per second.
@@ -668,6 +670,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
         next_session,
         shutting_down: AtomicBool::new(false),
         idle_timeout_s: config.server.signaling_idle_timeout_s,
+        session_queue: control::session_queue(config.server.max_members_per_room),
         metrics_token: Some(config.server.metrics_token.clone()).filter(|t| !t.is_empty()),
         message_rate: config.server.signaling_messages_per_s,
         text_rate: config.server.text_messages_per_s,

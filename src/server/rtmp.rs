@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 use weir_signaling::{Kind, LeaveReason, ServerMessage};
 
-use super::control::{ControlCommand, SessionEvent, SESSION_QUEUE};
+use super::control::{ControlCommand, SessionEvent};
 use super::AppState;
 use crate::auth::{Identity, Privileges, RoomId, RoomTicket, TokenKind};
 use crate::bridge::{self, Bridge, BridgeConfig};
@@ -954,7 +954,7 @@ impl Connection {
         self.take_name(&grant.stream).await?;
         self.stream = Some(grant.stream.clone());
         let session = SessionId(self.id);
-        let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+        let (tx, mut rx) = mpsc::channel(self.state.session_queue);
         let control = &self.state.control;
         let _ = control.send(ControlCommand::Open { session, tx }).await;
         self.session = Some(session);
@@ -1054,7 +1054,7 @@ impl Connection {
         self.take_name(&stream).await?;
         self.stream = Some(stream.clone());
         let session = SessionId(self.id);
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let (tx, rx) = mpsc::channel(self.state.session_queue);
         let _ = self
             .state
             .control

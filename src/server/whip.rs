@@ -46,7 +46,7 @@ use tokio::sync::mpsc;
 use tracing::info;
 use weir_signaling::{ClientMessage, ErrorCode, IceCandidate, LeaveReason, ServerMessage, Target};
 
-use super::control::{ControlCommand, SessionEvent, SESSION_QUEUE};
+use super::control::{ControlCommand, SessionEvent};
 use super::hooks::{Admission, Ask};
 use super::http::PeerAddr;
 use super::AppState;
@@ -464,7 +464,7 @@ pub async fn publish(
         return refuse(StatusCode::FORBIDDEN, &why);
     }
     let session = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
-    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+    let (tx, mut rx) = mpsc::channel(state.session_queue);
     let control = &state.control;
     let steps = async {
         join(&state, &mut rx, session, tx, sdk_app_id, ticket).await?;
@@ -811,7 +811,7 @@ pub async fn play(
         return refuse(StatusCode::FORBIDDEN, &why);
     }
     let session = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
-    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+    let (tx, mut rx) = mpsc::channel(state.session_queue);
     let control = &state.control;
     let steps = async {
         join(&state, &mut rx, session, tx, sdk_app_id, ticket).await?;

@@ -18,7 +18,7 @@ use weir_signaling::{
     PROTOCOL_VERSION,
 };
 
-use super::control::{ControlCommand, SessionEvent, SESSION_QUEUE};
+use super::control::{ControlCommand, SessionEvent};
 use super::AppState;
 use crate::auth::{AuthError, RoomId, RoomTicket};
 use crate::room::SessionId;
@@ -55,7 +55,7 @@ pub async fn session(
 ) {
     let _live = super::LiveSession::new(&state);
     let id = SessionId(state.next_session.fetch_add(1, Ordering::Relaxed));
-    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+    let (tx, mut rx) = mpsc::channel(state.session_queue);
     if state
         .control
         .send(ControlCommand::Open { session: id, tx })
@@ -169,7 +169,12 @@ pub async fn session(
             event = rx.recv() => match event {
                 Some(SessionEvent::Send(msg)) => {
                     let last = matches!(msg, ServerMessage::Left { .. });
-                    if sink.send(Message::Text(msg.to_json().into())).await.is_err() {
+                    // Written, and flushed once nothing more is queued: a burst of room
+                    // events (a class joining) leaves in a few writes, not one each.
+                    let flush = last || rx.is_empty();
+                    if sink.feed(Message::Text(msg.to_json().into())).await.is_err()
+                        || (flush && sink.flush().await.is_err())
+                    {
                         break (LeaveReason::Disconnected, None);
                     }
                     if last {
