@@ -26,7 +26,8 @@
 //!
 //! Run: `BENCH_PATH=rtmp-chrome BENCH_SECONDS=180 cargo bench --bench glass`
 //! (paths: SOURCE-SINK of rtmp, chrome, webrtc and chrome, flv, rtmp;
-//! BENCH_AUDIO=0 for video only; BENCH_SHOW_URL=1 prints the FLV player's URL, to try
+//! BENCH_AUDIO=0 for video only; BENCH_AUDIO_PTIME_MS=20 asks WebRTC publishers for
+//! 20 ms audio packets instead of the default 10; BENCH_SHOW_URL=1 prints the FLV player's URL, to try
 //! other players against the same stream). Writes `benches/artifacts/glass-PATH.{csv,svg}`.
 //! BENCH_CLUSTER=1 (rtmp sources): two nodes behind a `redis-server`; the room lives on
 //! the one the sink uses, the pusher reaches the other, which relays its push there
@@ -374,6 +375,13 @@ async fn main() {
     let tweak = |c: &mut weir::config::Config| {
         if std::env::var("BENCH_CONGESTION").as_deref() == Ok("0") {
             c.server.congestion_control = false;
+        }
+        // The audio packet length asked of WebRTC publishers (20: Chrome's own).
+        if let Some(ms) = std::env::var("BENCH_AUDIO_PTIME_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            c.server.publisher_audio_ptime_ms = ms;
         }
     };
     let app_config = weir::auth::AppKeys::generate_config(APP);

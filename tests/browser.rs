@@ -137,6 +137,17 @@ async fn two_chrome_tabs_see_and_hear_each_other() {
         assert_eq!(r["audioCodec"], "audio/opus", "{r}");
         assert!(r["width"].as_u64().unwrap() >= 320, "{r}");
     }
+    // Chrome sends the 10 ms audio packets Weir's answer asks for (`a=ptime:10`,
+    // `publisher_audio_ptime_ms`): a hundred a second, not its own fifty.
+    let packets = |r: &Value| r["audioPackets"].as_f64().unwrap_or(0.0);
+    let before = received(&bob, &a_stream).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = received(&bob, &a_stream).await;
+    let per_second = (packets(&after) - packets(&before)) / 2.0;
+    assert!(
+        (85.0..=115.0).contains(&per_second),
+        "{per_second} audio packets a second from alice"
+    );
 
     // Text messages reach the other tab.
     bob.eval(r#"window.texts = []; window.room.on('textMessage', (m) => window.texts.push(m));"#)

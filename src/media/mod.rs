@@ -73,6 +73,8 @@ pub struct MediaConfig {
     pub publisher_bitrate: (f64, f64),
     /// Busy percent over which the plane counts as overloaded (0: never).
     pub overload_busy_percent: u8,
+    /// Audio packet length asked of WebRTC publishers (`a=ptime`), 0: not asked.
+    pub publisher_audio_ptime_ms: u32,
 }
 
 /// What a publisher may send, from the room's `AllowPublish`.
@@ -1164,8 +1166,11 @@ impl Media {
     /// Answers a client's offer on an existing connection `key` and sends the answer.
     fn answer_offer(&mut self, key: PeerKey, sdp: String) -> Result<(), String> {
         let p = self.peers.get_mut(&key).ok_or("no such connection")?;
+        // Only what a publisher sends follows the ptime it is asked for.
+        let ptime = (key.1 == Target::Publisher && self.config.publisher_audio_ptime_ms > 0)
+            .then_some(self.config.publisher_audio_ptime_ms);
         let answer = p
-            .answer(sdp)
+            .answer(sdp, ptime)
             .map_err(|e| format!("cannot answer the offer: {e}"))?;
         self.index_ufrag(key);
         self.tell(
@@ -1923,6 +1928,7 @@ mod tests {
             congestion_control: true,
             publisher_bitrate: (100_000.0, 1_500_000.0),
             overload_busy_percent: 90,
+            publisher_audio_ptime_ms: 10,
         };
         let metrics = Arc::new(Metrics::new());
         let m = Media::new(config, socket, None, None, control, metrics, crew).unwrap();

@@ -372,6 +372,28 @@ pub fn complete_sdp(sdp: &str) -> String {
     d.marshal()
 }
 
+/// `sdp` with `a=ptime:<ms>` in each audio m-section that carries media: how long
+/// an audio packet should be (RFC 8866 §6.4). Chrome's Opus encoder reads it from the
+/// remote description and sends packets of that length (20 ms without it).
+pub fn with_audio_ptime(sdp: &str, ms: u32) -> String {
+    use rtc::sdp::description::common::Attribute;
+    use rtc::sdp::description::session::SessionDescription;
+    let Ok(mut d) = SessionDescription::unmarshal(&mut std::io::Cursor::new(sdp.as_bytes())) else {
+        return sdp.to_owned();
+    };
+    for m in &mut d.media_descriptions {
+        if m.media_name.media != "audio" || m.media_name.port.value == 0 {
+            continue;
+        }
+        m.attributes.retain(|a| a.key != "ptime");
+        m.attributes.push(Attribute {
+            key: "ptime".into(),
+            value: Some(ms.to_string()),
+        });
+    }
+    d.marshal()
+}
+
 /// The kinds an SDP offer *sends* (m-sections that are sendrecv or sendonly and not
 /// rejected): what a publisher asks to publish. Read with rtc-sdp, the parser rtc
 /// applies the offer with; an offer it cannot parse sends nothing.
@@ -787,8 +809,9 @@ impl Peer {
         true
     }
 
-    /// Applies a publisher's offer and returns our answer.
-    pub fn answer(&mut self, sdp: String) -> Result<String, RtcError> {
+    /// Applies a publisher's offer and returns our answer, asking for audio packets of
+    /// `audio_ptime_ms` when given.
+    pub fn answer(&mut self, sdp: String, audio_ptime_ms: Option<u32>) -> Result<String, RtcError> {
         let now = Instant::now();
         self.pc
             .set_remote_description(now, RTCSessionDescription::offer(sdp)?)?;
@@ -798,6 +821,10 @@ impl Peer {
         self.pc
             .local_description()
             .map(|d| complete_sdp(&d.sdp))
+            .map(|s| match audio_ptime_ms {
+                Some(ms) => with_audio_ptime(&s, ms),
+                None => s,
+            })
             .ok_or(RtcError::ErrPeerConnLocalDescriptionNil)
     }
 
@@ -1648,6 +1675,7 @@ mod tests {
             congestion_control: false,
             publisher_bitrate: (100_000.0, 1_000_000.0),
             overload_busy_percent: 90,
+            publisher_audio_ptime_ms: 10,
         };
         let metrics = Metrics::new();
         let mut peer = Peer::new(
@@ -1688,7 +1716,7 @@ a=rtpmap:96 VP8/90000\r\n\
 a=sendonly\r\n\
 a=msid:s v\r\n\
 a=ssrc:2 cname:x\r\n";
-        let answer = peer.answer(offer.into()).unwrap();
+        let answer = peer.answer(offer.into(), None).unwrap();
         let sections: Vec<&str> = answer.split("\r\nm=").skip(1).collect();
         assert_eq!(sections.len(), 2, "{answer}");
         let (audio, video) = (sections[0], sections[1]);
@@ -1711,6 +1739,30 @@ a=ssrc:2 cname:x\r\n";
             );
         }
         assert!(answer.contains("a=msid-semantic:WMS *"), "{answer}");
+        assert!(!answer.contains("a=ptime"), "none asked: {answer}");
+    }
+
+    #[test]
+    fn the_audio_packet_length_is_asked_in_each_audio_section_that_carries_media() {
+        let sdp = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=rtpmap:111 opus/48000/2\r\na=ptime:20\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=rtpmap:96 VP8/90000\r\n\
+m=audio 0 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\na=rtpmap:111 opus/48000/2\r\n";
+        let out = with_audio_ptime(sdp, 10);
+        let sections: Vec<&str> = out.split("\r\nm=").skip(1).collect();
+        assert_eq!(sections.len(), 3, "{out}");
+        assert!(sections[0].contains("a=ptime:10"), "{out}");
+        assert!(
+            !sections[0].contains("a=ptime:20"),
+            "the offer's own replaced: {out}"
+        );
+        assert!(!sections[1].contains("a=ptime"), "video: {out}");
+        assert!(!sections[2].contains("a=ptime"), "rejected: {out}");
+        // Nothing else changed.
+        assert_eq!(
+            out.replace("a=ptime:10\r\n", ""),
+            sdp.replace("a=ptime:20\r\n", "")
+        );
     }
 
     #[test]

@@ -530,6 +530,7 @@ pub async fn start(config: Config, keyring: Keyring) -> Result<Server> {
             f64::from(config.server.publisher_max_bitrate),
         ),
         overload_busy_percent: config.server.overload_busy_percent,
+        publisher_audio_ptime_ms: config.server.publisher_audio_ptime_ms,
     };
     let plane = wiring.plane.clone();
     let overload = wiring.any_overloaded.clone();
