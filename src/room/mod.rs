@@ -1298,4 +1298,4 @@ impl Rooms {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,9 +1,10 @@
 use super::*;
 use crate::auth::{Identity, TokenKind};
 
-const APP: u64 = 1_400_000_000;
+pub(crate) const APP: u64 = 1_400_000_000;
 
-fn ticket(user: &str, room: u32, privileges: u32) -> RoomTicket {
+/// A verified ticket of `user` for numeric `room` (the other parts' tests use it too).
+pub(crate) fn ticket(user: &str, room: u32, privileges: u32) -> RoomTicket {
     RoomTicket {
         identity: Identity {
             kind: TokenKind::V2,

@@ -1257,25 +1257,8 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::room::tests::{ticket, APP};
     use crate::room::{Limits, UrlBase};
-
-    const APP: u64 = 1_400_000_000;
-
-    fn ticket(user: &str, room: u32) -> RoomTicket {
-        RoomTicket {
-            identity: Identity {
-                kind: TokenKind::V2,
-                sdk_app_id: APP,
-                user_id: user.into(),
-                issued_at: 0,
-                expires_at: u64::MAX,
-            },
-            room: RoomId::Num(room),
-            privileges: Privileges(0xff),
-            privilege_names: Vec::new(),
-            room_expires_at: u64::MAX,
-        }
-    }
 
     /// Issue 16's join storm and leave burst: a room of the largest size joining at
     /// once, then leaving at once, before a member's session has written out a message
@@ -1317,7 +1300,7 @@ mod tests {
                 .send(ControlCommand::Join {
                     session,
                     sdk_app_id: APP,
-                    ticket: Box::new(ticket(&format!("m{i}"), 7)),
+                    ticket: Box::new(ticket(&format!("m{i}"), 7, 0xff)),
                     auto_subscribe: true,
                     congestion_policy: None,
                     push: false,
