@@ -424,12 +424,11 @@ pub struct ServerConfig {
     pub publisher_min_bitrate: u32,
     pub publisher_max_bitrate: u32,
     /// The audio packet length (ms) asked of WebRTC publishers in the answer to their
-    /// offer (`a=ptime`); Chrome's Opus encoder follows it. 10 ms packets take about
-    /// 25 ms off the audio a viewer hears from a Chrome publisher, and as much off its
-    /// video, which Chrome holds back to play in step with the audio (BENCHMARKS.md,
-    /// "Glass to glass with sound"), for twice the audio packets (50 more a second per
-    /// stream and receiver, about 25 kbit/s of headers). 20 is Chrome's own choice;
-    /// 0 asks nothing.
+    /// offer (`a=ptime`); Chrome's Opus encoder follows it. 10 ms packets took 12–26 ms
+    /// off the audio a viewer hears from a Chrome publisher, and 30–40 ms off its video,
+    /// which Chrome holds back to play in step with the audio (BENCHMARKS.md, "Glass to
+    /// glass with sound"), for twice the audio packets (50 more a second per stream and
+    /// receiver, about 25 kbit/s of headers). 20 is Chrome's own choice; 0 asks nothing.
     pub publisher_audio_ptime_ms: u32,
     /// Seconds a signaling session may stay silent before it is closed (clients ping).
     pub signaling_idle_timeout_s: u64,
