@@ -345,19 +345,26 @@ impl Rewriter {
             self.seq_base.wrapping_sub(packet.header.sequence_number),
             self.ts_base.wrapping_sub(packet.header.timestamp),
         ));
-        let mut out = packet.clone();
-        out.header.ssrc = self.ssrc;
-        out.header.payload_type = payload_type;
-        out.header.sequence_number = packet.header.sequence_number.wrapping_add(seq_off);
-        out.header.timestamp = packet.header.timestamp.wrapping_add(ts_off);
-        out.header.extension = false;
-        out.header.extension_profile = 0;
-        out.header.extensions.clear();
-        // The publisher's parsed extension padding goes too: left behind, it makes the
-        // header's computed size disagree with what it marshals once an interceptor
-        // (the TWCC sender) adds an extension, and rtc's SRTP layer then drops the
-        // packet ("marshal_to output size 23, but expect 27"), logged only via `log`.
-        out.header.extensions_padding = 0;
+        // The publisher's extensions are not copied (not even cloned to be cleared),
+        // nor their parsed padding: left behind, it makes the header's computed size
+        // disagree with what it marshals once the send side adds the TWCC number, and
+        // rtc's SRTP layer then drops the packet ("marshal_to output size 23, but
+        // expect 27").
+        let h = &packet.header;
+        let out = Packet {
+            header: rtc::rtp::header::Header {
+                version: h.version,
+                padding: h.padding,
+                marker: h.marker,
+                payload_type,
+                sequence_number: h.sequence_number.wrapping_add(seq_off),
+                timestamp: h.timestamp.wrapping_add(ts_off),
+                ssrc: self.ssrc,
+                csrc: h.csrc.clone(),
+                ..Default::default()
+            },
+            payload: packet.payload.clone(),
+        };
         self.last_out = Some((out.header.sequence_number, out.header.timestamp));
         self.packets = self.packets.wrapping_add(1);
         self.octets = self.octets.wrapping_add(out.payload.len() as u32);

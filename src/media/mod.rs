@@ -1772,7 +1772,11 @@ impl Media {
             let Some(p) = self.peers.get_mut(&key) else {
                 continue;
             };
-            self.dirty.insert(key);
+            // A copy written past the chain leaves nothing behind in the connection
+            // (its datagram is taken below), so it needs no sweep at the pump's end.
+            if !p.forwards_past_chain() {
+                self.dirty.insert(key);
+            }
             for Inbound {
                 packet, keyframe, ..
             } in packets

@@ -23,6 +23,11 @@
 //! - streams are found by SSRC in a short vector (a subscriber has a few per publisher
 //!   it watches).
 //!
+//! Forwarded copies do not pass the chain at all: the forwarding path prepares each
+//! one through a [`SendHandle`] on the same state and hands it to `rtc`'s SRTP
+//! directly (`RTCPeerConnection::write_rtp_protected`, `vendor/rtc/WEIR-PATCH.md`);
+//! RTCP, retransmissions and timers still go through the interceptor.
+//!
 //! Behaviour is the chain's, step for step (which packets are numbered, when the
 //! estimator hears what, what an RTX resend carries), with two deliberate differences:
 //! a packet of a stream without the TWCC extension is not put in the history (no
@@ -33,6 +38,7 @@
 //! exercise it end to end, the unit tests below piece by piece.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{
@@ -238,8 +244,13 @@ impl History {
     }
 }
 
-/// See the module's documentation.
-pub struct SendSide {
+/// The send side's state. The interceptor in the connection's chain ([`SendSide`])
+/// and the forwarding path ([`SendHandle`]) share it: RTCP, retransmissions and
+/// timers go through the chain; a forwarded copy is prepared here by the forwarding
+/// path itself and handed to `rtc`'s SRTP past the chain
+/// (`RTCPeerConnection::write_rtp_protected`), so it is never moved through the
+/// chain's queues.
+struct SendState {
     streams: Vec<Stream>,
     guard: NackGuard,
     tap: RtcpTap,
@@ -248,64 +259,46 @@ pub struct SendSide {
     estimator: Option<SharedEstimator>,
     next_twcc: u16,
     history: History,
-    reads: VecDeque<TaggedPacket>,
-    writes: VecDeque<TaggedPacket>,
 }
 
-impl SendSide {
-    pub fn new(guard: NackGuard, tap: RtcpTap, estimator: Option<SharedEstimator>) -> Self {
-        Self {
-            streams: Vec::new(),
-            guard,
-            tap,
-            estimator,
-            next_twcc: 0,
-            history: History::default(),
-            reads: VecDeque::new(),
-            writes: VecDeque::new(),
-        }
-    }
-
+impl SendState {
     fn stream(&mut self, ssrc: u32) -> Option<&mut Stream> {
         self.streams.iter_mut().find(|s| s.ssrc == ssrc)
     }
 
-    /// Numbers, records and queues one packet leaving (cached first if `cache`).
-    fn send(&mut self, mut msg: TaggedPacket, cache: bool) {
-        if let Packet::Rtp(p) = &mut msg.message.packet {
-            let congestion = self.estimator.is_some();
-            let twcc = match self.stream(p.header.ssrc) {
-                Some(s) => {
-                    if cache {
-                        s.cache(p);
-                    }
-                    (congestion && s.twcc != 0).then_some(s.twcc)
+    /// Numbers and records one packet leaving (cached first if `cache`).
+    fn prepare(&mut self, p: &mut rtc::rtp::Packet, now: Instant, cache: bool) {
+        let congestion = self.estimator.is_some();
+        let twcc = match self.stream(p.header.ssrc) {
+            Some(s) => {
+                if cache {
+                    s.cache(p);
                 }
-                None => None,
-            };
-            if p.header.padding && p.payload.is_empty() {
-                self.guard
-                    .padding_sent(p.header.ssrc, p.header.sequence_number);
+                (congestion && s.twcc != 0).then_some(s.twcc)
             }
-            if let Some(id) = twcc {
-                let n = self.next_twcc;
-                self.next_twcc = n.wrapping_add(1);
-                let _ = p
-                    .header
-                    .set_extension(id, bytes::Bytes::copy_from_slice(&n.to_be_bytes()));
-                self.history.add(
-                    n,
-                    Sent {
-                        ssrc: p.header.ssrc,
-                        sequence: p.header.sequence_number,
-                        size: p.marshal_size(),
-                        departure: msg.now,
-                        ack: None,
-                    },
-                );
-            }
+            None => None,
+        };
+        if p.header.padding && p.payload.is_empty() {
+            self.guard
+                .padding_sent(p.header.ssrc, p.header.sequence_number);
         }
-        self.writes.push_back(msg);
+        if let Some(id) = twcc {
+            let n = self.next_twcc;
+            self.next_twcc = n.wrapping_add(1);
+            let _ = p
+                .header
+                .set_extension(id, bytes::Bytes::copy_from_slice(&n.to_be_bytes()));
+            self.history.add(
+                n,
+                Sent {
+                    ssrc: p.header.ssrc,
+                    sequence: p.header.sequence_number,
+                    size: p.marshal_size(),
+                    departure: now,
+                    ack: None,
+                },
+            );
+        }
     }
 
     /// Applies TWCC feedback to the history and gives the estimator what it settled.
@@ -334,8 +327,13 @@ impl SendSide {
         }
     }
 
-    /// Resends what the (guarded) NACKs ask for, from the cache.
-    fn answer_nacks(&mut self, now: Instant, packets: &[Box<dyn rtc::rtcp::Packet>]) {
+    /// The resends the (guarded) NACKs ask for, from the cache, each prepared to leave.
+    fn answer_nacks(
+        &mut self,
+        now: Instant,
+        packets: &[Box<dyn rtc::rtcp::Packet>],
+    ) -> Vec<rtc::rtp::Packet> {
+        let mut out = Vec::new();
         for nack in packets
             .iter()
             .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
@@ -343,24 +341,65 @@ impl SendSide {
             let Some(stream) = self.stream(nack.media_ssrc) else {
                 continue;
             };
-            let resends: Vec<_> = nack
-                .nacks
-                .iter()
-                .flat_map(|n| n.packet_list())
-                .filter_map(|seq| stream.resend(seq))
-                .collect();
-            for packet in resends {
-                self.send(
-                    TaggedPacket {
-                        now,
-                        transport: Default::default(),
-                        message: AttributedPacket::new(Packet::Rtp(packet))
-                            .with(Attribute::Retransmission),
-                    },
-                    false,
-                );
+            let first = out.len();
+            out.extend(
+                nack.nacks
+                    .iter()
+                    .flat_map(|n| n.packet_list())
+                    .filter_map(|seq| stream.resend(seq)),
+            );
+            for packet in &mut out[first..] {
+                self.prepare(packet, now, false);
             }
         }
+        out
+    }
+}
+
+/// The forwarding path's hold on a subscriber connection's send side: prepares a
+/// forwarded copy (cache, transport-wide number, send history) without the chain.
+#[derive(Clone)]
+pub struct SendHandle(Arc<Mutex<SendState>>);
+
+impl SendHandle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SendState> {
+        // Nothing in the state is left half-done by a panic that matters more than
+        // forwarding on: take it as it is.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Caches, numbers and records `packet` as leaving at `now`.
+    pub fn prepare(&self, packet: &mut rtc::rtp::Packet, now: Instant) {
+        self.lock().prepare(packet, now, true);
+    }
+}
+
+/// See the module's documentation.
+pub struct SendSide {
+    state: SendHandle,
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+impl SendSide {
+    pub fn new(guard: NackGuard, tap: RtcpTap, estimator: Option<SharedEstimator>) -> Self {
+        Self {
+            state: SendHandle(Arc::new(Mutex::new(SendState {
+                streams: Vec::new(),
+                guard,
+                tap,
+                estimator,
+                next_twcc: 0,
+                history: History::default(),
+            }))),
+            reads: VecDeque::new(),
+            writes: VecDeque::new(),
+        }
+    }
+
+    /// The handle the forwarding path prepares its copies with.
+    pub fn handle(&self) -> SendHandle {
+        self.state.clone()
     }
 }
 
@@ -374,19 +413,27 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SendSide {
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
         let now = msg.now;
         if let Packet::Rtcp(packets) = &mut msg.message.packet {
-            self.feedback(now, packets);
-            let streams = &self.streams;
+            let mut guard = self.state.lock();
+            let state = &mut *guard;
+            state.feedback(now, packets);
+            let streams = &state.streams;
             let size = |ssrc: u32, seq: u16| {
                 let s = streams.iter().find(|s| s.ssrc == ssrc)?;
                 Some(s.cached(seq)?.marshal_size())
             };
-            if !self.guard.filter(packets, now, &size) {
+            if !state.guard.filter(packets, now, &size) {
                 return Ok(()); // only NACKs, none worth answering
             }
             let packets = std::mem::take(packets);
-            self.answer_nacks(now, &packets);
+            let resends = state.answer_nacks(now, &packets);
+            self.writes
+                .extend(resends.into_iter().map(|p| TaggedPacket {
+                    now,
+                    transport: Default::default(),
+                    message: AttributedPacket::new(Packet::Rtp(p)).with(Attribute::Retransmission),
+                }));
             msg.message.packet = Packet::Rtcp(packets);
-            self.tap.inspect(&mut msg);
+            state.tap.inspect(&mut msg);
         }
         self.reads.push_back(msg);
         Ok(())
@@ -396,8 +443,11 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SendSide {
         self.reads.pop_front()
     }
 
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
-        self.send(msg, true);
+    fn handle_write(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
+        if let Packet::Rtp(p) = &mut msg.message.packet {
+            self.state.lock().prepare(p, msg.now, true);
+        }
+        self.writes.push_back(msg);
         Ok(())
     }
 
@@ -406,21 +456,28 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SendSide {
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), RtcError> {
-        self.history
+        let mut state = self.state.lock();
+        state
+            .history
             .prune(now.checked_sub(PRUNE_HORIZON).unwrap_or(now));
-        if let Some(e) = self.estimator.as_mut() {
+        if let Some(e) = state.estimator.as_mut() {
             e.handle_timeout(now);
         }
         Ok(())
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {
-        self.estimator.as_ref().and_then(|e| e.poll_timeout())
+        self.state
+            .lock()
+            .estimator
+            .as_ref()
+            .and_then(|e| e.poll_timeout())
     }
 }
 
 impl Interceptor for SendSide {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
+        let mut state = self.state.lock();
         let twcc = info
             .rtp_header_extensions
             .iter()
@@ -438,12 +495,12 @@ impl Interceptor for SendSide {
             cache: nack.then(|| vec![None; CACHE].into_boxed_slice()),
             highest: None,
         };
-        self.streams.retain(|s| s.ssrc != info.ssrc);
-        self.streams.push(stream);
+        state.streams.retain(|s| s.ssrc != info.ssrc);
+        state.streams.push(stream);
     }
 
     fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        self.streams.retain(|s| s.ssrc != info.ssrc);
+        self.state.lock().streams.retain(|s| s.ssrc != info.ssrc);
     }
 
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
@@ -554,7 +611,7 @@ mod tests {
         let numbers: Vec<_> = out.iter().map(twcc).collect();
         // SSRC 99 is no stream of ours: passed on as it is.
         assert_eq!(numbers, [Some(0), Some(1), Some(2), None]);
-        assert_eq!(s.history.sent.len(), 3);
+        assert_eq!(s.state.lock().history.sent.len(), 3);
         // Without congestion control nothing is numbered or recorded.
         let mut off = SendSide::new(
             NackGuard::new(None, Default::default(), Default::default()),
@@ -564,7 +621,39 @@ mod tests {
         off.bind_local_stream(&info(10, None));
         off.handle_write(rtp(10, 1)).unwrap();
         assert_eq!(twcc(&written(&mut off)[0]), None);
-        assert!(off.history.sent.is_empty());
+        assert!(off.state.lock().history.sent.is_empty());
+    }
+
+    /// Forwarded copies are prepared through the handle, past the chain; the chain's
+    /// own writes and resends draw from the same numbering and the same cache.
+    #[test]
+    fn copies_prepared_past_the_chain_share_its_numbers_history_and_cache() {
+        let mut s = side();
+        s.bind_local_stream(&info(10, None));
+        let handle = s.handle();
+        let mut numbers = Vec::new();
+        for seq in 100..104 {
+            let Packet::Rtp(mut p) = rtp(10, seq).message.packet else {
+                unreachable!()
+            };
+            handle.prepare(&mut p, Instant::now());
+            numbers.push(twcc(&p));
+        }
+        s.handle_write(rtp(10, 104)).unwrap();
+        numbers.extend(written(&mut s).iter().map(twcc));
+        assert_eq!(numbers, [Some(0), Some(1), Some(2), Some(3), Some(4)]);
+        assert_eq!(s.state.lock().history.sent.len(), 5);
+        // A NACK for a copy that never passed the chain is answered from the cache.
+        s.handle_read(nack(10, &[101])).unwrap();
+        let resent = written(&mut s);
+        assert_eq!(
+            resent
+                .iter()
+                .map(|p| (p.header.sequence_number, twcc(p)))
+                .collect::<Vec<_>>(),
+            [(101, Some(5))]
+        );
+        assert_eq!(resent[0].payload, bytes::Bytes::from(vec![101u8; 100]));
     }
 
     #[test]

@@ -30,7 +30,8 @@ use crate::peer_connection::state::signaling_state::RTCSignalingState;
 use crate::statistics::accumulator::RTCStatsAccumulator;
 use ::interceptor::Packet;
 use log::warn;
-use shared::TaggedBytesMut;
+use bytes::BytesMut;
+use shared::{TaggedBytesMut, TransportContext};
 use shared::error::{Error, flatten_errs};
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -326,6 +327,55 @@ impl RTCPeerConnection {
             ]
         );
         self.queue_transmits(belt);
+    }
+
+    /// Weir patch (`vendor/rtc/WEIR-PATCH.md`): an RTP packet the application has
+    /// already taken through its own send-side processing (numbering, caching,
+    /// recording: what an interceptor would do), protected with the connection's SRTP
+    /// context and queued for [`poll_write_ready`](Self::poll_write_ready) addressed to
+    /// the selected candidate pair. No handler is walked, no interceptor sees it and
+    /// no statistics are kept for it. An error, with nothing queued, before DTLS has
+    /// completed or while no pair is selected.
+    pub fn write_rtp_protected(
+        &mut self,
+        now: Instant,
+        packet: &rtp::Packet,
+    ) -> shared::error::Result<()> {
+        use shared::marshal::{Marshal, MarshalSize};
+
+        self.pipeline_context.observe(now);
+        let ctx = &mut self.pipeline_context;
+        if !ctx.interceptor_handler_context.is_dtls_handshake_complete {
+            return Err(Error::Other("DTLS handshake not complete".to_string()));
+        }
+        let Some((local, remote)) = ctx
+            .ice_handler_context
+            .ice_transport
+            .agent
+            .get_selected_candidate_pair()
+        else {
+            return Err(Error::Other("no selected candidate pair".to_string()));
+        };
+        let transport = TransportContext {
+            local_addr: local.base_addr(),
+            peer_addr: remote.addr(),
+            transport_protocol: local.network_type().to_protocol(),
+            ecn: None,
+        };
+        let Some(context) = ctx.srtp_handler_context.local_srtp_context.as_mut() else {
+            return Err(Error::Other("local_srtp_context is not set yet".to_string()));
+        };
+        let mut plain = BytesMut::with_capacity(packet.marshal_size());
+        plain.resize(packet.marshal_size(), 0);
+        let n = packet.marshal_to(&mut plain)?;
+        plain.truncate(n);
+        let message = context.encrypt_rtp_with_header(&plain, &packet.header)?;
+        ctx.write_outs.push_back(TaggedBytesMut {
+            now,
+            transport,
+            message,
+        });
+        Ok(())
     }
 
     /// Weir patch (`vendor/rtc/WEIR-PATCH.md`): the next datagram already queued for
