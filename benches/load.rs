@@ -15,7 +15,10 @@
 //!   timers every 5 ms, and sleeps 0.5 ms between rounds so that each round finds
 //!   many sockets ready (no task, timer or wake-up per packet; a packet is read, and
 //!   its latency measured, up to 0.5 ms late); a small task per subscriber
-//!   carries its signaling. They join through the real signaling
+//!   carries its signaling. Each datagram reaches its connection with the kernel's
+//!   arrival stamp (`SO_TIMESTAMPNS`), so the transport-wide CC feedback reports when
+//!   it arrived at the socket, not when this process got round to it. They join
+//!   through the real signaling
 //!   with real credentials, answer Weir's offers, and run the full receive path (ICE,
 //!   DTLS, SRTP, NACK, receiver reports, transport-wide CC feedback). They do not
 //!   decode: they count packets per SSRC (loss after retransmission, order, duplicates)
@@ -524,6 +527,67 @@ impl Receivers {
     }
 }
 
+/// Asks the kernel to stamp each datagram with its arrival (`SO_TIMESTAMPNS`).
+fn stamp_arrivals(socket: &mio::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, an int option of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_TIMESTAMPNS: {}", std::io::Error::last_os_error());
+}
+
+/// One datagram (IPv4), its sender, and the kernel's arrival stamp if it gave one.
+fn recv_stamped(
+    socket: &mio::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, Option<SystemTime>)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: every pointer handed to recvmsg points into a live local of the size
+    // given; the control messages are walked with the libc macros within
+    // `msg_controllen`, and a timestamp is read unaligned.
+    unsafe {
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut control = [0u64; 8];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(socket.as_raw_fd(), &mut msg, 0);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let from = SocketAddr::from((
+            std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+            u16::from_be(addr.sin_port),
+        ));
+        let mut stamp = None;
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                stamp = Some(UNIX_EPOCH + Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        Ok((n as usize, from, stamp))
+    }
+}
+
 fn receive_loop(mut poll: mio::Poll, commands: std::sync::mpsc::Receiver<Command>) {
     let mut subs: HashMap<usize, Subscriber> = HashMap::new();
     let mut events = mio::Events::with_capacity(1024);
@@ -537,6 +601,7 @@ fn receive_loop(mut poll: mio::Poll, commands: std::sync::mpsc::Receiver<Command
             }
         }
         let now = Instant::now();
+        let wall = SystemTime::now();
         let woke = !events.is_empty();
         for event in events.iter() {
             let Some(sub) = subs.get_mut(&event.token().0) else {
@@ -547,8 +612,20 @@ fn receive_loop(mut poll: mio::Poll, commands: std::sync::mpsc::Receiver<Command
             let mut seen = false;
             let mut errors = 0;
             loop {
-                match sub.socket.recv_from(&mut buf) {
-                    Ok((n, from)) => seen |= sub.datagram(&buf[..n], from, now),
+                match recv_stamped(&sub.socket, &mut buf) {
+                    Ok((n, from, stamp)) => {
+                        // When the kernel queued it, not when this loop got to it: the
+                        // subscribers' transport-wide feedback is then a receiver's on
+                        // its own machine, not this generator's reading lag at the
+                        // peaks (a keyframe's thousands of copies), which Weir's
+                        // congestion control would read as the links' queues. (The
+                        // frame latency is still taken when the frame is read.)
+                        let at = stamp
+                            .and_then(|t| wall.duration_since(t).ok())
+                            .and_then(|ago| now.checked_sub(ago))
+                            .unwrap_or(now);
+                        seen |= sub.datagram(&buf[..n], from, at)
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(_) if errors < 8 => errors += 1,
                     Err(_) => break,
@@ -630,6 +707,7 @@ async fn subscribe(
         return;
     }
     let socket = mio::net::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    stamp_arrivals(&socket);
     let local = socket.local_addr().unwrap();
     receivers.add(
         id,

@@ -1777,46 +1777,49 @@ impl Media {
             if !p.forwards_past_chain() {
                 self.dirty.insert(key);
             }
-            for Inbound {
-                packet, keyframe, ..
-            } in packets
-            {
-                if *keyframe == Some(false) && p.downtrack_fresh(&stream_id, kind) {
-                    let Some(gop) = gop else {
-                        continue; // wait for the next keyframe
-                    };
-                    let mut replayed = false;
-                    for (i, old) in gop.iter().enumerate() {
-                        replayed |= p.send_forwarded(&stream_id, kind, old, Some(i == 0), &[], now);
-                    }
-                    if replayed {
-                        self.metrics.gop_replays.inc();
-                    }
-                }
-                // Stamped when written, so the send time the congestion controller
-                // records is when it leaves (a subscriber's group goes out right
-                // after), not the start of a pump that may write thousands of copies
-                // before it.
-                let at = Instant::now();
-                if p.send_forwarded(&stream_id, kind, packet, *keyframe, layers, at) {
-                    copies += 1;
-                    bytes += packet.payload.len() as u64;
-                }
-                // What was just written, without sweeping the connection for more:
-                // the pump's end does that once per connection (`dirty`).
-                while let Some(out) = p.pc.poll_write_ready() {
-                    self.udp.queue(out, at);
-                }
-                // A copy leaves at most SEND_HOLD_MAX after the send time the
-                // congestion controller recorded for it: a long group (a keyframe, a
-                // slow build) goes in several runs rather than making its first
-                // packets look delayed.
-                if self
-                    .udp
-                    .held_since()
-                    .is_some_and(|t| t.elapsed() >= SEND_HOLD_MAX)
+            // The downtrack is looked up once for the batch, not per packet.
+            if let Some(mut f) = p.forward_to(&stream_id, kind) {
+                for Inbound {
+                    packet, keyframe, ..
+                } in packets
                 {
-                    self.udp.flush(&self.socket, &self.tcp_writers);
+                    if *keyframe == Some(false) && f.fresh() {
+                        let Some(gop) = gop else {
+                            continue; // wait for the next keyframe
+                        };
+                        let mut replayed = false;
+                        for (i, old) in gop.iter().enumerate() {
+                            replayed |= f.send(old, Some(i == 0), &[], now);
+                        }
+                        if replayed {
+                            self.metrics.gop_replays.inc();
+                        }
+                    }
+                    // Stamped when written, so the send time the congestion controller
+                    // records is when it leaves (a subscriber's group goes out right
+                    // after), not the start of a pump that may write thousands of
+                    // copies before it.
+                    let at = Instant::now();
+                    if f.send(packet, *keyframe, layers, at) {
+                        copies += 1;
+                        bytes += packet.payload.len() as u64;
+                    }
+                    // What was just written, without sweeping the connection for
+                    // more: the pump's end does that once per connection (`dirty`).
+                    while let Some(out) = f.poll_write_ready() {
+                        self.udp.queue(out, at);
+                    }
+                    // A copy leaves at most SEND_HOLD_MAX after the send time the
+                    // congestion controller recorded for it: a long group (a keyframe,
+                    // a slow build) goes in several runs rather than making its first
+                    // packets look delayed.
+                    if self
+                        .udp
+                        .held_since()
+                        .is_some_and(|t| at.saturating_duration_since(t) >= SEND_HOLD_MAX)
+                    {
+                        self.udp.flush(&self.socket, &self.tcp_writers);
+                    }
                 }
             }
             keyframe_now |= std::mem::take(&mut p.keyframe_now);

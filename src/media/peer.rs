@@ -238,6 +238,161 @@ pub struct Peer {
     send: Option<super::send_side::SendHandle>,
 }
 
+/// One subscriber's downtrack of one stream, with what sending on it touches
+/// ([`Peer::forward_to`]).
+pub struct Forwarding<'a> {
+    key: PeerKey,
+    stream_id: &'a str,
+    kind: Kind,
+    d: &'a mut Downtrack,
+    pc: &'a mut RTCPeerConnection,
+    send: Option<&'a super::send_side::SendHandle>,
+    keyframe_wanted: &'a mut HashSet<String>,
+    keyframe_now: &'a mut bool,
+    congestion: Option<&'a mut Congestion>,
+}
+
+impl Forwarding<'_> {
+    /// Negotiated and nothing sent on it yet: a new subscriber's downtrack.
+    pub fn fresh(&self) -> bool {
+        self.d.negotiated && self.d.rewriter.packets == 0
+    }
+
+    /// The next datagram written on the connection, without a sweep.
+    pub fn poll_write_ready(&mut self) -> Option<rtc::shared::TaggedBytesMut> {
+        self.pc.poll_write_ready()
+    }
+
+    /// Sends a publisher's packet on this downtrack. True if it went out.
+    pub fn send(
+        &mut self,
+        packet: &rtc::rtp::Packet,
+        keyframe: Option<bool>,
+        layers: &[u32],
+        now: Instant,
+    ) -> bool {
+        let (stream_id, kind) = (self.stream_id, self.kind);
+        let d = &mut *self.d;
+        if d.paused {
+            return false;
+        }
+        if !d.negotiated {
+            if d.await_keyframe {
+                want_keyframe(self.keyframe_wanted, stream_id);
+            }
+            return false;
+        }
+        if d.await_keyframe && !d.started {
+            d.started = true;
+            if keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload)) != Some(true) {
+                *self.keyframe_now = true;
+            }
+        }
+        if kind == Kind::Video && !layers.is_empty() {
+            // Simulcast: forward one layer; change layers only at a keyframe of the
+            // one wanted, so the subscriber's decoder never sees a layer start mid-GOP.
+            let want = layers[d.layer.unwrap_or(usize::MAX).min(layers.len() - 1)];
+            let ssrc = packet.header.ssrc;
+            if d.forwarding.is_some_and(|f| !layers.contains(&f)) {
+                d.forwarding = None; // that layer stopped
+            }
+            if d.forwarding != Some(want) {
+                want_keyframe(self.keyframe_wanted, stream_id);
+            }
+            if Some(ssrc) != d.forwarding {
+                if ssrc != want {
+                    return false;
+                }
+                let key = keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload));
+                if key == Some(false) {
+                    return false;
+                }
+                if d.forwarding.is_some() || layers.len() > 1 {
+                    tracing::info!(
+                        key = ?self.key,
+                        stream_id,
+                        from = ?d.forwarding,
+                        to = ssrc,
+                        layer = d.layer,
+                        ?layers,
+                        "simulcast layer forwarded from its keyframe"
+                    );
+                }
+                d.forwarding = Some(ssrc);
+                d.await_keyframe = false;
+                self.keyframe_wanted.remove(stream_id);
+            }
+        }
+        if d.await_keyframe {
+            let key = keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload));
+            if key == Some(false) {
+                want_keyframe(self.keyframe_wanted, stream_id);
+                return false;
+            }
+            d.await_keyframe = false;
+            self.keyframe_wanted.remove(stream_id);
+        }
+        let Some(mut sender) = self.pc.rtp_sender(d.sender_id) else {
+            return false;
+        };
+        if d.payload_type.is_none() && !d.refused {
+            let codecs = &sender.get_parameters().rtp_parameters.codecs;
+            d.payload_type = codecs
+                .iter()
+                .find(|c| {
+                    c.rtp_codec.sdp_fmtp_line == d.codec.sdp_fmtp_line
+                        && codec_compatible(&d.codec, &c.rtp_codec)
+                })
+                .or_else(|| {
+                    codecs
+                        .iter()
+                        .find(|c| codec_compatible(&d.codec, &c.rtp_codec))
+                })
+                .map(|c| c.payload_type);
+        }
+        let Some(pt) = d.payload_type else {
+            if !d.refused {
+                // Never forward into a black screen: say why instead.
+                d.refused = true;
+                tracing::warn!(
+                    key = ?self.key,
+                    stream_id,
+                    codec = %d.mime,
+                    fmtp = %d.fmtp,
+                    "subscriber negotiated no compatible codec for this stream; not forwarding it"
+                );
+            }
+            return false;
+        };
+        let Some(mut out) = d.rewriter.rewrite(packet, pt) else {
+            return false; // late, behind a probe's padding
+        };
+        let bytes = out.payload.len() as u64 + 12;
+        // A subscriber's copy is already what `RTCRtpSender::write_rtp` checks for (its
+        // sender's SSRC, a negotiated payload type, no extension but the TWCC number
+        // the send side adds): it is prepared by the send side here and goes straight
+        // to SRTP, past the chain's queues and `rtc`'s per-packet statistics, which
+        // Weir does not read. (`vendor/rtc/WEIR-PATCH.md`.)
+        let res = match self.send {
+            Some(send) => {
+                send.prepare(&mut out, now);
+                self.pc.write_rtp_protected(now, &out)
+            }
+            None => sender.write_rtp(now, out),
+        };
+        if let Err(e) = &res {
+            tracing::trace!(key = ?self.key, error = %e, ?kind, "forwarded packet not written");
+        }
+        let ok = res.is_ok();
+        if ok {
+            if let Some(c) = self.congestion.as_deref_mut() {
+                c.sent_bytes += bytes;
+            }
+        }
+        ok
+    }
+}
+
 pub(super) fn to_kind(k: RtpCodecKind) -> Option<Kind> {
     match k {
         RtpCodecKind::Audio => Some(Kind::Audio),
@@ -1333,151 +1488,32 @@ impl Peer {
         changed
     }
 
-    /// True if the downtrack exists, is negotiated, and nothing has been sent on it yet.
-    pub fn downtrack_fresh(&self, stream_id: &str, kind: Kind) -> bool {
-        self.downtracks
-            .get(&(stream_id, kind) as &dyn TrackKey)
-            .is_some_and(|d| d.negotiated && d.rewriter.packets == 0)
-    }
-
-    /// Sends a publisher's packet on the matching downtrack. True if it went out.
     /// DTLS is up: media can flow (before, datagrams are the handshake).
     pub fn is_connected(&self) -> bool {
         self.connected
     }
 
-    pub fn send_forwarded(
-        &mut self,
-        stream_id: &str,
-        kind: Kind,
-        packet: &rtc::rtp::Packet,
-        keyframe: Option<bool>,
-        layers: &[u32],
-        now: Instant,
-    ) -> bool {
+    /// The downtrack of `stream_id`'s `kind` on this subscriber, resolved once for a
+    /// batch of packets (the lookup hashes the stream id). None before DTLS is up or
+    /// if there is no such downtrack.
+    pub fn forward_to<'a>(&'a mut self, stream_id: &'a str, kind: Kind) -> Option<Forwarding<'a>> {
         if !self.connected {
-            return false;
+            return None;
         }
-        let Some(d) = self.downtracks.get_mut(&(stream_id, kind) as &dyn TrackKey) else {
-            return false;
-        };
-        if d.paused {
-            return false;
-        }
-        if !d.negotiated {
-            if d.await_keyframe {
-                want_keyframe(&mut self.keyframe_wanted, stream_id);
-            }
-            return false;
-        }
-        if d.await_keyframe && !d.started {
-            d.started = true;
-            if keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload)) != Some(true) {
-                self.keyframe_now = true;
-            }
-        }
-        if kind == Kind::Video && !layers.is_empty() {
-            // Simulcast: forward one layer; change layers only at a keyframe of the
-            // one wanted, so the subscriber's decoder never sees a layer start mid-GOP.
-            let want = layers[d.layer.unwrap_or(usize::MAX).min(layers.len() - 1)];
-            let ssrc = packet.header.ssrc;
-            if d.forwarding.is_some_and(|f| !layers.contains(&f)) {
-                d.forwarding = None; // that layer stopped
-            }
-            if d.forwarding != Some(want) {
-                want_keyframe(&mut self.keyframe_wanted, stream_id);
-            }
-            if Some(ssrc) != d.forwarding {
-                if ssrc != want {
-                    return false;
-                }
-                let key = keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload));
-                if key == Some(false) {
-                    return false;
-                }
-                if d.forwarding.is_some() || layers.len() > 1 {
-                    tracing::info!(
-                        key = ?self.key,
-                        stream_id,
-                        from = ?d.forwarding,
-                        to = ssrc,
-                        layer = d.layer,
-                        ?layers,
-                        "simulcast layer forwarded from its keyframe"
-                    );
-                }
-                d.forwarding = Some(ssrc);
-                d.await_keyframe = false;
-                self.keyframe_wanted.remove(stream_id);
-            }
-        }
-        if d.await_keyframe {
-            let key = keyframe.or_else(|| starts_keyframe(&d.mime, &packet.payload));
-            if key == Some(false) {
-                want_keyframe(&mut self.keyframe_wanted, stream_id);
-                return false;
-            }
-            d.await_keyframe = false;
-            self.keyframe_wanted.remove(stream_id);
-        }
-        let Some(mut sender) = self.pc.rtp_sender(d.sender_id) else {
-            return false;
-        };
-        if d.payload_type.is_none() && !d.refused {
-            let codecs = &sender.get_parameters().rtp_parameters.codecs;
-            d.payload_type = codecs
-                .iter()
-                .find(|c| {
-                    c.rtp_codec.sdp_fmtp_line == d.codec.sdp_fmtp_line
-                        && codec_compatible(&d.codec, &c.rtp_codec)
-                })
-                .or_else(|| {
-                    codecs
-                        .iter()
-                        .find(|c| codec_compatible(&d.codec, &c.rtp_codec))
-                })
-                .map(|c| c.payload_type);
-        }
-        let Some(pt) = d.payload_type else {
-            if !d.refused {
-                // Never forward into a black screen: say why instead.
-                d.refused = true;
-                tracing::warn!(
-                    key = ?self.key,
-                    stream_id,
-                    codec = %d.mime,
-                    fmtp = %d.fmtp,
-                    "subscriber negotiated no compatible codec for this stream; not forwarding it"
-                );
-            }
-            return false;
-        };
-        let Some(mut out) = d.rewriter.rewrite(packet, pt) else {
-            return false; // late, behind a probe's padding
-        };
-        let bytes = out.payload.len() as u64 + 12;
-        // A subscriber's copy is already what `RTCRtpSender::write_rtp` checks for (its
-        // sender's SSRC, a negotiated payload type, no extension but the TWCC number
-        // the send side adds): it is prepared by the send side here and goes straight
-        // to SRTP, past the chain's queues and `rtc`'s per-packet statistics, which
-        // Weir does not read. (`vendor/rtc/WEIR-PATCH.md`.)
-        let res = match &self.send {
-            Some(send) => {
-                send.prepare(&mut out, now);
-                self.pc.write_rtp_protected(now, &out)
-            }
-            None => sender.write_rtp(now, out),
-        };
-        if let Err(e) = &res {
-            tracing::trace!(key = ?self.key, error = %e, ?kind, "forwarded packet not written");
-        }
-        let ok = res.is_ok();
-        if ok {
-            if let Some(c) = self.congestion.as_mut() {
-                c.sent_bytes += bytes;
-            }
-        }
-        ok
+        let d = self
+            .downtracks
+            .get_mut(&(stream_id, kind) as &dyn TrackKey)?;
+        Some(Forwarding {
+            key: self.key,
+            stream_id,
+            kind,
+            d,
+            pc: &mut self.pc,
+            send: self.send.as_ref(),
+            keyframe_wanted: &mut self.keyframe_wanted,
+            keyframe_now: &mut self.keyframe_now,
+            congestion: self.congestion.as_mut(),
+        })
     }
 
     /// Whether forwarded copies go straight to SRTP (a subscriber connection) and so
