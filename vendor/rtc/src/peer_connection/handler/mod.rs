@@ -365,8 +365,8 @@ impl RTCPeerConnection {
         let Some(context) = ctx.srtp_handler_context.local_srtp_context.as_mut() else {
             return Err(Error::Other("local_srtp_context is not set yet".to_string()));
         };
-        let mut plain = BytesMut::with_capacity(packet.marshal_size());
-        plain.resize(packet.marshal_size(), 0);
+        let size = packet.marshal_size();
+        let mut plain = BytesMut::zeroed(size);
         let n = packet.marshal_to(&mut plain)?;
         plain.truncate(n);
         let message = context.encrypt_rtp_with_header(&plain, &packet.header)?;
