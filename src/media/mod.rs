@@ -1787,9 +1787,21 @@ impl Media {
                         let Some(gop) = gop else {
                             continue; // wait for the next keyframe
                         };
+                        // Each replayed packet is stamped and sent like a live copy
+                        // below: a GOP is up to a second of video, and stamped all at
+                        // the pump's start and sent in one run at its end, its last
+                        // packets read as queued on the new subscriber's path.
                         let mut replayed = false;
                         for (i, old) in gop.iter().enumerate() {
-                            replayed |= f.send(old, Some(i == 0), &[], now);
+                            let at = Instant::now();
+                            replayed |= f.send(old, Some(i == 0), &[], at);
+                            take_written(
+                                &mut f,
+                                at,
+                                &mut self.udp,
+                                &self.socket,
+                                &self.tcp_writers,
+                            );
                         }
                         if replayed {
                             self.metrics.gop_replays.inc();
@@ -1804,22 +1816,7 @@ impl Media {
                         copies += 1;
                         bytes += packet.payload.len() as u64;
                     }
-                    // What was just written, without sweeping the connection for
-                    // more: the pump's end does that once per connection (`dirty`).
-                    while let Some(out) = f.poll_write_ready() {
-                        self.udp.queue(out, at);
-                    }
-                    // A copy leaves at most SEND_HOLD_MAX after the send time the
-                    // congestion controller recorded for it: a long group (a keyframe,
-                    // a slow build) goes in several runs rather than making its first
-                    // packets look delayed.
-                    if self
-                        .udp
-                        .held_since()
-                        .is_some_and(|t| at.saturating_duration_since(t) >= SEND_HOLD_MAX)
-                    {
-                        self.udp.flush(&self.socket, &self.tcp_writers);
-                    }
+                    take_written(&mut f, at, &mut self.udp, &self.socket, &self.tcp_writers);
                 }
             }
             keyframe_now |= std::mem::take(&mut p.keyframe_now);
@@ -1850,6 +1847,29 @@ struct Inbound {
     packet: rtc::rtp::Packet,
     keyframe: Option<bool>,
     arrived: Instant,
+}
+
+/// Queues what `f` just wrote at `at`, without sweeping its connection for more (the
+/// pump's end does that once per connection, `dirty`). A copy leaves at most
+/// [`SEND_HOLD_MAX`] after the send time the congestion controller recorded for it: a
+/// long group (a keyframe, a GOP replay, a slow build) goes in several runs rather
+/// than making its first packets look delayed.
+fn take_written(
+    f: &mut peer::Forwarding<'_>,
+    at: Instant,
+    udp: &mut udp_out::UdpOut,
+    socket: &UdpSocket,
+    tcp_writers: &HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+) {
+    while let Some(out) = f.poll_write_ready() {
+        udp.queue(out, at);
+    }
+    if udp
+        .held_since()
+        .is_some_and(|t| at.saturating_duration_since(t) >= SEND_HOLD_MAX)
+    {
+        udp.flush(socket, tcp_writers);
+    }
 }
 
 /// Hands everything `p` has to send to the socket it goes out on (UDP, or the ICE-TCP
