@@ -619,11 +619,18 @@ fn receive_loop(mut poll: mio::Poll, commands: std::sync::mpsc::Receiver<Command
                         // its own machine, not this generator's reading lag at the
                         // peaks (a keyframe's thousands of copies), which Weir's
                         // congestion control would read as the links' queues. (The
-                        // frame latency is still taken when the frame is read.)
-                        let at = stamp
-                            .and_then(|t| wall.duration_since(t).ok())
-                            .and_then(|ago| now.checked_sub(ago))
-                            .unwrap_or(now);
+                        // frame latency is still taken when the frame is read.) A
+                        // datagram that arrived after this round began (a round can
+                        // last tens of milliseconds at a keyframe) is stamped after
+                        // `now`, not at it: stamped at the round's start, it read as
+                        // having crossed faster than the path allows, lowered the
+                        // delay's minimum, and every other packet then read as queued
+                        // by the round's length (~60 ms at 300 subscribers).
+                        let at = match stamp.map(|t| wall.duration_since(t)) {
+                            Some(Ok(ago)) => now.checked_sub(ago).unwrap_or(now),
+                            Some(Err(later)) => now + later.duration(),
+                            None => now,
+                        };
                         seen |= sub.datagram(&buf[..n], from, at)
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
