@@ -361,15 +361,16 @@ impl Allocator {
             .filter(|(_, at)| now.saturating_duration_since(*at) < PROVEN_FOR)
             .map_or(0.0, |(bps, _)| bps)
             .max(signals.acknowledged);
-        let clean_path = !signals.backing_off
-            && signals.loss <= CLEAN_LOSS
-            && signals.queuing_delay_ms <= PROBE_MAX_QUEUING_MS;
+        let quiet = |max_queuing_ms: f64| {
+            !signals.backing_off
+                && signals.loss <= CLEAN_LOSS
+                && signals.queuing_delay_ms <= max_queuing_ms
+        };
+        let clean_path = quiet(PROBE_MAX_QUEUING_MS);
         // The same, for whether what plays now is carried (a deficit or not): a
         // steady queue of video bursts behind a shaped link is no sign of a link
         // that cannot carry the rate.
-        let carrying = !signals.backing_off
-            && signals.loss <= CLEAN_LOSS
-            && signals.queuing_delay_ms <= CARRIED_MAX_QUEUING_MS;
+        let carrying = quiet(CARRIED_MAX_QUEUING_MS);
         let mut used = 0.0;
         // The same, at what the videos measure rather than what they are budgeted at:
         // what the path is asked to carry now.
